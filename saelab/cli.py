@@ -1,0 +1,86 @@
+"""The `saelab` command line: a thin layer over the library."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from saelab.errors import SaelabError
+
+app = typer.Typer(help="saelab: harvest activations, train sparse autoencoders, analyse and browse features.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+
+SET_HELP = "Override a config key, e.g. --set batch_size=64 --set text.source=files (repeatable)."
+
+
+def _fail(err: Exception) -> None:
+    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def harvest(
+    config: Path = typer.Argument(..., help="Harvest config (YAML), e.g. configs/harvest_minilm.yaml."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Run a model over text and write activations of the chosen hook points to a Zarr store (resumable)."""
+    from saelab.config import HarvestConfig, load_config
+    from saelab.harvest import harvest as run_harvest
+
+    try:
+        cfg = load_config(config, HarvestConfig, set_ or [])
+        store = run_harvest(cfg, progress=not quiet)
+    except (SaelabError, FileNotFoundError) as err:
+        _fail(err)
+    typer.echo(store.summary())
+
+
+@app.command()
+def info(store: str = typer.Argument(..., help="Store path or fsspec URL.")) -> None:
+    """Print a summary of an activation store."""
+    from saelab.store import ActivationStore
+
+    try:
+        typer.echo(ActivationStore.open(store).summary())
+    except SaelabError as err:
+        _fail(err)
+
+
+@app.command("hooks")
+def hooks_cmd(model: str = typer.Argument("minilm", help="Model spec: 'minilm', a local checkpoint folder, or a TransformerLens name.")) -> None:
+    """List the hook points a model offers for harvesting."""
+    from saelab.models import hook_points, load_model
+
+    try:
+        m = load_model(model, device="cpu")
+    except (SaelabError, FileNotFoundError) as err:
+        _fail(err)
+    typer.echo("\n".join(hook_points(m)))
+
+
+@app.command("import")
+def import_cmd(
+    path: Path = typer.Argument(..., help="A .npy file or a .safetensors file of 2-D arrays [n_rows, d]."),
+    out: str = typer.Option(..., "--out", "-o", help="Store path or fsspec URL to create."),
+    key: Optional[List[str]] = typer.Option(None, "--key", help="Tensor(s) to take from a .safetensors file (default: all 2-D)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Name for the array in the store (default: file stem or tensor key)."),
+    dtype: str = typer.Option("float32", "--dtype", help="float16, bfloat16 or float32."),
+) -> None:
+    """Turn vectors you already have (e.g. sentence embeddings) into a store that SAEs can train on."""
+    from saelab.importer import import_arrays, read_arrays
+    from saelab.store import STORAGE_DTYPE
+
+    if dtype not in STORAGE_DTYPE:
+        _fail(ValueError(f"--dtype {dtype!r} is not one of {sorted(STORAGE_DTYPE)}"))
+    try:
+        store = import_arrays(read_arrays(path, key, name), out, dtype=dtype, source=str(path))
+    except (SaelabError, FileNotFoundError) as err:
+        _fail(err)
+    typer.echo(store.summary())
+
+
+if __name__ == "__main__":
+    app()

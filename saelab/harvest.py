@@ -1,0 +1,208 @@
+"""Harvest: run a model over text and write the activations of chosen hook points to a store."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from itertools import chain, islice
+
+import numpy as np
+import torch
+import zarr
+from tqdm.auto import tqdm
+
+from saelab.config import HarvestConfig
+from saelab.errors import StoreError, TextSourceError
+from saelab.models import Model, capture, is_encoder, load_model, model_name, resolve_hooks
+from saelab.store import ActivationStore, StoreWriter, to_storage
+from saelab.text import SpecialTokens, batch_contexts, iter_documents, pack_contexts
+
+IDENTITY_KEYS = (
+    "model", "hooks", "text", "context_length", "batch_size", "max_tokens", "dtype",
+    "drop_special_tokens", "shard_rows", "chunk_rows", "compression",
+)
+
+
+def identity(cfg: HarvestConfig) -> dict:
+    """The part of a config that decides the store's content (not where it goes or runs)."""
+    return cfg.model_dump(include=set(IDENTITY_KEYS), mode="json")
+
+
+@dataclass
+class _Piece:
+    """Kept rows of batch `batch`, whose first kept row is store row `batch_start`; this piece starts `offset` rows in."""
+
+    batch: int
+    batch_start: int
+    offset: int
+    acts: dict[str, np.ndarray]
+    meta: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.meta["tokens"])
+
+    @property
+    def start(self) -> int:
+        return self.batch_start + self.offset
+
+    def cut(self, a: int, b: int) -> "_Piece":
+        return _Piece(self.batch, self.batch_start, self.offset + a,
+                      {k: v[a:b] for k, v in self.acts.items()}, {k: v[a:b] for k, v in self.meta.items()})
+
+
+class _ShardWriter(threading.Thread):
+    """Buffers pieces and writes whole shards beside the forward pass; commits after each shard."""
+
+    def __init__(self, writer: StoreWriter, shard_rows: int):
+        super().__init__(daemon=True)
+        self.writer, self.shard_rows = writer, shard_rows
+        self.inbox: queue.Queue = queue.Queue(maxsize=8)
+        self.buffer: list[_Piece] = []
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            while (piece := self.inbox.get()) is not None:
+                if isinstance(piece, tuple):  # ("finish", next batch index)
+                    self._flush(final=True, next_batch=piece[1])
+                    return
+                self.buffer.append(piece)
+                while sum(map(len, self.buffer)) >= self.shard_rows:
+                    self._flush(final=False, next_batch=None)
+        except BaseException as err:
+            self.error = err
+
+    def _flush(self, final: bool, next_batch: int | None) -> None:
+        start = self.writer.rows_complete
+        take, kept, n = [], [], 0
+        for p in self.buffer:
+            room = self.shard_rows - n if not final else len(p)
+            if room >= len(p):
+                take.append(p)
+                n += len(p)
+            elif room > 0:
+                take.append(p.cut(0, room))
+                kept.append(p.cut(room, len(p)))
+                n += room
+            else:
+                kept.append(p)
+        self.buffer = kept
+        if take:
+            acts = {h: np.concatenate([p.acts[h] for p in take]) for h in take[0].acts}
+            meta = {k: np.concatenate([p.meta[k] for p in take]) for k in take[0].meta}
+            self.writer.write(start, acts, meta)
+        if final:
+            self.writer.commit(start + n, complete=True, resume=None)
+        elif kept:  # resume by rerunning the batch that holds the first uncommitted row
+            self.writer.commit(start + n, resume={"batch": kept[0].batch, "rows": kept[0].batch_start})
+        else:
+            last = take[-1]
+            self.writer.commit(start + n, resume={"batch": last.batch + 1, "rows": last.start + len(last)})
+
+
+def _open_writer(cfg: HarvestConfig, model: Model, hooks: dict[str, int]) -> StoreWriter:
+    """Resume a store made by the same config, refuse one made by another, or create a new one."""
+    try:
+        group = zarr.open_group(store=cfg.out, mode="r+", zarr_format=3)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        group = None
+    if group is None:
+        meta = {**identity(cfg), "model_name": model_name(model), "encoder": is_encoder(model),
+                "resume": {"batch": 0, "rows": 0}}
+        return StoreWriter.create(cfg.out, meta, hooks, cfg.dtype, cfg.shard_rows, cfg.chunk_rows, cfg.compression)
+    if "saelab" not in group.attrs:
+        raise StoreError(f"{cfg.out!r} exists and is not a saelab store; choose another `out` or remove it")
+    old = {k: group.attrs["saelab"].get(k) for k in IDENTITY_KEYS}
+    new = identity(cfg)
+    if old != new:
+        diff = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in IDENTITY_KEYS if old[k] != new[k])
+        raise StoreError(
+            f"store {cfg.out!r} was made with a different config ({diff}); it is never appended to. "
+            f"Set `out` to a new path, or delete the store to start over."
+        )
+    return StoreWriter(group)
+
+
+def harvest(cfg: HarvestConfig, model: Model | None = None, progress: bool = True) -> ActivationStore:
+    """Run the model over the text source and write the store at `cfg.out`; resumes an interrupted run.
+
+    The model runs one batch at a time and stops after the last requested hook; a writer thread
+    turns batches into shards beside the forward pass. Rerunning after a crash continues from the
+    last committed shard and ends with the same store as an uninterrupted run.
+    """
+    model = model if model is not None else load_model(cfg.model, device=cfg.device)
+    points = resolve_hooks(model, cfg.hooks)
+    special = SpecialTokens.for_tokenizer(model.tokenizer, is_encoder(model))
+    contexts = pack_contexts(iter_documents(cfg.text), model.tokenizer, special, cfg.context_length)
+    batches = batch_contexts(contexts, cfg.batch_size, special)
+    first = next(batches, None)
+    if first is None:
+        raise TextSourceError(
+            f"text source {cfg.text.model_dump(exclude_defaults=True) or 'embedded'} gave no complete context of "
+            f"{cfg.context_length} tokens; give more text or a smaller context_length"
+        )
+    writer = _open_writer(cfg, model, {p.name: p.d for p in points})
+    if writer.meta["complete"]:
+        return ActivationStore.open(cfg.out)
+    batches = chain([first], batches)
+    resume = writer.meta["resume"]
+    first_batch, rows = resume["batch"], resume["rows"]
+    done = writer.rows_complete
+    device = next(model.parameters()).device
+
+    shard_writer = _ShardWriter(writer, cfg.shard_rows)
+    shard_writer.start()
+    bar = tqdm(total=cfg.max_tokens, initial=done, unit="tok", unit_scale=True, disable=not progress,
+               desc=f"harvest {model_name(model)}", smoothing=0.1)
+    next_batch = first_batch
+    try:
+        for b, batch in enumerate(islice(batches, first_batch, None), start=first_batch):
+            acts = capture(model, torch.from_numpy(batch.tokens).to(device), points)
+            keep = ~batch.special.reshape(-1) if cfg.drop_special_tokens else np.ones(batch.tokens.size, bool)
+            keep_t = torch.from_numpy(keep).to(device)
+            piece = _Piece(
+                b, rows, 0,
+                {p.name: to_storage(acts[p.name].reshape(-1, p.d)[keep_t], cfg.dtype) for p in points},
+                {
+                    "tokens": batch.tokens.reshape(-1)[keep].astype(np.int32),
+                    "doc_id": batch.doc_id.reshape(-1)[keep],
+                    "position": batch.position.reshape(-1)[keep],
+                    "context": np.repeat(b * cfg.batch_size + np.arange(len(batch)), batch.tokens.shape[1])[keep],
+                },
+            )
+            next_batch = b + 1
+            rows += len(piece)
+            if rows <= done:  # rows of this batch were committed before the interruption
+                continue
+            if piece.start < done:
+                piece = piece.cut(done - piece.start, len(piece))
+            if cfg.max_tokens is not None and rows >= cfg.max_tokens:
+                piece = piece.cut(0, len(piece) - (rows - cfg.max_tokens))
+                rows = cfg.max_tokens
+            _put(shard_writer, piece)
+            bar.update(len(piece))
+            if rows == cfg.max_tokens:
+                break
+        _put(shard_writer, ("finish", next_batch))
+        shard_writer.join()
+    finally:
+        bar.close()
+        if shard_writer.is_alive():
+            shard_writer.inbox.put(None)
+            shard_writer.join()
+    if shard_writer.error is not None:
+        raise shard_writer.error
+    return ActivationStore.open(cfg.out)
+
+
+def _put(shard_writer: _ShardWriter, item: object) -> None:
+    """Hand an item to the writer thread, surfacing its error instead of blocking forever."""
+    while True:
+        if shard_writer.error is not None:
+            raise shard_writer.error
+        try:
+            shard_writer.inbox.put(item, timeout=0.5)
+            return
+        except queue.Full:
+            continue
