@@ -108,20 +108,22 @@ def _open_writer(cfg: HarvestConfig, model: Model, hooks: dict[str, int]) -> Sto
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         group = None
     if group is None:
-        meta = {**identity(cfg), "model_name": model_name(model), "encoder": is_encoder(model),
+        meta = {"config": identity(cfg), "model_name": model_name(model), "encoder": is_encoder(model),
                 "resume": {"batch": 0, "rows": 0}}
         return StoreWriter.create(cfg.out, meta, hooks, cfg.dtype, cfg.shard_rows, cfg.chunk_rows, cfg.compression)
     if "saelab" not in group.attrs:
         raise StoreError(f"{cfg.out!r} exists and is not a saelab store; choose another `out` or remove it")
-    old = {k: group.attrs["saelab"].get(k) for k in IDENTITY_KEYS}
+    old = group.attrs["saelab"].get("config", {})
     new = identity(cfg)
     if old != new:
-        diff = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in IDENTITY_KEYS if old[k] != new[k])
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in IDENTITY_KEYS if old.get(k) != new[k])
         raise StoreError(
             f"store {cfg.out!r} was made with a different config ({diff}); it is never appended to. "
             f"Set `out` to a new path, or delete the store to start over."
         )
-    return StoreWriter(group)
+    writer = StoreWriter(group)
+    writer.remove_partial_writes()
+    return writer
 
 
 def harvest(cfg: HarvestConfig, model: Model | None = None, progress: bool = True) -> ActivationStore:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -91,6 +92,16 @@ class StoreWriter:
         group.attrs["saelab"] = meta
         return cls(group)
 
+    def remove_partial_writes(self) -> int:
+        """Delete temp files of writes that a crash cut short (local stores); return how many."""
+        root = getattr(self.group.store, "root", None)
+        if root is None:
+            return 0
+        leftovers = list(Path(root).rglob("*.partial"))
+        for path in leftovers:
+            path.unlink()
+        return len(leftovers)
+
     @property
     def rows_complete(self) -> int:
         return int(self.meta["rows_complete"])
@@ -167,8 +178,14 @@ class ActivationStore:
         return str(self.meta["dtype"])
 
     @property
+    def config(self) -> dict[str, Any]:
+        """The harvest config that made the store (for imports: a description of the source)."""
+        return dict(self.meta.get("config", {}))
+
+    @property
     def model(self) -> str:
-        return str(self.meta.get("model", ""))
+        """The model's short name (e.g. `minilm`)."""
+        return str(self.meta.get("model_name", ""))
 
     def d(self, hook: str) -> int:
         """Width of a hook point's activations."""
@@ -309,12 +326,13 @@ class ActivationStore:
 
     def summary(self) -> str:
         """A human-readable description of the store."""
-        m = self.meta
+        m, c = self.meta, self.config
+        text = {k: v for k, v in c.get("text", {}).items() if v is not None}
         lines = [
             f"store        {self.path}",
-            f"model        {m.get('model', '?')}",
-            f"text         {m.get('text', {})}",
-            f"context      {m.get('context_length', '-')} tokens, special tokens dropped: {m.get('drop_special_tokens', '-')}",
+            f"model        {self.model} ({c.get('model', '?')})",
+            f"text         {text}",
+            f"context      {c.get('context_length', '-')} tokens, special tokens dropped: {c.get('drop_special_tokens', '-')}",
             f"rows         {self.n_tokens:,} complete{'' if self.complete else ' (harvest not finished)'}",
             f"dtype        {self.dtype}, shards of {m['shard_rows']:,} rows",
             "hooks:",

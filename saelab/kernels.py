@@ -1,0 +1,124 @@
+"""Sparse kernels for top-k style SAEs.
+
+A top-k training step needs only one dense product, the encoder pre-activations
+``pre = (x - b_dec) @ W_enc + b_enc`` (computed without autograd). Everything else
+touches only the selected (row, latent) entries:
+
+* forward decode: an embedding bag over ``W_dec`` rows weighted by the activations;
+* activation gradient: one dot product per entry (embedding-bag weight backward);
+* ``W_dec``, ``W_enc`` and ``b_enc`` gradients: the entries are sorted by latent once
+  and each gradient row is an embedding bag over batch rows, so no ``[batch, d_sae]``
+  or ``[nnz, d_in]`` tensor is ever built;
+* ``b_dec``'s gradient through the encoder is ``-W_enc @ grad_b_enc``.
+
+Entries are given in COO form grouped into *bags*: bag ``r`` is output row ``r`` and
+reads input row ``r % batch``, so bags ``[0, B)`` reconstruct the batch from the main
+latents and bags ``[B, 2B)`` from the AuxK latents, all in one call.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_SUM = 0  # embedding-bag mode "sum"
+
+
+def bag_offsets(bag: Tensor, n_bags: int) -> Tensor:
+    """Start offset of each bag, given the sorted bag id of every entry."""
+    counts = torch.bincount(bag, minlength=n_bags)
+    return counts.cumsum(0) - counts
+
+
+def topk_entries(pre: Tensor, k: int, col_offset: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row top-k of ``pre`` as flat ``(vals, cols, rows)`` entries grouped by row."""
+    vals, cols = pre.topk(k, dim=-1, sorted=False)
+    rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
+    return vals.flatten(), cols.flatten() + col_offset, rows
+
+
+def batch_topk_entries(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top ``k * batch`` entries of the whole batch (BatchTopK), grouped by row."""
+    n_rows, width = pre.shape
+    vals, flat = pre.flatten().topk(k * n_rows, sorted=False)
+    flat, order = flat.sort()
+    return vals[order], flat % width, flat // width
+
+
+def dead_first(dead: Tensor) -> tuple[Tensor, int]:
+    """Permutation of the latents putting dead ones first, and how many are dead.
+
+    Reading the count synchronises with the device once per step."""
+    perm = torch.argsort(dead.to(torch.int8), descending=True, stable=True)
+    return perm, int(dead.sum())
+
+
+class SparseAutoencode(torch.autograd.Function):
+    """Decode selected encoder entries; gradients flow to the encoder and decoder.
+
+    Entry ``e`` has latent ``lat[e]``, bag ``bag[e]`` (sorted) and pre-activation
+    ``vals[e] = ((x - b_dec) @ W_enc + b_enc)[bag[e] % B, lat[e]]``, computed by the
+    caller without autograd. Output row ``r`` is
+    ``sum_{e in bag r} relu(vals[e]) * W_dec[lat[e]]``; shape ``[n_bags // B, B, d_in]``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, b_dec, W_enc, b_enc, W_dec, vals, lat, bag, n_bags):
+        n_rows = x.shape[0]
+        if n_bags % n_rows:
+            raise ValueError(f"n_bags={n_bags} must be a multiple of the batch size {n_rows}")
+        offsets = bag_offsets(bag, n_bags)
+        acts = vals.relu()
+        out = F.embedding_bag(lat, W_dec, offsets, mode="sum", per_sample_weights=acts)
+        ctx.save_for_backward(x, b_dec, W_enc, W_dec, vals, lat, bag, offsets)
+        return out.view(n_bags // n_rows, n_rows, -1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, b_dec, W_enc, W_dec, vals, lat, bag, offsets = ctx.saved_tensors
+        n_rows, d_sae = x.shape[0], W_dec.shape[0]
+        grad_out = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()
+
+        # Group entries by latent once; every weight gradient row is then a bag.
+        lat_sorted, order = torch.sort(lat.int(), stable=True)
+        by_latent = bag_offsets(lat_sorted, d_sae)
+        bag_sorted = bag[order]
+
+        grad_x = grad_b_dec = grad_W_enc = grad_b_enc = grad_W_dec = None
+        if ctx.needs_input_grad[4]:
+            grad_W_dec = F.embedding_bag(
+                bag_sorted, grad_out, by_latent, mode="sum", per_sample_weights=vals.relu()[order]
+            )
+        if any(ctx.needs_input_grad[:4]):
+            # d(loss)/d(act) per entry: grad_out[bag] . W_dec[lat], no gathered copy.
+            grad_acts = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                grad_out, W_dec, lat, offsets, bag, _SUM
+            )
+            grad_pre = torch.where(vals > 0, grad_acts, 0.0)
+            grad_b_enc = torch.zeros(d_sae, dtype=grad_pre.dtype, device=grad_pre.device)
+            grad_b_enc.index_add_(0, lat, grad_pre)
+        if ctx.needs_input_grad[2]:
+            grad_W_enc = F.embedding_bag(
+                bag_sorted % n_rows, x - b_dec, by_latent, mode="sum",
+                per_sample_weights=grad_pre[order],
+            ).T
+        if ctx.needs_input_grad[1]:
+            grad_b_dec = -(W_enc @ grad_b_enc)
+        if ctx.needs_input_grad[0]:
+            per_bag = F.embedding_bag(
+                lat, W_enc.T.contiguous(), offsets, mode="sum", per_sample_weights=grad_pre
+            )
+            grad_x = per_bag.view(-1, n_rows, x.shape[1]).sum(0)
+        return grad_x, grad_b_dec, grad_W_enc, grad_b_enc, grad_W_dec, None, None, None, None
+
+
+def sparse_autoencode(
+    x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor,
+    vals: Tensor, lat: Tensor, bag: Tensor, n_bags: int,
+) -> Tensor:
+    """Functional form of :class:`SparseAutoencode`; returns ``[n_bags // B, B, d_in]``."""
+    return SparseAutoencode.apply(x, b_dec, W_enc, b_enc, W_dec, vals, lat, bag, n_bags)
+
+
+def sparse_decode(acts: Tensor, lat: Tensor, W_dec: Tensor) -> Tensor:
+    """``sum_j acts[:, j] * W_dec[lat[:, j]]`` for ``[batch, k]`` activations (no bias)."""
+    return F.embedding_bag(lat, W_dec, mode="sum", per_sample_weights=acts.to(W_dec.dtype))

@@ -1,0 +1,529 @@
+"""Sparse autoencoders (TopK, BatchTopK, JumpReLU, ReLU+L1) and SAELens-format checkpoints.
+
+Every SAE has ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]`` and
+``b_dec [d_in]`` and computes ``f = act((x * s - b_dec) @ W_enc + b_enc) / s`` and
+``x_hat = f @ W_dec + b_dec / s``, where ``s = input_scale`` makes the mean input norm
+``sqrt(d_in)`` during training. ``save`` folds ``s`` into the weights, so saved SAEs
+(and SAELens, which loads them) work on raw activations.
+"""
+
+import json
+import math
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from . import kernels
+
+Arch = Literal["topk", "batchtopk", "jumprelu", "relu"]
+DType = Literal["float32", "float64", "bfloat16", "float16"]
+
+CFG_FILENAME = "cfg.json"
+WEIGHTS_FILENAME = "sae_weights.safetensors"
+# cfg.json layout version that SAELens reads without legacy conversion.
+SAELENS_FORMAT_VERSION = "6.0.0"
+# saelab arch -> SAELens inference architecture (BatchTopK is saved as JumpReLU, as SAELens does).
+SAELENS_ARCH = {"topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "relu": "standard"}
+
+
+class SAEConfig(BaseModel):
+    """Architecture, training hyper-parameters and provenance of an SAE."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    arch: Arch = "topk"
+    d_in: int = Field(gt=0)
+    d_sae: int = Field(gt=0)
+    k: int = Field(32, gt=0, description="Active latents per token (batchtopk: on average).")
+    aux_k: int | None = Field(None, description="AuxK latents per token; None means d_in // 2.")
+    aux_coef: float = Field(1 / 32, ge=0, description="AuxK loss weight (topk/batchtopk); 0 disables.")
+    dead_tokens: int = Field(10_000_000, gt=0, description="A latent is dead after this many tokens unfired.")
+    l1_coef: float = Field(5.0, ge=0, description="ReLU SAE: L1 weight (loss = (SSE + l1_coef * L1) / variance).")
+    l0_coef: float = Field(1.0, ge=0, description="JumpReLU SAE: L0 weight (loss = (SSE + l0_coef * L0) / variance).")
+    jumprelu_bandwidth: float = Field(0.05, gt=0)
+    jumprelu_init_threshold: float = Field(0.1, ge=0)
+    threshold_lr: float = Field(0.01, gt=0, le=1, description="BatchTopK: EMA rate of the inference threshold.")
+    sparse_density: float = Field(
+        1 / 16, ge=0, description="Use the sparse kernels when k / d_sae <= this, else dense matmuls."
+    )
+    dtype: DType = "float32"
+    model_name: str = ""
+    hook_name: str = ""
+    context_size: int | None = None
+    dataset: str = ""
+
+    @model_validator(mode="after")
+    def _check_k(self) -> "SAEConfig":
+        if self.arch in ("topk", "batchtopk") and self.k > self.d_sae:
+            raise ValueError(f"k={self.k} exceeds d_sae={self.d_sae}; lower k or widen the SAE")
+        return self
+
+    @property
+    def aux_k_resolved(self) -> int:
+        return self.d_in // 2 if self.aux_k is None else self.aux_k
+
+
+@torch.no_grad()
+def geometric_median(x: Tensor, iters: int = 8, eps: float = 1e-6) -> Tensor:
+    """Geometric median of the rows of ``x`` by Weiszfeld iterations from the mean."""
+    median = x.mean(0)
+    for _ in range(iters):
+        weights = 1 / (x - median).norm(dim=1).clamp_min(eps)
+        median = (weights @ x) / weights.sum()
+    return median
+
+
+class SAE(nn.Module):
+    """Base class; build with ``SAE.from_config(cfg)`` or ``SAE.load(path)``."""
+
+    arch: ClassVar[str]
+
+    def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None):
+        super().__init__()
+        if cfg.arch != self.arch:
+            raise ValueError(f"{type(self).__name__} got arch={cfg.arch!r}; use SAE.from_config(cfg)")
+        self.cfg = cfg
+        dtype = getattr(torch, cfg.dtype)
+        W_dec = torch.randn(cfg.d_sae, cfg.d_in, dtype=dtype, device=device)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_enc = nn.Parameter(W_dec.T.contiguous())
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype, device=device))
+        self.W_dec = nn.Parameter(W_dec)
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype, device=device))
+        self.register_buffer("input_scale", torch.ones((), dtype=dtype, device=device))
+        self.register_buffer("tokens_since_fired", torch.zeros(cfg.d_sae, dtype=torch.long, device=device))
+        self._pre_buf: Tensor | None = None
+
+    @staticmethod
+    def from_config(cfg: SAEConfig, device: torch.device | str | None = None) -> "SAE":
+        """A freshly initialised SAE of the class for ``cfg.arch``."""
+        return ARCHITECTURES[cfg.arch](cfg, device)
+
+    # ----------------------------------------------------------------- inference
+
+    def _flat(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.cfg.d_in:
+            raise ValueError(f"expected activations [..., d_in={self.cfg.d_in}], got shape {tuple(x.shape)}")
+        return x.reshape(-1, self.cfg.d_in).to(self.W_enc.dtype) * self.input_scale
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """Encoder pre-activations ``[batch, d_sae]`` of already scaled inputs ``[batch, d_in]``."""
+        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
+
+    def activation(self, pre: Tensor) -> Tensor:
+        """Dense latent activations from pre-activations."""
+        raise NotImplementedError
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense latent activations ``[..., d_sae]`` of raw activations ``[..., d_in]``."""
+        f = self.activation(self.pre_acts(self._flat(x))) / self.input_scale
+        return f.view(*x.shape[:-1], self.cfg.d_sae)
+
+    def decode(self, f: Tensor) -> Tensor:
+        """Reconstruction ``[..., d_in]`` from latent activations ``[..., d_sae]``."""
+        return f.to(self.W_dec.dtype) @ self.W_dec + self.b_dec / self.input_scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Reconstruction of raw activations ``x``."""
+        return self.decode(self.encode(x))
+
+    # ------------------------------------------------------------------ training
+
+    def training_loss(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Loss of a batch of raw activations ``[..., d_in]`` and detached metric tensors.
+
+        Also updates the dead-latent counters. Metrics never synchronise with the device.
+        """
+        raise NotImplementedError
+
+    def _loss_terms(self, x: Tensor, recon: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Residual, total variance of ``x`` and fraction of variance unexplained."""
+        residual = x - recon
+        total_var = (x - x.mean(0)).pow(2).sum()
+        return residual, total_var, residual.pow(2).sum() / total_var
+
+    def dead_mask(self) -> Tensor:
+        """Latents that have not fired in the last ``cfg.dead_tokens`` tokens."""
+        return self.tokens_since_fired >= self.cfg.dead_tokens
+
+    @torch.no_grad()
+    def update_dead(self, latents: Tensor, acts: Tensor, n_tokens: int) -> None:
+        """Count ``n_tokens`` more tokens and reset latents with a positive activation.
+
+        ``latents`` and ``acts`` are matching flat (latent, activation) entries, e.g. the
+        top-k indices and values; nothing of size ``[batch, d_sae]`` is needed.
+        """
+        self.tokens_since_fired += n_tokens
+        never = torch.iinfo(torch.long).max
+        reset = torch.where(acts.flatten() > 0, 0, never)
+        self.tokens_since_fired.scatter_reduce_(0, latents.flatten(), reset, reduce="amin")
+
+    @torch.no_grad()
+    def init_from_sample(self, x: Tensor) -> None:
+        """Set ``input_scale`` so the mean norm is sqrt(d_in), and ``b_dec`` to the
+        geometric median of the scaled sample ``[n, d_in]``."""
+        x = x.reshape(-1, self.cfg.d_in).to(self.W_enc.dtype)
+        self.input_scale.fill_(math.sqrt(self.cfg.d_in) / x.norm(dim=1).mean())
+        self.b_dec.copy_(geometric_median(x * self.input_scale))
+
+    @torch.no_grad()
+    def project_decoder_grad(self) -> None:
+        """Remove the gradient component parallel to each decoder row (call before the step)."""
+        if self.W_dec.grad is not None:
+            parallel = (self.W_dec.grad * self.W_dec).sum(1, keepdim=True)
+            self.W_dec.grad -= parallel * self.W_dec
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Rescale decoder rows to unit norm (call after the step)."""
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).eps)
+
+    @torch.no_grad()
+    def fold_input_scale(self) -> None:
+        """Fold ``input_scale`` into the biases (and thresholds) so the SAE takes raw
+        activations with ``input_scale == 1``; encodings and reconstructions are unchanged."""
+        for tensor in self._scaled_tensors().values():
+            tensor /= self.input_scale
+        self.input_scale.fill_(1.0)
+
+    def _scaled_tensors(self) -> dict[str, Tensor]:
+        """Tensors in units of the scaled input, keyed by their SAELens name."""
+        return {"b_enc": self.b_enc, "b_dec": self.b_dec}
+
+    # --------------------------------------------------------------- checkpoints
+
+    @torch.no_grad()
+    def save(self, path: str | Path) -> None:
+        """Write ``cfg.json`` and ``sae_weights.safetensors`` in SAELens 6 layout (scale folded)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {"W_enc": self.W_enc, "W_dec": self.W_dec}
+        tensors |= {name: t / self.input_scale for name, t in self._scaled_tensors().items()}
+        tensors = {name: self._export_tensor(name, t).detach().contiguous().cpu() for name, t in tensors.items()}
+        save_file(tensors, path / WEIGHTS_FILENAME)
+        (path / CFG_FILENAME).write_text(json.dumps(self._saelens_cfg(), indent=2))
+
+    def _export_tensor(self, name: str, tensor: Tensor) -> Tensor:
+        return tensor
+
+    def _saelens_cfg(self) -> dict:
+        cfg = self.cfg
+        return {
+            "architecture": SAELENS_ARCH[cfg.arch],
+            "d_in": cfg.d_in,
+            "d_sae": cfg.d_sae,
+            "dtype": cfg.dtype,
+            "device": "cpu",
+            "apply_b_dec_to_input": True,
+            "normalize_activations": "none",
+            "reshape_activations": "none",
+            "metadata": {
+                "sae_lens_version": SAELENS_FORMAT_VERSION,
+                "model_name": cfg.model_name,
+                "hook_name": cfg.hook_name,
+                "context_size": cfg.context_size,
+                "dataset_path": cfg.dataset,
+                "training_architecture": cfg.arch,
+                "training_architecture_details": {"k": cfg.k},
+                "saelab_config": cfg.model_dump(),
+            },
+        }
+
+    @staticmethod
+    def load(path: str | Path, device: torch.device | str | None = None) -> "SAE":
+        """Load an SAE saved by saelab or SAELens (``SAE.save_model`` / ``save_inference_model``)."""
+        path = Path(path)
+        if not (path / CFG_FILENAME).is_file() or not (path / WEIGHTS_FILENAME).is_file():
+            raise FileNotFoundError(f"{path} needs {CFG_FILENAME} and {WEIGHTS_FILENAME} (SAELens layout)")
+        raw = json.loads((path / CFG_FILENAME).read_text())
+        tensors = load_file(path / WEIGHTS_FILENAME)
+        cfg, tensors = _from_saelens(raw, tensors)
+        sae = SAE.from_config(cfg)
+        missing = set(sae.state_dict()) - {"input_scale", "tokens_since_fired"} - set(tensors)
+        unexpected = set(tensors) - set(sae.state_dict())
+        if missing or unexpected:
+            raise ValueError(f"{path / WEIGHTS_FILENAME}: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        dtype = sae.W_enc.dtype
+        sae.load_state_dict({name: t.to(dtype) for name, t in tensors.items()}, strict=False)
+        return sae.to(device) if device is not None else sae
+
+
+def _from_saelens(raw: dict, tensors: dict[str, Tensor]) -> tuple[SAEConfig, dict[str, Tensor]]:
+    """saelab config and state-dict tensors from a SAELens (or saelab) cfg.json + weights."""
+    meta = raw.get("metadata") or {}
+    if "saelab_config" in meta:
+        cfg = SAEConfig(**meta["saelab_config"])
+    else:
+        for field, ok in (("normalize_activations", "none"), ("reshape_activations", "none")):
+            if raw.get(field, ok) != ok:
+                raise ValueError(
+                    f"{field}={raw[field]!r} is not supported; fold it into the weights in SAELens first "
+                    f"(e.g. fold_activation_norm_scaling_factor) or flatten inputs yourself"
+                )
+        arch = {"topk": "topk", "standard": "relu", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}.get(
+            raw.get("architecture", "standard")
+        )
+        if arch is None:
+            raise ValueError(f"SAELens architecture {raw['architecture']!r} is not supported; saelab reads "
+                             "topk, batchtopk, jumprelu and standard")
+        details = meta.get("training_architecture_details") or {}
+        if arch == "jumprelu" and meta.get("training_architecture") == "batchtopk":
+            arch = "batchtopk"
+        k = raw.get("k", details.get("k", 32))
+        cfg = SAEConfig(
+            arch=arch, d_in=raw["d_in"], d_sae=raw["d_sae"], k=int(k),
+            dtype=str(raw.get("dtype", "float32")).removeprefix("torch."),
+            model_name=meta.get("model_name") or "", hook_name=meta.get("hook_name") or "",
+            context_size=meta.get("context_size"), dataset=meta.get("dataset_path") or "",
+        )
+    tensors = dict(tensors)
+    W_enc, W_dec = tensors["W_enc"], tensors["W_dec"]
+    if not raw.get("apply_b_dec_to_input", True):
+        tensors["b_enc"] = tensors["b_enc"] + tensors["b_dec"] @ W_enc
+    if raw.get("rescale_acts_by_decoder_norm", False):
+        norms = W_dec.norm(dim=1).clamp_min(1e-8)
+        tensors |= {"W_enc": W_enc * norms, "b_enc": tensors["b_enc"] * norms, "W_dec": W_dec / norms[:, None]}
+    if "log_threshold" in tensors:
+        tensors["threshold"] = tensors.pop("log_threshold").exp()
+    if cfg.arch == "batchtopk":
+        threshold = tensors.pop("topk_threshold", None)
+        if threshold is None:
+            threshold = tensors.pop("threshold")
+            if not torch.all(threshold == threshold[0]):
+                raise ValueError("BatchTopK checkpoint has per-latent thresholds; load it as arch 'jumprelu'")
+            threshold = threshold[0]
+        tensors["threshold"] = threshold.reshape(())
+    return cfg, tensors
+
+
+# ---------------------------------------------------------------------- TopK family
+
+
+class TopKSAE(SAE):
+    """TopK SAE (Gao et al. 2024): the k largest pre-activations per token, ReLU'd."""
+
+    arch = "topk"
+
+    def activation(self, pre: Tensor) -> Tensor:
+        vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
+
+    def forward(self, x: Tensor) -> Tensor:
+        vals, idx = self.pre_acts(self._flat(x)).topk(self.cfg.k, dim=-1, sorted=False)
+        recon = kernels.sparse_decode(vals.relu(), idx, self.W_dec) + self.b_dec
+        return (recon / self.input_scale).view(x.shape)
+
+    def _select(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Main (values, columns, rows) entries chosen from pre-activations."""
+        return kernels.topk_entries(pre, self.cfg.k)
+
+    def training_loss(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        x = self._flat(x)
+        n_rows, cfg = x.shape[0], self.cfg
+        dead = self.dead_mask()
+        perm, n_dead = kernels.dead_first(dead) if cfg.aux_coef > 0 else (None, 0)
+        k_aux = min(cfg.aux_k_resolved, n_dead)
+        sparse = cfg.k / cfg.d_sae <= cfg.sparse_density
+        step = self._sparse_step if sparse else self._dense_step
+        recon, aux_recon, vals, lat = step(x, perm if k_aux else None, n_dead, k_aux)
+
+        residual, total_var, fvu = self._loss_terms(x, recon)
+        loss = fvu
+        metrics = {"fvu": fvu.detach(), "l0": (vals > 0).sum() / n_rows, "dead_frac": dead.float().mean()}
+        if aux_recon is not None:
+            residual = residual.detach()
+            auxk = (aux_recon - residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum()
+            loss = loss + cfg.aux_coef * auxk
+            metrics["auxk"] = auxk.detach()
+        metrics["loss"] = loss.detach()
+        self.update_dead(lat, vals, n_rows)
+        return loss, metrics
+
+    def _entries(self, pre: Tensor, n_dead: int, k_aux: int) -> tuple[Tensor, Tensor, Tensor, int]:
+        """Main entries, then AuxK entries (the top k_aux of the first n_dead columns,
+        i.e. the dead latents) in bags ``[B, 2B)``; also the number of main entries."""
+        with torch.no_grad():
+            vals, cols, rows = self._select(pre)
+            n_main = vals.numel()
+            if k_aux:
+                aux_vals, aux_cols, aux_rows = kernels.topk_entries(pre[:, :n_dead], k_aux)
+                vals = torch.cat([vals, aux_vals])
+                cols = torch.cat([cols, aux_cols])
+                rows = torch.cat([rows, aux_rows + pre.shape[0]])
+        return vals, cols, rows, n_main
+
+    def _sparse_step(self, x, perm, n_dead, k_aux):
+        """Top-k forward with the sparse kernels: the only dense op is the encoder matmul."""
+        n_rows = x.shape[0]
+        with torch.no_grad():
+            W_enc, b_enc = (self.W_enc, self.b_enc) if perm is None else (self.W_enc[:, perm], self.b_enc[perm])
+            pre = torch.addmm(b_enc, x - self.b_dec, W_enc, out=self._workspace(n_rows))
+            vals, cols, rows, n_main = self._entries(pre, n_dead, k_aux)
+            lat = cols if perm is None else perm[cols]
+        n_bags = n_rows * (2 if k_aux else 1)
+        out = kernels.sparse_autoencode(x, self.b_dec, self.W_enc, self.b_enc, self.W_dec, vals, lat, rows, n_bags)
+        aux_recon = out[1] if k_aux else None
+        return out[0] + self.b_dec, aux_recon, vals[:n_main], lat[:n_main]
+
+    def _dense_step(self, x, perm, n_dead, k_aux):
+        """Reference top-k forward with dense matmuls and plain autograd."""
+        W_enc, b_enc, W_dec = self.W_enc, self.b_enc, self.W_dec
+        if perm is not None:
+            W_enc, b_enc, W_dec = W_enc[:, perm], b_enc[perm], W_dec[perm]
+        pre = torch.addmm(b_enc, x - self.b_dec, W_enc)
+        vals, cols, rows, n_main = self._entries(pre.detach(), n_dead, k_aux)
+
+        def decode(cols: Tensor, rows: Tensor) -> Tensor:
+            acts = torch.zeros_like(pre).index_put((rows % x.shape[0], cols), pre[rows % x.shape[0], cols].relu())
+            return acts @ W_dec
+
+        recon = decode(cols[:n_main], rows[:n_main]) + self.b_dec
+        aux_recon = decode(cols[n_main:], rows[n_main:]) if k_aux else None
+        lat = cols[:n_main] if perm is None else perm[cols[:n_main]]
+        return recon, aux_recon, vals[:n_main], lat
+
+    def _workspace(self, n_rows: int) -> Tensor:
+        """Reused pre-activation buffer: allocating ``[batch, d_sae]`` anew every step
+        costs page faults comparable to the matmul itself on CPU."""
+        buf = self._pre_buf
+        if buf is None or buf.shape[0] != n_rows or buf.dtype != self.W_enc.dtype or buf.device != self.W_enc.device:
+            buf = self._pre_buf = torch.empty(n_rows, self.cfg.d_sae, dtype=self.W_enc.dtype, device=self.W_enc.device)
+        return buf
+
+
+class BatchTopKSAE(TopKSAE):
+    """BatchTopK SAE (Bussmann et al. 2024): the ``k * batch`` largest pre-activations of
+    the batch in training; at inference a JumpReLU with one learned threshold (as SAELens)."""
+
+    arch = "batchtopk"
+
+    def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None):
+        super().__init__(cfg, device)
+        self.register_buffer("threshold", torch.zeros((), dtype=self.W_enc.dtype, device=device))
+
+    def activation(self, pre: Tensor) -> Tensor:
+        return pre.relu() * (pre > self.threshold)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return SAE.forward(self, x)
+
+    def _select(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        vals, cols, rows = kernels.batch_topk_entries(pre, self.cfg.k)
+        smallest = torch.where(vals > 0, vals, math.inf).min()
+        ema = torch.lerp(self.threshold, smallest, self.cfg.threshold_lr)
+        self.threshold.copy_(torch.where(smallest.isfinite(), ema, self.threshold))
+        return vals, cols, rows
+
+    def _scaled_tensors(self) -> dict[str, Tensor]:
+        return super()._scaled_tensors() | {"threshold": self.threshold}
+
+    def _export_tensor(self, name: str, tensor: Tensor) -> Tensor:
+        return tensor.expand(self.cfg.d_sae) if name == "threshold" else tensor
+
+
+# ---------------------------------------------------------------- dense families
+
+
+class _JumpReLUFn(torch.autograd.Function):
+    """``pre * (pre > threshold)`` with the straight-through threshold gradient of
+    Rajamanoharan et al. 2024 (rectangle kernel of width ``bandwidth``)."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        window = ((pre - threshold).abs() < ctx.bandwidth / 2).to(grad.dtype)
+        grad_threshold = -(threshold / ctx.bandwidth * window * grad).sum(0)
+        return grad * (pre > threshold), grad_threshold, None
+
+
+class _StepFn(torch.autograd.Function):
+    """Heaviside ``pre > threshold`` with a straight-through gradient to the threshold only."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        window = ((pre - threshold).abs() < ctx.bandwidth / 2).to(grad.dtype)
+        return None, -(window * grad).sum(0) / ctx.bandwidth, None
+
+
+class JumpReLUSAE(SAE):
+    """JumpReLU SAE trained with a straight-through L0 penalty (Rajamanoharan et al. 2024)."""
+
+    arch = "jumprelu"
+
+    def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None):
+        super().__init__(cfg, device)
+        self.threshold = nn.Parameter(
+            torch.full((cfg.d_sae,), cfg.jumprelu_init_threshold, dtype=self.W_enc.dtype, device=device)
+        )
+
+    def activation(self, pre: Tensor) -> Tensor:
+        return pre.relu() * (pre > self.threshold)
+
+    def _scaled_tensors(self) -> dict[str, Tensor]:
+        return super()._scaled_tensors() | {"threshold": self.threshold}
+
+    def training_loss(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        with torch.no_grad():
+            self.threshold.clamp_(min=0)
+        x = self._flat(x)
+        pre = self.pre_acts(x)
+        bandwidth = self.cfg.jumprelu_bandwidth
+        acts = _JumpReLUFn.apply(pre, self.threshold, bandwidth)
+        _, total_var, fvu = self._loss_terms(x, acts @ self.W_dec + self.b_dec)
+        l0 = _StepFn.apply(pre, self.threshold, bandwidth).sum()
+        loss = fvu + self.cfg.l0_coef * l0 / total_var
+        self.update_dead(torch.arange(self.cfg.d_sae, device=x.device), acts.detach().amax(0), x.shape[0])
+        return loss, {"loss": loss.detach(), "fvu": fvu.detach(), "l0": l0.detach() / x.shape[0]}
+
+
+class ReLUSAE(SAE):
+    """ReLU SAE with an L1 penalty weighted by decoder norms (SAELens "standard")."""
+
+    arch = "relu"
+
+    def activation(self, pre: Tensor) -> Tensor:
+        return pre.relu()
+
+    def training_loss(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        x = self._flat(x)
+        acts = self.pre_acts(x).relu()
+        _, total_var, fvu = self._loss_terms(x, acts @ self.W_dec + self.b_dec)
+        l1 = acts.sum(0) @ self.W_dec.norm(dim=1)
+        loss = fvu + self.cfg.l1_coef * l1 / total_var
+        self.update_dead(torch.arange(self.cfg.d_sae, device=x.device), acts.detach().amax(0), x.shape[0])
+        l0 = (acts.detach() > 0).sum() / x.shape[0]
+        return loss, {"loss": loss.detach(), "fvu": fvu.detach(), "l0": l0}
+
+
+ARCHITECTURES: dict[str, type[SAE]] = {
+    "topk": TopKSAE, "batchtopk": BatchTopKSAE, "jumprelu": JumpReLUSAE, "relu": ReLUSAE,
+}
+
+
+def train_step(sae: SAE, optimizer: torch.optim.Optimizer, x: Tensor) -> dict[str, Tensor]:
+    """One optimisation step on raw activations ``x``: loss, backward, decoder-gradient
+    projection, optimiser step, decoder renormalisation. Returns detached metrics."""
+    loss, metrics = sae.training_loss(x)
+    loss.backward()
+    sae.project_decoder_grad()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sae.normalize_decoder()
+    return metrics
