@@ -1,0 +1,24 @@
+# Every target installs what it needs into .venv first (torch's CPU wheel, then saelab with its dev extras).
+PY := .venv/bin/python
+VENV_STAMP := .venv/.installed
+
+.PHONY: install test quickstart bench
+
+$(VENV_STAMP): pyproject.toml
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(VENV_STAMP)
+
+install: $(VENV_STAMP)
+
+test: $(VENV_STAMP)
+	$(PY) -m pytest -q
+
+quickstart: $(VENV_STAMP)
+	.venv/bin/saelab harvest configs/harvest_minilm.yaml
+
+bench: $(VENV_STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) scripts/bench_harvest.py --json runs/bench_harvest.json

@@ -1,0 +1,103 @@
+"""Harvest throughput against the bare forward pass of the same model on the same batches.
+
+    python scripts/bench_harvest.py [--tokens 200000] [--json out.json]
+
+Prints tokens/s of (a) the bare forward pass stopped at the same layer as the harvest (the same
+compute, nothing stored), (b) the full bare forward pass, (c) `saelab.harvest` end to end (text
+packing, forward, casting, the writer thread, Zarr shards), and the ratios harvest / bare.
+Runs alternate (bare, harvest, bare, harvest, ...) and the best of each is kept, as this machine is noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from itertools import islice
+
+import torch
+
+from saelab.config import HarvestConfig
+from saelab.harvest import harvest
+from saelab.models import capture, is_encoder, load_model, resolve_hooks
+from saelab.text import SpecialTokens, batch_contexts, iter_documents, pack_contexts
+
+HOOKS = [f"blocks.{layer}.{kind}" for layer in (1, 2) for kind in ("hook_resid_post", "hook_mlp_out", "attn.hook_z")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="minilm")
+    parser.add_argument("--tokens", type=int, default=200_000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--context-length", type=int, default=128)
+    parser.add_argument("--dtype", default="float16")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", dest="json_path")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model = load_model(args.model)
+    device = next(model.parameters()).device
+    cfg = HarvestConfig(model=args.model, hooks=HOOKS, out="", context_length=args.context_length,
+                        batch_size=args.batch_size, max_tokens=args.tokens, dtype=args.dtype, drop_special_tokens=False)
+    special = SpecialTokens.for_tokenizer(model.tokenizer, is_encoder(model))
+    contexts = pack_contexts(iter_documents(cfg.text), model.tokenizer, special, cfg.context_length)
+    n_batches = -(-args.tokens // (args.batch_size * args.context_length))
+    batches = [torch.from_numpy(b.tokens).to(device) for b in islice(batch_contexts(contexts, args.batch_size, special), n_batches)]
+    n_tokens = min(args.tokens, sum(b.numel() for b in batches))
+    points = resolve_hooks(model, HOOKS)
+    last_layer = resolve_hooks(model, [f"blocks.{max(p.layer for p in points)}.hook_resid_post"])
+
+    def bare_to_layer() -> None:
+        for tokens in batches:
+            capture(model, tokens, last_layer)
+
+    @torch.inference_mode()
+    def bare_full() -> None:
+        for tokens in batches:
+            model(tokens, return_type=None)
+
+    def harvest_once() -> None:
+        out = tempfile.mkdtemp(prefix="bench_harvest_")
+        try:
+            harvest(cfg.model_copy(update={"out": out + "/s.zarr"}), model=model, progress=False)
+        finally:
+            shutil.rmtree(out)
+
+    def timed(fn) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    bare_to_layer()  # warm-up
+    best = {"bare_to_layer": float("inf"), "bare_full": float("inf"), "harvest": float("inf")}
+    for _ in range(args.repeats):
+        for name, fn in (("bare_to_layer", bare_to_layer), ("harvest", harvest_once), ("bare_full", bare_full)):
+            best[name] = min(best[name], timed(fn))
+    tps = {k: n_tokens / v for k, v in best.items()}
+    result = {
+        "model": args.model, "hooks": HOOKS, "dtype": args.dtype, "tokens": n_tokens, "device": str(device),
+        "threads": args.threads, "tokens_per_s": tps,
+        "ratio_harvest_vs_bare_to_layer": tps["harvest"] / tps["bare_to_layer"],
+        "ratio_harvest_vs_bare_full": tps["harvest"] / tps["bare_full"],
+    }
+    print(f"{args.model}, {len(HOOKS)} hooks at layers 1-2, {args.dtype}, {n_tokens:,} tokens, {device}, {args.threads} threads")
+    for k, v in tps.items():
+        print(f"  {k:<15} {v:>10,.0f} tokens/s")
+    print(f"  harvest / bare forward to the same layer: {result['ratio_harvest_vs_bare_to_layer']:.3f}")
+    print(f"  harvest / bare full forward:             {result['ratio_harvest_vs_bare_full']:.3f}")
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
