@@ -82,5 +82,52 @@ def import_cmd(
     typer.echo(store.summary())
 
 
+def _train(config: Path, set_: list[str] | None, quiet: bool) -> tuple[list[dict], str]:
+    from saelab.config import load_config
+    from saelab.train import TrainConfig, train
+
+    try:
+        cfg = load_config(config, TrainConfig, set_ or [])
+        return train(cfg, progress=not quiet), cfg.out
+    except (SaelabError, FileNotFoundError) as err:
+        _fail(err)
+
+
+def _print_results(rows: list[dict]) -> None:
+    typer.echo(f"{'hook':<28} {'variant':<30} {'FVU':>7} {'L0':>6} {'dead':>6} {'dense':>6}")
+    for r in rows:
+        variant = Path(r["path"]).name
+        if "stopped" in r:
+            typer.echo(f"{r['hook']:<28} {variant:<30} stopped: {r['stopped']}")
+        else:
+            typer.echo(f"{r['hook']:<28} {variant:<30} {r['fvu']:>7.4f} {r['l0']:>6.1f} {r['dead_frac']:>6.3f} {r['dense_frac']:>6.3f}")
+
+
+@app.command("train")
+def train_cmd(
+    config: Path = typer.Argument(..., help="Training config (YAML), e.g. configs/train_minilm.yaml."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Train SAEs on a store (every hook x grid point in one pass); rerun the same command to resume."""
+    rows, _ = _train(config, set_, quiet)
+    _print_results(rows)
+
+
+@app.command()
+def sweep(
+    config: Path = typer.Argument(..., help="Sweep config (YAML), e.g. configs/sweep_minilm.yaml."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Train a grid of SAEs, then write results.csv and a Pareto plot (pareto.html) into the run directory."""
+    from saelab.sweep import write_sweep_outputs
+
+    rows, out = _train(config, set_, quiet)
+    _print_results(rows)
+    table, figure = write_sweep_outputs(rows, out)
+    typer.echo(f"results: {table}\nPareto plot: {figure}")
+
+
 if __name__ == "__main__":
     app()

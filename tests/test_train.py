@@ -1,0 +1,135 @@
+"""Trainer: several SAEs per pass, exact resume after SIGKILL, NaN isolation, sweep outputs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from saelab.cli import app
+from saelab.errors import ConfigError, StoreError
+from saelab.importer import import_arrays
+from saelab.sae import SAE
+from saelab.store import ActivationStore
+from saelab.sweep import read_results
+from saelab.synthetic import make_synthetic
+from saelab.train import TrainConfig, default_lr, lr_factor, train
+
+D = 32
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory):
+    """Sparse combinations of 128 known directions in 32 dims, under two hook names."""
+    data = make_synthetic(n_features=128, d=D, mean_active=4.0, n_pairs=8, seed=0)
+    x = data.sample(24_000, torch.Generator().manual_seed(0)).numpy()
+    out = str(tmp_path_factory.mktemp("store") / "syn.zarr")
+    import_arrays({"h0": x, "h1": 2 * x + 1}, out, shard_rows=4096, chunk_rows=1024, progress=False)
+    return out
+
+
+def config(store_path, out, **kw):
+    base = dict(store=store_path, out=str(out), tokens=256 * 120, batch_size=256, eval_rows=4096, warmup_steps=10,
+                checkpoint_every=256 * 20, log_every=10, grid={"arch": ["topk"], "k": [4], "expansion": [4]},
+                sae={"dead_tokens": 5000})
+    return {**base, **kw}
+
+
+def test_schedule_and_default_lr():
+    assert default_lr(2**14) == pytest.approx(2e-4) and default_lr(2**16) == pytest.approx(1e-4)
+    f = [lr_factor(s, 100, 10, 0.8) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == 1.0 and f[50] == 1.0 and f[90] == pytest.approx(0.5) and f[99] < 0.1
+
+
+def test_grid_trains_every_sae_in_one_pass_and_saves_saelens_layout(store_path, tmp_path):
+    cfg = TrainConfig(**config(store_path, tmp_path, grid={"arch": ["topk", "batchtopk", "relu"], "k": [4, 8], "expansion": [4]},
+                               sae={"dead_tokens": 5000, "l1_coef": 1.0}))
+    rows = train(cfg, progress=False)
+    assert len(rows) == 2 * 3 * 2  # hooks x arch x k
+    by = {(r["hook"], r["arch"], r["k"]): r for r in rows}
+    assert by[("h0", "topk", 8)]["fvu"] < by[("h0", "topk", 4)]["fvu"] < 0.5
+    assert by[("h0", "topk", 4)]["l0"] == pytest.approx(4, abs=0.01)
+    x = ActivationStore.open(store_path).activations("h1", slice(-4096, None))
+    for r in rows:
+        assert set(os.listdir(r["path"])) >= {"cfg.json", "sae_weights.safetensors", "metrics.json"}
+        assert r["dead_frac"] <= 1 and 0 <= r["dense_frac"] <= 1
+    sae = SAE.load(by[("h1", "topk", 8)]["path"])  # the input scale is folded: it works on raw activations
+    fvu = ((x - sae(x)).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+    assert fvu == pytest.approx(by[("h1", "topk", 8)]["fvu"], rel=1e-4)
+
+
+def test_diverging_sae_is_stopped_and_others_go_on(store_path, tmp_path):
+    cfg = TrainConfig(**config(store_path, tmp_path, hooks=["h0"], grid={"arch": ["topk"], "k": [4], "expansion": [4], "lr": [1e-3, 1e38]}))
+    rows = train(cfg, progress=False)
+    ok, bad = sorted(rows, key=lambda r: r["lr"])
+    assert ok["fvu"] < 0.5
+    assert "NaN/inf at step" in bad["stopped"] and "fvu" not in bad
+    assert not os.path.exists(os.path.join(bad["path"], "sae_weights.safetensors"))
+
+
+def test_bad_inputs_are_refused(store_path, tmp_path):
+    with pytest.raises(StoreError, match="not in store"):
+        train(TrainConfig(**config(store_path, tmp_path, hooks=["blocks.0.hook_resid_post"])), progress=False)
+    with pytest.raises(ConfigError, match="k=64 exceeds d_sae=32"):
+        train(TrainConfig(**config(store_path, tmp_path, grid={"k": [64], "expansion": [1]})), progress=False)
+    train(TrainConfig(**config(store_path, tmp_path, hooks=["h0"], tokens=256 * 20)), progress=False)
+    with pytest.raises(ConfigError, match="different config"):
+        train(TrainConfig(**config(store_path, tmp_path, hooks=["h0"], tokens=256 * 30)), progress=False)
+
+
+def _latest_step(out) -> int:
+    try:
+        return json.loads((out / "saes" / "checkpoint" / "latest.json").read_text())["step"]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def _train_cli(path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "saelab.cli", "train", str(path), "--quiet"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_resume_after_sigkill_ends_with_the_same_weights(store_path, tmp_path):
+    def write(name):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config(store_path, tmp_path / name, tokens=256 * 400, checkpoint_every=256 * 25,
+                                              grid={"arch": ["topk"], "k": [4], "expansion": [8]})))
+        return path
+
+    ref = _train_cli(write("ref"))
+    assert ref.wait(timeout=300) == 0, ref.stderr.read().decode()[-2000:]
+    proc = _train_cli(write("killed"))
+    deadline = time.time() + 120
+    while _latest_step(tmp_path / "killed") < 100 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 100 <= _latest_step(tmp_path / "killed") < 400, "training was not killed midway"
+    proc = _train_cli(write("killed"))
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
+    weights = sorted((tmp_path / "ref" / "saes").glob("h*/*/sae_weights.safetensors"))
+    assert len(weights) == 2
+    for path in weights:
+        want = load_file(str(path))
+        got = load_file(str(tmp_path / "killed" / path.relative_to(tmp_path / "ref")))
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_sweep_cli_writes_table_and_pareto(store_path, tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(config(store_path, tmp_path / "run", hooks=["h0"], tokens=256 * 30,
+                                          grid={"arch": ["topk"], "k": [2, 4], "expansion": [2, 4]})))
+    result = CliRunner().invoke(app, ["sweep", str(path), "--quiet"])
+    assert result.exit_code == 0, result.output
+    rows = read_results(tmp_path / "run" / "results.csv")
+    assert sorted((r["k"], r["width"]) for r in rows) == [("2", "128"), ("2", "64"), ("4", "128"), ("4", "64")]
+    html = (tmp_path / "run" / "pareto.html").read_text()
+    assert "h0 topk w64" in html and "h0 topk w128" in html
