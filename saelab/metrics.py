@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -46,6 +47,20 @@ def reconstruction_metrics(sae: SAE, x: Tensor, batch_size: int = 8192) -> dict[
         "dead_frac_eval": float((fires == 0).float().mean()),
         "dense_frac": float((density > DENSE_THRESHOLD).float().mean()),
     }
+
+
+def eval_tokens(store_config: dict[str, Any], model: Any, n_contexts: int) -> Tensor:
+    """The first `n_contexts` contexts of the store's text source, packed as the harvest packed them."""
+    from itertools import islice
+
+    from saelab.config import TextConfig
+    from saelab.models import is_encoder
+    from saelab.text import SpecialTokens, iter_documents, pack_contexts
+
+    special = SpecialTokens.for_tokenizer(model.tokenizer, is_encoder(model))
+    docs = iter_documents(TextConfig(**store_config["text"]))
+    contexts = [t for t, _ in islice(pack_contexts(docs, model.tokenizer, special, store_config["context_length"]), n_contexts)]
+    return torch.from_numpy(np.stack(contexts)).to(next(model.parameters()).device)
 
 
 def _splice(sae: SAE | None) -> Any:

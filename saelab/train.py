@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from saelab.config import StrictModel, build
 from saelab.errors import ConfigError, StoreError
-from saelab.metrics import reconstruction_metrics
-from saelab.models import resolve_device
+from saelab.metrics import eval_tokens, reconstruction_metrics, spliced_metrics
+from saelab.models import load_model, resolve_device
 from saelab.sae import SAE, Arch, SAEConfig, train_step
 from saelab.store import ActivationStore
 
@@ -59,6 +59,8 @@ class TrainConfig(StrictModel):
     log_every: int = 20
     device: str = "auto"
     logger: Literal["none", "tensorboard", "wandb"] = "none"
+    model: str | None = None  # for CE loss recovered and KL; default: the store's model if it is a decoder
+    ce_contexts: int = 16
 
 
 def default_lr(width: int) -> float:
@@ -262,6 +264,7 @@ class Trainer:
     def _finish(self) -> list[dict[str, Any]]:
         """Evaluate on held-out rows, save each SAE in SAELens layout with its metrics."""
         eval_rows = (self.train_rows[1], self.store.n_tokens)
+        model, tokens = self._ce_model()
         results = []
         for m in self.members:
             folder = self.root / m.hook / m.variant
@@ -273,11 +276,22 @@ class Trainer:
                 m.sae.eval()
                 x = self.store.activations(m.hook, slice(*eval_rows))
                 row |= reconstruction_metrics(m.sae, x)
+                if model is not None:
+                    row |= spliced_metrics(model, m.sae, m.hook, tokens)
                 m.sae.save(folder)
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "metrics.json").write_text(json.dumps(row, indent=1))
             results.append(row)
         return results
+
+
+    def _ce_model(self) -> tuple[Any, torch.Tensor | None]:
+        """The model and eval contexts for spliced metrics, when the store came from a decoder harvest."""
+        spec = self.cfg.model or (self.store.config.get("model") if self.store.meta.get("encoder") is False else None)
+        if not spec or spec == "none" or "text" not in self.store.config or self.cfg.ce_contexts <= 0:
+            return None, None
+        model = load_model(spec, device=str(self.device))
+        return model, eval_tokens(self.store.config, model, self.cfg.ce_contexts)
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> list[dict[str, Any]]:

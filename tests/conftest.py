@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from itertools import islice
 
+import numpy as np
 import pytest
 import torch
 from transformer_lens import HookedTransformerConfig
@@ -58,3 +59,29 @@ def decoder_dir(decoder, tmp_path_factory):
 @pytest.fixture(scope="session")
 def minilm():
     return load_model("minilm", device="cpu")
+
+
+def train_decoder(model, steps: int = 80, context_length: int = 32, batch_size: int = 16, lr: float = 3e-3):
+    """Train a decoder briefly on the embedded corpus (next-token loss), in place."""
+    from saelab.models import is_encoder
+    from saelab.text import SpecialTokens, embedded_documents, pack_contexts
+
+    special = SpecialTokens.for_tokenizer(model.tokenizer, is_encoder(model))
+    contexts = pack_contexts(embedded_documents(), model.tokenizer, special, context_length)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        batch = torch.from_numpy(np.stack([t for t, _ in islice(contexts, batch_size)]))
+        loss = model(batch, return_type="loss")
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def trained_decoder_dir(bpe_tokenizer, tmp_path_factory):
+    """A tiny decoder trained for a few seconds, so that its loss means something."""
+    model = load_model(decoder_config(len(bpe_tokenizer)), device="cpu", tokenizer=bpe_tokenizer)
+    return str(save_model(train_decoder(model), tmp_path_factory.mktemp("models") / "trained-decoder"))

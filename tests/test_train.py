@@ -133,3 +133,38 @@ def test_sweep_cli_writes_table_and_pareto(store_path, tmp_path):
     assert sorted((r["k"], r["width"]) for r in rows) == [("2", "128"), ("2", "64"), ("4", "128"), ("4", "64")]
     html = (tmp_path / "run" / "pareto.html").read_text()
     assert "h0 topk w64" in html and "h0 topk w128" in html
+
+
+def test_ce_loss_recovered_on_a_decoder_store(trained_decoder_dir, tmp_path):
+    from saelab.config import HarvestConfig
+    from saelab.harvest import harvest
+    from saelab.metrics import eval_tokens, spliced_metrics
+    from saelab.models import load_model
+    from saelab.sae import SAEConfig
+
+    store = harvest(HarvestConfig(model=trained_decoder_dir, hooks=["blocks.0.hook_resid_post", "blocks.0.attn.hook_z"],
+                                  out=str(tmp_path / "s.zarr"), context_length=32, batch_size=8, max_tokens=20_000,
+                                  shard_rows=4096, chunk_rows=1024), progress=False)
+    model = load_model(trained_decoder_dir, device="cpu")
+    tokens = eval_tokens(store.config, model, 4)
+    assert tokens.shape == (4, 32) and (tokens[:, 0] == model.tokenizer.bos_token_id).all()
+
+    # A TopK SAE with W_enc = [I, -I], W_dec = [I; -I], k = d reconstructs exactly: score 1, KL 0.
+    d = 64
+    exact = SAE.from_config(SAEConfig(arch="topk", d_in=d, d_sae=2 * d, k=d))
+    eye = torch.eye(d)
+    with torch.no_grad():
+        exact.W_enc.copy_(torch.cat([eye, -eye], 1))
+        exact.W_dec.copy_(torch.cat([eye, -eye], 0))
+        exact.b_enc.zero_()
+        exact.b_dec.zero_()
+    m = spliced_metrics(model, exact, "blocks.0.attn.hook_z", tokens)
+    assert m["ce_loss_score"] == pytest.approx(1.0, abs=1e-4) and m["kl_sae"] == pytest.approx(0.0, abs=1e-5)
+    assert m["ce_zero"] > m["ce_orig"] and m["kl_zero"] > 0
+
+    # Zero-ablating the residual stream is catastrophic, so the score's denominator is stable there.
+    rows = train(TrainConfig(store=store.path, out=str(tmp_path / "run"), tokens=256 * 40, batch_size=256, eval_rows=2048,
+                             hooks=["blocks.0.hook_resid_post"], grid={"k": [8], "expansion": [4]}, ce_contexts=4), progress=False)
+    r, = rows
+    assert r["ce_zero"] - r["ce_orig"] > 0.1
+    assert 0.3 < r["ce_loss_score"] <= 1 and 0.5 < r["kl_div_score"] <= 1 and r["ce_sae"] > r["ce_orig"]
