@@ -129,5 +129,38 @@ def sweep(
     typer.echo(f"results: {table}\nPareto plot: {figure}")
 
 
+@app.command()
+def serve(
+    run_dir: Path = typer.Argument(..., help="Run directory: activations.zarr, saes/, analysis/ (as saelab writes them)."),
+    port: int = typer.Option(8050, "--port", help="Port to listen on."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 exposes the browser to your network."),
+) -> None:
+    """Browse a run's SAEs and features in a web app (Dash) at http://HOST:PORT/."""
+    from dashboards.app import create_app
+
+    if not run_dir.is_dir():
+        _fail(FileNotFoundError(f"no run directory {run_dir}; give the folder that holds activations.zarr and saes/"))
+    typer.echo(f"serving {run_dir} at http://{host}:{port}/")
+    create_app(str(run_dir)).run(host=host, port=port, debug=False)
+
+
+@app.command()
+def analyze(
+    run_dir: Path = typer.Argument(..., help="Run directory with activations.zarr and saes/."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override an analysis setting, e.g. --set n_top=30."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Compute every feature panel of every SAE in a run, in one streaming pass each (results in RUN/analysis)."""
+    from saelab.analysis import AnalysisConfig, analyze as run_analysis
+    from saelab.config import apply_overrides, build
+
+    try:
+        cfg = build(AnalysisConfig, apply_overrides({}, set_ or []), "analysis settings")
+        for path in run_analysis(run_dir, cfg, progress=not quiet):
+            typer.echo(f"wrote {path}")
+    except (SaelabError, FileNotFoundError) as err:
+        _fail(err)
+
+
 if __name__ == "__main__":
     app()
