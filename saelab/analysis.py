@@ -330,8 +330,11 @@ def vocab_strings(tokenizer: Any) -> list[str]:
     return [tokenizer.decode([i]) for i in range(len(tokenizer))]
 
 
-def analyze(run_dir: str | Path, cfg: AnalysisConfig = AnalysisConfig(), progress: bool = True) -> list[Path]:
-    """Analyse every SAE under `<run>/saes` on `<run>/activations.zarr`; return the analysis stores written."""
+def analyze(run_dir: str | Path, cfg: AnalysisConfig = AnalysisConfig(), progress: bool = True,
+            skip_existing: bool = False) -> list[Path]:
+    """Analyse every SAE under `<run>/saes` on `<run>/activations.zarr`; return the analysis stores.
+
+    With `skip_existing`, an SAE whose analysis is newer than its weights is not analysed again."""
     run = Path(run_dir)
     store = ActivationStore.open(str(run / "activations.zarr"))
     folders = sorted(p.parent for p in (run / "saes").glob("*/*/sae_weights.safetensors"))
@@ -347,7 +350,9 @@ def analyze(run_dir: str | Path, cfg: AnalysisConfig = AnalysisConfig(), progres
         sae = SAE.load(folder)
         hook = folder.parent.name
         out = run / "analysis" / hook / f"{folder.name}.zarr"
-        analyze_sae(store, sae, hook, out, cfg, model, progress)
+        weights = folder / "sae_weights.safetensors"
+        if not (skip_existing and (out / "zarr.json").exists() and (out / "zarr.json").stat().st_mtime >= weights.stat().st_mtime):
+            analyze_sae(store, sae, hook, out, cfg, model, progress)
         written.append(out)
     return written
 

@@ -162,5 +162,28 @@ def analyze(
         _fail(err)
 
 
+@app.command()
+def quickstart(
+    out: str = typer.Option("runs/quickstart", "--out", help="Run directory."),
+    port: int = typer.Option(8050, "--port", help="Port of the app."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 127.0.0.1 keeps it on this machine."),
+    no_serve: bool = typer.Option(False, "--no-serve", help="Stop after the analysis."),
+    tokens: int = typer.Option(1_000_000, "--tokens", help="Training tokens per SAE."),
+) -> None:
+    """Harvest MiniLM over the embedded corpus, train TopK SAEs on one layer, analyse them, then serve the app."""
+    from saelab.quickstart import quickstart as run_quickstart
+
+    try:
+        seconds = run_quickstart(out, train_tokens=tokens)
+    except (SaelabError, FileNotFoundError) as err:
+        _fail(err)
+    typer.echo("quickstart: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()) + f"; run directory {out}")
+    if not no_serve:
+        from dashboards.app import create_app
+
+        typer.echo(f"serving http://{host}:{port}/ (Ctrl-C to stop)")
+        create_app(out).run(host=host, port=port, debug=False)
+
+
 if __name__ == "__main__":
     app()
