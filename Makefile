@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: install test quickstart bench
+.PHONY: install browser test quickstart bench
 
 $(VENV_STAMP): pyproject.toml
 	python3 -m venv .venv
@@ -13,12 +13,18 @@ $(VENV_STAMP): pyproject.toml
 
 install: $(VENV_STAMP)
 
-test: $(VENV_STAMP)
+# Headless Chromium and its driver for the app's browser tests (Debian packages).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null)
+
+test: $(VENV_STAMP) browser
 	$(PY) -m pytest -q
 
 quickstart: $(VENV_STAMP)
-	.venv/bin/saelab harvest configs/harvest_minilm.yaml
+	.venv/bin/saelab quickstart
 
 bench: $(VENV_STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) scripts/bench_harvest.py --json runs/bench_harvest.json
+	$(PY) scripts/bench_train.py --json runs/bench_train.json

@@ -74,3 +74,16 @@ def test_folder_of_text_files_and_max_documents(tmp_path):
 def test_missing_text_path_is_refused():
     with pytest.raises(ValueError, match="no such file or folder"):
         TextConfig(source="files", path="/nonexistent/corpus.txt")
+
+
+def test_hf_source_streams_a_dataset_repository(tmp_path):
+    """A local folder stands in for a hub repository: the same `load_dataset(..., streaming=True)` path."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.table({"content": [f"row {i}" for i in range(5)]}), tmp_path / "data" / "train-00000.parquet")
+    cfg = TextConfig(source="hf", path=str(tmp_path), split="train", text_column="content", max_documents=3)
+    assert list(iter_documents(cfg)) == ["row 0", "row 1", "row 2"]
+    with pytest.raises(ValueError, match="needs text.path"):
+        TextConfig(source="hf")
