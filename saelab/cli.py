@@ -136,12 +136,12 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 exposes the browser to your network."),
 ) -> None:
     """Browse a run's SAEs and features in a web app (Dash) at http://HOST:PORT/."""
-    from dashboards.app import create_app
+    from dashboards.app import serve as serve_app
 
     if not run_dir.is_dir():
         _fail(FileNotFoundError(f"no run directory {run_dir}; give the folder that holds activations.zarr and saes/"))
     typer.echo(f"serving {run_dir} at http://{host}:{port}/")
-    create_app(str(run_dir)).run(host=host, port=port, debug=False)
+    serve_app(str(run_dir), host=host, port=port)
 
 
 @app.command()
@@ -179,10 +179,10 @@ def quickstart(
         _fail(err)
     typer.echo("quickstart: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()) + f"; run directory {out}")
     if not no_serve:
-        from dashboards.app import create_app
+        from dashboards.app import serve as run_app
 
         typer.echo(f"serving http://{host}:{port}/ (Ctrl-C to stop)")
-        create_app(out).run(host=host, port=port, debug=False)
+        run_app(out, host=host, port=port)
 
 
 if __name__ == "__main__":

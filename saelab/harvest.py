@@ -29,6 +29,9 @@ def identity(cfg: HarvestConfig) -> dict:
     return cfg.model_dump(include=set(IDENTITY_KEYS), mode="json")
 
 
+FINISH = object()  # tells the writer thread to write what it holds and mark the store complete
+
+
 @dataclass
 class _Piece:
     """Kept rows of batch `batch`, whose first kept row is store row `batch_start`; this piece starts `offset` rows in."""
@@ -64,16 +67,16 @@ class _ShardWriter(threading.Thread):
     def run(self) -> None:
         try:
             while (piece := self.inbox.get()) is not None:
-                if isinstance(piece, tuple):  # ("finish", next batch index)
-                    self._flush(final=True, next_batch=piece[1])
+                if piece is FINISH:
+                    self._flush(final=True)
                     return
                 self.buffer.append(piece)
                 while sum(map(len, self.buffer)) >= self.shard_rows:
-                    self._flush(final=False, next_batch=None)
+                    self._flush(final=False)
         except BaseException as err:
             self.error = err
 
-    def _flush(self, final: bool, next_batch: int | None) -> None:
+    def _flush(self, final: bool) -> None:
         start = self.writer.rows_complete
         take, kept, n = [], [], 0
         for p in self.buffer:
@@ -157,7 +160,6 @@ def harvest(cfg: HarvestConfig, model: Model | None = None, progress: bool = Tru
     shard_writer.start()
     bar = tqdm(total=cfg.max_tokens, initial=done, unit="tok", unit_scale=True, disable=not progress,
                desc=f"harvest {model_name(model)}", smoothing=0.1)
-    next_batch = first_batch
     try:
         for b, batch in enumerate(islice(batches, first_batch, None), start=first_batch):
             acts = capture(model, torch.from_numpy(batch.tokens).to(device), points)
@@ -173,7 +175,6 @@ def harvest(cfg: HarvestConfig, model: Model | None = None, progress: bool = Tru
                     "context": np.repeat(b * cfg.batch_size + np.arange(len(batch)), batch.tokens.shape[1])[keep],
                 },
             )
-            next_batch = b + 1
             rows += len(piece)
             if rows <= done:  # rows of this batch were committed before the interruption
                 continue
@@ -186,7 +187,7 @@ def harvest(cfg: HarvestConfig, model: Model | None = None, progress: bool = Tru
             bar.update(len(piece))
             if rows == cfg.max_tokens:
                 break
-        _put(shard_writer, ("finish", next_batch))
+        _put(shard_writer, FINISH)
         shard_writer.join()
     finally:
         bar.close()

@@ -29,11 +29,11 @@ def bag_offsets(bag: Tensor, n_bags: int) -> Tensor:
     return counts.cumsum(0) - counts
 
 
-def topk_entries(pre: Tensor, k: int, col_offset: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+def topk_entries(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row top-k of ``pre`` as flat ``(vals, cols, rows)`` entries grouped by row."""
     vals, cols = pre.topk(k, dim=-1, sorted=False)
     rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
-    return vals.flatten(), cols.flatten() + col_offset, rows
+    return vals.flatten(), cols.flatten(), rows
 
 
 def batch_topk_entries(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:

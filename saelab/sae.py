@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -143,8 +144,8 @@ class SAE(nn.Module):
     def _loss_terms(self, x: Tensor, recon: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Residual, total variance of ``x`` and fraction of variance unexplained."""
         residual = x - recon
-        total_var = (x - x.mean(0)).pow(2).sum()
-        return residual, total_var, residual.pow(2).sum() / total_var
+        total_var = x.var(0, correction=0).sum() * x.shape[0]
+        return residual, total_var, F.mse_loss(recon, x, reduction="sum") / total_var
 
     def dead_mask(self) -> Tensor:
         """Latents that have not fired in the last ``cfg.dead_tokens`` tokens."""
@@ -174,8 +175,8 @@ class SAE(nn.Module):
     def project_decoder_grad(self) -> None:
         """Remove the gradient component parallel to each decoder row (call before the step)."""
         if self.W_dec.grad is not None:
-            parallel = (self.W_dec.grad * self.W_dec).sum(1, keepdim=True)
-            self.W_dec.grad -= parallel * self.W_dec
+            parallel = torch.linalg.vecdot(self.W_dec.grad, self.W_dec)
+            self.W_dec.grad.addcmul_(parallel[:, None], self.W_dec, value=-1)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
@@ -212,7 +213,8 @@ class SAE(nn.Module):
 
     def _saelens_cfg(self) -> dict:
         cfg = self.cfg
-        return {
+        topk = {"k": cfg.k, "rescale_acts_by_decoder_norm": False} if cfg.arch == "topk" else {}
+        return topk | {
             "architecture": SAELENS_ARCH[cfg.arch],
             "d_in": cfg.d_in,
             "d_sae": cfg.d_sae,
@@ -328,19 +330,23 @@ class TopKSAE(SAE):
         perm, n_dead = kernels.dead_first(dead) if cfg.aux_coef > 0 else (None, 0)
         k_aux = min(cfg.aux_k_resolved, n_dead)
         sparse = cfg.k / cfg.d_sae <= cfg.sparse_density
-        step = self._sparse_step if sparse else self._dense_step
-        recon, aux_recon, vals, lat = step(x, perm if k_aux else None, n_dead, k_aux)
+        # Under autocast only the encoder matmul runs in low precision; the rest stays in
+        # the parameters' dtype (the sparse kernels and top-k values need no more).
+        mm_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            step = self._sparse_step if sparse else self._dense_step
+            recon, aux_recon, vals, lat = step(x, perm if k_aux else None, n_dead, k_aux, mm_dtype)
 
-        residual, total_var, fvu = self._loss_terms(x, recon)
-        loss = fvu
-        metrics = {"fvu": fvu.detach(), "l0": (vals > 0).sum() / n_rows, "dead_frac": dead.float().mean()}
-        if aux_recon is not None:
-            residual = residual.detach()
-            auxk = (aux_recon - residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum()
-            loss = loss + cfg.aux_coef * auxk
-            metrics["auxk"] = auxk.detach()
-        metrics["loss"] = loss.detach()
+            residual, total_var, fvu = self._loss_terms(x, recon)
+            auxk = fvu.new_zeros(())
+            if aux_recon is not None:
+                residual = residual.detach()
+                residual_var = residual.var(0, correction=0).sum() * n_rows
+                auxk = F.mse_loss(aux_recon, residual, reduction="sum") / residual_var
+            loss = fvu + cfg.aux_coef * auxk
         self.update_dead(lat, vals, n_rows)
+        metrics = {"loss": loss.detach(), "fvu": fvu.detach(), "auxk": auxk.detach(),
+                   "l0": (vals > 0).sum() / n_rows, "dead_frac": dead.float().mean()}
         return loss, metrics
 
     def _entries(self, pre: Tensor, n_dead: int, k_aux: int) -> tuple[Tensor, Tensor, Tensor, int]:
@@ -356,25 +362,27 @@ class TopKSAE(SAE):
                 rows = torch.cat([rows, aux_rows + pre.shape[0]])
         return vals, cols, rows, n_main
 
-    def _sparse_step(self, x, perm, n_dead, k_aux):
+    def _sparse_step(self, x, perm, n_dead, k_aux, mm_dtype):
         """Top-k forward with the sparse kernels: the only dense op is the encoder matmul."""
         n_rows = x.shape[0]
         with torch.no_grad():
             W_enc, b_enc = (self.W_enc, self.b_enc) if perm is None else (self.W_enc[:, perm], self.b_enc[perm])
-            pre = torch.addmm(b_enc, x - self.b_dec, W_enc, out=self._workspace(n_rows))
+            xc = (x - self.b_dec).to(mm_dtype)
+            pre = torch.addmm(b_enc.to(mm_dtype), xc, W_enc.to(mm_dtype), out=self._workspace(n_rows, mm_dtype))
             vals, cols, rows, n_main = self._entries(pre, n_dead, k_aux)
+            vals = vals.to(x.dtype)
             lat = cols if perm is None else perm[cols]
         n_bags = n_rows * (2 if k_aux else 1)
         out = kernels.sparse_autoencode(x, self.b_dec, self.W_enc, self.b_enc, self.W_dec, vals, lat, rows, n_bags)
         aux_recon = out[1] if k_aux else None
         return out[0] + self.b_dec, aux_recon, vals[:n_main], lat[:n_main]
 
-    def _dense_step(self, x, perm, n_dead, k_aux):
+    def _dense_step(self, x, perm, n_dead, k_aux, mm_dtype):
         """Reference top-k forward with dense matmuls and plain autograd."""
         W_enc, b_enc, W_dec = self.W_enc, self.b_enc, self.W_dec
         if perm is not None:
             W_enc, b_enc, W_dec = W_enc[:, perm], b_enc[perm], W_dec[perm]
-        pre = torch.addmm(b_enc, x - self.b_dec, W_enc)
+        pre = torch.addmm(b_enc.to(mm_dtype), (x - self.b_dec).to(mm_dtype), W_enc.to(mm_dtype)).to(x.dtype)
         vals, cols, rows, n_main = self._entries(pre.detach(), n_dead, k_aux)
 
         def decode(cols: Tensor, rows: Tensor) -> Tensor:
@@ -386,12 +394,12 @@ class TopKSAE(SAE):
         lat = cols[:n_main] if perm is None else perm[cols[:n_main]]
         return recon, aux_recon, vals[:n_main], lat
 
-    def _workspace(self, n_rows: int) -> Tensor:
+    def _workspace(self, n_rows: int, dtype: torch.dtype) -> Tensor:
         """Reused pre-activation buffer: allocating ``[batch, d_sae]`` anew every step
         costs page faults comparable to the matmul itself on CPU."""
         buf = self._pre_buf
-        if buf is None or buf.shape[0] != n_rows or buf.dtype != self.W_enc.dtype or buf.device != self.W_enc.device:
-            buf = self._pre_buf = torch.empty(n_rows, self.cfg.d_sae, dtype=self.W_enc.dtype, device=self.W_enc.device)
+        if buf is None or buf.shape[0] != n_rows or buf.dtype != dtype or buf.device != self.W_enc.device:
+            buf = self._pre_buf = torch.empty(n_rows, self.cfg.d_sae, dtype=dtype, device=self.W_enc.device)
         return buf
 
 

@@ -9,6 +9,7 @@ magnitudes are heavy-tailed (log-normal). A good SAE's decoder rows should match
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -28,19 +29,21 @@ class SyntheticData:
     def n_features(self) -> int:
         return self.directions.shape[0]
 
-    def sample_codes(self, n: int, generator: torch.Generator) -> Tensor:
-        """Sparse non-negative codes ``[n, n_features]``."""
+    def sample_fires(self, n: int, generator: torch.Generator) -> Tensor:
+        """Which features fire on each of ``n`` tokens, ``[n, n_features]`` bool."""
         fires = torch.rand(n, self.n_features, generator=generator) < self.freqs
         leaders, followers = self.pairs.unbind(1)
         follow = torch.rand(n, len(self.pairs), generator=generator) < self.pair_prob
         fires[:, followers] |= fires[:, leaders] & follow
-        magnitudes = (torch.randn(n, self.n_features, generator=generator) * self.magnitude_sigma).exp()
-        return fires * magnitudes
+        return fires
 
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
-        """Activations ``[n, d]``."""
-        x = self.sample_codes(n, generator) @ self.directions + self.bias
-        return x + self.noise * torch.randn(x.shape, generator=generator)
+        """Activations ``[n, d]``, built sparsely from the active (token, feature) pairs."""
+        rows, feats = self.sample_fires(n, generator).nonzero(as_tuple=True)
+        magnitudes = (torch.randn(len(feats), generator=generator) * self.magnitude_sigma).exp()
+        offsets = torch.searchsorted(rows, torch.arange(n))
+        x = F.embedding_bag(feats, self.directions, offsets, mode="sum", per_sample_weights=magnitudes)
+        return x + self.bias + self.noise * torch.randn(x.shape, generator=generator)
 
 
 def make_synthetic(

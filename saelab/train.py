@@ -136,7 +136,7 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         sae = SAE.from_config(sae_cfg, device=self.device)
         lr = lr if lr is not None else default_lr(sae_cfg.d_sae)
-        opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
+        opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), fused=True)
         return Member(hook, variant_name(arch, k, sae_cfg.d_sae, lr), lr, sae, opt)
 
     # ------------------------------------------------------------------ state

@@ -1,0 +1,179 @@
+"""Pieces of the feature browser's pages: highlighted token contexts, tables, links, messages."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+from urllib.parse import urlencode
+
+import numpy as np
+from dash import dcc, html
+
+from dashboards.data import SaeInfo, finite, token_text
+
+HIGHLIGHT = "255, 140, 0"  # RGB of the activation highlight; its opacity scales with the activation
+
+STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0; color: #1f2328;
+       background: #f6f8fa; font-size: 14px; }
+a { color: #0a58ca; text-decoration: none; } a:hover { text-decoration: underline; }
+.nav { background: #24292f; color: #fff; padding: 10px 24px; display: flex; gap: 20px; align-items: baseline; }
+.nav a { color: #f0f3f6; font-weight: 500; } .nav .brand { font-weight: 700; font-size: 16px; margin-right: 12px; }
+.page { max-width: 1280px; margin: 0 auto; padding: 16px 24px 48px; }
+.card { background: #fff; border: 1px solid #d0d7de; border-radius: 6px; padding: 12px 16px; margin-bottom: 16px; }
+.card h3 { margin: 0 0 8px; font-size: 15px; }
+.muted { color: #656d76; }
+.error { background: #fff1f0; border: 1px solid #ffa39e; color: #a8071a; border-radius: 6px; padding: 12px 16px;
+         margin: 16px 0; font-size: 15px; }
+.grid { display: grid; grid-template-columns: minmax(0, 3fr) minmax(0, 2fr); gap: 16px; }
+.stats { display: flex; gap: 28px; flex-wrap: wrap; }
+.stat .label { color: #656d76; font-size: 12px; text-transform: uppercase; letter-spacing: .03em; }
+.stat .value { font-size: 18px; font-weight: 600; font-variant-numeric: tabular-nums; }
+table.tbl { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nums; }
+table.tbl th, table.tbl td { padding: 4px 8px; border-bottom: 1px solid #eaeef2; text-align: left; vertical-align: top; }
+table.tbl th { font-size: 12px; color: #656d76; font-weight: 600; }
+table.tbl .num { text-align: right; }
+.example { display: flex; gap: 10px; align-items: baseline; padding: 3px 0; border-bottom: 1px solid #f0f2f4; }
+.example .act { flex: 0 0 52px; text-align: right; color: #656d76; font-family: ui-monospace, monospace; font-size: 12px; }
+.context { font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 13px; line-height: 1.9;
+           white-space: pre-wrap; word-break: break-word; }
+.tok { border-radius: 3px; padding: 1px 0; }
+.tok.centre { outline: 1.5px solid #c2410c; font-weight: 700; }
+.bin { margin-top: 10px; } .bin h4 { margin: 4px 0; font-size: 13px; color: #656d76; font-weight: 600; }
+.chips { display: flex; flex-wrap: wrap; gap: 6px; }
+.chip { border: 1px solid #d0d7de; border-radius: 12px; padding: 1px 9px; font-size: 12px; background: #fff;
+        font-variant-numeric: tabular-nums; white-space: nowrap; }
+.form { display: flex; gap: 10px; align-items: center; flex-wrap: wrap; margin-bottom: 8px; }
+.form input, .form textarea, .form button { font-size: 14px; padding: 6px 8px; border: 1px solid #d0d7de; border-radius: 6px; }
+.form button.go { background: #1f883d; color: #fff; border-color: #1a7f37; cursor: pointer; }
+.sae-select { min-width: 420px; }
+.form .field { width: 320px; }
+.pager { float: right; display: flex; gap: 16px; }
+"""
+
+
+def page_url(page: str, **params: Any) -> str:
+    """A shareable URL of a page, e.g. `/feature?hook=...&sae=...&id=3`."""
+    return f"/{page}?{urlencode({k: v for k, v in params.items() if v is not None})}"
+
+
+def feature_url(info: SaeInfo, index: int) -> str:
+    return page_url("feature", hook=info.hook, sae=info.variant, id=index)
+
+
+def feature_link(info: SaeInfo, index: int, label: str | None = None) -> dcc.Link:
+    return dcc.Link(label or f"#{index}", href=feature_url(info, index))
+
+
+def error_box(message: str) -> html.Div:
+    """A clear, visible message in place of a page or panel that cannot be shown."""
+    return html.Div(message, className="error", role="alert")
+
+
+def card(title: str | None, *children: Any, **kwargs: Any) -> html.Div:
+    return html.Div([html.H3(title) if title else None, *children], className="card", **kwargs)
+
+
+def stat(label: str, value: str) -> html.Div:
+    return html.Div([html.Div(label, className="label"), html.Div(value, className="value")], className="stat")
+
+
+def fmt(x: Any) -> str:
+    """A number for a table cell: 4 significant digits, blank when missing."""
+    value = finite(x)
+    return "" if value is None else f"{value:.4g}"
+
+
+def _display(token: str) -> str:
+    """Show newlines and tabs as symbols, so every example stays on one line."""
+    return token.replace("\r", "").replace("\n", "↵").replace("\t", "⇥")
+
+
+def context(vocab: list[str], tokens: np.ndarray, acts: np.ndarray, centre: int, scale: float) -> html.Span:
+    """One example's tokens, shaded by this latent's activation, which shows on hover; the example's own
+    token (at `centre`) is outlined. Runs of tokens where the latent is off share one span (fewer components)."""
+    spans: list[html.Span] = []
+    quiet: list[str] = []
+
+    def flush() -> None:
+        if text := "".join(quiet):
+            spans.append(html.Span(text, title="activation 0", className="tok"))
+        quiet.clear()
+
+    for pos, (tok, act) in enumerate(zip(tokens.tolist(), acts.tolist())):
+        if tok < 0:
+            continue
+        text = token_text(vocab, tok)
+        if act <= 0 and pos != centre:
+            quiet.append(_display(text))
+            continue
+        stripped = text.lstrip(" ")
+        quiet.append(text[:len(text) - len(stripped)])  # a word's leading space stays unshaded
+        flush()
+        alpha = min(act / scale, 1.0) if scale > 0 else 0.0
+        spans.append(html.Span(_display(stripped), title=f"{text!r}  activation {act:.3f}",
+                               style={"backgroundColor": f"rgba({HIGHLIGHT}, {0.1 + 0.8 * max(alpha, 0.0):.2f})"},
+                               className="tok centre" if pos == centre else "tok"))
+    flush()
+    return html.Span(spans, className="context")
+
+
+def examples(vocab: list[str], acts: np.ndarray, tokens: np.ndarray, token_acts: np.ndarray, centre: int,
+             scale: float, testid: str) -> html.Div:
+    """Rows of examples, strongest first (activation, highlighted context); padding rows are skipped."""
+    order = [i for i in np.argsort(-acts, kind="stable") if (tokens[i] >= 0).any()]
+    rows = [
+        html.Div([html.Span(f"{acts[i]:.2f}", className="act"), context(vocab, tokens[i], token_acts[i], centre, scale)],
+                 className="example")
+        for i in order
+    ]
+    return html.Div(rows or html.Div("No examples.", className="muted"), **{"data-testid": testid})
+
+
+def histogram(counts: np.ndarray, edges: np.ndarray) -> dcc.Graph:
+    """The activation histogram as a bar chart (figure as a plain dict: no plotly validation cost)."""
+    centres = ((edges[:-1] + edges[1:]) / 2).tolist()
+    figure = {
+        "data": [{"type": "bar", "x": centres, "y": counts.tolist(), "width": float(np.diff(edges).mean()) if len(edges) > 1 else 1,
+                  "marker": {"color": f"rgb({HIGHLIGHT})"}, "hovertemplate": "act %{x:.3g}: %{y} tokens<extra></extra>"}],
+        "layout": {"height": 220, "margin": {"l": 48, "r": 8, "t": 8, "b": 36}, "bargap": 0.05,
+                   "xaxis": {"title": {"text": "activation (nonzero)"}}, "yaxis": {"title": {"text": "tokens"}},
+                   "template": "plotly_white"},
+    }
+    return dcc.Graph(figure=figure, config={"displayModeBar": False}, id="feature-histogram")
+
+
+def token_value_table(vocab: list[str], pairs: Sequence[tuple[int, float]], header: str) -> html.Table:
+    body = [html.Tr([html.Td(html.Code(repr(token_text(vocab, t)))), html.Td(f"{v:+.3f}", className="num")])
+            for t, v in pairs]
+    return html.Table([html.Thead(html.Tr([html.Th(header), html.Th("value", className="num")])), html.Tbody(body)],
+                      className="tbl")
+
+
+def latent_chips(info: SaeInfo, pairs: Sequence[tuple[int, float]], label: str) -> html.Div:
+    """Links to other latents' pages, each with a score (cosine, Jaccard or activation)."""
+    chips = [html.Span(feature_link(info, i, " ".join(filter(None, [f"#{i}", label, f"{v:.2f}"]))), className="chip")
+             for i, v in pairs]
+    return html.Div(chips, className="chips")
+
+
+def metrics_table(run_saes: list[SaeInfo], store_model: str, analysed: set[tuple[str, str]]) -> html.Table:
+    """One row per SAE: its training metrics and links into its features."""
+    cols = [("fvu", "FVU"), ("l0", "L0"), ("dead_frac", "dead"), ("dense_frac", "dense"), ("ce_loss_score", "CE score")]
+    head = html.Tr([html.Th("hook"), html.Th("variant"), html.Th("arch"), html.Th("k", className="num"),
+                    html.Th("width", className="num"), *[html.Th(t, className="num") for _, t in cols], html.Th("browse")])
+    rows = []
+    for s in run_saes:
+        m = s.metrics
+        prompt = dcc.Link("prompt", href=page_url("prompt", hook=s.hook, sae=s.variant))
+        if s.model_name and store_model and s.model_name != store_model:
+            browse: Any = html.Span(f"trained on {s.model_name!r}, not {store_model!r}", className="muted")
+        elif (s.hook, s.variant) in analysed:
+            browse = html.Span([feature_link(s, 0, "features"), " · ",
+                                dcc.Link("search", href=page_url("search", hook=s.hook, sae=s.variant)), " · ", prompt])
+        else:
+            browse = html.Span([html.Span("no analysis yet", className="muted"), " · ", prompt])
+        rows.append(html.Tr([html.Td(s.hook), html.Td(s.variant), html.Td(m.get("arch", "")),
+                             html.Td(str(m.get("k", "")), className="num"), html.Td(str(m.get("width", "")), className="num"),
+                             *[html.Td(fmt(m.get(key)) if "stopped" not in m else "", className="num") for key, _ in cols],
+                             html.Td(html.Span(m["stopped"], className="muted") if "stopped" in m else browse)]))
+    return html.Table([html.Thead(head), html.Tbody(rows)], className="tbl", id="sae-table")

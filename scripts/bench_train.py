@@ -1,0 +1,166 @@
+"""Time one full top-k SAE training step: saelab vs SAELens vs sparsify.
+
+A step is forward, loss with AuxK, backward, optimiser, decoder renormalisation (where
+the library does it) and dead-latent bookkeeping, on the same in-memory activations.
+Each scenario runs the implementations round-robin (so background load hits all of
+them alike) and reports medians. "half dead" marks every other latent dead before each
+step so AuxK runs every step. All use fused torch Adam, so the optimiser is not what
+differs.
+
+    python scripts/bench_train.py [--json out.json]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from saelab.sae import SAE, SAEConfig, train_step
+from saelab.synthetic import make_synthetic
+
+LR = 2e-4
+
+
+def saelab_step(x: torch.Tensor, d_sae: int, k: int, dead: torch.Tensor) -> Callable[[], None]:
+    sae = SAE.from_config(SAEConfig(d_in=x.shape[1], d_sae=d_sae, k=k))
+    sae.init_from_sample(x)
+    opt = torch.optim.Adam(sae.parameters(), lr=LR, fused=True)
+
+    def step() -> None:
+        sae.tokens_since_fired.masked_fill_(dead, sae.cfg.dead_tokens)
+        train_step(sae, opt, x)
+
+    return step
+
+
+def saelens_step(x: torch.Tensor, d_sae: int, k: int, dead: torch.Tensor) -> Callable[[], None]:
+    """SAELens's SAETrainer._train_step for a TopKTrainingSAE."""
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.saes.sae import TrainStepInput
+
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=x.shape[1], d_sae=d_sae, k=k))
+    opt = torch.optim.Adam(sae.parameters(), lr=LR, fused=True)
+    since_fired = torch.zeros(d_sae)
+    act_freq = torch.zeros(d_sae)
+
+    def step() -> None:
+        out = sae.training_forward_pass(
+            TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=0, is_logging_step=False)
+        )
+        with torch.no_grad():
+            firing = out.feature_acts.bool().float()
+            since_fired.add_(1)
+            since_fired[firing.sum(-2).bool()] = 0
+            act_freq.add_(firing.sum(0))
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+
+    return step
+
+
+def sparsify_step(x: torch.Tensor, d_sae: int, k: int, dead: torch.Tensor) -> Callable[[], None]:
+    """sparsify's Trainer inner loop for one SparseCoder (fvu + auxk_alpha * auxk)."""
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    sae = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=d_sae, k=k))
+    opt = torch.optim.Adam(sae.parameters(), lr=LR, fused=True)
+    since_fired = torch.zeros(d_sae, dtype=torch.long)
+    did_fire = torch.zeros(d_sae, dtype=torch.bool)
+
+    def step() -> None:
+        out = sae(x, dead_mask=dead)
+        (out.fvu + out.auxk_loss / 32).backward()
+        did_fire[out.latent_indices.flatten()] = True
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+        sae.set_decoder_norm_to_unit_norm()
+        since_fired.add_(x.shape[0])
+        since_fired[did_fire] = 0
+        did_fire.zero_()
+
+    return step
+
+
+def matmul_only(x: torch.Tensor, d_sae: int) -> Callable[[], None]:
+    """The encoder's dense forward product alone, as saelab issues it."""
+    sae = SAE.from_config(SAEConfig(d_in=x.shape[1], d_sae=d_sae))
+    out = torch.empty(x.shape[0], d_sae)
+
+    @torch.no_grad()
+    def step() -> None:
+        torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc, out=out)
+
+    return step
+
+
+def time_round_robin(steps: dict[str, Callable[[], None]], warmup: int, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function, calling them in turn."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(warmup + repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--d-in", type=int, default=384)
+    parser.add_argument("--d-sae", type=int, default=6144)
+    parser.add_argument("-k", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", type=str, default=None, help="write the figures to this JSON file")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    data = make_synthetic(n_features=4 * args.d_sae, d=args.d_in, mean_active=2 * args.k, n_pairs=256)
+    x = data.sample(args.batch, torch.Generator().manual_seed(0))
+    print(f"d_in={args.d_in} d_sae={args.d_sae} k={args.k} batch={args.batch} float32 threads={args.threads}; "
+          f"load average {os.getloadavg()[0]:.2f} (other processes skew CPU timings)")
+
+    results: dict[str, dict[str, float]] = {}
+    for scenario, n_dead in (("no dead", 0), ("half dead", args.d_sae // 2)):
+        dead = torch.zeros(args.d_sae, dtype=torch.bool)
+        dead[::2] = n_dead > 0
+        steps = {
+            "saelab": saelab_step(x, args.d_sae, args.k, dead),
+            "sae_lens": saelens_step(x, args.d_sae, args.k, dead),
+            "sparsify": sparsify_step(x, args.d_sae, args.k, dead),
+            "matmul": matmul_only(x, args.d_sae),
+        }
+        sec = time_round_robin(steps, args.warmup, args.repeats)
+        res = {f"{name}_ms": 1e3 * s for name, s in sec.items()}
+        res |= {f"{name}_tokens_per_s": args.batch / sec[name] for name in ("saelab", "sae_lens", "sparsify")}
+        res |= {
+            "speedup_vs_sae_lens": sec["sae_lens"] / sec["saelab"],
+            "speedup_vs_sparsify": sec["sparsify"] / sec["saelab"],
+            "saelab_step_over_matmul": sec["saelab"] / sec["matmul"],
+        }
+        results[scenario] = res
+        print(f"\n[{scenario}]")
+        for name in ("saelab", "sae_lens", "sparsify"):
+            print(f"  {name:9s} {res[f'{name}_ms']:8.1f} ms/step {res[f'{name}_tokens_per_s']:10.0f} tokens/s")
+        print(f"  {'matmul':9s} {res['matmul_ms']:8.1f} ms (encoder forward matmul alone)")
+        print(f"  saelab speed-up: {res['speedup_vs_sae_lens']:.2f}x vs SAELens, "
+              f"{res['speedup_vs_sparsify']:.2f}x vs sparsify; step / matmul = {res['saelab_step_over_matmul']:.2f}")
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": vars(args), "load_average": os.getloadavg(), "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
