@@ -98,6 +98,7 @@ class SAE(nn.Module):
         self.register_buffer("input_scale", torch.ones((), dtype=dtype, device=device))
         self.register_buffer("tokens_since_fired", torch.zeros(cfg.d_sae, dtype=torch.long, device=device))
         self._pre_buf: Tensor | None = None
+        self._aux_plan: tuple[Tensor, int] | None = None
 
     @staticmethod
     def from_config(cfg: SAEConfig, device: torch.device | str | None = None) -> "SAE":
@@ -146,6 +147,14 @@ class SAE(nn.Module):
         residual = x - recon
         total_var = x.var(0, correction=0).sum() * x.shape[0]
         return residual, total_var, F.mse_loss(recon, x, reduction="sum") / total_var
+
+    @torch.no_grad()
+    def plan_aux(self) -> None:
+        """Fix the dead latents AuxK trains on until the next call.
+
+        Sizing AuxK needs the number of dead latents on the host, one device sync. A trainer calls
+        this every few steps so the hot loop never waits; without it, each step syncs once."""
+        self._aux_plan = kernels.dead_first(self.dead_mask())
 
     def dead_mask(self) -> Tensor:
         """Latents that have not fired in the last ``cfg.dead_tokens`` tokens."""
@@ -327,7 +336,10 @@ class TopKSAE(SAE):
         x = self._flat(x)
         n_rows, cfg = x.shape[0], self.cfg
         dead = self.dead_mask()
-        perm, n_dead = kernels.dead_first(dead) if cfg.aux_coef > 0 else (None, 0)
+        if cfg.aux_coef > 0:
+            perm, n_dead = self._aux_plan if self._aux_plan is not None else kernels.dead_first(dead)
+        else:
+            perm, n_dead = None, 0
         k_aux = min(cfg.aux_k_resolved, n_dead)
         sparse = cfg.k / cfg.d_sae <= cfg.sparse_density
         # Under autocast only the encoder matmul runs in low precision; the rest stays in

@@ -116,10 +116,10 @@ class StoreWriter:
                 arr.resize((stop, arr.shape[1]))
             arr[start:stop] = a
             stats = self.meta["stats"][name]
-            x = from_storage(a, self.meta["dtype"]).double()
+            x = from_storage(a, self.meta["dtype"]).float()
             stats["count"] += n
-            stats["sum"] = (np.asarray(stats["sum"]) + x.sum(0).numpy()).tolist()
-            stats["norm_sum"] += float(x.norm(dim=1).sum())
+            stats["sum"] = (np.asarray(stats["sum"]) + x.sum(0, dtype=torch.float64).numpy()).tolist()
+            stats["norm_sum"] += float(torch.linalg.vector_norm(x, dim=1).sum(dtype=torch.float64))
         for name, a in meta_arrays.items():
             arr = self.group[name]
             if arr.shape[0] != stop:

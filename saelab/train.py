@@ -217,9 +217,14 @@ class Trainer:
             for step in range(start, self.total_steps):
                 batch = {h: x.to(self.device, non_blocking=True) for h, x in next(batches).items()}
                 factor = lr_factor(step, self.total_steps, cfg.warmup_steps, cfg.decay_start)
+                # The dead set for AuxK is refreshed (one device sync) only at fixed steps, the start and
+                # every checkpoint included, so a resumed run refreshes exactly where an uninterrupted one did.
+                refresh = step == start or step % cfg.log_every == 0 or step % ckpt_every == 0
                 for m in self.members:
                     if m.stopped:
                         continue
+                    if refresh:
+                        m.sae.plan_aux()
                     for group in m.opt.param_groups:
                         group["lr"] = m.lr * factor
                     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
