@@ -56,7 +56,7 @@ class HarvestConfig(StrictModel):
     max_tokens: int | None = None
     dtype: Dtype = "float16"
     drop_special_tokens: bool = True
-    shard_rows: int = 65536
+    shard_rows: int = 8192
     chunk_rows: int = 4096
     compression: Literal["none", "zstd"] = "none"
     device: str = "auto"

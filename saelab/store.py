@@ -267,12 +267,12 @@ class ActivationStore:
         shuffle: bool = True,
         epochs: int | None = 1,
         start_batch: int = 0,
-        mix_shards: int = 4,
+        mix_rows: int = 262_144,
         prefetch: int = 4,
     ) -> Iterator[torch.Tensor | dict[str, torch.Tensor]]:
         """Full batches of float32 rows, shuffled across shards, read ahead in a background thread.
 
-        Each epoch permutes the shards, reads `mix_shards` of them at a time and permutes their rows;
+        Each epoch permutes the shards, reads about `mix_rows` rows of them at a time and permutes those;
         the same `seed` gives the same batches. `start_batch` skips ahead without reading what it skips
         (for resuming). With several hooks, each batch is a dict with the same rows of every hook.
         """
@@ -285,6 +285,7 @@ class ActivationStore:
         per_epoch = (hi - lo) // batch_size
         if per_epoch == 0:
             raise StoreError(f"row range {(lo, hi)} holds fewer rows than one batch of {batch_size}")
+        mix_shards = max(1, mix_rows // int(self.meta["shard_rows"]))
         produce = self._produce(names, batch_size, seed, (lo, hi), shuffle, epochs, start_batch, mix_shards, per_epoch)
         single = isinstance(hooks, str)
         for batch in _prefetch(produce, prefetch):
