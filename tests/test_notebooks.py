@@ -1,6 +1,5 @@
 """Every notebook runs end to end (with small sizes), so the documentation cannot rot."""
 
-import os
 from pathlib import Path
 
 import nbformat
