@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: install browser test quickstart bench
+.PHONY: install browser test quickstart bench bench-analysis
 
 $(VENV_STAMP): pyproject.toml
 	python3 -m venv .venv
@@ -28,3 +28,17 @@ bench: $(VENV_STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) scripts/bench_harvest.py --json runs/bench_harvest.json
 	$(PY) scripts/bench_train.py --json runs/bench_train.json
+
+# sae-dashboard, the anchor of scripts/bench_analysis.py, needs transformer-lens 2.x, so it gets its own venv.
+# Its dependency decode-clt pulls torchvision and torchaudio wheels built for another torch; nothing uses them.
+SD_VENV := .venv/sae-dashboard
+$(SD_VENV)/.installed:
+	python3 -m venv $(SD_VENV)
+	$(SD_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(SD_VENV)/bin/python -m pip install -q torch==2.13.0 sae-dashboard==0.8.0 "numpy<2" "pyarrow<21"
+	$(SD_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio
+	touch $@
+
+bench-analysis: $(VENV_STAMP) $(SD_VENV)/.installed
+	mkdir -p runs
+	$(PY) scripts/bench_analysis.py --sd-python $(SD_VENV)/bin/python --json runs/bench_analysis.json

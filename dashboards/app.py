@@ -6,6 +6,7 @@ Pages, all addressed by their URL so any view can be shared:
     /feature?hook=H&sae=VARIANT&id=N          one latent: stats, examples, histogram, logit effects, neighbours
     /search?hook=H&sae=VARIANT&q=TEXT         latents by token (or open one by id)
     /prompt?hook=H&sae=VARIANT&text=TEXT      the model and SAE run live on a prompt
+    /circuits?name=NAME                       a sparse feature circuit (`saelab circuit`): graph and faithfulness
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from urllib.parse import parse_qs
 from dash import Dash, Input, Output, State, dcc, html
 from dash.exceptions import PreventUpdate
 
-from dashboards import pages
+from dashboards import circuits, pages
 from dashboards.components import STYLE, error_box, page_url
 
 INDEX = """<!DOCTYPE html>
@@ -30,7 +31,8 @@ INDEX = """<!DOCTYPE html>
 
 def _nav() -> html.Div:
     return html.Div([html.Span("saelab", className="brand"), dcc.Link("Run", href="/"),
-                     dcc.Link("Find features", href="/search"), dcc.Link("Prompt", href="/prompt")], className="nav")
+                     dcc.Link("Find features", href="/search"), dcc.Link("Prompt", href="/prompt"),
+                     dcc.Link("Circuits", href="/circuits")], className="nav")
 
 
 def render(run_dir: str, pathname: str, search: str) -> Any:
@@ -44,6 +46,8 @@ def render(run_dir: str, pathname: str, search: str) -> Any:
         return pages.search_page(run_dir, params)
     if pathname == "/prompt":
         return pages.prompt_page(run_dir, params)
+    if pathname == "/circuits":
+        return circuits.circuits_page(run_dir, params)
     return error_box(f"There is no page {pathname!r}. Pages: / (the run), /feature, /search, /prompt.")
 
 
@@ -91,6 +95,7 @@ def create_app(run_dir: str) -> Dash:
         _require_action(clicks)
         return page_url("prompt", **_sae_params(sae), top=top or 5, text=text or "")
 
+    circuits.register(app, run_dir)
     return app
 
 

@@ -163,6 +163,23 @@ def analyze(
 
 
 @app.command()
+def circuit(
+    config: Path = typer.Argument(..., help="Circuit config (YAML), e.g. configs/circuit_induction.yaml."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Find a sparse feature circuit (node effects, edges, faithfulness) and write it to RUN/circuits/NAME.json."""
+    from saelab.circuits import CircuitConfig, run_circuit
+    from saelab.config import load_config
+
+    try:
+        found, path = run_circuit(load_config(config, CircuitConfig, set_ or []), progress=not quiet)
+    except (SaelabError, FileNotFoundError) as err:
+        _fail(err)
+    typer.echo(f"{found.summary()}\nwrote {path}")
+
+
+@app.command()
 def quickstart(
     out: str = typer.Option("runs/quickstart", "--out", help="Run directory."),
     port: int = typer.Option(8050, "--port", help="Port of the app."),

@@ -85,3 +85,12 @@ def trained_decoder_dir(bpe_tokenizer, tmp_path_factory):
     """A tiny decoder trained for a few seconds, so that its loss means something."""
     model = load_model(decoder_config(len(bpe_tokenizer)), device="cpu", tokenizer=bpe_tokenizer)
     return str(save_model(train_decoder(model), tmp_path_factory.mktemp("models") / "trained-decoder"))
+
+
+@pytest.fixture(scope="session")
+def induction_run(tmp_path_factory):
+    """A run with a known circuit (saelab.circuits.induction_run): the two-layer induction model, its attn.hook_z
+    activations, a TopK SAE per layer and their analysis (about 15 s)."""
+    from saelab.circuits import induction_run as make_run
+
+    return make_run(tmp_path_factory.mktemp("induction") / "run", progress=False)
