@@ -180,6 +180,41 @@ def circuit(
 
 
 @app.command()
+def steer(
+    config: Path = typer.Argument(..., help="Steering config (YAML), e.g. configs/steer_decoder.yaml."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Steer a model with an SAE latent over a sweep of coefficients; write RUN/steering/NAME.json."""
+    from saelab.config import load_config
+    from saelab.steering import SteerConfig, run_steering, summary
+
+    try:
+        result, path = run_steering(load_config(config, SteerConfig, set_ or []), progress=not quiet)
+    except (SaelabError, FileNotFoundError) as err:
+        _fail(err)
+    typer.echo(f"{summary(result)}\nwrote {path}")
+
+
+@app.command()
+def absorption(
+    config: Path = typer.Argument(..., help="Absorption config (YAML), e.g. configs/absorption_minilm.yaml."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Measure feature absorption (SAEBench's first-letter eval, or your labels) of a run's SAEs; results in RUN/absorption."""
+    from saelab.absorption import AbsorptionConfig, run_absorption
+    from saelab.config import load_config
+
+    try:
+        results = run_absorption(load_config(config, AbsorptionConfig, set_ or []), progress=not quiet)
+    except (SaelabError, FileNotFoundError) as err:
+        _fail(err)
+    for result, path in results:
+        typer.echo(f"{result.summary()}\nwrote {path}")
+
+
+@app.command()
 def quickstart(
     out: str = typer.Option("runs/quickstart", "--out", help="Run directory."),
     port: int = typer.Option(8050, "--port", help="Port of the app."),
