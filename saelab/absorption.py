@@ -42,7 +42,7 @@ import random
 import string
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Union
+from typing import Any, Callable, Mapping, Union
 
 import numpy as np
 import torch
