@@ -155,16 +155,17 @@ INDUCTION_HOOKS = ["blocks.0.attn.hook_z", "blocks.1.attn.hook_z"]
 
 
 def induction_run(out: str | Path, length: int = 10, documents: int = 2000, sae_tokens: int = 600_000, seed: int = 0,
-                  progress: bool = True) -> Path:
-    """A run directory with a known circuit: the induction model (`out/model`), its `attn.hook_z` activations on
-    `documents` texts R + R, a TopK SAE per layer (k=2, 128 latents) and their feature analysis."""
+                  progress: bool = True, target_accuracy: float = 0.98) -> Path:
+    """A run directory with a known circuit: the induction model (`out/model`, trained to `target_accuracy`), its
+    `attn.hook_z` activations on `documents` texts R + R, a TopK SAE per layer (k=2, 128 latents) and their feature
+    analysis."""
     from saelab.analysis import AnalysisConfig, analyze
     from saelab.config import HarvestConfig
     from saelab.harvest import harvest
     from saelab.train import TrainConfig, train
 
     out = Path(out).resolve()
-    train_induction_model(out / "model", length, seed=seed, progress=progress)
+    train_induction_model(out / "model", length, target_accuracy=target_accuracy, seed=seed, progress=progress)
     text = out / "induction.txt"
     text.write_text("\n".join(induction_texts(documents, length, seed)) + "\n")
     harvest(HarvestConfig(model=str(out / "model"), hooks=INDUCTION_HOOKS, out=str(out / "activations.zarr"),
