@@ -225,11 +225,12 @@ def typical_max_act(sae: SAE, latent: int, max_act: np.ndarray | None = None, ac
 
 
 def prompt_tokens(model: Model, prompt: str) -> Tensor:
-    """`prompt` as model input [1, n]: BOS (when the tokenizer has one) + its tokens."""
+    """`prompt` as model input [1, n], framed as the harvest frames contexts: BOS + its tokens for decoders,
+    [CLS] + its tokens + [SEP] for encoders."""
     if not prompt.strip():
         raise SteeringError("the prompt is empty: give some text to continue")
     special = SpecialTokens.for_tokenizer(model.tokenizer, is_encoder(model))
-    ids = [*special.prefix, *model.tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+    ids = [*special.prefix, *model.tokenizer(prompt, add_special_tokens=False)["input_ids"], *special.suffix]
     return torch.tensor([ids], device=next(model.parameters()).device)
 
 
@@ -462,6 +463,7 @@ class SearchResult:
         return [i for i, _ in self.before if i not in now]
 
 
+@torch.no_grad()
 def search(model: Model, query: str, corpus: Tensor, interventions: Sequence[Intervention], k: int = 10) -> SearchResult:
     """The `k` documents of `corpus` (their `embed`dings [n, d]) nearest to `query`, before and after steering
     the query's embedding with the interventions (the corpus stays unsteered)."""

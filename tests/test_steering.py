@@ -372,3 +372,24 @@ def test_steer_command_writes_a_generation_sweep(decoder, decoder_dir, dec_sae, 
         from saelab.config import load_config
 
         load_config(config, st.SteerConfig, ["sae=/nowhere"])
+
+
+def test_steer_command_writes_a_steered_search(corpus, emb_sae, tmp_path):
+    latent = int((emb_sae.encode(corpus[1][:40]) > 0).sum(0).argmax())  # fires on the 40 documents searched
+    run = tmp_path / "run"
+    folder = run / "saes" / EMBEDDING / "topk-test"
+    emb_sae.save(folder)
+    config = tmp_path / "steer.yaml"
+    config.write_text(f"name: search\nrun: {run}\nmodel: minilm\nsae: {folder}\nlatent: {latent}\ncoefficients: [0, 3]\n"
+                      "queries: ['Open a network connection to a host.']\ncorpus_documents: 40\nk: 5\ndevice: cpu\n")
+    result = CliRunner().invoke(cli, ["steer", str(config), "--quiet"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((run / "steering" / "search.json").read_text())
+    assert data["kind"] == "search" and data["hook"] == EMBEDDING and data["scale_source"] == "measured"
+    still, moved = (row["queries"][0] for row in data["rows"])
+    assert still["before"] == still["after"] and not still["entered"]
+    assert moved["latent_act_after"] > moved["latent_act_before"] and moved["entered"]
+    assert all(str(i) in data["documents"] for i, _ in moved["after"])
+    assert "coefficient 3:" in result.output and "new neighbours per query" in result.output
+    bad = CliRunner().invoke(cli, ["steer", str(config), "--set", "queries=[]"])
+    assert bad.exit_code == 2 and "give `queries`" in bad.output
