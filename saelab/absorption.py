@@ -577,7 +577,8 @@ class Planted:
     The SAE is the one sparsity favours on each: with a hierarchy every child latent absorbs its parent (decoder
     row (u_parent + u_child) / sqrt 2, and the parent latent is suppressed whenever a child fires), so the
     child latents are the absorbers and the parent latent is the split; without one, one latent per feature.
-    `parent_latent[p]` and `child_latent[c]` index its latents; `child[r]` is row r's child (-1: none)."""
+    `parent_latent[p]` and `child_latent[c]` index its latents; `child[r]` is row r's child (-1: none);
+    `directions` are the parents' then the children's feature directions."""
 
     x: Tensor
     y: np.ndarray
@@ -588,6 +589,7 @@ class Planted:
     parent_latent: list[int]
     child_latent: list[int]
     children_of: list[list[int]]
+    directions: Tensor
 
 
 def planted_absorption(n_rows: int = 40_000, n_parents: int = 4, n_children: int = 20, child_prob: float = 0.4,
@@ -622,7 +624,7 @@ def planted_absorption(n_rows: int = 40_000, n_parents: int = 4, n_children: int
         sae.W_dec.copy_(torch.cat([parents, child_dec]))
     words = [f"p{p}" + (f".c{c}" if c >= 0 else "") for p, c in zip(y.tolist(), child.tolist())]
     return Planted(x, y.numpy(), child.numpy(), words, [f"p{p}" for p in range(n_parents)], sae.eval(),
-                   list(range(n_parents)), list(range(n_parents, n_feats)), children_of)
+                   list(range(n_parents)), list(range(n_parents, n_feats)), children_of, dirs)
 
 
 def planted_probe_data(planted: Planted, train_fraction: float = 0.8, s: AbsorptionSettings = AbsorptionSettings(),

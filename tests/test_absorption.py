@@ -21,7 +21,7 @@ from saelab.absorption import (
 from saelab.cli import app as cli
 from saelab.config import ConfigError, build
 from saelab.models import capture, resolve_hooks
-from saelab.sae import SAE, SAEConfig
+from saelab.sae import SAE, SAEConfig, train_step
 
 FAST = AbsorptionSettings(probe_batch_size=1024)  # the metric's known answers do not depend on the probe's batch
 
@@ -33,18 +33,20 @@ FAST = AbsorptionSettings(probe_batch_size=1024)  # the metric's known answers d
 def planted():
     """Parents with 20 children each; a child fires on 40% of a parent's rows and never without its parent."""
     p = planted_absorption(n_rows=20_000, hierarchy=True)
-    return p, absorption_result(p.sae, planted_probe_data(p, s=FAST), "synthetic", "absorbing", FAST)
+    data = planted_probe_data(p, s=FAST)
+    return p, absorption_result(p.sae, data, "synthetic", "absorbing", FAST), data
 
 
 @pytest.fixture(scope="module")
 def control():
     """The same features, children independent of the label, and one latent per feature."""
     p = planted_absorption(n_rows=20_000, hierarchy=False)
-    return p, absorption_result(p.sae, planted_probe_data(p, s=FAST), "synthetic", "control", FAST)
+    data = planted_probe_data(p, s=FAST)
+    return p, absorption_result(p.sae, data, "synthetic", "control", FAST), data
 
 
 def test_planted_absorption_is_found_in_the_child_latents(planted):
-    p, result = planted
+    p, result, _ = planted
     cut = int(len(p.x) * 0.8)
     child = p.child[cut:]
     for c, lab in enumerate(result.labels):
@@ -68,13 +70,42 @@ def test_planted_absorption_is_found_in_the_child_latents(planted):
 
 
 def test_independent_features_score_zero(control):
-    _, result = control
+    _, result, _ = control
     assert result.mean_absorption_fraction == 0.0 and result.mean_full_absorption_rate == 0.0
     assert all(not lab.cases and lab.split_latents == [c] for c, lab in enumerate(result.labels))
 
 
+def _trained(planted, steps: int = 1500):
+    """A ReLU SAE (L1) with one latent per feature, trained on the planted activations."""
+    torch.manual_seed(0)
+    sae = SAE.from_config(SAEConfig(arch="relu", d_in=planted.x.shape[1], d_sae=len(planted.directions), l1_coef=0.3))
+    opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        train_step(sae, opt, planted.x[torch.randint(0, len(planted.x), (512,), generator=g)])
+    return sae.eval()
+
+
+def test_a_trained_sae_learns_to_absorb_only_under_a_hierarchy(planted, control):
+    """Sparsity alone makes a trained SAE absorb parents into children: full absorption appears with the
+    hierarchy and not without it, and the absorbing latents are the words' own children."""
+    p, _, data = planted
+    sae = _trained(p)
+    absorbing = absorption_result(sae, data, "synthetic", "trained", FAST)
+    independent = absorption_result(_trained(control[0]), control[2], "synthetic", "trained-control", FAST)
+    assert absorbing.mean_full_absorption_rate > 0.3 and independent.mean_full_absorption_rate < 0.01
+    assert absorbing.mean_absorption_fraction > 2.5 * independent.mean_absorption_fraction
+    children = p.directions[len(p.classes):]
+    for lab in absorbing.labels:
+        for case in [x for x in lab.cases if x.full_absorption]:
+            latent = int(case.top[0][0])
+            kid = int(case.word.split(".c")[1])
+            decoder = sae.W_dec[latent].detach()
+            assert torch.cosine_similarity(decoder, children[kid], dim=0) > 0.5  # the word's child feature
+
+
 def test_results_round_trip_through_json(planted, tmp_path):
-    _, result = planted
+    _, result, _ = planted
     path = result.save(result_path(tmp_path, "synthetic", "absorbing"))
     assert path == tmp_path / "absorption" / "synthetic" / "absorbing.json"
     assert AbsorptionResult.load(path) == result
