@@ -148,7 +148,9 @@ def absorption_page(run_dir: str, params: Params) -> Any:
         "Too few labels pass the probe-F1 bar (0.6) for SAEBench to score this SAE; the means cover the labels that do.",
         className="muted")
     results = [r for r in map(lambda key: _readable(run_dir, *key), result_keys(run_dir)) if r and r.task == result.task]
-    sweep = c.card("Across the run's SAEs", html.Div([
+    unscored = "" if any(r.mean_absorption_fraction is not None for r in results) else (
+        "No SAE of this task has a scored label yet (probe F1 > 0.6 with true positives), so there is nothing to plot.")
+    sweep = c.card("Across the run's SAEs", html.Div(unscored, className="muted"), html.Div([
         dcc.Graph(figure=sweep_figure(results, "l0"), id="absorption-l0", config={"displayModeBar": False}),
         dcc.Graph(figure=sweep_figure(results, "width"), id="absorption-width", config={"displayModeBar": False})],
         style={"display": "grid", "gridTemplateColumns": "1fr 1fr", "gap": "16px"}))

@@ -93,3 +93,17 @@ def test_missing_or_broken_results_say_which_command_makes_them(tmp_path, result
     elsewhere.save(result_path(empty, HOOK, "elsewhere"))
     built = str(page.absorption_page(str(empty), {"hook": HOOK, "sae": "elsewhere"}))
     assert "Absorption: " in built and "/feature?" not in built  # no feature pages for SAEs outside the run
+
+
+def test_sweep_plots_scored_saes_against_l0_and_width(result):
+    a = dataclasses.replace(result, variant="a", l0=8.0, d_sae=768, mean_absorption_fraction=0.1,
+                            mean_full_absorption_rate=0.05)
+    b = dataclasses.replace(a, variant="b", l0=32.0, d_sae=3072, mean_absorption_fraction=0.3,
+                            mean_full_absorption_rate=0.2)
+    unscored = dataclasses.replace(a, variant="c", mean_absorption_fraction=None, mean_full_absorption_rate=None)
+    by_l0 = page.sweep_figure([a, b, unscored], "l0")
+    assert [t["name"] for t in by_l0["data"]] == ["absorption fraction", "full-absorption rate"]
+    assert by_l0["data"][0]["x"] == [8.0, 32.0] and by_l0["data"][0]["y"] == [0.1, 0.3]
+    assert by_l0["data"][1]["y"] == [0.05, 0.2]
+    by_width = page.sweep_figure([a, b, unscored], "width")
+    assert by_width["data"][0]["x"] == [768, 3072] and by_width["layout"]["xaxis"]["type"] == "log"
