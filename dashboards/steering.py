@@ -92,7 +92,7 @@ def _form(run_dir: str, info: SaeInfo, params: Params, encoder: bool) -> html.Di
                   "coefficient (x typical max activation)",
                   dcc.Input(id="steer-coef", type="text", value=params.get("coef", "4"), style={"width": "70px"}),
                   html.Span(["scope", dcc.Dropdown(list(SCOPES), params.get("scope") or "all", id="steer-scope",
-                                                   clearable=False, style={"width": "130px"})],
+                                                   clearable=False, style={"width": "160px"})],
                             className="form", style={"display": "none"} if encoder else None)],
                  className="form"),
         html.Div([dcc.Textarea(id="steer-text", value=params.get("text", ""), placeholder=f"Type a {field}…",
