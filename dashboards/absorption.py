@@ -96,7 +96,8 @@ def label_table(result: AbsorptionResult, info: SaeInfo | None) -> html.Table:
                              html.Td(c.fmt(lab.mean_absorption_fraction), className="num"),
                              html.Td(c.fmt(lab.full_absorption_rate), className="num"),
                              html.Td(str(len(lab.cases)), className="num"),
-                             html.Td(c.fmt(lab.ig["absorption_rate"]) if lab.ig else "", className="num")]))
+                             html.Td(c.fmt(lab.ig.get("absorption_rate")) if lab.ig else "", className="num",
+                                     title=(lab.ig or {}).get("error", ""))]))
     return html.Table(rows, className="tbl", id="absorption-labels")
 
 

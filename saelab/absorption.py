@@ -852,5 +852,8 @@ def _add_ig(model: Model, sae: SAE, hook: str, data: ProbeData, result: Absorpti
             continue
         tp = np.nonzero((data.test_y == c) & (scores[:, c] > 0))[0][:cfg.ig_words]
         words = [Word(data.test_tokens[i], data.test_words[i], label.label) for i in tp]
-        label.ig = ig_absorption(model, sae, hook, words, label, data.probe.weight[c].detach().cpu(), style, rng,
-                                 vocab, cfg.ig_steps)
+        try:
+            label.ig = ig_absorption(model, sae, hook, words, label, data.probe.weight[c].detach().cpu(), style, rng,
+                                     vocab, cfg.ig_steps)
+        except AbsorptionError as err:  # e.g. an answer letter that is two tokens: say so for this label only
+            label.ig = {"error": str(err)}

@@ -295,6 +295,15 @@ def test_cli_writes_results_for_every_sae_of_a_run(decoder_dir, tmp_path):
         result = AbsorptionResult.load(result_path(run, "blocks.1.hook_resid_post", f"topk-k{k}"))
         assert result.l0 == k and result.d_sae == 128 and result.task == "first_letter"
         assert result.config["icl_examples"] == 2 and f"topk-k{k}: mean absorption fraction" in out.output
+    ig = CliRunner().invoke(cli, ["absorption", str(config), "-q", "--set", "device=cpu", "--set", "saes=[" +
+                                  str(run / "saes" / "blocks.1.hook_resid_post" / "topk-k2") + "]", "--set",
+                                  "integrated_gradients=true", "--set", "settings.min_probe_f1=0", "--set", "ig_words=2",
+                                  "--set", "ig_steps=2"])
+    assert ig.exit_code == 0, ig.output
+    labels = AbsorptionResult.load(result_path(run, "blocks.1.hook_resid_post", "topk-k2")).labels
+    with_ig = {lab.label: lab.ig for lab in labels if lab.scored}
+    assert with_ig and all(v is not None for v in with_ig.values())
+    assert "is 2 tokens" in with_ig["s"]["error"] and with_ig["a"]["tested"] <= 2  # " S" is two tokens here, " A" one
     bad = CliRunner().invoke(cli, ["absorption", str(config), "--set", "template=no placeholder"])
     assert bad.exit_code == 2 and "needs a {word} placeholder" in bad.output
 
