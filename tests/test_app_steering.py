@@ -109,6 +109,8 @@ def test_encoder_page_shows_the_querys_neighbours_before_and_after(driver, serve
     assert source == "measured"
     found = st.search(model, QUERY, corpus, [iv], k=10)
     assert found.entered
+    acts = page._doc_acts(str(encoder_run), iv.hook, str(list_saes(str(encoder_run))[0].path))[:, 7]
+    assert acts[[i for i, _ in found.after]].mean() > 2 * acts[[i for i, _ in found.before]].mean()  # toward the latent
     visit(driver, servers["encoder"] + url(encoder_run, 7, QUERY, mode="add", coef=6), "#steer-after", timeout=120)
     for table, pairs in (("steer-before", found.before), ("steer-after", found.after)):
         rows = driver.find_elements(By.CSS_SELECTOR, f"#{table} tbody tr")
