@@ -17,7 +17,7 @@ from saelab.analysis import AnalysisConfig, analyze
 from saelab.config import HarvestConfig
 from saelab.harvest import harvest
 from saelab.train import TrainConfig, train
-from test_app import Server, browser, driver, go, screenshot, visit, wait_for, wait_text  # noqa: F401 (fixtures)
+from test_app import Server, browser, driver, go, screenshot, visit, wait_for  # noqa: F401 (fixtures)
 
 PROMPT = "Return the absolute value of a number"
 QUERY = "Open a network connection to a host."
