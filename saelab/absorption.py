@@ -40,9 +40,10 @@ import json
 import math
 import random
 import string
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Union
+from typing import Any, Callable, Iterator, Mapping, Union
 
 import numpy as np
 import torch
@@ -260,6 +261,24 @@ def train_probe(x: Tensor, y: Tensor, epochs: int = 50, batch_size: int = 64, lr
     `train_multi_probe`): BCE with pos_weight = negatives / positives per class, Adam with weight decay, the
     learning rate decaying exponentially from `lr` to `end_lr` over the epochs, shuffled batches; `l1` adds
     SAEBench's sparse-probe penalty l1 * mean over classes of sum |w| (`train_sparse_multi_probe`)."""
+    with single_thread():
+        return _train_probe(x, y, epochs, batch_size, lr, end_lr, weight_decay, l1, seed, progress)
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """One CPU thread inside: a probe step multiplies small matrices, too small to share between threads,
+    and spinning worker threads slow them down many times over on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_probe(x: Tensor, y: Tensor, epochs: int, batch_size: int, lr: float, end_lr: float, weight_decay: float,
+                 l1: float, seed: int, progress: bool) -> nn.Linear:
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     y = y.float()

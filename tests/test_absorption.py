@@ -16,7 +16,7 @@ from saelab.absorption import (
     FIRST_LETTER_TEMPLATE, AbsorptionConfig, AbsorptionError, AbsorptionResult, AbsorptionSettings, KSparse, LabelScore,
     PromptStyle, Word, absorption_result, absorption_scores, alpha_tokens, f1, first_letter, icl_prompt,
     ig_absorption, labelled_vocabulary, load_label_table, planted_absorption, planted_probe_data, probe_data,
-    result_path, run_absorption, train_probe, word_activations,
+    result_path, run_absorption, single_thread, train_probe, word_activations,
 )
 from saelab.cli import app as cli
 from saelab.config import ConfigError, build
@@ -81,8 +81,9 @@ def _trained(planted, steps: int = 1500):
     sae = SAE.from_config(SAEConfig(arch="relu", d_in=planted.x.shape[1], d_sae=len(planted.directions), l1_coef=0.3))
     opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        train_step(sae, opt, planted.x[torch.randint(0, len(planted.x), (512,), generator=g)])
+    with single_thread():  # a 128 x 84 SAE: threads only add overhead
+        for _ in range(steps):
+            train_step(sae, opt, planted.x[torch.randint(0, len(planted.x), (512,), generator=g)])
     return sae.eval()
 
 
