@@ -8,6 +8,7 @@ Pages, all addressed by their URL so any view can be shared:
     /prompt?hook=H&sae=VARIANT&text=TEXT      the model and SAE run live on a prompt
     /circuits?name=NAME                       a sparse feature circuit (`saelab circuit`): graph and faithfulness
     /steering?hook=H&sae=VARIANT&latent=N&mode=add&coef=4&text=TEXT   steer with a latent: generations or search
+    /absorption?hook=H&sae=VARIANT&label=L    feature absorption (`saelab absorption`): labels, cases, sweep
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from urllib.parse import parse_qs
 from dash import Dash, Input, Output, State, dcc, html
 from dash.exceptions import PreventUpdate
 
-from dashboards import circuits, pages, steering
+from dashboards import absorption, circuits, pages, steering
 from dashboards.components import STYLE, error_box, page_url
 
 INDEX = """<!DOCTYPE html>
@@ -33,7 +34,7 @@ INDEX = """<!DOCTYPE html>
 def _nav() -> html.Div:
     return html.Div([html.Span("saelab", className="brand"), dcc.Link("Run", href="/"),
                      dcc.Link("Find features", href="/search"), dcc.Link("Prompt", href="/prompt"),
-                     dcc.Link("Circuits", href="/circuits"), dcc.Link("Steering", href="/steering")], className="nav")
+                     dcc.Link("Circuits", href="/circuits"), dcc.Link("Steering", href="/steering"), dcc.Link("Absorption", href="/absorption")], className="nav")
 
 
 def render(run_dir: str, pathname: str, search: str) -> Any:
@@ -51,6 +52,8 @@ def render(run_dir: str, pathname: str, search: str) -> Any:
         return circuits.circuits_page(run_dir, params)
     if pathname == "/steering":
         return steering.steering_page(run_dir, params)
+    if pathname == "/absorption":
+        return absorption.absorption_page(run_dir, params)
     return error_box(f"There is no page {pathname!r}. Pages: / (the run), /feature, /search, /prompt.")
 
 
