@@ -34,7 +34,8 @@ INDEX = """<!DOCTYPE html>
 def _nav() -> html.Div:
     return html.Div([html.Span("saelab", className="brand"), dcc.Link("Run", href="/"),
                      dcc.Link("Find features", href="/search"), dcc.Link("Prompt", href="/prompt"),
-                     dcc.Link("Circuits", href="/circuits"), dcc.Link("Steering", href="/steering"), dcc.Link("Absorption", href="/absorption")], className="nav")
+                     dcc.Link("Circuits", href="/circuits"), dcc.Link("Steering", href="/steering"),
+                     dcc.Link("Absorption", href="/absorption")], className="nav")
 
 
 def render(run_dir: str, pathname: str, search: str) -> Any:
@@ -54,7 +55,8 @@ def render(run_dir: str, pathname: str, search: str) -> Any:
         return steering.steering_page(run_dir, params)
     if pathname == "/absorption":
         return absorption.absorption_page(run_dir, params)
-    return error_box(f"There is no page {pathname!r}. Pages: / (the run), /feature, /search, /prompt.")
+    return error_box(f"There is no page {pathname!r}. Pages: / (the run), /feature, /search, /prompt, "
+                     "/circuits, /steering, /absorption.")
 
 
 def _require_action(*counts: int | None) -> None:
