@@ -138,9 +138,9 @@ def absorption_page(run_dir: str, params: Params) -> Any:
     lab = names[chosen] if chosen else max(result.labels, key=lambda x: (len(x.cases), x.true_positives))
     picker = html.Div(["Results: ", *[html.Span(dcc.Link(f"{h}/{v}", href=c.page_url("absorption", hook=h, sae=v)),
                                                 className="chip") for h, v in result_keys(run_dir)]], className="chips")
-    stats = html.Div([c.stat("absorption fraction", c.fmt(result.mean_absorption_fraction)),
-                      c.stat("full-absorption rate", c.fmt(result.mean_full_absorption_rate)),
-                      c.stat("split latents", c.fmt(result.mean_num_split_features)),
+    stats = html.Div([c.stat("absorption fraction", c.fmt(result.mean_absorption_fraction) or "n/a"),
+                      c.stat("full-absorption rate", c.fmt(result.mean_full_absorption_rate) or "n/a"),
+                      c.stat("split latents", c.fmt(result.mean_num_split_features) or "n/a"),
                       c.stat("scored labels", f"{result.n_scored} of {len(result.labels)}"),
                       c.stat("L0", c.fmt(result.l0)), c.stat("width", str(result.d_sae)),
                       c.stat("task", result.task), c.stat("words", f"{result.n_train} train, {result.n_test} test")],

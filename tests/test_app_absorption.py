@@ -51,7 +51,10 @@ def test_page_shows_scores_sweep_labels_and_cases(driver, server, result, tmp_pa
     assert len(case_rows) == 1 + min(len(busiest.cases), page.MAX_CASES)
     assert f"{len(busiest.cases)} of {busiest.true_positives} true positives absorbed" in driver.find_element(
         By.CSS_SELECTOR, "#absorption-cases").text
-    assert f"WIDTH\n{result.d_sae}" in driver.find_element(By.CSS_SELECTOR, ".stats").text
+    stats = driver.find_element(By.CSS_SELECTOR, ".stats").text
+    assert f"WIDTH\n{result.d_sae}" in stats
+    fraction = result.mean_absorption_fraction  # None on MiniLM, whose first-letter probes miss the F1 bar
+    assert f"ABSORPTION FRACTION\n{'n/a' if fraction is None else f'{fraction:.4g}'}" in stats
     wait_for(driver, "#absorption-l0 .main-svg")
     assert screenshot(driver, tmp_path / "absorption.png").stat().st_size > 20_000
 
