@@ -821,10 +821,7 @@ def _sae_folders(cfg: AbsorptionConfig) -> list[Path]:
 
 
 def _load_sae(path: Path, device: torch.device) -> SAE:
-    try:
-        sae = SAE.load(path, device=device).eval()
-    except (ValueError, KeyError, FileNotFoundError) as err:
-        raise AbsorptionError(f"cannot load the SAE at {path} ({err}); give a folder that saelab or SAELens wrote") from None
+    sae = SAE.load(path, device=device).eval()
     if not sae.cfg.hook_name:
         raise AbsorptionError(f"the SAE at {path} does not say which hook point it reads (hook_name); set it in cfg.json")
     return sae

@@ -886,18 +886,11 @@ class CircuitConfig(StrictModel):
         return self
 
 
-def _load_sae(path: str, device: torch.device) -> SAE:
-    try:
-        return SAE.load(path, device=device).eval()
-    except (ValueError, KeyError) as err:
-        raise CircuitError(f"cannot load the SAE at {path} ({err}); give a folder that saelab or SAELens wrote") from None
-
-
 def run_circuit(cfg: CircuitConfig, progress: bool = True) -> tuple[Circuit, Path]:
     """Load the model and SAEs, find the circuit, write it to `<out>/circuits/<name>.json`."""
     model = load_model(cfg.model, device=cfg.device)
     device = next(model.parameters()).device
-    saes = {h: _load_sae(p, device) for h, p in cfg.saes.items()}
+    saes = {h: SAE.load(p, device=device).eval() for h, p in cfg.saes.items()}
     if isinstance(cfg.data, InductionData):
         task = induction_task(model, cfg.data.examples, cfg.data.length, cfg.data.position, cfg.data.seed, cfg.metric)
     else:

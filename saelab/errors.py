@@ -17,5 +17,9 @@ class TextSourceError(SaelabError, ValueError):
     """A text source is missing, unreadable or empty."""
 
 
+class SAELoadError(SaelabError, ValueError):
+    """A folder that does not hold a readable saelab or SAELens SAE."""
+
+
 class StoreError(SaelabError, ValueError):
     """An activation store is missing, incomplete, or made with another config."""

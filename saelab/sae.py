@@ -15,10 +15,12 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from . import kernels
+from .errors import SAELoadError
 
 Arch = Literal["topk", "batchtopk", "jumprelu", "relu"]
 DType = Literal["float32", "float64", "bfloat16", "float16"]
@@ -246,18 +248,25 @@ class SAE(nn.Module):
 
     @staticmethod
     def load(path: str | Path, device: torch.device | str | None = None) -> "SAE":
-        """Load an SAE saved by saelab or SAELens (``SAE.save_model`` / ``save_inference_model``)."""
+        """Load an SAE saved by saelab or SAELens (``SAE.save_model`` / ``save_inference_model``).
+
+        A folder without the two files raises ``FileNotFoundError``; one whose files cannot be read as an SAE
+        raises ``SAELoadError`` naming what is wrong."""
         path = Path(path)
         if not (path / CFG_FILENAME).is_file() or not (path / WEIGHTS_FILENAME).is_file():
             raise FileNotFoundError(f"{path} needs {CFG_FILENAME} and {WEIGHTS_FILENAME} (SAELens layout)")
-        raw = json.loads((path / CFG_FILENAME).read_text())
-        tensors = load_file(path / WEIGHTS_FILENAME)
-        cfg, tensors = _from_saelens(raw, tensors)
+        try:
+            raw = json.loads((path / CFG_FILENAME).read_text())
+            cfg, tensors = _from_saelens(raw, load_file(path / WEIGHTS_FILENAME))
+        except (ValueError, KeyError, TypeError, SafetensorError) as err:
+            raise SAELoadError(f"cannot load the SAE at {path} ({type(err).__name__}: {err}); give a folder that "
+                               "saelab or SAELens wrote") from None
         sae = SAE.from_config(cfg)
         missing = set(sae.state_dict()) - {"input_scale", "tokens_since_fired"} - set(tensors)
         unexpected = set(tensors) - set(sae.state_dict())
         if missing or unexpected:
-            raise ValueError(f"{path / WEIGHTS_FILENAME}: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+            raise SAELoadError(f"{path / WEIGHTS_FILENAME}: missing {sorted(missing)}, unexpected {sorted(unexpected)}; "
+                               "give a folder that saelab or SAELens wrote")
         dtype = sae.W_enc.dtype
         sae.load_state_dict({name: t.to(dtype) for name, t in tensors.items()}, strict=False)
         return sae.to(device) if device is not None else sae

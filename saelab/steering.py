@@ -623,10 +623,7 @@ def run_steering(cfg: SteerConfig, progress: bool = True) -> tuple[dict[str, Any
             raise SteeringError(f"{cfg.run} does not record its model (no harvested activations.zarr); set `model`")
     model = load_model(spec, device=cfg.device)
     device = next(model.parameters()).device
-    try:
-        sae = SAE.load(cfg.sae, device=device).eval()
-    except (ValueError, KeyError) as err:
-        raise SteeringError(f"cannot load the SAE at {cfg.sae} ({err}); give a folder that saelab or SAELens wrote") from None
+    sae = SAE.load(cfg.sae, device=device).eval()
     hook = sae_hook(cfg.sae, sae)
     if not 0 <= cfg.latent < sae.cfg.d_sae:
         raise SteeringError(f"latent {cfg.latent} does not exist: the SAE has latents 0 to {sae.cfg.d_sae - 1}")

@@ -7,6 +7,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from saelab.errors import SAELoadError
 from saelab.sae import SAE, SAEConfig, geometric_median, train_step
 
 ARCHS = ["topk", "batchtopk", "jumprelu", "relu"]
@@ -255,6 +256,13 @@ def test_load_errors_name_the_problem(tmp_path):
     cfg["architecture"] = "gated"
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="'gated' is not supported"):
+        SAE.load(tmp_path)
+    (tmp_path / "cfg.json").write_text("{not json")
+    with pytest.raises(SAELoadError, match=r"cannot load the SAE at .*JSONDecodeError.*saelab or SAELens wrote"):
+        SAE.load(tmp_path)
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg | {"architecture": "topk"}))
+    (tmp_path / "sae_weights.safetensors").write_bytes(b"truncated")
+    with pytest.raises(SAELoadError, match="SafetensorError"):
         SAE.load(tmp_path)
 
 
