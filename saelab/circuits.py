@@ -42,7 +42,8 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from saelab.config import StrictModel
 from saelab.errors import SaelabError
-from saelab.models import HOOK_KINDS, Model, is_encoder, load_model, resolve_hooks, save_model
+from saelab.models import (HOOK_KINDS, Model, flatten_heads, forward_to, is_encoder, load_model, resolve_hooks,
+                           save_model)
 from saelab.sae import SAE
 from saelab.text import SpecialTokens
 
@@ -315,40 +316,20 @@ def prompt_task(model: Model, prompts: list[Prompt], metric: Literal["logit", "l
 # ------------------------------------------------------------------------------ spliced forward passes
 
 
-class _Stop(Exception):
-    """Raised inside a hook to end the forward pass there."""
-
-
-def _flat(act: Tensor) -> Tensor:
-    return act.flatten(2) if act.ndim == 4 else act
-
-
 def _output(model: Model, tokens: Tensor, edits: dict[str, Callable[[Tensor], Tensor]]) -> Tensor:
     """The model's output with `edits[hook](x) -> x'` applied (x flattened over heads): logits for decoders,
     the last layer's residual stream (output embeddings) for encoders."""
 
     def wrap(edit: Callable[[Tensor], Tensor]) -> Callable[..., Tensor]:
         def hook(act: Tensor, hook: Any) -> Tensor:
-            return edit(_flat(act).float()).to(act.dtype).reshape(act.shape)
+            return edit(flatten_heads(act).float()).to(act.dtype).reshape(act.shape)
 
         return hook
 
-    hooks = [(h, wrap(e)) for h, e in edits.items()]
-    if not is_encoder(model):
-        with model.hooks(fwd_hooks=hooks):
+    with model.hooks(fwd_hooks=[(h, wrap(e)) for h, e in edits.items()]):
+        if not is_encoder(model):
             return model(tokens, return_type="logits")
-    out: list[Tensor] = []
-
-    def keep(act: Tensor, hook: Any) -> None:
-        out.append(act)
-        raise _Stop
-
-    with model.hooks(fwd_hooks=[*hooks, (f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", keep)]):
-        try:
-            model(tokens, return_type=None)
-        except _Stop:
-            pass
-    return out[0]
+        return forward_to(model, tokens, f"blocks.{model.cfg.n_layers - 1}.hook_resid_post")
 
 
 @dataclass

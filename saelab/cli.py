@@ -181,7 +181,7 @@ def circuit(
 
 @app.command()
 def steer(
-    config: Path = typer.Argument(..., help="Steering config (YAML), e.g. configs/steer_decoder.yaml."),
+    config: Path = typer.Argument(..., help="Steering config (YAML), e.g. configs/steer_induction.yaml."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:

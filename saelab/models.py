@@ -191,6 +191,32 @@ class _StopForward(Exception):
     """Raised inside the last needed hook so the forward pass ends there."""
 
 
+def flatten_heads(act: torch.Tensor) -> torch.Tensor:
+    """`attn.hook_z` [batch, pos, heads, d_head] as [batch, pos, heads * d_head]; other activations as they are."""
+    return act.flatten(2) if act.ndim == 4 else act
+
+
+def forward_to(model: Model, tokens: torch.Tensor, hook: str, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The activation at `hook` [batch, pos, d] (flattened over heads), the forward pass stopped there.
+
+    Hooks already on the model (e.g. edits in an enclosing `model.hooks`) apply; autograd follows the caller."""
+    out: list[torch.Tensor] = []
+
+    def keep(act: torch.Tensor, hook: Any) -> None:
+        out.append(flatten_heads(act))
+        raise _StopForward
+
+    mask = {} if attention_mask is None else {"attention_mask": attention_mask}
+    with model.hooks(fwd_hooks=[(hook, keep)]):
+        try:
+            model(tokens, return_type=None, **mask)
+        except _StopForward:
+            pass
+    if not out:
+        raise HookError(f"hook point {hook} never fired in the forward pass")
+    return out[0]
+
+
 @torch.inference_mode()
 def capture(model: Model, tokens: torch.Tensor, hooks: list[HookPoint]) -> dict[str, torch.Tensor]:
     """Run the model on `tokens` [batch, seq] until every hook has fired; return `[batch, seq, d]` each.
@@ -203,7 +229,7 @@ def capture(model: Model, tokens: torch.Tensor, hooks: list[HookPoint]) -> dict[
     def saver(name: str) -> Any:
         # Keyed by the requested name: the bridge fires aliased hooks under their canonical names.
         def save(act: torch.Tensor, hook: Any) -> None:
-            captured[name] = act.flatten(2) if act.ndim == 4 else act
+            captured[name] = flatten_heads(act)
             if len(captured) == len(hooks):
                 raise _StopForward
 

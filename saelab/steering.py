@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from saelab.config import StrictModel, TextConfig
 from saelab.errors import SaelabError
-from saelab.models import Model, is_encoder, resolve_hooks
+from saelab.models import Model, flatten_heads, forward_to, is_encoder, resolve_hooks
 from saelab.sae import SAE
 from saelab.text import SpecialTokens
 
@@ -160,10 +160,6 @@ class _Positions:
         return torch.arange(start, start + n, device=device)
 
 
-def _flat(act: Tensor) -> Tensor:
-    return act.flatten(2) if act.ndim == 4 else act
-
-
 @contextmanager
 def steer(model: Model, interventions: Sequence[Intervention], prompt_length: float = math.inf,
           read: Callable[[str, Tensor, Tensor], None] | None = None) -> Iterator[None]:
@@ -180,7 +176,7 @@ def steer(model: Model, interventions: Sequence[Intervention], prompt_length: fl
         tracker = _Positions()
 
         def hook(act: Tensor, hook: Any) -> Tensor:
-            h = _flat(act).float()
+            h = flatten_heads(act).float()
             pos = tracker.next(h.shape[1], h.device)
             for iv in ivs:
                 mask = iv.positions(pos, prompt_length)
@@ -283,25 +279,11 @@ def compare(model: Model, prompt: str, interventions: Sequence[Intervention], ma
     return Comparison(prompt, *texts)
 
 
-class _Stop(Exception):
-    """Raised in a hook to end the forward pass there."""
-
-
 def hook_acts(model: Model, tokens: Tensor, hook: str, mask: Tensor | None = None) -> Tensor:
     """The unsteered activations [batch, pos, d] at `hook` (flattened over heads; the pass stops there)."""
     resolve_hooks(model, [hook])
-    out: list[Tensor] = []
-
-    def keep(act: Tensor, hook: Any) -> None:
-        out.append(_flat(act).float())
-        raise _Stop
-
-    with torch.no_grad(), model.hooks(fwd_hooks=[(hook, keep)]):
-        try:
-            model(tokens, return_type=None, **({} if mask is None else {"attention_mask": mask}))
-        except _Stop:
-            pass
-    return out[0]
+    with torch.no_grad():
+        return forward_to(model, tokens, hook, mask).float()
 
 
 @torch.no_grad()
@@ -377,22 +359,6 @@ def _padded(model: Model, texts: Sequence[str], batch_size: int, max_length: int
         yield idx, tokens, mask
 
 
-def _final_hidden(model: Model, tokens: Tensor, mask: Tensor) -> Tensor:
-    """The last block's output [batch, pos, d_model] (for encoders, the output embeddings), with the graph."""
-    out: list[Tensor] = []
-
-    def keep(act: Tensor, hook: Any) -> None:
-        out.append(act)
-        raise _Stop
-
-    with model.hooks(fwd_hooks=[(f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", keep)]):
-        try:
-            model(tokens, return_type=None, attention_mask=mask)
-        except _Stop:
-            pass
-    return out[0]
-
-
 def _pool(hidden: Tensor, mask: Tensor) -> Tensor:
     m = mask[..., None].to(hidden.dtype)
     return (hidden * m).sum(1) / m.sum(1)
@@ -415,7 +381,8 @@ def embed(model: Model, texts: Sequence[str], interventions: Sequence[Interventi
         for idx, tokens, mask in tqdm(list(_padded(model, texts, batch_size, max_length)), desc="embed",
                                       disable=not progress):
             with steer(model, inside):
-                e = torch.nn.functional.normalize(_pool(_final_hidden(model, tokens, mask).float(), mask), dim=-1)
+                last = forward_to(model, tokens, f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", mask)
+                e = torch.nn.functional.normalize(_pool(last.float(), mask), dim=-1)
             rows.append(edit_embedding(e, outside))
             order += idx
         return torch.cat(rows)[torch.tensor(order, device=rows[0].device).argsort()]
