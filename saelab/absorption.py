@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 
 from saelab.config import StrictModel
 from saelab.errors import SaelabError
-from saelab.models import Model, capture, is_encoder, load_model, resolve_hooks
+from saelab.models import Model, capture, forward_to, is_encoder, load_model, resolve_hooks
 from saelab.sae import SAE, SAEConfig
 from saelab.text import SpecialTokens
 
@@ -735,18 +735,13 @@ def ig_absorption(model: Model, sae: SAE, hook: str, words: list[Word], label: L
     absorbed, tested, found = 0, 0, []
     for toks, pos, i in zip(ids, positions, kept):
         tokens = torch.tensor([toks] * steps, device=device)
-        clean: dict[str, Tensor] = {}
-
-        def read(act: Tensor, hook: Any) -> None:
-            clean["x"] = act[0, pos].detach().float()
-
-        with torch.no_grad(), model.hooks(fwd_hooks=[(hook, read)]):
-            model(tokens[:1], return_type=None)
-        f = sae.encode(clean["x"][None])[0].detach()
+        with torch.no_grad():
+            x = forward_to(model, tokens[:1], hook)[0, pos].float()
+        f = sae.encode(x[None])[0].detach()
         if float(f[split].sum()) >= EPS:
             continue
         tested += 1
-        err = (clean["x"] - sae.decode(f[None])[0]).detach()
+        err = (x - sae.decode(f[None])[0]).detach()
         alphas = ((torch.arange(steps, device=device) + 0.5) / steps)[:, None]
         latents = (alphas * f).requires_grad_()
 
