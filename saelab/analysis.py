@@ -25,6 +25,7 @@ from saelab.errors import StoreError
 from saelab.models import Model, is_encoder, load_model, resolve_device
 from saelab.sae import SAE
 from saelab.store import ActivationStore, _prefetch
+from saelab.topk import topk_rows
 
 FEATURE_CHUNK = 64
 
@@ -74,7 +75,7 @@ def encode_sparse(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
     TopK SAEs are encoded straight from the top-k of the pre-activations, never densely."""
     if sae.cfg.arch == "topk":
-        vals, idx = sae.pre_acts(sae._flat(x)).topk(sae.cfg.k, dim=-1, sorted=False)
+        vals, idx = topk_rows(sae.pre_acts(sae._flat(x)), sae.cfg.k)
         idx, order = idx.sort(dim=1)
         vals = vals.gather(1, order).relu() / sae.input_scale
         rows = torch.arange(len(x), device=x.device)[:, None].expand_as(idx)

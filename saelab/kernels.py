@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .topk import topk_rows
+
 _SUM = 0  # embedding-bag mode "sum"
 
 
@@ -29,9 +31,9 @@ def bag_offsets(bag: Tensor, n_bags: int) -> Tensor:
     return counts.cumsum(0) - counts
 
 
-def topk_entries(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row top-k of ``pre`` as flat ``(vals, cols, rows)`` entries grouped by row."""
-    vals, cols = pre.topk(k, dim=-1, sorted=False)
+def topk_entries(pre: Tensor, k: int, width: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row top-k of ``pre[:, :width]`` as flat ``(vals, cols, rows)`` entries grouped by row."""
+    vals, cols = topk_rows(pre, k, width)
     rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
     return vals.flatten(), cols.flatten(), rows
 
@@ -67,8 +69,8 @@ class SparseAutoencode(torch.autograd.Function):
         if n_bags % n_rows:
             raise ValueError(f"n_bags={n_bags} must be a multiple of the batch size {n_rows}")
         offsets = bag_offsets(bag, n_bags)
-        acts = vals.relu()
-        out = F.embedding_bag(lat, W_dec, offsets, mode="sum", per_sample_weights=acts)
+        # Detached weights take the cheaper forward-only path (no bag bookkeeping for autograd).
+        out = F.embedding_bag(lat, W_dec.detach(), offsets, mode="sum", per_sample_weights=vals.relu())
         ctx.save_for_backward(x, b_dec, W_enc, W_dec, vals, lat, bag, offsets)
         return out.view(n_bags // n_rows, n_rows, -1)
 

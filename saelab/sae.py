@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from . import kernels
 from .errors import SAELoadError
+from .topk import topk_rows
 
 Arch = Literal["topk", "batchtopk", "jumprelu", "relu"]
 DType = Literal["float32", "float64", "bfloat16", "float16"]
@@ -78,6 +79,12 @@ def geometric_median(x: Tensor, iters: int = 8, eps: float = 1e-6) -> Tensor:
         weights = 1 / (x - median).norm(dim=1).clamp_min(eps)
         median = (weights @ x) / weights.sum()
     return median
+
+
+def _spread(x: Tensor) -> Tensor:
+    """Summed squared deviation of the rows of ``x`` from their mean (``x.var(0).sum() * n``,
+    several times faster than ``var`` on CPU)."""
+    return (x - x.mean(0)).square().sum()
 
 
 class SAE(nn.Module):
@@ -147,7 +154,7 @@ class SAE(nn.Module):
     def _loss_terms(self, x: Tensor, recon: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Residual, total variance of ``x`` and fraction of variance unexplained."""
         residual = x - recon
-        total_var = x.var(0, correction=0).sum() * x.shape[0]
+        total_var = _spread(x)
         return residual, total_var, F.mse_loss(recon, x, reduction="sum") / total_var
 
     @torch.no_grad()
@@ -329,11 +336,11 @@ class TopKSAE(SAE):
     arch = "topk"
 
     def activation(self, pre: Tensor) -> Tensor:
-        vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        vals, idx = topk_rows(pre, self.cfg.k)
         return torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
 
     def forward(self, x: Tensor) -> Tensor:
-        vals, idx = self.pre_acts(self._flat(x)).topk(self.cfg.k, dim=-1, sorted=False)
+        vals, idx = topk_rows(self.pre_acts(self._flat(x)), self.cfg.k)
         recon = kernels.sparse_decode(vals.relu(), idx, self.W_dec) + self.b_dec
         return (recon / self.input_scale).view(x.shape)
 
@@ -362,7 +369,7 @@ class TopKSAE(SAE):
             auxk = fvu.new_zeros(())
             if aux_recon is not None:
                 residual = residual.detach()
-                residual_var = residual.var(0, correction=0).sum() * n_rows
+                residual_var = _spread(residual)
                 auxk = F.mse_loss(aux_recon, residual, reduction="sum") / residual_var
             loss = fvu + cfg.aux_coef * auxk
         self.update_dead(lat, vals, n_rows)
@@ -377,7 +384,7 @@ class TopKSAE(SAE):
             vals, cols, rows = self._select(pre)
             n_main = vals.numel()
             if k_aux:
-                aux_vals, aux_cols, aux_rows = kernels.topk_entries(pre[:, :n_dead], k_aux)
+                aux_vals, aux_cols, aux_rows = kernels.topk_entries(pre, k_aux, width=n_dead)
                 vals = torch.cat([vals, aux_vals])
                 cols = torch.cat([cols, aux_cols])
                 rows = torch.cat([rows, aux_rows + pre.shape[0]])
@@ -387,7 +394,8 @@ class TopKSAE(SAE):
         """Top-k forward with the sparse kernels: the only dense op is the encoder matmul."""
         n_rows = x.shape[0]
         with torch.no_grad():
-            W_enc, b_enc = (self.W_enc, self.b_enc) if perm is None else (self.W_enc[:, perm], self.b_enc[perm])
+            # Permuting rows of W_enc.T (contiguous copies) is faster than gathering W_enc's columns.
+            W_enc, b_enc = (self.W_enc, self.b_enc) if perm is None else (self.W_enc.T[perm].T, self.b_enc[perm])
             xc = (x - self.b_dec).to(mm_dtype)
             pre = torch.addmm(b_enc.to(mm_dtype), xc, W_enc.to(mm_dtype), out=self._workspace(n_rows, mm_dtype))
             vals, cols, rows, n_main = self._entries(pre, n_dead, k_aux)
