@@ -31,9 +31,10 @@ def bag_offsets(bag: Tensor, n_bags: int) -> Tensor:
     return counts.cumsum(0) - counts
 
 
-def topk_entries(pre: Tensor, k: int, width: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row top-k of ``pre[:, :width]`` as flat ``(vals, cols, rows)`` entries grouped by row."""
-    vals, cols = topk_rows(pre, k, width)
+def topk_entries(pre: Tensor, k: int, cols: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row top-k of ``pre`` among columns ``cols`` (default: all) as flat
+    ``(vals, cols, rows)`` entries grouped by row."""
+    vals, cols = topk_rows(pre, k, cols)
     rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
     return vals.flatten(), cols.flatten(), rows
 
@@ -44,14 +45,6 @@ def batch_topk_entries(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     vals, flat = pre.flatten().topk(k * n_rows, sorted=False)
     flat, order = flat.sort()
     return vals[order], flat % width, flat // width
-
-
-def dead_first(dead: Tensor) -> tuple[Tensor, int]:
-    """Permutation of the latents putting dead ones first, and how many are dead.
-
-    Reading the count synchronises with the device once per step."""
-    perm = torch.argsort(dead.to(torch.int8), descending=True, stable=True)
-    return perm, int(dead.sum())
 
 
 class SparseAutoencode(torch.autograd.Function):

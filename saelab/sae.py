@@ -107,7 +107,7 @@ class SAE(nn.Module):
         self.register_buffer("input_scale", torch.ones((), dtype=dtype, device=device))
         self.register_buffer("tokens_since_fired", torch.zeros(cfg.d_sae, dtype=torch.long, device=device))
         self._pre_buf: Tensor | None = None
-        self._aux_plan: tuple[Tensor, int] | None = None
+        self._aux_plan: Tensor | None = None  # dead latents AuxK trains on
 
     @staticmethod
     def from_config(cfg: SAEConfig, device: torch.device | str | None = None) -> "SAE":
@@ -163,7 +163,7 @@ class SAE(nn.Module):
 
         Sizing AuxK needs the number of dead latents on the host, one device sync. A trainer calls
         this every few steps so the hot loop never waits; without it, each step syncs once."""
-        self._aux_plan = kernels.dead_first(self.dead_mask())
+        self._aux_plan = self.dead_mask().nonzero().squeeze(1)
 
     def dead_mask(self) -> Tensor:
         """Latents that have not fired in the last ``cfg.dead_tokens`` tokens."""
@@ -352,76 +352,69 @@ class TopKSAE(SAE):
         x = self._flat(x)
         n_rows, cfg = x.shape[0], self.cfg
         dead = self.dead_mask()
+        dead_cols = None
         if cfg.aux_coef > 0:
-            perm, n_dead = self._aux_plan if self._aux_plan is not None else kernels.dead_first(dead)
-        else:
-            perm, n_dead = None, 0
-        k_aux = min(cfg.aux_k_resolved, n_dead)
+            dead_cols = self._aux_plan if self._aux_plan is not None else dead.nonzero().squeeze(1)
+        k_aux = min(cfg.aux_k_resolved, 0 if dead_cols is None else len(dead_cols))
         sparse = cfg.k / cfg.d_sae <= cfg.sparse_density
         # Under autocast only the encoder matmul runs in low precision; the rest stays in
         # the parameters' dtype (the sparse kernels and top-k values need no more).
         mm_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         with torch.autocast(x.device.type, enabled=False):
             step = self._sparse_step if sparse else self._dense_step
-            recon, aux_recon, vals, lat = step(x, perm if k_aux else None, n_dead, k_aux, mm_dtype)
+            recon, aux_recon, vals, lat = step(x, dead_cols if k_aux else None, k_aux, mm_dtype)
 
             residual, total_var, fvu = self._loss_terms(x, recon)
             auxk = fvu.new_zeros(())
             if aux_recon is not None:
                 residual = residual.detach()
-                residual_var = _spread(residual)
-                auxk = F.mse_loss(aux_recon, residual, reduction="sum") / residual_var
+                auxk = F.mse_loss(aux_recon, residual, reduction="sum") / _spread(residual)
             loss = fvu + cfg.aux_coef * auxk
         self.update_dead(lat, vals, n_rows)
         metrics = {"loss": loss.detach(), "fvu": fvu.detach(), "auxk": auxk.detach(),
                    "l0": (vals > 0).sum() / n_rows, "dead_frac": dead.float().mean()}
         return loss, metrics
 
-    def _entries(self, pre: Tensor, n_dead: int, k_aux: int) -> tuple[Tensor, Tensor, Tensor, int]:
-        """Main entries, then AuxK entries (the top k_aux of the first n_dead columns,
-        i.e. the dead latents) in bags ``[B, 2B)``; also the number of main entries."""
+    def _entries(self, pre: Tensor, dead_cols: Tensor | None, k_aux: int) -> tuple[Tensor, Tensor, Tensor, int]:
+        """Main entries, then the AuxK entries (the top ``k_aux`` among the dead latents
+        ``dead_cols``) in bags ``[B, 2B)``; also the number of main entries."""
         with torch.no_grad():
             vals, cols, rows = self._select(pre)
             n_main = vals.numel()
-            if k_aux:
-                aux_vals, aux_cols, aux_rows = kernels.topk_entries(pre, k_aux, width=n_dead)
+            if dead_cols is not None:
+                aux_vals, aux_cols, aux_rows = kernels.topk_entries(pre, k_aux, dead_cols)
                 vals = torch.cat([vals, aux_vals])
                 cols = torch.cat([cols, aux_cols])
                 rows = torch.cat([rows, aux_rows + pre.shape[0]])
         return vals, cols, rows, n_main
 
-    def _sparse_step(self, x, perm, n_dead, k_aux, mm_dtype):
+    def _sparse_step(self, x, dead_cols, k_aux, mm_dtype):
         """Top-k forward with the sparse kernels: the only dense op is the encoder matmul."""
         n_rows = x.shape[0]
         with torch.no_grad():
-            # Permuting rows of W_enc.T (contiguous copies) is faster than gathering W_enc's columns.
-            W_enc, b_enc = (self.W_enc, self.b_enc) if perm is None else (self.W_enc.T[perm].T, self.b_enc[perm])
             xc = (x - self.b_dec).to(mm_dtype)
-            pre = torch.addmm(b_enc.to(mm_dtype), xc, W_enc.to(mm_dtype), out=self._workspace(n_rows, mm_dtype))
-            vals, cols, rows, n_main = self._entries(pre, n_dead, k_aux)
+            pre = torch.addmm(self.b_enc.to(mm_dtype), xc, self.W_enc.to(mm_dtype),
+                              out=self._workspace(n_rows, mm_dtype))
+            vals, lat, rows, n_main = self._entries(pre, dead_cols, k_aux)
             vals = vals.to(x.dtype)
-            lat = cols if perm is None else perm[cols]
         n_bags = n_rows * (2 if k_aux else 1)
         out = kernels.sparse_autoencode(x, self.b_dec, self.W_enc, self.b_enc, self.W_dec, vals, lat, rows, n_bags)
         aux_recon = out[1] if k_aux else None
         return out[0] + self.b_dec, aux_recon, vals[:n_main], lat[:n_main]
 
-    def _dense_step(self, x, perm, n_dead, k_aux, mm_dtype):
+    def _dense_step(self, x, dead_cols, k_aux, mm_dtype):
         """Reference top-k forward with dense matmuls and plain autograd."""
-        W_enc, b_enc, W_dec = self.W_enc, self.b_enc, self.W_dec
-        if perm is not None:
-            W_enc, b_enc, W_dec = W_enc[:, perm], b_enc[perm], W_dec[perm]
-        pre = torch.addmm(b_enc.to(mm_dtype), (x - self.b_dec).to(mm_dtype), W_enc.to(mm_dtype)).to(x.dtype)
-        vals, cols, rows, n_main = self._entries(pre.detach(), n_dead, k_aux)
+        pre = torch.addmm(self.b_enc.to(mm_dtype), (x - self.b_dec).to(mm_dtype), self.W_enc.to(mm_dtype))
+        pre = pre.to(x.dtype)
+        vals, cols, rows, n_main = self._entries(pre.detach(), dead_cols, k_aux)
 
         def decode(cols: Tensor, rows: Tensor) -> Tensor:
             acts = torch.zeros_like(pre).index_put((rows % x.shape[0], cols), pre[rows % x.shape[0], cols].relu())
-            return acts @ W_dec
+            return acts @ self.W_dec
 
         recon = decode(cols[:n_main], rows[:n_main]) + self.b_dec
         aux_recon = decode(cols[n_main:], rows[n_main:]) if k_aux else None
-        lat = cols[:n_main] if perm is None else perm[cols[:n_main]]
-        return recon, aux_recon, vals[:n_main], lat
+        return recon, aux_recon, vals[:n_main], cols[:n_main]
 
     def _workspace(self, n_rows: int, dtype: torch.dtype) -> Tensor:
         """Reused pre-activation buffer: allocating ``[batch, d_sae]`` anew every step

@@ -57,9 +57,11 @@ def _kth_key(keys, n, k):
 
 
 @njit(parallel=True, cache=True)
-def _topk_rows(pre, width, k, out_vals, out_idx):
-    """Write the top ``k`` of each ``pre[r, :width]`` to ``out_vals[r]`` / ``out_idx[r]``."""
+def _topk_rows(pre, k, cols, out_vals, out_idx):
+    """Write the top ``k`` of each row of ``pre`` among columns ``cols`` (``None``: all) to
+    ``out_vals[r]`` / ``out_idx[r]``."""
     n_rows = pre.shape[0]
+    width = pre.shape[1] if cols is None else cols.shape[0]
     n_groups = min(2 * k, width)
     for task in prange((n_rows + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
         group_max = np.empty(n_groups, np.float32)
@@ -69,7 +71,7 @@ def _topk_rows(pre, width, k, out_vals, out_idx):
         cand_key = np.empty(width, np.int32)
         low_box = np.empty(1, np.int32)
         for r in range(task * _ROWS_PER_TASK, min(n_rows, (task + 1) * _ROWS_PER_TASK)):
-            row = pre[r]
+            row = pre[r] if cols is None else pre[r][cols]
             for g in range(n_groups):
                 group_max[g] = row[g]
             for start in range(n_groups, width, n_groups):
@@ -87,7 +89,7 @@ def _topk_rows(pre, width, k, out_vals, out_idx):
                 for j in range(start, stop):
                     hit |= not (row[j] < low)
                 if hit:
-                    for j in range(start, stop):
+                    for j in range(start, stop):  # branch-free compaction
                         v = row[j]
                         cand_vals[n] = v
                         cand_idx[n] = j
@@ -98,27 +100,34 @@ def _topk_rows(pre, width, k, out_vals, out_idx):
             for i in range(n):  # everything above the k-th, then ties with it up to k entries
                 if cand_key[i] > kth:
                     out_vals[r, m] = cand_vals[i]
-                    out_idx[r, m] = cand_idx[i]
+                    out_idx[r, m] = cand_idx[i] if cols is None else cols[cand_idx[i]]
                     m += 1
             for i in range(n):
                 if m == k:
                     break
                 if cand_key[i] == kth:
                     out_vals[r, m] = cand_vals[i]
-                    out_idx[r, m] = cand_idx[i]
+                    out_idx[r, m] = cand_idx[i] if cols is None else cols[cand_idx[i]]
                     m += 1
 
 
-def topk_rows(pre: Tensor, k: int, width: int | None = None) -> tuple[Tensor, Tensor]:
-    """``pre[:, :width].topk(k, dim=-1, sorted=False)`` of a 2-D tensor: the kernel above on
-    contiguous float32 CPU tensors, ``torch.topk`` otherwise (GPUs have a fast one)."""
-    width = pre.shape[1] if width is None else width
-    if not 0 < k <= width <= pre.shape[1]:
-        raise ValueError(f"top-k needs 0 < k <= width <= {pre.shape[1]} columns; got k={k}, width={width}")
+def topk_rows(pre: Tensor, k: int, cols: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Unsorted top-k of each row of the 2-D ``pre`` among columns ``cols`` (default: all):
+    values and column indices, as ``pre[:, cols].topk(k, dim=-1, sorted=False)`` would give.
+
+    The kernel above runs on contiguous float32 CPU tensors; others (GPUs have a fast top-k)
+    go through ``torch.topk``."""
+    n_cols = pre.shape[1] if cols is None else len(cols)
+    if not 0 < k <= n_cols:
+        raise ValueError(f"top-k needs 0 < k <= {n_cols} selectable columns; got k={k}")
     if pre.device.type != "cpu" or pre.dtype != torch.float32 or not pre.is_contiguous():
-        return pre[:, :width].topk(k, dim=-1, sorted=False)
+        if cols is None:
+            return pre.topk(k, dim=-1, sorted=False)
+        vals, idx = pre[:, cols].topk(k, dim=-1, sorted=False)
+        return vals, cols[idx]
     vals = torch.empty(pre.shape[0], k, dtype=pre.dtype)
     idx = torch.empty(pre.shape[0], k, dtype=torch.long)
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    _topk_rows(pre.detach().numpy(), width, k, vals.numpy(), idx.numpy())
+    cols = None if cols is None else cols.to(torch.long).contiguous().numpy()
+    _topk_rows(pre.detach().numpy(), k, cols, vals.numpy(), idx.numpy())
     return vals, idx

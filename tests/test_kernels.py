@@ -115,13 +115,6 @@ def test_batch_topk_entries_known_answer():
     torch.testing.assert_close(vals, pre[rows, cols])
 
 
-def test_dead_first_is_stable():
-    dead = torch.tensor([False, True, False, True, True, False])
-    perm, n_dead = kernels.dead_first(dead)
-    assert n_dead == 3
-    assert perm.tolist() == [1, 3, 4, 0, 2, 5]
-
-
 def test_sparse_decode_matches_dense():
     g = torch.Generator().manual_seed(0)
     W_dec = torch.randn(M, D, generator=g)

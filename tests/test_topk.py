@@ -5,31 +5,37 @@ import torch
 
 from saelab.topk import topk_rows
 
+INF = float("inf")
 
-def assert_same_selection(pre: torch.Tensor, k: int, width: int | None = None) -> None:
-    """Same multiset of values as torch.topk, and every index points at its value."""
-    vals, idx = topk_rows(pre, k, width)
-    ref, _ = pre[:, : width or pre.shape[1]].topk(k, dim=-1)
+
+def assert_same_selection(pre, k, cols=None) -> None:
+    """Same multiset of values as torch.topk over the selectable columns, k distinct columns
+    per row, and every index pointing at its value."""
+    vals, idx = topk_rows(pre, k, cols)
+    cols = torch.arange(pre.shape[1]) if cols is None else cols
+    ref, _ = pre[:, cols].topk(k, dim=-1)
     assert vals.shape == idx.shape == (pre.shape[0], k)
-    assert (idx < (width or pre.shape[1])).all()
-    assert all(len(set(row)) == k for row in idx.tolist())  # k distinct columns per row
-    nan = float("inf")  # NaN sorts last with this substitution; torch.topk ranks NaN highest too
-    torch.testing.assert_close(vals.nan_to_num(nan).sort(-1).values, ref.nan_to_num(nan).sort(-1).values,
+    assert all(len(set(row)) == k for row in idx.tolist())
+    assert torch.isin(idx, cols).all()
+    # NaN -> inf keeps NaN ranked highest, as torch.topk ranks it, and makes values comparable.
+    torch.testing.assert_close(vals.nan_to_num(INF).sort(-1).values, ref.nan_to_num(INF).sort(-1).values,
                                rtol=0, atol=0)
-    torch.testing.assert_close(pre.gather(1, idx).nan_to_num(nan), vals.nan_to_num(nan), rtol=0, atol=0)
+    torch.testing.assert_close(pre.gather(1, idx).nan_to_num(INF), vals.nan_to_num(INF), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(("rows", "cols", "k", "width"), [
-    (300, 6144, 32, None),  # the benchmark's main top-k
-    (300, 6144, 192, 3072),  # its AuxK top-k over the dead prefix
-    (50, 1000, 7, None),
-    (50, 37, 37, None),  # k == width
-    (50, 37, 1, 5),
-    (3, 100, 99, 100),
-])
-def test_matches_torch_topk_on_random_rows(rows, cols, k, width):
-    pre = torch.randn(rows, cols, generator=torch.Generator().manual_seed(cols + k))
-    assert_same_selection(pre, k, width)
+@pytest.mark.parametrize(("rows", "cols", "k"), [(300, 6144, 32), (300, 6144, 192), (50, 1000, 7),
+                                                 (50, 37, 37), (50, 37, 1), (3, 100, 99)])
+@pytest.mark.parametrize("subset", [False, True])
+def test_matches_torch_topk_on_random_rows(rows, cols, k, subset):
+    g = torch.Generator().manual_seed(cols + k)
+    pre = torch.randn(rows, cols, generator=g)
+    chosen = None
+    if subset:  # about half the columns, at least k of them, in no particular order
+        mask = torch.rand(cols, generator=g) < 0.5
+        mask[torch.randperm(cols, generator=g)[:k]] = True
+        chosen = mask.nonzero().squeeze(1)
+        chosen = chosen[torch.randperm(len(chosen), generator=g)]
+    assert_same_selection(pre, k, chosen)
 
 
 def test_ties_and_special_values():
@@ -40,8 +46,8 @@ def test_ties_and_special_values():
     pre = torch.randn(8, 300, generator=g)
     pre[0, 5] = float("nan")
     pre[1, :100] = float("nan")  # more NaNs than k: all selected entries are NaN
-    pre[2] = float("-inf")
-    pre[3, ::3] = float("inf")
+    pre[2] = -INF
+    pre[3, ::3] = INF
     pre[4] = 1.0
     pre[5] = -0.0
     pre[5, ::2] = 0.0
@@ -50,19 +56,27 @@ def test_ties_and_special_values():
         assert_same_selection(pre, k)
 
 
+def test_columns_outside_the_subset_never_selected():
+    pre = torch.full((2, 64), -INF)
+    pre[:, ::2] = 5.0  # outside the subset below, so only the -inf columns may be chosen
+    _, idx = topk_rows(pre, 32, torch.arange(1, 64, 2))
+    assert set(idx.flatten().tolist()) == set(range(1, 64, 2))
+
+
 def test_nan_ranks_highest():
-    pre = torch.tensor([[0.0, float("nan"), 5.0, 1.0]])
-    vals, idx = topk_rows(pre, 2)
+    vals, idx = topk_rows(torch.tensor([[0.0, float("nan"), 5.0, 1.0]]), 2)
     assert set(idx[0].tolist()) == {1, 2}
 
 
 def test_other_dtypes_and_layouts_fall_back_to_torch():
-    pre = torch.randn(20, 64, dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    pre = torch.randn(20, 64, dtype=torch.float64, generator=g)
     assert_same_selection(pre, 5)
-    assert_same_selection(torch.randn(64, 20).T, 5)  # not contiguous
+    assert_same_selection(pre, 5, torch.arange(0, 64, 3))
+    assert_same_selection(torch.randn(64, 20, generator=g).T, 5)  # not contiguous
 
 
-@pytest.mark.parametrize(("k", "width"), [(0, None), (5, 4), (2, 65)])
-def test_bad_k_or_width_is_an_error(k, width):
+@pytest.mark.parametrize(("k", "n_selectable"), [(0, 64), (65, 64), (3, 2)])
+def test_bad_k_is_an_error(k, n_selectable):
     with pytest.raises(ValueError, match="top-k needs"):
-        topk_rows(torch.randn(3, 64), k, width)
+        topk_rows(torch.randn(3, 64), k, torch.arange(n_selectable))
