@@ -56,6 +56,47 @@ def _kth_key(keys, n, k):
     return lo
 
 
+@njit
+def _row_topk(row, k, group_max, group_key, cand_vals, cand_idx, cand_key, out_vals, out_idx):
+    """Write the top ``k`` of the 1-D ``row`` (values, positions) to ``out_vals`` / ``out_idx``."""
+    width, n_groups = row.shape[0], group_max.shape[0]
+    group_max[:] = row[:n_groups]
+    for start in range(n_groups, width, n_groups):
+        for g in range(min(n_groups, width - start)):
+            v = row[start + g]
+            group_max[g] = v if not (v <= group_max[g]) else group_max[g]
+    _to_keys(group_max, group_key, n_groups)
+    low_key = np.int32(_kth_key(group_key, n_groups, k))
+    low = np.array([low_key ^ ((low_key >> 31) & _FLIP)], np.int32).view(np.float32)[0]
+    n = 0
+    for start in range(0, width, _BLOCK):
+        stop = min(start + _BLOCK, width)
+        hit = False
+        for j in range(start, stop):
+            hit |= not (row[j] < low)
+        if hit:
+            for j in range(start, stop):  # branch-free compaction
+                v = row[j]
+                cand_vals[n] = v
+                cand_idx[n] = j
+                n += not (v < low)
+    _to_keys(cand_vals, cand_key, n)
+    kth = _kth_key(cand_key, n, k)
+    m = 0
+    for i in range(n):  # everything above the k-th, then ties with it up to k entries
+        if cand_key[i] > kth:
+            out_vals[m] = cand_vals[i]
+            out_idx[m] = cand_idx[i]
+            m += 1
+    for i in range(n):
+        if m == k:
+            break
+        if cand_key[i] == kth:
+            out_vals[m] = cand_vals[i]
+            out_idx[m] = cand_idx[i]
+            m += 1
+
+
 @njit(parallel=True, cache=True)
 def _topk_rows(pre, k, cols, out_vals, out_idx):
     """Write the top ``k`` of each row of ``pre`` among columns ``cols`` (``None``: all) to
@@ -69,46 +110,16 @@ def _topk_rows(pre, k, cols, out_vals, out_idx):
         cand_vals = np.empty(width + 1, np.float32)
         cand_idx = np.empty(width + 1, np.int64)
         cand_key = np.empty(width, np.int32)
-        low_box = np.empty(1, np.int32)
+        gathered = np.empty(width, np.float32)
         for r in range(task * _ROWS_PER_TASK, min(n_rows, (task + 1) * _ROWS_PER_TASK)):
-            row = pre[r] if cols is None else pre[r][cols]
-            for g in range(n_groups):
-                group_max[g] = row[g]
-            for start in range(n_groups, width, n_groups):
-                for g in range(min(n_groups, width - start)):
-                    v = row[start + g]
-                    group_max[g] = v if not (v <= group_max[g]) else group_max[g]
-            _to_keys(group_max, group_key, n_groups)
-            low_key = np.int32(_kth_key(group_key, n_groups, k))
-            low_box[0] = low_key ^ ((low_key >> 31) & _FLIP)
-            low = low_box.view(np.float32)[0]
-            n = 0
-            for start in range(0, width, _BLOCK):
-                stop = min(start + _BLOCK, width)
-                hit = False
-                for j in range(start, stop):
-                    hit |= not (row[j] < low)
-                if hit:
-                    for j in range(start, stop):  # branch-free compaction
-                        v = row[j]
-                        cand_vals[n] = v
-                        cand_idx[n] = j
-                        n += not (v < low)
-            _to_keys(cand_vals, cand_key, n)
-            kth = _kth_key(cand_key, n, k)
-            m = 0
-            for i in range(n):  # everything above the k-th, then ties with it up to k entries
-                if cand_key[i] > kth:
-                    out_vals[r, m] = cand_vals[i]
-                    out_idx[r, m] = cand_idx[i] if cols is None else cols[cand_idx[i]]
-                    m += 1
-            for i in range(n):
-                if m == k:
-                    break
-                if cand_key[i] == kth:
-                    out_vals[r, m] = cand_vals[i]
-                    out_idx[r, m] = cand_idx[i] if cols is None else cols[cand_idx[i]]
-                    m += 1
+            if cols is None:
+                _row_topk(pre[r], k, group_max, group_key, cand_vals, cand_idx, cand_key, out_vals[r], out_idx[r])
+            else:
+                for i in range(width):
+                    gathered[i] = pre[r, cols[i]]
+                _row_topk(gathered, k, group_max, group_key, cand_vals, cand_idx, cand_key, out_vals[r], out_idx[r])
+                for i in range(k):
+                    out_idx[r, i] = cols[out_idx[r, i]]
 
 
 def topk_rows(pre: Tensor, k: int, cols: Tensor | None = None) -> tuple[Tensor, Tensor]:
