@@ -54,6 +54,10 @@ class SAEConfig(BaseModel):
     sparse_density: float = Field(
         1 / 16, ge=0, description="Use the sparse kernels when k / d_sae <= this, else dense matmuls."
     )
+    aux_sparse_density: float = Field(
+        1 / 6, ge=0, description="With sparse main latents, AuxK uses the sparse kernels when k_aux / n_dead "
+        "<= this, else dense products over the dead latents only (CPU break-even measured at about 0.15).",
+    )
     dtype: DType = "float32"
     model_name: str = ""
     hook_name: str = ""
@@ -375,46 +379,49 @@ class TopKSAE(SAE):
                    "l0": (vals > 0).sum() / n_rows, "dead_frac": dead.float().mean()}
         return loss, metrics
 
-    def _entries(self, pre: Tensor, dead_cols: Tensor | None, k_aux: int) -> tuple[Tensor, Tensor, Tensor, int]:
-        """Main entries, then the AuxK entries (the top ``k_aux`` among the dead latents
-        ``dead_cols``) in bags ``[B, 2B)``; also the number of main entries."""
-        with torch.no_grad():
-            vals, cols, rows = self._select(pre)
-            n_main = vals.numel()
-            if dead_cols is not None:
-                aux_vals, aux_cols, aux_rows = kernels.topk_entries(pre, k_aux, dead_cols)
-                vals = torch.cat([vals, aux_vals])
-                cols = torch.cat([cols, aux_cols])
-                rows = torch.cat([rows, aux_rows + pre.shape[0]])
-        return vals, cols, rows, n_main
-
     def _sparse_step(self, x, dead_cols, k_aux, mm_dtype):
-        """Top-k forward with the sparse kernels: the only dense op is the encoder matmul."""
+        """Top-k forward with the sparse kernels: the only dense op is the encoder matmul.
+
+        AuxK takes the sparse kernels too while ``k_aux / n_dead`` is at most ``aux_sparse_density``;
+        with fewer dead latents the dense products over them are cheaper (:meth:`_dense_aux`)."""
         n_rows = x.shape[0]
+        aux_sparse = k_aux > 0 and k_aux / len(dead_cols) <= self.cfg.aux_sparse_density
         with torch.no_grad():
             xc = (x - self.b_dec).to(mm_dtype)
             pre = torch.addmm(self.b_enc.to(mm_dtype), xc, self.W_enc.to(mm_dtype),
                               out=self._workspace(n_rows, mm_dtype))
-            vals, lat, rows, n_main = self._entries(pre, dead_cols, k_aux)
+            vals, lat, rows = self._select(pre)
+            n_main = vals.numel()
+            if aux_sparse:  # AuxK entries from the same pre-activations, in bags [B, 2B)
+                aux_vals, aux_lat, aux_rows = kernels.topk_entries(pre, k_aux, dead_cols)
+                vals = torch.cat([vals, aux_vals])
+                lat = torch.cat([lat, aux_lat])
+                rows = torch.cat([rows, aux_rows + n_rows])
             vals = vals.to(x.dtype)
-        n_bags = n_rows * (2 if k_aux else 1)
+        n_bags = n_rows * (2 if aux_sparse else 1)
         out = kernels.sparse_autoencode(x, self.b_dec, self.W_enc, self.b_enc, self.W_dec, vals, lat, rows, n_bags)
-        aux_recon = out[1] if k_aux else None
+        aux_recon = out[1] if aux_sparse else self._dense_aux(x, dead_cols, k_aux, mm_dtype) if k_aux else None
         return out[0] + self.b_dec, aux_recon, vals[:n_main], lat[:n_main]
 
     def _dense_step(self, x, dead_cols, k_aux, mm_dtype):
         """Reference top-k forward with dense matmuls and plain autograd."""
         pre = torch.addmm(self.b_enc.to(mm_dtype), (x - self.b_dec).to(mm_dtype), self.W_enc.to(mm_dtype))
         pre = pre.to(x.dtype)
-        vals, cols, rows, n_main = self._entries(pre.detach(), dead_cols, k_aux)
+        with torch.no_grad():
+            vals, cols, rows = self._select(pre.detach())
+        acts = torch.zeros_like(pre).index_put((rows, cols), pre[rows, cols].relu())
+        aux_recon = self._dense_aux(x, dead_cols, k_aux, mm_dtype) if k_aux else None
+        return acts @ self.W_dec + self.b_dec, aux_recon, vals, cols
 
-        def decode(cols: Tensor, rows: Tensor) -> Tensor:
-            acts = torch.zeros_like(pre).index_put((rows % x.shape[0], cols), pre[rows % x.shape[0], cols].relu())
-            return acts @ self.W_dec
-
-        recon = decode(cols[:n_main], rows[:n_main]) + self.b_dec
-        aux_recon = decode(cols[n_main:], rows[n_main:]) if k_aux else None
-        return recon, aux_recon, vals[:n_main], cols[:n_main]
+    def _dense_aux(self, x, dead_cols, k_aux, mm_dtype):
+        """AuxK reconstruction from the top ``k_aux`` dead latents, with dense products over the
+        ``dead_cols`` columns only (cost ~ batch x n_dead x d_in) and plain autograd."""
+        W_enc, b_enc = self.W_enc[:, dead_cols], self.b_enc[dead_cols]
+        pre = torch.addmm(b_enc.to(mm_dtype), (x - self.b_dec).to(mm_dtype), W_enc.to(mm_dtype)).to(x.dtype)
+        with torch.no_grad():
+            _, idx = topk_rows(pre.detach(), k_aux)
+        acts = torch.zeros_like(pre).scatter(1, idx, pre.gather(1, idx).relu())
+        return acts @ self.W_dec[dead_cols]
 
     def _workspace(self, n_rows: int, dtype: torch.dtype) -> Tensor:
         """Reused pre-activation buffer: allocating ``[batch, d_sae]`` anew every step

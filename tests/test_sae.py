@@ -108,10 +108,11 @@ def naive_topk_loss(sae: SAE, x: torch.Tensor, dead: torch.Tensor) -> torch.Tens
     return fvu + sae.cfg.aux_coef * (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
 
 
-@pytest.mark.parametrize("sparse_density", [1.0, 0.0], ids=["sparse", "dense"])
+@pytest.mark.parametrize(("sparse_density", "aux_sparse_density"), [(1.0, 1.0), (1.0, 0.0), (0.0, 0.0)],
+                         ids=["sparse", "sparse+dense-auxk", "dense"])
 @pytest.mark.parametrize("n_dead", [0, 20])
-def test_topk_training_loss_matches_naive_reference(sparse_density, n_dead):
-    sae = make_sae(sparse_density=sparse_density, aux_k=6, dead_tokens=100)
+def test_topk_training_loss_matches_naive_reference(sparse_density, aux_sparse_density, n_dead):
+    sae = make_sae(sparse_density=sparse_density, aux_sparse_density=aux_sparse_density, aux_k=6, dead_tokens=100)
     dead = torch.zeros(48, dtype=torch.bool)
     dead[torch.randperm(48)[:n_dead]] = True
     sae.tokens_since_fired[dead] = 100
