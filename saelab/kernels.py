@@ -52,20 +52,31 @@ class SparseAutoencode(torch.autograd.Function):
 
     Entry ``e`` has latent ``lat[e]``, bag ``bag[e]`` (sorted) and pre-activation
     ``vals[e] = ((x - b_dec) @ W_enc + b_enc)[bag[e] % B, lat[e]]``, computed by the
-    caller without autograd. Output row ``r`` is
-    ``sum_{e in bag r} relu(vals[e]) * W_dec[lat[e]]``; shape ``[n_bags // B, B, d_in]``.
+    caller without autograd. Bags come in groups of B (main, then AuxK); ``group_sizes`` gives
+    each group's number of entries. Output row ``r`` is
+    ``sum_{e in bag r} relu(vals[e]) * W_dec[lat[e]]``; shape ``[n_groups, B, d_in]``.
     """
 
     @staticmethod
-    def forward(ctx, x, b_dec, W_enc, b_enc, W_dec, vals, lat, bag, n_bags):
+    def forward(ctx, x, b_dec, W_enc, b_enc, W_dec, vals, lat, bag, group_sizes):
         n_rows = x.shape[0]
-        if n_bags % n_rows:
-            raise ValueError(f"n_bags={n_bags} must be a multiple of the batch size {n_rows}")
-        offsets = bag_offsets(bag, n_bags)
+        if sum(group_sizes) != len(lat):
+            raise ValueError(f"group_sizes {group_sizes} must add up to the {len(lat)} entries")
+        acts = vals.relu()
+        outs, offsets, start = [], [], 0
+        # One call per group: embedding_bag splits bags evenly across threads, so one call over
+        # 32-entry main bags and 192-entry AuxK bags would leave one thread most of the work.
         # Detached weights take the cheaper forward-only path (no bag bookkeeping for autograd).
-        out = F.embedding_bag(lat, W_dec.detach(), offsets, mode="sum", per_sample_weights=vals.relu())
+        for g, size in enumerate(group_sizes):
+            part = slice(start, start + size)
+            group_offsets = bag_offsets(bag[part] - g * n_rows, n_rows)
+            outs.append(F.embedding_bag(lat[part], W_dec.detach(), group_offsets, mode="sum",
+                                        per_sample_weights=acts[part]))
+            offsets.append(group_offsets + start)
+            start += size
+        offsets = torch.cat(offsets)
         ctx.save_for_backward(x, b_dec, W_enc, W_dec, vals, lat, bag, offsets)
-        return out.view(n_bags // n_rows, n_rows, -1)
+        return torch.stack(outs)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -108,10 +119,10 @@ class SparseAutoencode(torch.autograd.Function):
 
 def sparse_autoencode(
     x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor,
-    vals: Tensor, lat: Tensor, bag: Tensor, n_bags: int,
+    vals: Tensor, lat: Tensor, bag: Tensor, group_sizes: list[int],
 ) -> Tensor:
-    """Functional form of :class:`SparseAutoencode`; returns ``[n_bags // B, B, d_in]``."""
-    return SparseAutoencode.apply(x, b_dec, W_enc, b_enc, W_dec, vals, lat, bag, n_bags)
+    """Functional form of :class:`SparseAutoencode`; returns ``[len(group_sizes), B, d_in]``."""
+    return SparseAutoencode.apply(x, b_dec, W_enc, b_enc, W_dec, vals, lat, bag, group_sizes)
 
 
 def sparse_decode(acts: Tensor, lat: Tensor, W_dec: Tensor) -> Tensor:

@@ -398,8 +398,8 @@ class TopKSAE(SAE):
                 lat = torch.cat([lat, aux_lat])
                 rows = torch.cat([rows, aux_rows + n_rows])
             vals = vals.to(x.dtype)
-        n_bags = n_rows * (2 if aux_sparse else 1)
-        out = kernels.sparse_autoencode(x, self.b_dec, self.W_enc, self.b_enc, self.W_dec, vals, lat, rows, n_bags)
+        groups = [n_main, len(vals) - n_main] if aux_sparse else [n_main]
+        out = kernels.sparse_autoencode(x, self.b_dec, self.W_enc, self.b_enc, self.W_dec, vals, lat, rows, groups)
         aux_recon = out[1] if aux_sparse else self._dense_aux(x, dead_cols, k_aux, mm_dtype) if k_aux else None
         return out[0] + self.b_dec, aux_recon, vals[:n_main], lat[:n_main]
 

@@ -39,7 +39,8 @@ def dense_reference(x, b_dec, W_enc, b_enc, W_dec, lat, bag, n_bags):
 
 def sparse(x, b_dec, W_enc, b_enc, W_dec, lat, bag, n_bags):
     vals = gathered_vals(x, b_dec, W_enc, b_enc, lat, bag).detach()
-    return kernels.sparse_autoencode(x, b_dec, W_enc, b_enc, W_dec, vals, lat, bag, n_bags)
+    group_sizes = torch.bincount(bag // B, minlength=n_bags // B).tolist()
+    return kernels.sparse_autoencode(x, b_dec, W_enc, b_enc, W_dec, vals, lat, bag, group_sizes)
 
 
 def test_problem_has_masked_entries():
@@ -89,10 +90,11 @@ def test_variable_bags_like_batch_topk():
     assert torch.all(sparse(*tensors, lat, bag, B)[0, [1, 5]] == 0)
 
 
-def test_n_bags_must_be_a_multiple_of_the_batch():
+def test_group_sizes_must_cover_the_entries():
     tensors, lat, bag = make_problem()
-    with pytest.raises(ValueError, match="multiple of the batch size"):
-        sparse(*tensors, lat, bag, 2 * B + 1)
+    vals = gathered_vals(*tensors[:4], lat, bag).detach()
+    with pytest.raises(ValueError, match="must add up to"):
+        kernels.sparse_autoencode(*tensors, vals, lat, bag, [len(lat) - 1])
 
 
 def test_bag_offsets_with_empty_bags():
