@@ -6,18 +6,21 @@ touches only the selected (row, latent) entries:
 
 * forward decode: an embedding bag over ``W_dec`` rows weighted by the activations;
 * activation gradient: one dot product per entry (embedding-bag weight backward);
-* ``W_dec``, ``W_enc`` and ``b_enc`` gradients: the entries are sorted by latent once
-  and each gradient row is an embedding bag over batch rows, so no ``[batch, d_sae]``
-  or ``[nnz, d_in]`` tensor is ever built;
+* ``W_dec``, ``W_enc`` and ``b_enc`` gradients: the entries are grouped by latent once
+  (a parallel counting sort on the CPU) and each gradient row is an embedding bag over
+  batch rows, so no ``[batch, d_sae]`` or ``[nnz, d_in]`` tensor is ever built;
 * ``b_dec``'s gradient through the encoder is ``-W_enc @ grad_b_enc``.
 
 Entries are given in COO form grouped into *bags*: bag ``r`` is output row ``r`` and
 reads input row ``r % batch``, so bags ``[0, B)`` reconstruct the batch from the main
-latents and bags ``[B, 2B)`` from the AuxK latents, all in one call.
+latents and bags ``[B, 2B)`` from the AuxK latents, all in one autograd call.
 """
 
+import numba
+import numpy as np
 import torch
 import torch.nn.functional as F
+from numba import njit, prange
 from torch import Tensor
 
 from .topk import topk_rows
@@ -47,14 +50,56 @@ def batch_topk_entries(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     return vals[order], flat % width, flat // width
 
 
+def group_by_latent(lat: Tensor, bag: Tensor, acts: Tensor, d_sae: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Entries regrouped by latent, stably: ``(order, by_latent, bag[order], acts[order])``
+    where ``by_latent`` is each latent's start offset. A parallel counting sort on the CPU
+    (numba), ``torch.sort`` elsewhere."""
+    if lat.device.type != "cpu":
+        lat_sorted, order = torch.sort(lat.int(), stable=True)
+        return order, bag_offsets(lat_sorted, d_sae), bag[order], acts[order]
+    order, bag_sorted, acts_sorted = torch.empty_like(lat), torch.empty_like(bag), torch.empty_like(acts)
+    by_latent = torch.empty(d_sae, dtype=torch.long)
+    n_chunks = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(n_chunks)
+    _counting_sort(lat.numpy(), bag.numpy(), acts.detach().numpy(), d_sae, n_chunks,
+                   order.numpy(), by_latent.numpy(), bag_sorted.numpy(), acts_sorted.numpy())
+    return order, by_latent, bag_sorted, acts_sorted
+
+
+@njit(parallel=True, cache=True)
+def _counting_sort(lat, bag, acts, d_sae, n_chunks, order, starts, bag_sorted, acts_sorted):
+    """Stable counting sort of the entries by ``lat``; each of ``n_chunks`` threads counts, then
+    scatters, its own contiguous slice of the entries."""
+    n = lat.shape[0]
+    size = (n + n_chunks - 1) // n_chunks
+    pos = np.zeros((n_chunks, d_sae), np.int64)
+    for c in prange(n_chunks):
+        for e in range(c * size, min(n, (c + 1) * size)):
+            pos[c, lat[e]] += 1
+    total = 0
+    for latent in range(d_sae):  # chunk c's entries of a latent follow chunk c-1's
+        starts[latent] = total
+        for c in range(n_chunks):
+            count = pos[c, latent]
+            pos[c, latent] = total
+            total += count
+    for c in prange(n_chunks):
+        for e in range(c * size, min(n, (c + 1) * size)):
+            p = pos[c, lat[e]]
+            pos[c, lat[e]] = p + 1
+            order[p] = e
+            bag_sorted[p] = bag[e]
+            acts_sorted[p] = acts[e]
+
+
 class SparseAutoencode(torch.autograd.Function):
     """Decode selected encoder entries; gradients flow to the encoder and decoder.
 
     Entry ``e`` has latent ``lat[e]``, bag ``bag[e]`` (sorted) and pre-activation
     ``vals[e] = ((x - b_dec) @ W_enc + b_enc)[bag[e] % B, lat[e]]``, computed by the
     caller without autograd. Bags come in groups of B (main, then AuxK); ``group_sizes`` gives
-    each group's number of entries. Output row ``r`` is
-    ``sum_{e in bag r} relu(vals[e]) * W_dec[lat[e]]``; shape ``[n_groups, B, d_in]``.
+    each group's number of entries. Returns one ``[B, d_in]`` tensor per group whose row ``r``
+    is ``sum_{e in bag r} relu(vals[e]) * W_dec[lat[e]]``.
     """
 
     @staticmethod
@@ -76,24 +121,20 @@ class SparseAutoencode(torch.autograd.Function):
             start += size
         offsets = torch.cat(offsets)
         ctx.save_for_backward(x, b_dec, W_enc, W_dec, vals, lat, bag, offsets)
-        return torch.stack(outs)
+        return tuple(outs)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, *grad_outs):
         x, b_dec, W_enc, W_dec, vals, lat, bag, offsets = ctx.saved_tensors
         n_rows, d_sae = x.shape[0], W_dec.shape[0]
-        grad_out = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()
+        grad_out = torch.cat(grad_outs)  # [n_groups * B, d_in], row = bag id
 
         # Group entries by latent once; every weight gradient row is then a bag.
-        lat_sorted, order = torch.sort(lat.int(), stable=True)
-        by_latent = bag_offsets(lat_sorted, d_sae)
-        bag_sorted = bag[order]
+        order, by_latent, bag_sorted, acts_sorted = group_by_latent(lat, bag, vals.relu(), d_sae)
 
         grad_x = grad_b_dec = grad_W_enc = grad_b_enc = grad_W_dec = None
         if ctx.needs_input_grad[4]:
-            grad_W_dec = F.embedding_bag(
-                bag_sorted, grad_out, by_latent, mode="sum", per_sample_weights=vals.relu()[order]
-            )
+            grad_W_dec = F.embedding_bag(bag_sorted, grad_out, by_latent, mode="sum", per_sample_weights=acts_sorted)
         if any(ctx.needs_input_grad[:4]):
             # d(loss)/d(act) per entry: grad_out[bag] . W_dec[lat], no gathered copy.
             grad_acts = torch.ops.aten._embedding_bag_per_sample_weights_backward(
@@ -103,9 +144,10 @@ class SparseAutoencode(torch.autograd.Function):
             grad_b_enc = torch.zeros(d_sae, dtype=grad_pre.dtype, device=grad_pre.device)
             grad_b_enc.index_add_(0, lat, grad_pre)
         if ctx.needs_input_grad[2]:
+            # Bags >= B read the same batch rows as bags < B: the table repeats x - b_dec.
+            x_rows = (x - b_dec).repeat(len(grad_outs), 1)
             grad_W_enc = F.embedding_bag(
-                bag_sorted % n_rows, x - b_dec, by_latent, mode="sum",
-                per_sample_weights=grad_pre[order],
+                bag_sorted, x_rows, by_latent, mode="sum", per_sample_weights=grad_pre[order]
             ).T
         if ctx.needs_input_grad[1]:
             grad_b_dec = -(W_enc @ grad_b_enc)
@@ -120,8 +162,8 @@ class SparseAutoencode(torch.autograd.Function):
 def sparse_autoencode(
     x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor,
     vals: Tensor, lat: Tensor, bag: Tensor, group_sizes: list[int],
-) -> Tensor:
-    """Functional form of :class:`SparseAutoencode`; returns ``[len(group_sizes), B, d_in]``."""
+) -> tuple[Tensor, ...]:
+    """Functional form of :class:`SparseAutoencode`; returns one ``[B, d_in]`` tensor per group."""
     return SparseAutoencode.apply(x, b_dec, W_enc, b_enc, W_dec, vals, lat, bag, group_sizes)
 
 

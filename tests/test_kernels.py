@@ -40,7 +40,7 @@ def dense_reference(x, b_dec, W_enc, b_enc, W_dec, lat, bag, n_bags):
 def sparse(x, b_dec, W_enc, b_enc, W_dec, lat, bag, n_bags):
     vals = gathered_vals(x, b_dec, W_enc, b_enc, lat, bag).detach()
     group_sizes = torch.bincount(bag // B, minlength=n_bags // B).tolist()
-    return kernels.sparse_autoencode(x, b_dec, W_enc, b_enc, W_dec, vals, lat, bag, group_sizes)
+    return torch.stack(kernels.sparse_autoencode(x, b_dec, W_enc, b_enc, W_dec, vals, lat, bag, group_sizes))
 
 
 def test_problem_has_masked_entries():
@@ -124,3 +124,15 @@ def test_sparse_decode_matches_dense():
     lat = torch.randint(0, M, (B, 3), generator=g)
     dense = torch.zeros(B, M).index_put((torch.arange(B)[:, None].expand(-1, 3), lat), acts, accumulate=True)
     torch.testing.assert_close(kernels.sparse_decode(acts, lat, W_dec), dense @ W_dec)
+
+
+def test_group_by_latent_is_a_stable_sort_by_latent():
+    g = torch.Generator().manual_seed(0)
+    lat = torch.randint(0, 50, (5000,), generator=g)
+    bag = torch.arange(5000) // 7
+    acts = torch.rand(5000, generator=g)
+    order, by_latent, bag_sorted, acts_sorted = kernels.group_by_latent(lat, bag, acts, 60)
+    lat_sorted, ref_order = torch.sort(lat, stable=True)
+    assert torch.equal(order, ref_order)
+    assert torch.equal(by_latent, kernels.bag_offsets(lat_sorted, 60))
+    assert torch.equal(bag_sorted, bag[ref_order]) and torch.equal(acts_sorted, acts[ref_order])
