@@ -50,11 +50,14 @@ def batch_topk_entries(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     return vals[order], flat % width, flat // width
 
 
+CPU_KERNELS = True  # the numba counting sort for CPU tensors; tests switch it off to check the torch path
+
+
 def group_by_latent(lat: Tensor, bag: Tensor, acts: Tensor, d_sae: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Entries regrouped by latent, stably: ``(order, by_latent, bag[order], acts[order])``
     where ``by_latent`` is each latent's start offset. A parallel counting sort on the CPU
     (numba), ``torch.sort`` elsewhere."""
-    if lat.device.type != "cpu":
+    if not (CPU_KERNELS and acts.device.type == "cpu" and acts.dtype in (torch.float32, torch.float64)):
         lat_sorted, order = torch.sort(lat.int(), stable=True)
         return order, bag_offsets(lat_sorted, d_sae), bag[order], acts[order]
     order, bag_sorted, acts_sorted = torch.empty_like(lat), torch.empty_like(bag), torch.empty_like(acts)

@@ -8,6 +8,13 @@ from saelab import kernels
 B, D, M = 6, 5, 16
 
 
+@pytest.fixture(autouse=True, params=["numba", "torch"])
+def kernel_path(request, monkeypatch):
+    """Every test runs with the CPU numba counting sort and with the torch.sort that GPUs use."""
+    monkeypatch.setattr(kernels, "CPU_KERNELS", request.param == "numba")
+    return request.param
+
+
 def make_problem(seed: int = 0, k: int = 4, k_aux: int = 3):
     """Random SAE tensors and main + AuxK entries; some entries have negative pre-activations."""
     g = torch.Generator().manual_seed(seed)
