@@ -400,7 +400,9 @@ class TopKSAE(SAE):
             vals = vals.to(x.dtype)
         groups = [n_main, len(vals) - n_main] if aux_sparse else [n_main]
         out = kernels.sparse_autoencode(x, self.b_dec, self.W_enc, self.b_enc, self.W_dec, vals, lat, rows, groups)
-        aux_recon = out[1] if aux_sparse else self._dense_aux(x, dead_cols, k_aux, mm_dtype) if k_aux else None
+        aux_recon = None
+        if k_aux:
+            aux_recon = out[1] if aux_sparse else self._dense_aux(x, dead_cols, k_aux, mm_dtype)
         return out[0] + self.b_dec, aux_recon, vals[:n_main], lat[:n_main]
 
     def _dense_step(self, x, dead_cols, k_aux, mm_dtype):

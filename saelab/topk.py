@@ -107,8 +107,8 @@ def _topk_rows(pre, k, cols, out_vals, out_idx):
     for task in prange((n_rows + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
         group_max = np.empty(n_groups, np.float32)
         group_key = np.empty(n_groups, np.int32)
-        cand_vals = np.empty(width + 1, np.float32)
-        cand_idx = np.empty(width + 1, np.int64)
+        cand_vals = np.empty(width, np.float32)
+        cand_idx = np.empty(width, np.int64)
         cand_key = np.empty(width, np.int32)
         gathered = np.empty(width, np.float32)
         for r in range(task * _ROWS_PER_TASK, min(n_rows, (task + 1) * _ROWS_PER_TASK)):
@@ -124,7 +124,8 @@ def _topk_rows(pre, k, cols, out_vals, out_idx):
 
 def topk_rows(pre: Tensor, k: int, cols: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Unsorted top-k of each row of the 2-D ``pre`` among columns ``cols`` (default: all):
-    values and column indices, as ``pre[:, cols].topk(k, dim=-1, sorted=False)`` would give.
+    values (differentiable) and column indices, as ``pre[:, cols].topk(k, dim=-1, sorted=False)``
+    would give.
 
     The kernel above runs on contiguous float32 CPU tensors; others (GPUs have a fast top-k)
     go through ``torch.topk``."""
@@ -136,9 +137,14 @@ def topk_rows(pre: Tensor, k: int, cols: Tensor | None = None) -> tuple[Tensor, 
             return pre.topk(k, dim=-1, sorted=False)
         vals, idx = pre[:, cols].topk(k, dim=-1, sorted=False)
         return vals, cols[idx]
+    # The kernel does not bounds-check (torch indexing above does, without a host sync).
+    if cols is not None and not (0 <= int(cols.min()) and int(cols.max()) < pre.shape[1]):
+        raise ValueError(f"cols must index the {pre.shape[1]} columns of pre; got {int(cols.min())}..{int(cols.max())}")
     vals = torch.empty(pre.shape[0], k, dtype=pre.dtype)
     idx = torch.empty(pre.shape[0], k, dtype=torch.long)
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
     cols = None if cols is None else cols.to(torch.long).contiguous().numpy()
     _topk_rows(pre.detach().numpy(), k, cols, vals.numpy(), idx.numpy())
+    if pre.requires_grad:  # values that carry gradients, as torch.topk's do
+        vals = pre.gather(1, idx)
     return vals, idx

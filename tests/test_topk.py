@@ -80,3 +80,16 @@ def test_other_dtypes_and_layouts_fall_back_to_torch():
 def test_bad_k_is_an_error(k, n_selectable):
     with pytest.raises(ValueError, match="top-k needs"):
         topk_rows(torch.randn(3, 64), k, torch.arange(n_selectable))
+
+
+def test_columns_out_of_range_are_an_error():
+    with pytest.raises(ValueError, match="cols must index"):
+        topk_rows(torch.randn(3, 64), 2, torch.tensor([0, 64]))
+
+
+def test_values_carry_gradients_like_torch_topk():
+    pre = torch.randn(5, 300, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    vals, idx = topk_rows(pre, 7)
+    (vals * torch.arange(7.0)).sum().backward()
+    expected = torch.zeros(5, 300).scatter(1, idx, torch.arange(7.0).expand(5, -1))
+    assert torch.equal(pre.grad, expected)
