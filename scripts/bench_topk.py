@@ -1,0 +1,68 @@
+"""Time saelab's CPU top-k kernel against torch.topk on the same pre-activations.
+
+Two selections of a TopK training step at the bench_train shape: the main top-k over every
+latent, and the AuxK top-k over the dead half (every other column). Calls alternate, so
+background load hits both alike; medians are reported.
+
+    python scripts/bench_topk.py [--json out.json]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from saelab.topk import topk_rows
+
+
+def median_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(repeats + 2):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if i >= 2:
+                times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=4096)
+    parser.add_argument("--d-in", type=int, default=384)
+    parser.add_argument("--d-sae", type=int, default=6144)
+    parser.add_argument("-k", type=int, default=32)
+    parser.add_argument("--k-aux", type=int, default=192)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--json", type=str, default=None, help="write the figures to this JSON file")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.rows, args.d_in, generator=g)
+    W_enc = torch.randn(args.d_in, args.d_sae, generator=g) / args.d_in**0.5
+    pre = x @ W_enc  # the encoder pre-activations of a fresh SAE
+    dead = torch.arange(0, args.d_sae, 2)
+    print(f"rows={args.rows} d_sae={args.d_sae} k={args.k} k_aux={args.k_aux} threads={args.threads}; "
+          f"load average {os.getloadavg()[0]:.2f}")
+
+    results = {}
+    for case, k, cols in (("main", args.k, None), ("auxk", args.k_aux, dead)):
+        torch_fn = (lambda: pre.topk(k, dim=-1, sorted=False)) if cols is None else (
+            lambda: pre[:, cols].topk(k, dim=-1, sorted=False))
+        ms = median_ms({"saelab": lambda: topk_rows(pre, k, cols), "torch": torch_fn}, args.repeats)
+        results[case] = {"saelab_ms": ms["saelab"], "torch_ms": ms["torch"], "speedup": ms["torch"] / ms["saelab"]}
+        print(f"  {case:5s} top-{k:<4d} saelab {ms['saelab']:6.1f} ms  torch.topk {ms['torch']:6.1f} ms  "
+              f"-> {results[case]['speedup']:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": vars(args), "load_average": os.getloadavg(), "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
