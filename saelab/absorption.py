@@ -54,6 +54,7 @@ from tqdm.auto import tqdm
 from saelab.config import StrictModel
 from saelab.errors import SaelabError
 from saelab.models import Model, capture, forward_to, is_encoder, load_model, resolve_hooks
+from saelab.resultfile import read_json, write_json
 from saelab.sae import SAE, SAEConfig
 from saelab.text import SpecialTokens
 
@@ -475,26 +476,17 @@ class AbsorptionResult:
                 f"L0 {self.l0:.1f}, width {self.d_sae}")
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=1))
-        return path
+        return write_json(path, asdict(self))
 
     @staticmethod
     def load(path: str | Path) -> "AbsorptionResult":
-        path = Path(path)
-        if not path.is_file():
-            raise AbsorptionError(f"no absorption result at {path}; compute one with `saelab absorption CONFIG.yaml`")
-        try:
-            data = json.loads(path.read_text())
-            labels = []
-            for lab in data.pop("labels"):
-                lab["cases"] = [Case(**c) for c in lab["cases"]]
-                labels.append(LabelScore(**lab))
-            return AbsorptionResult(labels=labels, **data)
-        except (ValueError, TypeError, KeyError) as err:
-            raise AbsorptionError(f"{path} is not a saelab absorption result ({type(err).__name__}: {err}); "
-                                  "compute it again") from None
+        return read_json(path, _absorption_result, AbsorptionError, "absorption result",
+                         "saelab absorption CONFIG.yaml")
+
+
+def _absorption_result(data: dict) -> AbsorptionResult:
+    labels = [LabelScore(**(lab | {"cases": [Case(**c) for c in lab["cases"]]})) for lab in data.pop("labels")]
+    return AbsorptionResult(labels=labels, **data)
 
 
 @dataclass

@@ -44,6 +44,7 @@ from saelab.config import StrictModel
 from saelab.errors import SaelabError
 from saelab.models import (HOOK_KINDS, Model, flatten_heads, forward_to, is_encoder, load_model, resolve_hooks,
                            save_model)
+from saelab.resultfile import read_json, write_json
 from saelab.sae import SAE
 from saelab.text import SpecialTokens
 
@@ -718,24 +719,16 @@ class Circuit:
 
     def save(self, path: str | Path) -> Path:
         """Write the circuit as JSON."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=1))
-        return path
+        return write_json(path, asdict(self))
 
     @staticmethod
     def load(path: str | Path) -> "Circuit":
         """Read a circuit written by `save`."""
-        path = Path(path)
-        if not path.is_file():
-            raise CircuitError(f"no circuit at {path}; compute one with `saelab circuit CONFIG.yaml`")
-        try:
-            data = json.loads(path.read_text())
-            data["nodes"] = [Node(**n) for n in data["nodes"]]
-            data["edges"] = [Edge(**e) for e in data["edges"]]
-            return Circuit(**data)
-        except (ValueError, TypeError, KeyError) as err:
-            raise CircuitError(f"{path} is not a saelab circuit ({type(err).__name__}: {err}); compute it again") from None
+        return read_json(path, _circuit, CircuitError, "circuit", "saelab circuit CONFIG.yaml")
+
+
+def _circuit(data: dict) -> Circuit:
+    return Circuit(**(data | {"nodes": [Node(**n) for n in data["nodes"]], "edges": [Edge(**e) for e in data["edges"]]}))
 
 
 def _default_sizes(n_nodes: int) -> list[int]:

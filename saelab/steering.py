@@ -25,7 +25,6 @@ gradient descent toward target examples, to be injected with mode `add`.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -41,6 +40,7 @@ from tqdm.auto import tqdm
 from saelab.config import StrictModel, TextConfig
 from saelab.errors import SaelabError
 from saelab.models import Model, flatten_heads, forward_to, is_encoder, resolve_hooks
+from saelab.resultfile import write_json
 from saelab.sae import SAE
 from saelab.text import SpecialTokens
 
@@ -624,10 +624,7 @@ def run_steering(cfg: SteerConfig, progress: bool = True) -> tuple[dict[str, Any
                                   prompt_tokens(model, p).shape[1]) for i, p in enumerate(cfg.prompts)]
         rows = sweep(model, iv, cfg.coefficients, cfg.prompts, cfg.max_new_tokens, cfg.temperature, cfg.seed, progress)
         result |= {"kind": "generation", "scale": scale, "scale_source": source, "unsteered": unsteered, "rows": rows}
-    path = Path(cfg.run) / STEERING_DIR / f"{cfg.name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
-    return result, path
+    return result, write_json(Path(cfg.run) / STEERING_DIR / f"{cfg.name}.json", result)
 
 
 def summary(result: dict[str, Any]) -> str:
