@@ -5,16 +5,15 @@ latents linked to their feature pages."""
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from dash import dcc, html
 
 from dashboards import components as c
-from dashboards.data import RunError, SaeInfo, sae_info
+from dashboards.data import RunError, SaeInfo, cached_result, sae_info
 from dashboards.pages import Params, guarded
-from saelab.absorption import ABSORPTION_DIR, AbsorptionError, AbsorptionResult, Case, LabelScore
+from saelab.absorption import ABSORPTION_DIR, AbsorptionResult, Case, LabelScore
 
 MAX_CASES = 200  # cases listed for one label (the strongest first)
 
@@ -36,15 +35,7 @@ def load_result(run_dir: str, hook: str | None, variant: str | None) -> Absorpti
         raise RunError(f"The run has no absorption result for {hook}/{variant}. It has: "
                        f"{', '.join(f'{h}/{v}' for h, v in keys)}.")
     path = Path(run_dir) / ABSORPTION_DIR / hook / f"{variant}.json"
-    return _load(str(path), path.stat().st_mtime_ns)
-
-
-@lru_cache(maxsize=32)
-def _load(path: str, mtime: int) -> AbsorptionResult:
-    try:
-        return AbsorptionResult.load(path)
-    except AbsorptionError as err:
-        raise RunError(str(err)) from None
+    return cached_result(AbsorptionResult.load, path)
 
 
 def _readable(run_dir: str, hook: str, variant: str) -> AbsorptionResult | None:

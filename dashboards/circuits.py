@@ -5,7 +5,6 @@ latent opens its feature page."""
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +13,9 @@ from dash import Dash, Input, Output, State, dcc, html
 from dash.exceptions import PreventUpdate
 
 from dashboards import components as c
-from dashboards.data import RunError, sae_info
+from dashboards.data import RunError, cached_result, sae_info
 from dashboards.pages import Params, guarded
-from saelab.circuits import CIRCUITS_DIR, Circuit, CircuitError, Node
+from saelab.circuits import CIRCUITS_DIR, Circuit, Node
 
 SPREAD = 0.38  # nodes sharing a hook point and position are stacked within ± this of the hook's row
 EDGE_WIDTHS = (1.0, 2.5, 4.5)  # edges drawn in three widths by |weight|
@@ -37,15 +36,7 @@ def load_circuit(run_dir: str, name: str | None) -> Circuit:
     if name not in names:
         raise RunError(f"The run has no circuit {name!r}. It has: {', '.join(names)}.")
     path = Path(run_dir) / CIRCUITS_DIR / f"{name}.json"
-    return _load(str(path), path.stat().st_mtime_ns)
-
-
-@lru_cache(maxsize=8)
-def _load(path: str, mtime: int) -> Circuit:
-    try:
-        return Circuit.load(path)
-    except CircuitError as err:
-        raise RunError(str(err)) from None
+    return cached_result(Circuit.load, path)
 
 
 def _coordinates(circuit: Circuit, nodes: list[Node]) -> dict[str, tuple[float, float]]:

@@ -12,12 +12,13 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
 
 from saelab.analysis import FeatureStore
+from saelab.errors import SaelabError
 from saelab.models import Model, capture, is_encoder, load_model, resolve_hooks
 from saelab.sae import CFG_FILENAME, SAE
 from saelab.store import ActivationStore
@@ -26,6 +27,9 @@ from saelab.text import SpecialTokens
 STORE_DIR = "activations.zarr"
 SAES_DIR = "saes"
 ANALYSIS_DIR = "analysis"
+
+
+T = TypeVar("T")
 
 
 class RunError(Exception):
@@ -111,6 +115,20 @@ def check_model(run_dir: str, info: SaeInfo) -> None:
         raise RunError(f"SAE {info.hook}/{info.variant} was trained on model {info.model_name!r}, but this run's "
                        f"activations come from {store_model!r}. Its latents do not apply to this model; "
                        "train an SAE on this run's store instead.")
+
+
+def cached_result(load: Callable[[str], T], path: Path) -> T:
+    """`load(path)` once per version of the file (a circuit, an absorption result); the `SaelabError` it raises
+    for a missing or broken file becomes a `RunError` for the page."""
+    return _cached_result(load, str(path), path.stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=32)
+def _cached_result(load: Callable[[str], T], path: str, mtime: int) -> T:
+    try:
+        return load(path)
+    except SaelabError as err:
+        raise RunError(str(err)) from None
 
 
 def analysis_path(run_dir: str, info: SaeInfo) -> Path:
