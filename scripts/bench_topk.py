@@ -10,24 +10,11 @@ background load hits both alike; medians are reported.
 import argparse
 import json
 import os
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
+from bench_train import time_round_robin  # scripts/ is on the path when run as a script
 
 from saelab.topk import topk_rows
-
-
-def median_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for i in range(repeats + 2):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            if i >= 2:
-                times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -55,7 +42,8 @@ def main() -> None:
     for case, k, cols in (("main", args.k, None), ("auxk", args.k_aux, dead)):
         torch_fn = (lambda: pre.topk(k, dim=-1, sorted=False)) if cols is None else (
             lambda: pre[:, cols].topk(k, dim=-1, sorted=False))
-        ms = median_ms({"saelab": lambda: topk_rows(pre, k, cols), "torch": torch_fn}, args.repeats)
+        sec = time_round_robin({"saelab": lambda: topk_rows(pre, k, cols), "torch": torch_fn}, 2, args.repeats)
+        ms = {name: 1e3 * s for name, s in sec.items()}
         results[case] = {"saelab_ms": ms["saelab"], "torch_ms": ms["torch"], "speedup": ms["torch"] / ms["saelab"]}
         print(f"  {case:5s} top-{k:<4d} saelab {ms['saelab']:6.1f} ms  torch.topk {ms['torch']:6.1f} ms  "
               f"-> {results[case]['speedup']:.2f}x")
