@@ -16,14 +16,13 @@ reads input row ``r % batch``, so bags ``[0, B)`` reconstruct the batch from the
 latents and bags ``[B, 2B)`` from the AuxK latents, all in one autograd call.
 """
 
-import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
 from numba import njit, prange
 from torch import Tensor
 
-from .topk import topk_rows
+from .topk import match_torch_threads, topk_rows
 
 _SUM = 0  # embedding-bag mode "sum"
 
@@ -62,8 +61,7 @@ def group_by_latent(lat: Tensor, bag: Tensor, acts: Tensor, d_sae: int) -> tuple
         return order, bag_offsets(lat_sorted, d_sae), bag[order], acts[order]
     order, bag_sorted, acts_sorted = torch.empty_like(lat), torch.empty_like(bag), torch.empty_like(acts)
     by_latent = torch.empty(d_sae, dtype=torch.long)
-    n_chunks = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(n_chunks)
+    n_chunks = match_torch_threads()
     _counting_sort(lat.numpy(), bag.numpy(), acts.detach().numpy(), d_sae, n_chunks,
                    order.numpy(), by_latent.numpy(), bag_sorted.numpy(), acts_sorted.numpy())
     return order, by_latent, bag_sorted, acts_sorted

@@ -122,6 +122,13 @@ def _topk_rows(pre, k, cols, out_vals, out_idx):
                     out_idx[r, i] = cols[out_idx[r, i]]
 
 
+def match_torch_threads() -> int:
+    """Run numba's parallel loops on as many threads as torch uses (capped by numba's pool); returns the count."""
+    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(n)
+    return n
+
+
 def topk_rows(pre: Tensor, k: int, cols: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Unsorted top-k of each row of the 2-D ``pre`` among columns ``cols`` (default: all):
     values (differentiable) and column indices, as ``pre[:, cols].topk(k, dim=-1, sorted=False)``
@@ -142,7 +149,7 @@ def topk_rows(pre: Tensor, k: int, cols: Tensor | None = None) -> tuple[Tensor, 
         raise ValueError(f"cols must index the {pre.shape[1]} columns of pre; got {int(cols.min())}..{int(cols.max())}")
     vals = torch.empty(pre.shape[0], k, dtype=pre.dtype)
     idx = torch.empty(pre.shape[0], k, dtype=torch.long)
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    match_torch_threads()
     cols = None if cols is None else cols.to(torch.long).contiguous().numpy()
     _topk_rows(pre.detach().numpy(), k, cols, vals.numpy(), idx.numpy())
     if pre.requires_grad:  # values that carry gradients, as torch.topk's do
