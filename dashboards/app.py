@@ -21,21 +21,33 @@ from urllib.parse import parse_qs
 from dash import Dash, Input, Output, State, dcc, html
 from dash.exceptions import PreventUpdate
 
-from dashboards import absorption, circuits, pages, steering
-from dashboards.components import STYLE, error_box, page_url
+from saelab.dashboards import absorption, circuits, pages, steering
+from saelab.dashboards.components import STYLE, error_box, page_url
 
-INDEX = """<!DOCTYPE html>
+INDEX = (
+    """<!DOCTYPE html>
 <html>
-<head>{%metas%}<title>{%title%}</title>{%favicon%}{%css%}<style>""" + STYLE + """</style></head>
+<head>{%metas%}<title>{%title%}</title>{%favicon%}{%css%}<style>"""
+    + STYLE
+    + """</style></head>
 <body>{%app_entry%}<footer>{%config%}{%scripts%}{%renderer%}</footer></body>
 </html>"""
+)
 
 
 def _nav() -> html.Div:
-    return html.Div([html.Span("saelab", className="brand"), dcc.Link("Run", href="/"),
-                     dcc.Link("Find features", href="/search"), dcc.Link("Prompt", href="/prompt"),
-                     dcc.Link("Circuits", href="/circuits"), dcc.Link("Steering", href="/steering"),
-                     dcc.Link("Absorption", href="/absorption")], className="nav")
+    return html.Div(
+        [
+            html.Span("saelab", className="brand"),
+            dcc.Link("Run", href="/"),
+            dcc.Link("Find features", href="/search"),
+            dcc.Link("Prompt", href="/prompt"),
+            dcc.Link("Circuits", href="/circuits"),
+            dcc.Link("Steering", href="/steering"),
+            dcc.Link("Absorption", href="/absorption"),
+        ],
+        className="nav",
+    )
 
 
 def render(run_dir: str, pathname: str, search: str) -> Any:
@@ -55,8 +67,10 @@ def render(run_dir: str, pathname: str, search: str) -> Any:
         return steering.steering_page(run_dir, params)
     if pathname == "/absorption":
         return absorption.absorption_page(run_dir, params)
-    return error_box(f"There is no page {pathname!r}. Pages: / (the run), /feature, /search, /prompt, "
-                     "/circuits, /steering, /absorption.")
+    return error_box(
+        f"There is no page {pathname!r}. Pages: / (the run), /feature, /search, /prompt, "
+        "/circuits, /steering, /absorption."
+    )
 
 
 def _require_action(*counts: int | None) -> None:
@@ -75,30 +89,47 @@ def create_app(run_dir: str) -> Dash:
     run_dir = str(Path(run_dir).resolve())
     app = Dash(__name__, title="saelab", suppress_callback_exceptions=True, update_title=None)
     app.index_string = INDEX
-    app.layout = html.Div([dcc.Location(id="url", refresh="callback-nav"), _nav(), html.Div(id="page", className="page")])
+    app.layout = html.Div(
+        [dcc.Location(id="url", refresh="callback-nav"), _nav(), html.Div(id="page", className="page")]
+    )
 
     @app.callback(Output("page", "children"), Input("url", "pathname"), Input("url", "search"))
     def route(pathname: str | None, search: str | None) -> Any:
         return render(run_dir, pathname or "/", search or "")
 
     # Forms navigate to the URL of their result, so results are pages too (shareable, back button works).
-    @app.callback(Output("url", "href", allow_duplicate=True), Input("search-id-go", "n_clicks"),
-                  Input("search-id", "n_submit"), State("search-id", "value"), State("search-sae", "value"),
-                  prevent_initial_call=True)
+    @app.callback(
+        Output("url", "href", allow_duplicate=True),
+        Input("search-id-go", "n_clicks"),
+        Input("search-id", "n_submit"),
+        State("search-id", "value"),
+        State("search-sae", "value"),
+        prevent_initial_call=True,
+    )
     def open_feature(clicks: int | None, submits: int | None, index: str | None, sae: str | None) -> str:
         _require_action(clicks, submits)
         return page_url("feature", **_sae_params(sae), id=(index or "").strip())
 
-    @app.callback(Output("url", "href", allow_duplicate=True), Input("search-token-go", "n_clicks"),
-                  Input("search-token", "n_submit"), State("search-token", "value"), State("search-sae", "value"),
-                  prevent_initial_call=True)
+    @app.callback(
+        Output("url", "href", allow_duplicate=True),
+        Input("search-token-go", "n_clicks"),
+        Input("search-token", "n_submit"),
+        State("search-token", "value"),
+        State("search-sae", "value"),
+        prevent_initial_call=True,
+    )
     def search_token(clicks: int | None, submits: int | None, text: str | None, sae: str | None) -> str:
         _require_action(clicks, submits)
         return page_url("search", **_sae_params(sae), q=text or "")
 
-    @app.callback(Output("url", "href", allow_duplicate=True), Input("prompt-go", "n_clicks"),
-                  State("prompt-text", "value"), State("prompt-sae", "value"), State("prompt-top", "value"),
-                  prevent_initial_call=True)
+    @app.callback(
+        Output("url", "href", allow_duplicate=True),
+        Input("prompt-go", "n_clicks"),
+        State("prompt-text", "value"),
+        State("prompt-sae", "value"),
+        State("prompt-top", "value"),
+        prevent_initial_call=True,
+    )
     def run_prompt(clicks: int | None, text: str | None, sae: str | None, top: int | None) -> str:
         _require_action(clicks)
         return page_url("prompt", **_sae_params(sae), top=top or 5, text=text or "")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 from urllib.parse import urlencode
 
 import numpy as np
 from dash import dcc, html
 
-from dashboards.data import SaeInfo, finite, token_text
+from saelab.dashboards.data import SaeInfo, finite, token_text
 
 HIGHLIGHT = "255, 140, 0"  # RGB of the activation highlight; its opacity scales with the activation
 
@@ -107,23 +108,37 @@ def context(vocab: list[str], tokens: np.ndarray, acts: np.ndarray, centre: int,
             quiet.append(_display(text))
             continue
         stripped = text.lstrip(" ")
-        quiet.append(text[:len(text) - len(stripped)])  # a word's leading space stays unshaded
+        quiet.append(text[: len(text) - len(stripped)])  # a word's leading space stays unshaded
         flush()
         alpha = min(act / scale, 1.0) if scale > 0 else 0.0
-        spans.append(html.Span(_display(stripped), title=f"{text!r}  activation {act:.3f}",
-                               style={"backgroundColor": f"rgba({HIGHLIGHT}, {0.1 + 0.8 * max(alpha, 0.0):.2f})"},
-                               className="tok centre" if pos == centre else "tok"))
+        spans.append(
+            html.Span(
+                _display(stripped),
+                title=f"{text!r}  activation {act:.3f}",
+                style={"backgroundColor": f"rgba({HIGHLIGHT}, {0.1 + 0.8 * max(alpha, 0.0):.2f})"},
+                className="tok centre" if pos == centre else "tok",
+            )
+        )
     flush()
     return html.Span(spans, className="context")
 
 
-def examples(vocab: list[str], acts: np.ndarray, tokens: np.ndarray, token_acts: np.ndarray, centre: int,
-             scale: float, testid: str) -> html.Div:
+def examples(
+    vocab: list[str],
+    acts: np.ndarray,
+    tokens: np.ndarray,
+    token_acts: np.ndarray,
+    centre: int,
+    scale: float,
+    testid: str,
+) -> html.Div:
     """Rows of examples, strongest first (activation, highlighted context); padding rows are skipped."""
     order = [i for i in np.argsort(-acts, kind="stable") if (tokens[i] >= 0).any()]
     rows = [
-        html.Div([html.Span(f"{acts[i]:.2f}", className="act"), context(vocab, tokens[i], token_acts[i], centre, scale)],
-                 className="example")
+        html.Div(
+            [html.Span(f"{acts[i]:.2f}", className="act"), context(vocab, tokens[i], token_acts[i], centre, scale)],
+            className="example",
+        )
         for i in order
     ]
     return html.Div(rows or html.Div("No examples.", className="muted"), **{"data-testid": testid})
@@ -133,34 +148,61 @@ def histogram(counts: np.ndarray, edges: np.ndarray) -> dcc.Graph:
     """The activation histogram as a bar chart (figure as a plain dict: no plotly validation cost)."""
     centres = ((edges[:-1] + edges[1:]) / 2).tolist()
     figure = {
-        "data": [{"type": "bar", "x": centres, "y": counts.tolist(), "width": float(np.diff(edges).mean()) if len(edges) > 1 else 1,
-                  "marker": {"color": f"rgb({HIGHLIGHT})"}, "hovertemplate": "act %{x:.3g}: %{y} tokens<extra></extra>"}],
-        "layout": {"height": 220, "margin": {"l": 48, "r": 8, "t": 8, "b": 36}, "bargap": 0.05,
-                   "xaxis": {"title": {"text": "activation (nonzero)"}}, "yaxis": {"title": {"text": "tokens"}},
-                   "template": "plotly_white"},
+        "data": [
+            {
+                "type": "bar",
+                "x": centres,
+                "y": counts.tolist(),
+                "width": float(np.diff(edges).mean()) if len(edges) > 1 else 1,
+                "marker": {"color": f"rgb({HIGHLIGHT})"},
+                "hovertemplate": "act %{x:.3g}: %{y} tokens<extra></extra>",
+            }
+        ],
+        "layout": {
+            "height": 220,
+            "margin": {"l": 48, "r": 8, "t": 8, "b": 36},
+            "bargap": 0.05,
+            "xaxis": {"title": {"text": "activation (nonzero)"}},
+            "yaxis": {"title": {"text": "tokens"}},
+            "template": "plotly_white",
+        },
     }
     return dcc.Graph(figure=figure, config={"displayModeBar": False}, id="feature-histogram")
 
 
 def token_value_table(vocab: list[str], pairs: Sequence[tuple[int, float]], header: str) -> html.Table:
-    body = [html.Tr([html.Td(html.Code(repr(token_text(vocab, t)))), html.Td(f"{v:+.3f}", className="num")])
-            for t, v in pairs]
-    return html.Table([html.Thead(html.Tr([html.Th(header), html.Th("value", className="num")])), html.Tbody(body)],
-                      className="tbl")
+    body = [
+        html.Tr([html.Td(html.Code(repr(token_text(vocab, t)))), html.Td(f"{v:+.3f}", className="num")])
+        for t, v in pairs
+    ]
+    return html.Table(
+        [html.Thead(html.Tr([html.Th(header), html.Th("value", className="num")])), html.Tbody(body)], className="tbl"
+    )
 
 
 def latent_chips(info: SaeInfo, pairs: Sequence[tuple[int, float]], label: str) -> html.Div:
     """Links to other latents' pages, each with a score (cosine, Jaccard or activation)."""
-    chips = [html.Span(feature_link(info, i, " ".join(filter(None, [f"#{i}", label, f"{v:.2f}"]))), className="chip")
-             for i, v in pairs]
+    chips = [
+        html.Span(feature_link(info, i, " ".join(filter(None, [f"#{i}", label, f"{v:.2f}"]))), className="chip")
+        for i, v in pairs
+    ]
     return html.Div(chips, className="chips")
 
 
 def metrics_table(run_saes: list[SaeInfo], store_model: str, analysed: set[tuple[str, str]]) -> html.Table:
     """One row per SAE: its training metrics and links into its features."""
     cols = [("fvu", "FVU"), ("l0", "L0"), ("dead_frac", "dead"), ("dense_frac", "dense"), ("ce_loss_score", "CE score")]
-    head = html.Tr([html.Th("hook"), html.Th("variant"), html.Th("arch"), html.Th("k", className="num"),
-                    html.Th("width", className="num"), *[html.Th(t, className="num") for _, t in cols], html.Th("browse")])
+    head = html.Tr(
+        [
+            html.Th("hook"),
+            html.Th("variant"),
+            html.Th("arch"),
+            html.Th("k", className="num"),
+            html.Th("width", className="num"),
+            *[html.Th(t, className="num") for _, t in cols],
+            html.Th("browse"),
+        ]
+    )
     rows = []
     for s in run_saes:
         m = s.metrics
@@ -168,12 +210,28 @@ def metrics_table(run_saes: list[SaeInfo], store_model: str, analysed: set[tuple
         if s.model_name and store_model and s.model_name != store_model:
             browse: Any = html.Span(f"trained on {s.model_name!r}, not {store_model!r}", className="muted")
         elif (s.hook, s.variant) in analysed:
-            browse = html.Span([feature_link(s, 0, "features"), " · ",
-                                dcc.Link("search", href=page_url("search", hook=s.hook, sae=s.variant)), " · ", prompt])
+            browse = html.Span(
+                [
+                    feature_link(s, 0, "features"),
+                    " · ",
+                    dcc.Link("search", href=page_url("search", hook=s.hook, sae=s.variant)),
+                    " · ",
+                    prompt,
+                ]
+            )
         else:
             browse = html.Span([html.Span("no analysis yet", className="muted"), " · ", prompt])
-        rows.append(html.Tr([html.Td(s.hook), html.Td(s.variant), html.Td(m.get("arch", "")),
-                             html.Td(str(m.get("k", "")), className="num"), html.Td(str(m.get("width", "")), className="num"),
-                             *[html.Td(fmt(m.get(key)) if "stopped" not in m else "", className="num") for key, _ in cols],
-                             html.Td(html.Span(m["stopped"], className="muted") if "stopped" in m else browse)]))
+        rows.append(
+            html.Tr(
+                [
+                    html.Td(s.hook),
+                    html.Td(s.variant),
+                    html.Td(m.get("arch", "")),
+                    html.Td(str(m.get("k", "")), className="num"),
+                    html.Td(str(m.get("width", "")), className="num"),
+                    *[html.Td(fmt(m.get(key)) if "stopped" not in m else "", className="num") for key, _ in cols],
+                    html.Td(html.Span(m["stopped"], className="muted") if "stopped" in m else browse),
+                ]
+            )
+        )
     return html.Table([html.Thead(head), html.Tbody(rows)], className="tbl", id="sae-table")

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from saelab.analysis import FeatureStore
-from saelab.errors import SaelabError
+from saelab.errors import RunError, SaelabError
 from saelab.models import Model, capture, is_encoder, load_model, resolve_hooks
 from saelab.sae import CFG_FILENAME, SAE
 from saelab.store import ActivationStore
@@ -30,10 +31,6 @@ ANALYSIS_DIR = "analysis"
 
 
 T = TypeVar("T")
-
-
-class RunError(Exception):
-    """A problem with the run directory or the request that the user can fix; shown in the page."""
 
 
 @dataclass(frozen=True)
@@ -51,8 +48,10 @@ def open_store(run_dir: str) -> ActivationStore:
     """The run's activation store; `RunError` when it is missing or unreadable."""
     path = Path(run_dir) / STORE_DIR
     if not path.is_dir():
-        raise RunError(f"No activation store at {path}. Is {run_dir} a saelab run directory? "
-                       "Run `saelab harvest` with `out` set to RUN_DIR/activations.zarr.")
+        raise RunError(
+            f"No activation store at {path}. Is {run_dir} a saelab run directory? "
+            "Run `saelab harvest` with `out` set to RUN_DIR/activations.zarr."
+        )
     return _open_store(str(path), path.stat().st_mtime_ns)
 
 
@@ -61,8 +60,9 @@ def _open_store(path: str, mtime: int) -> ActivationStore:
     try:
         return ActivationStore.open(path)
     except Exception as err:  # zarr raises many kinds of errors for damaged metadata
-        raise RunError(f"The activation store {path} cannot be read ({type(err).__name__}: {err}). "
-                       "Harvest it again.") from None
+        raise RunError(
+            f"The activation store {path} cannot be read ({type(err).__name__}: {err}). Harvest it again."
+        ) from None
 
 
 def _sae_model_name(folder: Path) -> str:
@@ -87,8 +87,9 @@ def list_saes(run_dir: str) -> list[SaeInfo]:
     root = Path(run_dir) / SAES_DIR
     folders = sorted(p.parent for p in root.glob(f"*/*/{CFG_FILENAME}"))
     if not folders:
-        raise RunError(f"No SAEs under {root}. Train some with `saelab train` or `saelab sweep` "
-                       f"(set `out` to {run_dir}).")
+        raise RunError(
+            f"No SAEs under {root}. Train some with `saelab train` or `saelab sweep` (set `out` to {run_dir})."
+        )
     return [_read_sae(folder) for folder in folders]
 
 
@@ -112,9 +113,11 @@ def check_model(run_dir: str, info: SaeInfo) -> None:
     """Refuse an SAE trained on another model than the one that made the run's activations."""
     store_model = open_store(run_dir).model
     if info.model_name and store_model and info.model_name != store_model:
-        raise RunError(f"SAE {info.hook}/{info.variant} was trained on model {info.model_name!r}, but this run's "
-                       f"activations come from {store_model!r}. Its latents do not apply to this model; "
-                       "train an SAE on this run's store instead.")
+        raise RunError(
+            f"SAE {info.hook}/{info.variant} was trained on model {info.model_name!r}, but this run's "
+            f"activations come from {store_model!r}. Its latents do not apply to this model; "
+            "train an SAE on this run's store instead."
+        )
 
 
 def cached_result(load: Callable[[str], T], path: Path) -> T:
@@ -139,8 +142,10 @@ def feature_store(run_dir: str, info: SaeInfo) -> FeatureStore:
     """The SAE's feature analysis (`saelab.analysis.FeatureStore`), opened once per process."""
     path = analysis_path(run_dir, info)
     if not path.is_dir():
-        raise RunError(f"SAE {info.hook}/{info.variant} has no feature analysis yet (no {path}). "
-                       "Run `saelab.analysis.analyze(RUN_DIR)` to compute it.")
+        raise RunError(
+            f"SAE {info.hook}/{info.variant} has no feature analysis yet (no {path}). "
+            "Run `saelab.analysis.analyze(RUN_DIR)` to compute it."
+        )
     return _feature_store(str(path), path.stat().st_mtime_ns)
 
 
@@ -149,8 +154,9 @@ def _feature_store(path: str, mtime: int) -> FeatureStore:
     try:
         return FeatureStore.open(path)
     except Exception as err:
-        raise RunError(f"The feature analysis {path} cannot be read ({type(err).__name__}: {err}); "
-                       "run the analysis again.") from None
+        raise RunError(
+            f"The feature analysis {path} cannot be read ({type(err).__name__}: {err}); run the analysis again."
+        ) from None
 
 
 def parse_feature_id(raw: str | None, n_features: int) -> int:
@@ -178,8 +184,10 @@ def run_model(run_dir: str) -> Model:
     """The model that made the run's activations, from the spec in the store's harvest config."""
     spec = open_store(run_dir).config.get("model")
     if not spec:
-        raise RunError("The activation store does not record which model made it (it was imported, not harvested), "
-                       "so text cannot be run through it.")
+        raise RunError(
+            "The activation store does not record which model made it (it was imported, not harvested), "
+            "so text cannot be run through it."
+        )
     try:
         return _load_model(str(spec))
     except Exception as err:
@@ -215,8 +223,9 @@ def search_token(run_dir: str, info: SaeInfo, text: str) -> list[tuple[int, str,
         ids = [i for i, s in enumerate(fs.vocab) if s.strip() == text.strip()]
     if not ids:
         raise RunError(f"{text!r} matches no token of the vocabulary.")
-    return [(int(t), token_text(fs.vocab, int(t)), [int(f) for f in fs.search_token(int(t))])
-            for t in dict.fromkeys(ids)]
+    return [
+        (int(t), token_text(fs.vocab, int(t)), [int(f) for f in fs.search_token(int(t))]) for t in dict.fromkeys(ids)
+    ]
 
 
 @dataclass(frozen=True)
@@ -241,14 +250,15 @@ def prompt_latents(run_dir: str, info: SaeInfo, text: str, top: int = 5) -> list
     tokens = torch.tensor([[*special.prefix, *body, *special.suffix]], dtype=torch.long)
     (point,) = resolve_hooks(model, [info.hook])
     acts = capture(model, tokens.to(next(model.parameters()).device), [point])[info.hook][0]
-    body_acts = acts[len(special.prefix):len(special.prefix) + len(body)].float().cpu()
+    body_acts = acts[len(special.prefix) : len(special.prefix) + len(body)].float().cpu()
     with torch.inference_mode():
         f = _load_sae(str(info.path)).encode(body_acts)
     values, indices = f.topk(min(top, f.shape[-1]), dim=-1)
     strings = model.tokenizer.convert_ids_to_tokens(body)
     return [
-        TokenLatents(model.tokenizer.convert_tokens_to_string([s]),
-                     [(int(i), float(v)) for i, v in zip(idx, val) if v > 0])
+        TokenLatents(
+            model.tokenizer.convert_tokens_to_string([s]), [(int(i), float(v)) for i, v in zip(idx, val) if v > 0]
+        )
         for s, idx, val in zip(strings, indices.tolist(), values.tolist())
     ]
 

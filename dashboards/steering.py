@@ -13,11 +13,11 @@ import torch
 from dash import Dash, Input, Output, State, dcc, html
 from dash.exceptions import PreventUpdate
 
-from dashboards import components as c
-from dashboards.data import RunError, SaeInfo, _load_sae, check_model, open_store, parse_feature_id, run_model
-from dashboards.pages import Params, _sae_dropdown, chosen_sae, guarded
 from saelab import steering as st
 from saelab.config import TextConfig
+from saelab.dashboards import components as c
+from saelab.dashboards.data import RunError, SaeInfo, _load_sae, check_model, open_store, parse_feature_id, run_model
+from saelab.dashboards.pages import Params, _sae_dropdown, chosen_sae, guarded
 from saelab.models import is_encoder
 from saelab.text import iter_documents
 
@@ -43,8 +43,9 @@ def _corpus(run_dir: str) -> tuple[list[str], torch.Tensor]:
     try:
         docs = list(itertools.islice(iter_documents(TextConfig(**text)), CORPUS_DOCUMENTS))
     except Exception as err:
-        raise RunError(f"Cannot read the run's text source ({type(err).__name__}: {err}), so there is no corpus to "
-                       "search.") from None
+        raise RunError(
+            f"Cannot read the run's text source ({type(err).__name__}: {err}), so there is no corpus to search."
+        ) from None
     if len(docs) < 10:
         raise RunError(f"The run's text source has {len(docs)} documents; semantic search needs at least 10.")
     return docs, st.embed(run_model(run_dir), docs, max_length=128)
@@ -84,22 +85,60 @@ def _request(run_dir: str, info: SaeInfo, params: Params) -> st.Intervention:
 def _form(run_dir: str, info: SaeInfo, params: Params, encoder: bool) -> html.Div:
     field = "query" if encoder else "prompt"
     return c.card(
-        None, html.Div(["SAE", _sae_dropdown(run_dir, info, "steer-sae")], className="form"),
-        html.Div(["latent", dcc.Input(id="steer-latent", type="text", value=params.get("latent", "0"),
-                                      style={"width": "80px"}),
-                  "mode", dcc.Dropdown(list(st.MODES), params.get("mode") or "add", id="steer-mode", clearable=False,
-                                       style={"width": "140px"}),
-                  "coefficient (x typical max activation)",
-                  dcc.Input(id="steer-coef", type="text", value=params.get("coef", "4"), style={"width": "70px"}),
-                  html.Span(["scope", dcc.Dropdown(list(SCOPES), params.get("scope") or "all", id="steer-scope",
-                                                   clearable=False, style={"width": "160px"})],
-                            className="form", style={"display": "none"} if encoder else None)],
-                 className="form"),
-        html.Div([dcc.Textarea(id="steer-text", value=params.get("text", ""), placeholder=f"Type a {field}…",
-                               style={"width": "100%", "height": "60px"})], className="form"),
-        html.Div([html.Button("Steer", id="steer-go", className="go"),
-                  c.feature_link(info, int(params["latent"]), "the latent's feature page")
-                  if params.get("latent", "").isdigit() else None], className="form"))
+        None,
+        html.Div(["SAE", _sae_dropdown(run_dir, info, "steer-sae")], className="form"),
+        html.Div(
+            [
+                "latent",
+                dcc.Input(id="steer-latent", type="text", value=params.get("latent", "0"), style={"width": "80px"}),
+                "mode",
+                dcc.Dropdown(
+                    list(st.MODES),
+                    params.get("mode") or "add",
+                    id="steer-mode",
+                    clearable=False,
+                    style={"width": "140px"},
+                ),
+                "coefficient (x typical max activation)",
+                dcc.Input(id="steer-coef", type="text", value=params.get("coef", "4"), style={"width": "70px"}),
+                html.Span(
+                    [
+                        "scope",
+                        dcc.Dropdown(
+                            list(SCOPES),
+                            params.get("scope") or "all",
+                            id="steer-scope",
+                            clearable=False,
+                            style={"width": "160px"},
+                        ),
+                    ],
+                    className="form",
+                    style={"display": "none"} if encoder else None,
+                ),
+            ],
+            className="form",
+        ),
+        html.Div(
+            [
+                dcc.Textarea(
+                    id="steer-text",
+                    value=params.get("text", ""),
+                    placeholder=f"Type a {field}…",
+                    style={"width": "100%", "height": "60px"},
+                )
+            ],
+            className="form",
+        ),
+        html.Div(
+            [
+                html.Button("Steer", id="steer-go", className="go"),
+                c.feature_link(info, int(params["latent"]), "the latent's feature page")
+                if params.get("latent", "").isdigit()
+                else None,
+            ],
+            className="form",
+        ),
+    )
 
 
 @guarded
@@ -113,14 +152,25 @@ def steering_page(run_dir: str, params: Params) -> Any:
         iv = _request(run_dir, info, params)
         results = (search_results if encoder else generation_results)(run_dir, info, iv, params["text"])
     kind = "the query's nearest documents in the run's corpus" if encoder else "the prompt's continuation"
-    return html.Div([html.H2("Steering"),
-                     html.Div(f"Steer one latent of an SAE and compare {kind} with and without it.", className="muted"),
-                     _form(run_dir, info, params, encoder), html.Div(results, id="steer-results")], id="steering-page")
+    return html.Div(
+        [
+            html.H2("Steering"),
+            html.Div(f"Steer one latent of an SAE and compare {kind} with and without it.", className="muted"),
+            _form(run_dir, info, params, encoder),
+            html.Div(results, id="steer-results"),
+        ],
+        id="steering-page",
+    )
 
 
 def _stats(iv: st.Intervention, source: str, extra: list[tuple[str, str]]) -> html.Div:
-    items = [("latent", str(iv.latents[0])), ("mode", iv.mode), ("coefficient", c.fmt(iv.coefficient)),
-             ("typical max act", f"{c.fmt(iv.scale)} ({source.split(':')[0]})"), *extra]
+    items = [
+        ("latent", str(iv.latents[0])),
+        ("mode", iv.mode),
+        ("coefficient", c.fmt(iv.coefficient)),
+        ("typical max act", f"{c.fmt(iv.scale)} ({source.split(':')[0]})"),
+        *extra,
+    ]
     return html.Div([c.stat(k, v) for k, v in items], className="stats", id="steer-stats")
 
 
@@ -140,13 +190,26 @@ def generation_results(run_dir: str, info: SaeInfo, iv: st.Intervention, text: s
         return c.card(title, html.Div([html.B(text), html.Span(body)], className="context", id=testid))
 
     _, source = _scale(run_dir, str(info.path), info.hook, iv.latents[0])
-    stats = _stats(iv, source, [("scope", str(iv.scope)), ("KL from unsteered", c.fmt(metrics["kl"])),
-                                ("perplexity (unsteered model)", c.fmt(metrics["perplexity"])),
-                                ("latent act after edit", c.fmt(metrics["latent_act"])),
-                                ("latent act on the text", c.fmt(metrics["latent_act_text"]))])
-    return html.Div([c.card(None, stats),
-                     html.Div([column("Unsteered", plain, "steer-unsteered"), column("Steered", steered, "steer-steered")],
-                              style={"display": "grid", "gridTemplateColumns": "1fr 1fr", "gap": "16px"})])
+    stats = _stats(
+        iv,
+        source,
+        [
+            ("scope", str(iv.scope)),
+            ("KL from unsteered", c.fmt(metrics["kl"])),
+            ("perplexity (unsteered model)", c.fmt(metrics["perplexity"])),
+            ("latent act after edit", c.fmt(metrics["latent_act"])),
+            ("latent act on the text", c.fmt(metrics["latent_act_text"])),
+        ],
+    )
+    return html.Div(
+        [
+            c.card(None, stats),
+            html.Div(
+                [column("Unsteered", plain, "steer-unsteered"), column("Steered", steered, "steer-steered")],
+                style={"display": "grid", "gridTemplateColumns": "1fr 1fr", "gap": "16px"},
+            ),
+        ]
+    )
 
 
 @guarded
@@ -160,40 +223,94 @@ def search_results(run_dir: str, info: SaeInfo, iv: st.Intervention, query: str)
         raise RunError(str(err)) from None
 
     def table(pairs: list[tuple[int, float]], changed: set[int], testid: str) -> html.Table:
-        rows = [html.Tr([html.Td(str(r + 1), className="num"), html.Td(f"{score:.3f}", className="num"),
-                         html.Td(f"{float(acts[i]):.3f}", className="num"),
-                         html.Td(docs[i][:160] + ("…" if len(docs[i]) > 160 else ""),
-                                 style={"fontWeight": 600} if i in changed else None)],
-                        **{"data-doc": str(i)})
-                for r, (i, score) in enumerate(pairs)]
-        head = html.Tr([html.Th("#", className="num"), html.Th("cosine", className="num"),
-                        html.Th("latent", className="num"), html.Th("document")])
+        rows = [
+            html.Tr(
+                [
+                    html.Td(str(r + 1), className="num"),
+                    html.Td(f"{score:.3f}", className="num"),
+                    html.Td(f"{float(acts[i]):.3f}", className="num"),
+                    html.Td(
+                        docs[i][:160] + ("…" if len(docs[i]) > 160 else ""),
+                        style={"fontWeight": 600} if i in changed else None,
+                    ),
+                ],
+                **{"data-doc": str(i)},
+            )
+            for r, (i, score) in enumerate(pairs)
+        ]
+        head = html.Tr(
+            [
+                html.Th("#", className="num"),
+                html.Th("cosine", className="num"),
+                html.Th("latent", className="num"),
+                html.Th("document"),
+            ]
+        )
         return html.Table([html.Thead(head), html.Tbody(rows)], className="tbl", id=testid)
 
     mean = lambda pairs: float(acts[[i for i, _ in pairs]].mean())  # noqa: E731
     _, source = _scale(run_dir, str(info.path), info.hook, iv.latents[0])
-    stats = _stats(iv, source, [("new neighbours", str(len(found.entered))),
-                                ("latent on neighbours", f"{mean(found.before):.3f} → {mean(found.after):.3f}")])
-    note = html.Div(f"Corpus: the run's first {len(docs)} documents. 'latent': the latent's activation on the document "
-                    "(mean over its tokens, or on its embedding for an SAE of sentence embeddings). Bold: documents "
-                    "that steering brought in or sent away.", className="muted")
-    return html.Div([c.card(None, stats, note),
-                     html.Div([c.card("Neighbours before steering", table(found.before, set(found.left), "steer-before")),
-                               c.card("Neighbours after steering", table(found.after, set(found.entered), "steer-after"))],
-                              style={"display": "grid", "gridTemplateColumns": "1fr 1fr", "gap": "16px"})])
+    stats = _stats(
+        iv,
+        source,
+        [
+            ("new neighbours", str(len(found.entered))),
+            ("latent on neighbours", f"{mean(found.before):.3f} → {mean(found.after):.3f}"),
+        ],
+    )
+    note = html.Div(
+        f"Corpus: the run's first {len(docs)} documents. 'latent': the latent's activation on the document "
+        "(mean over its tokens, or on its embedding for an SAE of sentence embeddings). Bold: documents "
+        "that steering brought in or sent away.",
+        className="muted",
+    )
+    return html.Div(
+        [
+            c.card(None, stats, note),
+            html.Div(
+                [
+                    c.card("Neighbours before steering", table(found.before, set(found.left), "steer-before")),
+                    c.card("Neighbours after steering", table(found.after, set(found.entered), "steer-after")),
+                ],
+                style={"display": "grid", "gridTemplateColumns": "1fr 1fr", "gap": "16px"},
+            ),
+        ]
+    )
 
 
 def register(app: Dash, run_dir: str) -> None:
     """The form navigates to the URL of its result, so every steered view can be shared."""
 
-    @app.callback(Output("url", "href", allow_duplicate=True), Input("steer-go", "n_clicks"),
-                  State("steer-sae", "value"), State("steer-latent", "value"), State("steer-mode", "value"),
-                  State("steer-coef", "value"), State("steer-scope", "value"), State("steer-text", "value"),
-                  prevent_initial_call=True)
-    def run(clicks: int | None, sae: str | None, latent: str | None, mode: str | None, coef: str | None,
-            scope: str | None, text: str | None) -> str:
+    @app.callback(
+        Output("url", "href", allow_duplicate=True),
+        Input("steer-go", "n_clicks"),
+        State("steer-sae", "value"),
+        State("steer-latent", "value"),
+        State("steer-mode", "value"),
+        State("steer-coef", "value"),
+        State("steer-scope", "value"),
+        State("steer-text", "value"),
+        prevent_initial_call=True,
+    )
+    def run(
+        clicks: int | None,
+        sae: str | None,
+        latent: str | None,
+        mode: str | None,
+        coef: str | None,
+        scope: str | None,
+        text: str | None,
+    ) -> str:
         if not clicks:
             raise PreventUpdate
         hook, _, variant = (sae or "").partition("|")
-        return c.page_url("steering", hook=hook, sae=variant, latent=(latent or "").strip(), mode=mode,
-                          coef=(coef or "").strip(), scope=scope, text=text or "")
+        return c.page_url(
+            "steering",
+            hook=hook,
+            sae=variant,
+            latent=(latent or "").strip(),
+            mode=mode,
+            coef=(coef or "").strip(),
+            scope=scope,
+            text=text or "",
+        )

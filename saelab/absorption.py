@@ -40,10 +40,11 @@ import json
 import math
 import random
 import string
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Union
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -52,7 +53,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from saelab.config import StrictModel
-from saelab.errors import SaelabError
+from saelab.errors import AbsorptionError
 from saelab.models import Model, capture, forward_to, is_encoder, load_model, resolve_hooks
 from saelab.resultfile import read_json, write_json
 from saelab.sae import SAE, SAEConfig
@@ -64,10 +65,6 @@ FIRST_LETTER_TEMPLATE = "{word} has the first letter:"
 EPS = 1e-8
 
 Labeler = Union[Callable[[str], "str | None"], Mapping[str, str]]
-
-
-class AbsorptionError(SaelabError, ValueError):
-    """An absorption request that cannot be computed as asked."""
 
 
 # ------------------------------------------------------------------------------ vocabulary and labels
@@ -133,8 +130,10 @@ def labelled_vocabulary(tokenizer: Any, labels: Labeler | None = None) -> list[W
     vocab = {tokenizer.convert_tokens_to_string([t]): i for t, i in tokenizer.get_vocab().items()}
     missing = [t for t in labels if t not in vocab]
     if missing:
-        raise AbsorptionError(f"{len(missing)} tokens of the label table are not single tokens of this tokenizer, "
-                              f"e.g. {missing[:5]}; list tokens as the tokenizer writes them (with their leading space)")
+        raise AbsorptionError(
+            f"{len(missing)} tokens of the label table are not single tokens of this tokenizer, "
+            f"e.g. {missing[:5]}; list tokens as the tokenizer writes them (with their leading space)"
+        )
     return sorted((Word(vocab[t], t, str(c)) for t, c in labels.items()), key=lambda w: w.token)
 
 
@@ -153,8 +152,16 @@ def answer_text(label: str, first_letter_task: bool) -> str:
     return " " + (label.upper() if first_letter_task else label)
 
 
-def icl_prompt(word: Word, examples: list[Word], template: str, max_examples: int, rng: random.Random,
-               first_letter_task: bool, prepend_separator: bool = False, separator: str = "\n") -> str:
+def icl_prompt(
+    word: Word,
+    examples: list[Word],
+    template: str,
+    max_examples: int,
+    rng: random.Random,
+    first_letter_task: bool,
+    prepend_separator: bool = False,
+    separator: str = "\n",
+) -> str:
     """In-context examples "template + answer" then the word's template, one per line (SAEBench
     `create_icl_prompt` with contamination check: the word itself is never an example)."""
     n = min(max_examples, len(examples))
@@ -180,12 +187,13 @@ class PromptStyle:
     icl_examples: int
 
     @staticmethod
-    def for_model(model: Model, template: str | None = None, icl_examples: int = 10) -> "PromptStyle":
+    def for_model(model: Model, template: str | None = None, icl_examples: int = 10) -> PromptStyle:
         return PromptStyle(template or FIRST_LETTER_TEMPLATE, 0 if is_encoder(model) else icl_examples)
 
 
-def _encode_prompts(model: Model, words: list[Word], prompts: list[str], template: str
-                    ) -> tuple[list[list[int]], list[int], list[int]]:
+def _encode_prompts(
+    model: Model, words: list[Word], prompts: list[str], template: str
+) -> tuple[list[list[int]], list[int], list[int]]:
     """Token ids of each prompt (with the model's special tokens) and the word token's position; prompts in
     which the word is not one token at the expected place are dropped (their indices are not returned)."""
     special = SpecialTokens.for_tokenizer(model.tokenizer, is_encoder(model))
@@ -203,8 +211,15 @@ def _encode_prompts(model: Model, words: list[Word], prompts: list[str], templat
 
 
 @torch.no_grad()
-def word_activations(model: Model, hook: str, words: list[Word], prompts: list[str], template: str,
-                     batch_size: int = 64, progress: bool = False) -> tuple[Tensor, list[int]]:
+def word_activations(
+    model: Model,
+    hook: str,
+    words: list[Word],
+    prompts: list[str],
+    template: str,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> tuple[Tensor, list[int]]:
     """The activation at `hook` at each word's token [n_kept, d] (float32, CPU) and the indices of the words
     kept. Prompts run in batches of equal token length, so there is no padding to mask."""
     if "{word}" not in template:
@@ -212,15 +227,19 @@ def word_activations(model: Model, hook: str, words: list[Word], prompts: list[s
     point = resolve_hooks(model, [hook])
     ids, positions, kept = _encode_prompts(model, words, prompts, template)
     if not kept:
-        raise AbsorptionError(f"no word is a single token inside the template {template!r}; check the template and labels")
+        raise AbsorptionError(
+            f"no word is a single token inside the template {template!r}; check the template and labels"
+        )
     longest = max(len(t) for t in ids)
     if longest > model.cfg.n_ctx:
-        raise AbsorptionError(f"prompts reach {longest} tokens but the model takes {model.cfg.n_ctx}; use fewer in-context "
-                              "examples (icl_examples) or a shorter template")
+        raise AbsorptionError(
+            f"prompts reach {longest} tokens but the model takes {model.cfg.n_ctx}; use fewer in-context "
+            "examples (icl_examples) or a shorter template"
+        )
     groups: dict[int, list[int]] = {}
     for i, t in enumerate(ids):
         groups.setdefault(len(t), []).append(i)
-    batches = [rows[s:s + batch_size] for rows in groups.values() for s in range(0, len(rows), batch_size)]
+    batches = [rows[s : s + batch_size] for rows in groups.values() for s in range(0, len(rows), batch_size)]
     device = next(model.parameters()).device
     out = torch.empty(len(ids), point[0].d)
     for rows in tqdm(batches, desc=f"activations at {hook}", disable=not progress):
@@ -256,8 +275,18 @@ class AbsorptionSettings(StrictModel):
     seed: int = 42
 
 
-def train_probe(x: Tensor, y: Tensor, epochs: int = 50, batch_size: int = 64, lr: float = 1e-2, end_lr: float = 1e-5,
-                weight_decay: float = 1e-4, l1: float = 0.0, seed: int = 0, progress: bool = False) -> nn.Linear:
+def train_probe(
+    x: Tensor,
+    y: Tensor,
+    epochs: int = 50,
+    batch_size: int = 64,
+    lr: float = 1e-2,
+    end_lr: float = 1e-5,
+    weight_decay: float = 1e-4,
+    l1: float = 0.0,
+    seed: int = 0,
+    progress: bool = False,
+) -> nn.Linear:
     """One-vs-rest logistic probes [n_classes] on `x` [n, d] for multi-hot `y` [n, n_classes] (SAEBench
     `train_multi_probe`): BCE with pos_weight = negatives / positives per class, Adam with weight decay, the
     learning rate decaying exponentially from `lr` to `end_lr` over the epochs, shuffled batches; `l1` adds
@@ -278,8 +307,18 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _train_probe(x: Tensor, y: Tensor, epochs: int, batch_size: int, lr: float, end_lr: float, weight_decay: float,
-                 l1: float, seed: int, progress: bool) -> nn.Linear:
+def _train_probe(
+    x: Tensor,
+    y: Tensor,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    end_lr: float,
+    weight_decay: float,
+    l1: float,
+    seed: int,
+    progress: bool,
+) -> nn.Linear:
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     y = y.float()
@@ -324,16 +363,33 @@ class KSparse:
         return chosen
 
 
-def k_sparse_probing(codes_train: Tensor, y_train: np.ndarray, codes_test: Tensor, y_test: np.ndarray,
-                     n_classes: int, s: AbsorptionSettings, progress: bool = False) -> list[KSparse]:
+def k_sparse_probing(
+    codes_train: Tensor,
+    y_train: np.ndarray,
+    codes_test: Tensor,
+    y_test: np.ndarray,
+    n_classes: int,
+    s: AbsorptionSettings,
+    progress: bool = False,
+) -> list[KSparse]:
     """SAEBench `train_k_sparse_probes` + `build_metrics_df`: an L1-penalised one-vs-rest probe on the latents
     ranks them per class by signed weight (topk, not |w|: only latents that predict the label); for each k a
     balanced sklearn logistic regression (max_iter 500) on the top k latents, scored by F1 of score > 0."""
     from sklearn.linear_model import LogisticRegression
 
     onehot = torch.nn.functional.one_hot(torch.from_numpy(y_train), n_classes)
-    l1_probe = train_probe(codes_train, onehot, s.l1_epochs, s.l1_batch_size, s.probe_lr, s.probe_end_lr,
-                           s.l1_weight_decay, l1=s.l1_decay, seed=s.seed, progress=progress)
+    l1_probe = train_probe(
+        codes_train,
+        onehot,
+        s.l1_epochs,
+        s.l1_batch_size,
+        s.probe_lr,
+        s.probe_end_lr,
+        s.l1_weight_decay,
+        l1=s.l1_decay,
+        seed=s.seed,
+        progress=progress,
+    )
     weights = l1_probe.weight.detach().cpu()
     train_np, test_np = codes_train.cpu().numpy(), codes_test.cpu().numpy()
     out = []
@@ -379,8 +435,16 @@ def decoder_cosines(sae: SAE, direction: Tensor) -> tuple[Tensor, Tensor]:
     return (w @ (direction / direction.norm())) / norms.clamp_min(EPS), norms
 
 
-def absorption_scores(codes: Tensor, x: Tensor, direction: Tensor, cos: Tensor, norms: Tensor, split: list[int],
-                      s: AbsorptionSettings, words: list[str]) -> list[Case]:
+def absorption_scores(
+    codes: Tensor,
+    x: Tensor,
+    direction: Tensor,
+    cos: Tensor,
+    norms: Tensor,
+    split: list[int],
+    s: AbsorptionSettings,
+    words: list[str],
+) -> list[Case]:
     """SAEBench `FeatureAbsorptionCalculator.calculate_absorption` for activations `x` [n, d] with codes [n, d_sae]:
     with p = direction / |p| and pi_i = a_i |d_i| c_i,
 
@@ -410,15 +474,21 @@ def absorption_scores(codes: Tensor, x: Tensor, direction: Tensor, cos: Tensor, 
             absorbed = min(absorbed, total[i] - main)
             fraction = float(np.clip(absorbed / (absorbed + main), 0.0, 1.0))
         top = proj[i].topk(min(s.top_latents, len(cos))).indices
-        full = (bool((folded[i, split].abs() < EPS).all()) and float(cos[top[0]]) >= s.full_absorption_cos_threshold
-                and total[i] >= 0 and float(proj[i, top[0]]) / total[i] >= s.projection_proportion_threshold
-                if total[i] else False)
+        full = (
+            bool((folded[i, split].abs() < EPS).all())
+            and float(cos[top[0]]) >= s.full_absorption_cos_threshold
+            and total[i] >= 0
+            and float(proj[i, top[0]]) / total[i] >= s.projection_proportion_threshold
+            if total[i]
+            else False
+        )
 
         def rows(latents: Tensor) -> list[list[float]]:
             return [[int(j), float(folded[i, j]), float(cos[j]), float(proj[i, j])] for j in latents]
 
-        cases.append(Case(word, total[i], [float(folded[i, j]) for j in split], rows(top_abs), rows(top[:3]),
-                          fraction, full))
+        cases.append(
+            Case(word, total[i], [float(folded[i, j]) for j in split], rows(top_abs), rows(top[:3]), fraction, full)
+        )
     return cases
 
 
@@ -470,18 +540,21 @@ class AbsorptionResult:
             return "n/a" if v is None else f"{v:.4f}"
 
         note = "" if self.enough_labels else " (too few labels pass the probe-F1 bar for SAEBench to score this SAE)"
-        return (f"{self.hook}/{self.variant}: mean absorption fraction {fmt(self.mean_absorption_fraction)}, "
-                f"full-absorption rate {fmt(self.mean_full_absorption_rate)}, split latents "
-                f"{fmt(self.mean_num_split_features)}, over {self.n_scored} of {len(self.labels)} labels{note}; "
-                f"L0 {self.l0:.1f}, width {self.d_sae}")
+        return (
+            f"{self.hook}/{self.variant}: mean absorption fraction {fmt(self.mean_absorption_fraction)}, "
+            f"full-absorption rate {fmt(self.mean_full_absorption_rate)}, split latents "
+            f"{fmt(self.mean_num_split_features)}, over {self.n_scored} of {len(self.labels)} labels{note}; "
+            f"L0 {self.l0:.1f}, width {self.d_sae}"
+        )
 
     def save(self, path: str | Path) -> Path:
         return write_json(path, asdict(self))
 
     @staticmethod
-    def load(path: str | Path) -> "AbsorptionResult":
-        return read_json(path, _absorption_result, AbsorptionError, "absorption result",
-                         "saelab absorption CONFIG.yaml")
+    def load(path: str | Path) -> AbsorptionResult:
+        return read_json(
+            path, _absorption_result, AbsorptionError, "absorption result", "saelab absorption CONFIG.yaml"
+        )
 
 
 def _absorption_result(data: dict) -> AbsorptionResult:
@@ -510,36 +583,68 @@ class ProbeData:
             return self.probe(self.test_x).numpy()
 
 
-def fit_probe(train_x: Tensor, train_y: np.ndarray, test_x: Tensor, test_y: np.ndarray, classes: list[str],
-              test_words: list[str], s: AbsorptionSettings = AbsorptionSettings(), absorb_x: Tensor | None = None,
-              progress: bool = False, test_tokens: list[int] | None = None) -> ProbeData:
+def fit_probe(
+    train_x: Tensor,
+    train_y: np.ndarray,
+    test_x: Tensor,
+    test_y: np.ndarray,
+    classes: list[str],
+    test_words: list[str],
+    s: AbsorptionSettings = AbsorptionSettings(),
+    absorb_x: Tensor | None = None,
+    progress: bool = False,
+    test_tokens: list[int] | None = None,
+) -> ProbeData:
     """Train the ground-truth probe on labelled activations (any source: a model, planted data)."""
     if len(train_x) != len(train_y) or len(test_x) != len(test_y) or len(test_words) != len(test_y):
         raise AbsorptionError("activations, labels and words must have the same number of rows")
     missing = sorted(set(range(len(classes))) - set(train_y.tolist()))
     if missing:
-        raise AbsorptionError(f"labels {[classes[i] for i in missing]} have no training words; every label needs "
-                              "some (drop those labels or give more words)")
+        raise AbsorptionError(
+            f"labels {[classes[i] for i in missing]} have no training words; every label needs "
+            "some (drop those labels or give more words)"
+        )
     onehot = torch.nn.functional.one_hot(torch.from_numpy(train_y), len(classes))
-    probe = train_probe(train_x, onehot, s.probe_epochs, s.probe_batch_size, s.probe_lr, s.probe_end_lr,
-                        s.probe_weight_decay, seed=s.seed, progress=progress)
-    return ProbeData(classes, train_x, train_y, test_x, test_y, test_words, probe,
-                     test_x if absorb_x is None else absorb_x, test_tokens or [])
+    probe = train_probe(
+        train_x,
+        onehot,
+        s.probe_epochs,
+        s.probe_batch_size,
+        s.probe_lr,
+        s.probe_end_lr,
+        s.probe_weight_decay,
+        seed=s.seed,
+        progress=progress,
+    )
+    return ProbeData(
+        classes,
+        train_x,
+        train_y,
+        test_x,
+        test_y,
+        test_words,
+        probe,
+        test_x if absorb_x is None else absorb_x,
+        test_tokens or [],
+    )
 
 
 @torch.no_grad()
 def _codes(sae: SAE, x: Tensor, batch: int = 4096) -> Tensor:
     device = sae.W_dec.device
-    return torch.cat([sae.encode(x[i:i + batch].to(device)).float().cpu() for i in range(0, len(x), batch)])
+    return torch.cat([sae.encode(x[i : i + batch].to(device)).float().cpu() for i in range(0, len(x), batch)])
 
 
-def measure_absorption(sae: SAE, data: ProbeData, s: AbsorptionSettings = AbsorptionSettings(),
-                       progress: bool = False) -> tuple[list[LabelScore], dict[str, Any]]:
+def measure_absorption(
+    sae: SAE, data: ProbeData, s: AbsorptionSettings = AbsorptionSettings(), progress: bool = False
+) -> tuple[list[LabelScore], dict[str, Any]]:
     """k-sparse probing, feature splits and absorption of every label; returns the label scores and the SAE-level
     means (over labels with true positives and probe F1 > `min_probe_f1`)."""
     if sae.cfg.d_in != data.train_x.shape[1]:
-        raise AbsorptionError(f"the SAE reads d_in={sae.cfg.d_in} but the activations have width "
-                              f"{data.train_x.shape[1]}; give an SAE trained on this hook point")
+        raise AbsorptionError(
+            f"the SAE reads d_in={sae.cfg.d_in} but the activations have width "
+            f"{data.train_x.shape[1]}; give an SAE trained on this hook point"
+        )
     codes_train, codes_test, codes_abs = _codes(sae, data.train_x), _codes(sae, data.test_x), _codes(sae, data.absorb_x)
     ks = k_sparse_probing(codes_train, data.train_y, codes_test, data.test_y, len(data.classes), s, progress)
     probe_scores = data.scores()
@@ -551,14 +656,32 @@ def measure_absorption(sae: SAE, data: ProbeData, s: AbsorptionSettings = Absorp
         tp = np.nonzero(truth & (probe_scores[:, c] > 0))[0]
         split_tp = int((ks[c].scores[max(len(split), 1) - 1][tp] > 0).sum()) if split else 0
         cos, norms = decoder_cosines(sae, data.probe.weight[c].detach().cpu())
-        cases = absorption_scores(codes_abs[tp], data.absorb_x[tp], data.probe.weight[c].detach().cpu(), cos, norms,
-                                  split, s, [data.test_words[i] for i in tp])
+        cases = absorption_scores(
+            codes_abs[tp],
+            data.absorb_x[tp],
+            data.probe.weight[c].detach().cpu(),
+            cos,
+            norms,
+            split,
+            s,
+            [data.test_words[i] for i in tp],
+        )
         n = max(len(tp), 1)
-        labels.append(LabelScore(
-            name, probe_f1, split, ks[c].f1, len(tp), split_tp,
-            sum(x.absorption_fraction for x in cases) / n, sum(x.full_absorption for x in cases) / n,
-            sum(x.full_absorption for x in cases), len(tp) > 0 and probe_f1 > s.min_probe_f1,
-            [x for x in cases if x.absorption_fraction > 0 or x.full_absorption]))
+        labels.append(
+            LabelScore(
+                name,
+                probe_f1,
+                split,
+                ks[c].f1,
+                len(tp),
+                split_tp,
+                sum(x.absorption_fraction for x in cases) / n,
+                sum(x.full_absorption for x in cases) / n,
+                sum(x.full_absorption for x in cases),
+                len(tp) > 0 and probe_f1 > s.min_probe_f1,
+                [x for x in cases if x.absorption_fraction > 0 or x.full_absorption],
+            )
+        )
     scored = [lab for lab in labels if lab.scored]
 
     def mean(values: list[float]) -> float | None:
@@ -568,7 +691,8 @@ def measure_absorption(sae: SAE, data: ProbeData, s: AbsorptionSettings = Absorp
         "mean_absorption_fraction": mean([lab.mean_absorption_fraction for lab in scored]),
         "mean_full_absorption_rate": mean([lab.full_absorption_rate for lab in scored]),
         "mean_num_split_features": mean([float(len(lab.split_latents)) for lab in scored]),
-        "n_scored": len(scored), "enough_labels": len(scored) >= s.min_labels,
+        "n_scored": len(scored),
+        "enough_labels": len(scored) >= s.min_labels,
         "l0": float((codes_test != 0).sum(1).float().mean()) if len(codes_test) else 0.0,
     }
     return labels, summary
@@ -603,8 +727,16 @@ class Planted:
     directions: Tensor
 
 
-def planted_absorption(n_rows: int = 40_000, n_parents: int = 4, n_children: int = 20, child_prob: float = 0.4,
-                       hierarchy: bool = True, d: int = 128, noise: float = 0.01, seed: int = 0) -> Planted:
+def planted_absorption(
+    n_rows: int = 40_000,
+    n_parents: int = 4,
+    n_children: int = 20,
+    child_prob: float = 0.4,
+    hierarchy: bool = True,
+    d: int = 128,
+    noise: float = 0.01,
+    seed: int = 0,
+) -> Planted:
     """Planted absorption (`hierarchy=True`) or its control with independent features (`hierarchy=False`)."""
     n_feats = n_parents * (1 + n_children)
     if n_feats > d:
@@ -634,24 +766,51 @@ def planted_absorption(n_rows: int = 40_000, n_parents: int = 4, n_children: int
         sae.b_enc.copy_(torch.cat([torch.full((n_parents,), -1.0), torch.full((len(children),), -child_scale)]))
         sae.W_dec.copy_(torch.cat([parents, child_dec]))
     words = [f"p{p}" + (f".c{c}" if c >= 0 else "") for p, c in zip(y.tolist(), child.tolist())]
-    return Planted(x, y.numpy(), child.numpy(), words, [f"p{p}" for p in range(n_parents)], sae.eval(),
-                   list(range(n_parents)), list(range(n_parents, n_feats)), children_of, dirs)
+    return Planted(
+        x,
+        y.numpy(),
+        child.numpy(),
+        words,
+        [f"p{p}" for p in range(n_parents)],
+        sae.eval(),
+        list(range(n_parents)),
+        list(range(n_parents, n_feats)),
+        children_of,
+        dirs,
+    )
 
 
-def planted_probe_data(planted: Planted, train_fraction: float = 0.8, s: AbsorptionSettings = AbsorptionSettings(),
-                       progress: bool = False) -> ProbeData:
+def planted_probe_data(
+    planted: Planted, train_fraction: float = 0.8, s: AbsorptionSettings = AbsorptionSettings(), progress: bool = False
+) -> ProbeData:
     """The probe step on planted activations, split by row."""
     cut = int(len(planted.x) * train_fraction)
-    return fit_probe(planted.x[:cut], planted.y[:cut], planted.x[cut:], planted.y[cut:], planted.classes,
-                     planted.words[cut:], s, progress=progress)
+    return fit_probe(
+        planted.x[:cut],
+        planted.y[:cut],
+        planted.x[cut:],
+        planted.y[cut:],
+        planted.classes,
+        planted.words[cut:],
+        s,
+        progress=progress,
+    )
 
 
 # ------------------------------------------------------------------------------- the model's words
 
 
-def probe_data(model: Model, hook: str, labels: Labeler | None = None, style: PromptStyle | None = None,
-               max_words: int | None = None, train_fraction: float = 0.8, batch_size: int = 64,
-               s: AbsorptionSettings = AbsorptionSettings(), progress: bool = False) -> ProbeData:
+def probe_data(
+    model: Model,
+    hook: str,
+    labels: Labeler | None = None,
+    style: PromptStyle | None = None,
+    max_words: int | None = None,
+    train_fraction: float = 0.8,
+    batch_size: int = 64,
+    s: AbsorptionSettings = AbsorptionSettings(),
+    progress: bool = False,
+) -> ProbeData:
     """Words, prompts, activations at `hook` and the ground-truth probe, for first letters (`labels=None`) or any
     token-level labels. `max_words` keeps a random subset of the vocabulary (for quick looks; SAEBench uses all).
     Decoder test words are prompted again with fresh examples for the absorption step, as SAEBench does."""
@@ -673,8 +832,9 @@ def probe_data(model: Model, hook: str, labels: Labeler | None = None, style: Pr
     def prompts(split: list[Word], prepend: bool, examples: list[Word]) -> list[str]:
         if style.icl_examples == 0:
             return [style.template.format(word=w.text) for w in split]
-        return [icl_prompt(w, examples, style.template, style.icl_examples, rng, task_first_letter, prepend)
-                for w in split]
+        return [
+            icl_prompt(w, examples, style.template, style.icl_examples, rng, task_first_letter, prepend) for w in split
+        ]
 
     def read(split: list[Word], text: list[str]) -> tuple[Tensor, list[Word]]:
         x, kept = word_activations(model, hook, split, text, style.template, batch_size, progress)
@@ -684,8 +844,9 @@ def probe_data(model: Model, hook: str, labels: Labeler | None = None, style: Pr
     test_x, test = read(test, prompts(test, False, test))
     absorb_x = None
     if style.icl_examples:
-        absorb_x, kept = word_activations(model, hook, test, prompts(test, True, words), style.template, batch_size,
-                                          progress)
+        absorb_x, kept = word_activations(
+            model, hook, test, prompts(test, True, words), style.template, batch_size, progress
+        )
         test, test_x = [test[i] for i in kept], test_x[kept]
     seen = {w.label for w in train}
     classes = [c for c in classes if c in seen]  # e.g. letters no training token starts with
@@ -693,17 +854,38 @@ def probe_data(model: Model, hook: str, labels: Labeler | None = None, style: Pr
     test, test_x = [test[i] for i in rows], test_x[rows]
     absorb_x = None if absorb_x is None else absorb_x[rows]
     index = {c: i for i, c in enumerate(classes)}
-    return fit_probe(train_x, np.array([index[w.label] for w in train]), test_x,
-                     np.array([index[w.label] for w in test], dtype=np.int64), classes, [w.text for w in test], s,
-                     absorb_x, progress, [w.token for w in test])
+    return fit_probe(
+        train_x,
+        np.array([index[w.label] for w in train]),
+        test_x,
+        np.array([index[w.label] for w in test], dtype=np.int64),
+        classes,
+        [w.text for w in test],
+        s,
+        absorb_x,
+        progress,
+        [w.token for w in test],
+    )
 
 
 # ------------------------------------------------------------------- the paper's integrated gradients
 
 
-def ig_absorption(model: Model, sae: SAE, hook: str, words: list[Word], label: LabelScore, direction: Tensor,
-                  style: PromptStyle, rng: random.Random, examples: list[Word], steps: int = 6, top: int = 10,
-                  cos_threshold: float = 0.025, delta_threshold: float = 1.0) -> dict[str, Any]:
+def ig_absorption(
+    model: Model,
+    sae: SAE,
+    hook: str,
+    words: list[Word],
+    label: LabelScore,
+    direction: Tensor,
+    style: PromptStyle,
+    rng: random.Random,
+    examples: list[Word],
+    steps: int = 6,
+    top: int = 10,
+    cos_threshold: float = 0.025,
+    delta_threshold: float = 1.0,
+) -> dict[str, Any]:
     """The paper's absorption test for decoders (sae-spelling `FeatureAbsorptionCalculator.calculate_absorption_
     sampled`). For each of the label's probe true positives whose split latents do not fire at the word token:
     integrated gradients (`steps` points from zero to the clean latents and SAE error at the word token, the
@@ -712,13 +894,17 @@ def ig_absorption(model: Model, sae: SAE, hook: str, words: list[Word], label: L
     next one by at least `delta_threshold` in |effect|, and its decoder has cosine >= `cos_threshold` with the probe.
     The rate is absorbed / (absorbed + true positives the split's k-sparse probe finds)."""
     if is_encoder(model):
-        raise AbsorptionError("the integrated-gradients variant reads next-token logits, so it needs a decoder; "
-                              "use the SAEBench metrics for encoders")
+        raise AbsorptionError(
+            "the integrated-gradients variant reads next-token logits, so it needs a decoder; "
+            "use the SAEBench metrics for encoders"
+        )
     first = label.label in LETTERS
     answer = model.tokenizer(answer_text(label.label, first), add_special_tokens=False)["input_ids"]
     if len(answer) != 1:
-        raise AbsorptionError(f"the answer {answer_text(label.label, first)!r} is {len(answer)} tokens; the "
-                              "integrated-gradients variant needs single-token answers")
+        raise AbsorptionError(
+            f"the answer {answer_text(label.label, first)!r} is {len(answer)} tokens; the "
+            "integrated-gradients variant needs single-token answers"
+        )
     prompts = [icl_prompt(w, examples, style.template, style.icl_examples, rng, first, True) for w in words]
     ids, positions, kept = _encode_prompts(model, words, prompts, style.template)
     cos, _ = decoder_cosines(sae, direction)
@@ -748,8 +934,11 @@ def ig_absorption(model: Model, sae: SAE, hook: str, words: list[Word], label: L
         effect = (grad * -f).detach().float().cpu()
         order = effect.abs().topk(min(top, len(effect))).indices
         lead, second = int(order[0]), int(order[1]) if len(order) > 1 else int(order[0])
-        hit = (float(effect[lead]) <= 0 and abs(float(effect[lead])) - abs(float(effect[second])) >= delta_threshold
-               and float(cos[lead]) >= cos_threshold)
+        hit = (
+            float(effect[lead]) <= 0
+            and abs(float(effect[lead])) - abs(float(effect[second])) >= delta_threshold
+            and float(cos[lead]) >= cos_threshold
+        )
         if hit:
             absorbed += 1
             found.append([words[i].text, lead, float(effect[lead]), float(cos[lead])])
@@ -781,9 +970,11 @@ class AbsorptionConfig(StrictModel):
     device: str = "auto"
 
     @model_validator(mode="after")
-    def _check(self) -> "AbsorptionConfig":
+    def _check(self) -> AbsorptionConfig:
         if not Path(self.run).is_dir():
-            raise ValueError(f"no run directory {self.run!r}; give the folder with saes/ (results go to RUN/absorption)")
+            raise ValueError(
+                f"no run directory {self.run!r}; give the folder with saes/ (results go to RUN/absorption)"
+            )
         missing = [p for p in self.saes if not Path(p).is_dir()]
         if missing:
             raise ValueError(f"no SAE folder {missing}; give folders with cfg.json and sae_weights.safetensors")
@@ -810,17 +1001,39 @@ def _sae_folders(cfg: AbsorptionConfig) -> list[Path]:
 def _load_sae(path: Path, device: torch.device) -> SAE:
     sae = SAE.load(path, device=device).eval()
     if not sae.cfg.hook_name:
-        raise AbsorptionError(f"the SAE at {path} does not say which hook point it reads (hook_name); set it in cfg.json")
+        raise AbsorptionError(
+            f"the SAE at {path} does not say which hook point it reads (hook_name); set it in cfg.json"
+        )
     return sae
 
 
-def absorption_result(sae: SAE, data: ProbeData, hook: str, variant: str, s: AbsorptionSettings = AbsorptionSettings(),
-                      sae_path: str = "", model: str = "", task: str = "first_letter",
-                      progress: bool = False) -> AbsorptionResult:
+def absorption_result(
+    sae: SAE,
+    data: ProbeData,
+    hook: str,
+    variant: str,
+    s: AbsorptionSettings = AbsorptionSettings(),
+    sae_path: str = "",
+    model: str = "",
+    task: str = "first_letter",
+    progress: bool = False,
+) -> AbsorptionResult:
     """`measure_absorption` packed as a result that the app and `AbsorptionResult.load` read."""
     labels, summary = measure_absorption(sae, data, s, progress)
-    return AbsorptionResult(hook, variant, sae_path, model, task, sae.cfg.d_sae, summary.pop("l0"), labels,
-                            n_train=len(data.train_y), n_test=len(data.test_y), config=s.model_dump(), **summary)
+    return AbsorptionResult(
+        hook,
+        variant,
+        sae_path,
+        model,
+        task,
+        sae.cfg.d_sae,
+        summary.pop("l0"),
+        labels,
+        n_train=len(data.train_y),
+        n_test=len(data.test_y),
+        config=s.model_dump(),
+        **summary,
+    )
 
 
 def run_absorption(cfg: AbsorptionConfig, progress: bool = True) -> list[tuple[AbsorptionResult, Path]]:
@@ -833,11 +1046,13 @@ def run_absorption(cfg: AbsorptionConfig, progress: bool = True) -> list[tuple[A
     task = "first_letter" if table is None else Path(cfg.labels).stem
     out = []
     for hook in sorted({sae.cfg.hook_name for _, sae in saes}):
-        data = probe_data(model, hook, table, style, cfg.max_words, cfg.train_fraction, cfg.batch_size, cfg.settings,
-                          progress)
+        data = probe_data(
+            model, hook, table, style, cfg.max_words, cfg.train_fraction, cfg.batch_size, cfg.settings, progress
+        )
         for path, sae in [(p, sae) for p, sae in saes if sae.cfg.hook_name == hook]:
-            result = absorption_result(sae, data, hook, path.name, cfg.settings, str(path.resolve()), cfg.model, task,
-                                       progress)
+            result = absorption_result(
+                sae, data, hook, path.name, cfg.settings, str(path.resolve()), cfg.model, task, progress
+            )
             result.config = cfg.model_dump(mode="json")
             if cfg.integrated_gradients:
                 _add_ig(model, sae, hook, data, result, style, cfg)
@@ -845,18 +1060,26 @@ def run_absorption(cfg: AbsorptionConfig, progress: bool = True) -> list[tuple[A
     return out
 
 
-def _add_ig(model: Model, sae: SAE, hook: str, data: ProbeData, result: AbsorptionResult, style: PromptStyle,
-            cfg: AbsorptionConfig) -> None:
+def _add_ig(
+    model: Model,
+    sae: SAE,
+    hook: str,
+    data: ProbeData,
+    result: AbsorptionResult,
+    style: PromptStyle,
+    cfg: AbsorptionConfig,
+) -> None:
     scores = data.scores()
     vocab = labelled_vocabulary(model.tokenizer, load_label_table(cfg.labels) if cfg.labels else None)
     rng = random.Random(cfg.settings.seed)
     for c, label in enumerate(result.labels):
         if not label.scored:
             continue
-        tp = np.nonzero((data.test_y == c) & (scores[:, c] > 0))[0][:cfg.ig_words]
+        tp = np.nonzero((data.test_y == c) & (scores[:, c] > 0))[0][: cfg.ig_words]
         words = [Word(data.test_tokens[i], data.test_words[i], label.label) for i in tp]
         try:
-            label.ig = ig_absorption(model, sae, hook, words, label, data.probe.weight[c].detach().cpu(), style, rng,
-                                     vocab, cfg.ig_steps)
+            label.ig = ig_absorption(
+                model, sae, hook, words, label, data.probe.weight[c].detach().cpu(), style, rng, vocab, cfg.ig_steps
+            )
         except AbsorptionError as err:  # e.g. an answer letter that is two tokens: say so for this label only
             label.ig = {"error": str(err)}

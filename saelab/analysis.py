@@ -12,8 +12,9 @@ by feature so the app reads one feature at a time; `<run>/analysis/vocab.json` m
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,8 +52,15 @@ class AnalysisConfig(StrictModel):
 # ------------------------------------------------------------------------------------ the pass
 
 
-def sparse_codes(store: ActivationStore, sae: SAE, hook: str, n_rows: int, batch_size: int,
-                 device: torch.device, progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def sparse_codes(
+    store: ActivationStore,
+    sae: SAE,
+    hook: str,
+    n_rows: int,
+    batch_size: int,
+    device: torch.device,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Encode rows [0, n_rows) once; return (row, latent, value) of every nonzero, sorted by (row, latent)."""
 
     def read() -> Iterator[tuple[int, torch.Tensor]]:
@@ -60,7 +68,10 @@ def sparse_codes(store: ActivationStore, sae: SAE, hook: str, n_rows: int, batch
             yield start, store.activations(hook, slice(start, min(start + batch_size, n_rows)))
 
     rows, feats, vals = [], [], []
-    with torch.no_grad(), tqdm(total=n_rows, unit="tok", unit_scale=True, disable=not progress, desc=f"encode {hook}") as bar:
+    with (
+        torch.no_grad(),
+        tqdm(total=n_rows, unit="tok", unit_scale=True, disable=not progress, desc=f"encode {hook}") as bar,
+    ):
         for start, x in _prefetch(read(), 2):
             r, c, v = encode_sparse(sae, x.to(device))
             rows.append((r + start).cpu().numpy())
@@ -148,7 +159,9 @@ class _Codes:
         chosen = order[pick[np.where(valid, idx, 0)]]
         rows = _gather(self.rows, chosen, valid, -1).reshape(self.d_sae, bins, per_bin)
         acts = _gather(self.vals, chosen, valid, 0).reshape(self.d_sae, bins, per_bin)
-        q = np.minimum(self.start[:, None] + self.count[:, None] * np.arange(bins + 1)[None] // bins, self.end[:, None] - 1)
+        q = np.minimum(
+            self.start[:, None] + self.count[:, None] * np.arange(bins + 1)[None] // bins, self.end[:, None] - 1
+        )
         has = self.count[:, None] > 0
         edges = np.where(has, self.vals[order[np.maximum(q, 0)]], 0).astype(np.float32)
         return edges, rows, acts
@@ -171,7 +184,7 @@ class _Codes:
         ia, ib = np.triu_indices(padded.shape[1], 1)
         counts = np.zeros(m * m, dtype=np.int64)
         for s in range(0, len(padded), chunk):
-            a, b = padded[s:s + chunk, ia], padded[s:s + chunk, ib]
+            a, b = padded[s : s + chunk, ia], padded[s : s + chunk, ib]
             ok = (a >= 0) & (b >= 0)
             counts += np.bincount(a[ok] * m + b[ok], minlength=m * m)
         counts = counts.reshape(m, m)
@@ -201,7 +214,9 @@ class _Codes:
         return ids, jac
 
 
-def contexts(codes: _Codes, tokens: np.ndarray, ctx: np.ndarray, rows: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+def contexts(
+    codes: _Codes, tokens: np.ndarray, ctx: np.ndarray, rows: np.ndarray, window: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Token ids and this latent's activations at rows-window..rows+window inside each row's own context.
 
     `rows` is [d_sae, ...]; results are [d_sae, ..., 2*window+1] with -1 / 0 outside the context.
@@ -230,7 +245,9 @@ def residual_directions(model: Model, sae: SAE, hook: str) -> torch.Tensor:
     return w
 
 
-def logit_effects(model: Model, dirs: torch.Tensor, n: int, block: int = 1024) -> tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def logit_effects(
+    model: Model, dirs: torch.Tensor, n: int, block: int = 1024
+) -> tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Top and bottom tokens of each direction: through the final norm and unembedding for decoders,
     by cosine with the token embeddings for encoders (whose MLM head may be untrained)."""
     if is_encoder(model):
@@ -248,7 +265,7 @@ def logit_effects(model: Model, dirs: torch.Tensor, n: int, block: int = 1024) -
             dirs = dirs * ln.w.detach().float().cpu()
     out = [[], [], [], []]
     for i in range(0, len(dirs), block):
-        e = dirs[i:i + block] @ W
+        e = dirs[i : i + block] @ W
         tv, ti = e.topk(n, dim=1)
         bv, bi = e.topk(n, dim=1, largest=False)
         for lst, t in zip(out, (ti, tv, bi, bv)):
@@ -263,7 +280,7 @@ def decoder_neighbours(sae: SAE, n: int, block: int = 1024) -> tuple[np.ndarray,
     w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-8)
     ids, cos = [], []
     for i in range(0, len(w), block):
-        c = w[i:i + block] @ w.T
+        c = w[i : i + block] @ w.T
         c[torch.arange(len(c)), torch.arange(i, i + len(c))] = -2
         v, j = c.topk(min(n, len(w) - 1), dim=1)
         ids.append(j.cpu().numpy().astype(np.int32))
@@ -274,8 +291,15 @@ def decoder_neighbours(sae: SAE, n: int, block: int = 1024) -> tuple[np.ndarray,
 # ---------------------------------------------------------------------------------- driver
 
 
-def analyze_sae(store: ActivationStore, sae: SAE, hook: str, out: str | Path, cfg: AnalysisConfig = AnalysisConfig(),
-                model: Model | None = None, progress: bool = True) -> "FeatureStore":
+def analyze_sae(
+    store: ActivationStore,
+    sae: SAE,
+    hook: str,
+    out: str | Path,
+    cfg: AnalysisConfig = AnalysisConfig(),
+    model: Model | None = None,
+    progress: bool = True,
+) -> FeatureStore:
     """Compute every panel for every latent of `sae` over `store` and write them to `out`."""
     d_sae = sae.cfg.d_sae
     n_rows = min(store.n_tokens, cfg.max_tokens or store.n_tokens)
@@ -295,25 +319,44 @@ def analyze_sae(store: ActivationStore, sae: SAE, hook: str, out: str | Path, cf
     nb_ids, nb_cos = decoder_neighbours(sae, cfg.n_neighbours)
     co_ids, co_jac = codes.cooccurrence(n_rows, cfg.cooc_min_density, cfg.cooc_max_latents, cfg.n_neighbours)
     arrays: dict[str, np.ndarray] = {
-        "count": count.astype(np.int64), "density": count / n_rows,
-        "mean_act": (sums / np.maximum(count, 1)).astype(np.float32), "max_act": max_act,
-        "top_rows": top_rows, "top_acts": top_acts, "top_tokens": top_tok, "top_token_acts": top_tok_acts,
-        "quantile_edges": edges, "quantile_rows": q_rows, "quantile_acts": q_acts,
-        "quantile_tokens": q_tok, "quantile_token_acts": q_tok_acts,
-        "hist_counts": hist, "hist_edges": hist_edges,
-        "neighbour_ids": nb_ids, "neighbour_cos": nb_cos, "cooc_ids": co_ids, "cooc_jaccard": co_jac,
+        "count": count.astype(np.int64),
+        "density": count / n_rows,
+        "mean_act": (sums / np.maximum(count, 1)).astype(np.float32),
+        "max_act": max_act,
+        "top_rows": top_rows,
+        "top_acts": top_acts,
+        "top_tokens": top_tok,
+        "top_token_acts": top_tok_acts,
+        "quantile_edges": edges,
+        "quantile_rows": q_rows,
+        "quantile_acts": q_acts,
+        "quantile_tokens": q_tok,
+        "quantile_token_acts": q_tok_acts,
+        "hist_counts": hist,
+        "hist_edges": hist_edges,
+        "neighbour_ids": nb_ids,
+        "neighbour_cos": nb_cos,
+        "cooc_ids": co_ids,
+        "cooc_jaccard": co_jac,
     }
     logit_kind = "none"
     if model is not None:
         logit_kind, *logits = logit_effects(model, residual_directions(model, sae, hook), cfg.n_logits)
         arrays |= dict(zip(["logit_top_ids", "logit_top_vals", "logit_bottom_ids", "logit_bottom_vals"], logits))
-    attrs = {"hook": hook, "variant": Path(str(out)).name.removesuffix(".zarr"), "store": store.path,
-             "model": store.model, "n_tokens": n_rows, "d_sae": d_sae, "logit_kind": logit_kind,
-             **cfg.model_dump(mode="json")}
+    attrs = {
+        "hook": hook,
+        "variant": Path(str(out)).name.removesuffix(".zarr"),
+        "store": store.path,
+        "model": store.model,
+        "n_tokens": n_rows,
+        "d_sae": d_sae,
+        "logit_kind": logit_kind,
+        **cfg.model_dump(mode="json"),
+    }
     return write_feature_store(out, arrays, attrs)
 
 
-def write_feature_store(out: str | Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> "FeatureStore":
+def write_feature_store(out: str | Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> FeatureStore:
     group = zarr.open_group(store=str(out), mode="w", zarr_format=3)
     for name, a in arrays.items():
         a = np.ascontiguousarray(a)
@@ -331,8 +374,9 @@ def vocab_strings(tokenizer: Any) -> list[str]:
     return [tokenizer.decode([i]) for i in range(len(tokenizer))]
 
 
-def analyze(run_dir: str | Path, cfg: AnalysisConfig = AnalysisConfig(), progress: bool = True,
-            skip_existing: bool = False) -> list[Path]:
+def analyze(
+    run_dir: str | Path, cfg: AnalysisConfig = AnalysisConfig(), progress: bool = True, skip_existing: bool = False
+) -> list[Path]:
     """Analyse every SAE under `<run>/saes` on `<run>/activations.zarr`; return the analysis stores.
 
     With `skip_existing`, an SAE whose analysis is newer than its weights is not analysed again."""
@@ -342,7 +386,11 @@ def analyze(run_dir: str | Path, cfg: AnalysisConfig = AnalysisConfig(), progres
     if not folders:
         raise StoreError(f"no trained SAEs under {run / 'saes'}; run `saelab train` first")
     spec = store.config.get("model")
-    model = load_model(spec, device=cfg.device) if spec and "text" in store.config and store.config["text"].get("source") != "imported" else None
+    model = (
+        load_model(spec, device=cfg.device)
+        if spec and "text" in store.config and store.config["text"].get("source") != "imported"
+        else None
+    )
     (run / "analysis").mkdir(exist_ok=True)
     if model is not None:
         (run / "analysis" / "vocab.json").write_text(json.dumps(vocab_strings(model.tokenizer)))
@@ -352,7 +400,11 @@ def analyze(run_dir: str | Path, cfg: AnalysisConfig = AnalysisConfig(), progres
         hook = folder.parent.name
         out = run / "analysis" / hook / f"{folder.name}.zarr"
         weights = folder / "sae_weights.safetensors"
-        if not (skip_existing and (out / "zarr.json").exists() and (out / "zarr.json").stat().st_mtime >= weights.stat().st_mtime):
+        if not (
+            skip_existing
+            and (out / "zarr.json").exists()
+            and (out / "zarr.json").stat().st_mtime >= weights.stat().st_mtime
+        ):
             analyze_sae(store, sae, hook, out, cfg, model, progress)
         written.append(out)
     return written
@@ -367,7 +419,7 @@ class FeatureStore:
         self._vocab: list[str] | None = None
 
     @classmethod
-    def open(cls, path: str | Path) -> "FeatureStore":
+    def open(cls, path: str | Path) -> FeatureStore:
         try:
             return cls(zarr.open_group(store=str(path), mode="r", zarr_format=3), str(path))
         except (FileNotFoundError, KeyError):

@@ -30,9 +30,10 @@ from __future__ import annotations
 import json
 import math
 import string
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Union
+from typing import Any, Literal, Union
 
 import torch
 from pydantic import Field, model_validator
@@ -41,9 +42,17 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from saelab.config import StrictModel
-from saelab.errors import SaelabError
-from saelab.models import (HOOK_KINDS, Model, flatten_heads, forward_to, is_encoder, load_model, resolve_hooks,
-                           save_model)
+from saelab.errors import CircuitError
+from saelab.models import (
+    HOOK_KINDS,
+    Model,
+    flatten_heads,
+    forward_to,
+    is_encoder,
+    load_model,
+    resolve_hooks,
+    save_model,
+)
 from saelab.resultfile import read_json, write_json
 from saelab.sae import SAE
 from saelab.text import SpecialTokens
@@ -54,10 +63,6 @@ Baseline = Literal["patch", "zero", "mean"]
 Aggregation = Literal["none", "sum"]
 NodeKey = tuple[str, int, int]  # (hook, position (0 when aggregated), index (d_sae: the error node))
 CIRCUITS_DIR = "circuits"
-
-
-class CircuitError(SaelabError, ValueError):
-    """A circuit request that cannot be computed as asked."""
 
 
 # ------------------------------------------------------------------------------ the induction task
@@ -73,8 +78,9 @@ def induction_tokenizer(folder: str | Path) -> Any:
 
     tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(ALPHABET)} | {BOS: len(ALPHABET)}, unk_token=BOS))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=BOS, pad_token=BOS,
-                            unk_token=BOS).save_pretrained(str(folder))
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=BOS, pad_token=BOS, unk_token=BOS
+    ).save_pretrained(str(folder))
     return AutoTokenizer.from_pretrained(str(folder))
 
 
@@ -102,12 +108,18 @@ def induction_accuracy(model: HookedTransformer, length: int, n: int = 512, seed
     """Next-token accuracy on the repeated half of fresh BOS + R + R sequences (positions that can be predicted)."""
     toks = repeated_tokens(n, length, seed).to(model.cfg.device)
     with torch.no_grad():
-        pred = model(toks)[:, length + 1:2 * length].argmax(-1)
-    return float((pred == toks[:, length + 2:]).float().mean())
+        pred = model(toks)[:, length + 1 : 2 * length].argmax(-1)
+    return float((pred == toks[:, length + 2 :]).float().mean())
 
 
-def train_induction_model(folder: str | Path, length: int = 10, steps: int = 2000, target_accuracy: float = 0.98,
-                          seed: int = 0, progress: bool = True) -> HookedTransformer:
+def train_induction_model(
+    folder: str | Path,
+    length: int = 10,
+    steps: int = 2000,
+    target_accuracy: float = 0.98,
+    seed: int = 0,
+    progress: bool = True,
+) -> HookedTransformer:
     """Train a two-layer attention-only decoder that does induction, save it to `folder`, and return it.
 
     It learns on random tokens with one segment copied to a random offset (so no positional shortcut
@@ -120,8 +132,17 @@ def train_induction_model(folder: str | Path, length: int = 10, steps: int = 200
     vocab = len(ALPHABET)
     torch.manual_seed(seed)
     cfg = HookedTransformerConfig(
-        n_layers=2, attn_only=True, d_model=64, n_heads=1, d_head=32, n_ctx=2 * length + 4, d_vocab=vocab + 1,
-        normalization_type=None, positional_embedding_type="rotary", seed=seed, model_name="induction-2l",
+        n_layers=2,
+        attn_only=True,
+        d_model=64,
+        n_heads=1,
+        d_head=32,
+        n_ctx=2 * length + 4,
+        d_vocab=vocab + 1,
+        normalization_type=None,
+        positional_embedding_type="rotary",
+        seed=seed,
+        model_name="induction-2l",
     )
     model = HookedTransformer(cfg, tokenizer=induction_tokenizer(folder / "tokenizer"), move_to_device=False)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
@@ -142,8 +163,9 @@ def train_induction_model(folder: str | Path, length: int = 10, steps: int = 200
                 break
     bar.close()
     if accuracy < target_accuracy:
-        raise CircuitError(f"the induction model reached accuracy {accuracy:.3f} < {target_accuracy} in {steps} steps; "
-                           "give more steps")
+        raise CircuitError(
+            f"the induction model reached accuracy {accuracy:.3f} < {target_accuracy} in {steps} steps; give more steps"
+        )
     save_model(model.eval(), folder)
     return model
 
@@ -156,8 +178,15 @@ def induction_texts(n: int, length: int, seed: int = 0) -> list[str]:
 INDUCTION_HOOKS = ["blocks.0.attn.hook_z", "blocks.1.attn.hook_z"]
 
 
-def induction_run(out: str | Path, length: int = 10, documents: int = 2000, sae_tokens: int = 600_000, seed: int = 0,
-                  progress: bool = True, target_accuracy: float = 0.98) -> Path:
+def induction_run(
+    out: str | Path,
+    length: int = 10,
+    documents: int = 2000,
+    sae_tokens: int = 600_000,
+    seed: int = 0,
+    progress: bool = True,
+    target_accuracy: float = 0.98,
+) -> Path:
     """A run directory with a known circuit: the induction model (`out/model`, trained to `target_accuracy`), its
     `attn.hook_z` activations on `documents` texts R + R, a TopK SAE per layer (k=2, 128 latents) and their feature
     analysis."""
@@ -170,12 +199,34 @@ def induction_run(out: str | Path, length: int = 10, documents: int = 2000, sae_
     train_induction_model(out / "model", length, target_accuracy=target_accuracy, seed=seed, progress=progress)
     text = out / "induction.txt"
     text.write_text("\n".join(induction_texts(documents, length, seed)) + "\n")
-    harvest(HarvestConfig(model=str(out / "model"), hooks=INDUCTION_HOOKS, out=str(out / "activations.zarr"),
-                          text={"source": "files", "path": str(text), "txt_sample_by": "line"},
-                          context_length=2 * length + 2, batch_size=128, drop_special_tokens=False, dtype="float32",
-                          shard_rows=8192, chunk_rows=1024), progress=progress)
-    train(TrainConfig(store=str(out / "activations.zarr"), out=str(out), tokens=sae_tokens, batch_size=512,
-                      eval_rows=4096, warmup_steps=10, grid={"k": [2], "expansion": [4]}, seed=seed), progress=progress)
+    harvest(
+        HarvestConfig(
+            model=str(out / "model"),
+            hooks=INDUCTION_HOOKS,
+            out=str(out / "activations.zarr"),
+            text={"source": "files", "path": str(text), "txt_sample_by": "line"},
+            context_length=2 * length + 2,
+            batch_size=128,
+            drop_special_tokens=False,
+            dtype="float32",
+            shard_rows=8192,
+            chunk_rows=1024,
+        ),
+        progress=progress,
+    )
+    train(
+        TrainConfig(
+            store=str(out / "activations.zarr"),
+            out=str(out),
+            tokens=sae_tokens,
+            batch_size=512,
+            eval_rows=4096,
+            warmup_steps=10,
+            grid={"k": [2], "expansion": [4]},
+            seed=seed,
+        ),
+        progress=progress,
+    )
     analyze(out, AnalysisConfig(), progress=progress)
     return out
 
@@ -197,8 +248,9 @@ class Task:
     labels: list[str] = field(default_factory=list)
 
 
-def token_metric(kind: Literal["logit", "logit_diff", "loss"], position: Tensor, target: Tensor,
-                 distractor: Tensor | None = None) -> Metric:
+def token_metric(
+    kind: Literal["logit", "logit_diff", "loss"], position: Tensor, target: Tensor, distractor: Tensor | None = None
+) -> Metric:
     """A decoder metric at `position` [batch]: the `target` token's logit, its logit minus the `distractor`'s,
     or its cross-entropy loss."""
     if kind == "logit_diff" and distractor is None:
@@ -227,20 +279,30 @@ def similarity_metric(reference: Tensor) -> Metric:
     return metric
 
 
-def induction_task(model: Model, n: int = 8, length: int = 10, position: int | None = None, seed: int = 0,
-                   metric: Literal["logit", "loss"] = "logit") -> Task:
+def induction_task(
+    model: Model,
+    n: int = 8,
+    length: int = 10,
+    position: int | None = None,
+    seed: int = 0,
+    metric: Literal["logit", "loss"] = "logit",
+) -> Task:
     """`n` sequences BOS + R + R (R: `length` random tokens); the metric reads `position` in the second R
     (default its middle), where the next token is predictable only by induction. The patch input replaces the
     first R by other random tokens, so the earlier occurrence of the current token is gone."""
     if 2 * length + 1 > model.cfg.n_ctx:
-        raise CircuitError(f"induction length {length} needs {2 * length + 1} positions; the model has {model.cfg.n_ctx}")
+        raise CircuitError(
+            f"induction length {length} needs {2 * length + 1} positions; the model has {model.cfg.n_ctx}"
+        )
     vocab = model.cfg.d_vocab - 1
     position = length + length // 2 if position is None else position
     if not length + 1 <= position < 2 * length:
-        raise CircuitError(f"induction position {position} is outside the repeated half; use {length + 1}..{2 * length - 1}")
+        raise CircuitError(
+            f"induction position {position} is outside the repeated half; use {length + 1}..{2 * length - 1}"
+        )
     tokens = repeated_tokens(n, length, seed, vocab)
     patch = tokens.clone()
-    patch[:, 1:length + 1] = repeated_tokens(n, length, seed + 1_000_003, vocab)[:, 1:length + 1]
+    patch[:, 1 : length + 1] = repeated_tokens(n, length, seed + 1_000_003, vocab)[:, 1 : length + 1]
     device = next(model.parameters()).device
     pos = torch.full((n,), position, device=device)
     task_metric = token_metric(metric, pos, tokens[:, position + 1].to(device))
@@ -272,14 +334,18 @@ class Prompt(StrictModel):
     position: int = -1
 
 
-def prompt_task(model: Model, prompts: list[Prompt], metric: Literal["logit", "logit_diff", "loss", "similarity"]) -> Task:
+def prompt_task(
+    model: Model, prompts: list[Prompt], metric: Literal["logit", "logit_diff", "loss", "similarity"]
+) -> Task:
     """A task from prompts; every prompt (and patch) must have the same number of tokens."""
     if not prompts:
         raise CircuitError("no prompts: give at least one")
     encoder = is_encoder(model)
     if (metric == "similarity") != encoder:
-        raise CircuitError(f"metric {metric!r} does not suit this {'encoder' if encoder else 'decoder'}; use "
-                           f"{'similarity' if encoder else 'logit, logit_diff or loss'}")
+        raise CircuitError(
+            f"metric {metric!r} does not suit this {'encoder' if encoder else 'decoder'}; use "
+            f"{'similarity' if encoder else 'logit, logit_diff or loss'}"
+        )
     special = SpecialTokens.for_tokenizer(model.tokenizer, encoder)
 
     def encode(text: str) -> list[int]:
@@ -292,8 +358,10 @@ def prompt_task(model: Model, prompts: list[Prompt], metric: Literal["logit", "l
     patch = [encode(p.patch) for p in prompts] if all(has_patch) else None
     lengths = {len(t) for t in clean + (patch or [])}
     if len(lengths) != 1:
-        raise CircuitError(f"prompts (and patches) tokenize to different lengths {sorted(lengths)}; circuits compare "
-                           "positions across examples, so make them the same length")
+        raise CircuitError(
+            f"prompts (and patches) tokenize to different lengths {sorted(lengths)}; circuits compare "
+            "positions across examples, so make them the same length"
+        )
     device = next(model.parameters()).device
     tokens = torch.tensor(clean, device=device)
     patch_t = torch.tensor(patch, device=device) if patch else None
@@ -301,8 +369,9 @@ def prompt_task(model: Model, prompts: list[Prompt], metric: Literal["logit", "l
         raise CircuitError(f"metric {metric!r} needs a target for every prompt")
     if encoder:
         with torch.no_grad():
-            ref = torch.stack([_output(model, torch.tensor([encode(p.target)], device=device), {})[0].mean(0)
-                               for p in prompts])
+            ref = torch.stack(
+                [_output(model, torch.tensor([encode(p.target)], device=device), {})[0].mean(0) for p in prompts]
+            )
         return Task(tokens, similarity_metric(ref), patch_t, _labels(model, tokens[0]))
     position = torch.tensor([p.position % tokens.shape[1] for p in prompts], device=device)
     target = torch.tensor([_single_token(model, p.target, "target") for p in prompts], device=device)
@@ -340,18 +409,18 @@ class Nodes:
     f: Tensor
     err: Tensor
 
-    def __sub__(self, other: "Nodes") -> "Nodes":
+    def __sub__(self, other: Nodes) -> Nodes:
         return Nodes(self.f - other.f, self.err - other.err)
 
-    def lerp(self, delta: "Nodes", alpha: float) -> "Nodes":
+    def lerp(self, delta: Nodes, alpha: float) -> Nodes:
         """The point `alpha` of the way along `delta`."""
         return Nodes(self.f + alpha * delta.f, self.err + alpha * delta.err)
 
-    def dot(self, other: "Nodes") -> Tensor:
+    def dot(self, other: Nodes) -> Tensor:
         """Per-node products: latents elementwise, the error summed over its dimensions -> [..., pos, d_sae + 1]."""
         return torch.cat([self.f * other.f, (self.err * other.err).sum(-1, keepdim=True)], -1)
 
-    def tile(self, reps: int) -> "Nodes":
+    def tile(self, reps: int) -> Nodes:
         return Nodes(self.f.repeat(reps, *[1] * (self.f.ndim - 1)), self.err.repeat(reps, *[1] * (self.err.ndim - 1)))
 
 
@@ -372,8 +441,10 @@ def _check_saes(model: Model, saes: dict[str, SAE]) -> list[str]:
     order = _hook_order(model, list(saes))
     for point in resolve_hooks(model, order):
         if saes[point.name].cfg.d_in != point.d:
-            raise CircuitError(f"the SAE for {point.name} reads d_in={saes[point.name].cfg.d_in}, but that hook point "
-                               f"has width {point.d}; give an SAE trained on this model's {point.name}")
+            raise CircuitError(
+                f"the SAE for {point.name} reads d_in={saes[point.name].cfg.d_in}, but that hook point "
+                f"has width {point.d}; give an SAE trained on this model's {point.name}"
+            )
     return order
 
 
@@ -393,16 +464,19 @@ def clean_states(model: Model, saes: dict[str, SAE], tokens: Tensor) -> dict[str
     return states
 
 
-def baseline_states(model: Model, saes: dict[str, SAE], task: Task, baseline: Baseline,
-                    clean: dict[str, Nodes]) -> dict[str, Nodes]:
+def baseline_states(
+    model: Model, saes: dict[str, SAE], task: Task, baseline: Baseline, clean: dict[str, Nodes]
+) -> dict[str, Nodes]:
     """Node values at the baseline: on the patch input, zero, or the clean mean over examples (per position)."""
     if baseline == "patch":
         if task.patch is None:
-            raise CircuitError("baseline 'patch' needs a patch input (e.g. a patch text per prompt); "
-                               "or use baseline 'mean' or 'zero'")
+            raise CircuitError(
+                "baseline 'patch' needs a patch input (e.g. a patch text per prompt); or use baseline 'mean' or 'zero'"
+            )
         if task.patch.shape != task.tokens.shape:
-            raise CircuitError(f"patch input has shape {tuple(task.patch.shape)}, clean {tuple(task.tokens.shape)}; "
-                               "they must match")
+            raise CircuitError(
+                f"patch input has shape {tuple(task.patch.shape)}, clean {tuple(task.tokens.shape)}; they must match"
+            )
         return clean_states(model, saes, task.patch)
     if baseline == "zero":
         return {h: Nodes(torch.zeros_like(s.f), torch.zeros_like(s.err)) for h, s in clean.items()}
@@ -441,8 +515,15 @@ class NodeEffects:
     clean: dict[str, Nodes]
 
 
-def node_effects(model: Model, saes: dict[str, SAE], task: Task, method: Method = "ig", ig_steps: int = 10,
-                 baseline: Baseline = "patch", progress: bool = True) -> NodeEffects:
+def node_effects(
+    model: Model,
+    saes: dict[str, SAE],
+    task: Task,
+    method: Method = "ig",
+    ig_steps: int = 10,
+    baseline: Baseline = "patch",
+    progress: bool = True,
+) -> NodeEffects:
     """Effect of moving each node from its clean value to the baseline, on each example's metric.
 
     `atp`: one backward pass, `effect = delta * grad` at the clean point (downstream SAEs respond to their
@@ -451,8 +532,11 @@ def node_effects(model: Model, saes: dict[str, SAE], task: Task, method: Method 
     order = _check_saes(model, saes)
     clean = clean_states(model, saes, task.tokens)
     deltas = {h: s - clean[h] for h, s in baseline_states(model, saes, task, baseline, clean).items()}
-    grads = _atp_grads(model, saes, task, clean) if method == "atp" else _ig_grads(model, saes, task, clean, deltas,
-                                                                                   ig_steps, order, progress)
+    grads = (
+        _atp_grads(model, saes, task, clean)
+        if method == "atp"
+        else _ig_grads(model, saes, task, clean, deltas, ig_steps, order, progress)
+    )
     effects = {h: deltas[h].dot(grads[h]) for h in order}
     return NodeEffects(effects, grads, deltas, clean)
 
@@ -475,8 +559,16 @@ def _atp_grads(model: Model, saes: dict[str, SAE], task: Task, clean: dict[str, 
     return {h: Nodes(g[2 * i], g[2 * i + 1]) for i, h in enumerate(leaves)}
 
 
-def _ig_grads(model: Model, saes: dict[str, SAE], task: Task, clean: dict[str, Nodes], deltas: dict[str, Nodes],
-              steps: int, order: list[str], progress: bool) -> dict[str, Nodes]:
+def _ig_grads(
+    model: Model,
+    saes: dict[str, SAE],
+    task: Task,
+    clean: dict[str, Nodes],
+    deltas: dict[str, Nodes],
+    steps: int,
+    order: list[str],
+    progress: bool,
+) -> dict[str, Nodes]:
     if steps < 1:
         raise CircuitError(f"ig_steps must be at least 1 (got {steps})")
     grads = {}
@@ -502,10 +594,10 @@ def aggregate(effects: Tensor, aggregation: Aggregation) -> Tensor:
 
 def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
-CHUNK_ELEMENTS = 2 ** 27  # node values held for one pass over replicas of the examples (0.5 GB in float32)
+CHUNK_ELEMENTS = 2**27  # node values held for one pass over replicas of the examples (0.5 GB in float32)
 
 
 def _fit(chunk: int, task: Task, saes: dict[str, SAE]) -> int:
@@ -538,8 +630,15 @@ def _where(mask: Tensor, new: Nodes, old: Nodes, reps: int, batch: int) -> Nodes
 
 
 @torch.no_grad()
-def exact_patching(model: Model, saes: dict[str, SAE], task: Task, baseline: Baseline = "patch",
-                   aggregation: Aggregation = "none", chunk: int = 64, progress: bool = True) -> dict[str, Tensor]:
+def exact_patching(
+    model: Model,
+    saes: dict[str, SAE],
+    task: Task,
+    baseline: Baseline = "patch",
+    aggregation: Aggregation = "none",
+    chunk: int = 64,
+    progress: bool = True,
+) -> dict[str, Tensor]:
     """Exact effects `mean_examples(m(node at baseline) - m(clean))`, one node at a time (for checking).
 
     Only nodes that the baseline moves are run (the others have no effect); returns per hook point
@@ -550,14 +649,17 @@ def exact_patching(model: Model, saes: dict[str, SAE], task: Task, baseline: Bas
     m_clean = task.metric(_output(model, task.tokens, {}))
     out = {}
     for hook in order:
-        moved = torch.cat([(clean[hook].f != base[hook].f), (clean[hook].err != base[hook].err).any(-1, keepdim=True)], -1)
+        moved = torch.cat(
+            [(clean[hook].f != base[hook].f), (clean[hook].err != base[hook].err).any(-1, keepdim=True)], -1
+        )
         moved = moved.any(0)
         if aggregation == "sum":
             moved = moved.any(0, keepdim=True)
         nodes = moved.nonzero().tolist()
         effects = torch.zeros(moved.shape, device=moved.device)
-        for group in tqdm(list(_chunks(nodes, _fit(chunk, task, saes))), desc=f"exact patching {hook}",
-                          disable=not progress):
+        for group in tqdm(
+            list(_chunks(nodes, _fit(chunk, task, saes))), desc=f"exact patching {hook}", disable=not progress
+        ):
             mask = _masks(group, tuple(moved.shape), moved.device)
             values = _where(mask, base[hook], clean[hook], len(group), len(task.tokens))
             m = _metric_total(model, task, {hook: _set_nodes(saes[hook], values)}, reps=len(group))
@@ -571,9 +673,19 @@ def exact_patching(model: Model, saes: dict[str, SAE], task: Task, baseline: Bas
 # ------------------------------------------------------------------------------------------------- edges
 
 
-def edge_effects(model: Model, saes: dict[str, SAE], task: Task, effects: NodeEffects, up: str, down: str,
-                 up_nodes: list[tuple[int, int]], down_nodes: list[tuple[int, int]], aggregation: Aggregation = "none",
-                 steps: int = 1, chunk: int = 32) -> Tensor:
+def edge_effects(
+    model: Model,
+    saes: dict[str, SAE],
+    task: Task,
+    effects: NodeEffects,
+    up: str,
+    down: str,
+    up_nodes: list[tuple[int, int]],
+    down_nodes: list[tuple[int, int]],
+    aggregation: Aggregation = "none",
+    steps: int = 1,
+    chunk: int = 32,
+) -> Tensor:
     """Edge weights [len(down_nodes), len(up_nodes)] from nodes (position, index) at hook `up` to nodes at the
     next SAE hook `down`: mean over examples of `grad_d . (d d / d u) . delta_u`, with `grad_d` the metric's
     gradient from `effects`.
@@ -615,8 +727,15 @@ def edge_effects(model: Model, saes: dict[str, SAE], task: Task, effects: NodeEf
 
 
 @torch.no_grad()
-def faithfulness_curve(model: Model, saes: dict[str, SAE], task: Task, ranking: list[NodeKey], sizes: list[int],
-                       aggregation: Aggregation = "none", chunk: int = 16) -> dict[str, Any]:
+def faithfulness_curve(
+    model: Model,
+    saes: dict[str, SAE],
+    task: Task,
+    ranking: list[NodeKey],
+    sizes: list[int],
+    aggregation: Aggregation = "none",
+    chunk: int = 16,
+) -> dict[str, Any]:
     """Faithfulness and completeness of the first n nodes of `ranking`, for each n in `sizes`.
 
     Every node outside the circuit C is set to its mean over the examples (per position) while C's nodes run
@@ -658,10 +777,17 @@ def faithfulness_curve(model: Model, saes: dict[str, SAE], task: Task, ranking: 
     m_without = run([{h: ~k[h] for h in hooks} for k in kept])
     scale = m_full - m_empty
     if abs(scale) < 1e-6 * max(1.0, abs(m_full)):
-        raise CircuitError("mean-ablating every node leaves the metric unchanged, so faithfulness is undefined; "
-                           "choose a metric that these hook points matter for")
-    return {"n": list(sizes), "faithfulness": [(m - m_empty) / scale for m in m_circuit],
-            "completeness": [(m - m_empty) / scale for m in m_without], "metric_full": m_full, "metric_empty": m_empty}
+        raise CircuitError(
+            "mean-ablating every node leaves the metric unchanged, so faithfulness is undefined; "
+            "choose a metric that these hook points matter for"
+        )
+    return {
+        "n": list(sizes),
+        "faithfulness": [(m - m_empty) / scale for m in m_circuit],
+        "completeness": [(m - m_empty) / scale for m in m_without],
+        "metric_full": m_full,
+        "metric_empty": m_empty,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ circuits
@@ -714,39 +840,55 @@ class Circuit:
         """A few lines for the terminal: size, metric values, the faithfulness curve."""
         metric = ", ".join(f"{k} {v:.4g}" for k, v in self.metric.items())
         curve = ", ".join(f"{n}: {f:.2f}" for n, f in zip(self.curves["n"], self.curves["faithfulness"]))
-        return (f"circuit {self.name}: {len(self.nodes)} nodes, {len(self.edges)} edges over {', '.join(self.hooks)}\n"
-                f"metric: {metric}\nfaithfulness by node count: {curve}")
+        return (
+            f"circuit {self.name}: {len(self.nodes)} nodes, {len(self.edges)} edges over {', '.join(self.hooks)}\n"
+            f"metric: {metric}\nfaithfulness by node count: {curve}"
+        )
 
     def save(self, path: str | Path) -> Path:
         """Write the circuit as JSON."""
         return write_json(path, asdict(self))
 
     @staticmethod
-    def load(path: str | Path) -> "Circuit":
+    def load(path: str | Path) -> Circuit:
         """Read a circuit written by `save`."""
         return read_json(path, _circuit, CircuitError, "circuit", "saelab circuit CONFIG.yaml")
 
 
 def _circuit(data: dict) -> Circuit:
-    return Circuit(**(data | {"nodes": [Node(**n) for n in data["nodes"]], "edges": [Edge(**e) for e in data["edges"]]}))
+    return Circuit(
+        **(data | {"nodes": [Node(**n) for n in data["nodes"]], "edges": [Edge(**e) for e in data["edges"]]})
+    )
 
 
 def _default_sizes(n_nodes: int) -> list[int]:
-    sizes = [2 ** i for i in range(int(math.log2(max(n_nodes, 1))) + 1)]
+    sizes = [2**i for i in range(int(math.log2(max(n_nodes, 1))) + 1)]
     return sorted({0, *sizes, n_nodes})
 
 
-def find_circuit(model: Model, saes: dict[str, SAE], task: Task, method: Method = "ig", ig_steps: int = 10,
-                 baseline: Baseline = "patch", aggregation: Aggregation = "none", node_threshold: float = 0.05,
-                 edge_threshold: float = 0.02, max_nodes: int = 100, curve_sizes: list[int] | None = None,
-                 name: str = "circuit", sae_paths: dict[str, str] | None = None, progress: bool = True) -> Circuit:
+def find_circuit(
+    model: Model,
+    saes: dict[str, SAE],
+    task: Task,
+    method: Method = "ig",
+    ig_steps: int = 10,
+    baseline: Baseline = "patch",
+    aggregation: Aggregation = "none",
+    node_threshold: float = 0.05,
+    edge_threshold: float = 0.02,
+    max_nodes: int = 100,
+    curve_sizes: list[int] | None = None,
+    name: str = "circuit",
+    sae_paths: dict[str, str] | None = None,
+    progress: bool = True,
+) -> Circuit:
     """Node effects, the nodes with |effect| >= `node_threshold` (at most `max_nodes`), the edges between them
     with |weight| >= `edge_threshold`, and faithfulness/completeness curves over nodes ranked by |effect|."""
     order = _check_saes(model, saes)
     effects = node_effects(model, saes, task, method, ig_steps, baseline, progress)
     agg = {h: aggregate(effects.effects[h], aggregation) for h in order}
     ranking, strength = _ranking(agg, order)
-    circuit = ranking[:min(max_nodes, int((strength >= node_threshold).sum()))]
+    circuit = ranking[: min(max_nodes, int((strength >= node_threshold).sum()))]
 
     def node(key: NodeKey) -> Node:
         hook, p, i = key
@@ -759,9 +901,10 @@ def find_circuit(model: Model, saes: dict[str, SAE], task: Task, method: Method 
         downs = [(p, i) for h, p, i in circuit if h == down]
         if not ups or not downs:
             continue
-        weights = edge_effects(model, saes, task, effects, up, down, ups, downs, aggregation,
-                               ig_steps if method == "ig" else 1)
-        for (d, u) in (weights.abs() >= edge_threshold).nonzero().tolist():
+        weights = edge_effects(
+            model, saes, task, effects, up, down, ups, downs, aggregation, ig_steps if method == "ig" else 1
+        )
+        for d, u in (weights.abs() >= edge_threshold).nonzero().tolist():
             edges.append(Edge(node((up, *ups[u])).key, node((down, *downs[d])).key, float(weights[d, u])))
     sizes = curve_sizes if curve_sizes is not None else _default_sizes(len(ranking))
     curves = faithfulness_curve(model, saes, task, ranking, sizes, aggregation)
@@ -770,8 +913,16 @@ def find_circuit(model: Model, saes: dict[str, SAE], task: Task, method: Method 
         with torch.no_grad():
             metric["patch"] = float(task.metric(_output(model, task.patch, {})).mean())
     paths = sae_paths or {}
-    return Circuit(name, order, {h: paths.get(h, "") for h in order}, task.labels, [node(k) for k in circuit],
-                   edges, curves, metric)
+    return Circuit(
+        name,
+        order,
+        {h: paths.get(h, "") for h in order},
+        task.labels,
+        [node(k) for k in circuit],
+        edges,
+        curves,
+        metric,
+    )
 
 
 def _ranking(agg: dict[str, Tensor], order: list[str]) -> tuple[list[NodeKey], Tensor]:
@@ -808,7 +959,7 @@ class PromptData(StrictModel):
     file: str | None = None
 
     @model_validator(mode="after")
-    def _one_source(self) -> "PromptData":
+    def _one_source(self) -> PromptData:
         if bool(self.prompts) == bool(self.file):
             raise ValueError("give either `prompts` (a list) or `file` (a .jsonl of prompts), not both or neither")
         if self.file and not Path(self.file).is_file():
@@ -823,8 +974,10 @@ class PromptData(StrictModel):
             try:
                 prompts += [Prompt(**json.loads(line))] if line.strip() else []
             except (ValueError, TypeError) as err:
-                raise CircuitError(f"{self.file} line {number} is not a prompt ({err}); each line must be a JSON "
-                                   "object with clean, and optionally patch, target, distractor, position") from None
+                raise CircuitError(
+                    f"{self.file} line {number} is not a prompt ({err}); each line must be a JSON "
+                    "object with clean, and optionally patch, target, distractor, position"
+                ) from None
         return prompts
 
 
@@ -849,9 +1002,11 @@ class CircuitConfig(StrictModel):
     device: str = "auto"
 
     @model_validator(mode="after")
-    def _check(self) -> "CircuitConfig":
+    def _check(self) -> CircuitConfig:
         if not self.saes:
-            raise ValueError("give at least one SAE: saes: {blocks.0.attn.hook_z: RUN/saes/blocks.0.attn.hook_z/VARIANT}")
+            raise ValueError(
+                "give at least one SAE: saes: {blocks.0.attn.hook_z: RUN/saes/blocks.0.attn.hook_z/VARIANT}"
+            )
         missing = [p for p in self.saes.values() if not Path(p).is_dir()]
         if missing:
             raise ValueError(f"no SAE folder {missing}; give folders with cfg.json and sae_weights.safetensors")
@@ -869,8 +1024,21 @@ def run_circuit(cfg: CircuitConfig, progress: bool = True) -> tuple[Circuit, Pat
         task = induction_task(model, cfg.data.examples, cfg.data.length, cfg.data.position, cfg.data.seed, cfg.metric)
     else:
         task = prompt_task(model, cfg.data.load(), cfg.metric)
-    circuit = find_circuit(model, saes, task, cfg.method, cfg.ig_steps, cfg.baseline, cfg.aggregation,
-                           cfg.node_threshold, cfg.edge_threshold, cfg.max_nodes, cfg.curve_sizes, cfg.name,
-                           {h: str(Path(p).resolve()) for h, p in cfg.saes.items()}, progress)
+    circuit = find_circuit(
+        model,
+        saes,
+        task,
+        cfg.method,
+        cfg.ig_steps,
+        cfg.baseline,
+        cfg.aggregation,
+        cfg.node_threshold,
+        cfg.edge_threshold,
+        cfg.max_nodes,
+        cfg.curve_sizes,
+        cfg.name,
+        {h: str(Path(p).resolve()) for h, p in cfg.saes.items()},
+        progress,
+    )
     circuit.config = cfg.model_dump(mode="json")
     return circuit, circuit.save(Path(cfg.out) / CIRCUITS_DIR / f"{cfg.name}.json")

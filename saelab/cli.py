@@ -2,71 +2,96 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional, TypeVar
 
 import typer
 
-from saelab.errors import SaelabError
+from saelab.errors import ConfigError, MissingError, SaelabError
 
-app = typer.Typer(help="saelab: harvest activations, train sparse autoencoders, analyse and browse features.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="saelab: harvest activations, train sparse autoencoders, analyse and browse features.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 
 SET_HELP = "Override a config key, e.g. --set batch_size=64 --set text.source=files (repeatable)."
 
 
-def _fail(err: Exception) -> None:
-    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+F = TypeVar("F", bound=Callable[..., None])
 
 
-@app.command()
+def reports_errors(command: F) -> F:
+    """Print a `SaelabError` as one red line on stderr and exit with status 2, without a traceback."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs) -> None:
+        try:
+            command(*args, **kwargs)
+        except SaelabError as err:
+            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+
+    return run  # type: ignore[return-value]
+
+
+def command(name: str | None = None) -> Callable[[F], F]:
+    """`app.command(name)` for a function whose `SaelabError`s are reported by `reports_errors`."""
+
+    def register(fn: F) -> F:
+        return app.command(name)(reports_errors(fn))
+
+    return register
+
+
+@command()
 def harvest(
     config: Path = typer.Argument(..., help="Harvest config (YAML), e.g. configs/harvest_minilm.yaml."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Run a model over text and write activations of the chosen hook points to a Zarr store (resumable)."""
     from saelab.config import HarvestConfig, load_config
     from saelab.harvest import harvest as run_harvest
 
-    try:
-        cfg = load_config(config, HarvestConfig, set_ or [])
-        store = run_harvest(cfg, progress=not quiet)
-    except (SaelabError, FileNotFoundError) as err:
-        _fail(err)
+    cfg = load_config(config, HarvestConfig, set_ or [])
+    store = run_harvest(cfg, progress=not quiet)
     typer.echo(store.summary())
 
 
-@app.command()
+@command()
 def info(store: str = typer.Argument(..., help="Store path or fsspec URL.")) -> None:
     """Print a summary of an activation store."""
     from saelab.store import ActivationStore
 
-    try:
-        typer.echo(ActivationStore.open(store).summary())
-    except SaelabError as err:
-        _fail(err)
+    typer.echo(ActivationStore.open(store).summary())
 
 
-@app.command("hooks")
-def hooks_cmd(model: str = typer.Argument("minilm", help="Model spec: 'minilm', a local checkpoint folder, or a TransformerLens name.")) -> None:
+@command("hooks")
+def hooks_cmd(
+    model: str = typer.Argument(
+        "minilm", help="Model spec: 'minilm', a local checkpoint folder, or a TransformerLens name."
+    ),
+) -> None:
     """List the hook points a model offers for harvesting."""
     from saelab.models import hook_points, load_model
 
-    try:
-        m = load_model(model, device="cpu")
-    except (SaelabError, FileNotFoundError) as err:
-        _fail(err)
+    m = load_model(model, device="cpu")
     typer.echo("\n".join(hook_points(m)))
 
 
-@app.command("import")
+@command("import")
 def import_cmd(
     path: Path = typer.Argument(..., help="A .npy file or a .safetensors file of 2-D arrays [n_rows, d]."),
     out: str = typer.Option(..., "--out", "-o", help="Store path or fsspec URL to create."),
-    key: Optional[List[str]] = typer.Option(None, "--key", help="Tensor(s) to take from a .safetensors file (default: all 2-D)."),
-    name: Optional[str] = typer.Option(None, "--name", help="Name for the array in the store (default: file stem or tensor key)."),
+    key: Optional[list[str]] = typer.Option(
+        None, "--key", help="Tensor(s) to take from a .safetensors file (default: all 2-D)."
+    ),
+    name: Optional[str] = typer.Option(
+        None, "--name", help="Name for the array in the store (default: file stem or tensor key)."
+    ),
     dtype: str = typer.Option("float32", "--dtype", help="float16, bfloat16 or float32."),
 ) -> None:
     """Turn vectors you already have (e.g. sentence embeddings) into a store that SAEs can train on."""
@@ -74,11 +99,8 @@ def import_cmd(
     from saelab.store import STORAGE_DTYPE
 
     if dtype not in STORAGE_DTYPE:
-        _fail(ValueError(f"--dtype {dtype!r} is not one of {sorted(STORAGE_DTYPE)}"))
-    try:
-        store = import_arrays(read_arrays(path, key, name), out, dtype=dtype, source=str(path))
-    except (SaelabError, FileNotFoundError) as err:
-        _fail(err)
+        raise ConfigError(f"--dtype {dtype!r} is not one of {sorted(STORAGE_DTYPE)}; pick one of those")
+    store = import_arrays(read_arrays(path, key, name), out, dtype=dtype, source=str(path))
     typer.echo(store.summary())
 
 
@@ -86,11 +108,8 @@ def _train(config: Path, set_: list[str] | None, quiet: bool) -> tuple[list[dict
     from saelab.config import load_config
     from saelab.train import TrainConfig, train
 
-    try:
-        cfg = load_config(config, TrainConfig, set_ or [])
-        return train(cfg, progress=not quiet), cfg.out
-    except (SaelabError, FileNotFoundError) as err:
-        _fail(err)
+    cfg = load_config(config, TrainConfig, set_ or [])
+    return train(cfg, progress=not quiet), cfg.out
 
 
 def _print_results(rows: list[dict]) -> None:
@@ -100,13 +119,15 @@ def _print_results(rows: list[dict]) -> None:
         if "stopped" in r:
             typer.echo(f"{r['hook']:<28} {variant:<30} stopped: {r['stopped']}")
         else:
-            typer.echo(f"{r['hook']:<28} {variant:<30} {r['fvu']:>7.4f} {r['l0']:>6.1f} {r['dead_frac']:>6.3f} {r['dense_frac']:>6.3f}")
+            typer.echo(
+                f"{r['hook']:<28} {variant:<30} {r['fvu']:>7.4f} {r['l0']:>6.1f} {r['dead_frac']:>6.3f} {r['dense_frac']:>6.3f}"
+            )
 
 
-@app.command("train")
+@command("train")
 def train_cmd(
     config: Path = typer.Argument(..., help="Training config (YAML), e.g. configs/train_minilm.yaml."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Train SAEs on a store (every hook x grid point in one pass); rerun the same command to resume."""
@@ -114,10 +135,10 @@ def train_cmd(
     _print_results(rows)
 
 
-@app.command()
+@command()
 def sweep(
     config: Path = typer.Argument(..., help="Sweep config (YAML), e.g. configs/sweep_minilm.yaml."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Train a grid of SAEs, then write results.csv and a Pareto plot (pareto.html) into the run directory."""
@@ -129,92 +150,85 @@ def sweep(
     typer.echo(f"results: {table}\nPareto plot: {figure}")
 
 
-@app.command()
+@command()
 def serve(
-    run_dir: Path = typer.Argument(..., help="Run directory: activations.zarr, saes/, analysis/ (as saelab writes them)."),
+    run_dir: Path = typer.Argument(
+        ..., help="Run directory: activations.zarr, saes/, analysis/ (as saelab writes them)."
+    ),
     port: int = typer.Option(8050, "--port", help="Port to listen on."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 exposes the browser to your network."),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Address to bind; 0.0.0.0 exposes the browser to your network."
+    ),
 ) -> None:
     """Browse a run's SAEs and features in a web app (Dash) at http://HOST:PORT/."""
-    from dashboards.app import serve as serve_app
+    from saelab.dashboards.app import serve as serve_app
 
     if not run_dir.is_dir():
-        _fail(FileNotFoundError(f"no run directory {run_dir}; give the folder that holds activations.zarr and saes/"))
+        raise MissingError(f"no run directory {run_dir}; give the folder that holds activations.zarr and saes/")
     typer.echo(f"serving {run_dir} at http://{host}:{port}/")
     serve_app(str(run_dir), host=host, port=port)
 
 
-@app.command()
+@command()
 def analyze(
     run_dir: Path = typer.Argument(..., help="Run directory with activations.zarr and saes/."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override an analysis setting, e.g. --set n_top=30."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override an analysis setting, e.g. --set n_top=30."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Compute every feature panel of every SAE in a run, in one streaming pass each (results in RUN/analysis)."""
-    from saelab.analysis import AnalysisConfig, analyze as run_analysis
+    from saelab.analysis import AnalysisConfig
+    from saelab.analysis import analyze as run_analysis
     from saelab.config import apply_overrides, build
 
-    try:
-        cfg = build(AnalysisConfig, apply_overrides({}, set_ or []), "analysis settings")
-        for path in run_analysis(run_dir, cfg, progress=not quiet):
-            typer.echo(f"wrote {path}")
-    except (SaelabError, FileNotFoundError) as err:
-        _fail(err)
+    cfg = build(AnalysisConfig, apply_overrides({}, set_ or []), "analysis settings")
+    for path in run_analysis(run_dir, cfg, progress=not quiet):
+        typer.echo(f"wrote {path}")
 
 
-@app.command()
+@command()
 def circuit(
     config: Path = typer.Argument(..., help="Circuit config (YAML), e.g. configs/circuit_induction.yaml."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Find a sparse feature circuit (node effects, edges, faithfulness) and write it to RUN/circuits/NAME.json."""
     from saelab.circuits import CircuitConfig, run_circuit
     from saelab.config import load_config
 
-    try:
-        found, path = run_circuit(load_config(config, CircuitConfig, set_ or []), progress=not quiet)
-    except (SaelabError, FileNotFoundError) as err:
-        _fail(err)
+    found, path = run_circuit(load_config(config, CircuitConfig, set_ or []), progress=not quiet)
     typer.echo(f"{found.summary()}\nwrote {path}")
 
 
-@app.command()
+@command()
 def steer(
     config: Path = typer.Argument(..., help="Steering config (YAML), e.g. configs/steer_induction.yaml."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Steer a model with an SAE latent over a sweep of coefficients; write RUN/steering/NAME.json."""
     from saelab.config import load_config
     from saelab.steering import SteerConfig, run_steering, summary
 
-    try:
-        result, path = run_steering(load_config(config, SteerConfig, set_ or []), progress=not quiet)
-    except (SaelabError, FileNotFoundError) as err:
-        _fail(err)
+    result, path = run_steering(load_config(config, SteerConfig, set_ or []), progress=not quiet)
     typer.echo(f"{summary(result)}\nwrote {path}")
 
 
-@app.command()
+@command()
 def absorption(
     config: Path = typer.Argument(..., help="Absorption config (YAML), e.g. configs/absorption_minilm.yaml."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Measure feature absorption (SAEBench's first-letter eval, or your labels) of a run's SAEs; results in RUN/absorption."""
     from saelab.absorption import AbsorptionConfig, run_absorption
     from saelab.config import load_config
 
-    try:
-        results = run_absorption(load_config(config, AbsorptionConfig, set_ or []), progress=not quiet)
-    except (SaelabError, FileNotFoundError) as err:
-        _fail(err)
+    results = run_absorption(load_config(config, AbsorptionConfig, set_ or []), progress=not quiet)
     for result, path in results:
         typer.echo(f"{result.summary()}\nwrote {path}")
 
 
-@app.command()
+@command()
 def quickstart(
     out: str = typer.Option("runs/quickstart", "--out", help="Run directory."),
     port: int = typer.Option(8050, "--port", help="Port of the app."),
@@ -225,13 +239,10 @@ def quickstart(
     """Harvest MiniLM over the embedded corpus, train TopK SAEs on one layer, analyse them, then serve the app."""
     from saelab.quickstart import quickstart as run_quickstart
 
-    try:
-        seconds = run_quickstart(out, train_tokens=tokens)
-    except (SaelabError, FileNotFoundError) as err:
-        _fail(err)
+    seconds = run_quickstart(out, train_tokens=tokens)
     typer.echo("quickstart: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()) + f"; run directory {out}")
     if not no_serve:
-        from dashboards.app import serve as run_app
+        from saelab.dashboards.app import serve as run_app
 
         typer.echo(f"serving http://{host}:{port}/ (Ctrl-C to stop)")
         run_app(out, host=host, port=port)

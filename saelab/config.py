@@ -36,11 +36,13 @@ class TextConfig(StrictModel):
     max_documents: int | None = None
 
     @model_validator(mode="after")
-    def _check_path(self) -> "TextConfig":
+    def _check_path(self) -> TextConfig:
         if self.source != "embedded" and not self.path:
             raise ValueError(f"text.source={self.source!r} needs text.path (a dataset name or a file/folder)")
         if self.source == "files" and not Path(self.path).exists():
-            raise ValueError(f"text.path: no such file or folder: {self.path!r}; give an existing .txt/.jsonl/.parquet file or folder")
+            raise ValueError(
+                f"text.path: no such file or folder: {self.path!r}; give an existing .txt/.jsonl/.parquet file or folder"
+            )
         return self
 
 
@@ -76,7 +78,7 @@ class HarvestConfig(StrictModel):
         return value
 
     @model_validator(mode="after")
-    def _chunks_divide_shards(self) -> "HarvestConfig":
+    def _chunks_divide_shards(self) -> HarvestConfig:
         if self.shard_rows % self.chunk_rows:
             raise ValueError(f"shard_rows ({self.shard_rows}) must be a multiple of chunk_rows ({self.chunk_rows})")
         return self
@@ -134,7 +136,9 @@ def load_config(path: str | Path, cls: type[C], overrides: list[str] = ()) -> C:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"malformed YAML in {path}{where}: {getattr(err, 'problem', err)}; fix the syntax there") from None
+        raise ConfigError(
+            f"malformed YAML in {path}{where}: {getattr(err, 'problem', err)}; fix the syntax there"
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of keys to values, not a {type(data).__name__}")
     return build(cls, apply_overrides(data, list(overrides)), f"config {path}")

@@ -19,8 +19,17 @@ from saelab.store import ActivationStore, StoreWriter, to_storage
 from saelab.text import SpecialTokens, batch_contexts, iter_documents, pack_contexts
 
 IDENTITY_KEYS = (
-    "model", "hooks", "text", "context_length", "batch_size", "max_tokens", "dtype",
-    "drop_special_tokens", "shard_rows", "chunk_rows", "compression",
+    "model",
+    "hooks",
+    "text",
+    "context_length",
+    "batch_size",
+    "max_tokens",
+    "dtype",
+    "drop_special_tokens",
+    "shard_rows",
+    "chunk_rows",
+    "compression",
 )
 
 
@@ -49,9 +58,14 @@ class _Piece:
     def start(self) -> int:
         return self.batch_start + self.offset
 
-    def cut(self, a: int, b: int) -> "_Piece":
-        return _Piece(self.batch, self.batch_start, self.offset + a,
-                      {k: v[a:b] for k, v in self.acts.items()}, {k: v[a:b] for k, v in self.meta.items()})
+    def cut(self, a: int, b: int) -> _Piece:
+        return _Piece(
+            self.batch,
+            self.batch_start,
+            self.offset + a,
+            {k: v[a:b] for k, v in self.acts.items()},
+            {k: v[a:b] for k, v in self.meta.items()},
+        )
 
 
 class _ShardWriter(threading.Thread):
@@ -111,8 +125,12 @@ def _open_writer(cfg: HarvestConfig, model: Model, hooks: dict[str, int]) -> Sto
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         group = None
     if group is None:
-        meta = {"config": identity(cfg), "model_name": model_name(model), "encoder": is_encoder(model),
-                "resume": {"batch": 0, "rows": 0}}
+        meta = {
+            "config": identity(cfg),
+            "model_name": model_name(model),
+            "encoder": is_encoder(model),
+            "resume": {"batch": 0, "rows": 0},
+        }
         return StoreWriter.create(cfg.out, meta, hooks, cfg.dtype, cfg.shard_rows, cfg.chunk_rows, cfg.compression)
     if "saelab" not in group.attrs:
         raise StoreError(f"{cfg.out!r} exists and is not a saelab store; choose another `out` or remove it")
@@ -158,15 +176,24 @@ def harvest(cfg: HarvestConfig, model: Model | None = None, progress: bool = Tru
 
     shard_writer = _ShardWriter(writer, cfg.shard_rows)
     shard_writer.start()
-    bar = tqdm(total=cfg.max_tokens, initial=done, unit="tok", unit_scale=True, disable=not progress,
-               desc=f"harvest {model_name(model)}", smoothing=0.1)
+    bar = tqdm(
+        total=cfg.max_tokens,
+        initial=done,
+        unit="tok",
+        unit_scale=True,
+        disable=not progress,
+        desc=f"harvest {model_name(model)}",
+        smoothing=0.1,
+    )
     try:
         for b, batch in enumerate(islice(batches, first_batch, None), start=first_batch):
             acts = capture(model, torch.from_numpy(batch.tokens).to(device), points)
             keep = ~batch.special.reshape(-1) if cfg.drop_special_tokens else np.ones(batch.tokens.size, bool)
             keep_t = torch.from_numpy(keep).to(device)
             piece = _Piece(
-                b, rows, 0,
+                b,
+                rows,
+                0,
                 {p.name: to_storage(acts[p.name].reshape(-1, p.d)[keep_t], cfg.dtype) for p in points},
                 {
                     "tokens": batch.tokens.reshape(-1)[keep].astype(np.int32),

@@ -12,7 +12,9 @@ from saelab.errors import StoreError
 from saelab.store import ActivationStore, StoreWriter, to_storage
 
 
-def read_arrays(path: str | Path, keys: list[str] | None = None, name: str | None = None) -> dict[str, np.ndarray | torch.Tensor]:
+def read_arrays(
+    path: str | Path, keys: list[str] | None = None, name: str | None = None
+) -> dict[str, np.ndarray | torch.Tensor]:
     """Name -> 2-D array from a `.npy` file (memory-mapped) or a `.safetensors` file (`keys`, or all 2-D tensors)."""
     path = Path(path)
     if not path.is_file():
@@ -58,14 +60,24 @@ def import_arrays(
     if len(n_rows) != 1:
         raise StoreError(f"arrays must have the same number of rows to share a store; got {shapes}")
     n = n_rows.pop()
-    meta = {"config": {"model": source, "text": {"source": "imported"}, "context_length": 1, "drop_special_tokens": False},
-            "model_name": source}
+    meta = {
+        "config": {"model": source, "text": {"source": "imported"}, "context_length": 1, "drop_special_tokens": False},
+        "model_name": source,
+    }
     writer = StoreWriter.create(out, meta, {k: s[1] for k, s in shapes.items()}, dtype, shard_rows, chunk_rows)
     for start in tqdm(range(0, n, shard_rows), desc="import", unit="shard", disable=not progress):
         stop = min(start + shard_rows, n)
         rows = np.arange(start, stop, dtype=np.int64)
         acts = {k: to_storage(torch.as_tensor(np.array(a[start:stop])), dtype) for k, a in arrays.items()}
-        writer.write(start, acts, {"tokens": np.full(len(rows), -1, np.int32), "doc_id": rows,
-                                   "position": np.zeros(len(rows), np.int32), "context": rows})
+        writer.write(
+            start,
+            acts,
+            {
+                "tokens": np.full(len(rows), -1, np.int32),
+                "doc_id": rows,
+                "position": np.zeros(len(rows), np.int32),
+                "context": rows,
+            },
+        )
         writer.commit(stop, complete=stop == n)
     return ActivationStore.open(out)

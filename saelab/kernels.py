@@ -62,8 +62,17 @@ def group_by_latent(lat: Tensor, bag: Tensor, acts: Tensor, d_sae: int) -> tuple
     order, bag_sorted, acts_sorted = torch.empty_like(lat), torch.empty_like(bag), torch.empty_like(acts)
     by_latent = torch.empty(d_sae, dtype=torch.long)
     n_chunks = match_torch_threads()
-    _counting_sort(lat.numpy(), bag.numpy(), acts.detach().numpy(), d_sae, n_chunks,
-                   order.numpy(), by_latent.numpy(), bag_sorted.numpy(), acts_sorted.numpy())
+    _counting_sort(
+        lat.numpy(),
+        bag.numpy(),
+        acts.detach().numpy(),
+        d_sae,
+        n_chunks,
+        order.numpy(),
+        by_latent.numpy(),
+        bag_sorted.numpy(),
+        acts_sorted.numpy(),
+    )
     return order, by_latent, bag_sorted, acts_sorted
 
 
@@ -116,8 +125,9 @@ class SparseAutoencode(torch.autograd.Function):
         for g, size in enumerate(group_sizes):
             part = slice(start, start + size)
             group_offsets = bag_offsets(bag[part] - g * n_rows, n_rows)
-            outs.append(F.embedding_bag(lat[part], W_dec.detach(), group_offsets, mode="sum",
-                                        per_sample_weights=acts[part]))
+            outs.append(
+                F.embedding_bag(lat[part], W_dec.detach(), group_offsets, mode="sum", per_sample_weights=acts[part])
+            )
             offsets.append(group_offsets + start)
             start += size
         offsets = torch.cat(offsets)
@@ -153,16 +163,21 @@ class SparseAutoencode(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_b_dec = -(W_enc @ grad_b_enc)
         if ctx.needs_input_grad[0]:
-            per_bag = F.embedding_bag(
-                lat, W_enc.T.contiguous(), offsets, mode="sum", per_sample_weights=grad_pre
-            )
+            per_bag = F.embedding_bag(lat, W_enc.T.contiguous(), offsets, mode="sum", per_sample_weights=grad_pre)
             grad_x = per_bag.view(-1, n_rows, x.shape[1]).sum(0)
         return grad_x, grad_b_dec, grad_W_enc, grad_b_enc, grad_W_dec, None, None, None, None
 
 
 def sparse_autoencode(
-    x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor,
-    vals: Tensor, lat: Tensor, bag: Tensor, group_sizes: list[int],
+    x: Tensor,
+    b_dec: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    W_dec: Tensor,
+    vals: Tensor,
+    lat: Tensor,
+    bag: Tensor,
+    group_sizes: list[int],
 ) -> tuple[Tensor, ...]:
     """Functional form of :class:`SparseAutoencode`; returns one ``[B, d_in]`` tensor per group."""
     return SparseAutoencode.apply(x, b_dec, W_enc, b_enc, W_dec, vals, lat, bag, group_sizes)

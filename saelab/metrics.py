@@ -29,7 +29,7 @@ def reconstruction_metrics(sae: SAE, x: Tensor, batch_size: int = 8192) -> dict[
     mean = x.double().mean(0).to(device)
     total_var = 0.0
     for start in range(0, len(x), batch_size):
-        xb = x[start:start + batch_size].to(device, torch.float32)
+        xb = x[start : start + batch_size].to(device, torch.float32)
         f = sae.encode(xb)
         recon = sae.decode(f)
         active = f != 0
@@ -59,7 +59,9 @@ def eval_tokens(store_config: dict[str, Any], model: Any, n_contexts: int) -> Te
 
     special = SpecialTokens.for_tokenizer(model.tokenizer, is_encoder(model))
     docs = iter_documents(TextConfig(**store_config["text"]))
-    contexts = [t for t, _ in islice(pack_contexts(docs, model.tokenizer, special, store_config["context_length"]), n_contexts)]
+    contexts = [
+        t for t, _ in islice(pack_contexts(docs, model.tokenizer, special, store_config["context_length"]), n_contexts)
+    ]
     return torch.from_numpy(np.stack(contexts)).to(next(model.parameters()).device)
 
 
@@ -100,7 +102,11 @@ def spliced_metrics(model: Any, sae: SAE, hook: str, tokens: Tensor) -> dict[str
 
     kl_sae, kl_zero = kl(logp_sae), kl(logp_zero)
     return {
-        "ce_orig": float(ce_orig), "ce_sae": float(ce_sae), "ce_zero": float(ce_zero),
+        "ce_orig": float(ce_orig),
+        "ce_sae": float(ce_sae),
+        "ce_zero": float(ce_zero),
         "ce_loss_score": float((ce_zero - ce_sae) / (ce_zero - ce_orig)),
-        "kl_sae": kl_sae, "kl_zero": kl_zero, "kl_div_score": (kl_zero - kl_sae) / kl_zero,
+        "kl_sae": kl_sae,
+        "kl_zero": kl_zero,
+        "kl_div_score": (kl_zero - kl_sae) / kl_zero,
     }

@@ -196,7 +196,9 @@ def flatten_heads(act: torch.Tensor) -> torch.Tensor:
     return act.flatten(2) if act.ndim == 4 else act
 
 
-def forward_to(model: Model, tokens: torch.Tensor, hook: str, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def forward_to(
+    model: Model, tokens: torch.Tensor, hook: str, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """The activation at `hook` [batch, pos, d] (flattened over heads), the forward pass stopped there.
 
     Hooks already on the model (e.g. edits in an enclosing `model.hooks`) apply; autograd follows the caller."""

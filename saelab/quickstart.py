@@ -11,25 +11,42 @@ from saelab.harvest import harvest
 from saelab.train import Grid, TrainConfig, train
 
 
-def quickstart_configs(out: str, layer: int = 2, train_tokens: int = 1_000_000, expansion: int = 8) -> tuple[HarvestConfig, TrainConfig]:
+def quickstart_configs(
+    out: str, layer: int = 2, train_tokens: int = 1_000_000, expansion: int = 8
+) -> tuple[HarvestConfig, TrainConfig]:
     """The harvest and training configs the quickstart runs (MiniLM, embedded corpus, one layer)."""
     hooks = [f"blocks.{layer}.hook_resid_post", f"blocks.{layer}.hook_mlp_out", f"blocks.{layer}.attn.hook_z"]
     store = str(Path(out) / "activations.zarr")
     return (
         HarvestConfig(model="minilm", hooks=hooks, out=store, context_length=128, batch_size=32, dtype="float16"),
-        TrainConfig(store=store, out=out, tokens=train_tokens, batch_size=4096, eval_rows=16_384,
-                    grid=Grid(arch=["topk"], k=[32], expansion=[expansion]), sae={"dead_tokens": 500_000}),
+        TrainConfig(
+            store=store,
+            out=out,
+            tokens=train_tokens,
+            batch_size=4096,
+            eval_rows=16_384,
+            grid=Grid(arch=["topk"], k=[32], expansion=[expansion]),
+            sae={"dead_tokens": 500_000},
+        ),
     )
 
 
-def quickstart(out: str = "runs/quickstart", layer: int = 2, train_tokens: int = 1_000_000, expansion: int = 8,
-               analysis: AnalysisConfig = AnalysisConfig(), progress: bool = True) -> dict[str, float]:
+def quickstart(
+    out: str = "runs/quickstart",
+    layer: int = 2,
+    train_tokens: int = 1_000_000,
+    expansion: int = 8,
+    analysis: AnalysisConfig = AnalysisConfig(),
+    progress: bool = True,
+) -> dict[str, float]:
     """Harvest, train and analyse into `out` (each stage resumes or skips finished work); return seconds per stage."""
     harvest_cfg, train_cfg = quickstart_configs(out, layer, train_tokens, expansion)
     seconds = {}
-    for name, stage in (("harvest", lambda: harvest(harvest_cfg, progress=progress)),
-                        ("train", lambda: train(train_cfg, progress=progress)),
-                        ("analyze", lambda: analyze(out, analysis, progress=progress, skip_existing=True))):
+    for name, stage in (
+        ("harvest", lambda: harvest(harvest_cfg, progress=progress)),
+        ("train", lambda: train(train_cfg, progress=progress)),
+        ("analyze", lambda: analyze(out, analysis, progress=progress, skip_existing=True)),
+    ):
         start = time.perf_counter()
         stage()
         seconds[name] = time.perf_counter() - start

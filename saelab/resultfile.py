@@ -1,8 +1,9 @@
 """JSON result files that commands write into a run: circuits, absorption scores, steering runs."""
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 

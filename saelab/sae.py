@@ -55,7 +55,9 @@ class SAEConfig(BaseModel):
         1 / 16, ge=0, description="Use the sparse kernels when k / d_sae <= this, else dense matmuls."
     )
     aux_sparse_density: float = Field(
-        1 / 6, ge=0, description="With sparse main latents, AuxK uses the sparse kernels when k_aux / n_dead "
+        1 / 6,
+        ge=0,
+        description="With sparse main latents, AuxK uses the sparse kernels when k_aux / n_dead "
         "<= this, else dense products over the dead latents only (CPU break-even measured at about 0.15).",
     )
     dtype: DType = "float32"
@@ -270,14 +272,18 @@ class SAE(nn.Module):
             raw = json.loads((path / CFG_FILENAME).read_text())
             cfg, tensors = _from_saelens(raw, load_file(path / WEIGHTS_FILENAME))
         except (ValueError, KeyError, TypeError, SafetensorError) as err:
-            raise SAELoadError(f"cannot load the SAE at {path} ({type(err).__name__}: {err}); give a folder that "
-                               "saelab or SAELens wrote") from None
+            raise SAELoadError(
+                f"cannot load the SAE at {path} ({type(err).__name__}: {err}); give a folder that "
+                "saelab or SAELens wrote"
+            ) from None
         sae = SAE.from_config(cfg)
         missing = set(sae.state_dict()) - {"input_scale", "tokens_since_fired"} - set(tensors)
         unexpected = set(tensors) - set(sae.state_dict())
         if missing or unexpected:
-            raise SAELoadError(f"{path / WEIGHTS_FILENAME}: missing {sorted(missing)}, unexpected {sorted(unexpected)}; "
-                               "give a folder that saelab or SAELens wrote")
+            raise SAELoadError(
+                f"{path / WEIGHTS_FILENAME}: missing {sorted(missing)}, unexpected {sorted(unexpected)}; "
+                "give a folder that saelab or SAELens wrote"
+            )
         dtype = sae.W_enc.dtype
         sae.load_state_dict({name: t.to(dtype) for name, t in tensors.items()}, strict=False)
         return sae.to(device) if device is not None else sae
@@ -299,17 +305,24 @@ def _from_saelens(raw: dict, tensors: dict[str, Tensor]) -> tuple[SAEConfig, dic
             raw.get("architecture", "standard")
         )
         if arch is None:
-            raise ValueError(f"SAELens architecture {raw['architecture']!r} is not supported; saelab reads "
-                             "topk, batchtopk, jumprelu and standard")
+            raise ValueError(
+                f"SAELens architecture {raw['architecture']!r} is not supported; saelab reads "
+                "topk, batchtopk, jumprelu and standard"
+            )
         details = meta.get("training_architecture_details") or {}
         if arch == "jumprelu" and meta.get("training_architecture") == "batchtopk":
             arch = "batchtopk"
         k = raw.get("k", details.get("k", 32))
         cfg = SAEConfig(
-            arch=arch, d_in=raw["d_in"], d_sae=raw["d_sae"], k=int(k),
+            arch=arch,
+            d_in=raw["d_in"],
+            d_sae=raw["d_sae"],
+            k=int(k),
             dtype=str(raw.get("dtype", "float32")).removeprefix("torch."),
-            model_name=meta.get("model_name") or "", hook_name=meta.get("hook_name") or "",
-            context_size=meta.get("context_size"), dataset=meta.get("dataset_path") or "",
+            model_name=meta.get("model_name") or "",
+            hook_name=meta.get("hook_name") or "",
+            context_size=meta.get("context_size"),
+            dataset=meta.get("dataset_path") or "",
         )
     tensors = dict(tensors)
     W_enc, W_dec = tensors["W_enc"], tensors["W_dec"]
@@ -375,8 +388,13 @@ class TopKSAE(SAE):
                 auxk = F.mse_loss(aux_recon, residual, reduction="sum") / _spread(residual)
             loss = fvu + cfg.aux_coef * auxk
         self.update_dead(lat, vals, n_rows)
-        metrics = {"loss": loss.detach(), "fvu": fvu.detach(), "auxk": auxk.detach(),
-                   "l0": (vals > 0).sum() / n_rows, "dead_frac": dead.float().mean()}
+        metrics = {
+            "loss": loss.detach(),
+            "fvu": fvu.detach(),
+            "auxk": auxk.detach(),
+            "l0": (vals > 0).sum() / n_rows,
+            "dead_frac": dead.float().mean(),
+        }
         return loss, metrics
 
     def _sparse_step(self, x, dead_cols, k_aux, mm_dtype):
@@ -388,8 +406,9 @@ class TopKSAE(SAE):
         aux_sparse = k_aux > 0 and k_aux / len(dead_cols) <= self.cfg.aux_sparse_density
         with torch.no_grad():
             xc = (x - self.b_dec).to(mm_dtype)
-            pre = torch.addmm(self.b_enc.to(mm_dtype), xc, self.W_enc.to(mm_dtype),
-                              out=self._workspace(n_rows, mm_dtype))
+            pre = torch.addmm(
+                self.b_enc.to(mm_dtype), xc, self.W_enc.to(mm_dtype), out=self._workspace(n_rows, mm_dtype)
+            )
             vals, lat, rows = self._select(pre)
             n_main = vals.numel()
             if aux_sparse:  # AuxK entries from the same pre-activations, in bags [B, 2B)
@@ -552,7 +571,10 @@ class ReLUSAE(SAE):
 
 
 ARCHITECTURES: dict[str, type[SAE]] = {
-    "topk": TopKSAE, "batchtopk": BatchTopKSAE, "jumprelu": JumpReLUSAE, "relu": ReLUSAE,
+    "topk": TopKSAE,
+    "batchtopk": BatchTopKSAE,
+    "jumprelu": JumpReLUSAE,
+    "relu": ReLUSAE,
 }
 
 

@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Sequence, Union
+from typing import Any, Literal, Union
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saelab.config import StrictModel, TextConfig
-from saelab.errors import SaelabError
+from saelab.errors import SteeringError
 from saelab.models import Model, flatten_heads, forward_to, is_encoder, resolve_hooks
 from saelab.resultfile import write_json
 from saelab.sae import SAE
@@ -49,10 +50,6 @@ Scope = Union[Literal["prompt", "generated", "all"], list[int]]
 MODES: tuple[str, ...] = ("add", "clamp", "orthogonal", "cap", "ablate")
 STEERING_DIR = "steering"
 EMBEDDING = "embedding"  # the hook name of an encoder's pooled sentence embedding (for SAEs trained on embeddings)
-
-
-class SteeringError(SaelabError, ValueError):
-    """A steering request that cannot be carried out as asked."""
 
 
 # ---------------------------------------------------------------------------------------- interventions
@@ -117,14 +114,17 @@ def check_interventions(model: Model, interventions: Sequence[Intervention], emb
         raise SteeringError(f"hook {EMBEDDING!r} is an encoder's sentence embedding; this model is a decoder")
     names = sorted({iv.hook for iv in interventions})
     if not embedding and EMBEDDING in names:
-        raise SteeringError(f"hook {EMBEDDING!r} is the pooled sentence embedding, not a hook point: steer it with "
-                            "embed or search")
+        raise SteeringError(
+            f"hook {EMBEDDING!r} is the pooled sentence embedding, not a hook point: steer it with embed or search"
+        )
     widths = {EMBEDDING: model.cfg.d_model} if embedding else {p.name: p.d for p in resolve_hooks(model, names)}
     for iv in interventions:
         cfg = iv.sae.cfg
         if cfg.d_in != widths[iv.hook]:
-            raise SteeringError(f"the SAE reads d_in={cfg.d_in}, but {iv.hook} has width {widths[iv.hook]}; "
-                                f"give an SAE trained on this model's {iv.hook}")
+            raise SteeringError(
+                f"the SAE reads d_in={cfg.d_in}, but {iv.hook} has width {widths[iv.hook]}; "
+                f"give an SAE trained on this model's {iv.hook}"
+            )
         if iv.mode not in MODES:
             raise SteeringError(f"unknown steering mode {iv.mode!r}; use one of {', '.join(MODES)}")
         bad = [i for i in iv.latents if not 0 <= i < cfg.d_sae]
@@ -132,11 +132,15 @@ def check_interventions(model: Model, interventions: Sequence[Intervention], emb
             raise SteeringError(f"latent {bad[0]} does not exist: the SAE has latents 0 to {cfg.d_sae - 1}")
         if iv.code is not None:
             if iv.mode != "add" or iv.code.shape != (cfg.d_sae,):
-                raise SteeringError(f"a code is added (mode add) and has shape [{cfg.d_sae}]; got mode {iv.mode!r} "
-                                    f"and shape {list(iv.code.shape)}")
+                raise SteeringError(
+                    f"a code is added (mode add) and has shape [{cfg.d_sae}]; got mode {iv.mode!r} "
+                    f"and shape {list(iv.code.shape)}"
+                )
         elif iv.mode != "ablate" and len(iv.latents) != 1:
-            raise SteeringError(f"mode {iv.mode!r} steers exactly one latent (got {len(iv.latents)}); "
-                                "give one, or use mode ablate for several")
+            raise SteeringError(
+                f"mode {iv.mode!r} steers exactly one latent (got {len(iv.latents)}); "
+                "give one, or use mode ablate for several"
+            )
         if not math.isfinite(iv.value):
             raise SteeringError(f"coefficient {iv.coefficient} x scale {iv.scale} is not a finite number")
         if iv.scope == "generated" and is_encoder(model):
@@ -161,8 +165,12 @@ class _Positions:
 
 
 @contextmanager
-def steer(model: Model, interventions: Sequence[Intervention], prompt_length: float = math.inf,
-          read: Callable[[str, Tensor, Tensor], None] | None = None) -> Iterator[None]:
+def steer(
+    model: Model,
+    interventions: Sequence[Intervention],
+    prompt_length: float = math.inf,
+    read: Callable[[str, Tensor, Tensor], None] | None = None,
+) -> Iterator[None]:
     """Run `model` with the interventions inside the block. Positions before `prompt_length` are the prompt.
 
     `read(hook, h, positions)` sees every steered hook point's activation after the edits. Use a new block per
@@ -195,15 +203,20 @@ def steer(model: Model, interventions: Sequence[Intervention], prompt_length: fl
 # ---------------------------------------------------------------------------------------------- scales
 
 
-def typical_max_act(sae: SAE, latent: int, max_act: np.ndarray | None = None, acts: Tensor | None = None) -> tuple[float, str]:
+def typical_max_act(
+    sae: SAE, latent: int, max_act: np.ndarray | None = None, acts: Tensor | None = None
+) -> tuple[float, str]:
     """The latent's typical max activation and where it came from: the analysis's `max_act` [d_sae] when given,
     else measured on `acts` [n, d_in]. A latent that never fired gets the median over latents that did."""
     if max_act is None:
         if acts is None:
             raise SteeringError("give the feature analysis's max_act or activations to measure the latent's scale on")
         with torch.no_grad():
-            max_act = np.concatenate([sae.encode(chunk.float()).amax(0).cpu().numpy()
-                                      for chunk in acts.split(4096)]).reshape(-1, sae.cfg.d_sae).max(0)
+            max_act = (
+                np.concatenate([sae.encode(chunk.float()).amax(0).cpu().numpy() for chunk in acts.split(4096)])
+                .reshape(-1, sae.cfg.d_sae)
+                .max(0)
+            )
         source = "measured"
     else:
         source = "analysis"
@@ -236,20 +249,36 @@ def _decoder_only(model: Model) -> None:
 
 
 @torch.no_grad()
-def generate(model: Model, prompt: str | Tensor, interventions: Sequence[Intervention] = (), max_new_tokens: int = 20,
-             temperature: float = 0.0, seed: int = 0, use_past_kv_cache: bool = True) -> Tensor:
+def generate(
+    model: Model,
+    prompt: str | Tensor,
+    interventions: Sequence[Intervention] = (),
+    max_new_tokens: int = 20,
+    temperature: float = 0.0,
+    seed: int = 0,
+    use_past_kv_cache: bool = True,
+) -> Tensor:
     """The prompt's tokens [1, n] followed by `max_new_tokens` generated with the interventions (greedy at
     temperature 0, else sampled with `seed`)."""
     _decoder_only(model)
     tokens = prompt_tokens(model, prompt) if isinstance(prompt, str) else prompt
     if tokens.shape[1] + max_new_tokens > model.cfg.n_ctx:
-        raise SteeringError(f"{tokens.shape[1]} prompt tokens + {max_new_tokens} new ones exceed the model's context "
-                            f"of {model.cfg.n_ctx}; shorten the prompt or generate fewer tokens")
+        raise SteeringError(
+            f"{tokens.shape[1]} prompt tokens + {max_new_tokens} new ones exceed the model's context "
+            f"of {model.cfg.n_ctx}; shorten the prompt or generate fewer tokens"
+        )
     torch.manual_seed(seed)
     with steer(model, interventions, tokens.shape[1]):
-        return model.generate(tokens, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                              temperature=max(temperature, 1e-6), use_past_kv_cache=use_past_kv_cache,
-                              stop_at_eos=False, verbose=False, return_type="tokens")
+        return model.generate(
+            tokens,
+            max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0,
+            temperature=max(temperature, 1e-6),
+            use_past_kv_cache=use_past_kv_cache,
+            stop_at_eos=False,
+            verbose=False,
+            return_type="tokens",
+        )
 
 
 def continuation(model: Model, tokens: Tensor, prompt_length: int) -> str:
@@ -257,7 +286,7 @@ def continuation(model: Model, tokens: Tensor, prompt_length: int) -> str:
     ids = tokens[0, prompt_length:].tolist()
     eos = model.tokenizer.eos_token_id
     if eos is not None and eos in ids:
-        ids = ids[:ids.index(eos)]
+        ids = ids[: ids.index(eos)]
     return model.tokenizer.decode(ids)
 
 
@@ -270,12 +299,20 @@ class Comparison:
     steered: str
 
 
-def compare(model: Model, prompt: str, interventions: Sequence[Intervention], max_new_tokens: int = 20,
-            temperature: float = 0.0, seed: int = 0) -> Comparison:
+def compare(
+    model: Model,
+    prompt: str,
+    interventions: Sequence[Intervention],
+    max_new_tokens: int = 20,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> Comparison:
     """Steered and unsteered continuations of `prompt`, from the same seed."""
     n = prompt_tokens(model, prompt).shape[1]
-    texts = [continuation(model, generate(model, prompt, ivs, max_new_tokens, temperature, seed), n)
-             for ivs in ((), interventions)]
+    texts = [
+        continuation(model, generate(model, prompt, ivs, max_new_tokens, temperature, seed), n)
+        for ivs in ((), interventions)
+    ]
     return Comparison(prompt, *texts)
 
 
@@ -307,13 +344,23 @@ def steered_metrics(model: Model, tokens: Tensor, prompt_length: int, interventi
     if intervention.latents:
         latent, sae = intervention.latents[0], intervention.sae
         natural = hook_acts(model, tokens, intervention.hook)
-        out |= {"latent_act": float(sae.encode(edited[0][0, prompt_length:])[:, latent].mean()),
-                "latent_act_text": float(sae.encode(natural[0, prompt_length:])[:, latent].mean())}
+        out |= {
+            "latent_act": float(sae.encode(edited[0][0, prompt_length:])[:, latent].mean()),
+            "latent_act_text": float(sae.encode(natural[0, prompt_length:])[:, latent].mean()),
+        }
     return out
 
 
-def sweep(model: Model, intervention: Intervention, coefficients: Sequence[float], prompts: Sequence[str],
-          max_new_tokens: int = 20, temperature: float = 0.0, seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
+def sweep(
+    model: Model,
+    intervention: Intervention,
+    coefficients: Sequence[float],
+    prompts: Sequence[str],
+    max_new_tokens: int = 20,
+    temperature: float = 0.0,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
     """For each coefficient, each prompt steered by `intervention` at that coefficient: its continuation and
     `steered_metrics` (mean over prompts in `mean`)."""
     _decoder_only(model)
@@ -327,12 +374,19 @@ def sweep(model: Model, intervention: Intervention, coefficients: Sequence[float
             for i, prompt in enumerate(prompts):
                 n = prompt_tokens(model, prompt).shape[1]
                 tokens = generate(model, prompt, [iv], max_new_tokens, temperature, seed + i)
-                per_prompt.append({"prompt": prompt, "text": continuation(model, tokens, n)}
-                                  | steered_metrics(model, tokens, n, iv))
+                per_prompt.append(
+                    {"prompt": prompt, "text": continuation(model, tokens, n)} | steered_metrics(model, tokens, n, iv)
+                )
                 bar.update()
             keys = [k for k in per_prompt[0] if k not in ("prompt", "text")]
-            rows.append({"coefficient": float(c), "value": iv.value,
-                         "mean": {k: float(np.mean([r[k] for r in per_prompt])) for k in keys}, "prompts": per_prompt})
+            rows.append(
+                {
+                    "coefficient": float(c),
+                    "value": iv.value,
+                    "mean": {k: float(np.mean([r[k] for r in per_prompt])) for k in keys},
+                    "prompts": per_prompt,
+                }
+            )
     return rows
 
 
@@ -346,13 +400,15 @@ def _encode_texts(model: Model, texts: Sequence[str], max_length: int) -> list[l
     return [[*special.prefix, *t[:room], *special.suffix] for t in ids]
 
 
-def _padded(model: Model, texts: Sequence[str], batch_size: int, max_length: int) -> Iterator[tuple[list[int], Tensor, Tensor]]:
+def _padded(
+    model: Model, texts: Sequence[str], batch_size: int, max_length: int
+) -> Iterator[tuple[list[int], Tensor, Tensor]]:
     """Batches of texts of similar length: their indices, tokens [batch, pos] and attention mask (1: a real token)."""
     ids = _encode_texts(model, texts, max_length)
     device = next(model.parameters()).device
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         width = max(len(ids[i]) for i in idx)
         tokens = torch.tensor([ids[i] + [0] * (width - len(ids[i])) for i in idx], device=device)
         mask = torch.tensor([[1] * len(ids[i]) + [0] * (width - len(ids[i])) for i in idx], device=device)
@@ -364,8 +420,15 @@ def _pool(hidden: Tensor, mask: Tensor) -> Tensor:
     return (hidden * m).sum(1) / m.sum(1)
 
 
-def embed(model: Model, texts: Sequence[str], interventions: Sequence[Intervention] = (), batch_size: int = 64,
-          max_length: int = 256, grad: bool = False, progress: bool = False) -> Tensor:
+def embed(
+    model: Model,
+    texts: Sequence[str],
+    interventions: Sequence[Intervention] = (),
+    batch_size: int = 64,
+    max_length: int = 256,
+    grad: bool = False,
+    progress: bool = False,
+) -> Tensor:
     """Sentence embeddings [len(texts), d_model]: the last layer's output mean-pooled over each text's tokens
     ([CLS] and [SEP] included) and L2-normalised, as sentence-transformers computes all-MiniLM-L6-v2's.
 
@@ -378,8 +441,9 @@ def embed(model: Model, texts: Sequence[str], interventions: Sequence[Interventi
     check_interventions(model, outside, embedding=True)
     order, rows = [], []
     with torch.set_grad_enabled(grad):
-        for idx, tokens, mask in tqdm(list(_padded(model, texts, batch_size, max_length)), desc="embed",
-                                      disable=not progress):
+        for idx, tokens, mask in tqdm(
+            list(_padded(model, texts, batch_size, max_length)), desc="embed", disable=not progress
+        ):
             with steer(model, inside):
                 last = forward_to(model, tokens, f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", mask)
                 e = torch.nn.functional.normalize(_pool(last.float(), mask), dim=-1)
@@ -396,8 +460,9 @@ def edit_embedding(e: Tensor, interventions: Sequence[Intervention]) -> Tensor:
 
 
 @torch.no_grad()
-def doc_latent_acts(model: Model, sae: SAE, hook: str, texts: Sequence[str], batch_size: int = 64,
-                    max_length: int = 256) -> Tensor:
+def doc_latent_acts(
+    model: Model, sae: SAE, hook: str, texts: Sequence[str], batch_size: int = 64, max_length: int = 256
+) -> Tensor:
     """Every latent's activation on each text [len(texts), d_sae]: on its sentence embedding for `EMBEDDING`, else
     the mean over its tokens at `hook` (unsteered)."""
     if hook == EMBEDDING:
@@ -431,7 +496,9 @@ class SearchResult:
 
 
 @torch.no_grad()
-def search(model: Model, query: str, corpus: Tensor, interventions: Sequence[Intervention], k: int = 10) -> SearchResult:
+def search(
+    model: Model, query: str, corpus: Tensor, interventions: Sequence[Intervention], k: int = 10
+) -> SearchResult:
     """The `k` documents of `corpus` (their `embed`dings [n, d]) nearest to `query`, before and after steering
     the query's embedding with the interventions (the corpus stays unsteered)."""
     if not query.strip():
@@ -454,9 +521,18 @@ def search(model: Model, query: str, corpus: Tensor, interventions: Sequence[Int
 # ---------------------------------------------------------------------------------------- optimised codes
 
 
-def optimise_code(model: Model, sae: SAE, hook: str, targets: Sequence[str], query: str | None = None,
-                  steps: int = 60, lr: float = 0.05, l1: float = 1e-3, keep: int | None = None,
-                  progress: bool = False) -> tuple[Tensor, list[float]]:
+def optimise_code(
+    model: Model,
+    sae: SAE,
+    hook: str,
+    targets: Sequence[str],
+    query: str | None = None,
+    steps: int = 60,
+    lr: float = 0.05,
+    l1: float = 1e-3,
+    keep: int | None = None,
+    progress: bool = False,
+) -> tuple[Tensor, list[float]]:
     """A sparse code z >= 0 ([d_sae]) whose decoded vector `z @ W_dec`, added at every position of `hook`, steers
     the model toward the target examples: projected Adam (z kept >= 0) on the loss below plus `l1 * |z|_1`, from
     z = 0, then cut to its `keep` largest entries (default: the SAE's k). Returns the code and each step's loss.
@@ -539,7 +615,7 @@ class SteerConfig(StrictModel):
     device: str = "auto"
 
     @model_validator(mode="after")
-    def _check(self) -> "SteerConfig":
+    def _check(self) -> SteerConfig:
         if not Path(self.run).is_dir():
             raise ValueError(f"no run directory {self.run!r}; give the folder that holds activations.zarr and saes/")
         if not (Path(self.sae) / "cfg.json").is_file():
@@ -554,8 +630,9 @@ def sae_hook(path: str | Path, sae: SAE) -> str:
     return sae.cfg.hook_name or Path(path).resolve().parent.name
 
 
-def run_scale(run: str | Path, sae_path: str | Path, sae: SAE, latent: int, hook: str,
-              embeddings: Tensor | None = None) -> tuple[float, str]:
+def run_scale(
+    run: str | Path, sae_path: str | Path, sae: SAE, latent: int, hook: str, embeddings: Tensor | None = None
+) -> tuple[float, str]:
     """`typical_max_act` for a run's SAE: the run's feature analysis when it has one, else measured on (up to 16k
     rows of) the run's activations at `hook`, or on `embeddings` for an SAE of sentence embeddings."""
     analysis = Path(run) / "analysis" / hook / f"{Path(sae_path).name}.zarr"
@@ -572,8 +649,10 @@ def run_scale(run: str | Path, sae_path: str | Path, sae: SAE, latent: int, hook
             return typical_max_act(sae, latent, acts=store.activations(hook, slice(0, min(store.n_tokens, 16384))))
     if embeddings is not None:
         return typical_max_act(sae, latent, acts=embeddings)
-    raise SteeringError(f"cannot tell latent {latent}'s typical activation: {run} has neither a feature analysis of "
-                        f"this SAE nor activations at {hook}; set `scale` in the config")
+    raise SteeringError(
+        f"cannot tell latent {latent}'s typical activation: {run} has neither a feature analysis of "
+        f"this SAE nor activations at {hook}; set `scale` in the config"
+    )
 
 
 def run_steering(cfg: SteerConfig, progress: bool = True) -> tuple[dict[str, Any], Path]:
@@ -602,26 +681,52 @@ def run_steering(cfg: SteerConfig, progress: bool = True) -> tuple[dict[str, Any
         if len(docs) < cfg.k:
             raise SteeringError(f"the corpus has {len(docs)} documents, fewer than k={cfg.k}; give more or lower k")
         corpus = embed(model, docs, progress=progress)
-        scale, source = (cfg.scale, "config") if cfg.scale else run_scale(cfg.run, cfg.sae, sae, cfg.latent, hook, corpus)
+        scale, source = (
+            (cfg.scale, "config") if cfg.scale else run_scale(cfg.run, cfg.sae, sae, cfg.latent, hook, corpus)
+        )
         fires = doc_latent_acts(model, sae, hook, docs)[:, cfg.latent]
         rows = []
         for c in tqdm(cfg.coefficients, desc="steered search", disable=not progress):
             iv = Intervention(hook, sae, [cfg.latent], cfg.mode, c, scale, cfg.scope)
             found = [search(model, q, corpus, [iv], cfg.k) for q in cfg.queries]
-            rows.append({"coefficient": c, "value": iv.value, "queries": [
-                {"query": r.query, "before": r.before, "after": r.after, "entered": r.entered, "left": r.left,
-                 "latent_act_before": float(fires[[i for i, _ in r.before]].mean()),
-                 "latent_act_after": float(fires[[i for i, _ in r.after]].mean())} for r in found]})
-        result |= {"kind": "search", "scale": scale, "scale_source": source, "rows": rows,
-                   "documents": {str(i): docs[i] for row in rows for q in row["queries"]
-                                 for i, _ in q["before"] + q["after"]}}
+            rows.append(
+                {
+                    "coefficient": c,
+                    "value": iv.value,
+                    "queries": [
+                        {
+                            "query": r.query,
+                            "before": r.before,
+                            "after": r.after,
+                            "entered": r.entered,
+                            "left": r.left,
+                            "latent_act_before": float(fires[[i for i, _ in r.before]].mean()),
+                            "latent_act_after": float(fires[[i for i, _ in r.after]].mean()),
+                        }
+                        for r in found
+                    ],
+                }
+            )
+        result |= {
+            "kind": "search",
+            "scale": scale,
+            "scale_source": source,
+            "rows": rows,
+            "documents": {str(i): docs[i] for row in rows for q in row["queries"] for i, _ in q["before"] + q["after"]},
+        }
     else:
         if not cfg.prompts:
             raise SteeringError("this model is a decoder: give `prompts` to continue")
         scale, source = (cfg.scale, "config") if cfg.scale else run_scale(cfg.run, cfg.sae, sae, cfg.latent, hook)
         iv = Intervention(hook, sae, [cfg.latent], cfg.mode, 0.0, scale, cfg.scope)
-        unsteered = [continuation(model, generate(model, p, (), cfg.max_new_tokens, cfg.temperature, cfg.seed + i),
-                                  prompt_tokens(model, p).shape[1]) for i, p in enumerate(cfg.prompts)]
+        unsteered = [
+            continuation(
+                model,
+                generate(model, p, (), cfg.max_new_tokens, cfg.temperature, cfg.seed + i),
+                prompt_tokens(model, p).shape[1],
+            )
+            for i, p in enumerate(cfg.prompts)
+        ]
         rows = sweep(model, iv, cfg.coefficients, cfg.prompts, cfg.max_new_tokens, cfg.temperature, cfg.seed, progress)
         result |= {"kind": "generation", "scale": scale, "scale_source": source, "unsteered": unsteered, "rows": rows}
     return result, write_json(Path(cfg.run) / STEERING_DIR / f"{cfg.name}.json", result)
@@ -630,19 +735,28 @@ def run_steering(cfg: SteerConfig, progress: bool = True) -> tuple[dict[str, Any
 def summary(result: dict[str, Any]) -> str:
     """A few lines for the terminal: one per coefficient."""
     cfg = result["config"]
-    lines = [f"steering latent {cfg['latent']} of {result['hook']} ({cfg['mode']}, scope {cfg['scope']}), "
-             f"scale {result['scale']:.4g} ({result['scale_source']})"]
+    lines = [
+        f"steering latent {cfg['latent']} of {result['hook']} ({cfg['mode']}, scope {cfg['scope']}), "
+        f"scale {result['scale']:.4g} ({result['scale_source']})"
+    ]
     for row in result["rows"]:
         if result["kind"] == "generation":
             m = row["mean"]
-            extra = (f", latent act {m['latent_act']:.3g}, on the text {m['latent_act_text']:.3g}"
-                     if "latent_act" in m else "")
-            lines.append(f"coefficient {row['coefficient']:g}: KL {m['kl']:.4g}, perplexity {m['perplexity']:.4g}{extra}"
-                         f" | {row['prompts'][0]['text']!r}")
+            extra = (
+                f", latent act {m['latent_act']:.3g}, on the text {m['latent_act_text']:.3g}"
+                if "latent_act" in m
+                else ""
+            )
+            lines.append(
+                f"coefficient {row['coefficient']:g}: KL {m['kl']:.4g}, perplexity {m['perplexity']:.4g}{extra}"
+                f" | {row['prompts'][0]['text']!r}"
+            )
         else:
             before = np.mean([q["latent_act_before"] for q in row["queries"]])
             after = np.mean([q["latent_act_after"] for q in row["queries"]])
             moved = np.mean([len(q["entered"]) for q in row["queries"]])
-            lines.append(f"coefficient {row['coefficient']:g}: {moved:.1f} new neighbours per query; latent's mean "
-                         f"activation on the neighbours {before:.3g} -> {after:.3g}")
+            lines.append(
+                f"coefficient {row['coefficient']:g}: {moved:.1f} new neighbours per query; latent's mean "
+                f"activation on the neighbours {before:.3g} -> {after:.3g}"
+            )
     return "\n".join(lines)

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,7 +49,9 @@ def _open_group(path: str, mode: str) -> zarr.Group:
     try:
         return zarr.open_group(store=path, mode=mode, zarr_format=3)
     except FileNotFoundError:
-        raise StoreError(f"no activation store at {path!r}; run `saelab harvest` or `saelab import` to make one") from None
+        raise StoreError(
+            f"no activation store at {path!r}; run `saelab harvest` or `saelab import` to make one"
+        ) from None
 
 
 class StoreWriter:
@@ -68,17 +71,23 @@ class StoreWriter:
         shard_rows: int,
         chunk_rows: int,
         compression: str = "none",
-    ) -> "StoreWriter":
+    ) -> StoreWriter:
         """Make a new, empty store. `meta` goes into the `saelab` attribute."""
         group = zarr.open_group(store=path, mode="w", zarr_format=3)
         compressors = None if compression == "none" else zarr.codecs.ZstdCodec(level=1)
         for name, d in hooks.items():
             group.create_array(
-                f"activations/{name}", shape=(0, d), dtype=STORAGE_DTYPE[dtype],
-                chunks=(chunk_rows, d), shards=(shard_rows, d), compressors=compressors,
+                f"activations/{name}",
+                shape=(0, d),
+                dtype=STORAGE_DTYPE[dtype],
+                chunks=(chunk_rows, d),
+                shards=(shard_rows, d),
+                compressors=compressors,
             )
         for name, dt in META_ARRAYS.items():
-            group.create_array(name, shape=(0,), dtype=dt, chunks=(chunk_rows,), shards=(shard_rows,), compressors=compressors)
+            group.create_array(
+                name, shape=(0,), dtype=dt, chunks=(chunk_rows,), shards=(shard_rows,), compressors=compressors
+            )
         meta = {
             **meta,
             "saelab_version": __version__,
@@ -156,7 +165,7 @@ class ActivationStore:
         self.meta: dict[str, Any] = dict(group.attrs["saelab"])
 
     @classmethod
-    def open(cls, path: str) -> "ActivationStore":
+    def open(cls, path: str) -> ActivationStore:
         """Open a store at a local path or fsspec URL, read-only."""
         return cls(_open_group(str(path), mode="r"), str(path))
 
@@ -224,7 +233,9 @@ class ActivationStore:
         result[order] = out
         return result
 
-    def activations(self, hook: str, rows: slice | np.ndarray | list[int] = slice(None), dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    def activations(
+        self, hook: str, rows: slice | np.ndarray | list[int] = slice(None), dtype: torch.dtype | None = torch.float32
+    ) -> torch.Tensor:
         """Activations of `hook` at `rows` as a `[n, d]` tensor (float32 unless `dtype=None`: as stored)."""
         self._check_hook(hook)
         x = from_storage(self._read(self.group[f"activations/{hook}"], self._rows(rows)), self.dtype)
@@ -300,7 +311,7 @@ class ActivationStore:
             carry: dict[str, torch.Tensor] | None = None
             seen = emitted = 0
             for g, first in enumerate(range(0, len(units), mix_shards)):
-                group = [units[i] for i in order[first:first + mix_shards]]
+                group = [units[i] for i in order[first : first + mix_shards]]
                 n = sum(u.stop - u.start for u in group)
                 if seen + n <= skip_rows:
                     seen += n
@@ -310,7 +321,7 @@ class ActivationStore:
                     perm = torch.from_numpy(np.random.default_rng([seed, epoch, g]).permutation(n))
                     data = {h: x[perm] for h, x in data.items()}
                 if seen < skip_rows:
-                    data = {h: x[skip_rows - seen:] for h, x in data.items()}
+                    data = {h: x[skip_rows - seen :] for h, x in data.items()}
                 seen += n
                 if carry is not None:
                     data = {h: torch.cat([carry[h], x]) for h, x in data.items()}
@@ -318,9 +329,9 @@ class ActivationStore:
                 for b in range(n_full):
                     if emitted + start_batch % per_epoch >= per_epoch:
                         break
-                    yield {h: x[b * batch_size:(b + 1) * batch_size] for h, x in data.items()}
+                    yield {h: x[b * batch_size : (b + 1) * batch_size] for h, x in data.items()}
                     emitted += 1
-                carry = {h: x[n_full * batch_size:] for h, x in data.items()}
+                carry = {h: x[n_full * batch_size :] for h, x in data.items()}
             skip_rows = 0
             start_batch = 0
             epoch += 1

@@ -8,8 +8,24 @@ from typing import Any
 
 import plotly.graph_objects as go
 
-COLUMNS = ["hook", "arch", "k", "width", "lr", "tokens", "fvu", "mse", "l0", "dead_frac", "dead_frac_eval",
-           "dense_frac", "ce_loss_score", "kl_div_score", "stopped", "path"]
+COLUMNS = [
+    "hook",
+    "arch",
+    "k",
+    "width",
+    "lr",
+    "tokens",
+    "fvu",
+    "mse",
+    "l0",
+    "dead_frac",
+    "dead_frac_eval",
+    "dense_frac",
+    "ce_loss_score",
+    "kl_div_score",
+    "stopped",
+    "path",
+]
 
 
 def write_results(rows: list[dict[str, Any]], path: str | Path) -> Path:
@@ -36,13 +52,23 @@ def pareto_figure(rows: list[dict[str, Any]]) -> go.Figure:
             series.setdefault(f"{r['hook']} {r['arch']} w{r['width']}", []).append(r)
     for name, points in sorted(series.items()):
         points.sort(key=lambda r: float(r["l0"]))
-        fig.add_trace(go.Scatter(
-            x=[float(r["l0"]) for r in points], y=[float(r["fvu"]) for r in points], mode="lines+markers", name=name,
-            text=[f"k={r['k']} lr={float(r['lr']):.2g}" for r in points],
-            hovertemplate="%{text}<br>L0=%{x:.1f}<br>FVU=%{y:.4f}<extra>" + name + "</extra>",
-        ))
-    fig.update_layout(title="Sparsity-fidelity frontier", xaxis_title="L0 (active latents per token)",
-                      yaxis_title="FVU (1 - explained variance)", xaxis_type="log", template="plotly_white")
+        fig.add_trace(
+            go.Scatter(
+                x=[float(r["l0"]) for r in points],
+                y=[float(r["fvu"]) for r in points],
+                mode="lines+markers",
+                name=name,
+                text=[f"k={r['k']} lr={float(r['lr']):.2g}" for r in points],
+                hovertemplate="%{text}<br>L0=%{x:.1f}<br>FVU=%{y:.4f}<extra>" + name + "</extra>",
+            )
+        )
+    fig.update_layout(
+        title="Sparsity-fidelity frontier",
+        xaxis_title="L0 (active latents per token)",
+        yaxis_title="FVU (1 - explained variance)",
+        xaxis_type="log",
+        template="plotly_white",
+    )
     return fig
 
 

@@ -64,7 +64,7 @@ def make_synthetic(
     gen = torch.Generator().manual_seed(seed)
     directions = torch.randn(n_features, d, generator=gen)
     directions /= directions.norm(dim=1, keepdim=True)
-    freqs = (torch.arange(1, n_features + 1, dtype=torch.float32) ** -freq_exponent)
+    freqs = torch.arange(1, n_features + 1, dtype=torch.float32) ** -freq_exponent
     freqs = (freqs * mean_active / freqs.sum())[torch.randperm(n_features, generator=gen)]
     if freqs.max() >= 1:
         raise ValueError(f"mean_active={mean_active} is too dense for {n_features} features")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -31,7 +32,9 @@ def _data_files(path: Path) -> tuple[str, list[str]]:
     """The datasets builder and files for a local file or folder."""
     files = sorted(p for p in path.rglob("*") if p.suffix in FILE_BUILDERS) if path.is_dir() else [path]
     if not files:
-        raise TextSourceError(f"no .txt, .jsonl or .parquet files in {path}; put text files there or point text.path at one")
+        raise TextSourceError(
+            f"no .txt, .jsonl or .parquet files in {path}; put text files there or point text.path at one"
+        )
     builders = {FILE_BUILDERS.get(p.suffix) for p in files}
     if None in builders:
         raise TextSourceError(f"{path} is not a .txt, .jsonl or .parquet file; convert it or choose another text.path")
@@ -74,13 +77,15 @@ class SpecialTokens:
     all_special: frozenset[int]
 
     @classmethod
-    def for_tokenizer(cls, tokenizer: Any, encoder: bool) -> "SpecialTokens":
+    def for_tokenizer(cls, tokenizer: Any, encoder: bool) -> SpecialTokens:
         """Encoders get [CLS] ... [SEP] with [SEP] between documents; decoders get BOS and EOS between documents."""
         all_special = frozenset(tokenizer.all_special_ids)
         if encoder:
             sep = tokenizer.sep_token_id
             cls_ = tokenizer.cls_token_id
-            return cls(tuple(t for t in [cls_] if t is not None), tuple(t for t in [sep] if t is not None), sep, all_special)
+            return cls(
+                tuple(t for t in [cls_] if t is not None), tuple(t for t in [sep] if t is not None), sep, all_special
+            )
         bos = tokenizer.bos_token_id
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
         return cls(tuple(t for t in [bos] if t is not None), (), eos, all_special)
@@ -109,7 +114,9 @@ def pack_contexts(
     """
     body_len = context_length - len(special.prefix) - len(special.suffix)
     if body_len <= 0:
-        raise TextSourceError(f"context_length {context_length} leaves no room for text; use at least {len(special.prefix) + len(special.suffix) + 1}")
+        raise TextSourceError(
+            f"context_length {context_length} leaves no room for text; use at least {len(special.prefix) + len(special.suffix) + 1}"
+        )
     prefix = np.array(special.prefix, dtype=np.int64)
     suffix = np.array(special.suffix, dtype=np.int64)
     frame = np.full(len(prefix), -1), np.full(len(suffix), -1)

@@ -130,8 +130,16 @@ class Trainer:
 
     def _member(self, hook: str, arch: str, k: int, expansion: int, lr: float | None) -> Member:
         d_in = self.store.d(hook)
-        fields = dict(arch=arch, d_in=d_in, d_sae=expansion * d_in, k=k, hook_name=hook, model_name=self.store.model,
-                      context_size=self.store.config.get("context_length"), dataset=str(self.store.config.get("text", "")))
+        fields = dict(
+            arch=arch,
+            d_in=d_in,
+            d_sae=expansion * d_in,
+            k=k,
+            hook_name=hook,
+            model_name=self.store.model,
+            context_size=self.store.config.get("context_length"),
+            dataset=str(self.store.config.get("text", "")),
+        )
         sae_cfg = build(SAEConfig, {**fields, **self.cfg.sae}, f"SAE config for {hook} ({arch}, k={k}, x{expansion})")
         torch.manual_seed(self.cfg.seed)
         sae = SAE.from_config(sae_cfg, device=self.device)
@@ -207,8 +215,9 @@ class Trainer:
         cfg = self.cfg
         ckpt_every = max(1, cfg.checkpoint_every // cfg.batch_size)
         use_autocast = self.device.type == "cuda"
-        batches = self.store.batches(self.hooks, cfg.batch_size, seed=cfg.seed, rows=self.train_rows,
-                                     epochs=None, start_batch=start)
+        batches = self.store.batches(
+            self.hooks, cfg.batch_size, seed=cfg.seed, rows=self.train_rows, epochs=None, start_batch=start
+        )
         bar = tqdm(total=self.total_steps, initial=start, unit="step", disable=not self.progress, desc="train")
         step = start
         for m in self.members:
@@ -264,7 +273,9 @@ class Trainer:
                 if logger is not None:
                     logger.log(f"{m.key}/{k}", v, step * self.cfg.batch_size)
         if shown:
-            bar.set_postfix({k: f"{sum(v) / len(v):.3g}" for k, v in shown.items() if k in ("loss", "fvu", "l0", "dead_frac")})
+            bar.set_postfix(
+                {k: f"{sum(v) / len(v):.3g}" for k, v in shown.items() if k in ("loss", "fvu", "l0", "dead_frac")}
+            )
 
     def _finish(self) -> list[dict[str, Any]]:
         """Evaluate on held-out rows, save each SAE in SAELens layout with its metrics."""
@@ -273,8 +284,15 @@ class Trainer:
         results = []
         for m in self.members:
             folder = self.root / m.hook / m.variant
-            row = {"hook": m.hook, "arch": m.sae.cfg.arch, "k": m.sae.cfg.k, "width": m.sae.cfg.d_sae, "lr": m.lr,
-                   "tokens": self.total_steps * self.cfg.batch_size, "path": str(folder)}
+            row = {
+                "hook": m.hook,
+                "arch": m.sae.cfg.arch,
+                "k": m.sae.cfg.k,
+                "width": m.sae.cfg.d_sae,
+                "lr": m.lr,
+                "tokens": self.total_steps * self.cfg.batch_size,
+                "path": str(folder),
+            }
             if m.stopped:
                 row["stopped"] = m.stopped
             else:
@@ -288,7 +306,6 @@ class Trainer:
             (folder / "metrics.json").write_text(json.dumps(row, indent=1))
             results.append(row)
         return results
-
 
     def _ce_model(self) -> tuple[Any, torch.Tensor | None]:
         """The model and eval contexts for spliced metrics, when the store came from a decoder harvest."""
@@ -310,7 +327,9 @@ class _Logger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise ConfigError("logger: tensorboard needs the tensorboard package; pip install tensorboard") from None
+                raise ConfigError(
+                    "logger: tensorboard needs the tensorboard package; pip install tensorboard"
+                ) from None
             self.writer = SummaryWriter(str(root / "tensorboard"))
             self.log = lambda k, v, t: self.writer.add_scalar(k, v, t)
             self.close = self.writer.close

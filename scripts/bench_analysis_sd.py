@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from sae_dashboard.components_config import (
     ActsHistogramConfig,
     FeatureTablesConfig,
@@ -30,6 +29,7 @@ from sae_dashboard.layout import Column, SaeVisLayoutConfig
 from sae_dashboard.sae_vis_data import SaeVisConfig
 from sae_dashboard.sae_vis_runner import SaeVisRunner
 from sae_lens import SAE, HookedSAETransformer
+from safetensors.torch import load_file
 from transformer_lens import HookedTransformerConfig
 
 
@@ -39,8 +39,16 @@ def load_model(folder: Path) -> HookedSAETransformer:
     fields = HookedTransformerConfig.__dataclass_fields__.keys()
     cfg = HookedTransformerConfig(**{k: v for k, v in raw.items() if k in fields and k not in ("device", "n_params")})
     model = HookedSAETransformer(cfg)
-    weights = {k: v for k, v in load_file(str(folder / "model.safetensors")).items() if not k.endswith(("attn.mask", "attn.IGNORE"))}
-    missing = [k for k in model.load_state_dict(weights, strict=False).missing_keys if not k.endswith(("attn.mask", "attn.IGNORE"))]
+    weights = {
+        k: v
+        for k, v in load_file(str(folder / "model.safetensors")).items()
+        if not k.endswith(("attn.mask", "attn.IGNORE"))
+    }
+    missing = [
+        k
+        for k in model.load_state_dict(weights, strict=False).missing_keys
+        if not k.endswith(("attn.mask", "attn.IGNORE"))
+    ]
     if missing:
         raise SystemExit(f"{folder}: weights missing for {missing}")
     return model.eval()
@@ -83,16 +91,31 @@ def main() -> None:
     layout = SaeVisLayoutConfig(
         columns=[
             Column(FeatureTablesConfig(n_rows=args.n_neighbours)),
-            Column(ActsHistogramConfig(n_bins=args.hist_bins), LogitsTableConfig(n_rows=args.n_logits),
-                   LogitsHistogramConfig(n_bins=args.hist_bins)),
-            Column(SequencesConfig(buffer=(args.window, args.window), top_acts_group_size=args.n_top,
-                                   n_quantiles=args.quantile_bins, quantile_group_size=args.quantile_examples,
-                                   stack_mode="stack-none")),
+            Column(
+                ActsHistogramConfig(n_bins=args.hist_bins),
+                LogitsTableConfig(n_rows=args.n_logits),
+                LogitsHistogramConfig(n_bins=args.hist_bins),
+            ),
+            Column(
+                SequencesConfig(
+                    buffer=(args.window, args.window),
+                    top_acts_group_size=args.n_top,
+                    n_quantiles=args.quantile_bins,
+                    quantile_group_size=args.quantile_examples,
+                    stack_mode="stack-none",
+                )
+            ),
         ],
         height=750,
     )
-    cfg = SaeVisConfig(hook_point=args.hook, features=features, feature_centric_layout=layout, device="cpu",
-                       dtype="float32", verbose=True)
+    cfg = SaeVisConfig(
+        hook_point=args.hook,
+        features=features,
+        feature_centric_layout=layout,
+        device="cpu",
+        dtype="float32",
+        verbose=True,
+    )
     start = time.perf_counter()
     data = SaeVisRunner(cfg).run(encoder=sae, model=model, tokens=tokens)
     run_s = time.perf_counter() - start
@@ -102,13 +125,20 @@ def main() -> None:
         save_s = time.perf_counter() - start
 
     result = {
-        "run_s": run_s, "save_json_s": save_s, "features": features, "tokens": int(tokens.numel()),
-        "max": data.feature_stats.max, "density": data.feature_stats.frac_nonzero,
-        "first_context_acts": first_context.tolist(), "threads": args.threads,
+        "run_s": run_s,
+        "save_json_s": save_s,
+        "features": features,
+        "tokens": int(tokens.numel()),
+        "max": data.feature_stats.max,
+        "density": data.feature_stats.frac_nonzero,
+        "first_context_acts": first_context.tolist(),
+        "threads": args.threads,
         "versions": {name: version(name) for name in ("sae-dashboard", "sae-lens", "transformer-lens", "torch")},
     }
     args.out.write_text(json.dumps(result))
-    print(f"sae-dashboard: {len(features)} features over {tokens.numel():,} tokens in {run_s:.1f} s (+ {save_s:.1f} s JSON)")
+    print(
+        f"sae-dashboard: {len(features)} features over {tokens.numel():,} tokens in {run_s:.1f} s (+ {save_s:.1f} s JSON)"
+    )
 
 
 if __name__ == "__main__":

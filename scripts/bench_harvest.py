@@ -42,12 +42,23 @@ def main() -> None:
 
     model = load_model(args.model)
     device = next(model.parameters()).device
-    cfg = HarvestConfig(model=args.model, hooks=HOOKS, out="", context_length=args.context_length,
-                        batch_size=args.batch_size, max_tokens=args.tokens, dtype=args.dtype, drop_special_tokens=False)
+    cfg = HarvestConfig(
+        model=args.model,
+        hooks=HOOKS,
+        out="",
+        context_length=args.context_length,
+        batch_size=args.batch_size,
+        max_tokens=args.tokens,
+        dtype=args.dtype,
+        drop_special_tokens=False,
+    )
     special = SpecialTokens.for_tokenizer(model.tokenizer, is_encoder(model))
     contexts = pack_contexts(iter_documents(cfg.text), model.tokenizer, special, cfg.context_length)
     n_batches = -(-args.tokens // (args.batch_size * args.context_length))
-    batches = [torch.from_numpy(b.tokens).to(device) for b in islice(batch_contexts(contexts, args.batch_size, special), n_batches)]
+    batches = [
+        torch.from_numpy(b.tokens).to(device)
+        for b in islice(batch_contexts(contexts, args.batch_size, special), n_batches)
+    ]
     n_tokens = min(args.tokens, sum(b.numel() for b in batches))
     points = resolve_hooks(model, HOOKS)
     last_layer = resolve_hooks(model, [f"blocks.{max(p.layer for p in points)}.hook_resid_post"])
@@ -84,12 +95,19 @@ def main() -> None:
             best[name] = min(best[name], timed(fn))
     tps = {k: n_tokens / v for k, v in best.items()}
     result = {
-        "model": args.model, "hooks": HOOKS, "dtype": args.dtype, "tokens": n_tokens, "device": str(device),
-        "threads": args.threads, "tokens_per_s": tps,
+        "model": args.model,
+        "hooks": HOOKS,
+        "dtype": args.dtype,
+        "tokens": n_tokens,
+        "device": str(device),
+        "threads": args.threads,
+        "tokens_per_s": tps,
         "ratio_harvest_vs_bare_to_layer": tps["harvest"] / tps["bare_to_layer"],
         "ratio_harvest_vs_bare_full": tps["harvest"] / tps["bare_full"],
     }
-    print(f"{args.model}, {len(HOOKS)} hooks at layers 1-2, {args.dtype}, {n_tokens:,} tokens, {device}, {args.threads} threads")
+    print(
+        f"{args.model}, {len(HOOKS)} hooks at layers 1-2, {args.dtype}, {n_tokens:,} tokens, {device}, {args.threads} threads"
+    )
     for k, v in tps.items():
         print(f"  {k:<15} {v:>10,.0f} tokens/s")
     print(f"  harvest / bare forward to the same layer: {result['ratio_harvest_vs_bare_to_layer']:.3f}")

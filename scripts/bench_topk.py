@@ -35,18 +35,25 @@ def main() -> None:
     W_enc = torch.randn(args.d_in, args.d_sae, generator=g) / args.d_in**0.5
     pre = x @ W_enc  # the encoder pre-activations of a fresh SAE
     dead = torch.arange(0, args.d_sae, 2)
-    print(f"rows={args.rows} d_sae={args.d_sae} k={args.k} k_aux={args.k_aux} threads={args.threads}; "
-          f"load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"rows={args.rows} d_sae={args.d_sae} k={args.k} k_aux={args.k_aux} threads={args.threads}; "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
 
     results = {}
     for case, k, cols in (("main", args.k, None), ("auxk", args.k_aux, dead)):
-        torch_fn = (lambda: pre.topk(k, dim=-1, sorted=False)) if cols is None else (
-            lambda: pre[:, cols].topk(k, dim=-1, sorted=False))
+        torch_fn = (
+            (lambda: pre.topk(k, dim=-1, sorted=False))
+            if cols is None
+            else (lambda: pre[:, cols].topk(k, dim=-1, sorted=False))
+        )
         sec = time_round_robin({"saelab": lambda: topk_rows(pre, k, cols), "torch": torch_fn}, 2, args.repeats)
         ms = {name: 1e3 * s for name, s in sec.items()}
         results[case] = {"saelab_ms": ms["saelab"], "torch_ms": ms["torch"], "speedup": ms["torch"] / ms["saelab"]}
-        print(f"  {case:5s} top-{k:<4d} saelab {ms['saelab']:6.1f} ms  torch.topk {ms['torch']:6.1f} ms  "
-              f"-> {results[case]['speedup']:.2f}x")
+        print(
+            f"  {case:5s} top-{k:<4d} saelab {ms['saelab']:6.1f} ms  torch.topk {ms['torch']:6.1f} ms  "
+            f"-> {results[case]['speedup']:.2f}x"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": vars(args), "load_average": os.getloadavg(), "results": results}, f, indent=2)

@@ -129,8 +129,10 @@ def main() -> None:
     torch.manual_seed(0)
     data = make_synthetic(n_features=4 * args.d_sae, d=args.d_in, mean_active=2 * args.k, n_pairs=256)
     x = data.sample(args.batch, torch.Generator().manual_seed(0))
-    print(f"d_in={args.d_in} d_sae={args.d_sae} k={args.k} batch={args.batch} float32 threads={args.threads}; "
-          f"load average {os.getloadavg()[0]:.2f} (other processes skew CPU timings)")
+    print(
+        f"d_in={args.d_in} d_sae={args.d_sae} k={args.k} batch={args.batch} float32 threads={args.threads}; "
+        f"load average {os.getloadavg()[0]:.2f} (other processes skew CPU timings)"
+    )
 
     results: dict[str, dict[str, float]] = {}
     for scenario, every in (("no dead", 0), ("half dead", 2), ("1 in 20 dead", 20)):
@@ -156,8 +158,10 @@ def main() -> None:
         for name in ("saelab", "sae_lens", "sparsify"):
             print(f"  {name:9s} {res[f'{name}_ms']:8.1f} ms/step {res[f'{name}_tokens_per_s']:10.0f} tokens/s")
         print(f"  {'matmul':9s} {res['matmul_ms']:8.1f} ms (encoder forward matmul alone)")
-        print(f"  saelab speed-up: {res['speedup_vs_sae_lens']:.2f}x vs SAELens, "
-              f"{res['speedup_vs_sparsify']:.2f}x vs sparsify; step / matmul = {res['saelab_step_over_matmul']:.2f}")
+        print(
+            f"  saelab speed-up: {res['speedup_vs_sae_lens']:.2f}x vs SAELens, "
+            f"{res['speedup_vs_sparsify']:.2f}x vs sparsify; step / matmul = {res['saelab_step_over_matmul']:.2f}"
+        )
 
     if args.json:
         with open(args.json, "w") as f:

@@ -26,18 +26,29 @@ def train_bpe_tokenizer(folder, vocab_size: int = 512, n_docs: int = 600):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(islice(embedded_documents(), n_docs), trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                            pad_token="<|endoftext|>").save_pretrained(str(folder))
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    ).save_pretrained(str(folder))
     return AutoTokenizer.from_pretrained(str(folder))
 
 
 def decoder_config(d_vocab: int, n_layers: int = 2) -> HookedTransformerConfig:
     return HookedTransformerConfig(
-        n_layers=n_layers, d_model=64, n_heads=4, d_head=16, d_mlp=128, n_ctx=64, d_vocab=d_vocab,
-        act_fn="gelu", normalization_type="LN", seed=0, model_name="tiny-decoder",
+        n_layers=n_layers,
+        d_model=64,
+        n_heads=4,
+        d_head=16,
+        d_mlp=128,
+        n_ctx=64,
+        d_vocab=d_vocab,
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=0,
+        model_name="tiny-decoder",
     )
 
 

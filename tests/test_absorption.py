@@ -13,10 +13,32 @@ import torch
 from typer.testing import CliRunner
 
 from saelab.absorption import (
-    FIRST_LETTER_TEMPLATE, AbsorptionConfig, AbsorptionError, AbsorptionResult, AbsorptionSettings, KSparse, LabelScore,
-    PromptStyle, Word, absorption_result, absorption_scores, alpha_tokens, f1, first_letter, icl_prompt,
-    ig_absorption, labelled_vocabulary, load_label_table, planted_absorption, planted_probe_data, probe_data,
-    result_path, run_absorption, single_thread, train_probe, word_activations,
+    FIRST_LETTER_TEMPLATE,
+    AbsorptionConfig,
+    AbsorptionError,
+    AbsorptionResult,
+    AbsorptionSettings,
+    KSparse,
+    LabelScore,
+    PromptStyle,
+    Word,
+    absorption_result,
+    absorption_scores,
+    alpha_tokens,
+    f1,
+    first_letter,
+    icl_prompt,
+    ig_absorption,
+    labelled_vocabulary,
+    load_label_table,
+    planted_absorption,
+    planted_probe_data,
+    probe_data,
+    result_path,
+    run_absorption,
+    single_thread,
+    train_probe,
+    word_activations,
 )
 from saelab.cli import app as cli
 from saelab.config import ConfigError, build
@@ -54,8 +76,11 @@ def test_planted_absorption_is_found_in_the_child_latents(planted):
         assert p.parent_latent[c] in lab.split_latents  # the parent latent is the label's main latent
         split_children = {p.child_latent.index(i) for i in lab.split_latents if i in p.child_latent}
         # every row with a child outside the split is fully absorbed by that child's latent, and nothing else is
-        expected = [w for w, k in zip(np.array(p.words[cut:])[p.y[cut:] == c], child[p.y[cut:] == c])
-                    if k >= 0 and k not in split_children]
+        expected = [
+            w
+            for w, k in zip(np.array(p.words[cut:])[p.y[cut:] == c], child[p.y[cut:] == c])
+            if k >= 0 and k not in split_children
+        ]
         assert sorted(case.word for case in lab.cases) == sorted(expected)
         for case in lab.cases:
             kid = int(case.word.split(".c")[1])
@@ -96,7 +121,7 @@ def test_a_trained_sae_learns_to_absorb_only_under_a_hierarchy(planted, control)
     independent = absorption_result(_trained(control[0]), control[2], "synthetic", "trained-control", FAST)
     assert absorbing.mean_full_absorption_rate > 0.3 and independent.mean_full_absorption_rate < 0.01
     assert absorbing.mean_absorption_fraction > 2.5 * independent.mean_absorption_fraction
-    children = p.directions[len(p.classes):]
+    children = p.directions[len(p.classes) :]
     for lab in absorbing.labels:
         for case in [x for x in lab.cases if x.full_absorption]:
             latent = int(case.top[0][0])
@@ -123,8 +148,9 @@ def test_results_round_trip_through_json(planted, tmp_path):
 def _one(codes, x, cos, split, s=AbsorptionSettings()):
     """absorption_scores for one row, with unit decoder norms and probe direction e0."""
     cos = torch.tensor(cos)
-    return absorption_scores(torch.tensor([codes]), torch.tensor([x]), torch.tensor([1.0, 0.0]), cos,
-                             torch.ones(len(cos)), split, s, ["w"])[0]
+    return absorption_scores(
+        torch.tensor([codes]), torch.tensor([x]), torch.tensor([1.0, 0.0]), cos, torch.ones(len(cos)), split, s, ["w"]
+    )[0]
 
 
 def test_absorption_fraction_follows_saebench_by_hand():
@@ -155,8 +181,16 @@ def test_at_most_three_absorbers_count():
 
 def test_decoder_norms_fold_into_activations():
     cos = torch.tensor([1.0, 0.5])
-    case = absorption_scores(torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 0.0]]), torch.tensor([2.0, 0.0]), cos,
-                             torch.tensor([1.0, 2.0]), [0], AbsorptionSettings(), ["w"])[0]
+    case = absorption_scores(
+        torch.tensor([[0.0, 1.0]]),
+        torch.tensor([[1.0, 0.0]]),
+        torch.tensor([2.0, 0.0]),
+        cos,
+        torch.tensor([1.0, 2.0]),
+        [0],
+        AbsorptionSettings(),
+        ["w"],
+    )[0]
     assert case.absorbers == [[1, 2.0, 0.5, 1.0]] and case.probe_projection == 1.0  # x.p with p normalised
 
 
@@ -195,8 +229,10 @@ def test_vocabulary_and_prompts(bpe_tokenizer):
     lines = prompt.split("\n")
     assert lines[-1] == " cat has the first letter:" and len(lines) == 3
     assert sorted(lines[:2]) == [" eel has the first letter: E", "dog has the first letter: D"]  # never the word
-    assert icl_prompt(cat, [dog], FIRST_LETTER_TEMPLATE, 10, random.Random(0), True, prepend_separator=True) == \
-        "\ndog has the first letter: D\n cat has the first letter:"
+    assert (
+        icl_prompt(cat, [dog], FIRST_LETTER_TEMPLATE, 10, random.Random(0), True, prepend_separator=True)
+        == "\ndog has the first letter: D\n cat has the first letter:"
+    )
 
 
 def test_decoder_reads_the_word_token(decoder, bpe_tokenizer):
@@ -233,8 +269,10 @@ def test_encoder_reads_the_word_in_the_bare_template(minilm):
 
 
 def test_custom_labels_from_a_function_or_a_table(decoder, bpe_tokenizer, tmp_path):
-    vowel = labelled_vocabulary(bpe_tokenizer, lambda t: None if not t.strip().isalpha() else
-                                ("vowel" if t.strip()[0].lower() in "aeiou" else "consonant"))
+    vowel = labelled_vocabulary(
+        bpe_tokenizer,
+        lambda t: None if not t.strip().isalpha() else ("vowel" if t.strip()[0].lower() in "aeiou" else "consonant"),
+    )
     assert {w.label for w in vowel} == {"vowel", "consonant"}
     table = {w.text: w.label for w in vowel[:60]}
     (tmp_path / "labels.json").write_text(json.dumps(table))
@@ -269,15 +307,34 @@ def test_integrated_gradients_variant(decoder, bpe_tokenizer, minilm):
     sae = SAE.from_config(SAEConfig(d_in=64, d_sae=128, k=4))
     label = LabelScore("a", 1.0, [], [], len(words), 0, 0.0, 0.0, 0, True)  # no split latents: every word is tested
     style = PromptStyle(FIRST_LETTER_TEMPLATE, 2)
-    out = ig_absorption(decoder, sae, hook, words, label, torch.randn(64), style, random.Random(0),
-                        labelled_vocabulary(bpe_tokenizer), steps=3)
+    out = ig_absorption(
+        decoder,
+        sae,
+        hook,
+        words,
+        label,
+        torch.randn(64),
+        style,
+        random.Random(0),
+        labelled_vocabulary(bpe_tokenizer),
+        steps=3,
+    )
     assert out["tested"] == len(words) and out["absorbed"] == len(out["cases"]) <= len(words)
     assert out["absorption_rate"] == (1.0 if out["absorbed"] else 0.0)  # no split true positives
     with pytest.raises(AbsorptionError, match="needs a decoder"):
         ig_absorption(minilm, sae, hook, words, label, torch.randn(384), style, random.Random(0), words)
     with pytest.raises(AbsorptionError, match="' S' is 2 tokens"):
-        ig_absorption(decoder, sae, hook, words, dataclasses.replace(label, label="s"), torch.randn(64), style,
-                      random.Random(0), words)
+        ig_absorption(
+            decoder,
+            sae,
+            hook,
+            words,
+            dataclasses.replace(label, label="s"),
+            torch.randn(64),
+            style,
+            random.Random(0),
+            words,
+        )
 
 
 # ---------------------------------------------------------------------------------- config and the CLI
@@ -296,10 +353,26 @@ def test_cli_writes_results_for_every_sae_of_a_run(decoder_dir, tmp_path):
         result = AbsorptionResult.load(result_path(run, "blocks.1.hook_resid_post", f"topk-k{k}"))
         assert result.l0 == k and result.d_sae == 128 and result.task == "first_letter"
         assert result.config["icl_examples"] == 2 and f"topk-k{k}: mean absorption fraction" in out.output
-    ig = CliRunner().invoke(cli, ["absorption", str(config), "-q", "--set", "device=cpu", "--set", "saes=[" +
-                                  str(run / "saes" / "blocks.1.hook_resid_post" / "topk-k2") + "]", "--set",
-                                  "integrated_gradients=true", "--set", "settings.min_probe_f1=0", "--set", "ig_words=2",
-                                  "--set", "ig_steps=2"])
+    ig = CliRunner().invoke(
+        cli,
+        [
+            "absorption",
+            str(config),
+            "-q",
+            "--set",
+            "device=cpu",
+            "--set",
+            "saes=[" + str(run / "saes" / "blocks.1.hook_resid_post" / "topk-k2") + "]",
+            "--set",
+            "integrated_gradients=true",
+            "--set",
+            "settings.min_probe_f1=0",
+            "--set",
+            "ig_words=2",
+            "--set",
+            "ig_steps=2",
+        ],
+    )
     assert ig.exit_code == 0, ig.output
     labels = AbsorptionResult.load(result_path(run, "blocks.1.hook_resid_post", "topk-k2")).labels
     with_ig = {lab.label: lab.ig for lab in labels if lab.scored}

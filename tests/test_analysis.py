@@ -9,16 +9,37 @@ from saelab.config import HarvestConfig, TextConfig
 from saelab.harvest import harvest
 from saelab.sae import SAE, SAEConfig
 
-CFG = AnalysisConfig(n_top=5, window=3, quantile_bins=4, quantile_examples=3, hist_bins=8, n_logits=4,
-                     n_neighbours=3, cooc_min_density=0.01, batch_size=500)
+CFG = AnalysisConfig(
+    n_top=5,
+    window=3,
+    quantile_bins=4,
+    quantile_examples=3,
+    hist_bins=8,
+    n_logits=4,
+    n_neighbours=3,
+    cooc_min_density=0.01,
+    batch_size=500,
+)
 
 
 @pytest.fixture(scope="module")
 def store(decoder, tmp_path_factory):
     out = tmp_path_factory.mktemp("a") / "acts.zarr"
-    return harvest(HarvestConfig(model="tiny", hooks=["blocks.1.hook_resid_post", "blocks.0.attn.hook_z"], out=str(out),
-                                 context_length=16, batch_size=8, max_tokens=3000, shard_rows=1024, chunk_rows=256,
-                                 text=TextConfig(max_documents=300)), model=decoder, progress=False)
+    return harvest(
+        HarvestConfig(
+            model="tiny",
+            hooks=["blocks.1.hook_resid_post", "blocks.0.attn.hook_z"],
+            out=str(out),
+            context_length=16,
+            batch_size=8,
+            max_tokens=3000,
+            shard_rows=1024,
+            chunk_rows=256,
+            text=TextConfig(max_documents=300),
+        ),
+        model=decoder,
+        progress=False,
+    )
 
 
 def make_sae(arch, d_in=64, d_sae=48):
@@ -112,11 +133,31 @@ def test_analyze_run_dir_and_token_search(decoder_dir, tmp_path):
     from saelab.train import TrainConfig, train
 
     run = tmp_path / "run"
-    harvest(HarvestConfig(model=decoder_dir, hooks=["blocks.0.hook_mlp_out"], out=str(run / "activations.zarr"),
-                          context_length=16, batch_size=8, max_tokens=6000, shard_rows=1024, chunk_rows=256), progress=False)
-    train(TrainConfig(store=str(run / "activations.zarr"), out=str(run), tokens=256 * 10, batch_size=256, eval_rows=1024,
-                      grid={"k": [4], "expansion": [2]}), progress=False)
-    path, = analyze(run, CFG, progress=False)
+    harvest(
+        HarvestConfig(
+            model=decoder_dir,
+            hooks=["blocks.0.hook_mlp_out"],
+            out=str(run / "activations.zarr"),
+            context_length=16,
+            batch_size=8,
+            max_tokens=6000,
+            shard_rows=1024,
+            chunk_rows=256,
+        ),
+        progress=False,
+    )
+    train(
+        TrainConfig(
+            store=str(run / "activations.zarr"),
+            out=str(run),
+            tokens=256 * 10,
+            batch_size=256,
+            eval_rows=1024,
+            grid={"k": [4], "expansion": [2]},
+        ),
+        progress=False,
+    )
+    (path,) = analyze(run, CFG, progress=False)
     fs = FeatureStore.open(path)
     assert fs.attrs["hook"] == "blocks.0.hook_mlp_out" and fs.attrs["logit_kind"] == "unembedding"
     assert len(fs.vocab) == 512

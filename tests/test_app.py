@@ -28,12 +28,12 @@ from selenium.webdriver.support.ui import WebDriverWait
 from typer.testing import CliRunner
 from werkzeug.serving import make_server
 
-from dashboards import pages
-from dashboards.app import create_app
-from dashboards.data import context_vocab, feature_store, list_saes
 from saelab.analysis import AnalysisConfig, FeatureStore, analyze
 from saelab.cli import app as cli
 from saelab.config import HarvestConfig
+from saelab.dashboards import pages
+from saelab.dashboards.app import create_app
+from saelab.dashboards.data import context_vocab, feature_store, list_saes
 from saelab.harvest import harvest
 from saelab.models import capture, resolve_hooks
 from saelab.sae import SAE
@@ -54,8 +54,16 @@ browser = pytest.mark.skipif(
 
 
 def _train(store: str, out: Path, steps: int, expansion: int) -> list[dict]:
-    cfg = TrainConfig(store=store, out=str(out), tokens=512 * steps, batch_size=512, eval_rows=2048, warmup_steps=5,
-                      grid={"k": [16], "expansion": [expansion]}, device="cpu")
+    cfg = TrainConfig(
+        store=store,
+        out=str(out),
+        tokens=512 * steps,
+        batch_size=512,
+        eval_rows=2048,
+        warmup_steps=5,
+        grid={"k": [16], "expansion": [expansion]},
+        device="cpu",
+    )
     return train(cfg, progress=False)
 
 
@@ -64,9 +72,21 @@ def run_dir(minilm, tmp_path_factory) -> Path:
     """A real run: harvest 8k MiniLM tokens, train a 1536-latent TopK SAE, sweep outputs, analysis; plus a
     copy of the SAE whose config says it was trained on another model (the app must refuse it)."""
     run = tmp_path_factory.mktemp("app") / "run"
-    store = harvest(HarvestConfig(model="minilm", hooks=[HOOK], out=str(run / "activations.zarr"), context_length=64,
-                                  batch_size=32, max_tokens=8192, shard_rows=4096, chunk_rows=1024, device="cpu"),
-                    model=minilm, progress=False)
+    store = harvest(
+        HarvestConfig(
+            model="minilm",
+            hooks=[HOOK],
+            out=str(run / "activations.zarr"),
+            context_length=64,
+            batch_size=32,
+            max_tokens=8192,
+            shard_rows=4096,
+            chunk_rows=1024,
+            device="cpu",
+        ),
+        model=minilm,
+        progress=False,
+    )
     rows = _train(store.path, run, steps=30, expansion=4)
     write_sweep_outputs(rows, run)
     analyze(str(run), AnalysisConfig(device="cpu"), progress=False)
@@ -121,8 +141,13 @@ def server(run_dir):
 def driver():
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--window-size=1400,1000"]:
+    for arg in [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--window-size=1400,1000",
+    ]:
         options.add_argument(arg)
     d = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     yield d
@@ -151,8 +176,11 @@ def wait_text(driver, css: str, text: str, timeout: float = 30) -> None:
 
 def go(driver, path: str, text: str, css: str = "#page") -> None:
     """Navigate inside the loaded app as its links do (no page reload), and wait for `text` in `css`."""
-    driver.execute_script("window.history.pushState({}, '', arguments[0]);"
-                          "window.dispatchEvent(new CustomEvent('_dashprivate_pushstate'));", path)
+    driver.execute_script(
+        "window.history.pushState({}, '', arguments[0]);"
+        "window.dispatchEvent(new CustomEvent('_dashprivate_pushstate'));",
+        path,
+    )
     wait_text(driver, css, text)
 
 
@@ -201,8 +229,10 @@ def test_feature_page_builds_in_under_300_ms(run_dir, sae, fs):
     assert max(times) < 0.3, f"median {statistics.median(times):.3f} s, max {max(times):.3f} s"
 
 
-@pytest.mark.skipif(not os.environ.get("SAELAB_SLOW_TESTS"),
-                    reason="builds a real 16k-latent analysis (~45 s on 2 CPU cores); set SAELAB_SLOW_TESTS=1")
+@pytest.mark.skipif(
+    not os.environ.get("SAELAB_SLOW_TESTS"),
+    reason="builds a real 16k-latent analysis (~45 s on 2 CPU cores); set SAELAB_SLOW_TESTS=1",
+)
 def test_feature_page_of_a_16k_latent_sae_builds_in_under_300_ms(run_dir, tmp_path):
     run = tmp_path / "run16k"
     run.mkdir()
@@ -300,7 +330,9 @@ def test_prompt_runs_model_and_sae_live(driver, server, sae, minilm, tmp_path):
 def test_bad_requests_show_a_message_and_the_server_keeps_serving(driver, server, sae, fs):
     assert "is not a number" in visit(driver, feature_url(server, sae, "abc"), ".error").text
     cases = {
-        feature_url("", sae, fs.n_features): f"Feature {fs.n_features} does not exist: this SAE has {fs.n_features} latents",
+        feature_url(
+            "", sae, fs.n_features
+        ): f"Feature {fs.n_features} does not exist: this SAE has {fs.n_features} latents",
         feature_url("", sae, 2): "Feature #2",  # a good page between bad ones
         f"/feature?hook={sae.hook}&sae={OTHER}&id=0": "was trained on model 'gpt2', but this run's activations come from 'minilm'",
         f"/prompt?hook={sae.hook}&sae={OTHER}&text=hi": "was trained on model 'gpt2'",

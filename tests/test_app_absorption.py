@@ -8,11 +8,11 @@ import dataclasses
 
 import pytest
 from selenium.webdriver.common.by import By
-
-from dashboards import absorption as page
-from saelab.absorption import AbsorptionResult, AbsorptionSettings, absorption_result, probe_data, result_path
-from saelab.sae import SAE
 from test_app import HOOK, OTHER, Server, browser, driver, run_dir, screenshot, visit, wait_for, wait_text  # noqa: F401
+
+from saelab.absorption import AbsorptionResult, AbsorptionSettings, absorption_result, probe_data, result_path
+from saelab.dashboards import absorption as page
+from saelab.sae import SAE
 
 WORDS = 1500
 
@@ -49,8 +49,10 @@ def test_page_shows_scores_sweep_labels_and_cases(driver, server, result, tmp_pa
     assert busiest.cases  # the run's SAE absorbs some first letters
     case_rows = driver.find_elements(By.CSS_SELECTOR, "#absorption-cases tr")
     assert len(case_rows) == 1 + min(len(busiest.cases), page.MAX_CASES)
-    assert f"{len(busiest.cases)} of {busiest.true_positives} true positives absorbed" in driver.find_element(
-        By.CSS_SELECTOR, "#absorption-cases").text
+    assert (
+        f"{len(busiest.cases)} of {busiest.true_positives} true positives absorbed"
+        in driver.find_element(By.CSS_SELECTOR, "#absorption-cases").text
+    )
     stats = driver.find_element(By.CSS_SELECTOR, ".stats").text
     assert f"WIDTH\n{result.d_sae}" in stats
     fraction = result.mean_absorption_fraction  # None on MiniLM, whose first-letter probes miss the F1 bar
@@ -79,8 +81,10 @@ def test_bad_requests_say_what_exists(driver, server, result):
     visit(driver, url(server, result, label="zz"), ".error")
     assert f"has no label 'zz'. Labels: {result.labels[0].label}" in driver.find_element(By.CSS_SELECTOR, ".error").text
     visit(driver, f"{server}/absorption?hook={result.hook}&sae=nope", ".error")
-    assert f"no absorption result for {result.hook}/nope. It has: {result.hook}/{result.variant}" in \
-        driver.find_element(By.CSS_SELECTOR, ".error").text
+    assert (
+        f"no absorption result for {result.hook}/nope. It has: {result.hook}/{result.variant}"
+        in driver.find_element(By.CSS_SELECTOR, ".error").text
+    )
 
 
 def test_missing_or_broken_results_say_which_command_makes_them(tmp_path, result):
@@ -99,10 +103,12 @@ def test_missing_or_broken_results_say_which_command_makes_them(tmp_path, result
 
 
 def test_sweep_plots_scored_saes_against_l0_and_width(result):
-    a = dataclasses.replace(result, variant="a", l0=8.0, d_sae=768, mean_absorption_fraction=0.1,
-                            mean_full_absorption_rate=0.05)
-    b = dataclasses.replace(a, variant="b", l0=32.0, d_sae=3072, mean_absorption_fraction=0.3,
-                            mean_full_absorption_rate=0.2)
+    a = dataclasses.replace(
+        result, variant="a", l0=8.0, d_sae=768, mean_absorption_fraction=0.1, mean_full_absorption_rate=0.05
+    )
+    b = dataclasses.replace(
+        a, variant="b", l0=32.0, d_sae=3072, mean_absorption_fraction=0.3, mean_full_absorption_rate=0.2
+    )
     unscored = dataclasses.replace(a, variant="c", mean_absorption_fraction=None, mean_full_absorption_rate=None)
     by_l0 = page.sweep_figure([a, b, unscored], "l0")
     assert [t["name"] for t in by_l0["data"]] == ["absorption fraction", "full-absorption rate"]

@@ -9,13 +9,13 @@ import pytest
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
+from test_app import Server, browser, driver, screenshot, visit, wait_for, wait_text  # noqa: F401 (fixtures)
 
-from dashboards import circuits as page
-from dashboards.data import RunError
 from saelab.circuits import INDUCTION_HOOKS, find_circuit, induction_task
+from saelab.dashboards import circuits as page
+from saelab.dashboards.data import RunError
 from saelab.models import load_model
 from saelab.sae import SAE
-from test_app import Server, browser, driver, screenshot, visit, wait_for, wait_text  # noqa: F401 (fixtures)
 
 NAME = "browser"
 
@@ -25,8 +25,14 @@ def circuit(induction_run):
     """An induction circuit saved as RUN/circuits/browser.json."""
     model = load_model(str(induction_run / "model"), device="cpu")
     folders = {h: next((induction_run / "saes" / h).iterdir()) for h in INDUCTION_HOOKS}
-    found = find_circuit(model, {h: SAE.load(f).eval() for h, f in folders.items()}, induction_task(model, n=8),
-                         name=NAME, sae_paths={h: str(f) for h, f in folders.items()}, progress=False)
+    found = find_circuit(
+        model,
+        {h: SAE.load(f).eval() for h, f in folders.items()},
+        induction_task(model, n=8),
+        name=NAME,
+        sae_paths={h: str(f) for h, f in folders.items()},
+        progress=False,
+    )
     found.save(induction_run / "circuits" / f"{NAME}.json")
     return found
 
@@ -54,8 +60,12 @@ def slide_to_end(driver, slider: str, left_steps: int = 0) -> float:
 @browser
 def test_page_draws_every_node_and_the_faithfulness_curve(driver, server, circuit, tmp_path):
     visit(driver, f"{server}/circuits?name={NAME}", "#circuit-graph .scatterlayer path.point")
-    wait_text(driver, "#circuit-count", f"showing {len(circuit.nodes)} of {len(circuit.nodes)} nodes and "
-                                        f"{len(circuit.edges)} of {len(circuit.edges)} edges")
+    wait_text(
+        driver,
+        "#circuit-count",
+        f"showing {len(circuit.nodes)} of {len(circuit.nodes)} nodes and "
+        f"{len(circuit.edges)} of {len(circuit.edges)} edges",
+    )
     assert shown_points(driver) == len(circuit.nodes)
     ticks = [t.text for t in driver.find_elements(By.CSS_SELECTOR, "#circuit-graph .ytick text")]
     assert ticks == INDUCTION_HOOKS

@@ -9,15 +9,15 @@ from urllib.parse import quote
 import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
+from test_app import Server, browser, driver, go, screenshot, visit, wait_for  # noqa: F401 (fixtures)
 
-from dashboards import steering as page
-from dashboards.data import list_saes, run_model
 from saelab import steering as st
 from saelab.analysis import AnalysisConfig, analyze
 from saelab.config import HarvestConfig
+from saelab.dashboards import steering as page
+from saelab.dashboards.data import list_saes, run_model
 from saelab.harvest import harvest
 from saelab.train import TrainConfig, train
-from test_app import Server, browser, driver, go, screenshot, visit, wait_for  # noqa: F401 (fixtures)
 
 PROMPT = "Return the absolute value of a number"
 QUERY = "Open a network connection to a host."
@@ -25,11 +25,33 @@ QUERY = "Open a network connection to a host."
 
 def make_run(root, model, hook: str, k: int, analysed: bool):
     run = root / "run"
-    store = harvest(HarvestConfig(model=model, hooks=[hook], out=str(run / "activations.zarr"), context_length=32,
-                                  batch_size=32, max_tokens=4096, shard_rows=4096, chunk_rows=1024, device="cpu"),
-                    progress=False)
-    train(TrainConfig(store=store.path, out=str(run), tokens=512 * 20, batch_size=512, eval_rows=1024, warmup_steps=5,
-                      grid={"k": [k], "expansion": [2]}, device="cpu"), progress=False)
+    store = harvest(
+        HarvestConfig(
+            model=model,
+            hooks=[hook],
+            out=str(run / "activations.zarr"),
+            context_length=32,
+            batch_size=32,
+            max_tokens=4096,
+            shard_rows=4096,
+            chunk_rows=1024,
+            device="cpu",
+        ),
+        progress=False,
+    )
+    train(
+        TrainConfig(
+            store=store.path,
+            out=str(run),
+            tokens=512 * 20,
+            batch_size=512,
+            eval_rows=1024,
+            warmup_steps=5,
+            grid={"k": [k], "expansion": [2]},
+            device="cpu",
+        ),
+        progress=False,
+    )
     if analysed:
         analyze(str(run), AnalysisConfig(device="cpu"), progress=False)
     return run
@@ -70,8 +92,12 @@ def expected(run, latent: int, mode: str, coef: float, scope: str = "all"):
 def test_decoder_page_shows_steered_and_unsteered_generations(driver, servers, decoder_run, tmp_path):
     iv, source = expected(decoder_run, 3, "add", 8.0, "generated")
     assert source == "analysis"
-    visit(driver, servers["decoder"] + url(decoder_run, 3, PROMPT, mode="add", coef=8, scope="generated"),
-          "#steer-steered", timeout=60)
+    visit(
+        driver,
+        servers["decoder"] + url(decoder_run, 3, PROMPT, mode="add", coef=8, scope="generated"),
+        "#steer-steered",
+        timeout=60,
+    )
     model = run_model(str(decoder_run))
     want = st.compare(model, PROMPT, [iv], page.MAX_NEW_TOKENS)
     assert want.steered != want.unsteered
@@ -86,7 +112,7 @@ def test_decoder_page_shows_steered_and_unsteered_generations(driver, servers, d
 
 @browser
 def test_the_form_opens_a_shareable_url(driver, servers, decoder_run):
-    visit(driver, servers["decoder"] + url(decoder_run, 5, "", mode="clamp")[:-len("&text=")], "#steer-text")
+    visit(driver, servers["decoder"] + url(decoder_run, 5, "", mode="clamp")[: -len("&text=")], "#steer-text")
     assert not driver.find_elements(By.ID, "steer-steered")
     driver.find_element(By.ID, "steer-text").send_keys(PROMPT)
     coef = driver.find_element(By.ID, "steer-coef")

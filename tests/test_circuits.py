@@ -12,8 +12,22 @@ import torch
 from typer.testing import CliRunner
 
 from saelab.circuits import (
-    INDUCTION_HOOKS, Circuit, CircuitError, Prompt, _encode, _output, aggregate, edge_effects, exact_patching,
-    faithfulness_curve, find_circuit, induction_accuracy, induction_task, node_effects, prompt_task, repeated_tokens,
+    INDUCTION_HOOKS,
+    Circuit,
+    CircuitError,
+    Prompt,
+    _encode,
+    _output,
+    aggregate,
+    edge_effects,
+    exact_patching,
+    faithfulness_curve,
+    find_circuit,
+    induction_accuracy,
+    induction_task,
+    node_effects,
+    prompt_task,
+    repeated_tokens,
 )
 from saelab.cli import app as cli
 from saelab.models import capture, load_model, resolve_hooks
@@ -22,7 +36,9 @@ from saelab.sae import SAE, SAEConfig
 L0, L1 = INDUCTION_HOOKS
 LENGTH = 10
 POS = 15  # the metric reads the middle of the repeated half: its token first occurred at POS - LENGTH ...
-SOURCE = POS - LENGTH + 1  # ... so induction attends to the position after that, whose previous token is the current one
+SOURCE = (
+    POS - LENGTH + 1
+)  # ... so induction attends to the position after that, whose previous token is the current one
 
 
 @pytest.fixture(scope="module")
@@ -52,17 +68,21 @@ def ig(model, saes, task):
 
 @pytest.fixture(scope="module")
 def circuit(model, saes, task, induction_run):
-    return find_circuit(model, saes, task, sae_paths={h: str(sae_folder(induction_run, h)) for h in INDUCTION_HOOKS},
-                        progress=False)
+    return find_circuit(
+        model, saes, task, sae_paths={h: str(sae_folder(induction_run, h)) for h in INDUCTION_HOOKS}, progress=False
+    )
 
 
 def spliced(model, saes, tokens):
     """The model's logits with every SAE spliced in as dec(enc(x)) + err."""
+
     def splice(sae):
         def edit(x):
             nodes = _encode(sae, x)
             return sae.decode(nodes.f) + nodes.err
+
         return edit
+
     with torch.no_grad():
         return _output(model, tokens, {h: splice(s) for h, s in saes.items()})
 
@@ -175,15 +195,16 @@ def test_edges_are_the_direct_jacobian_times_the_upstream_change(model, saes, ta
     moving one layer-0 node a small step towards its patch value and reading the layer-1 latent."""
     latent = int(aggregate(ig.effects[L1], "none")[POS, :-1].abs().argmax())
     error = saes[L0].cfg.d_sae
-    ups = [(SOURCE, int(i)) for i in aggregate(ig.effects[L0], "none")[SOURCE, :-1].abs().topk(3).indices] + [(SOURCE, error)]
+    ups = [(SOURCE, int(i)) for i in aggregate(ig.effects[L0], "none")[SOURCE, :-1].abs().topk(3).indices] + [
+        (SOURCE, error)
+    ]
     weights = edge_effects(model, saes, task, ig, L0, L1, ups, [(POS, latent)], steps=1)[0]
     clean, delta, grad = ig.clean[L0], ig.deltas[L0], ig.grads[L1].f[:, POS, latent]
 
     def latent_after(f, err):
         read = {}
         with torch.no_grad():
-            _output(model, task.tokens, {L0: lambda x: saes[L0].decode(f) + err,
-                                         L1: lambda x: read.setdefault("x", x)})
+            _output(model, task.tokens, {L0: lambda x: saes[L0].decode(f) + err, L1: lambda x: read.setdefault("x", x)})
             return saes[L1].encode(read["x"])[:, POS, latent]
 
     eps = 1e-2
@@ -222,8 +243,10 @@ def test_a_circuit_survives_a_json_round_trip(circuit, tmp_path):
 
 def test_prompt_tasks_on_the_induction_model(model, saes):
     """Prompts in the model's own alphabet: `...Qz7...Q` should continue with `z`, unless the first part is patched."""
-    prompts = [Prompt(clean="Qz7bKDmQ", patch="aX7bKDmQ", target="z", distractor="X"),
-               Prompt(clean="Hr2cYwpH", patch="Jf2cYwpH", target="r", distractor="f")]
+    prompts = [
+        Prompt(clean="Qz7bKDmQ", patch="aX7bKDmQ", target="z", distractor="X"),
+        Prompt(clean="Hr2cYwpH", patch="Jf2cYwpH", target="r", distractor="f"),
+    ]
     task = prompt_task(model, prompts, "logit_diff")
     with torch.no_grad():
         clean, patched = task.metric(model(task.tokens)), task.metric(model(task.patch))
@@ -264,16 +287,22 @@ def test_encoders_get_a_similarity_metric_and_exact_splicing(minilm):
 
 
 def write_config(path, run, **changes):
-    cfg = {"name": "cli", "out": str(run), "model": str(run / "model"),
-           "saes": {h: str(sae_folder(run, h)) for h in INDUCTION_HOOKS},
-           "data": {"task": "induction", "examples": 8, "length": LENGTH}, "curve_sizes": [4, 16, 64]} | changes
+    cfg = {
+        "name": "cli",
+        "out": str(run),
+        "model": str(run / "model"),
+        "saes": {h: str(sae_folder(run, h)) for h in INDUCTION_HOOKS},
+        "data": {"task": "induction", "examples": 8, "length": LENGTH},
+        "curve_sizes": [4, 16, 64],
+    } | changes
     path.write_text(json.dumps(cfg))  # JSON is YAML
     return path
 
 
 def test_cli_writes_the_circuit_into_the_run(induction_run, tmp_path):
-    result = CliRunner().invoke(cli, ["circuit", str(write_config(tmp_path / "c.yaml", induction_run)), "-q",
-                                      "--set", "method=atp"])
+    result = CliRunner().invoke(
+        cli, ["circuit", str(write_config(tmp_path / "c.yaml", induction_run)), "-q", "--set", "method=atp"]
+    )
     assert result.exit_code == 0, result.output
     assert "faithfulness by node count" in result.output
     saved = Circuit.load(induction_run / "circuits" / "cli.json")
@@ -283,11 +312,22 @@ def test_cli_writes_the_circuit_into_the_run(induction_run, tmp_path):
 
 def test_cli_reads_prompts_from_a_file(induction_run, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("\n".join(json.dumps(p) for p in [
-        {"clean": "Qz7bKDmQ", "patch": "aX7bKDmQ", "target": "z", "distractor": "X"},
-        {"clean": "Hr2cYwpH", "patch": "Jf2cYwpH", "target": "r", "distractor": "f"}]))
-    config = write_config(tmp_path / "c.yaml", induction_run, name="cli-prompts", metric="logit_diff",
-                          data={"task": "prompts", "file": str(prompts)})
+    prompts.write_text(
+        "\n".join(
+            json.dumps(p)
+            for p in [
+                {"clean": "Qz7bKDmQ", "patch": "aX7bKDmQ", "target": "z", "distractor": "X"},
+                {"clean": "Hr2cYwpH", "patch": "Jf2cYwpH", "target": "r", "distractor": "f"},
+            ]
+        )
+    )
+    config = write_config(
+        tmp_path / "c.yaml",
+        induction_run,
+        name="cli-prompts",
+        metric="logit_diff",
+        data={"task": "prompts", "file": str(prompts)},
+    )
     result = CliRunner().invoke(cli, ["circuit", str(config), "-q"])
     assert result.exit_code == 0, result.output
     saved = Circuit.load(induction_run / "circuits" / "cli-prompts.json")
@@ -297,15 +337,20 @@ def test_cli_reads_prompts_from_a_file(induction_run, tmp_path):
     assert result.exit_code == 2 and "line 1 is not a prompt" in result.output, result.output
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"saes": {L0: "/nonexistent/sae"}}, "no SAE folder"),
-    ({"metric": "logit_diff"}, "use metric logit or loss"),
-    ({"nodes": 3}, "unknown key `nodes`"),
-    ({"model": "/nonexistent/model"}, "holds neither"),
-    ({"data": {"task": "induction", "length": 40}}, "needs 81 positions"),
-    ({"data": {"task": "prompts"}}, "give either `prompts`"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"saes": {L0: "/nonexistent/sae"}}, "no SAE folder"),
+        ({"metric": "logit_diff"}, "use metric logit or loss"),
+        ({"nodes": 3}, "unknown key `nodes`"),
+        ({"model": "/nonexistent/model"}, "holds neither"),
+        ({"data": {"task": "induction", "length": 40}}, "needs 81 positions"),
+        ({"data": {"task": "prompts"}}, "give either `prompts`"),
+    ],
+)
 def test_cli_refuses_bad_configs_with_the_fix(induction_run, tmp_path, changes, message):
-    result = CliRunner().invoke(cli, ["circuit", str(write_config(tmp_path / "c.yaml", induction_run, **changes)), "-q"])
+    result = CliRunner().invoke(
+        cli, ["circuit", str(write_config(tmp_path / "c.yaml", induction_run, **changes)), "-q"]
+    )
     assert result.exit_code == 2
     assert message in result.output

@@ -25,14 +25,17 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
         load_config(path, HarvestConfig, ["batch_size"])
 
 
-@pytest.mark.parametrize("data, message", [
-    ("hooks: [a\nout: x", "malformed YAML in .* at line"),
-    ({"hooks": ["h"], "out": "x", "batchsize": 3}, "unknown key `batchsize`"),
-    ({"hooks": ["h"], "out": "x", "batch_size": "many"}, "`batch_size`.*integer"),
-    ({"hooks": ["h"]}, "missing key `out`"),
-    ({"hooks": ["h"], "out": "x", "text": {"source": "files", "path": "/no/such.txt"}}, "no such file or folder"),
-    ({"hooks": ["h"], "out": "x", "shard_rows": 100, "chunk_rows": 30}, "multiple of chunk_rows"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ("hooks: [a\nout: x", "malformed YAML in .* at line"),
+        ({"hooks": ["h"], "out": "x", "batchsize": 3}, "unknown key `batchsize`"),
+        ({"hooks": ["h"], "out": "x", "batch_size": "many"}, "`batch_size`.*integer"),
+        ({"hooks": ["h"]}, "missing key `out`"),
+        ({"hooks": ["h"], "out": "x", "text": {"source": "files", "path": "/no/such.txt"}}, "no such file or folder"),
+        ({"hooks": ["h"], "out": "x", "shard_rows": 100, "chunk_rows": 30}, "multiple of chunk_rows"),
+    ],
+)
 def test_bad_configs_name_the_key_and_fix(tmp_path, data, message):
     with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path, data), HarvestConfig)
@@ -41,7 +44,9 @@ def test_bad_configs_name_the_key_and_fix(tmp_path, data, message):
 def test_cli_reports_errors_without_traceback(tmp_path, decoder_dir):
     result = runner.invoke(app, ["harvest", str(tmp_path / "missing.yaml")])
     assert result.exit_code == 2 and "config file not found" in result.output and "Traceback" not in result.output
-    bad = write(tmp_path, {"model": decoder_dir, "hooks": ["blocks.0.hook_resid_psot"], "out": str(tmp_path / "o.zarr")})
+    bad = write(
+        tmp_path, {"model": decoder_dir, "hooks": ["blocks.0.hook_resid_psot"], "out": str(tmp_path / "o.zarr")}
+    )
     result = runner.invoke(app, ["harvest", str(bad)])
     assert result.exit_code == 2 and "Closest: blocks.0.hook_resid_post" in result.output
     result = runner.invoke(app, ["info", str(tmp_path / "none.zarr")])
@@ -49,8 +54,19 @@ def test_cli_reports_errors_without_traceback(tmp_path, decoder_dir):
 
 
 def test_cli_harvest_and_hooks(tmp_path, decoder_dir):
-    cfg = write(tmp_path, {"model": decoder_dir, "hooks": ["blocks.0.hook_resid_post"], "out": str(tmp_path / "o.zarr"),
-                           "context_length": 16, "batch_size": 2, "max_tokens": 64, "shard_rows": 32, "chunk_rows": 16})
+    cfg = write(
+        tmp_path,
+        {
+            "model": decoder_dir,
+            "hooks": ["blocks.0.hook_resid_post"],
+            "out": str(tmp_path / "o.zarr"),
+            "context_length": 16,
+            "batch_size": 2,
+            "max_tokens": 64,
+            "shard_rows": 32,
+            "chunk_rows": 16,
+        },
+    )
     result = runner.invoke(app, ["harvest", str(cfg), "--quiet", "--set", "max_tokens=48"])
     assert result.exit_code == 0, result.output
     assert "rows         48 complete" in result.output

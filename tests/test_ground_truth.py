@@ -47,8 +47,10 @@ def evaluate(name: str, sae: SAE, seconds: float, data) -> tuple[float, float, f
         x = pool[:8192]
         fvu = ((sae(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
         l0 = (sae.encode(x) > 0).sum(1).float().mean().item()
-    print(f"\n{name}: recovered {recovered:.1%} of 1024 directions (max cos >= 0.9), median max cos "
-          f"{cos.median():.3f}, FVU {fvu:.3f}, L0 {l0:.1f}, {STEPS * BATCH:,} tokens in {seconds:.1f}s")
+    print(
+        f"\n{name}: recovered {recovered:.1%} of 1024 directions (max cos >= 0.9), median max cos "
+        f"{cos.median():.3f}, FVU {fvu:.3f}, L0 {l0:.1f}, {STEPS * BATCH:,} tokens in {seconds:.1f}s"
+    )
     return recovered, fvu, l0
 
 

@@ -22,9 +22,18 @@ KINDS = ["hook_resid_pre", "hook_resid_post", "hook_mlp_out", "hook_attn_out", "
 
 
 def small_cfg(out, **kw):
-    base = dict(hooks=[f"blocks.1.{k}" for k in KINDS], out=str(out), context_length=24, batch_size=4,
-                max_tokens=300, dtype="float32", drop_special_tokens=False, shard_rows=128, chunk_rows=32,
-                text=TextConfig(max_documents=200))
+    base = dict(
+        hooks=[f"blocks.1.{k}" for k in KINDS],
+        out=str(out),
+        context_length=24,
+        batch_size=4,
+        max_tokens=300,
+        dtype="float32",
+        drop_special_tokens=False,
+        shard_rows=128,
+        chunk_rows=32,
+        text=TextConfig(max_documents=200),
+    )
     return HarvestConfig(**{**base, **kw})
 
 
@@ -67,7 +76,9 @@ def test_special_tokens_dropped_and_metadata_aligned(minilm, tmp_path):
 def test_bfloat16_round_trips(decoder, tmp_path):
     cfg = small_cfg(tmp_path / "s.zarr", dtype="bfloat16", hooks=["blocks.0.hook_mlp_out"], max_tokens=96)
     store = harvest(cfg, model=decoder, progress=False)
-    ref = harvest(small_cfg(tmp_path / "f.zarr", hooks=["blocks.0.hook_mlp_out"], max_tokens=96), model=decoder, progress=False)
+    ref = harvest(
+        small_cfg(tmp_path / "f.zarr", hooks=["blocks.0.hook_mlp_out"], max_tokens=96), model=decoder, progress=False
+    )
     got = store.activations("blocks.0.hook_mlp_out", dtype=None)
     assert got.dtype == torch.bfloat16
     assert torch.equal(got, ref.activations("blocks.0.hook_mlp_out").to(torch.bfloat16))
@@ -89,7 +100,9 @@ def test_mismatched_store_is_refused_and_kept(decoder, tmp_path):
         harvest(small_cfg(out, hooks=["blocks.1.hook_mlp_out"]), model=decoder, progress=False)
     assert (out / "zarr.json").read_bytes() == before
     (tmp_path / "other.zarr").mkdir()
-    (tmp_path / "other.zarr" / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))
+    (tmp_path / "other.zarr" / "zarr.json").write_text(
+        json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}})
+    )
     with pytest.raises(StoreError, match="not a saelab store"):
         harvest(small_cfg(tmp_path / "other.zarr"), model=decoder, progress=False)
 
@@ -104,8 +117,12 @@ def test_empty_text_source_is_refused(decoder, tmp_path):
 
 def _run_cli(cfg_path: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "saelab.cli", "harvest", str(cfg_path), "--quiet"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "saelab.cli", "harvest", str(cfg_path), "--quiet"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _rows_complete(out: Path) -> int:
@@ -122,11 +139,22 @@ def _files(root: Path) -> dict[str, bytes]:
 def test_resume_after_sigkill_gives_identical_store(decoder_dir, tmp_path):
     def config(out):
         path = tmp_path / f"{out}.yaml"
-        path.write_text(yaml.safe_dump(dict(
-            model=decoder_dir, hooks=["blocks.0.hook_resid_post", "blocks.1.attn.hook_z"], out=str(tmp_path / out),
-            context_length=32, batch_size=4, max_tokens=30_000, dtype="float16", shard_rows=512, chunk_rows=128,
-            text={"source": "embedded"},
-        )))
+        path.write_text(
+            yaml.safe_dump(
+                dict(
+                    model=decoder_dir,
+                    hooks=["blocks.0.hook_resid_post", "blocks.1.attn.hook_z"],
+                    out=str(tmp_path / out),
+                    context_length=32,
+                    batch_size=4,
+                    max_tokens=30_000,
+                    dtype="float16",
+                    shard_rows=512,
+                    chunk_rows=128,
+                    text={"source": "embedded"},
+                )
+            )
+        )
         return path
 
     ref = _run_cli(config("ref.zarr"))

@@ -81,5 +81,7 @@ def test_local_hf_checkpoint_loads_through_the_bridge(minilm, tmp_path):
     copy = load_model(str(folder), device="cpu")
     tokens = torch.randint(1000, 2000, (1, 9))
     points = resolve_hooks(copy, ["blocks.3.hook_resid_post"])
-    assert torch.equal(capture(copy, tokens, points)["blocks.3.hook_resid_post"],
-                       capture(minilm, tokens, points)["blocks.3.hook_resid_post"])
+    assert torch.equal(
+        capture(copy, tokens, points)["blocks.3.hook_resid_post"],
+        capture(minilm, tokens, points)["blocks.3.hook_resid_post"],
+    )

@@ -108,8 +108,11 @@ def naive_topk_loss(sae: SAE, x: torch.Tensor, dead: torch.Tensor) -> torch.Tens
     return fvu + sae.cfg.aux_coef * (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
 
 
-@pytest.mark.parametrize(("sparse_density", "aux_sparse_density"), [(1.0, 1.0), (1.0, 0.0), (0.0, 0.0)],
-                         ids=["sparse", "sparse+dense-auxk", "dense"])
+@pytest.mark.parametrize(
+    ("sparse_density", "aux_sparse_density"),
+    [(1.0, 1.0), (1.0, 0.0), (0.0, 0.0)],
+    ids=["sparse", "sparse+dense-auxk", "dense"],
+)
 @pytest.mark.parametrize("n_dead", [0, 20])
 def test_topk_training_loss_matches_naive_reference(sparse_density, aux_sparse_density, n_dead):
     sae = make_sae(sparse_density=sparse_density, aux_sparse_density=aux_sparse_density, aux_k=6, dead_tokens=100)
@@ -237,8 +240,10 @@ def test_save_load_roundtrip(arch, tmp_path):
     sae = make_sae(arch, dtype="float32", model_name="gpt2", hook_name="blocks.3.hook_resid_post", context_size=128)
     sae.save(tmp_path)
     cfg = json.loads((tmp_path / "cfg.json").read_text())
-    assert cfg["architecture"] == {"topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu",
-                                   "relu": "standard"}[arch]
+    assert (
+        cfg["architecture"]
+        == {"topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "relu": "standard"}[arch]
+    )
     assert cfg["metadata"]["hook_name"] == "blocks.3.hook_resid_post"
     loaded = SAE.load(tmp_path)
     assert type(loaded) is type(sae) and loaded.cfg == sae.cfg

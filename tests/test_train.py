@@ -36,9 +36,18 @@ def store_path(tmp_path_factory):
 
 
 def config(store_path, out, **kw):
-    base = dict(store=store_path, out=str(out), tokens=256 * 120, batch_size=256, eval_rows=4096, warmup_steps=10,
-                checkpoint_every=256 * 20, log_every=10, grid={"arch": ["topk"], "k": [4], "expansion": [4]},
-                sae={"dead_tokens": 5000})
+    base = dict(
+        store=store_path,
+        out=str(out),
+        tokens=256 * 120,
+        batch_size=256,
+        eval_rows=4096,
+        warmup_steps=10,
+        checkpoint_every=256 * 20,
+        log_every=10,
+        grid={"arch": ["topk"], "k": [4], "expansion": [4]},
+        sae={"dead_tokens": 5000},
+    )
     return {**base, **kw}
 
 
@@ -49,8 +58,14 @@ def test_schedule_and_default_lr():
 
 
 def test_grid_trains_every_sae_in_one_pass_and_saves_saelens_layout(store_path, tmp_path):
-    cfg = TrainConfig(**config(store_path, tmp_path, grid={"arch": ["topk", "batchtopk", "relu"], "k": [4, 8], "expansion": [4]},
-                               sae={"dead_tokens": 5000, "l1_coef": 1.0}))
+    cfg = TrainConfig(
+        **config(
+            store_path,
+            tmp_path,
+            grid={"arch": ["topk", "batchtopk", "relu"], "k": [4, 8], "expansion": [4]},
+            sae={"dead_tokens": 5000, "l1_coef": 1.0},
+        )
+    )
     rows = train(cfg, progress=False)
     assert len(rows) == 2 * 3 * 2  # hooks x arch x k
     by = {(r["hook"], r["arch"], r["k"]): r for r in rows}
@@ -66,7 +81,11 @@ def test_grid_trains_every_sae_in_one_pass_and_saves_saelens_layout(store_path, 
 
 
 def test_diverging_sae_is_stopped_and_others_go_on(store_path, tmp_path):
-    cfg = TrainConfig(**config(store_path, tmp_path, hooks=["h0"], grid={"arch": ["topk"], "k": [4], "expansion": [4], "lr": [1e-3, 1e38]}))
+    cfg = TrainConfig(
+        **config(
+            store_path, tmp_path, hooks=["h0"], grid={"arch": ["topk"], "k": [4], "expansion": [4], "lr": [1e-3, 1e38]}
+        )
+    )
     rows = train(cfg, progress=False)
     ok, bad = sorted(rows, key=lambda r: r["lr"])
     assert ok["fvu"] < 0.5
@@ -93,15 +112,28 @@ def _latest_step(out) -> int:
 
 def _train_cli(path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "saelab.cli", "train", str(path), "--quiet"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "saelab.cli", "train", str(path), "--quiet"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def test_resume_after_sigkill_ends_with_the_same_weights(store_path, tmp_path):
     def write(name):
         path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(config(store_path, tmp_path / name, tokens=256 * 400, checkpoint_every=256 * 25,
-                                              grid={"arch": ["topk"], "k": [4], "expansion": [8]})))
+        path.write_text(
+            yaml.safe_dump(
+                config(
+                    store_path,
+                    tmp_path / name,
+                    tokens=256 * 400,
+                    checkpoint_every=256 * 25,
+                    grid={"arch": ["topk"], "k": [4], "expansion": [8]},
+                )
+            )
+        )
         return path
 
     ref = _train_cli(write("ref"))
@@ -122,13 +154,24 @@ def test_resume_after_sigkill_ends_with_the_same_weights(store_path, tmp_path):
         want = load_file(str(path))
         got = load_file(str(tmp_path / "killed" / path.relative_to(tmp_path / "ref")))
         differ = {k: float((want[k] - got[k]).abs().max()) for k in want if not torch.equal(want[k], got[k])}
-        assert want.keys() == got.keys() and not differ, f"resumed from step {killed_at}: {path.parent.name} differs in {differ}"
+        assert want.keys() == got.keys() and not differ, (
+            f"resumed from step {killed_at}: {path.parent.name} differs in {differ}"
+        )
 
 
 def test_sweep_cli_writes_table_and_pareto(store_path, tmp_path):
     path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(config(store_path, tmp_path / "run", hooks=["h0"], tokens=256 * 30,
-                                          grid={"arch": ["topk"], "k": [2, 4], "expansion": [2, 4]})))
+    path.write_text(
+        yaml.safe_dump(
+            config(
+                store_path,
+                tmp_path / "run",
+                hooks=["h0"],
+                tokens=256 * 30,
+                grid={"arch": ["topk"], "k": [2, 4], "expansion": [2, 4]},
+            )
+        )
+    )
     result = CliRunner().invoke(app, ["sweep", str(path), "--quiet"])
     assert result.exit_code == 0, result.output
     rows = read_results(tmp_path / "run" / "results.csv")
@@ -144,9 +187,19 @@ def test_ce_loss_recovered_on_a_decoder_store(trained_decoder_dir, tmp_path):
     from saelab.models import load_model
     from saelab.sae import SAEConfig
 
-    store = harvest(HarvestConfig(model=trained_decoder_dir, hooks=["blocks.0.hook_resid_post", "blocks.0.attn.hook_z"],
-                                  out=str(tmp_path / "s.zarr"), context_length=32, batch_size=8, max_tokens=20_000,
-                                  shard_rows=4096, chunk_rows=1024), progress=False)
+    store = harvest(
+        HarvestConfig(
+            model=trained_decoder_dir,
+            hooks=["blocks.0.hook_resid_post", "blocks.0.attn.hook_z"],
+            out=str(tmp_path / "s.zarr"),
+            context_length=32,
+            batch_size=8,
+            max_tokens=20_000,
+            shard_rows=4096,
+            chunk_rows=1024,
+        ),
+        progress=False,
+    )
     model = load_model(trained_decoder_dir, device="cpu")
     tokens = eval_tokens(store.config, model, 4)
     assert tokens.shape == (4, 32) and (tokens[:, 0] == model.tokenizer.bos_token_id).all()
@@ -165,9 +218,20 @@ def test_ce_loss_recovered_on_a_decoder_store(trained_decoder_dir, tmp_path):
     assert m["ce_zero"] > m["ce_orig"] and m["kl_zero"] > 0
 
     # Zero-ablating the residual stream is catastrophic, so the score's denominator is stable there.
-    rows = train(TrainConfig(store=store.path, out=str(tmp_path / "run"), tokens=256 * 40, batch_size=256, eval_rows=2048,
-                             hooks=["blocks.0.hook_resid_post"], grid={"k": [8], "expansion": [4]}, ce_contexts=4), progress=False)
-    r, = rows
+    rows = train(
+        TrainConfig(
+            store=store.path,
+            out=str(tmp_path / "run"),
+            tokens=256 * 40,
+            batch_size=256,
+            eval_rows=2048,
+            hooks=["blocks.0.hook_resid_post"],
+            grid={"k": [8], "expansion": [4]},
+            ce_contexts=4,
+        ),
+        progress=False,
+    )
+    (r,) = rows
     assert r["ce_zero"] - r["ce_orig"] > 0.1
     assert 0.3 < r["ce_loss_score"] <= 1 and 0.5 < r["kl_div_score"] <= 1 and r["ce_sae"] > r["ce_orig"]
 
@@ -176,7 +240,9 @@ def test_tensorboard_logger_records_the_progress_metrics(store_path, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    train(TrainConfig(**config(store_path, tmp_path, hooks=["h0"], tokens=256 * 30, logger="tensorboard")), progress=False)
+    train(
+        TrainConfig(**config(store_path, tmp_path, hooks=["h0"], tokens=256 * 30, logger="tensorboard")), progress=False
+    )
     events = EventAccumulator(str(tmp_path / "saes" / "tensorboard"))
     events.Reload()
     key = "h0/" + next((tmp_path / "saes" / "h0").iterdir()).name

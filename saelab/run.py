@@ -1,0 +1,250 @@
+"""`RunDir`: the run-directory contract of DESIGN.md, and the only code that knows its folder and file names.
+
+```
+RUN/
+  activations.zarr/                      the activation store (`saelab harvest`, `saelab import`)
+  saes/<hook>/<variant>/                 a dictionary: cfg.json, sae_weights.safetensors, metrics.json
+  saes/checkpoint/  saes/train_config.json   training state (resume) and the config that made it
+  saes/results.csv  saes/pareto.html     a sweep's table and Pareto plot
+  analysis/<hook>/<variant>.zarr         feature panels (`saelab analyze`); analysis/vocab.json
+  evals/<hook>/<variant>/<eval>.json     evaluations
+  absorption/<hook>/<variant>.json       absorption scores
+  circuits/<name>.json                   sparse feature circuits
+  steering/<name>.json                   steering runs
+  families/<hook>/<variant>.json         feature families
+  heads/<name>.json                      attention-head analyses
+```
+
+Library, CLI and app build every path through a `RunDir`; the names a request gives (hook, variant, result
+name) are checked to be single path components, so no request reaches outside the run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+from saelab.errors import OverwriteError, RunError
+
+STORE = "activations.zarr"
+SAES = "saes"
+CHECKPOINT = "checkpoint"
+TRAIN_CONFIG = "train_config.json"
+SAE_CONFIG = "cfg.json"
+SAE_WEIGHTS = "sae_weights.safetensors"
+SAE_METRICS = "metrics.json"
+SWEEP_TABLE = "results.csv"
+SWEEP_PLOT = "pareto.html"
+ANALYSIS = "analysis"
+VOCAB = "vocab.json"
+EVALS = "evals"
+ABSORPTION = "absorption"
+CIRCUITS = "circuits"
+STEERING = "steering"
+FAMILIES = "families"
+HEADS = "heads"
+# Entries that make a folder a saelab run: it may be written into even when it is not empty.
+RUN_ENTRIES = (STORE, SAES, ANALYSIS, EVALS, ABSORPTION, CIRCUITS, STEERING, FAMILIES, HEADS)
+MAX_NAME = 200  # longest hook, variant or result name accepted (file systems allow 255 bytes)
+
+
+class SaeEntry(NamedTuple):
+    """One dictionary of a run, as `RunDir.saes()` finds it."""
+
+    hook: str
+    """The hook point it reads (its folder under `saes/`)."""
+    variant: str
+    """Its variant name (architecture, k, width, learning rate), the folder under the hook's."""
+    path: Path
+    """Its folder, holding `cfg.json` and `sae_weights.safetensors`."""
+
+
+class ResultEntry(NamedTuple):
+    """A per-dictionary result file of a run (absorption, families, ...)."""
+
+    hook: str
+    """The hook point of the dictionary the result is about."""
+    variant: str
+    """The dictionary's variant name."""
+    path: Path
+    """The result file."""
+
+
+def check_name(name: str | None, what: str) -> str:
+    """`name` if it is one path component a run may hold; `RunError` naming the problem otherwise."""
+    if not isinstance(name, str) or not name:
+        raise RunError(f"no {what} given; name one")
+    if len(name) > MAX_NAME:
+        raise RunError(f"the {what} {name[:40]!r}... is {len(name)} characters long; names have at most {MAX_NAME}")
+    if name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise RunError(f"the {what} {name!r} is not a plain name (no '/', '\\', '.' or '..'); give the name alone")
+    return name
+
+
+class RunDir:
+    """One experiment's folder: every path inside it, SAE and result discovery, and the write guard."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.root)
+
+    # ------------------------------------------------------------------------------------------ stages
+    @property
+    def store(self) -> Path:
+        """The activation store."""
+        return self.root / STORE
+
+    @property
+    def saes_dir(self) -> Path:
+        """The folder of the run's dictionaries and training state."""
+        return self.root / SAES
+
+    @property
+    def checkpoint(self) -> Path:
+        """Training checkpoints (resume)."""
+        return self.saes_dir / CHECKPOINT
+
+    @property
+    def train_config(self) -> Path:
+        """The training config the run's dictionaries were made with."""
+        return self.saes_dir / TRAIN_CONFIG
+
+    @property
+    def sweep_table(self) -> Path:
+        """A sweep's results table."""
+        return self.saes_dir / SWEEP_TABLE
+
+    @property
+    def sweep_plot(self) -> Path:
+        """A sweep's Pareto plot (FVU against L0)."""
+        return self.saes_dir / SWEEP_PLOT
+
+    def sae(self, hook: str, variant: str) -> Path:
+        """The folder of dictionary `hook`/`variant` (it need not exist yet)."""
+        return self.saes_dir / check_name(hook, "hook point") / check_name(variant, "SAE variant")
+
+    def sae_metrics(self, hook: str, variant: str) -> Path:
+        """The held-out metrics of dictionary `hook`/`variant`."""
+        return self.sae(hook, variant) / SAE_METRICS
+
+    def saes(self) -> list[SaeEntry]:
+        """Every dictionary of the run (a folder `saes/<hook>/<variant>/` with a `cfg.json`), sorted."""
+        found = sorted(p.parent for p in self.saes_dir.glob(f"*/*/{SAE_CONFIG}") if p.parent.parent.name != CHECKPOINT)
+        return [SaeEntry(f.parent.name, f.name, f) for f in found]
+
+    def find_sae(self, hook: str | None, variant: str | None) -> SaeEntry:
+        """The dictionary `hook`/`variant`; `RunError` naming the ones the run has when it is not there."""
+        path = self.sae(check_name(hook, "hook point"), check_name(variant, "SAE variant"))
+        if (path / SAE_CONFIG).is_file():
+            return SaeEntry(path.parent.name, path.name, path)
+        known = ", ".join(f"{s.hook}/{s.variant}" for s in self.saes()) or "none"
+        raise RunError(f"the run {self.root} has no SAE {hook}/{variant}; it has: {known}")
+
+    # ------------------------------------------------------------------------------------------ results
+    @property
+    def analysis_dir(self) -> Path:
+        """The folder of feature analyses."""
+        return self.root / ANALYSIS
+
+    @property
+    def vocab(self) -> Path:
+        """Display strings of the run model's tokens, written by the analysis."""
+        return self.analysis_dir / VOCAB
+
+    def analysis(self, hook: str, variant: str) -> Path:
+        """The feature analysis (a Zarr group) of dictionary `hook`/`variant`."""
+        return self.analysis_dir / check_name(hook, "hook point") / f"{check_name(variant, 'SAE variant')}.zarr"
+
+    def eval(self, hook: str, variant: str, name: str) -> Path:
+        """Evaluation `name` of dictionary `hook`/`variant`."""
+        return (
+            self.root
+            / EVALS
+            / check_name(hook, "hook point")
+            / check_name(variant, "SAE variant")
+            / f"{check_name(name, 'eval')}.json"
+        )
+
+    def evals(self, hook: str, variant: str) -> list[Path]:
+        """Every evaluation file of dictionary `hook`/`variant`, sorted."""
+        return sorted(
+            (self.root / EVALS / check_name(hook, "hook point") / check_name(variant, "SAE variant")).glob("*.json")
+        )
+
+    def absorption(self, hook: str, variant: str) -> Path:
+        """The absorption scores of dictionary `hook`/`variant`."""
+        return self._per_sae(ABSORPTION, hook, variant)
+
+    def absorption_results(self) -> list[ResultEntry]:
+        """Every absorption result of the run, sorted by hook and variant."""
+        return self._per_sae_results(ABSORPTION)
+
+    def families(self, hook: str, variant: str) -> Path:
+        """The feature families of dictionary `hook`/`variant`."""
+        return self._per_sae(FAMILIES, hook, variant)
+
+    def family_results(self) -> list[ResultEntry]:
+        """Every feature-family result of the run, sorted by hook and variant."""
+        return self._per_sae_results(FAMILIES)
+
+    def circuit(self, name: str) -> Path:
+        """Circuit `name`."""
+        return self._named(CIRCUITS, name, "circuit name")
+
+    def circuits(self) -> list[str]:
+        """The names of the run's circuits, sorted."""
+        return self._names(CIRCUITS)
+
+    def steering(self, name: str) -> Path:
+        """Steering run `name`."""
+        return self._named(STEERING, name, "steering run name")
+
+    def steering_runs(self) -> list[str]:
+        """The names of the run's steering runs, sorted."""
+        return self._names(STEERING)
+
+    def heads(self, name: str) -> Path:
+        """Attention-head analysis `name`."""
+        return self._named(HEADS, name, "head analysis name")
+
+    def head_analyses(self) -> list[str]:
+        """The names of the run's attention-head analyses, sorted."""
+        return self._names(HEADS)
+
+    def _per_sae(self, folder: str, hook: str, variant: str) -> Path:
+        return self.root / folder / check_name(hook, "hook point") / f"{check_name(variant, 'SAE variant')}.json"
+
+    def _per_sae_results(self, folder: str) -> list[ResultEntry]:
+        return [ResultEntry(p.parent.name, p.stem, p) for p in sorted((self.root / folder).glob("*/*.json"))]
+
+    def _named(self, folder: str, name: str, what: str) -> Path:
+        return self.root / folder / f"{check_name(name, what)}.json"
+
+    def _names(self, folder: str) -> list[str]:
+        return sorted(p.stem for p in (self.root / folder).glob("*.json"))
+
+    # -------------------------------------------------------------------------------------------- guard
+    def is_run(self) -> bool:
+        """Whether the folder holds anything a saelab stage writes."""
+        return any((self.root / name).exists() for name in RUN_ENTRIES)
+
+    def prepare(self) -> RunDir:
+        """Create the folder, or check that an existing one may be written into: a folder that is not empty
+        and holds nothing saelab writes is someone else's, and is refused (`OverwriteError`)."""
+        if self.root.exists() and not self.root.is_dir():
+            raise OverwriteError(f"{self.root} is a file, not a run directory; choose another `run` folder")
+        if self.root.is_dir() and not self.is_run():
+            held = sorted(p.name for p in self.root.iterdir())
+            if held:
+                shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
+                raise OverwriteError(
+                    f"{self.root} is not empty and is not a saelab run directory (it holds {shown}); "
+                    "choose a new or empty folder for the run"
+                )
+        self.root.mkdir(parents=True, exist_ok=True)
+        return self
