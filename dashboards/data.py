@@ -20,7 +20,7 @@ import torch
 
 from saelab.analysis import FeatureStore
 from saelab.errors import RunError, SaelabError
-from saelab.models import Model, capture, is_encoder, load_model, resolve_hooks
+from saelab.models import Model, capture, device_of, is_encoder, load_model, resolve_hooks
 from saelab.sae import CFG_FILENAME, SAE
 from saelab.store import ActivationStore
 from saelab.text import SpecialTokens
@@ -247,9 +247,9 @@ def prompt_latents(run_dir: str, info: SaeInfo, text: str, top: int = 5) -> list
     room = model.cfg.n_ctx - len(special.prefix) - len(special.suffix)
     if len(body) > room:
         raise RunError(f"The prompt has {len(body)} tokens; this model reads at most {room}. Shorten it.")
-    tokens = torch.tensor([[*special.prefix, *body, *special.suffix]], dtype=torch.long)
+    tokens = torch.tensor([special.frame(body)], dtype=torch.long)
     (point,) = resolve_hooks(model, [info.hook])
-    acts = capture(model, tokens.to(next(model.parameters()).device), [point])[info.hook][0]
+    acts = capture(model, tokens.to(device_of(model)), [point])[info.hook][0]
     body_acts = acts[len(special.prefix) : len(special.prefix) + len(body)].float().cpu()
     with torch.inference_mode():
         f = _load_sae(str(info.path)).encode(body_acts)

@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 
 from saelab.config import StrictModel
 from saelab.errors import AbsorptionError
-from saelab.models import Model, capture, forward_to, is_encoder, load_model, resolve_hooks
+from saelab.models import Model, capture, device_of, forward_to, is_encoder, load_model, resolve_hooks
 from saelab.resultfile import read_json, write_json
 from saelab.sae import SAE, SAEConfig
 from saelab.text import SpecialTokens
@@ -201,7 +201,7 @@ def _encode_prompts(
     n_after = len(model.tokenizer(after, add_special_tokens=False)["input_ids"]) + len(special.suffix)
     ids, positions, kept = [], [], []
     for i, (word, prompt) in enumerate(zip(words, prompts)):
-        toks = [*special.prefix, *model.tokenizer(prompt, add_special_tokens=False)["input_ids"], *special.suffix]
+        toks = special.frame(model.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         pos = len(toks) - n_after - 1
         if pos >= 0 and toks[pos] == word.token:
             ids.append(toks)
@@ -240,7 +240,7 @@ def word_activations(
     for i, t in enumerate(ids):
         groups.setdefault(len(t), []).append(i)
     batches = [rows[s : s + batch_size] for rows in groups.values() for s in range(0, len(rows), batch_size)]
-    device = next(model.parameters()).device
+    device = device_of(model)
     out = torch.empty(len(ids), point[0].d)
     for rows in tqdm(batches, desc=f"activations at {hook}", disable=not progress):
         acts = capture(model, torch.tensor([ids[r] for r in rows], device=device), point)[hook]
@@ -908,7 +908,7 @@ def ig_absorption(
     prompts = [icl_prompt(w, examples, style.template, style.icl_examples, rng, first, True) for w in words]
     ids, positions, kept = _encode_prompts(model, words, prompts, style.template)
     cos, _ = decoder_cosines(sae, direction)
-    device = next(model.parameters()).device
+    device = device_of(model)
     split = label.split_latents
     absorbed, tested, found = 0, 0, []
     for toks, pos, i in zip(ids, positions, kept):
@@ -1039,7 +1039,7 @@ def absorption_result(
 def run_absorption(cfg: AbsorptionConfig, progress: bool = True) -> list[tuple[AbsorptionResult, Path]]:
     """Load the model and SAEs; for each hook point train the probe once, then score every SAE there."""
     model = load_model(cfg.model, device=cfg.device)
-    device = next(model.parameters()).device
+    device = device_of(model)
     saes = [(p, _load_sae(p, device)) for p in _sae_folders(cfg)]
     table = load_label_table(cfg.labels) if cfg.labels else None
     style = PromptStyle.for_model(model, cfg.template, cfg.icl_examples)

@@ -46,6 +46,7 @@ from saelab.errors import CircuitError
 from saelab.models import (
     HOOK_KINDS,
     Model,
+    device_of,
     flatten_heads,
     forward_to,
     is_encoder,
@@ -303,7 +304,7 @@ def induction_task(
     tokens = repeated_tokens(n, length, seed, vocab)
     patch = tokens.clone()
     patch[:, 1 : length + 1] = repeated_tokens(n, length, seed + 1_000_003, vocab)[:, 1 : length + 1]
-    device = next(model.parameters()).device
+    device = device_of(model)
     pos = torch.full((n,), position, device=device)
     task_metric = token_metric(metric, pos, tokens[:, position + 1].to(device))
     return Task(tokens.to(device), task_metric, patch.to(device), _labels(model, tokens[0]))
@@ -349,7 +350,7 @@ def prompt_task(
     special = SpecialTokens.for_tokenizer(model.tokenizer, encoder)
 
     def encode(text: str) -> list[int]:
-        return [*special.prefix, *model.tokenizer(text, add_special_tokens=False)["input_ids"], *special.suffix]
+        return special.frame(model.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     clean = [encode(p.clean) for p in prompts]
     has_patch = [p.patch is not None for p in prompts]
@@ -362,7 +363,7 @@ def prompt_task(
             f"prompts (and patches) tokenize to different lengths {sorted(lengths)}; circuits compare "
             "positions across examples, so make them the same length"
         )
-    device = next(model.parameters()).device
+    device = device_of(model)
     tokens = torch.tensor(clean, device=device)
     patch_t = torch.tensor(patch, device=device) if patch else None
     if any(p.target is None for p in prompts):
@@ -1018,7 +1019,7 @@ class CircuitConfig(StrictModel):
 def run_circuit(cfg: CircuitConfig, progress: bool = True) -> tuple[Circuit, Path]:
     """Load the model and SAEs, find the circuit, write it to `<out>/circuits/<name>.json`."""
     model = load_model(cfg.model, device=cfg.device)
-    device = next(model.parameters()).device
+    device = device_of(model)
     saes = {h: SAE.load(p, device=device).eval() for h, p in cfg.saes.items()}
     if isinstance(cfg.data, InductionData):
         task = induction_task(model, cfg.data.examples, cfg.data.length, cfg.data.position, cfg.data.seed, cfg.metric)

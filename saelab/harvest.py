@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from saelab.config import HarvestConfig
 from saelab.errors import StoreError, TextSourceError
-from saelab.models import Model, capture, is_encoder, load_model, model_name, resolve_hooks
+from saelab.models import Model, capture, device_of, is_encoder, load_model, model_name, resolve_hooks
 from saelab.store import ActivationStore, StoreWriter, to_storage
 from saelab.text import SpecialTokens, batch_contexts, iter_documents, pack_contexts
 
@@ -172,7 +172,7 @@ def harvest(cfg: HarvestConfig, model: Model | None = None, progress: bool = Tru
     resume = writer.meta["resume"]
     first_batch, rows = resume["batch"], resume["rows"]
     done = writer.rows_complete
-    device = next(model.parameters()).device
+    device = device_of(model)
 
     shard_writer = _ShardWriter(writer, cfg.shard_rows)
     shard_writer.start()

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from saelab.models import device_of
 from saelab.sae import SAE
 
 DENSE_THRESHOLD = 0.1
@@ -62,7 +63,7 @@ def eval_tokens(store_config: dict[str, Any], model: Any, n_contexts: int) -> Te
     contexts = [
         t for t, _ in islice(pack_contexts(docs, model.tokenizer, special, store_config["context_length"]), n_contexts)
     ]
-    return torch.from_numpy(np.stack(contexts)).to(next(model.parameters()).device)
+    return torch.from_numpy(np.stack(contexts)).to(device_of(model))
 
 
 def _splice(sae: SAE | None) -> Any:

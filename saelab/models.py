@@ -191,6 +191,11 @@ class _StopForward(Exception):
     """Raised inside the last needed hook so the forward pass ends there."""
 
 
+def device_of(model: torch.nn.Module) -> torch.device:
+    """The device a model's weights are on (where its inputs must go)."""
+    return next(model.parameters()).device
+
+
 def flatten_heads(act: torch.Tensor) -> torch.Tensor:
     """`attn.hook_z` [batch, pos, heads, d_head] as [batch, pos, heads * d_head]; other activations as they are."""
     return act.flatten(2) if act.ndim == 4 else act

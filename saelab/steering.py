@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from saelab.config import StrictModel, TextConfig
 from saelab.errors import SteeringError
-from saelab.models import Model, flatten_heads, forward_to, is_encoder, resolve_hooks
+from saelab.models import Model, device_of, flatten_heads, forward_to, is_encoder, resolve_hooks
 from saelab.resultfile import write_json
 from saelab.sae import SAE
 from saelab.text import SpecialTokens
@@ -239,8 +239,8 @@ def prompt_tokens(model: Model, prompt: str) -> Tensor:
     if not prompt.strip():
         raise SteeringError("the prompt is empty: give some text to continue")
     special = SpecialTokens.for_tokenizer(model.tokenizer, is_encoder(model))
-    ids = [*special.prefix, *model.tokenizer(prompt, add_special_tokens=False)["input_ids"], *special.suffix]
-    return torch.tensor([ids], device=next(model.parameters()).device)
+    ids = special.frame(model.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    return torch.tensor([ids], device=device_of(model))
 
 
 def _decoder_only(model: Model) -> None:
@@ -397,7 +397,7 @@ def _encode_texts(model: Model, texts: Sequence[str], max_length: int) -> list[l
     special = SpecialTokens.for_tokenizer(model.tokenizer, is_encoder(model))
     room = min(max_length, model.cfg.n_ctx) - len(special.prefix) - len(special.suffix)
     ids = model.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    return [[*special.prefix, *t[:room], *special.suffix] for t in ids]
+    return [special.frame(t[:room]) for t in ids]
 
 
 def _padded(
@@ -405,7 +405,7 @@ def _padded(
 ) -> Iterator[tuple[list[int], Tensor, Tensor]]:
     """Batches of texts of similar length: their indices, tokens [batch, pos] and attention mask (1: a real token)."""
     ids = _encode_texts(model, texts, max_length)
-    device = next(model.parameters()).device
+    device = device_of(model)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
@@ -668,7 +668,7 @@ def run_steering(cfg: SteerConfig, progress: bool = True) -> tuple[dict[str, Any
         if not spec:
             raise SteeringError(f"{cfg.run} does not record its model (no harvested activations.zarr); set `model`")
     model = load_model(spec, device=cfg.device)
-    device = next(model.parameters()).device
+    device = device_of(model)
     sae = SAE.load(cfg.sae, device=device).eval()
     hook = sae_hook(cfg.sae, sae)
     if not 0 <= cfg.latent < sae.cfg.d_sae:

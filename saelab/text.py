@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from itertools import islice
@@ -89,6 +89,10 @@ class SpecialTokens:
         bos = tokenizer.bos_token_id
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
         return cls(tuple(t for t in [bos] if t is not None), (), eos, all_special)
+
+    def frame(self, ids: Sequence[int]) -> list[int]:
+        """One context as the model reads it: `prefix + ids + suffix` ([CLS] ids [SEP] or BOS ids)."""
+        return [*self.prefix, *ids, *self.suffix]
 
 
 @dataclass
