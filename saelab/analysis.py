@@ -25,7 +25,7 @@ from saelab.config import StrictModel
 from saelab.errors import StoreError
 from saelab.models import Model, is_encoder, load_model, resolve_device
 from saelab.sae import SAE
-from saelab.store import ActivationStore, _prefetch
+from saelab.store import ActivationStore, prefetch
 from saelab.topk import topk_rows
 
 FEATURE_CHUNK = 64
@@ -72,7 +72,7 @@ def sparse_codes(
         torch.no_grad(),
         tqdm(total=n_rows, unit="tok", unit_scale=True, disable=not progress, desc=f"encode {hook}") as bar,
     ):
-        for start, x in _prefetch(read(), 2):
+        for start, x in prefetch(read(), 2):
             r, c, v = encode_sparse(sae, x.to(device))
             rows.append((r + start).cpu().numpy())
             feats.append(c.to(torch.int32).cpu().numpy())
@@ -86,7 +86,7 @@ def encode_sparse(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
     TopK SAEs are encoded straight from the top-k of the pre-activations, never densely."""
     if sae.cfg.arch == "topk":
-        vals, idx = topk_rows(sae.pre_acts(sae._flat(x)), sae.cfg.k)
+        vals, idx = topk_rows(sae.pre_acts(sae.prepare_input(x)), sae.cfg.k)
         idx, order = idx.sort(dim=1)
         vals = vals.gather(1, order).relu() / sae.input_scale
         rows = torch.arange(len(x), device=x.device)[:, None].expand_as(idx)

@@ -122,7 +122,9 @@ class SAE(nn.Module):
 
     # ----------------------------------------------------------------- inference
 
-    def _flat(self, x: Tensor) -> Tensor:
+    def prepare_input(self, x: Tensor) -> Tensor:
+        """Raw activations `[..., d_in]` as the encoder reads them: `[batch, d_in]` in the SAE's dtype, times
+        `input_scale` (which makes the mean input norm sqrt(d_in) in training; 1 once folded, as in a saved SAE)."""
         if x.shape[-1] != self.cfg.d_in:
             raise ValueError(f"expected activations [..., d_in={self.cfg.d_in}], got shape {tuple(x.shape)}")
         return x.reshape(-1, self.cfg.d_in).to(self.W_enc.dtype) * self.input_scale
@@ -137,7 +139,7 @@ class SAE(nn.Module):
 
     def encode(self, x: Tensor) -> Tensor:
         """Dense latent activations ``[..., d_sae]`` of raw activations ``[..., d_in]``."""
-        f = self.activation(self.pre_acts(self._flat(x))) / self.input_scale
+        f = self.activation(self.pre_acts(self.prepare_input(x))) / self.input_scale
         return f.view(*x.shape[:-1], self.cfg.d_sae)
 
     def decode(self, f: Tensor) -> Tensor:
@@ -357,7 +359,7 @@ class TopKSAE(SAE):
         return torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
 
     def forward(self, x: Tensor) -> Tensor:
-        vals, idx = topk_rows(self.pre_acts(self._flat(x)), self.cfg.k)
+        vals, idx = topk_rows(self.pre_acts(self.prepare_input(x)), self.cfg.k)
         recon = kernels.sparse_decode(vals.relu(), idx, self.W_dec) + self.b_dec
         return (recon / self.input_scale).view(x.shape)
 
@@ -366,7 +368,7 @@ class TopKSAE(SAE):
         return kernels.topk_entries(pre, self.cfg.k)
 
     def training_loss(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        x = self._flat(x)
+        x = self.prepare_input(x)
         n_rows, cfg = x.shape[0], self.cfg
         dead = self.dead_mask()
         dead_cols = None
@@ -540,7 +542,7 @@ class JumpReLUSAE(SAE):
     def training_loss(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         with torch.no_grad():
             self.threshold.clamp_(min=0)
-        x = self._flat(x)
+        x = self.prepare_input(x)
         pre = self.pre_acts(x)
         bandwidth = self.cfg.jumprelu_bandwidth
         acts = _JumpReLUFn.apply(pre, self.threshold, bandwidth)
@@ -560,7 +562,7 @@ class ReLUSAE(SAE):
         return pre.relu()
 
     def training_loss(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        x = self._flat(x)
+        x = self.prepare_input(x)
         acts = self.pre_acts(x).relu()
         _, total_var, fvu = self._loss_terms(x, acts @ self.W_dec + self.b_dec)
         l1 = acts.sum(0) @ self.W_dec.norm(dim=1)

@@ -299,7 +299,7 @@ class ActivationStore:
         mix_shards = max(1, mix_rows // int(self.meta["shard_rows"]))
         produce = self._produce(names, batch_size, seed, (lo, hi), shuffle, epochs, start_batch, mix_shards, per_epoch)
         single = isinstance(hooks, str)
-        for batch in _prefetch(produce, prefetch):
+        for batch in prefetch(produce, prefetch):
             yield batch[names[0]] if single else batch
 
     def _produce(self, names, batch_size, seed, rows, shuffle, epochs, start_batch, mix_shards, per_epoch):
@@ -354,7 +354,7 @@ class ActivationStore:
         return "\n".join(lines)
 
 
-def _prefetch(gen: Iterator[Any], depth: int) -> Iterator[Any]:
+def prefetch(gen: Iterator[Any], depth: int) -> Iterator[Any]:
     """Run a generator in a background thread, `depth` items ahead; errors reach the consumer."""
     q: queue.Queue = queue.Queue(maxsize=max(depth, 1))
     stop = threading.Event()
