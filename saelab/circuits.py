@@ -218,7 +218,7 @@ def induction_run(
     train(
         TrainConfig(
             store=str(out / "activations.zarr"),
-            out=str(out),
+            run=str(out),
             tokens=sae_tokens,
             batch_size=512,
             eval_rows=4096,

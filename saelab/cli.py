@@ -109,7 +109,7 @@ def _train(config: Path, set_: list[str] | None, quiet: bool) -> tuple[list[dict
     from saelab.train import TrainConfig, train
 
     cfg = load_config(config, TrainConfig, set_ or [])
-    return train(cfg, progress=not quiet), cfg.out
+    return train(cfg, progress=not quiet), cfg.run
 
 
 def _print_results(rows: list[dict]) -> None:

@@ -21,7 +21,7 @@ def quickstart_configs(
         HarvestConfig(model="minilm", hooks=hooks, out=store, context_length=128, batch_size=32, dtype="float16"),
         TrainConfig(
             store=store,
-            out=out,
+            run=out,
             tokens=train_tokens,
             batch_size=4096,
             eval_rows=16_384,

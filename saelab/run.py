@@ -5,7 +5,7 @@ RUN/
   activations.zarr/                      the activation store (`saelab harvest`, `saelab import`)
   saes/<hook>/<variant>/                 a dictionary: cfg.json, sae_weights.safetensors, metrics.json
   saes/checkpoint/  saes/train_config.json   training state (resume) and the config that made it
-  saes/results.csv  saes/pareto.html     a sweep's table and Pareto plot
+  results.csv  pareto.html               a sweep's table and Pareto plot
   analysis/<hook>/<variant>.zarr         feature panels (`saelab analyze`); analysis/vocab.json
   evals/<hook>/<variant>/<eval>.json     evaluations
   absorption/<hook>/<variant>.json       absorption scores
@@ -117,12 +117,12 @@ class RunDir:
     @property
     def sweep_table(self) -> Path:
         """A sweep's results table."""
-        return self.saes_dir / SWEEP_TABLE
+        return self.root / SWEEP_TABLE
 
     @property
     def sweep_plot(self) -> Path:
         """A sweep's Pareto plot (FVU against L0)."""
-        return self.saes_dir / SWEEP_PLOT
+        return self.root / SWEEP_PLOT
 
     def sae(self, hook: str, variant: str) -> Path:
         """The folder of dictionary `hook`/`variant` (it need not exist yet)."""

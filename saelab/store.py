@@ -279,9 +279,9 @@ class ActivationStore:
         epochs: int | None = 1,
         start_batch: int = 0,
         mix_rows: int = 262_144,
-        prefetch: int = 4,
+        read_ahead: int = 4,
     ) -> Iterator[torch.Tensor | dict[str, torch.Tensor]]:
-        """Full batches of float32 rows, shuffled across shards, read ahead in a background thread.
+        """Full batches of float32 rows, shuffled across shards, `read_ahead` batches read ahead in a background thread.
 
         Each epoch permutes the shards, reads about `mix_rows` rows of them at a time and permutes those;
         the same `seed` gives the same batches. `start_batch` skips ahead without reading what it skips
@@ -299,7 +299,7 @@ class ActivationStore:
         mix_shards = max(1, mix_rows // int(self.meta["shard_rows"]))
         produce = self._produce(names, batch_size, seed, (lo, hi), shuffle, epochs, start_batch, mix_shards, per_epoch)
         single = isinstance(hooks, str)
-        for batch in prefetch(produce, prefetch):
+        for batch in prefetch(produce, read_ahead):
             yield batch[names[0]] if single else batch
 
     def _produce(self, names, batch_size, seed, rows, shuffle, epochs, start_batch, mix_shards, per_epoch):

@@ -45,7 +45,7 @@ class TrainConfig(StrictModel):
     """What to train, on what, for how long."""
 
     store: str
-    out: str
+    run: str
     hooks: list[str] | None = None
     grid: Grid = Grid()
     sae: dict[str, Any] = {}
@@ -121,7 +121,7 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.train_rows = (0, self.store.n_tokens - cfg.eval_rows)
         self.total_steps = cfg.tokens // cfg.batch_size
-        self.root = Path(cfg.out) / "saes"
+        self.root = Path(cfg.run) / "saes"
         self.members = [self._member(h, *combo) for h in self.hooks for combo in self._combos()]
 
     def _combos(self) -> list[tuple[str, int, int, float | None]]:

@@ -149,7 +149,7 @@ def test_analyze_run_dir_and_token_search(decoder_dir, tmp_path):
     train(
         TrainConfig(
             store=str(run / "activations.zarr"),
-            out=str(run),
+            run=str(run),
             tokens=256 * 10,
             batch_size=256,
             eval_rows=1024,

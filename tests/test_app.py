@@ -56,7 +56,7 @@ browser = pytest.mark.skipif(
 def _train(store: str, out: Path, steps: int, expansion: int) -> list[dict]:
     cfg = TrainConfig(
         store=store,
-        out=str(out),
+        run=str(out),
         tokens=512 * steps,
         batch_size=512,
         eval_rows=2048,

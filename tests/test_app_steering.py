@@ -42,7 +42,7 @@ def make_run(root, model, hook: str, k: int, analysed: bool):
     train(
         TrainConfig(
             store=store.path,
-            out=str(run),
+            run=str(run),
             tokens=512 * 20,
             batch_size=512,
             eval_rows=1024,

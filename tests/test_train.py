@@ -38,7 +38,7 @@ def store_path(tmp_path_factory):
 def config(store_path, out, **kw):
     base = dict(
         store=store_path,
-        out=str(out),
+        run=str(out),
         tokens=256 * 120,
         batch_size=256,
         eval_rows=4096,
@@ -221,7 +221,7 @@ def test_ce_loss_recovered_on_a_decoder_store(trained_decoder_dir, tmp_path):
     rows = train(
         TrainConfig(
             store=store.path,
-            out=str(tmp_path / "run"),
+            run=str(tmp_path / "run"),
             tokens=256 * 40,
             batch_size=256,
             eval_rows=2048,
