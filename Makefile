@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: install browser test quickstart bench bench-analysis
+.PHONY: install browser lint test quickstart bench bench-analysis
 
 $(VENV_STAMP): pyproject.toml
 	python3 -m venv .venv
@@ -17,6 +17,12 @@ install: $(VENV_STAMP)
 browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null)
+
+# ruff (lint with isort, and the formatter's check) and basedpyright (basic), as CI runs them before the tests.
+lint: $(VENV_STAMP)
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/basedpyright --pythonpath $(PY)
 
 test: $(VENV_STAMP) browser
 	$(PY) -m pytest -q

@@ -7,15 +7,13 @@ RUN/
   saes/checkpoint/  saes/train_config.json   training state (resume) and the config that made it
   results.csv  pareto.html               a sweep's table and Pareto plot
   analysis/<hook>/<variant>.zarr         feature panels (`saelab analyze`); analysis/vocab.json
-  evals/<hook>/<variant>/<eval>.json     evaluations
   absorption/<hook>/<variant>.json       absorption scores
   circuits/<name>.json                   sparse feature circuits
   steering/<name>.json                   steering runs
-  families/<hook>/<variant>.json         feature families
-  heads/<name>.json                      attention-head analyses
 ```
 
-Library, CLI and app build every path through a `RunDir`; the names a request gives (hook, variant, result
+Later analyses (evals, feature families, attention heads) add their folders here. Library, CLI and app build
+every path through a `RunDir`; the names a request gives (hook, variant, result
 name) are checked to be single path components, so no request reaches outside the run.
 """
 
@@ -37,14 +35,11 @@ SWEEP_TABLE = "results.csv"
 SWEEP_PLOT = "pareto.html"
 ANALYSIS = "analysis"
 VOCAB = "vocab.json"
-EVALS = "evals"
 ABSORPTION = "absorption"
 CIRCUITS = "circuits"
 STEERING = "steering"
-FAMILIES = "families"
-HEADS = "heads"
 # Entries that make a folder a saelab run: it may be written into even when it is not empty.
-RUN_ENTRIES = (STORE, SAES, ANALYSIS, EVALS, ABSORPTION, CIRCUITS, STEERING, FAMILIES, HEADS)
+RUN_ENTRIES = (STORE, SAES, ANALYSIS, ABSORPTION, CIRCUITS, STEERING)
 MAX_NAME = 200  # longest hook, variant or result name accepted (file systems allow 255 bytes)
 
 
@@ -60,7 +55,7 @@ class SaeEntry(NamedTuple):
 
 
 class ResultEntry(NamedTuple):
-    """A per-dictionary result file of a run (absorption, families, ...)."""
+    """A per-dictionary result file of a run (today: absorption scores)."""
 
     hook: str
     """The hook point of the dictionary the result is about."""
@@ -86,43 +81,27 @@ class RunDir:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        """The run folder."""
+        self.store = self.root / STORE
+        """The activation store."""
+        self.saes_dir = self.root / SAES
+        """The dictionaries and the training state."""
+        self.checkpoint = self.saes_dir / CHECKPOINT
+        """Training checkpoints, for resuming."""
+        self.train_config = self.saes_dir / TRAIN_CONFIG
+        """The training config the run's dictionaries were made with."""
+        self.sweep_table = self.root / SWEEP_TABLE
+        """A sweep's results table; `sweep_plot` is its Pareto plot (FVU against L0)."""
+        self.sweep_plot = self.root / SWEEP_PLOT
+        self.analysis_dir = self.root / ANALYSIS
+        """Feature analyses; `vocab` holds the display strings of the run model's tokens."""
+        self.vocab = self.analysis_dir / VOCAB
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.root)!r})"
 
     def __fspath__(self) -> str:
         return str(self.root)
-
-    # ------------------------------------------------------------------------------------------ stages
-    @property
-    def store(self) -> Path:
-        """The activation store."""
-        return self.root / STORE
-
-    @property
-    def saes_dir(self) -> Path:
-        """The folder of the run's dictionaries and training state."""
-        return self.root / SAES
-
-    @property
-    def checkpoint(self) -> Path:
-        """Training checkpoints (resume)."""
-        return self.saes_dir / CHECKPOINT
-
-    @property
-    def train_config(self) -> Path:
-        """The training config the run's dictionaries were made with."""
-        return self.saes_dir / TRAIN_CONFIG
-
-    @property
-    def sweep_table(self) -> Path:
-        """A sweep's results table."""
-        return self.root / SWEEP_TABLE
-
-    @property
-    def sweep_plot(self) -> Path:
-        """A sweep's Pareto plot (FVU against L0)."""
-        return self.root / SWEEP_PLOT
 
     def sae(self, hook: str, variant: str) -> Path:
         """The folder of dictionary `hook`/`variant` (it need not exist yet)."""
@@ -146,35 +125,9 @@ class RunDir:
         raise RunError(f"the run {self.root} has no SAE {hook}/{variant}; it has: {known}")
 
     # ------------------------------------------------------------------------------------------ results
-    @property
-    def analysis_dir(self) -> Path:
-        """The folder of feature analyses."""
-        return self.root / ANALYSIS
-
-    @property
-    def vocab(self) -> Path:
-        """Display strings of the run model's tokens, written by the analysis."""
-        return self.analysis_dir / VOCAB
-
     def analysis(self, hook: str, variant: str) -> Path:
         """The feature analysis (a Zarr group) of dictionary `hook`/`variant`."""
         return self.analysis_dir / check_name(hook, "hook point") / f"{check_name(variant, 'SAE variant')}.zarr"
-
-    def eval(self, hook: str, variant: str, name: str) -> Path:
-        """Evaluation `name` of dictionary `hook`/`variant`."""
-        return (
-            self.root
-            / EVALS
-            / check_name(hook, "hook point")
-            / check_name(variant, "SAE variant")
-            / f"{check_name(name, 'eval')}.json"
-        )
-
-    def evals(self, hook: str, variant: str) -> list[Path]:
-        """Every evaluation file of dictionary `hook`/`variant`, sorted."""
-        return sorted(
-            (self.root / EVALS / check_name(hook, "hook point") / check_name(variant, "SAE variant")).glob("*.json")
-        )
 
     def absorption(self, hook: str, variant: str) -> Path:
         """The absorption scores of dictionary `hook`/`variant`."""
@@ -183,14 +136,6 @@ class RunDir:
     def absorption_results(self) -> list[ResultEntry]:
         """Every absorption result of the run, sorted by hook and variant."""
         return self._per_sae_results(ABSORPTION)
-
-    def families(self, hook: str, variant: str) -> Path:
-        """The feature families of dictionary `hook`/`variant`."""
-        return self._per_sae(FAMILIES, hook, variant)
-
-    def family_results(self) -> list[ResultEntry]:
-        """Every feature-family result of the run, sorted by hook and variant."""
-        return self._per_sae_results(FAMILIES)
 
     def circuit(self, name: str) -> Path:
         """Circuit `name`."""
@@ -207,14 +152,6 @@ class RunDir:
     def steering_runs(self) -> list[str]:
         """The names of the run's steering runs, sorted."""
         return self._names(STEERING)
-
-    def heads(self, name: str) -> Path:
-        """Attention-head analysis `name`."""
-        return self._named(HEADS, name, "head analysis name")
-
-    def head_analyses(self) -> list[str]:
-        """The names of the run's attention-head analyses, sorted."""
-        return self._names(HEADS)
 
     def _per_sae(self, folder: str, hook: str, variant: str) -> Path:
         return self.root / folder / check_name(hook, "hook point") / f"{check_name(variant, 'SAE variant')}.json"
