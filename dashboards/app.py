@@ -1,6 +1,6 @@
-"""The feature browser: a Dash app over one run directory (`saelab serve RUN_DIR`).
+"""The app: a Dash server over one run directory (`saelab serve RUN_DIR`), one page per entry of `PAGES`.
 
-Pages, all addressed by their URL so any view can be shared:
+Pages are addressed by their URL, so any view can be shared:
 
     /                                         the run: hook points, SAEs and metrics, the sweep's Pareto plot
     /feature?hook=H&sae=VARIANT&id=N          one latent: stats, examples, histogram, logit effects, neighbours
@@ -9,26 +9,47 @@ Pages, all addressed by their URL so any view can be shared:
     /circuits?name=NAME                       a sparse feature circuit (`saelab circuit`): graph and faithfulness
     /steering?hook=H&sae=VARIANT&latent=N&mode=add&coef=4&text=TEXT   steer with a latent: generations or search
     /absorption?hook=H&sae=VARIANT&label=L    feature absorption (`saelab absorption`): labels, cases, sweep
+
+Every page is built server-side by its module's `layout(run, params)`; forms navigate to the URL of their result.
+A `SaelabError` anywhere shows as an error box in the page; a callback request whose body does not name one of
+the app's callbacks with the inputs it declares is refused with HTTP 400 before Dash reads it.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 from urllib.parse import parse_qs
 
-from dash import Dash, Input, Output, State, dcc, html
-from dash.exceptions import PreventUpdate
+import flask
+from dash import Dash, Input, Output, dcc, html
 
-from saelab.dashboards import absorption, circuits, pages, steering
-from saelab.dashboards.components import STYLE, error_box, page_url
+from saelab.dashboards import components as c
+from saelab.dashboards import params as p
+from saelab.dashboards.pages import absorption, circuits, feature, overview, prompt, search, steering
+
+PAGES: dict[str, ModuleType] = {
+    "/": overview,
+    "/feature": feature,
+    "/search": search,
+    "/prompt": prompt,
+    "/circuits": circuits,
+    "/steering": steering,
+    "/absorption": absorption,
+}
+"""The app's pages by path: each module has `TITLE`, `NAV` (whether the nav links to it), `layout(run, params)`,
+and `register(app, run)` when it has callbacks."""
+
+CALLBACK_PATH = "/_dash-update-component"
 
 INDEX = (
     """<!DOCTYPE html>
 <html>
 <head>{%metas%}<title>{%title%}</title>{%favicon%}{%css%}<style>"""
-    + STYLE
+    + c.STYLE
     + """</style></head>
 <body>{%app_entry%}<footer>{%config%}{%scripts%}{%renderer%}</footer></body>
 </html>"""
@@ -36,57 +57,67 @@ INDEX = (
 
 
 def _nav() -> html.Div:
-    return html.Div(
-        [
-            html.Span("saelab", className="brand"),
-            dcc.Link("Run", href="/"),
-            dcc.Link("Find features", href="/search"),
-            dcc.Link("Prompt", href="/prompt"),
-            dcc.Link("Circuits", href="/circuits"),
-            dcc.Link("Steering", href="/steering"),
-            dcc.Link("Absorption", href="/absorption"),
-        ],
-        className="nav",
-    )
+    links = [dcc.Link(page.TITLE, href=path) for path, page in PAGES.items() if page.NAV]
+    return html.Div([html.Span("saelab", className="brand"), *links], className="nav")
 
 
-def render(run_dir: str, pathname: str, search: str) -> Any:
-    """The page a URL asks for."""
-    params = {k: v[0] for k, v in parse_qs(search.lstrip("?"), keep_blank_values=True).items()}
-    if pathname in ("/", ""):
-        return pages.overview_page(run_dir)
-    if pathname == "/feature":
-        return pages.feature_page(run_dir, params.get("hook"), params.get("sae"), params.get("id"))
-    if pathname == "/search":
-        return pages.search_page(run_dir, params)
-    if pathname == "/prompt":
-        return pages.prompt_page(run_dir, params)
-    if pathname == "/circuits":
-        return circuits.circuits_page(run_dir, params)
-    if pathname == "/steering":
-        return steering.steering_page(run_dir, params)
-    if pathname == "/absorption":
-        return absorption.absorption_page(run_dir, params)
-    return error_box(
-        f"There is no page {pathname!r}. Pages: / (the run), /feature, /search, /prompt, "
-        "/circuits, /steering, /absorption."
-    )
+@c.guarded
+def render(run: str, pathname: Any, search: Any) -> Any:
+    """The page a URL (its path and its query string) asks for."""
+    path = p.text(pathname, "page path", max_chars=1_000) or "/"
+    query = p.text(search, "query string").lstrip("?")
+    page = PAGES.get(path)
+    if page is None:
+        known = ", ".join(f"{name} ({module.TITLE.lower()})" for name, module in PAGES.items())
+        return c.error_box(f"There is no page {path[:200]!r}. Pages: {known}.")
+    params = {k: v[0] for k, v in parse_qs(query, keep_blank_values=True).items()}
+    return page.layout(run, params)
 
 
-def _require_action(*counts: int | None) -> None:
-    """Dash also fires these callbacks when a page (re)inserts their form; act only on a click or Enter."""
-    if not any(counts):
-        raise PreventUpdate
+def _malformed(app: Dash, body: Any) -> str | None:
+    """What is wrong with a callback request's body, or None when it names one of `app`'s callbacks with the
+    outputs, inputs and state that callback declares (their values are each callback's to check)."""
+    if not isinstance(body, dict):
+        return "the body is not a JSON object"
+    spec = app.callback_map.get(body.get("output")) if isinstance(body.get("output"), str) else None
+    if spec is None:
+        return "it names no callback of this app"
+    outputs = body.get("outputs")
+    declared_outputs = spec["output"] if isinstance(spec["output"], list) else [spec["output"]]
+    if not isinstance(outputs, list):
+        outputs = [outputs]
+    if len(outputs) != len(declared_outputs) or not all(isinstance(o, dict) for o in outputs):
+        return f"it gives {len(outputs)} outputs where the callback has {len(declared_outputs)}"
+    for part, declared in (("inputs", spec["inputs"]), ("state", spec["state"])):
+        given = body.get(part, [])
+        if not isinstance(given, list) or len(given) != len(declared):
+            return f"its {part} are not the callback's {len(declared)}"
+        for item, want in zip(given, declared):
+            if not isinstance(item, dict) or (item.get("id"), item.get("property")) != (want["id"], want["property"]):
+                return f"its {part} are not the callback's ({want['id']}.{want['property']} expected)"
+    changed = body.get("changedPropIds", [])
+    if not isinstance(changed, list) or not all(isinstance(x, str) for x in changed):
+        return "changedPropIds is not a list of names"
+    return None
 
 
-def _sae_params(value: str | None) -> dict[str, str]:
-    hook, _, variant = (value or "").partition("|")
-    return {"hook": hook, "sae": variant}
+def _refuse_malformed_callbacks(app: Dash) -> None:
+    """Answer HTTP 400 to callback requests that Dash itself would fail on with a 500 (a script's, not the page's)."""
+
+    @app.server.before_request
+    def check() -> flask.Response | None:
+        if flask.request.path != CALLBACK_PATH or flask.request.method != "POST":
+            return None
+        problem = _malformed(app, flask.request.get_json(silent=True))
+        if problem is None:
+            return None
+        message = json.dumps({"error": f"not a request this app answers: {problem}"})
+        return flask.Response(message, status=400, mimetype="application/json")
 
 
-def create_app(run_dir: str) -> Dash:
-    """The browser for one run directory. A broken run directory still gives an app that says what is wrong."""
-    run_dir = str(Path(run_dir).resolve())
+def create_app(run: str) -> Dash:
+    """The app for one run directory. A broken run directory still gives an app that says what is wrong."""
+    run = str(Path(run).resolve())
     app = Dash(__name__, title="saelab", suppress_callback_exceptions=True, update_title=None)
     app.index_string = INDEX
     app.layout = html.Div(
@@ -94,54 +125,19 @@ def create_app(run_dir: str) -> Dash:
     )
 
     @app.callback(Output("page", "children"), Input("url", "pathname"), Input("url", "search"))
-    def route(pathname: str | None, search: str | None) -> Any:
-        return render(run_dir, pathname or "/", search or "")
+    def route(pathname: Any, search: Any) -> Any:
+        return render(run, pathname, search)
 
-    # Forms navigate to the URL of their result, so results are pages too (shareable, back button works).
-    @app.callback(
-        Output("url", "href", allow_duplicate=True),
-        Input("search-id-go", "n_clicks"),
-        Input("search-id", "n_submit"),
-        State("search-id", "value"),
-        State("search-sae", "value"),
-        prevent_initial_call=True,
-    )
-    def open_feature(clicks: int | None, submits: int | None, index: str | None, sae: str | None) -> str:
-        _require_action(clicks, submits)
-        return page_url("feature", **_sae_params(sae), id=(index or "").strip())
-
-    @app.callback(
-        Output("url", "href", allow_duplicate=True),
-        Input("search-token-go", "n_clicks"),
-        Input("search-token", "n_submit"),
-        State("search-token", "value"),
-        State("search-sae", "value"),
-        prevent_initial_call=True,
-    )
-    def search_token(clicks: int | None, submits: int | None, text: str | None, sae: str | None) -> str:
-        _require_action(clicks, submits)
-        return page_url("search", **_sae_params(sae), q=text or "")
-
-    @app.callback(
-        Output("url", "href", allow_duplicate=True),
-        Input("prompt-go", "n_clicks"),
-        State("prompt-text", "value"),
-        State("prompt-sae", "value"),
-        State("prompt-top", "value"),
-        prevent_initial_call=True,
-    )
-    def run_prompt(clicks: int | None, text: str | None, sae: str | None, top: int | None) -> str:
-        _require_action(clicks)
-        return page_url("prompt", **_sae_params(sae), top=top or 5, text=text or "")
-
-    circuits.register(app, run_dir)
-    steering.register(app, run_dir)
+    for page in PAGES.values():
+        if hasattr(page, "register"):
+            page.register(app, run)
+    _refuse_malformed_callbacks(app)
     return app
 
 
-def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8050) -> None:
-    """Serve the browser for a run directory until interrupted."""
-    app = create_app(run_dir)
+def serve(run: str, host: str = "127.0.0.1", port: int = 8050) -> None:
+    """Serve the app for a run directory until interrupted."""
+    app = create_app(run)
     # Full garbage collections scan every tracked object (torch and the libraries hold ~500k): ~0.5 s on a
     # small CPU, landing in whichever page happens to trigger one. Freezing what is loaded by now keeps
     # them out of every collection.

@@ -1,17 +1,25 @@
-"""Pieces of the feature browser's pages: highlighted token contexts, tables, links, messages."""
+"""Pieces of the app's pages: the CSS, highlighted token contexts, tables, links, SAE pickers, and the error box
+that every `SaelabError` a page or a callback meets is shown in (`guarded`, `guarded_callback`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import functools
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, ParamSpec
 from urllib.parse import urlencode
 
+import dash
 import numpy as np
 from dash import dcc, html
+from dash.exceptions import PreventUpdate
 
-from saelab.dashboards.data import SaeInfo, finite, token_text
+from saelab.dashboards.data import SaeInfo, finite, list_saes, token_text
+from saelab.errors import SaelabError
+from saelab.plots import HIGHLIGHT, histogram_figure
 
-HIGHLIGHT = "255, 140, 0"  # RGB of the activation highlight; its opacity scales with the activation
+log = logging.getLogger(__name__)
+P = ParamSpec("P")
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0; color: #1f2328;
@@ -68,6 +76,49 @@ def feature_link(info: SaeInfo, index: int, label: str | None = None) -> dcc.Lin
 def error_box(message: str) -> html.Div:
     """A clear, visible message in place of a page or panel that cannot be shown."""
     return html.Div(message, className="error", role="alert")
+
+
+def _failure(err: Exception, where: str, what: str) -> html.Div:
+    """The error box for an exception: a `SaelabError`'s own message; for anything else (a bug, not bad input,
+    which the pages and callbacks refuse before it gets this far) its type, with the traceback in the log."""
+    if isinstance(err, SaelabError):
+        return error_box(str(err))
+    log.exception("%s failed", where)
+    return error_box(f"This {what} could not be built: {type(err).__name__}: {err}")
+
+
+def guarded(page: Callable[P, Any]) -> Callable[P, Any]:
+    """A page (or a panel of one) that shows its errors in an error box instead of raising them."""
+
+    @functools.wraps(page)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+        try:
+            return page(*args, **kwargs)
+        except Exception as err:
+            return _failure(err, page.__name__, "page")
+
+    return wrapper
+
+
+def guarded_callback(outputs: int, message: int) -> Callable[[Callable[P, Any]], Callable[P, Any]]:
+    """A callback of `outputs` outputs that, on an error, leaves them as they are except output `message`, which
+    shows the error box. `PreventUpdate` (a callback declining to act) passes through."""
+
+    def decorate(callback: Callable[P, Any]) -> Callable[P, Any]:
+        @functools.wraps(callback)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+            try:
+                return callback(*args, **kwargs)
+            except PreventUpdate:
+                raise
+            except Exception as err:
+                answer: list[Any] = [dash.no_update] * outputs
+                answer[message] = _failure(err, callback.__name__, "request")
+                return tuple(answer)
+
+        return wrapper
+
+    return decorate
 
 
 def card(title: str | None, *children: Any, **kwargs: Any) -> html.Div:
@@ -145,29 +196,8 @@ def examples(
 
 
 def histogram(counts: np.ndarray, edges: np.ndarray) -> dcc.Graph:
-    """The activation histogram as a bar chart (figure as a plain dict: no plotly validation cost)."""
-    centres = ((edges[:-1] + edges[1:]) / 2).tolist()
-    figure = {
-        "data": [
-            {
-                "type": "bar",
-                "x": centres,
-                "y": counts.tolist(),
-                "width": float(np.diff(edges).mean()) if len(edges) > 1 else 1,
-                "marker": {"color": f"rgb({HIGHLIGHT})"},
-                "hovertemplate": "act %{x:.3g}: %{y} tokens<extra></extra>",
-            }
-        ],
-        "layout": {
-            "height": 220,
-            "margin": {"l": 48, "r": 8, "t": 8, "b": 36},
-            "bargap": 0.05,
-            "xaxis": {"title": {"text": "activation (nonzero)"}},
-            "yaxis": {"title": {"text": "tokens"}},
-            "template": "plotly_white",
-        },
-    }
-    return dcc.Graph(figure=figure, config={"displayModeBar": False}, id="feature-histogram")
+    """The activation histogram as a bar chart (`saelab.plots.histogram_figure`)."""
+    return dcc.Graph(figure=histogram_figure(counts, edges), config={"displayModeBar": False}, id="feature-histogram")
 
 
 def token_value_table(vocab: list[str], pairs: Sequence[tuple[int, float]], header: str) -> html.Table:
@@ -187,6 +217,18 @@ def latent_chips(info: SaeInfo, pairs: Sequence[tuple[int, float]], label: str) 
         for i, v in pairs
     ]
     return html.Div(chips, className="chips")
+
+
+def sae_options(run: str) -> list[dict[str, str]]:
+    """SAE dropdown options: one per SAE of the run, valued `hook|variant`."""
+    return [{"label": f"{s.hook} · {s.variant}", "value": f"{s.hook}|{s.variant}"} for s in list_saes(run)]
+
+
+def sae_dropdown(run: str, info: SaeInfo, component_id: str) -> dcc.Dropdown:
+    """A dropdown of the run's SAEs with `info` chosen."""
+    return dcc.Dropdown(
+        sae_options(run), f"{info.hook}|{info.variant}", id=component_id, clearable=False, className="sae-select"
+    )
 
 
 def metrics_table(run_saes: list[SaeInfo], store_model: str, analysed: set[tuple[str, str]]) -> html.Table:

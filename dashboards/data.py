@@ -1,12 +1,15 @@
-"""What the feature browser reads from a run directory: SAEs, their metrics and analyses, the model.
+"""What the app reads from a run directory: cached views over `saelab.run.RunDir`.
 
-Everything expensive to open (stores, SAEs, models, feature analyses) is cached per process, so a
-page costs only the reads of what it shows. Problems a user can fix raise `RunError` with a message
-that names the problem and the fix; the app shows it in the page.
+SAEs (`RunDir.saes()`), their metrics and feature analyses, the activation store, circuits and absorption results.
+Everything expensive to open (stores, feature analyses, result files) is cached per process and per version of
+what it reads, so a page costs only the reads of what it shows. Problems a user can fix raise a `SaelabError`
+(`RunError` here) whose message names the problem and the fix; the app shows any `SaelabError` in an error box.
+The model runs (`run_model`, the live prompt) are in `saelab.dashboards.live`.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from collections.abc import Callable
@@ -16,19 +19,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-import torch
 
+from saelab.absorption import AbsorptionResult
 from saelab.analysis import FeatureStore
-from saelab.errors import RunError, SaelabError
-from saelab.models import Model, capture, device_of, is_encoder, load_model, resolve_hooks
-from saelab.sae import CFG_FILENAME, SAE
+from saelab.circuits import Circuit
+from saelab.dashboards.params import Params
+from saelab.errors import RunError
+from saelab.run import SAE_CONFIG, RunDir, SaeEntry
 from saelab.store import ActivationStore
-from saelab.text import SpecialTokens
-
-STORE_DIR = "activations.zarr"
-SAES_DIR = "saes"
-ANALYSIS_DIR = "analysis"
-
 
 T = TypeVar("T")
 
@@ -38,19 +36,24 @@ class SaeInfo:
     """One trained SAE of the run: where it lives, what it was trained on, and its metrics."""
 
     hook: str
+    """The hook point it reads."""
     variant: str
+    """Its variant name (its folder under the hook's)."""
     path: Path
+    """Its folder."""
     model_name: str
+    """The model it was trained on, as its config records it ("" when it does not)."""
     metrics: dict[str, Any]
+    """Its held-out metrics (empty when the run has none for it)."""
 
 
-def open_store(run_dir: str) -> ActivationStore:
+def open_store(run: str) -> ActivationStore:
     """The run's activation store; `RunError` when it is missing or unreadable."""
-    path = Path(run_dir) / STORE_DIR
+    path = RunDir(run).store
     if not path.is_dir():
         raise RunError(
-            f"No activation store at {path}. Is {run_dir} a saelab run directory? "
-            "Run `saelab harvest` with `out` set to RUN_DIR/activations.zarr."
+            f"No activation store at {path}. Is {run} a saelab run directory? "
+            f"Run `saelab harvest` with `out` set to {path}."
         )
     return _open_store(str(path), path.stat().st_mtime_ns)
 
@@ -65,53 +68,55 @@ def _open_store(path: str, mtime: int) -> ActivationStore:
         ) from None
 
 
-def _sae_model_name(folder: Path) -> str:
-    meta = json.loads((folder / CFG_FILENAME).read_text()).get("metadata") or {}
-    return str((meta.get("saelab_config") or {}).get("model_name") or meta.get("model_name") or "")
-
-
-def _metrics(folder: Path) -> dict[str, Any]:
-    path = folder / "metrics.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _read_sae(folder: Path) -> SaeInfo:
+def _read_sae(run: RunDir, entry: SaeEntry) -> SaeInfo:
     try:
-        return SaeInfo(folder.parent.name, folder.name, folder, _sae_model_name(folder), _metrics(folder))
-    except (OSError, ValueError) as err:
-        raise RunError(f"SAE folder {folder} is unreadable ({err}); train it again.") from None
+        meta = json.loads((entry.path / SAE_CONFIG).read_text()).get("metadata") or {}
+        model = str((meta.get("saelab_config") or {}).get("model_name") or meta.get("model_name") or "")
+        metrics_path = run.sae_metrics(entry.hook, entry.variant)
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    except (OSError, ValueError, AttributeError) as err:  # AttributeError: JSON that is not an object
+        raise RunError(f"SAE folder {entry.path} is unreadable ({err}); train it again.") from None
+    return SaeInfo(entry.hook, entry.variant, entry.path, model, metrics)
 
 
-def list_saes(run_dir: str) -> list[SaeInfo]:
-    """Every SAE under RUN/saes/<hook>/<variant>/, sorted; `RunError` when there are none."""
-    root = Path(run_dir) / SAES_DIR
-    folders = sorted(p.parent for p in root.glob(f"*/*/{CFG_FILENAME}"))
-    if not folders:
+def list_saes(run: str) -> list[SaeInfo]:
+    """Every SAE of the run (`RunDir.saes()`), sorted; `RunError` when there are none."""
+    run_dir = RunDir(run)
+    entries = run_dir.saes()
+    if not entries:
         raise RunError(
-            f"No SAEs under {root}. Train some with `saelab train` or `saelab sweep` (set `out` to {run_dir})."
+            f"No SAEs under {run_dir.saes_dir}. Train some with `saelab train` or `saelab sweep` (set `run` to {run})."
         )
-    return [_read_sae(folder) for folder in folders]
+    return [_read_sae(run_dir, e) for e in entries]
 
 
-def sae_info(run_dir: str, hook: str | None, variant: str | None) -> SaeInfo:
-    """The SAE `hook`/`variant` of the run; `RunError` naming the ones that exist if it is not there."""
-    names = (hook or "", variant or "")
-    folder = Path(run_dir, SAES_DIR, *names)
-    if all(n and Path(n).name == n and n not in (".", "..") for n in names) and (folder / CFG_FILENAME).is_file():
-        return _read_sae(folder)
-    known = ", ".join(f"{s.hook}/{s.variant}" for s in list_saes(run_dir))
+def sae_info(run: str, hook: str | None, variant: str | None) -> SaeInfo:
+    """The SAE `hook`/`variant` of the run; `RunError` naming the ones that exist if it is not there (and for
+    names that are not plain names, or are too long to be one)."""
+    run_dir = RunDir(run)
+    folder = run_dir.sae(hook or "", variant or "") if hook and variant else None
+    if folder is not None and (folder / SAE_CONFIG).is_file():
+        return _read_sae(run_dir, SaeEntry(folder.parent.name, folder.name, folder))
+    known = ", ".join(f"{s.hook}/{s.variant}" for s in list_saes(run))
     raise RunError(f"The run has no SAE {hook}/{variant}. It has: {known}.")
 
 
-def default_sae(run_dir: str) -> SaeInfo:
+def default_sae(run: str) -> SaeInfo:
     """The first SAE trained on the run's own model (the first SAE if none is)."""
-    saes, model = list_saes(run_dir), open_store(run_dir).model
+    saes, model = list_saes(run), open_store(run).model
     return next((s for s in saes if s.model_name in ("", model)), saes[0])
 
 
-def check_model(run_dir: str, info: SaeInfo) -> None:
+def chosen_sae(run: str, params: Params) -> SaeInfo:
+    """The SAE the URL names (`hook`, `sae`), or the run's first SAE of its own model."""
+    if "hook" in params or "sae" in params:
+        return sae_info(run, params.get("hook"), params.get("sae"))
+    return default_sae(run)
+
+
+def check_model(run: str, info: SaeInfo) -> None:
     """Refuse an SAE trained on another model than the one that made the run's activations."""
-    store_model = open_store(run_dir).model
+    store_model = open_store(run).model
     if info.model_name and store_model and info.model_name != store_model:
         raise RunError(
             f"SAE {info.hook}/{info.variant} was trained on model {info.model_name!r}, but this run's "
@@ -120,31 +125,19 @@ def check_model(run_dir: str, info: SaeInfo) -> None:
         )
 
 
-def cached_result(load: Callable[[str], T], path: Path) -> T:
-    """`load(path)` once per version of the file (a circuit, an absorption result); the `SaelabError` it raises
-    for a missing or broken file becomes a `RunError` for the page."""
-    return _cached_result(load, str(path), path.stat().st_mtime_ns)
+# ---------------------------------------------------------------------------------------- feature analyses
+def analysis_path(run: str, info: SaeInfo) -> Path:
+    """Where the feature analysis of the SAE is (it need not exist)."""
+    return RunDir(run).analysis(info.hook, info.variant)
 
 
-@lru_cache(maxsize=32)
-def _cached_result(load: Callable[[str], T], path: str, mtime: int) -> T:
-    try:
-        return load(path)
-    except SaelabError as err:
-        raise RunError(str(err)) from None
-
-
-def analysis_path(run_dir: str, info: SaeInfo) -> Path:
-    return Path(run_dir) / ANALYSIS_DIR / info.hook / f"{info.variant}.zarr"
-
-
-def feature_store(run_dir: str, info: SaeInfo) -> FeatureStore:
+def feature_store(run: str, info: SaeInfo) -> FeatureStore:
     """The SAE's feature analysis (`saelab.analysis.FeatureStore`), opened once per process."""
-    path = analysis_path(run_dir, info)
+    path = analysis_path(run, info)
     if not path.is_dir():
         raise RunError(
             f"SAE {info.hook}/{info.variant} has no feature analysis yet (no {path}). "
-            "Run `saelab.analysis.analyze(RUN_DIR)` to compute it."
+            f"Run `saelab analyze {run}` to compute it."
         )
     return _feature_store(str(path), path.stat().st_mtime_ns)
 
@@ -157,41 +150,6 @@ def _feature_store(path: str, mtime: int) -> FeatureStore:
         raise RunError(
             f"The feature analysis {path} cannot be read ({type(err).__name__}: {err}); run the analysis again."
         ) from None
-
-
-def parse_feature_id(raw: str | None, n_features: int) -> int:
-    """A latent index from the URL, or `RunError` saying what a valid one looks like."""
-    text = (raw or "").strip()
-    if not text.lstrip("-").isdigit():
-        raise RunError(f"Feature id {text!r} is not a number; give an integer from 0 to {n_features - 1}.")
-    index = int(text)
-    if not 0 <= index < n_features:
-        raise RunError(f"Feature {index} does not exist: this SAE has {n_features} latents (0 to {n_features - 1}).")
-    return index
-
-
-@lru_cache(maxsize=4)
-def _load_sae(path: str) -> SAE:
-    return SAE.load(path, device="cpu").eval()
-
-
-@lru_cache(maxsize=2)
-def _load_model(spec: str) -> Model:
-    return load_model(spec, device="cpu")
-
-
-def run_model(run_dir: str) -> Model:
-    """The model that made the run's activations, from the spec in the store's harvest config."""
-    spec = open_store(run_dir).config.get("model")
-    if not spec:
-        raise RunError(
-            "The activation store does not record which model made it (it was imported, not harvested), "
-            "so text cannot be run through it."
-        )
-    try:
-        return _load_model(str(spec))
-    except Exception as err:
-        raise RunError(f"Cannot load the run's model {spec!r} ({type(err).__name__}: {err}).") from None
 
 
 def token_text(vocab: list[str], token_id: int) -> str:
@@ -209,60 +167,6 @@ def context_vocab(fs: FeatureStore) -> list[str]:
     return [s[2:] if s.startswith("##") else " " + s for s in vocab]
 
 
-def search_token(run_dir: str, info: SaeInfo, text: str) -> list[tuple[int, str, list[int]]]:
-    """Tokenise `text` with the run's tokenizer; for each token: (id, display string, latents that involve it).
-
-    Falls back to matching the analysis vocab's strings when the model cannot be loaded.
-    """
-    if not text.strip():
-        raise RunError("Type a token or some text to search for.")
-    fs = feature_store(run_dir, info)
-    try:
-        ids = run_model(run_dir).tokenizer(text, add_special_tokens=False)["input_ids"]
-    except RunError:
-        ids = [i for i, s in enumerate(fs.vocab) if s.strip() == text.strip()]
-    if not ids:
-        raise RunError(f"{text!r} matches no token of the vocabulary.")
-    return [
-        (int(t), token_text(fs.vocab, int(t)), [int(f) for f in fs.search_token(int(t))]) for t in dict.fromkeys(ids)
-    ]
-
-
-@dataclass(frozen=True)
-class TokenLatents:
-    """One prompt token and its most active latents (index, activation), strongest first."""
-
-    token: str
-    latents: list[tuple[int, float]]
-
-
-def prompt_latents(run_dir: str, info: SaeInfo, text: str, top: int = 5) -> list[TokenLatents]:
-    """Run the model and the SAE on `text` live; the top latents of every token of the text."""
-    if not text.strip():
-        raise RunError("The prompt is empty: type some text to see which latents fire on it.")
-    check_model(run_dir, info)
-    model = run_model(run_dir)
-    special = SpecialTokens.for_tokenizer(model.tokenizer, is_encoder(model))
-    body = model.tokenizer(text, add_special_tokens=False)["input_ids"]
-    room = model.cfg.n_ctx - len(special.prefix) - len(special.suffix)
-    if len(body) > room:
-        raise RunError(f"The prompt has {len(body)} tokens; this model reads at most {room}. Shorten it.")
-    tokens = torch.tensor([special.frame(body)], dtype=torch.long)
-    (point,) = resolve_hooks(model, [info.hook])
-    acts = capture(model, tokens.to(device_of(model)), [point])[info.hook][0]
-    body_acts = acts[len(special.prefix) : len(special.prefix) + len(body)].float().cpu()
-    with torch.inference_mode():
-        f = _load_sae(str(info.path)).encode(body_acts)
-    values, indices = f.topk(min(top, f.shape[-1]), dim=-1)
-    strings = model.tokenizer.convert_ids_to_tokens(body)
-    return [
-        TokenLatents(
-            model.tokenizer.convert_tokens_to_string([s]), [(int(i), float(v)) for i, v in zip(idx, val) if v > 0]
-        )
-        for s, idx, val in zip(strings, indices.tolist(), values.tolist())
-    ]
-
-
 def finite(x: Any) -> float | None:
     """A metric as a float, or None when it is missing or not a finite number."""
     try:
@@ -275,3 +179,79 @@ def finite(x: Any) -> float | None:
 def valid_ids(ids: np.ndarray, values: np.ndarray) -> list[tuple[int, float]]:
     """(id, value) pairs without the -1 padding."""
     return [(int(i), float(v)) for i, v in zip(ids, values) if i >= 0]
+
+
+# --------------------------------------------------------------------------------------------- results
+def cached_result(load: Callable[[str], T], path: Path) -> T:
+    """`load(path)` once per version of the file (a circuit, an absorption result). The `SaelabError` it raises
+    for a broken file reaches the page, which shows it."""
+    return _cached_result(load, str(path), path.stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=32)
+def _cached_result(load: Callable[[str], T], path: str, mtime: int) -> T:
+    return load(path)
+
+
+def circuit_names(run: str) -> list[str]:
+    """The circuits of the run, by name."""
+    return RunDir(run).circuits()
+
+
+def load_circuit(run: str, name: str | None) -> Circuit:
+    """The circuit `name` (default: the first); `RunError` naming the command or the circuits there are."""
+    names = circuit_names(run)
+    if not names:
+        raise RunError(
+            f"No circuits in the run {run}. Compute one with `saelab circuit CONFIG.yaml` "
+            f"(set `run: {run}`; see configs/circuit_induction.yaml)."
+        )
+    name = name or names[0]
+    path = RunDir(run).circuit(name)
+    if name not in names:
+        raise RunError(f"The run has no circuit {name!r}. It has: {', '.join(names)}.")
+    return cached_result(Circuit.load, path)
+
+
+def absorption_keys(run: str) -> list[tuple[str, str]]:
+    """(hook, variant) of every absorption result of the run."""
+    return [(r.hook, r.variant) for r in RunDir(run).absorption_results()]
+
+
+def load_absorption(run: str, hook: str | None, variant: str | None) -> AbsorptionResult:
+    """The absorption result of `hook`/`variant` (default: the first); `RunError` naming the command or the
+    results there are."""
+    keys = absorption_keys(run)
+    if not keys:
+        raise RunError(
+            f"No absorption results in the run {run}. Compute them with "
+            f"`saelab absorption CONFIG.yaml` (set `run: {run}`; see configs/absorption_minilm.yaml)."
+        )
+    if not hook and not variant:
+        hook, variant = keys[0]
+    key = (hook or "", variant or "")
+    if key not in keys:
+        if all(key):
+            RunDir(run).absorption(*key)  # refuses names that are no plain names before they fill the message
+        raise RunError(
+            f"The run has no absorption result for {hook}/{variant}. It has: {', '.join(f'{h}/{v}' for h, v in keys)}."
+        )
+    return cached_result(AbsorptionResult.load, RunDir(run).absorption(*key))
+
+
+# Names this module had before the live model runs moved to `saelab.dashboards.live` and the id parsing to
+# `saelab.dashboards.params`; resolved on first use (`live` imports this module).
+_MOVED = {
+    "run_model": ("live", "run_model"),
+    "search_token": ("live", "search_token"),
+    "prompt_latents": ("live", "prompt_latents"),
+    "TokenLatents": ("live", "TokenLatents"),
+    "parse_feature_id": ("params", "feature_id"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attr = _MOVED[name]
+    return getattr(importlib.import_module(f"saelab.dashboards.{module}"), attr)

@@ -152,9 +152,7 @@ def sweep(
 
 @command()
 def serve(
-    run_dir: Path = typer.Argument(
-        ..., help="Run directory: activations.zarr, saes/, analysis/ (as saelab writes them)."
-    ),
+    run_dir: Path = typer.Argument(..., help="Run directory, as `saelab harvest`, `train` and `analyze` write it."),
     port: int = typer.Option(8050, "--port", help="Port to listen on."),
     host: str = typer.Option(
         "127.0.0.1", "--host", help="Address to bind; 0.0.0.0 exposes the browser to your network."
@@ -164,24 +162,34 @@ def serve(
     from saelab.dashboards.app import serve as serve_app
 
     if not run_dir.is_dir():
-        raise MissingError(f"no run directory {run_dir}; give the folder that holds activations.zarr and saes/")
+        raise MissingError(f"no run directory {run_dir}; give the folder that `saelab harvest` and `train` wrote into")
     typer.echo(f"serving {run_dir} at http://{host}:{port}/")
     serve_app(str(run_dir), host=host, port=port)
 
 
 @command()
 def analyze(
-    run_dir: Path = typer.Argument(..., help="Run directory with activations.zarr and saes/."),
+    target: Path = typer.Argument(
+        ..., help="A run directory (with activations.zarr and saes/), or an analysis config (YAML) naming one in `run`."
+    ),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override an analysis setting, e.g. --set n_top=30."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Compute every feature panel of every SAE in a run, in one streaming pass each (results in RUN/analysis)."""
     from saelab.analysis import AnalysisConfig
     from saelab.analysis import analyze as run_analysis
-    from saelab.config import apply_overrides, build
+    from saelab.config import apply_overrides, build, load_config
 
-    cfg = build(AnalysisConfig, apply_overrides({}, set_ or []), "analysis settings")
-    for path in run_analysis(run_dir, cfg, progress=not quiet):
+    if target.is_dir():
+        cfg = build(AnalysisConfig, apply_overrides({"run": str(target)}, set_ or []), "analysis settings")
+    elif target.exists():
+        cfg = load_config(target, AnalysisConfig, set_ or [])
+    else:
+        raise MissingError(
+            f"no run directory or config file {target}; give a run directory (holding activations.zarr and saes/) "
+            "or an analysis config such as configs/analyze_minilm.yaml"
+        )
+    for path in run_analysis(cfg=cfg, progress=not quiet):
         typer.echo(f"wrote {path}")
 
 
@@ -207,10 +215,10 @@ def steer(
 ) -> None:
     """Steer a model with an SAE latent over a sweep of coefficients; write RUN/steering/NAME.json."""
     from saelab.config import load_config
-    from saelab.steering import SteerConfig, run_steering, summary
+    from saelab.steering import SteerConfig, run_steering
 
     result, path = run_steering(load_config(config, SteerConfig, set_ or []), progress=not quiet)
-    typer.echo(f"{summary(result)}\nwrote {path}")
+    typer.echo(f"{result.summary()}\nwrote {path}")
 
 
 @command()

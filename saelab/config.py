@@ -1,22 +1,38 @@
-"""YAML configs validated by pydantic, with `key=value` overrides and errors that name the fix."""
+"""YAML configs validated by pydantic, with `key=value` overrides and errors that name the fix.
+
+Validators here never touch the filesystem: a config can be built and checked on any machine, and the function
+that runs it checks that its files exist.
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from saelab.errors import ConfigError
+from saelab.errors import ConfigError, MissingError
 
 Dtype = Literal["float16", "bfloat16", "float32"]
 
+SET_SYNTAX = (
+    "a key is dotted (`text.source`); quote or bracket a part that holds dots itself, as in "
+    "`saes[\"blocks.0.attn.hook_z\"]=PATH` or `saes['blocks.0.attn.hook_z']=PATH`"
+)
+
 
 class StrictModel(BaseModel):
-    """A config section: unknown keys are refused, values are checked on assignment too."""
+    """A config section: unknown keys are refused, values are checked on assignment too.
+
+    `renamed` maps keys of an earlier release to their new names, so that the unknown-key error says which
+    key to use instead.
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    renamed: ClassVar[dict[str, str]] = {}
 
 
 class TextConfig(StrictModel):
@@ -24,42 +40,38 @@ class TextConfig(StrictModel):
 
     `embedded`: the corpus shipped inside saelab (docstrings of the Python standard library).
     `hf`: a Hugging Face dataset, streamed: `path` is its name, `name` its config, `split` the split.
-    `files`: a local `.txt`, `.jsonl` or `.parquet` file, or a folder of them.
+    `files`: a local `.txt`, `.jsonl` or `.parquet` file, or a folder of them (checked when the text is read).
     """
 
     source: Literal["embedded", "hf", "files"] = "embedded"
     path: str | None = None
     name: str | None = None
-    split: str = "train"
-    text_column: str = "text"
+    split: str = Field("train", min_length=1)
+    text_column: str = Field("text", min_length=1)
     txt_sample_by: Literal["line", "paragraph", "document"] = "paragraph"
-    max_documents: int | None = None
+    max_documents: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _check_path(self) -> TextConfig:
         if self.source != "embedded" and not self.path:
             raise ValueError(f"text.source={self.source!r} needs text.path (a dataset name or a file/folder)")
-        if self.source == "files" and not Path(self.path).exists():
-            raise ValueError(
-                f"text.path: no such file or folder: {self.path!r}; give an existing .txt/.jsonl/.parquet file or folder"
-            )
         return self
 
 
 class HarvestConfig(StrictModel):
     """Everything that decides what a harvest writes."""
 
-    model: str = "minilm"
+    model: str = Field("minilm", min_length=1)
     hooks: list[str]
-    out: str
+    out: str = Field(min_length=1)
     text: TextConfig = TextConfig()
-    context_length: int = 128
-    batch_size: int = 32
-    max_tokens: int | None = None
+    context_length: int = Field(128, gt=0)
+    batch_size: int = Field(32, gt=0)
+    max_tokens: int | None = Field(None, gt=0)
     dtype: Dtype = "float16"
     drop_special_tokens: bool = True
-    shard_rows: int = 8192
-    chunk_rows: int = 4096
+    shard_rows: int = Field(8192, gt=0)
+    chunk_rows: int = Field(4096, gt=0)
     compression: Literal["none", "zstd"] = "none"
     device: str = "auto"
 
@@ -70,13 +82,6 @@ class HarvestConfig(StrictModel):
             raise ValueError("give at least one hook point, e.g. blocks.0.hook_resid_post")
         return hooks
 
-    @field_validator("context_length", "batch_size", "shard_rows", "chunk_rows")
-    @classmethod
-    def _positive(cls, value: int) -> int:
-        if value <= 0:
-            raise ValueError("must be a positive integer")
-        return value
-
     @model_validator(mode="after")
     def _chunks_divide_shards(self) -> HarvestConfig:
         if self.shard_rows % self.chunk_rows:
@@ -86,30 +91,101 @@ class HarvestConfig(StrictModel):
 
 C = TypeVar("C", bound=BaseModel)
 
+_BARE_PART = re.compile(r"[^.\[\]\"'=]+")
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b=value` overrides (values parsed as YAML) to a nested dict, in place."""
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
+
+def split_override(item: str) -> tuple[list[str], str]:
+    """The key path and the raw value of one `key=value` override.
+
+    Key parts are separated by dots; a part that holds dots (or `=`) is quoted (`"a.b"`, `'a.b'`) or bracketed
+    (`["a.b"]`, `['a.b']`, `[a.b]`).
+    """
+    parts: list[str] = []
+    i = 0
+    while True:
+        if item.startswith("[", i):
+            quote = item[i + 1 : i + 2] if item[i + 1 : i + 2] in ("'", '"') else ""
+            end = item.find(quote + "]", i + 1 + len(quote))
+            if end < 0:
+                raise ConfigError(f"override {item!r}: a `[` is not closed by `{quote}]`; {SET_SYNTAX}")
+            parts.append(item[i + 1 + len(quote) : end])
+            i = end + len(quote) + 1
+        elif item[i : i + 1] in ("'", '"'):
+            end = item.find(item[i], i + 1)
+            if end < 0:
+                raise ConfigError(f"override {item!r}: the quote {item[i]} is not closed; {SET_SYNTAX}")
+            parts.append(item[i + 1 : end])
+            i = end + 1
+        elif match := _BARE_PART.match(item, i):
+            parts.append(match.group())
+            i = match.end()
+        elif not parts or "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. --set batch_size=64)")
+        else:
+            raise ConfigError(f"override {item!r}: no key part at position {i + 1}; {SET_SYNTAX}")
+        if item.startswith("=", i):
+            return parts, item[i + 1 :]
+        if i == len(item):
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. --set batch_size=64)")
+        if item.startswith(".", i):
+            i += 1
+        elif not item.startswith("[", i):
+            raise ConfigError(f"override {item!r}: unexpected {item[i]!r} at position {i + 1}; {SET_SYNTAX}")
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """`text` parsed as plain YAML (no tags that build Python objects); `ConfigError` naming `where` otherwise."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        if isinstance(err, yaml.constructor.ConstructorError):
+            raise ConfigError(
+                f"{where}{at} uses a YAML tag that saelab refuses ({err.problem}): configs hold plain values "
+                "only; remove the tag, or quote the value to pass it as text"
+            ) from None
+        raise ConfigError(
+            f"malformed YAML in {where}{at}: {getattr(err, 'problem', None) or err}; fix the syntax there"
+        ) from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply `a.b=value` overrides (values parsed as YAML) to a nested dict, in place (see `split_override`)."""
+    for item in overrides:
+        (*parents, leaf), raw = split_override(item)
         node = data
-        *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[leaf] = yaml.safe_load(raw)
+        node[leaf] = parse_yaml(raw, f"override {item!r}")
     return data
 
 
-def format_validation_error(err: ValidationError, what: str) -> str:
-    """One line per problem, naming the key and the fix."""
+def _section(cls: type[BaseModel], loc: Sequence[str | int]) -> type[BaseModel] | None:
+    """The config class of the section at `loc` inside `cls`, when it is a model."""
+    for part in loc:
+        field = cls.model_fields.get(str(part))
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        cls = annotation
+    return cls
+
+
+def format_validation_error(err: ValidationError, what: str, cls: type[BaseModel] | None = None) -> str:
+    """One line per problem, naming the key and the fix (and a key's new name, from `cls`'s `renamed`)."""
     lines = [f"invalid {what}:"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            lines.append(f"  unknown key `{key}`; remove it or check its spelling")
+            section = _section(cls, e["loc"][:-1]) if cls is not None else None
+            new = getattr(section, "renamed", {}).get(str(e["loc"][-1])) if section is not None else None
+            if new:
+                lines.append(f"  unknown key `{key}`: it is called `{new}` since saelab 0.2; rename it")
+            else:
+                lines.append(f"  unknown key `{key}`; remove it or check its spelling")
         elif e["type"] == "missing":
             lines.append(f"  missing key `{key}`; add it")
         else:
@@ -123,22 +199,26 @@ def build(cls: type[C], data: dict[str, Any], what: str) -> C:
     try:
         return cls.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, what)) from None
+        raise ConfigError(format_validation_error(err, what, cls)) from None
 
 
-def load_config(path: str | Path, cls: type[C], overrides: list[str] = ()) -> C:
-    """Read a YAML config file, apply overrides, validate."""
+def load_config(path: str | Path, cls: type[C], overrides: Sequence[str] = ()) -> C:
+    """Read a YAML config file (UTF-8), apply overrides, validate."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}; give the path to a YAML file (see configs/)")
+        raise MissingError(f"config file not found: {path}; give the path to a YAML file (see configs/)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}; check its permissions") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
         raise ConfigError(
-            f"malformed YAML in {path}{where}: {getattr(err, 'problem', err)}; fix the syntax there"
+            f"{path} is not UTF-8 text (byte {raw[err.start]:#04x} on line {line}); save it as UTF-8"
         ) from None
+    data = parse_yaml(text, str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of keys to values, not a {type(data).__name__}")
-    return build(cls, apply_overrides(data, list(overrides)), f"config {path}")
+    return build(cls, apply_overrides(data, overrides), f"config {path}")

@@ -13,7 +13,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.model_bridge import TransformerBridge
 
-from saelab.errors import HookError
+from saelab.errors import HookError, MissingError, ModelError
 
 Model = Union[HookedTransformer, TransformerBridge]
 
@@ -68,12 +68,40 @@ def load_model(
         return _load_native(path, dev)
     if (path / "config.json").is_file():
         return _boot_hf(str(path), dev)
-    if path.exists() or spec.startswith((".", "/", "~")):
-        raise FileNotFoundError(
+    if path.exists():
+        raise MissingError(
             f"model path {spec!r} holds neither a Hugging Face checkpoint (config.json) nor a saelab "
             f"model ({NATIVE_CONFIG_FILE}); give such a folder, 'minilm', or a TransformerLens model name"
         )
-    return HookedTransformer.from_pretrained(spec, device=str(dev)).eval()
+    if spec.startswith((".", "/", "~")) or "\\" in spec:
+        raise MissingError(
+            f"no model folder {spec!r}; give an existing folder, 'minilm', or a TransformerLens model name"
+        )
+    name = pretrained_name(spec)
+    try:
+        return HookedTransformer.from_pretrained(name, device=str(dev)).eval()
+    except OSError as err:  # not downloadable: no network, no access to a gated model
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ModelError(
+            f"cannot load the pretrained model {name!r} ({reason}); check the network connection and access to the "
+            "model, or give a local checkpoint folder"
+        ) from None
+
+
+def pretrained_name(name: str) -> str:
+    """`name` if TransformerLens knows it (an official name or an alias); `ModelError` with close matches if not."""
+    from transformer_lens.loading_from_pretrained import make_model_alias_map
+
+    known = make_model_alias_map()
+    if name.lower() in known:
+        return name
+    close = difflib.get_close_matches(name.lower(), list(known), n=4, cutoff=0.6)
+    hint = f" Closest names: {', '.join(close)}." if close else ""
+    raise ModelError(
+        f"unknown model {name!r}: not a local folder, and not a TransformerLens pretrained name.{hint} Give 'minilm', "
+        "a checkpoint folder, or a name from `transformer_lens.loading_from_pretrained.OFFICIAL_MODEL_NAMES`; "
+        "`saelab hooks MODEL` lists a model's hook points"
+    )
 
 
 def _boot_hf(path: str, device: torch.device) -> TransformerBridge:
@@ -116,12 +144,17 @@ def _load_native(path: Path, device: torch.device) -> HookedTransformer:
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
+    weights = path / NATIVE_WEIGHTS_FILE
+    if not weights.is_file():
+        raise MissingError(
+            f"the saelab model {path} has no {NATIVE_WEIGHTS_FILE}; save the model again with `save_model`"
+        )
     cfg = json.loads((path / NATIVE_CONFIG_FILE).read_text())
     keep = HookedTransformerConfig.__dataclass_fields__.keys()
     cfg = HookedTransformerConfig(**{k: v for k, v in cfg.items() if k in keep and k not in ("device", "n_params")})
     tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer")) if (path / "tokenizer").is_dir() else None
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-    model.load_state_dict(load_file(str(path / NATIVE_WEIGHTS_FILE)), strict=False)
+    model.load_state_dict(load_file(str(weights)), strict=False)
     return model.to(device).eval()
 
 

@@ -11,19 +11,22 @@ Writers commit a shard at a time and then advance `rows_complete`; readers never
 
 from __future__ import annotations
 
+import posixpath
 import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import fsspec
 import numpy as np
 import torch
 import zarr
+from zarr.codecs import ZstdCodec
 
 from saelab import __version__
-from saelab.errors import StoreError
+from saelab.errors import OverwriteError, StoreError
 
 META_ARRAYS = {"tokens": "int32", "doc_id": "int64", "position": "int32", "context": "int64"}
 STORAGE_DTYPE = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
@@ -45,13 +48,57 @@ def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a))
 
 
-def _open_group(path: str, mode: str) -> zarr.Group:
+def _open_group(path: str, mode: Literal["r", "r+"]) -> zarr.Group:
     try:
         return zarr.open_group(store=path, mode=mode, zarr_format=3)
     except FileNotFoundError:
         raise StoreError(
             f"no activation store at {path!r}; run `saelab harvest` or `saelab import` to make one"
         ) from None
+    except ValueError as err:  # zarr.json that does not parse or is not Zarr v3 metadata
+        raise StoreError(f"{path!r} is not a readable Zarr v3 store ({err}); harvest or import it again") from None
+
+
+def saelab_meta(group: zarr.Group, path: str) -> dict[str, Any]:
+    """The `saelab` attribute of a store's group; `StoreError` when the group is not a saelab store."""
+    meta = group.attrs.get("saelab")
+    if not isinstance(meta, dict):
+        raise StoreError(f"{path!r} is a Zarr group but not a saelab activation store (no `saelab` attribute)")
+    return dict(meta)
+
+
+def _array(group: zarr.Group, name: str) -> zarr.Array:
+    node = group[name]
+    if not isinstance(node, zarr.Array):
+        raise StoreError(f"{name!r} in store {group.store} is not an array; the store is damaged, make it again")
+    return node
+
+
+def check_new_store(path: str, *, overwrite: bool = False) -> None:
+    """Refuse to create a store at `path` (local or fsspec URL) when that would delete anything saelab did not
+    write, or replace an existing store without `overwrite`; a path that is absent or an empty folder is fine."""
+    fs, root = fsspec.core.url_to_fs(path)
+    if not fs.exists(root):
+        return
+    if fs.isfile(root):
+        raise OverwriteError(f"{path} is a file, not an activation store; nothing was written. Choose another path")
+    held = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False))
+    if not held:
+        return
+    try:
+        meta = saelab_meta(zarr.open_group(store=path, mode="r", zarr_format=3), path)
+    except (OSError, ValueError):  # no Zarr group there, or one that saelab did not write
+        shown = ", ".join(held[:5]) + (f", ... ({len(held)} entries)" if len(held) > 5 else "")
+        raise OverwriteError(
+            f"{path} is not empty and is not a saelab activation store (it holds {shown}); nothing was written. "
+            "Choose a new or empty folder for the store"
+        ) from None
+    if not overwrite:
+        raise OverwriteError(
+            f"{path} already holds an activation store ({meta.get('rows_complete', 0)} rows of "
+            f"{', '.join(meta.get('hooks', {}))}); nothing was written. Pass --overwrite (`overwrite=True`) to "
+            "replace it, or choose another path"
+        )
 
 
 class StoreWriter:
@@ -59,7 +106,7 @@ class StoreWriter:
 
     def __init__(self, group: zarr.Group):
         self.group = group
-        self.meta: dict[str, Any] = dict(group.attrs["saelab"])
+        self.meta = saelab_meta(group, str(group.store))
 
     @classmethod
     def create(
@@ -67,14 +114,21 @@ class StoreWriter:
         path: str,
         meta: dict[str, Any],
         hooks: dict[str, int],
+        *,
         dtype: str,
         shard_rows: int,
         chunk_rows: int,
         compression: str = "none",
+        overwrite: bool = False,
     ) -> StoreWriter:
-        """Make a new, empty store. `meta` goes into the `saelab` attribute."""
+        """Make a new, empty store. `meta` goes into the `saelab` attribute.
+
+        Nothing that saelab did not write is ever deleted: a non-empty folder that is not a saelab store is
+        refused, and an existing store is replaced only with `overwrite` (`OverwriteError`, see `check_new_store`).
+        """
+        check_new_store(path, overwrite=overwrite)
         group = zarr.open_group(store=path, mode="w", zarr_format=3)
-        compressors = None if compression == "none" else zarr.codecs.ZstdCodec(level=1)
+        compressors = None if compression == "none" else ZstdCodec(level=1)
         for name, d in hooks.items():
             group.create_array(
                 f"activations/{name}",
@@ -120,7 +174,7 @@ class StoreWriter:
         n = len(meta_arrays["tokens"])
         stop = start + n
         for name, a in acts.items():
-            arr = self.group[f"activations/{name}"]
+            arr = _array(self.group, f"activations/{name}")
             if arr.shape[0] != stop:
                 arr.resize((stop, arr.shape[1]))
             arr[start:stop] = a
@@ -130,7 +184,7 @@ class StoreWriter:
             stats["sum"] = (np.asarray(stats["sum"]) + x.sum(0, dtype=torch.float64).numpy()).tolist()
             stats["norm_sum"] += float(torch.linalg.vector_norm(x, dim=1).sum(dtype=torch.float64))
         for name, a in meta_arrays.items():
-            arr = self.group[name]
+            arr = _array(self.group, name)
             if arr.shape[0] != stop:
                 arr.resize((stop,))
             arr[start:stop] = a
@@ -138,11 +192,12 @@ class StoreWriter:
     def commit(self, rows_complete: int, complete: bool = False, **extra: Any) -> None:
         """Advance `rows_complete` (after the rows are written) and record resume information."""
         if complete:  # a crash may have left arrays longer than what was committed
-            for arr in [*self.group["activations"].array_values(), *(self.group[n] for n in META_ARRAYS)]:
+            names = [*(f"activations/{h}" for h in self.meta["hooks"]), *META_ARRAYS]
+            for arr in (_array(self.group, n) for n in names):
                 if arr.shape[0] != rows_complete:
                     arr.resize((rows_complete, *arr.shape[1:]))
         self.meta.update(rows_complete=rows_complete, complete=complete, **extra)
-        for name, s in self.meta["stats"].items():
+        for s in self.meta["stats"].values():
             s["mean"] = (np.asarray(s["sum"]) / max(s["count"], 1)).tolist()
             s["mean_norm"] = s["norm_sum"] / max(s["count"], 1)
         self.group.attrs["saelab"] = self.meta
@@ -160,9 +215,7 @@ class ActivationStore:
     def __init__(self, group: zarr.Group, path: str):
         self.group = group
         self.path = path
-        if "saelab" not in group.attrs:
-            raise StoreError(f"{path!r} is a Zarr group but not a saelab activation store (no `saelab` attribute)")
-        self.meta: dict[str, Any] = dict(group.attrs["saelab"])
+        self.meta = saelab_meta(group, path)
 
     @classmethod
     def open(cls, path: str) -> ActivationStore:
@@ -226,7 +279,7 @@ class ActivationStore:
 
     def _read(self, array: zarr.Array, rows: slice | np.ndarray) -> np.ndarray:
         if isinstance(rows, slice):
-            return array[rows]
+            return np.asarray(array[rows])
         order = np.argsort(rows, kind="stable")
         out = array.get_orthogonal_selection((rows[order],) + (slice(None),) * (array.ndim - 1))
         result = np.empty_like(out)
@@ -238,20 +291,20 @@ class ActivationStore:
     ) -> torch.Tensor:
         """Activations of `hook` at `rows` as a `[n, d]` tensor (float32 unless `dtype=None`: as stored)."""
         self._check_hook(hook)
-        x = from_storage(self._read(self.group[f"activations/{hook}"], self._rows(rows)), self.dtype)
+        x = from_storage(self._read(_array(self.group, f"activations/{hook}"), self._rows(rows)), self.dtype)
         return x if dtype is None else x.to(dtype)
 
     def tokens(self, rows: slice | np.ndarray | list[int] = slice(None)) -> np.ndarray:
-        return self._read(self.group["tokens"], self._rows(rows))
+        return self._read(_array(self.group, "tokens"), self._rows(rows))
 
     def doc_ids(self, rows: slice | np.ndarray | list[int] = slice(None)) -> np.ndarray:
-        return self._read(self.group["doc_id"], self._rows(rows))
+        return self._read(_array(self.group, "doc_id"), self._rows(rows))
 
     def positions(self, rows: slice | np.ndarray | list[int] = slice(None)) -> np.ndarray:
-        return self._read(self.group["position"], self._rows(rows))
+        return self._read(_array(self.group, "position"), self._rows(rows))
 
     def contexts(self, rows: slice | np.ndarray | list[int] = slice(None)) -> np.ndarray:
-        return self._read(self.group["context"], self._rows(rows))
+        return self._read(_array(self.group, "context"), self._rows(rows))
 
     def context_of(self, row: int, before: int = 8, after: int = 8) -> dict[str, Any]:
         """The stored tokens around `row` within its own context: ids, rows, and where `row` is."""

@@ -30,41 +30,83 @@ def embedded_documents() -> Iterator[str]:
 
 def _data_files(path: Path) -> tuple[str, list[str]]:
     """The datasets builder and files for a local file or folder."""
-    files = sorted(p for p in path.rglob("*") if p.suffix in FILE_BUILDERS) if path.is_dir() else [path]
-    if not files:
+    if not path.exists():
         raise TextSourceError(
-            f"no .txt, .jsonl or .parquet files in {path}; put text files there or point text.path at one"
+            f"text.path: no such file or folder: {str(path)!r}; give an existing .txt/.jsonl/.parquet file or folder"
         )
-    builders = {FILE_BUILDERS.get(p.suffix) for p in files}
-    if None in builders:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in FILE_BUILDERS)
+        if not files:
+            raise TextSourceError(
+                f"no .txt, .jsonl or .parquet files in {path}; put text files there or point text.path at one"
+            )
+    elif path.suffix in FILE_BUILDERS:
+        files = [path]
+    else:
         raise TextSourceError(f"{path} is not a .txt, .jsonl or .parquet file; convert it or choose another text.path")
+    builders = {FILE_BUILDERS[p.suffix] for p in files}
     if len(builders) > 1:
         raise TextSourceError(f"{path} mixes file types {sorted(builders)}; keep one type per folder")
     return builders.pop(), [str(p) for p in files]
 
 
+def _load_dataset(cfg: TextConfig) -> tuple[Any, list[str]]:
+    """The streamed dataset of a `hf` or `files` source, and the local files it reads (none for `hf`)."""
+    import datasets
+
+    path = str(cfg.path)
+    if cfg.source == "files":
+        builder, files = _data_files(Path(path))
+        kwargs: dict[str, Any] = {"sample_by": cfg.txt_sample_by} if builder == "text" else {}
+        return datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs), files
+    try:
+        return datasets.load_dataset(path, cfg.name, split=cfg.split, streaming=True), []
+    except (OSError, ValueError) as err:  # no such dataset, config or split; no network
+        raise TextSourceError(
+            f"cannot open the Hugging Face dataset {path!r} (name {cfg.name!r}, split {cfg.split!r}): {err}; "
+            "check text.path, text.name and text.split"
+        ) from None
+
+
 def iter_documents(cfg: TextConfig) -> Iterator[str]:
-    """Yield the documents of a text source in a fixed order."""
+    """Yield the documents of a text source in a fixed order.
+
+    A `files` source that does not exist, or a text file that is not UTF-8, raises `TextSourceError`."""
     if cfg.source == "embedded":
         docs: Iterable[str] = embedded_documents()
     else:
-        import datasets
-
-        if cfg.source == "hf":
-            ds = datasets.load_dataset(cfg.path, cfg.name, split=cfg.split, streaming=True)
-        else:
-            builder, files = _data_files(Path(cfg.path))
-            kwargs = {"sample_by": cfg.txt_sample_by} if builder == "text" else {}
-            ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
-        docs = _column(ds, cfg.text_column, cfg.path)
+        ds, files = _load_dataset(cfg)
+        docs = _column(ds, cfg.text_column, str(cfg.path), files)
     return islice(docs, cfg.max_documents)
 
 
-def _column(ds: Any, column: str, where: str) -> Iterator[str]:
-    for row in ds:
-        if column not in row:
-            raise TextSourceError(f"{where} has no column {column!r} (columns: {sorted(row)}); set text.text_column")
-        yield row[column]
+def _column(ds: Any, column: str, where: str, files: list[str]) -> Iterator[str]:
+    try:
+        for row in ds:
+            if column not in row:
+                raise TextSourceError(
+                    f"{where} has no column {column!r} (columns: {sorted(row)}); set text.text_column"
+                )
+            yield row[column]
+    except UnicodeDecodeError as err:
+        bad = next((f for f in files if not _is_utf8(Path(f))), where)
+        raise TextSourceError(
+            f"{bad} is not UTF-8 text ({err.reason}); convert it to UTF-8, "
+            f"e.g. `iconv -f latin1 -t utf-8 {bad} > {Path(bad).stem}.utf8{Path(bad).suffix}`"
+        ) from None
+
+
+def _is_utf8(path: Path) -> bool:
+    """Whether a text file decodes as UTF-8 (binary files, such as parquet, count as UTF-8: they are not text)."""
+    if path.suffix == ".parquet":
+        return True
+    try:
+        with path.open(encoding="utf-8") as f:
+            while f.read(1 << 20):
+                pass
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)

@@ -36,9 +36,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformer_lens import HookedTransformer
 
 from saelab.analysis import AnalysisConfig, analyze_sae
-from saelab.config import HarvestConfig
+from saelab.config import HarvestConfig, TextConfig
 from saelab.harvest import harvest
 from saelab.models import load_model, save_model
 from saelab.sae import SAE, SAEConfig
@@ -73,7 +74,9 @@ def build_model(folder: Path) -> Path:
         seed=0,
         model_name="bench-384",
     )
-    return save_model(load_model(cfg, device="cpu", tokenizer=tokenizer), folder)
+    model = load_model(cfg, device="cpu", tokenizer=tokenizer)
+    assert isinstance(model, HookedTransformer)  # a model built from a config is never a bridge
+    return save_model(model, folder)
 
 
 def write_corpus(path: Path, n_tokens: int) -> Path:
@@ -129,7 +132,7 @@ def main() -> None:
             hooks=[HOOK],
             out=str(tmp / "activations.zarr"),
             context_length=CONTEXT,
-            text={"source": "files", "path": str(write_corpus(tmp / "corpus.jsonl", n_tokens))},
+            text=TextConfig(source="files", path=str(write_corpus(tmp / "corpus.jsonl", n_tokens))),
             max_tokens=n_tokens,
             drop_special_tokens=False,
             device="cpu",
@@ -151,7 +154,7 @@ def main() -> None:
         sae.save(tmp / "sae")
         sae = SAE.load(tmp / "sae")
         start = time.perf_counter()
-        analysis = analyze_sae(store, sae, HOOK, tmp / "analysis.zarr", cfg, model=model)
+        analysis = analyze_sae(store, sae, HOOK, out=tmp / "analysis.zarr", cfg=cfg, model=model)
         analyze_s = time.perf_counter() - start
 
         features = np.sort(np.random.default_rng(0).choice(args.d_sae, args.features, replace=False))
@@ -195,8 +198,8 @@ def main() -> None:
         acts_diff = float(
             np.abs(np.array(sd["first_context_acts"]) - store.activations(HOOK, slice(0, CONTEXT)).numpy()).max()
         )
-        ours_max = analysis.group["max_act"][:][features]
-        ours_density = analysis.group["density"][:][features]
+        ours_max = analysis.column("max_act")[features]
+        ours_density = analysis.column("density")[features]
 
     sd_s = sd["run_s"]
     result = {

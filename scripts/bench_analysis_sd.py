@@ -18,16 +18,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sae_dashboard.components_config import (
+
+# sae-dashboard is installed only in this script's own venv (`make bench-analysis`), not in the one pyright reads
+from sae_dashboard.components_config import (  # pyright: ignore[reportMissingImports]
     ActsHistogramConfig,
     FeatureTablesConfig,
     LogitsHistogramConfig,
     LogitsTableConfig,
     SequencesConfig,
 )
-from sae_dashboard.layout import Column, SaeVisLayoutConfig
-from sae_dashboard.sae_vis_data import SaeVisConfig
-from sae_dashboard.sae_vis_runner import SaeVisRunner
+from sae_dashboard.layout import Column, SaeVisLayoutConfig  # pyright: ignore[reportMissingImports]
+from sae_dashboard.sae_vis_data import SaeVisConfig  # pyright: ignore[reportMissingImports]
+from sae_dashboard.sae_vis_runner import SaeVisRunner  # pyright: ignore[reportMissingImports]
 from sae_lens import SAE, HookedSAETransformer
 from safetensors.torch import load_file
 from transformer_lens import HookedTransformerConfig
@@ -55,7 +57,7 @@ def load_model(folder: Path) -> HookedSAETransformer:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="folder written by saelab.save_model")
     parser.add_argument("--sae", type=Path, required=True, help="SAE folder in SAELens layout")
     parser.add_argument("--tokens", type=Path, required=True, help=".npy of token ids [n_contexts, context_length]")

@@ -14,7 +14,7 @@ import os
 import torch
 from bench_train import time_round_robin  # scripts/ is on the path when run as a script
 
-from saelab.topk import topk_rows
+from saelab.ops.topk import topk_rows
 
 
 def main() -> None:

@@ -20,8 +20,8 @@ from collections.abc import Callable
 
 import torch
 
-from saelab.sae import SAE, SAEConfig, train_step
-from saelab.synthetic import make_synthetic
+from saelab.dictionaries import SAE, SAEConfig, train_step
+from saelab.toys.synthetic import make_synthetic
 
 LR = 2e-4
 

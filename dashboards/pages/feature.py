@@ -1,0 +1,124 @@
+"""The feature page (`/feature?hook=H&sae=VARIANT&id=N`): everything the analysis knows about one latent (stats,
+examples across the activation range, histogram, logit effects, decoder neighbours, co-occurring latents)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dash import html
+
+from saelab.dashboards import components as c
+from saelab.dashboards.data import SaeInfo, check_model, context_vocab, feature_store, sae_info, valid_ids
+from saelab.dashboards.params import Params, feature_id, name
+
+TITLE = "Feature"
+NAV = False  # reached from the other pages' links, not from the nav
+
+
+def layout(run: str, params: Params) -> Any:
+    """The latent the URL names."""
+    return feature_page(run, params.get("hook"), params.get("sae"), params.get("id"))
+
+
+@c.guarded
+def feature_page(run: str, hook: str | None, variant: str | None, raw_id: str | None) -> Any:
+    """Everything the analysis knows about one latent; reads only that latent's slices of the analysis."""
+    info = sae_info(run, name(hook, "hook point"), name(variant, "SAE variant"))
+    check_model(run, info)
+    fs = feature_store(run, info)
+    index = feature_id(raw_id, fs.n_features)
+    f = fs.feature(index)
+    vocab, scale = context_vocab(fs), float(f["max_act"])
+    centre = f["top_tokens"].shape[-1] // 2  # contexts are ±window around the example's own token
+    nav = html.Span(
+        [
+            c.feature_link(info, index - 1, "← previous") if index > 0 else None,
+            c.feature_link(info, index + 1, "next →") if index + 1 < fs.n_features else None,
+        ],
+        className="pager",
+    )
+    header = c.card(
+        None,
+        nav,
+        html.H2(f"Feature #{index}", style={"margin": "0 0 2px"}),
+        html.Div(f"{info.hook} · {info.variant} · {fs.n_features:,} latents", className="muted"),
+        html.Div(
+            [
+                c.stat("fires on", f"{f['count']:,} tokens"),
+                c.stat("density", f"{f['density']:.3%}"),
+                c.stat("mean act", c.fmt(f["mean_act"])),
+                c.stat("max act", c.fmt(f["max_act"])),
+            ],
+            className="stats",
+            style={"marginTop": "10px"},
+        ),
+    )
+    if f["count"] == 0:
+        return html.Div(
+            [
+                header,
+                c.error_box(
+                    f"Feature {index} never fired on the {int(fs.attrs.get('n_tokens', 0)):,} "
+                    "analysed tokens: it is dead, so there is nothing to show."
+                ),
+            ]
+        )
+    bins = [
+        html.Div(
+            [
+                html.H4(f"{f['quantile_edges'][b]:.3g} – {f['quantile_edges'][b + 1]:.3g}"),
+                c.examples(
+                    vocab,
+                    f["quantile_acts"][b],
+                    f["quantile_tokens"][b],
+                    f["quantile_token_acts"][b],
+                    centre,
+                    scale,
+                    f"quantile-{b}",
+                ),
+            ],
+            className="bin",
+        )
+        for b in reversed(range(len(f["quantile_acts"])))
+    ]
+    left = [
+        c.card(
+            "Top activations",
+            c.examples(vocab, f["top_acts"], f["top_tokens"], f["top_token_acts"], centre, scale, "top-examples"),
+        ),
+        c.card("Examples across the activation range", *bins),
+    ]
+    right = [
+        c.card("Activation histogram", c.histogram(f["hist_counts"], f["hist_edges"])),
+        _logit_card(fs.attrs.get("logit_kind", "unembedding"), fs.vocab, f),
+        c.card("Decoder neighbours", c.latent_chips(info, valid_ids(f["neighbour_ids"], f["neighbour_cos"]), "cos")),
+        c.card("Co-occurring latents", _cooc(info, f)),
+    ]
+    return html.Div([header, html.Div([html.Div(left), html.Div(right)], className="grid")], id="feature-page")
+
+
+def _logit_card(kind: str, vocab: list[str], f: dict[str, Any]) -> html.Div:
+    if "logit_top_ids" not in f:
+        return c.card(
+            "Logit effects",
+            html.Div("Not computed: the run's store records no model to take them from.", className="muted"),
+            id="logit-effects",
+        )
+    if kind == "unembedding":
+        title, high, low = "Logit effects (decoder direction · unembedding)", "promoted", "suppressed"
+    else:
+        title, high, low = "Token embeddings by cosine with the decoder direction", "closest", "most opposite"
+    top = c.token_value_table(vocab, valid_ids(f["logit_top_ids"], f["logit_top_vals"]), high)
+    bottom = c.token_value_table(vocab, valid_ids(f["logit_bottom_ids"], f["logit_bottom_vals"]), low)
+    return c.card(
+        title,
+        html.Div([top, bottom], style={"display": "grid", "gridTemplateColumns": "1fr 1fr", "gap": "12px"}),
+        id="logit-effects",
+    )
+
+
+def _cooc(info: SaeInfo, f: dict[str, Any]) -> Any:
+    pairs = valid_ids(f["cooc_ids"], f["cooc_jaccard"])
+    if not pairs:
+        return html.Div("This latent fires too rarely for co-occurrence statistics.", className="muted")
+    return c.latent_chips(info, pairs, "J")

@@ -1,0 +1,109 @@
+"""The search page (`/search?hook=H&sae=VARIANT&q=TEXT`): find latents by token, or open one by its id."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dash import Dash, Input, Output, State, dcc, html
+from dash.exceptions import PreventUpdate
+
+from saelab.dashboards import components as c
+from saelab.dashboards import params as p
+from saelab.dashboards.data import SaeInfo, check_model, chosen_sae
+from saelab.dashboards.live import search_token
+
+TITLE = "Find features"
+NAV = True
+
+
+@c.guarded
+def layout(run: str, params: p.Params) -> Any:
+    """Find latents by index or by token."""
+    info = chosen_sae(run, params)
+    form = c.card(
+        None,
+        html.Div(["SAE", c.sae_dropdown(run, info, "search-sae")], className="form"),
+        html.Div(
+            [
+                dcc.Input(id="search-id", type="text", placeholder="feature id, e.g. 12", className="field"),
+                html.Button("Open feature", id="search-id-go", className="go"),
+            ],
+            className="form",
+        ),
+        html.Div(
+            [
+                dcc.Input(
+                    id="search-token",
+                    type="text",
+                    value=params.get("q", ""),
+                    placeholder="a token or some text, e.g. return",
+                    className="field",
+                ),
+                html.Button("Search by token", id="search-token-go", className="go"),
+            ],
+            className="form",
+        ),
+        html.Div(id="search-error"),
+    )
+    results = token_results(run, info, p.text(params["q"], "search text")) if "q" in params else None
+    return html.Div([html.H2("Find features"), form, html.Div(results, id="search-results")])
+
+
+@c.guarded
+def token_results(run: str, info: SaeInfo, text: str) -> Any:
+    """The latents that involve each token of `text`."""
+    check_model(run, info)
+    rows = []
+    for token_id, string, latents in search_token(run, info, text):
+        found = (
+            html.Span([html.Span(c.feature_link(info, i), className="chip") for i in latents], className="chips")
+            if latents
+            else html.Span("no latent has it among its top examples or logit effects", className="muted")
+        )
+        rows.append(
+            html.Tr([html.Td(html.Code(repr(string))), html.Td(str(token_id), className="num"), html.Td(found)])
+        )
+    return c.card(
+        "Latents by token",
+        html.Table(
+            [
+                html.Thead(html.Tr([html.Th("token"), html.Th("id", className="num"), html.Th("latents")])),
+                html.Tbody(rows),
+            ],
+            className="tbl",
+        ),
+    )
+
+
+def register(app: Dash, run: str) -> None:
+    """The forms navigate to the URL of their result (a feature page, a search), so results can be shared."""
+
+    @app.callback(
+        Output("url", "href", allow_duplicate=True),
+        Output("search-error", "children", allow_duplicate=True),
+        Input("search-id-go", "n_clicks"),
+        Input("search-id", "n_submit"),
+        State("search-id", "value"),
+        State("search-sae", "value"),
+        prevent_initial_call=True,
+    )
+    @c.guarded_callback(outputs=2, message=1)
+    def open_feature(clicks: Any, submits: Any, index: Any, sae: Any) -> tuple[str, None]:
+        if not p.clicks(clicks, submits):
+            raise PreventUpdate
+        return c.page_url("feature", **p.sae_choice(sae), id=p.text(index, "feature id").strip()), None
+
+    @app.callback(
+        Output("url", "href", allow_duplicate=True),
+        Output("search-error", "children", allow_duplicate=True),
+        Input("search-token-go", "n_clicks"),
+        Input("search-token", "n_submit"),
+        State("search-token", "value"),
+        State("search-sae", "value"),
+        prevent_initial_call=True,
+    )
+    @c.guarded_callback(outputs=2, message=1)
+    def search(clicks: Any, submits: Any, text: Any, sae: Any) -> tuple[str, None]:
+        if not p.clicks(clicks, submits):
+            raise PreventUpdate
+        return c.page_url("search", **p.sae_choice(sae), q=p.text(text, "search text")), None

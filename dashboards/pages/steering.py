@@ -1,0 +1,298 @@
+"""The steering page (`/steering?hook=H&sae=V&latent=N&mode=add&coef=4&scope=all&text=PROMPT`): steer the run's
+model with one SAE latent and see what changes. Decoders: the prompt continued without and with steering, side by
+side, with KL and perplexity. Encoders: a query's nearest documents of the run's corpus before and after steering
+its sentence embedding, and the latent's activation on each."""
+
+from __future__ import annotations
+
+import itertools
+from functools import lru_cache
+from typing import Any
+
+import torch
+from dash import Dash, Input, Output, State, dcc, html
+from dash.exceptions import PreventUpdate
+
+from saelab import steering as st
+from saelab.config import TextConfig
+from saelab.dashboards import components as c
+from saelab.dashboards import params as p
+from saelab.dashboards.data import SaeInfo, check_model, chosen_sae, open_store
+from saelab.dashboards.live import load_sae, run_model
+from saelab.errors import RunError
+from saelab.models import is_encoder
+from saelab.text import iter_documents
+
+TITLE = "Steering"
+NAV = True
+CORPUS_DOCUMENTS = 200  # the run's first documents, searched by the encoder view
+MAX_NEW_TOKENS = 40
+SCOPES = ("all", "prompt", "generated")
+MAX_COEFFICIENT = 1e6  # |coefficient| (times the latent's typical max activation) accepted
+
+
+@lru_cache(maxsize=2)
+def _corpus(run: str) -> tuple[list[str], torch.Tensor]:
+    """The first documents of the run's text source and their sentence embeddings (once per process)."""
+    text = open_store(run).config.get("text") or {}
+    try:
+        docs = list(itertools.islice(iter_documents(TextConfig(**text)), CORPUS_DOCUMENTS))
+    except Exception as err:
+        raise RunError(
+            f"Cannot read the run's text source ({type(err).__name__}: {err}), so there is no corpus to search."
+        ) from None
+    if len(docs) < 10:
+        raise RunError(f"The run's text source has {len(docs)} documents; semantic search needs at least 10.")
+    return docs, st.embed(run_model(run), docs, max_length=128)
+
+
+@lru_cache(maxsize=4)
+def _doc_acts(run: str, hook: str, path: str) -> torch.Tensor:
+    docs, _ = _corpus(run)
+    return st.doc_latent_acts(run_model(run), load_sae(path), hook, texts=docs, max_length=128)
+
+
+@lru_cache(maxsize=64)
+def _scale(run: str, path: str, hook: str, latent: int) -> tuple[float, str]:
+    return st.run_scale(run, path, load_sae(path), latent=latent, hook=hook)
+
+
+def _request(run: str, info: SaeInfo, params: p.Params) -> st.Intervention:
+    """The intervention the URL asks for; `RequestError` (or `SteeringError`) naming what is wrong with it."""
+    sae = load_sae(str(info.path))
+    latent = p.feature_id(params.get("latent", "0"), sae.cfg.d_sae)
+    mode = p.choice(params.get("mode"), "steering mode", st.MODES, default="add", listing="Modes")
+    scope = p.choice(params.get("scope"), "scope", SCOPES, default="all", listing="Scopes")
+    coefficient = p.number(params.get("coef"), "coefficient", default=4.0, low=-MAX_COEFFICIENT, high=MAX_COEFFICIENT)
+    scale, _ = _scale(run, str(info.path), info.hook, latent)
+    iv = st.Intervention(
+        hook=info.hook, sae=sae, latents=[latent], mode=mode, coefficient=coefficient, scale=scale, scope=scope
+    )
+    st.check_interventions(run_model(run), [iv], embedding=info.hook == st.EMBEDDING)
+    return iv
+
+
+def _form(run: str, info: SaeInfo, params: p.Params, encoder: bool) -> html.Div:
+    field = "query" if encoder else "prompt"
+    latent = params.get("latent", "")
+    return c.card(
+        None,
+        html.Div(["SAE", c.sae_dropdown(run, info, "steer-sae")], className="form"),
+        html.Div(
+            [
+                "latent",
+                dcc.Input(id="steer-latent", type="text", value=params.get("latent", "0"), style={"width": "80px"}),
+                "mode",
+                dcc.Dropdown(
+                    list(st.MODES),
+                    params.get("mode") or "add",
+                    id="steer-mode",
+                    clearable=False,
+                    style={"width": "140px"},
+                ),
+                "coefficient (x typical max activation)",
+                dcc.Input(id="steer-coef", type="text", value=params.get("coef", "4"), style={"width": "70px"}),
+                html.Span(
+                    [
+                        "scope",
+                        dcc.Dropdown(
+                            list(SCOPES),
+                            params.get("scope") or "all",
+                            id="steer-scope",
+                            clearable=False,
+                            style={"width": "160px"},
+                        ),
+                    ],
+                    className="form",
+                    style={"display": "none"} if encoder else None,
+                ),
+            ],
+            className="form",
+        ),
+        html.Div(
+            [
+                dcc.Textarea(
+                    id="steer-text",
+                    value=params.get("text", ""),
+                    placeholder=f"Type a {field}…",
+                    style={"width": "100%", "height": "60px"},
+                )
+            ],
+            className="form",
+        ),
+        html.Div(
+            [
+                html.Button("Steer", id="steer-go", className="go"),
+                c.feature_link(info, int(latent), "the latent's feature page")
+                if latent.isascii() and latent.isdigit() and len(latent) <= p.MAX_DIGITS
+                else None,
+            ],
+            className="form",
+        ),
+        html.Div(id="steer-error"),
+    )
+
+
+@c.guarded
+def layout(run: str, params: p.Params) -> Any:
+    """Pick an SAE, a latent, a mode and a coefficient; see generations or search results with and without it."""
+    info = chosen_sae(run, params)
+    check_model(run, info)
+    encoder = is_encoder(run_model(run))
+    results = None
+    if "text" in params:
+        text = p.text(params["text"], "query" if encoder else "prompt")
+        iv = _request(run, info, params)
+        results = (search_results if encoder else generation_results)(run, info, iv, text)
+    kind = "the query's nearest documents in the run's corpus" if encoder else "the prompt's continuation"
+    return html.Div(
+        [
+            html.H2("Steering"),
+            html.Div(f"Steer one latent of an SAE and compare {kind} with and without it.", className="muted"),
+            _form(run, info, params, encoder),
+            html.Div(results, id="steer-results"),
+        ],
+        id="steering-page",
+    )
+
+
+def _stats(iv: st.Intervention, source: str, extra: list[tuple[str, str]]) -> html.Div:
+    items = [
+        ("latent", str(iv.latents[0])),
+        ("mode", iv.mode),
+        ("coefficient", c.fmt(iv.coefficient)),
+        ("typical max act", f"{c.fmt(iv.scale)} ({source.split(':')[0]})"),
+        *extra,
+    ]
+    return html.Div([c.stat(k, v) for k, v in items], className="stats", id="steer-stats")
+
+
+@c.guarded
+def generation_results(run: str, info: SaeInfo, iv: st.Intervention, text: str) -> Any:
+    """The prompt's continuation without and with the intervention, and what it changed."""
+    model = run_model(run)
+    n = st.prompt_tokens(model, text).shape[1]
+    tokens = st.generate(model, text, [iv], max_new_tokens=MAX_NEW_TOKENS)
+    plain = st.continuation(model, st.generate(model, text, (), max_new_tokens=MAX_NEW_TOKENS), n)
+    metrics = st.steered_metrics(model, tokens, n, intervention=iv)
+    steered = st.continuation(model, tokens, n)
+
+    def column(title: str, body: str, testid: str) -> html.Div:
+        return c.card(title, html.Div([html.B(text), html.Span(body)], className="context", id=testid))
+
+    _, source = _scale(run, str(info.path), info.hook, iv.latents[0])
+    stats = _stats(
+        iv,
+        source,
+        [
+            ("scope", str(iv.scope)),
+            ("KL from unsteered", c.fmt(metrics["kl"])),
+            ("perplexity (unsteered model)", c.fmt(metrics["perplexity"])),
+            ("latent act after edit", c.fmt(metrics["latent_act"])),
+            ("latent act on the text", c.fmt(metrics["latent_act_text"])),
+        ],
+    )
+    return html.Div(
+        [
+            c.card(None, stats),
+            html.Div(
+                [column("Unsteered", plain, "steer-unsteered"), column("Steered", steered, "steer-steered")],
+                style={"display": "grid", "gridTemplateColumns": "1fr 1fr", "gap": "16px"},
+            ),
+        ]
+    )
+
+
+@c.guarded
+def search_results(run: str, info: SaeInfo, iv: st.Intervention, query: str) -> Any:
+    """The query's nearest documents of the run's corpus before and after steering its embedding."""
+    model = run_model(run)
+    docs, corpus = _corpus(run)
+    acts = _doc_acts(run, info.hook, str(info.path))[:, iv.latents[0]]
+    found = st.search(model, query, corpus, [iv], k=10)
+
+    def table(pairs: list[tuple[int, float]], changed: set[int], testid: str) -> html.Table:
+        rows = [
+            html.Tr(
+                [
+                    html.Td(str(r + 1), className="num"),
+                    html.Td(f"{score:.3f}", className="num"),
+                    html.Td(f"{float(acts[i]):.3f}", className="num"),
+                    html.Td(
+                        docs[i][:160] + ("…" if len(docs[i]) > 160 else ""),
+                        style={"fontWeight": 600} if i in changed else None,
+                    ),
+                ],
+                **{"data-doc": str(i)},
+            )
+            for r, (i, score) in enumerate(pairs)
+        ]
+        head = html.Tr(
+            [
+                html.Th("#", className="num"),
+                html.Th("cosine", className="num"),
+                html.Th("latent", className="num"),
+                html.Th("document"),
+            ]
+        )
+        return html.Table([html.Thead(head), html.Tbody(rows)], className="tbl", id=testid)
+
+    mean = lambda pairs: float(acts[[i for i, _ in pairs]].mean())  # noqa: E731
+    _, source = _scale(run, str(info.path), info.hook, iv.latents[0])
+    stats = _stats(
+        iv,
+        source,
+        [
+            ("new neighbours", str(len(found.entered))),
+            ("latent on neighbours", f"{mean(found.before):.3f} → {mean(found.after):.3f}"),
+        ],
+    )
+    note = html.Div(
+        f"Corpus: the run's first {len(docs)} documents. 'latent': the latent's activation on the document "
+        "(mean over its tokens, or on its embedding for an SAE of sentence embeddings). Bold: documents "
+        "that steering brought in or sent away.",
+        className="muted",
+    )
+    return html.Div(
+        [
+            c.card(None, stats, note),
+            html.Div(
+                [
+                    c.card("Neighbours before steering", table(found.before, set(found.left), "steer-before")),
+                    c.card("Neighbours after steering", table(found.after, set(found.entered), "steer-after")),
+                ],
+                style={"display": "grid", "gridTemplateColumns": "1fr 1fr", "gap": "16px"},
+            ),
+        ]
+    )
+
+
+def register(app: Dash, run: str) -> None:
+    """The form navigates to the URL of its result, so every steered view can be shared."""
+
+    @app.callback(
+        Output("url", "href", allow_duplicate=True),
+        Output("steer-error", "children"),
+        Input("steer-go", "n_clicks"),
+        State("steer-sae", "value"),
+        State("steer-latent", "value"),
+        State("steer-mode", "value"),
+        State("steer-coef", "value"),
+        State("steer-scope", "value"),
+        State("steer-text", "value"),
+        prevent_initial_call=True,
+    )
+    @c.guarded_callback(outputs=2, message=1)
+    def steer_url(clicks: Any, sae: Any, latent: Any, mode: Any, coef: Any, scope: Any, text: Any) -> tuple[str, None]:
+        if not p.clicks(clicks):
+            raise PreventUpdate
+        url = c.page_url(
+            "steering",
+            **p.sae_choice(sae),
+            latent=p.text(latent, "latent").strip(),
+            mode=p.choice(mode, "steering mode", st.MODES, default="add", listing="Modes"),
+            coef=p.text(coef, "coefficient").strip(),
+            scope=p.choice(scope, "scope", SCOPES, default="all", listing="Scopes"),
+            text=p.text(text, "prompt"),
+        )
+        return url, None

@@ -1,0 +1,145 @@
+"""Drivers: every panel of one SAE over a store (`analyze_sae`), and of every SAE of a run (`analyze`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from saelab.analysis.codes import _Codes, contexts, sparse_codes
+from saelab.analysis.config import AnalysisConfig
+from saelab.analysis.features import FeatureStore, vocab_strings, write_feature_store
+from saelab.analysis.panels import decoder_neighbours, logit_effects, residual_directions
+from saelab.errors import ConfigError, MissingError, RunError, StoreError
+from saelab.models import Model, load_model, resolve_device
+from saelab.run import SAE_WEIGHTS, RunDir
+from saelab.sae import SAE
+from saelab.store import ActivationStore
+
+
+def analyze_sae(
+    store: ActivationStore,
+    sae: SAE,
+    hook: str,
+    *,
+    out: str | Path,
+    cfg: AnalysisConfig = AnalysisConfig(),
+    model: Model | None = None,
+    progress: bool = True,
+) -> FeatureStore:
+    """Compute every panel for every latent of `sae` over `store` and write them to `out`.
+
+    The logit effects need the `model`; without it they are left out (`logit_kind` is `none`)."""
+    d_sae = sae.cfg.d_sae
+    n_rows = min(store.n_tokens, cfg.max_tokens or store.n_tokens)
+    if n_rows == 0:
+        raise StoreError(f"the store {store.path} holds no rows to analyse; harvest or import activations first")
+    device = resolve_device(cfg.device)
+    sae = sae.to(device).eval()
+    code = sparse_codes(store, sae, hook, n_rows=n_rows, batch_size=cfg.batch_size, device=device, progress=progress)
+    codes = _Codes(*code, d_sae=d_sae)
+    tokens, ctx = store.tokens(slice(0, n_rows)), store.contexts(slice(0, n_rows))
+
+    count = codes.count
+    sums = np.bincount(codes.feats, weights=codes.vals, minlength=d_sae)
+    max_act = np.where(count > 0, codes.vals[codes.by_feat[np.maximum(codes.end - 1, 0)]], 0).astype(np.float32)
+    top_rows, top_acts = codes.top(cfg.n_top)
+    quantiles = codes.quantile_samples(cfg.quantile_bins, cfg.quantile_examples, cfg.seed)
+    top_tok, top_tok_acts = contexts(codes, tokens, ctx, rows=top_rows, window=cfg.window)
+    q_tok, q_tok_acts = contexts(codes, tokens, ctx, rows=quantiles.rows, window=cfg.window)
+    hist, hist_edges = codes.histograms(cfg.hist_bins, max_act)
+    nb_ids, nb_cos = decoder_neighbours(sae, cfg.n_neighbours)
+    co_ids, co_jac = codes.cooccurrence(n_rows, cfg.cooc_min_density, cfg.cooc_max_latents, cfg.n_neighbours)
+    arrays: dict[str, np.ndarray] = {
+        "count": count.astype(np.int64),
+        "density": count / n_rows,
+        "mean_act": (sums / np.maximum(count, 1)).astype(np.float32),
+        "max_act": max_act,
+        "top_rows": top_rows,
+        "top_acts": top_acts,
+        "top_tokens": top_tok,
+        "top_token_acts": top_tok_acts,
+        "quantile_edges": quantiles.edges,
+        "quantile_rows": quantiles.rows,
+        "quantile_acts": quantiles.acts,
+        "quantile_tokens": q_tok,
+        "quantile_token_acts": q_tok_acts,
+        "hist_counts": hist,
+        "hist_edges": hist_edges,
+        "neighbour_ids": nb_ids,
+        "neighbour_cos": nb_cos,
+        "cooc_ids": co_ids,
+        "cooc_jaccard": co_jac,
+    }
+    logit_kind = "none"
+    if model is not None:
+        logits = logit_effects(model, residual_directions(model, sae, hook), cfg.n_logits)
+        logit_kind = logits.kind
+        arrays |= {
+            "logit_top_ids": logits.top_ids,
+            "logit_top_vals": logits.top_vals,
+            "logit_bottom_ids": logits.bottom_ids,
+            "logit_bottom_vals": logits.bottom_vals,
+        }
+    attrs = {
+        "hook": hook,
+        "variant": Path(str(out)).name.removesuffix(".zarr"),
+        "store": store.path,
+        "model": store.model,
+        "n_tokens": n_rows,
+        "d_sae": d_sae,
+        "logit_kind": logit_kind,
+        **cfg.model_dump(mode="json", exclude={"run"}),  # where the run is, is where the analysis is
+    }
+    return write_feature_store(out, arrays, attrs)
+
+
+def _run_of(run_dir: str | Path | None, cfg: AnalysisConfig) -> RunDir:
+    """The run to analyse: `run_dir`, or the config's `run`; `ConfigError` when neither or two different ones."""
+    if run_dir is None and cfg.run is None:
+        raise ConfigError("no run directory to analyse: pass `run_dir`, or set `run` in the analysis config")
+    if run_dir is not None and cfg.run is not None and Path(run_dir) != Path(cfg.run):
+        raise ConfigError(f"two runs named: `run_dir` {run_dir} and the config's `run` {cfg.run}; name one")
+    run = RunDir(run_dir if run_dir is not None else str(cfg.run))
+    if not run.root.is_dir():
+        raise MissingError(f"no run directory {run.root}; give the folder that holds activations.zarr and saes/")
+    return run
+
+
+def analyze(
+    run_dir: str | Path | None = None,
+    cfg: AnalysisConfig = AnalysisConfig(),
+    *,
+    progress: bool = True,
+    skip_existing: bool = False,
+) -> list[Path]:
+    """Analyse every SAE of a run on the run's activation store; return the analysis stores.
+
+    The run is `run_dir`, or else `cfg.run` (a YAML config names it there); naming two different ones is a
+    `ConfigError`. With `skip_existing`, an SAE whose analysis is newer than its weights is not analysed again."""
+    run = _run_of(run_dir, cfg)
+    store = ActivationStore.open(str(run.store))
+    saes = run.saes()
+    if not saes:
+        raise RunError(
+            f"the run {run.root} has no trained SAEs (none under {run.saes_dir}); "
+            f"train some with `saelab train` and `run: {run.root}` in its config first"
+        )
+    spec = store.config.get("model")
+    model = (
+        load_model(spec, device=cfg.device)
+        if spec and "text" in store.config and store.config["text"].get("source") != "imported"
+        else None
+    )
+    run.analysis_dir.mkdir(exist_ok=True)
+    if model is not None:
+        run.vocab.write_text(json.dumps(vocab_strings(model.tokenizer)))
+    written = []
+    for entry in saes:
+        out = run.analysis(entry.hook, entry.variant)
+        meta, weights = out / "zarr.json", entry.path / SAE_WEIGHTS
+        if not (skip_existing and meta.exists() and meta.stat().st_mtime >= weights.stat().st_mtime):
+            analyze_sae(store, SAE.load(entry.path), entry.hook, out=out, cfg=cfg, model=model, progress=progress)
+        written.append(out)
+    return written

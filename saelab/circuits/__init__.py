@@ -1,0 +1,125 @@
+"""Sparse feature circuits (Marks et al. 2024) over any run's SAEs.
+
+Nodes are the latents of each SAE at each position, plus one error node (`x - dec(enc(x))`) per hook
+point and position; splicing `dec(f) + err` in place of `x` leaves the model's output unchanged. A
+metric is a scalar function of the output for each example (a target token's logit, a logit
+difference, a target's loss; for encoders the cosine similarity of the pooled output embedding to a
+reference text's).
+
+- Node effects estimate `m(node at baseline) - m(clean)`: attribution patching (`atp`,
+  `delta * grad`, one backward pass) or integrated gradients (`ig`, the gradient averaged along the
+  straight line from clean to baseline, one hook point at a time). The baseline is a patch input
+  (`patch`), zero (`zero`) or the mean over the examples (`mean`). `exact_patching` patches nodes
+  one at a time, for checking.
+- Edges join nodes of consecutive SAE hook points: `grad_d . (d d / d u) . delta_u`, the Jacobian of
+  the downstream node with respect to the upstream one through the model between them (direct paths:
+  no other SAE hook point lies between), at the clean input (`atp`) or averaged along the same line
+  as the node effects (`ig`).
+- Faithfulness of the top-n nodes: `(m(C) - m(empty)) / (m(M) - m(empty))`, every node outside C
+  mean-ablated; completeness ablates C itself.
+
+Modules: `tasks` (what a circuit explains: `Task`, metrics, `induction_task`, `prompt_task`), `splice`
+(spliced forward passes, `Nodes`, clean and baseline states), `nodes` (node effects, `exact_patching`),
+`edges`, `faithfulness`, `graph` (`Node`, `Edge`, `Circuit`, `find_circuit`) and `config` (`CircuitConfig`,
+`run_circuit`).
+
+A model with a known circuit lives in `saelab.toys.induction` (`train_induction_model`, `induction_run`):
+for the `induction_task` its circuit is a previous-token latent feeding an induction latent. Its names are
+still importable from here for this release (`from saelab.circuits import induction_run`), through a lazy
+module `__getattr__`, so that this package never imports the toys (they import it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from saelab.circuits.config import CircuitConfig, InductionData, PromptData, run_circuit, sae_folders
+from saelab.circuits.edges import edge_effects
+from saelab.circuits.faithfulness import Curves, Faithfulness, faithfulness_curve
+from saelab.circuits.graph import Circuit, Edge, Node, find_circuit
+from saelab.circuits.nodes import Aggregation, Method, NodeEffects, NodeKey, aggregate, exact_patching, node_effects
+from saelab.circuits.splice import (
+    CHUNK_ELEMENTS,
+    Baseline,
+    Nodes,
+    baseline_states,
+    clean_states,
+    encode_nodes,
+    spliced_output,
+)
+from saelab.circuits.tasks import (
+    Metric,
+    Prompt,
+    Task,
+    induction_task,
+    prompt_task,
+    repeated_tokens,
+    similarity_metric,
+    token_metric,
+)
+from saelab.errors import CircuitError
+from saelab.run import CIRCUITS as CIRCUITS_DIR  # for dashboards/circuits.py until it uses `RunDir.circuit`
+
+_encode = encode_nodes  # the flat module's names for these, kept for this release
+_output = spliced_output
+
+_TOYS = {
+    "ALPHABET",
+    "BOS",
+    "INDUCTION_HOOKS",
+    "induction_accuracy",
+    "induction_run",
+    "induction_texts",
+    "induction_tokenizer",
+    "train_induction_model",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The induction toy's names (they moved to `saelab.toys.induction`), imported when first asked for."""
+    if name in _TOYS:
+        from saelab.toys import induction
+
+        return getattr(induction, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "CIRCUITS_DIR",
+    "Aggregation",
+    "Baseline",
+    "Circuit",
+    "CircuitConfig",
+    "CircuitError",
+    "Curves",
+    "Edge",
+    "Faithfulness",
+    "InductionData",
+    "Method",
+    "Metric",
+    "Node",
+    "NodeEffects",
+    "NodeKey",
+    "Nodes",
+    "Prompt",
+    "PromptData",
+    "Task",
+    "aggregate",
+    "baseline_states",
+    "clean_states",
+    "edge_effects",
+    "encode_nodes",
+    "exact_patching",
+    "faithfulness_curve",
+    "find_circuit",
+    "induction_task",
+    "node_effects",
+    "prompt_task",
+    "repeated_tokens",
+    "run_circuit",
+    "sae_folders",
+    "similarity_metric",
+    "spliced_output",
+    "token_metric",
+]

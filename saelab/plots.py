@@ -1,0 +1,250 @@
+"""Figure builders shared by the app and the notebooks: plotly figures as plain dicts.
+
+A plain dict (not a `plotly.graph_objects.Figure`) skips plotly's validation, which costs more than building the
+figure; `dcc.Graph(figure=...)` takes it as it is, and a notebook shows it with `go.Figure(figure)`.
+
+- `histogram_figure`: a latent's activation histogram (the feature page);
+- `graph_figure`, `curve_figure`: a sparse feature circuit's graph and its faithfulness curve;
+- `absorption_sweep_figure`: absorption against L0 or width over a run's SAEs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from saelab.absorption import AbsorptionResult
+    from saelab.circuits import Circuit, Node
+
+Figure = dict[str, Any]
+HIGHLIGHT = "255, 140, 0"  # RGB of activation highlights (the app's token shading uses it too)
+SPREAD = 0.38  # circuit nodes sharing a hook point and position are stacked within ± this of the hook's row
+EDGE_WIDTHS = (1.0, 2.5, 4.5)  # circuit edges are drawn in three widths by |weight|
+
+
+def histogram_figure(counts: np.ndarray, edges: np.ndarray) -> Figure:
+    """The activation histogram (`counts` per bin, `edges` one longer) as a bar chart."""
+    centres = ((edges[:-1] + edges[1:]) / 2).tolist()
+    return {
+        "data": [
+            {
+                "type": "bar",
+                "x": centres,
+                "y": counts.tolist(),
+                "width": float(np.diff(edges).mean()) if len(edges) > 1 else 1,
+                "marker": {"color": f"rgb({HIGHLIGHT})"},
+                "hovertemplate": "act %{x:.3g}: %{y} tokens<extra></extra>",
+            }
+        ],
+        "layout": {
+            "height": 220,
+            "margin": {"l": 48, "r": 8, "t": 8, "b": 36},
+            "bargap": 0.05,
+            "xaxis": {"title": {"text": "activation (nonzero)"}},
+            "yaxis": {"title": {"text": "tokens"}},
+            "template": "plotly_white",
+        },
+    }
+
+
+# ------------------------------------------------------------------------------------------------ circuits
+class CircuitFigure(NamedTuple):
+    """A circuit's graph as `graph_figure` draws it."""
+
+    figure: Figure
+    """The plotly figure (a plain dict)."""
+    nodes: int
+    """How many nodes it shows."""
+    edges: int
+    """How many edges it shows."""
+
+
+def _coordinates(circuit: Circuit, nodes: list[Node]) -> dict[str, tuple[float, float]]:
+    """(x, y) of the nodes shown: x the position (or the rank in the hook point when aggregated), y the hook
+    point's row, the nodes of one cell stacked strongest first."""
+    row = {h: i for i, h in enumerate(circuit.hooks)}
+    cells: dict[tuple[str, Any], list[Node]] = {}
+    for n in nodes:
+        cells.setdefault((n.hook, n.position), []).append(n)
+    coords = {}
+    for (hook, position), cell in cells.items():
+        for i, n in enumerate(cell):
+            if position is None:
+                coords[n.key] = (float(i), float(row[hook]))
+            else:
+                offset = 0.0 if len(cell) == 1 else SPREAD * (1 - 2 * i / (len(cell) - 1))
+                coords[n.key] = (float(position), row[hook] + offset)
+    return coords
+
+
+def _edge_traces(circuit: Circuit, coords: dict[str, tuple[float, float]], edge_min: float) -> tuple[list, int]:
+    """Line traces of the edges between shown nodes with |weight| >= `edge_min`, by sign and width; their count."""
+    edges = [e for e in circuit.edges if abs(e.weight) >= edge_min and e.src in coords and e.dst in coords]
+    top_edge = max((abs(e.weight) for e in edges), default=1.0) or 1.0
+    data = []
+    for sign, colour in ((1, "rgba(5, 113, 176, 0.45)"), (-1, "rgba(202, 0, 32, 0.45)")):  # as the nodes' colour scale
+        for b, width in enumerate(EDGE_WIDTHS):
+            x: list[float | None] = []
+            y: list[float | None] = []
+            for e in edges:
+                if (e.weight > 0) == (sign > 0) and min(int(3 * abs(e.weight) / top_edge), 2) == b:
+                    (x0, y0), (x1, y1) = coords[e.src], coords[e.dst]
+                    x += [x0, x1, None]
+                    y += [y0, y1, None]
+            if x:
+                data.append(
+                    {
+                        "type": "scatter",
+                        "mode": "lines",
+                        "x": x,
+                        "y": y,
+                        "hoverinfo": "skip",
+                        "showlegend": False,
+                        "line": {"color": colour, "width": width},
+                    }
+                )
+    return data, len(edges)
+
+
+def _node_traces(circuit: Circuit, nodes: list[Node], coords: dict[str, tuple[float, float]]) -> list:
+    """Marker traces of the nodes shown: latents (circles, with the colour bar) and error nodes (diamonds)."""
+    top_node = max((abs(n.effect) for n in circuit.nodes), default=1.0) or 1.0
+    bound = max((abs(n.effect) for n in nodes), default=1.0)
+    data = []
+    for error in (False, True):
+        group = [n for n in nodes if (n.latent == "err") == error]
+        if not group:
+            continue
+        data.append(
+            {
+                "type": "scatter",
+                "mode": "markers",
+                "name": "error nodes" if error else "latents",
+                "x": [coords[n.key][0] for n in group],
+                "y": [coords[n.key][1] for n in group],
+                "customdata": [[n.hook, n.latent] for n in group],
+                "text": [
+                    f"{n.key}<br>effect {n.effect:+.3g}" + ("" if error else "<br>click: feature page") for n in group
+                ],
+                "hovertemplate": "%{text}<extra></extra>",
+                "marker": {
+                    "size": [8 + 26 * math.sqrt(abs(n.effect) / top_node) for n in group],
+                    "color": [n.effect for n in group],
+                    "colorscale": "RdBu",
+                    "reversescale": True,
+                    "cmin": -bound,
+                    "cmax": bound,
+                    "symbol": "diamond" if error else "circle",
+                    "line": {"width": 1, "color": "#444"},
+                    "showscale": not error,
+                    "colorbar": {"title": {"text": "effect"}, "thickness": 12},
+                },
+            }
+        )
+    return data
+
+
+def graph_figure(circuit: Circuit, node_min: float, edge_min: float) -> CircuitFigure:
+    """The circuit's nodes with |effect| >= `node_min` and the edges between them with |weight| >= `edge_min`,
+    on a hook point x position grid; with how many nodes and edges it shows."""
+    nodes = [n for n in circuit.nodes if abs(n.effect) >= node_min]
+    coords = _coordinates(circuit, nodes)
+    edges, n_edges = _edge_traces(circuit, coords, edge_min)
+    aggregated = any(n.position is None for n in circuit.nodes)
+    positions = sorted({n.position for n in circuit.nodes if n.position is not None})
+    xaxis: dict[str, Any] = {
+        "title": {
+            "text": "latents (summed over positions)" if aggregated else "position (tokens of the first example)"
+        },
+        "zeroline": False,
+    }
+    if not aggregated:
+        xaxis |= {"tickvals": positions, "ticktext": [_position_label(circuit, p) for p in positions]}
+    figure = {
+        "data": edges + _node_traces(circuit, nodes, coords),
+        "layout": {
+            "height": 140 + 150 * len(circuit.hooks),
+            "margin": {"l": 170, "r": 10, "t": 10, "b": 50},
+            "template": "plotly_white",
+            "hovermode": "closest",
+            "legend": {"orientation": "h", "y": -0.15},
+            "xaxis": xaxis,
+            "yaxis": {
+                "tickvals": list(range(len(circuit.hooks))),
+                "ticktext": circuit.hooks,
+                "zeroline": False,
+                "range": [-0.6, len(circuit.hooks) - 0.4],
+            },
+        },
+    }
+    return CircuitFigure(figure, len(nodes), n_edges)
+
+
+def _position_label(circuit: Circuit, position: int) -> str:
+    label = circuit.labels[position] if position < len(circuit.labels) else ""
+    return f"{position} {label!r}" if label else str(position)
+
+
+def curve_figure(circuit: Circuit) -> Figure:
+    """Faithfulness and completeness against the number of nodes kept (log scale; n = 0 left out)."""
+    n = circuit.curves["n"]
+    data = [
+        {
+            "type": "scatter",
+            "mode": "lines+markers",
+            "name": name,
+            "x": [k for k in n if k > 0],
+            "y": [v for k, v in zip(n, circuit.curves[name]) if k > 0],
+        }
+        for name in ("faithfulness", "completeness")
+    ]
+    return {
+        "data": data,
+        "layout": {
+            "height": 320,
+            "margin": {"l": 48, "r": 8, "t": 8, "b": 44},
+            "template": "plotly_white",
+            "xaxis": {"type": "log", "title": {"text": "nodes kept (top by |effect|)"}},
+            "yaxis": {"title": {"text": "metric recovered"}},
+            "legend": {"orientation": "h", "y": -0.3},
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------- absorption
+def absorption_sweep_figure(results: list[AbsorptionResult], x: Literal["l0", "width"]) -> Figure:
+    """Mean absorption fraction and full-absorption rate of each SAE against its L0 (`x="l0"`) or width."""
+    scored = [r for r in results if r.mean_absorption_fraction is not None]
+    data = [
+        {
+            "type": "scatter",
+            "mode": "markers",
+            "name": name,
+            "x": [r.l0 if x == "l0" else r.d_sae for r in scored],
+            "y": [getattr(r, key) for r in scored],
+            "text": [f"{r.hook}/{r.variant}" for r in scored],
+            "hovertemplate": "%{text}<br>%{x}: %{y:.3f}<extra></extra>",
+            "marker": {"size": 10},
+        }
+        for name, key in (
+            ("absorption fraction", "mean_absorption_fraction"),
+            ("full-absorption rate", "mean_full_absorption_rate"),
+        )
+    ]
+    return {
+        "data": data,
+        "layout": {
+            "height": 300,
+            "margin": {"l": 48, "r": 8, "t": 8, "b": 44},
+            "template": "plotly_white",
+            "xaxis": {
+                "title": {"text": "L0 (active latents at the word tokens)" if x == "l0" else "width (latents)"},
+                "type": "linear" if x == "l0" else "log",
+            },
+            "yaxis": {"title": {"text": "mean over scored labels"}, "rangemode": "tozero"},
+            "legend": {"orientation": "h", "y": -0.3},
+        },
+    }

@@ -1,0 +1,112 @@
+"""`run_steering`: what `saelab steer` does with a `SteerConfig`. Loads the model and the SAE, steers at every
+coefficient (a decoder's continuations, or an encoder's semantic search) and writes a `SteeringResult` into the
+run."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from saelab.dictionaries import SAE
+from saelab.errors import MissingError, SteeringError
+from saelab.models import Model, device_of, is_encoder, load_model
+from saelab.run import SAE_CONFIG, SAE_WEIGHTS, RunDir
+from saelab.steering.config import SteerConfig
+from saelab.steering.generation import continuation, generate, prompt_tokens, sweep
+from saelab.steering.interventions import Intervention
+from saelab.steering.result import SteeringResult
+from saelab.steering.scales import run_scale
+from saelab.steering.search import doc_latent_acts, embed, search
+from saelab.store import ActivationStore
+from saelab.text import iter_documents
+
+
+def sae_hook(path: str | Path, sae: SAE) -> str:
+    """The hook point an SAE reads: its config's `hook_name`, else its folder's parent (RUN/saes/<hook>/<variant>)."""
+    return sae.cfg.hook_name or Path(path).resolve().parent.name
+
+
+def run_steering(cfg: SteerConfig, progress: bool = True) -> tuple[SteeringResult, Path]:
+    """Load the model and SAE, steer at every coefficient, write the run's steering result `cfg.name`; return the
+    result and its path."""
+    run = RunDir(cfg.run)
+    if not run.root.is_dir():
+        raise MissingError(
+            f"no run directory {cfg.run!r}; give the run folder that holds the harvested activations and the SAEs"
+        )
+    if not (Path(cfg.sae) / SAE_CONFIG).is_file():
+        raise MissingError(f"no SAE in {cfg.sae!r}; give a folder with {SAE_CONFIG} and {SAE_WEIGHTS}")
+    spec = cfg.model
+    if spec is None:
+        spec = ActivationStore.open(str(run.store)).config.get("model") if run.store.is_dir() else None
+        if not spec:
+            raise SteeringError(
+                f"{cfg.run} does not record its model (no activation store at {run.store}); set `model`"
+            )
+    model = load_model(spec, device=cfg.device)
+    sae = SAE.load(cfg.sae, device=device_of(model)).eval()
+    hook = sae_hook(cfg.sae, sae)
+    if not 0 <= cfg.latent < sae.cfg.d_sae:
+        raise SteeringError(f"latent {cfg.latent} does not exist: the SAE has latents 0 to {sae.cfg.d_sae - 1}")
+    steered = (
+        _search(cfg, model, sae, hook, progress) if is_encoder(model) else _generation(cfg, model, sae, hook, progress)
+    )
+    return steered, steered.save(run.steering(cfg.name))
+
+
+def _scale(cfg: SteerConfig, sae: SAE, hook: str, **measure_on: Any) -> tuple[float, str]:
+    if cfg.scale:
+        return cfg.scale, "config"
+    return run_scale(cfg.run, cfg.sae, sae, latent=cfg.latent, hook=hook, **measure_on)
+
+
+def _search(cfg: SteerConfig, model: Model, sae: SAE, hook: str, progress: bool) -> SteeringResult:
+    if not cfg.queries:
+        raise SteeringError("this model is an encoder: give `queries` to search the corpus with")
+    docs = list(itertools.islice(iter_documents(cfg.corpus), cfg.corpus_documents))
+    if len(docs) < cfg.k:
+        raise SteeringError(f"the corpus has {len(docs)} documents, fewer than k={cfg.k}; give more or lower k")
+    corpus = embed(model, docs, progress=progress)
+    scale, source = _scale(cfg, sae, hook, embeddings=corpus)
+    fires = doc_latent_acts(model, sae, hook, texts=docs)[:, cfg.latent]
+    rows = []
+    for c in tqdm(cfg.coefficients, desc="steered search", disable=not progress):
+        iv = Intervention(hook, sae, [cfg.latent], cfg.mode, c, scale, cfg.scope)
+        found = [search(model, q, corpus, [iv], k=cfg.k) for q in cfg.queries]
+        rows.append(
+            {
+                "coefficient": c,
+                "value": iv.value,
+                "queries": [
+                    {
+                        "query": r.query,
+                        "before": r.before,
+                        "after": r.after,
+                        "entered": r.entered,
+                        "left": r.left,
+                        "latent_act_before": float(fires[[i for i, _ in r.before]].mean()),
+                        "latent_act_after": float(fires[[i for i, _ in r.after]].mean()),
+                    }
+                    for r in found
+                ],
+            }
+        )
+    shown = {str(i): docs[i] for row in rows for q in row["queries"] for i, _ in q["before"] + q["after"]}
+    return SteeringResult(cfg.model_dump(mode="json"), hook, "search", scale, source, rows, documents=shown)
+
+
+def _generation(cfg: SteerConfig, model: Model, sae: SAE, hook: str, progress: bool) -> SteeringResult:
+    if not cfg.prompts:
+        raise SteeringError("this model is a decoder: give `prompts` to continue")
+    scale, source = _scale(cfg, sae, hook)
+    iv = Intervention(hook, sae, [cfg.latent], cfg.mode, 0.0, scale, cfg.scope)
+    options = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature}
+    unsteered = [
+        continuation(model, generate(model, p, (), seed=cfg.seed + i, **options), prompt_tokens(model, p).shape[1])
+        for i, p in enumerate(cfg.prompts)
+    ]
+    rows = sweep(model, iv, cfg.coefficients, cfg.prompts, seed=cfg.seed, progress=progress, **options)
+    return SteeringResult(cfg.model_dump(mode="json"), hook, "generation", scale, source, rows, unsteered=unsteered)

@@ -1,0 +1,37 @@
+"""Models and data with known answers, for the tests, the notebooks and the docs (never used by the analyses):
+
+- `saelab.toys.induction`: a two-layer attention-only decoder that does induction (its circuit is known) and
+  `induction_run`, a whole run over it;
+- `saelab.toys.synthetic`: activations built from a known overcomplete dictionary (`make_synthetic`) and how
+  much of it an SAE recovers;
+- `saelab.toys.planted`: activations with a planted feature hierarchy, for feature absorption.
+"""
+
+from __future__ import annotations
+
+from saelab.toys.induction import (
+    ALPHABET,
+    BOS,
+    INDUCTION_HOOKS,
+    induction_accuracy,
+    induction_run,
+    induction_texts,
+    induction_tokenizer,
+    train_induction_model,
+)
+from saelab.toys.synthetic import SyntheticData, make_synthetic, max_cosines, recovery
+
+__all__ = [
+    "ALPHABET",
+    "BOS",
+    "INDUCTION_HOOKS",
+    "SyntheticData",
+    "induction_accuracy",
+    "induction_run",
+    "induction_texts",
+    "induction_tokenizer",
+    "make_synthetic",
+    "max_cosines",
+    "recovery",
+    "train_induction_model",
+]

@@ -1,0 +1,125 @@
+"""Planted absorption: synthetic activations with a known hierarchy and the SAE that sparsity favours over them,
+the known answer that checks `saelab.absorption`'s metric (tests, `notebooks/02_absorption.ipynb`, the README)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from saelab.absorption.config import AbsorptionSettings
+from saelab.absorption.data import ProbeData, fit_probe
+from saelab.errors import AbsorptionError
+from saelab.sae import SAE, SAEConfig
+
+
+@dataclass
+class Planted:
+    """Synthetic activations with a known hierarchy and an SAE over them.
+
+    Each row has one parent feature (its label); with probability `child_prob` it also has one child feature,
+    drawn from that parent's children (`hierarchy=True`: a child never fires without its parent) or from any
+    parent's (`hierarchy=False`: children independent of the label). Feature directions are orthonormal.
+
+    The SAE is the one sparsity favours on each: with a hierarchy every child latent absorbs its parent (decoder
+    row (u_parent + u_child) / sqrt 2, and the parent latent is suppressed whenever a child fires), so the
+    child latents are the absorbers and the parent latent is the split; without one, one latent per feature."""
+
+    x: Tensor
+    """The activations [n_rows, d]."""
+    y: np.ndarray
+    """Each row's parent (its label)."""
+    child: np.ndarray
+    """Each row's child feature (-1: none)."""
+    words: list[str]
+    """Each row's name, `p<parent>` or `p<parent>.c<child>`."""
+    classes: list[str]
+    """The labels, `p0`, `p1`, ..."""
+    sae: SAE
+    """The SAE sparsity favours on these activations."""
+    parent_latent: list[int]
+    """The SAE latent of each parent."""
+    child_latent: list[int]
+    """The SAE latent of each child."""
+    children_of: list[list[int]]
+    """Each parent's children."""
+    directions: Tensor
+    """The feature directions: the parents', then the children's."""
+
+
+def planted_absorption(
+    n_rows: int = 40_000,
+    n_parents: int = 4,
+    n_children: int = 20,
+    *,
+    child_prob: float = 0.4,
+    hierarchy: bool = True,
+    d: int = 128,
+    noise: float = 0.01,
+    seed: int = 0,
+) -> Planted:
+    """Planted absorption (`hierarchy=True`) or its control with independent features (`hierarchy=False`)."""
+    n_feats = n_parents * (1 + n_children)
+    if n_feats > d:
+        raise AbsorptionError(f"{n_feats} orthonormal features need d >= {n_feats}; give a larger d")
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.linalg.qr(torch.randn(d, n_feats, generator=g))[0].T  # orthonormal rows
+    parents, children = dirs[:n_parents], dirs[n_parents:]
+    children_of = [list(range(p * n_children, (p + 1) * n_children)) for p in range(n_parents)]
+    y = torch.randint(0, n_parents, (n_rows,), generator=g)
+    has_child = torch.rand(n_rows, generator=g) < child_prob
+    pick = torch.randint(0, n_children, (n_rows,), generator=g)
+    owner = y if hierarchy else torch.randint(0, n_parents, (n_rows,), generator=g)
+    child = torch.where(has_child, owner * n_children + pick, torch.full_like(y, -1))
+    x = parents[y] + torch.where(has_child[:, None], children[child.clamp_min(0)], torch.zeros(1))
+    x = x + noise * torch.randn(x.shape, generator=g)
+    sae = SAE.from_config(SAEConfig(arch="relu", d_in=d, d_sae=n_feats, k=1))
+    with torch.no_grad():
+        sae.b_dec.zero_()
+        parent_enc = 2 * parents.clone()
+        child_dec = children.clone()
+        if hierarchy:  # the parent latent is off whenever one of its children fires; children carry the parent
+            for p, kids in enumerate(children_of):
+                parent_enc[p] -= 4 * children[kids].sum(0)
+                child_dec[kids] = (children[kids] + parents[p]) / math.sqrt(2)
+        child_scale = math.sqrt(2) if hierarchy else 1.0  # activation = the norm of what the latent reconstructs
+        sae.W_enc.copy_(torch.cat([parent_enc, 2 * child_scale * children]).T)
+        sae.b_enc.copy_(torch.cat([torch.full((n_parents,), -1.0), torch.full((len(children),), -child_scale)]))
+        sae.W_dec.copy_(torch.cat([parents, child_dec]))
+    words = [f"p{p}" + (f".c{c}" if c >= 0 else "") for p, c in zip(y.tolist(), child.tolist())]
+    return Planted(
+        x,
+        y.numpy(),
+        child.numpy(),
+        words,
+        [f"p{p}" for p in range(n_parents)],
+        sae.eval(),
+        list(range(n_parents)),
+        list(range(n_parents, n_feats)),
+        children_of,
+        dirs,
+    )
+
+
+def planted_probe_data(
+    planted: Planted,
+    train_fraction: float = 0.8,
+    s: AbsorptionSettings = AbsorptionSettings(),
+    *,
+    progress: bool = False,
+) -> ProbeData:
+    """The probe step on planted activations, split by row."""
+    cut = int(len(planted.x) * train_fraction)
+    return fit_probe(
+        planted.x[:cut],
+        planted.y[:cut],
+        planted.x[cut:],
+        test_y=planted.y[cut:],
+        classes=planted.classes,
+        test_words=planted.words[cut:],
+        s=s,
+        progress=progress,
+    )

@@ -1,0 +1,109 @@
+"""What a training run trains: the sweep `Grid`, `TrainConfig`, the default learning rate and its schedule.
+
+Every field is range-checked where it is declared, so a bad value is a `ConfigError` naming its key before
+anything runs; nothing here touches the filesystem.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, model_validator
+
+from saelab.config import StrictModel
+from saelab.run import RunDir
+from saelab.sae import Arch
+
+PositiveInt = Annotated[int, Field(gt=0)]
+LearningRate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class Grid(StrictModel):
+    """The sweep grid: every combination is one SAE per hook point."""
+
+    arch: list[Arch] = Field(default=["topk"], min_length=1)
+    """Architectures: `topk`, `batchtopk`, `jumprelu`, `relu`."""
+    k: list[PositiveInt] = Field(default=[32], min_length=1)
+    """Active latents per token (`batchtopk`: on average)."""
+    expansion: list[PositiveInt] = Field(default=[16], min_length=1)
+    """Dictionary widths as multiples of the hook point's dimension."""
+    lr: list[LearningRate] | None = Field(default=None, min_length=1)
+    """Learning rates (> 0); `None`: `default_lr(width)`, 2e-4 / sqrt(width / 2^14), as in Gao et al."""
+
+
+class TrainConfig(StrictModel):
+    """What to train, on what, for how long."""
+
+    store: str | None = None
+    """The activation store (path or fsspec URL); `None`: the run's own store (`RunDir(run).store`)."""
+    run: str
+    """The run folder: the SAEs go to `RUN/saes/`."""
+    hooks: list[str] | None = None
+    """Hook points to train on; `None` (or empty): every hook point of the store."""
+    grid: Grid = Grid()
+    """The sweep grid."""
+    sae: dict[str, Any] = {}
+    """Further `SAEConfig` fields, the same for every SAE (e.g. `dead_tokens`, `l1_coef`)."""
+    tokens: int = Field(default=5_000_000, gt=0)
+    """Training tokens per SAE; at least one batch."""
+    batch_size: int = Field(default=4096, gt=0)
+    """Rows per step, shared by every SAE."""
+    eval_rows: int = Field(default=16_384, gt=0)
+    """Rows at the end of the store held out for the metrics."""
+    warmup_steps: int = Field(default=100, ge=0)
+    """Steps of linear learning-rate warmup."""
+    decay_start: float = Field(default=0.8, ge=0, le=1)
+    """Fraction of training after which the learning rate decays linearly to zero."""
+    seed: int = Field(default=0, ge=0)
+    """Seeds the SAEs' initialisation and the batch order."""
+    checkpoint_every: int = Field(default=1_000_000, gt=0)
+    """Tokens between checkpoints."""
+    log_every: int = Field(default=20, gt=0)
+    """Steps between progress updates (and logger points)."""
+    device: str = "auto"
+    """`auto`, `cpu`, `cuda`, `cuda:N`."""
+    logger: Literal["none", "tensorboard", "wandb"] = "none"
+    """Where the running metrics go besides the progress bar."""
+    model: str | None = None
+    """The model for CE loss recovered and KL; default: the store's model if it is a decoder; `none`: skip."""
+    ce_contexts: int = Field(default=16, ge=0)
+    """Contexts for the spliced metrics; 0 skips them."""
+
+    @model_validator(mode="after")
+    def _one_batch_at_least(self) -> TrainConfig:
+        if self.tokens < self.batch_size:
+            raise ValueError(
+                f"`tokens` ({self.tokens}) is less than one batch (`batch_size` {self.batch_size}), so nothing "
+                "would be trained; raise `tokens` or lower `batch_size`"
+            )
+        return self
+
+    @property
+    def store_path(self) -> str:
+        """The store to train on: `store`, or the run's own `activations.zarr`."""
+        return self.store if self.store is not None else str(RunDir(self.run).store)
+
+    def identity(self) -> dict[str, Any]:
+        """What decides the trained SAEs (saved as `train_config.json`; a resume must match it)."""
+        identity = self.model_dump(mode="json", exclude={"device", "log_every", "logger"})
+        identity["store"] = self.store_path  # in place: the saved file keeps its key order
+        return identity
+
+
+def default_lr(width: int) -> float:
+    """Gao et al.'s learning-rate scaling with the dictionary width."""
+    return 2e-4 / math.sqrt(width / 2**14)
+
+
+def lr_factor(step: int, total: int, *, warmup: int, decay_start: float) -> float:
+    """Linear warmup, constant, then linear decay to zero over the last (1 - decay_start) of training."""
+    warm = min(1.0, (step + 1) / max(warmup, 1))
+    start = int(decay_start * total)
+    decay = 1.0 if step < start else max(0.0, (total - step) / max(total - start, 1))
+    return warm * decay
+
+
+def variant_name(arch: str, k: int, width: int, *, lr: float) -> str:
+    """The folder name of one SAE of the grid under its hook point's folder."""
+    return f"{arch}-k{k}-w{width}-lr{lr:.3g}"

@@ -1,0 +1,146 @@
+"""Honest SAE metrics: reconstruction on held-out rows, and the model's loss with the SAE spliced in."""
+
+from __future__ import annotations
+
+from itertools import islice
+from typing import Any, TypedDict
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from saelab.config import TextConfig
+from saelab.models import device_of, is_encoder
+from saelab.sae import SAE
+from saelab.text import SpecialTokens, iter_documents, pack_contexts
+
+DENSE_THRESHOLD = 0.1
+
+
+class ReconstructionMetrics(TypedDict):
+    """How well an SAE reconstructs held-out rows (`reconstruction_metrics`)."""
+
+    fvu: float
+    """Fraction of variance unexplained: sum |x - x_hat|^2 / sum |x - mean(x)|^2 over the whole set."""
+    mse: float
+    """Mean squared error per element."""
+    l0: float
+    """Mean number of active latents per row."""
+    dead_frac: float
+    """Fraction of latents dead by the training counters (no firing in the last `cfg.dead_tokens` tokens)."""
+    dead_frac_eval: float
+    """Fraction of latents that never fire on these rows."""
+    dense_frac: float
+    """Fraction of latents firing on more than 10% of these rows."""
+
+
+class SplicedMetrics(TypedDict):
+    """The model's loss with an SAE's reconstruction spliced in (`spliced_metrics`)."""
+
+    ce_orig: float
+    """Next-token cross-entropy of the model as it is."""
+    ce_sae: float
+    """Cross-entropy with the SAE's reconstruction in place of the activation."""
+    ce_zero: float
+    """Cross-entropy with the activation zero-ablated."""
+    ce_loss_score: float
+    """CE loss recovered: (CE_zero - CE_sae) / (CE_zero - CE_orig)."""
+    kl_sae: float
+    """KL from the original next-token distribution to the spliced one."""
+    kl_zero: float
+    """KL from the original next-token distribution to the zero-ablated one."""
+    kl_div_score: float
+    """(KL_zero - KL_sae) / KL_zero."""
+
+
+@torch.no_grad()
+def reconstruction_metrics(sae: SAE, x: Tensor, batch_size: int = 8192) -> ReconstructionMetrics:
+    """FVU, MSE, L0, and dead/dense fractions of `sae` on rows `x` [n, d_in] (raw activations).
+
+    FVU is 1 - explained variance over the whole set: sum |x - x_hat|^2 / sum |x - mean(x)|^2.
+    `dead_frac` uses the training counters (no firing in the last `cfg.dead_tokens` tokens);
+    `dead_frac_eval` counts latents that never fire on these rows; `dense_frac` those firing on
+    more than 10% of them.
+    """
+    device = sae.W_enc.device
+    sse = 0.0
+    l0 = 0.0
+    fires = torch.zeros(sae.cfg.d_sae, device=device)
+    mean = x.double().mean(0).to(device)
+    total_var = 0.0
+    for start in range(0, len(x), batch_size):
+        xb = x[start : start + batch_size].to(device, torch.float32)
+        f = sae.encode(xb)
+        recon = sae.decode(f)
+        active = f != 0
+        sse += float((xb - recon).double().pow(2).sum())
+        total_var += float((xb.double() - mean).pow(2).sum())
+        l0 += float(active.sum())
+        fires += active.sum(0)
+    n = len(x)
+    density = fires / n
+    return {
+        "fvu": sse / total_var,
+        "mse": sse / (n * x.shape[1]),
+        "l0": l0 / n,
+        "dead_frac": float(sae.dead_mask().float().mean()),
+        "dead_frac_eval": float((fires == 0).float().mean()),
+        "dense_frac": float((density > DENSE_THRESHOLD).float().mean()),
+    }
+
+
+def eval_tokens(store_config: dict[str, Any], model: Any, n_contexts: int) -> Tensor:
+    """The first `n_contexts` contexts of the store's text source, packed as the harvest packed them."""
+    special = SpecialTokens.for_tokenizer(model.tokenizer, is_encoder(model))
+    docs = iter_documents(TextConfig(**store_config["text"]))
+    contexts = [
+        t for t, _ in islice(pack_contexts(docs, model.tokenizer, special, store_config["context_length"]), n_contexts)
+    ]
+    return torch.from_numpy(np.stack(contexts)).to(device_of(model))
+
+
+def _splice(sae: SAE | None) -> Any:
+    """A hook that replaces the activation by the SAE's reconstruction (None: by zeros)."""
+
+    def hook(act: Tensor, hook: Any) -> Tensor:
+        if sae is None:
+            return torch.zeros_like(act)
+        flat = act.flatten(2) if act.ndim == 4 else act
+        return sae(flat.float()).to(act.dtype).reshape(act.shape)
+
+    return hook
+
+
+@torch.no_grad()
+def spliced_metrics(model: Any, sae: SAE, hook: str, *, tokens: Tensor) -> SplicedMetrics:
+    """CE loss recovered and KL with the SAE's reconstruction spliced in at `hook` (SAEBench's core).
+
+    `ce_loss_score` = (CE_zero - CE_sae) / (CE_zero - CE_orig), with zero-ablation as the baseline;
+    `kl_div_score` = (KL_zero - KL_sae) / KL_zero, KL from the original next-token distribution.
+    Meant for decoders: an encoder's MLM head (MiniLM's is untrained) gives no meaningful loss.
+    """
+
+    def run(replacement: Any) -> tuple[Tensor, Tensor]:
+        hooks = [] if replacement is False else [(hook, replacement)]
+        logits = model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits").float()
+        logp = logits[:, :-1].log_softmax(-1)
+        ce = -logp.gather(-1, tokens[:, 1:, None]).mean()
+        return ce, logp
+
+    ce_orig, logp_orig = run(False)
+    ce_sae, logp_sae = run(_splice(sae))
+    ce_zero, logp_zero = run(_splice(None))
+
+    def kl(logp: Tensor) -> float:
+        return float((logp_orig.exp() * (logp_orig - logp)).sum(-1).mean())
+
+    kl_sae, kl_zero = kl(logp_sae), kl(logp_zero)
+    return {
+        "ce_orig": float(ce_orig),
+        "ce_sae": float(ce_sae),
+        "ce_zero": float(ce_zero),
+        "ce_loss_score": float((ce_zero - ce_sae) / (ce_zero - ce_orig)),
+        "kl_sae": kl_sae,
+        "kl_zero": kl_zero,
+        "kl_div_score": (kl_zero - kl_sae) / kl_zero,
+    }

@@ -1,0 +1,255 @@
+"""Train many SAEs in one pass over an activation store: hook points x a sweep grid, sharing each batch.
+
+What a run writes (paths from `saelab.run.RunDir`): each SAE in SAELens layout with its `metrics.json` under
+`RUN/saes/<hook>/<variant>/`, the exact resume state in `RUN/saes/checkpoint/` (`saelab.train.checkpoint`) and
+the resolved config in `RUN/saes/train_config.json`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import torch
+from tqdm.auto import tqdm
+
+from saelab.config import build
+from saelab.errors import ConfigError, StoreError
+from saelab.models import load_model, resolve_device
+from saelab.run import RunDir
+from saelab.sae import SAE, SAEConfig, train_step
+from saelab.store import ActivationStore
+from saelab.train.checkpoint import check_checkpoint, load_checkpoint, save_checkpoint
+from saelab.train.config import TrainConfig, default_lr, lr_factor, variant_name
+from saelab.train.loggers import TrainLogger, make_logger
+from saelab.train.metrics import eval_tokens, reconstruction_metrics, spliced_metrics
+
+
+@dataclass
+class Member:
+    """One SAE being trained, with its optimiser and running metrics."""
+
+    hook: str
+    """The hook point it reads."""
+    variant: str
+    """Its folder name under the hook point's (`variant_name`)."""
+    lr: float
+    """Peak learning rate (the schedule scales it per step)."""
+    sae: SAE
+    """The SAE."""
+    opt: torch.optim.Adam
+    """Its optimiser."""
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Running sums of the step metrics since the last log (on the device: no sync per step)."""
+    window: int = 0
+    """Steps summed in `sums`."""
+    bad_step: torch.Tensor = field(default_factory=lambda: torch.full((), -1, dtype=torch.long))
+    """First step whose loss was not finite (-1: none; on the training device), checked once per log interval."""
+    stopped: str | None = None
+    """Why it was stopped, if it was."""
+
+    @property
+    def key(self) -> str:
+        """`hook/variant`, its name in checkpoints and loggers."""
+        return f"{self.hook}/{self.variant}"
+
+
+class Trainer:
+    """Trains every SAE of a config over one shared stream of batches; resumable."""
+
+    def __init__(self, cfg: TrainConfig, progress: bool = True):
+        self.cfg, self.progress = cfg, progress
+        self.store = ActivationStore.open(cfg.store_path)
+        self.hooks = cfg.hooks or self.store.hooks
+        missing = [h for h in self.hooks if h not in self.store.hooks]
+        if missing:
+            raise StoreError(f"hooks {missing} are not in store {cfg.store_path!r}; it has {self.store.hooks}")
+        if self.store.n_tokens <= cfg.eval_rows + cfg.batch_size:
+            raise StoreError(
+                f"store {cfg.store_path!r} has {self.store.n_tokens} rows: too few for eval_rows={cfg.eval_rows} "
+                f"plus one batch of {cfg.batch_size}; harvest more or lower them"
+            )
+        self.device = resolve_device(cfg.device)
+        self.train_rows = (0, self.store.n_tokens - cfg.eval_rows)
+        self.total_steps = cfg.tokens // cfg.batch_size
+        self.run_dir = RunDir(cfg.run)
+        self.members = [self._member(h, *combo) for h in self.hooks for combo in self._combos()]
+
+    def _combos(self) -> list[tuple[str, int, int, float | None]]:
+        g = self.cfg.grid
+        return list(itertools.product(g.arch, g.k, g.expansion, g.lr or [None]))
+
+    def _member(self, hook: str, arch: str, k: int, expansion: int, lr: float | None) -> Member:
+        d_in = self.store.d(hook)
+        fields = dict(
+            arch=arch,
+            d_in=d_in,
+            d_sae=expansion * d_in,
+            k=k,
+            hook_name=hook,
+            model_name=self.store.model,
+            context_size=self.store.config.get("context_length"),
+            dataset=str(self.store.config.get("text", "")),
+        )
+        sae_cfg = build(SAEConfig, {**fields, **self.cfg.sae}, f"SAE config for {hook} ({arch}, k={k}, x{expansion})")
+        torch.manual_seed(self.cfg.seed)
+        sae = SAE.from_config(sae_cfg, device=self.device)
+        lr = lr if lr is not None else default_lr(sae_cfg.d_sae)
+        opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), fused=True)
+        return Member(hook=hook, variant=variant_name(arch, k, sae_cfg.d_sae, lr=lr), lr=lr, sae=sae, opt=opt)
+
+    # ------------------------------------------------------------------ state
+
+    def _init_from_sample(self) -> None:
+        n = min(8192, self.train_rows[1])
+        sample = next(self._batches(n, seed=self.cfg.seed + 1))
+        for m in self.members:
+            m.sae.init_from_sample(sample[m.hook].to(self.device))
+
+    def _batches(self, batch_size: int, **kwargs: Any) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches of the training rows, one tensor per hook point."""
+        # `hooks` is a list, so each batch is a dict (`ActivationStore.batches` has no overloads saying so).
+        return cast(
+            Iterator[dict[str, torch.Tensor]],
+            self.store.batches(self.hooks, batch_size, rows=self.train_rows, **kwargs),
+        )
+
+    def _check_resume(self) -> None:
+        """Refuse, before anything is written, a run folder whose SAEs were made by another config."""
+        run = self.run_dir
+        check_checkpoint(run.checkpoint, self.members, train_config=run.train_config)
+        if run.train_config.exists():
+            old, new = json.loads(run.train_config.read_text()), self.cfg.identity()
+            if old != new:
+                diff = [k for k in old if old.get(k) != new.get(k)]
+                raise ConfigError(
+                    f"{run.saes_dir} holds SAEs trained with a different config (differs in {diff}); "
+                    f"set `run` to a new run directory or delete {run.saes_dir} to start over"
+                )
+
+    # ------------------------------------------------------------------- loop
+
+    def run(self) -> list[dict[str, Any]]:
+        """Train to `cfg.tokens`, evaluate on the held-out rows, save; returns one result row per SAE."""
+        run = self.run_dir.prepare()
+        self._check_resume()
+        start = load_checkpoint(run.checkpoint, self.members, self.device)
+        run.saes_dir.mkdir(parents=True, exist_ok=True)
+        run.train_config.write_text(json.dumps(self.cfg.identity(), indent=1))
+        if start == 0:
+            self._init_from_sample()
+        logger = make_logger(self.cfg.logger, run.saes_dir)
+        cfg = self.cfg
+        ckpt_every = max(1, cfg.checkpoint_every // cfg.batch_size)
+        use_autocast = self.device.type == "cuda"
+        batches = self._batches(cfg.batch_size, seed=cfg.seed, epochs=None, start_batch=start)
+        bar = tqdm(total=self.total_steps, initial=start, unit="step", disable=not self.progress, desc="train")
+        for m in self.members:
+            m.bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        try:
+            for step in range(start, self.total_steps):
+                batch = {h: x.to(self.device, non_blocking=True) for h, x in next(batches).items()}
+                factor = lr_factor(step, self.total_steps, warmup=cfg.warmup_steps, decay_start=cfg.decay_start)
+                # The dead set for AuxK is refreshed (one device sync) only at fixed steps, the start and
+                # every checkpoint included, so a resumed run refreshes exactly where an uninterrupted one did.
+                refresh = step == start or step % cfg.log_every == 0 or step % ckpt_every == 0
+                for m in self.members:
+                    if m.stopped:
+                        continue
+                    if refresh:
+                        m.sae.plan_aux()
+                    for group in m.opt.param_groups:
+                        group["lr"] = m.lr * factor
+                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
+                        metrics = train_step(m.sae, m.opt, batch[m.hook])
+                    finite = torch.isfinite(metrics["loss"])
+                    m.bad_step = torch.where((m.bad_step < 0) & ~finite, step, m.bad_step)
+                    for k, v in metrics.items():
+                        m.sums[k] = m.sums.get(k, 0) + v.float()
+                    m.window += 1
+                if (step + 1) % cfg.log_every == 0 or step + 1 == self.total_steps:
+                    self._log(step + 1, bar, logger)
+                if (step + 1) % ckpt_every == 0 and step + 1 < self.total_steps:
+                    save_checkpoint(run.checkpoint, self.members, step + 1)
+                bar.update(1)
+        finally:
+            bar.close()
+            if logger is not None:
+                logger.close()
+        save_checkpoint(run.checkpoint, self.members, self.total_steps)
+        return self._finish()
+
+    def _log(self, step: int, bar: tqdm, logger: TrainLogger | None) -> None:
+        """Sync once per log interval: stop SAEs whose loss went non-finite, show the running means."""
+        shown: dict[str, list[float]] = {}
+        for m in self.members:
+            if m.stopped:
+                continue
+            bad = int(m.bad_step)
+            if bad >= 0:
+                m.stopped = f"loss became NaN/inf at step {bad}; this SAE was stopped, the others went on"
+                tqdm.write(f"{m.key}: {m.stopped}")
+                continue
+            means = {k: float(v) / m.window for k, v in m.sums.items()}
+            m.sums, m.window = {}, 0
+            for k, v in means.items():
+                shown.setdefault(k, []).append(v)
+                if logger is not None:
+                    logger.log(f"{m.key}/{k}", v, step * self.cfg.batch_size)
+        if shown:
+            bar.set_postfix(
+                {k: f"{sum(v) / len(v):.3g}" for k, v in shown.items() if k in ("loss", "fvu", "l0", "dead_frac")}
+            )
+
+    def _finish(self) -> list[dict[str, Any]]:
+        """Evaluate on held-out rows, save each SAE in SAELens layout with its metrics."""
+        eval_rows = slice(self.train_rows[1], self.store.n_tokens)
+        model, tokens = self._ce_model()
+        results = []
+        for m in self.members:
+            folder = self.run_dir.sae(m.hook, m.variant)
+            row: dict[str, Any] = {
+                "hook": m.hook,
+                "arch": m.sae.cfg.arch,
+                "k": m.sae.cfg.k,
+                "width": m.sae.cfg.d_sae,
+                "lr": m.lr,
+                "tokens": self.total_steps * self.cfg.batch_size,
+                "path": str(folder),
+            }
+            if m.stopped:
+                row["stopped"] = m.stopped
+            else:
+                m.sae.eval()
+                row |= reconstruction_metrics(m.sae, self.store.activations(m.hook, eval_rows))
+                if model is not None and tokens is not None:
+                    row |= spliced_metrics(model, m.sae, m.hook, tokens=tokens)
+                m.sae.save(folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            self.run_dir.sae_metrics(m.hook, m.variant).write_text(json.dumps(row, indent=1))
+            results.append(row)
+        return results
+
+    def _ce_model(self) -> tuple[Any, torch.Tensor | None]:
+        """The model and eval contexts for spliced metrics, when the store came from a decoder harvest."""
+        spec = self.cfg.model or (self.store.config.get("model") if self.store.meta.get("encoder") is False else None)
+        if not spec or spec == "none" or "text" not in self.store.config or self.cfg.ce_contexts <= 0:
+            return None, None
+        model = load_model(spec, device=str(self.device))
+        return model, eval_tokens(self.store.config, model, self.cfg.ce_contexts)
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> list[dict[str, Any]]:
+    """Train every SAE the config asks for (resuming if interrupted); return one result row per SAE.
+
+    A row is a plain dict, the same that the SAE's `metrics.json` holds: `hook` (the hook point it reads),
+    `arch`, `k`, `width` (`d_sae`), `lr` (the peak learning rate), `tokens` (training tokens seen) and `path`
+    (its folder `RUN/saes/<hook>/<variant>/`, whose name is the variant). An SAE whose loss became NaN/inf
+    has `stopped` (why) and no metrics; the others have the `ReconstructionMetrics` keys (`fvu`, `mse`,
+    `l0`, `dead_frac`, `dead_frac_eval`, `dense_frac`), and the `SplicedMetrics` keys (`ce_loss_score`,
+    `kl_div_score`, ...) when a decoder model was run with the SAE spliced in.
+    """
+    return Trainer(cfg, progress).run()

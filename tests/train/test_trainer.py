@@ -1,0 +1,277 @@
+"""Trainer: several SAEs per pass, exact resume after SIGKILL, NaN isolation, sweep outputs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from saelab.cli import app
+from saelab.errors import ConfigError, StoreError
+from saelab.importer import import_arrays
+from saelab.sae import SAE
+from saelab.store import ActivationStore
+from saelab.synthetic import make_synthetic
+from saelab.train import Grid, TrainConfig, default_lr, lr_factor, read_results, train
+
+D = 32
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory):
+    """Sparse combinations of 128 known directions in 32 dims, under two hook names."""
+    data = make_synthetic(n_features=128, d=D, mean_active=4.0, n_pairs=8, seed=0)
+    x = data.sample(24_000, torch.Generator().manual_seed(0)).numpy()
+    out = str(tmp_path_factory.mktemp("store") / "syn.zarr")
+    import_arrays({"h0": x, "h1": 2 * x + 1}, out, shard_rows=4096, chunk_rows=1024, progress=False)
+    return out
+
+
+def config(store_path, out, **kw):
+    base = dict(
+        store=store_path,
+        run=str(out),
+        tokens=256 * 120,
+        batch_size=256,
+        eval_rows=4096,
+        warmup_steps=10,
+        checkpoint_every=256 * 20,
+        log_every=10,
+        grid={"arch": ["topk"], "k": [4], "expansion": [4]},
+        sae={"dead_tokens": 5000},
+    )
+    return {**base, **kw}
+
+
+def test_schedule_and_default_lr():
+    assert default_lr(2**14) == pytest.approx(2e-4) and default_lr(2**16) == pytest.approx(1e-4)
+    f = [lr_factor(s, 100, warmup=10, decay_start=0.8) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == 1.0 and f[50] == 1.0 and f[90] == pytest.approx(0.5) and f[99] < 0.1
+
+
+def test_grid_trains_every_sae_in_one_pass_and_saves_saelens_layout(store_path, tmp_path):
+    cfg = TrainConfig(
+        **config(
+            store_path,
+            tmp_path,
+            grid={"arch": ["topk", "batchtopk", "relu"], "k": [4, 8], "expansion": [4]},
+            sae={"dead_tokens": 5000, "l1_coef": 1.0},
+        )
+    )
+    rows = train(cfg, progress=False)
+    assert len(rows) == 2 * 3 * 2  # hooks x arch x k
+    by = {(r["hook"], r["arch"], r["k"]): r for r in rows}
+    assert by[("h0", "topk", 8)]["fvu"] < by[("h0", "topk", 4)]["fvu"] < 0.5
+    assert by[("h0", "topk", 4)]["l0"] == pytest.approx(4, abs=0.01)
+    x = ActivationStore.open(store_path).activations("h1", slice(-4096, None))
+    for r in rows:
+        assert set(os.listdir(r["path"])) >= {"cfg.json", "sae_weights.safetensors", "metrics.json"}
+        assert r["dead_frac"] <= 1 and 0 <= r["dense_frac"] <= 1
+    sae = SAE.load(by[("h1", "topk", 8)]["path"])  # the input scale is folded: it works on raw activations
+    fvu = ((x - sae(x)).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+    assert fvu == pytest.approx(by[("h1", "topk", 8)]["fvu"], rel=1e-4)
+
+
+def test_diverging_sae_is_stopped_and_others_go_on(store_path, tmp_path):
+    cfg = TrainConfig(
+        **config(
+            store_path, tmp_path, hooks=["h0"], grid={"arch": ["topk"], "k": [4], "expansion": [4], "lr": [1e-3, 1e38]}
+        )
+    )
+    rows = train(cfg, progress=False)
+    ok, bad = sorted(rows, key=lambda r: r["lr"])
+    assert ok["fvu"] < 0.5
+    assert "NaN/inf at step" in bad["stopped"] and "fvu" not in bad
+    assert not os.path.exists(os.path.join(bad["path"], "sae_weights.safetensors"))
+
+
+def test_bad_inputs_are_refused(store_path, tmp_path):
+    with pytest.raises(StoreError, match="not in store"):
+        train(TrainConfig(**config(store_path, tmp_path, hooks=["blocks.0.hook_resid_post"])), progress=False)
+    with pytest.raises(ConfigError, match="k=64 exceeds d_sae=32"):
+        train(TrainConfig(**config(store_path, tmp_path, grid={"k": [64], "expansion": [1]})), progress=False)
+    train(TrainConfig(**config(store_path, tmp_path, hooks=["h0"], tokens=256 * 20)), progress=False)
+    with pytest.raises(ConfigError, match="different config"):
+        train(TrainConfig(**config(store_path, tmp_path, hooks=["h0"], tokens=256 * 30)), progress=False)
+
+
+def _latest_step(out) -> int:
+    try:
+        return json.loads((out / "saes" / "checkpoint" / "latest.json").read_text())["step"]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def _train_cli(path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "saelab.cli", "train", str(path), "--quiet"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _stderr_tail(proc: subprocess.Popen[bytes]) -> str:
+    return _stderr_tail(proc) if proc.stderr is not None else ""
+
+
+def test_resume_after_sigkill_ends_with_the_same_weights(store_path, tmp_path):
+    def write(name):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(
+            yaml.safe_dump(
+                config(
+                    store_path,
+                    tmp_path / name,
+                    tokens=256 * 400,
+                    checkpoint_every=256 * 25,
+                    grid={"arch": ["topk"], "k": [4], "expansion": [8]},
+                )
+            )
+        )
+        return path
+
+    ref = _train_cli(write("ref"))
+    assert ref.wait(timeout=300) == 0, _stderr_tail(ref)
+    proc = _train_cli(write("killed"))
+    deadline = time.time() + 120
+    while _latest_step(tmp_path / "killed") < 100 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = _latest_step(tmp_path / "killed")
+    assert 100 <= killed_at < 400, f"training was not killed midway (checkpoint step {killed_at})"
+    proc = _train_cli(write("killed"))
+    assert proc.wait(timeout=300) == 0, _stderr_tail(proc)
+    weights = sorted((tmp_path / "ref" / "saes").glob("h*/*/sae_weights.safetensors"))
+    assert len(weights) == 2
+    for path in weights:
+        want = load_file(str(path))
+        got = load_file(str(tmp_path / "killed" / path.relative_to(tmp_path / "ref")))
+        differ = {k: float((want[k] - got[k]).abs().max()) for k in want if not torch.equal(want[k], got[k])}
+        assert want.keys() == got.keys() and not differ, (
+            f"resumed from step {killed_at}: {path.parent.name} differs in {differ}"
+        )
+
+
+def test_sweep_cli_writes_table_and_pareto(store_path, tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            config(
+                store_path,
+                tmp_path / "run",
+                hooks=["h0"],
+                tokens=256 * 30,
+                grid={"arch": ["topk"], "k": [2, 4], "expansion": [2, 4]},
+            )
+        )
+    )
+    result = CliRunner().invoke(app, ["sweep", str(path), "--quiet"])
+    assert result.exit_code == 0, result.output
+    rows = read_results(tmp_path / "run" / "results.csv")
+    assert sorted((r["k"], r["width"]) for r in rows) == [("2", "128"), ("2", "64"), ("4", "128"), ("4", "64")]
+    html = (tmp_path / "run" / "pareto.html").read_text()
+    assert "h0 topk w64" in html and "h0 topk w128" in html
+
+
+def test_ce_loss_recovered_on_a_decoder_store(trained_decoder_dir, tmp_path):
+    from saelab.config import HarvestConfig
+    from saelab.harvest import harvest
+    from saelab.models import load_model
+    from saelab.sae import SAEConfig
+    from saelab.train import eval_tokens, spliced_metrics
+
+    store = harvest(
+        HarvestConfig(
+            model=trained_decoder_dir,
+            hooks=["blocks.0.hook_resid_post", "blocks.0.attn.hook_z"],
+            out=str(tmp_path / "s.zarr"),
+            context_length=32,
+            batch_size=8,
+            max_tokens=20_000,
+            shard_rows=4096,
+            chunk_rows=1024,
+        ),
+        progress=False,
+    )
+    model = load_model(trained_decoder_dir, device="cpu")
+    tokens = eval_tokens(store.config, model, 4)
+    bos = model.tokenizer.bos_token_id if model.tokenizer is not None else None
+    assert isinstance(bos, int)
+    assert tokens.shape == (4, 32) and (tokens[:, 0] == bos).all()
+
+    # A TopK SAE with W_enc = [I, -I], W_dec = [I; -I], k = d reconstructs exactly: score 1, KL 0.
+    d = 64
+    exact = SAE.from_config(SAEConfig(arch="topk", d_in=d, d_sae=2 * d, k=d))
+    eye = torch.eye(d)
+    with torch.no_grad():
+        exact.W_enc.copy_(torch.cat([eye, -eye], 1))
+        exact.W_dec.copy_(torch.cat([eye, -eye], 0))
+        exact.b_enc.zero_()
+        exact.b_dec.zero_()
+    m = spliced_metrics(model, exact, "blocks.0.attn.hook_z", tokens=tokens)
+    assert m["ce_loss_score"] == pytest.approx(1.0, abs=1e-4) and m["kl_sae"] == pytest.approx(0.0, abs=1e-5)
+    assert m["ce_zero"] > m["ce_orig"] and m["kl_zero"] > 0
+
+    # Zero-ablating the residual stream is catastrophic, so the score's denominator is stable there.
+    rows = train(
+        TrainConfig(
+            store=store.path,
+            run=str(tmp_path / "run"),
+            tokens=256 * 40,
+            batch_size=256,
+            eval_rows=2048,
+            hooks=["blocks.0.hook_resid_post"],
+            grid=Grid(k=[8], expansion=[4]),
+            ce_contexts=4,
+        ),
+        progress=False,
+    )
+    (r,) = rows
+    assert r["ce_zero"] - r["ce_orig"] > 0.1
+    assert 0.3 < r["ce_loss_score"] <= 1 and 0.5 < r["kl_div_score"] <= 1 and r["ce_sae"] > r["ce_orig"]
+
+
+def test_tensorboard_logger_records_the_progress_metrics(store_path, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(
+        TrainConfig(**config(store_path, tmp_path, hooks=["h0"], tokens=256 * 30, logger="tensorboard")), progress=False
+    )
+    events = EventAccumulator(str(tmp_path / "saes" / "tensorboard"))
+    events.Reload()
+    key = "h0/" + next((tmp_path / "saes" / "h0").iterdir()).name
+    fvu = events.Scalars(f"{key}/fvu")
+    assert [e.step for e in fvu] == [256 * 10, 256 * 20, 256 * 30]  # one point per log interval, in tokens
+    assert fvu[-1].value < fvu[0].value
+    assert {f"{key}/{m}" for m in ("loss", "l0", "dead_frac", "auxk")} <= set(events.Tags()["scalars"])
+
+
+def test_wandb_logger_logs_offline_to_the_run_directory(store_path, tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logged: list[tuple[dict, int]] = []
+    real_init = wandb.init
+
+    def spy_init(**kwargs):
+        run = real_init(**kwargs)
+        real_log = run.log
+        run.log = lambda data, step: (logged.append((data, step)), real_log(data, step=step))
+        return run
+
+    monkeypatch.setattr(wandb, "init", spy_init)
+    train(TrainConfig(**config(store_path, tmp_path, hooks=["h0"], tokens=256 * 20, logger="wandb")), progress=False)
+    assert list((tmp_path / "saes" / "wandb").glob("offline-run-*/run-*.wandb"))
+    fvu = [(step, data) for data, step in logged if any(k.endswith("/fvu") for k in data)]
+    assert [step for step, _ in fvu] == [256 * 10, 256 * 20]
