@@ -170,24 +170,26 @@ def serve(
 @command()
 def analyze(
     target: Path = typer.Argument(
-        ..., help="A run directory (with activations.zarr and saes/), or an analysis config (YAML) naming one in `run`."
+        ..., help="A run directory (its activation store and SAEs), or an analysis config (YAML) naming it in `run`."
     ),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override an analysis setting, e.g. --set n_top=30."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Compute every feature panel of every SAE in a run, in one streaming pass each (results in RUN/analysis)."""
+    """Compute every feature panel of every SAE in a run, in one streaming pass each; results go into the run."""
     from saelab.analysis import AnalysisConfig
     from saelab.analysis import analyze as run_analysis
     from saelab.config import apply_overrides, build, load_config
+    from saelab.run import RunDir
 
     if target.is_dir():
         cfg = build(AnalysisConfig, apply_overrides({"run": str(target)}, set_ or []), "analysis settings")
     elif target.exists():
         cfg = load_config(target, AnalysisConfig, set_ or [])
     else:
+        run = RunDir(target)
         raise MissingError(
-            f"no run directory or config file {target}; give a run directory (holding activations.zarr and saes/) "
-            "or an analysis config such as configs/analyze_minilm.yaml"
+            f"no run directory or config file {target}; give a run directory (holding {run.store.name} and "
+            f"{run.saes_dir.name}/) or an analysis config such as configs/analyze_minilm.yaml"
         )
     for path in run_analysis(cfg=cfg, progress=not quiet):
         typer.echo(f"wrote {path}")

@@ -40,9 +40,10 @@ from transformer_lens import HookedTransformer
 
 from saelab.analysis import AnalysisConfig, analyze_sae
 from saelab.config import HarvestConfig, TextConfig
+from saelab.dictionaries import SAE, SAEConfig
 from saelab.harvest import harvest
 from saelab.models import load_model, save_model
-from saelab.sae import SAE, SAEConfig
+from saelab.run import RunDir
 from saelab.text import embedded_documents
 
 HOOK = "blocks.2.hook_resid_post"
@@ -130,7 +131,7 @@ def main() -> None:
         hcfg = HarvestConfig(
             model=str(model_dir),
             hooks=[HOOK],
-            out=str(tmp / "activations.zarr"),
+            out=str(RunDir(tmp).store),
             context_length=CONTEXT,
             text=TextConfig(source="files", path=str(write_corpus(tmp / "corpus.jsonl", n_tokens))),
             max_tokens=n_tokens,

@@ -3,7 +3,7 @@
 The pass (`codes`) encodes every stored row once and keeps the sparse code (row, latent, value) of each
 nonzero activation; every panel is computed exactly from that code, without reading the activations again.
 The dictionary panels (`panels`) come from the weights alone. `run` drives both for one SAE or for every SAE
-of a run, and `features` writes and reads the result: `RUN/analysis/<hook>/<variant>.zarr`, one array per
+of a run, and `features` writes and reads the result: `RunDir.analysis(hook, variant)`, one array per
 panel, shaped `[d_sae, ...]` and chunked by feature so the app reads one feature at a time.
 """
 

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from saelab.sae import SAE
+from saelab.dictionaries import SAE
+from saelab.ops.topk import topk_rows
 from saelab.store import ActivationStore, prefetch
-from saelab.topk import topk_rows
 
 
 class SparseBatch(NamedTuple):

@@ -1,7 +1,7 @@
 """`FeatureStore`: one SAE's feature analysis on disk (a Zarr group, one array per panel, chunked by feature).
 
-The app and the notebooks read one feature at a time; `RUN/analysis/vocab.json` (`RunDir.vocab`) maps the run
-model's token ids to their display text.
+The app and the notebooks read one feature at a time; the run's `RunDir.vocab` maps the run model's token ids to
+their display text.
 """
 
 from __future__ import annotations
@@ -64,9 +64,11 @@ class FeatureStore:
 
     @property
     def vocab(self) -> list[str]:
-        """Token display strings (the run's `analysis/vocab.json`), or an empty list."""
+        """Token display strings (the run's `RunDir.vocab`), or an empty list."""
         if self._vocab is None:
-            path = RunDir(Path(self.path).parent.parent.parent).vocab  # RUN/analysis/<hook>/<variant>.zarr
+            path = RunDir(
+                Path(self.path).parent.parent.parent
+            ).vocab  # the store is RunDir(run).analysis(hook, variant)
             vocab: list[str] = json.loads(path.read_text()) if path.exists() else []
             self._vocab = vocab
         return self._vocab

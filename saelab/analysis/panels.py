@@ -7,8 +7,8 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 
+from saelab.dictionaries import SAE
 from saelab.models import Model, is_encoder
-from saelab.sae import SAE
 
 
 class LogitEffects(NamedTuple):

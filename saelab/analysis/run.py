@@ -11,10 +11,10 @@ from saelab.analysis.codes import _Codes, contexts, sparse_codes
 from saelab.analysis.config import AnalysisConfig
 from saelab.analysis.features import FeatureStore, vocab_strings, write_feature_store
 from saelab.analysis.panels import decoder_neighbours, logit_effects, residual_directions
+from saelab.dictionaries import SAE
 from saelab.errors import ConfigError, MissingError, RunError, StoreError
 from saelab.models import Model, load_model, resolve_device
 from saelab.run import SAE_WEIGHTS, RunDir
-from saelab.sae import SAE
 from saelab.store import ActivationStore
 
 
@@ -103,7 +103,9 @@ def _run_of(run_dir: str | Path | None, cfg: AnalysisConfig) -> RunDir:
         raise ConfigError(f"two runs named: `run_dir` {run_dir} and the config's `run` {cfg.run}; name one")
     run = RunDir(run_dir if run_dir is not None else str(cfg.run))
     if not run.root.is_dir():
-        raise MissingError(f"no run directory {run.root}; give the folder that holds activations.zarr and saes/")
+        raise MissingError(
+            f"no run directory {run.root}; give the folder that holds {run.store.name} and {run.saes_dir.name}/"
+        )
     return run
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from saelab.analysis import AnalysisConfig
-from saelab.sae import SAE, SAEConfig
+from saelab.dictionaries import SAE, Arch, SAEConfig
 
 CFG = AnalysisConfig(
     n_top=5,
@@ -20,7 +20,7 @@ CFG = AnalysisConfig(
 )
 
 
-def make_sae(arch: str, d_in: int = 64, d_sae: int = 48) -> SAE:
+def make_sae(arch: Arch, d_in: int = 64, d_sae: int = 48) -> SAE:
     torch.manual_seed(1)
     sae = SAE.from_config(SAEConfig(arch=arch, d_in=d_in, d_sae=d_sae, k=6, hook_name="h"))
     with torch.no_grad():
