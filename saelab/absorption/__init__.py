@@ -80,7 +80,6 @@ from saelab.absorption.vocab import (
     tokenizer_of,
 )
 from saelab.errors import AbsorptionError
-from saelab.run import ABSORPTION as ABSORPTION_DIR  # the app's name for the results folder, until it uses `RunDir`
 
 if TYPE_CHECKING:
     from saelab.toys.planted import Planted, planted_absorption, planted_probe_data
@@ -98,7 +97,6 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "ABSORPTION_DIR",
     "EPS",
     "FIRST_LETTER_TEMPLATE",
     "LETTERS",

@@ -11,9 +11,9 @@ from torch import Tensor
 from saelab.absorption.prompts import PromptStyle, answer_text, encode_prompts, icl_prompt
 from saelab.absorption.scoring import EPS, LabelScore, decoder_cosines
 from saelab.absorption.vocab import LETTERS, Word, tokenizer_of
+from saelab.dictionaries import SAE
 from saelab.errors import AbsorptionError
 from saelab.models import Model, device_of, forward_to, is_encoder
-from saelab.sae import SAE
 
 
 class IgAbsorption(TypedDict):

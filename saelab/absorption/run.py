@@ -16,10 +16,10 @@ from saelab.absorption.ig import ig_absorption
 from saelab.absorption.prompts import PromptStyle
 from saelab.absorption.scoring import AbsorptionResult, absorption_result
 from saelab.absorption.vocab import Word, labelled_vocabulary, load_label_table, tokenizer_of
+from saelab.dictionaries import SAE
 from saelab.errors import AbsorptionError, MissingError
 from saelab.models import Model, device_of, load_model
 from saelab.run import RunDir
-from saelab.sae import SAE
 
 
 class SavedResult(NamedTuple):

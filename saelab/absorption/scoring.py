@@ -15,9 +15,9 @@ from torch import Tensor
 from saelab.absorption.config import AbsorptionSettings
 from saelab.absorption.data import ProbeData
 from saelab.absorption.probes import f1, k_sparse_probing
+from saelab.dictionaries import SAE
 from saelab.errors import AbsorptionError
 from saelab.resultfile import read_json, write_json
-from saelab.sae import SAE
 
 EPS = 1e-8
 

@@ -19,12 +19,14 @@ from saelab.toys.induction import (
     induction_tokenizer,
     train_induction_model,
 )
+from saelab.toys.planted import Planted, planted_absorption, planted_probe_data
 from saelab.toys.synthetic import SyntheticData, make_synthetic, max_cosines, recovery
 
 __all__ = [
     "ALPHABET",
     "BOS",
     "INDUCTION_HOOKS",
+    "Planted",
     "SyntheticData",
     "induction_accuracy",
     "induction_run",
@@ -32,6 +34,8 @@ __all__ = [
     "induction_tokenizer",
     "make_synthetic",
     "max_cosines",
+    "planted_absorption",
+    "planted_probe_data",
     "recovery",
     "train_induction_model",
 ]

@@ -12,8 +12,8 @@ from torch import Tensor
 
 from saelab.absorption.config import AbsorptionSettings
 from saelab.absorption.data import ProbeData, fit_probe
+from saelab.dictionaries import SAE, SAEConfig
 from saelab.errors import AbsorptionError
-from saelab.sae import SAE, SAEConfig
 
 
 @dataclass

@@ -16,7 +16,7 @@ from saelab.absorption import (
     ig_absorption,
     labelled_vocabulary,
 )
-from saelab.sae import SAE, SAEConfig
+from saelab.dictionaries import SAE, SAEConfig
 
 
 def test_integrated_gradients_variant(decoder, bpe_tokenizer, minilm):

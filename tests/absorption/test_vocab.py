@@ -15,7 +15,7 @@ from saelab.absorption import (
     load_label_table,
     probe_data,
 )
-from saelab.sae import SAE, SAEConfig
+from saelab.dictionaries import SAE, SAEConfig
 
 FAST = AbsorptionSettings(probe_batch_size=1024)  # the metric's known answers do not depend on the probe's batch
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from saelab.absorption import AbsorptionError, AbsorptionResult, AbsorptionSettings, absorption_result, single_thread
+from saelab.dictionaries import SAE, SAEConfig, train_step
 from saelab.run import RunDir
-from saelab.sae import SAE, SAEConfig, train_step
 from saelab.toys.planted import planted_absorption, planted_probe_data
 
 FAST = AbsorptionSettings(probe_batch_size=1024)  # the metric's known answers do not depend on the probe's batch
@@ -83,6 +83,8 @@ def test_a_trained_sae_learns_to_absorb_only_under_a_hierarchy(planted, control)
     sae = _trained(p)
     absorbing = absorption_result(sae, data, "synthetic", variant="trained", s=FAST)
     independent = absorption_result(_trained(control[0]), control[2], "synthetic", variant="trained-control", s=FAST)
+    assert absorbing.mean_absorption_fraction is not None and absorbing.mean_full_absorption_rate is not None
+    assert independent.mean_absorption_fraction is not None and independent.mean_full_absorption_rate is not None
     assert absorbing.mean_full_absorption_rate > 0.3 and independent.mean_full_absorption_rate < 0.01
     assert absorbing.mean_absorption_fraction > 2.5 * independent.mean_absorption_fraction
     children = p.directions[len(p.classes) :]
