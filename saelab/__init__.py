@@ -1,27 +1,56 @@
-"""saelab: a mechanistic-interpretability workbench built on sparse autoencoders."""
+"""saelab: a mechanistic-interpretability workbench built on sparse dictionaries.
+
+The stable public API: the pipeline (harvest, import, train) and the entry point of every analysis. Each stage
+also has its own package (`saelab.dictionaries`, `saelab.train`, `saelab.analysis`, `saelab.absorption`,
+`saelab.circuits`, `saelab.steering`) with the rest of its API.
+"""
+
+from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from saelab.config import HarvestConfig, TextConfig, load_config  # noqa: E402
-from saelab.harvest import harvest  # noqa: E402
-from saelab.importer import import_arrays  # noqa: E402
-from saelab.models import hook_points, load_model, save_model  # noqa: E402
-from saelab.sae import SAE, SAEConfig, train_step  # noqa: E402
-from saelab.store import ActivationStore  # noqa: E402
-from saelab.train import TrainConfig, train  # noqa: E402
+from saelab.absorption import AbsorptionConfig, AbsorptionResult, run_absorption
+from saelab.analysis import AnalysisConfig, FeatureStore, analyze
+from saelab.circuits import Circuit, CircuitConfig, find_circuit, run_circuit
+from saelab.config import HarvestConfig, TextConfig, load_config
+from saelab.dictionaries import SAE, SAEConfig, train_step
+from saelab.errors import SaelabError
+from saelab.harvest import harvest
+from saelab.importer import import_arrays
+from saelab.models import hook_points, load_model, save_model
+from saelab.run import RunDir
+from saelab.steering import Intervention, SteerConfig, SteeringResult, run_steering
+from saelab.store import ActivationStore
+from saelab.train import TrainConfig, train
 
 __all__ = [
+    "AbsorptionConfig",
+    "AbsorptionResult",
     "ActivationStore",
+    "AnalysisConfig",
+    "Circuit",
+    "CircuitConfig",
+    "FeatureStore",
     "HarvestConfig",
+    "Intervention",
+    "RunDir",
     "SAE",
     "SAEConfig",
+    "SaelabError",
+    "SteerConfig",
+    "SteeringResult",
     "TextConfig",
     "TrainConfig",
+    "analyze",
+    "find_circuit",
     "harvest",
     "hook_points",
     "import_arrays",
     "load_config",
     "load_model",
+    "run_absorption",
+    "run_circuit",
+    "run_steering",
     "save_model",
     "train",
     "train_step",
