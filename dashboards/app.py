@@ -118,7 +118,13 @@ def _refuse_malformed_callbacks(app: Dash) -> None:
 def create_app(run: str) -> Dash:
     """The app for one run directory. A broken run directory still gives an app that says what is wrong."""
     run = str(Path(run).resolve())
-    app = Dash(__name__, title="saelab", suppress_callback_exceptions=True, update_title=None)
+    # update_title=None: no "Updating..." tab title (Dash documents None; its stub types the argument `str`)
+    app = Dash(
+        __name__,
+        title="saelab",
+        suppress_callback_exceptions=True,
+        update_title=None,  # pyright: ignore[reportArgumentType]
+    )
     app.index_string = INDEX
     app.layout = html.Div(
         [dcc.Location(id="url", refresh="callback-nav"), _nav(), html.Div(id="page", className="page")]

@@ -121,6 +121,12 @@ def guarded_callback(outputs: int, message: int) -> Callable[[Callable[P, Any]],
     return decorate
 
 
+def data(**values: str) -> dict[str, Any]:
+    """HTML `data-*` attributes for a component (`**data(doc="3")` gives `data-doc="3"`); their dash-case names
+    are no Python keywords."""
+    return {f"data-{key}": value for key, value in values.items()}
+
+
 def card(title: str | None, *children: Any, **kwargs: Any) -> html.Div:
     return html.Div([html.H3(title) if title else None, *children], className="card", **kwargs)
 
@@ -192,7 +198,7 @@ def examples(
         )
         for i in order
     ]
-    return html.Div(rows or html.Div("No examples.", className="muted"), **{"data-testid": testid})
+    return html.Div(rows or html.Div("No examples.", className="muted"), **data(testid=testid))
 
 
 def histogram(counts: np.ndarray, edges: np.ndarray) -> dcc.Graph:

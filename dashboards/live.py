@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -44,6 +44,13 @@ def run_model(run: str) -> Model:
         raise RunError(f"Cannot load the run's model {spec!r} ({type(err).__name__}: {err}).") from None
 
 
+def tokenizer_of(model: Model) -> Any:
+    """The model's tokenizer; `RunError` for a model loaded without one (text cannot go through it)."""
+    if model.tokenizer is None:
+        raise RunError(f"The run's model {model.cfg.model_name!r} has no tokenizer, so text cannot be run through it.")
+    return model.tokenizer
+
+
 class TokenMatch(NamedTuple):
     """One token of a search text and the latents that involve it."""
 
@@ -64,7 +71,7 @@ def search_token(run: str, info: SaeInfo, text: str) -> list[TokenMatch]:
         raise RequestError("Type a token or some text to search for.")
     fs = feature_store(run, info)
     try:
-        ids = run_model(run).tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer_of(run_model(run))(text, add_special_tokens=False)["input_ids"]
     except RunError:
         ids = [i for i, s in enumerate(fs.vocab) if s.strip() == text.strip()]
     if not ids:
@@ -91,8 +98,9 @@ def prompt_latents(run: str, info: SaeInfo, text: str, *, top: int = 5) -> list[
         raise RequestError("The prompt is empty: type some text to see which latents fire on it.")
     check_model(run, info)
     model = run_model(run)
-    special = SpecialTokens.for_tokenizer(model.tokenizer, is_encoder(model))
-    body = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    tokenizer = tokenizer_of(model)
+    special = SpecialTokens.for_tokenizer(tokenizer, is_encoder(model))
+    body = tokenizer(text, add_special_tokens=False)["input_ids"]
     room = model.cfg.n_ctx - len(special.prefix) - len(special.suffix)
     if len(body) > room:
         raise RequestError(f"The prompt has {len(body)} tokens; this model reads at most {room}. Shorten it.")
@@ -103,10 +111,8 @@ def prompt_latents(run: str, info: SaeInfo, text: str, *, top: int = 5) -> list[
     with torch.inference_mode():
         f = load_sae(str(info.path)).encode(body_acts)
     values, indices = f.topk(min(top, f.shape[-1]), dim=-1)
-    strings = model.tokenizer.convert_ids_to_tokens(body)
+    strings = tokenizer.convert_ids_to_tokens(body)
     return [
-        TokenLatents(
-            model.tokenizer.convert_tokens_to_string([s]), [(int(i), float(v)) for i, v in zip(idx, val) if v > 0]
-        )
+        TokenLatents(tokenizer.convert_tokens_to_string([s]), [(int(i), float(v)) for i, v in zip(idx, val) if v > 0])
         for s, idx, val in zip(strings, indices.tolist(), values.tolist())
     ]

@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from saelab.errors import RequestError
 
 Params = dict[str, str]
+S = TypeVar("S", bound=str)
 MAX_TEXT = 20_000  # characters of a prompt, query or search text: far beyond any model's context
 MAX_DIGITS = 15  # digits of an integer parameter (a latent index, a count)
 INTEGER = re.compile(r"[+-]?[0-9]+")
@@ -89,13 +90,14 @@ def number(value: Any, what: str, *, default: float, low: float = -math.inf, hig
     return result
 
 
-def choice(value: Any, what: str, options: Sequence[str], *, default: str, listing: str) -> str:
+def choice(value: Any, what: str, options: Sequence[S], *, default: S, listing: str) -> S:
     """One of `options`; `default` when empty or `None`. `listing` heads the options in the message ("Modes")."""
     if value is None or value == "":
         return default
-    if not isinstance(value, str) or value not in options:
-        raise RequestError(f"There is no {what} {_shown(value)}. {listing}: {', '.join(options)}.")
-    return value
+    for option in options:
+        if isinstance(value, str) and value == option:
+            return option
+    raise RequestError(f"There is no {what} {_shown(value)}. {listing}: {', '.join(options)}.")
 
 
 def sae_choice(value: Any) -> Params:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from dash import Dash, Input, Output, State, dcc, html
@@ -27,7 +27,9 @@ TITLE = "Steering"
 NAV = True
 CORPUS_DOCUMENTS = 200  # the run's first documents, searched by the encoder view
 MAX_NEW_TOKENS = 40
-SCOPES = ("all", "prompt", "generated")
+MODES: tuple[st.Mode, ...] = get_args(st.Mode)
+ScopeName = Literal["all", "prompt", "generated"]
+SCOPES: tuple[ScopeName, ...] = ("all", "prompt", "generated")
 MAX_COEFFICIENT = 1e6  # |coefficient| (times the latent's typical max activation) accepted
 
 
@@ -61,8 +63,8 @@ def _request(run: str, info: SaeInfo, params: p.Params) -> st.Intervention:
     """The intervention the URL asks for; `RequestError` (or `SteeringError`) naming what is wrong with it."""
     sae = load_sae(str(info.path))
     latent = p.feature_id(params.get("latent", "0"), sae.cfg.d_sae)
-    mode = p.choice(params.get("mode"), "steering mode", st.MODES, default="add", listing="Modes")
-    scope = p.choice(params.get("scope"), "scope", SCOPES, default="all", listing="Scopes")
+    mode: st.Mode = p.choice(params.get("mode"), "steering mode", MODES, default="add", listing="Modes")
+    scope: ScopeName = p.choice(params.get("scope"), "scope", SCOPES, default="all", listing="Scopes")
     coefficient = p.number(params.get("coef"), "coefficient", default=4.0, low=-MAX_COEFFICIENT, high=MAX_COEFFICIENT)
     scale, _ = _scale(run, str(info.path), info.hook, latent)
     iv = st.Intervention(
@@ -84,7 +86,7 @@ def _form(run: str, info: SaeInfo, params: p.Params, encoder: bool) -> html.Div:
                 dcc.Input(id="steer-latent", type="text", value=params.get("latent", "0"), style={"width": "80px"}),
                 "mode",
                 dcc.Dropdown(
-                    list(st.MODES),
+                    list(MODES),
                     params.get("mode") or "add",
                     id="steer-mode",
                     clearable=False,
@@ -223,7 +225,7 @@ def search_results(run: str, info: SaeInfo, iv: st.Intervention, query: str) -> 
                         style={"fontWeight": 600} if i in changed else None,
                     ),
                 ],
-                **{"data-doc": str(i)},
+                **c.data(doc=str(i)),
             )
             for r, (i, score) in enumerate(pairs)
         ]
@@ -290,7 +292,7 @@ def register(app: Dash, run: str) -> None:
             "steering",
             **p.sae_choice(sae),
             latent=p.text(latent, "latent").strip(),
-            mode=p.choice(mode, "steering mode", st.MODES, default="add", listing="Modes"),
+            mode=p.choice(mode, "steering mode", MODES, default="add", listing="Modes"),
             coef=p.text(coef, "coefficient").strip(),
             scope=p.choice(scope, "scope", SCOPES, default="all", listing="Scopes"),
             text=p.text(text, "prompt"),
