@@ -28,6 +28,10 @@ class RunError(SaelabError, ValueError):
     """A run directory, or a result inside it, is missing, unreadable or not what the request names."""
 
 
+class FeatureIndexError(RunError, IndexError):
+    """A feature (latent) index that the dictionary does not have."""
+
+
 class ModelError(SaelabError, ValueError):
     """A model spec that names no loadable model, or a model that cannot do what is asked of it."""
 

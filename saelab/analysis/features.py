@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from saelab.errors import RunError, StoreError
+from saelab.errors import FeatureIndexError, StoreError
 from saelab.run import RunDir
 
 FEATURE_CHUNK = 64
@@ -74,9 +74,9 @@ class FeatureStore:
         return self._vocab
 
     def feature(self, i: int) -> dict[str, Any]:
-        """Every panel of feature `i`; `RunError` when the SAE has no such feature."""
+        """Every panel of feature `i`; `FeatureIndexError` (a `RunError` and an `IndexError`) when the SAE has no such feature."""
         if not 0 <= i < self.n_features:
-            raise RunError(f"feature {i} does not exist: this SAE has features 0..{self.n_features - 1}")
+            raise FeatureIndexError(f"feature {i} does not exist: this SAE has features 0..{self.n_features - 1}")
         out: dict[str, Any] = {}
         for name, arr in self.group.arrays():
             if name != "top_token_ids":

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from saelab.analysis import FeatureStore, analyze, analyze_sae
-from saelab.errors import RunError
 from tests.analysis.helpers import CFG, make_sae
 
 
@@ -81,5 +80,5 @@ def test_analyze_run_dir_and_token_search(run):
     p = fs.feature(busiest)
     token = int(p["top_tokens"][0, CFG.window])
     assert busiest in fs.search_token(token)
-    with pytest.raises(RunError, match="does not exist"):  # was IndexError: a user error is a SaelabError now
+    with pytest.raises(IndexError, match="does not exist"):
         fs.feature(fs.n_features)
