@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import Field, NonNegativeInt, field_validator
+from pydantic import Field, NonNegativeInt
 
 from saelab.config import StrictModel, TextConfig
 from saelab.steering.interventions import Mode
@@ -25,7 +25,7 @@ class SteerConfig(StrictModel):
     sae: str
     latent: int = Field(ge=0)
     mode: Mode = "add"
-    coefficients: list[FiniteFloat] = [0.0, 1.0, 2.0, 4.0]
+    coefficients: list[FiniteFloat] = Field(default=[0.0, 1.0, 2.0, 4.0], min_length=1)
     scope: Union[Literal["prompt", "generated", "all"], list[NonNegativeInt]] = "all"
     scale: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     prompts: list[str] = []
@@ -37,10 +37,3 @@ class SteerConfig(StrictModel):
     corpus_documents: int = Field(default=500, ge=1)
     k: int = Field(default=10, ge=1)
     device: str = "auto"
-
-    @field_validator("coefficients")
-    @classmethod
-    def _some_coefficient(cls, value: list[float]) -> list[float]:
-        if not value:
-            raise ValueError("give at least one coefficient, e.g. coefficients: [0, 2, 4]")
-        return value

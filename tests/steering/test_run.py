@@ -53,7 +53,7 @@ def test_steer_command_writes_a_generation_sweep(decoder, decoder_dir, dec_sae, 
     with pytest.raises(MissingError, match="no run directory"):
         st.run_steering(load_config(config, st.SteerConfig, [f"run={tmp_path / 'nowhere'}"]))
     for override, message in (
-        ("coefficients=[]", "give at least one coefficient"),
+        ("coefficients=[]", "at least 1 item"),
         ("coefficients=[.nan]", "finite number"),
         ("scale=0", "greater than 0"),
         ("scope=[-1]", "greater than or equal to 0"),
