@@ -9,11 +9,11 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from saelab.config import StrictModel
+from saelab.dictionaries import Arch
 from saelab.run import RunDir
-from saelab.sae import Arch
 
 PositiveInt = Annotated[int, Field(gt=0)]
 LearningRate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -70,14 +70,16 @@ class TrainConfig(StrictModel):
     ce_contexts: int = Field(default=16, ge=0)
     """Contexts for the spliced metrics; 0 skips them."""
 
-    @model_validator(mode="after")
-    def _one_batch_at_least(self) -> TrainConfig:
-        if self.tokens < self.batch_size:
+    @field_validator("batch_size")
+    @classmethod
+    def _one_batch_at_least(cls, batch_size: int, info: ValidationInfo) -> int:
+        tokens = info.data.get("tokens")  # declared before `batch_size`; absent when it was refused itself
+        if tokens is not None and tokens < batch_size:
             raise ValueError(
-                f"`tokens` ({self.tokens}) is less than one batch (`batch_size` {self.batch_size}), so nothing "
-                "would be trained; raise `tokens` or lower `batch_size`"
+                f"one batch is more than `tokens` ({tokens}), so nothing would be trained; "
+                "raise `tokens` or lower `batch_size`"
             )
-        return self
+        return batch_size
 
     @property
     def store_path(self) -> str:

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from saelab.config import TextConfig
+from saelab.dictionaries import SAE
 from saelab.models import device_of, is_encoder
-from saelab.sae import SAE
 from saelab.text import SpecialTokens, iter_documents, pack_contexts
 
 DENSE_THRESHOLD = 0.1

@@ -17,10 +17,10 @@ import torch
 from tqdm.auto import tqdm
 
 from saelab.config import build
+from saelab.dictionaries import SAE, SAEConfig, train_step
 from saelab.errors import ConfigError, StoreError
 from saelab.models import load_model, resolve_device
 from saelab.run import RunDir
-from saelab.sae import SAE, SAEConfig, train_step
 from saelab.store import ActivationStore
 from saelab.train.checkpoint import check_checkpoint, load_checkpoint, save_checkpoint
 from saelab.train.config import TrainConfig, default_lr, lr_factor, variant_name

@@ -1,7 +1,7 @@
 """Ground truth: SAEs trained on synthetic activations must find the known dictionary.
 
 1024 unit directions in 128 dims, ~8 active per token with power-law frequencies,
-log-normal magnitudes and 64 correlated pairs (see saelab.synthetic).
+log-normal magnitudes and 64 correlated pairs (see saelab.toys.synthetic).
 """
 
 import time
@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from saelab.sae import SAE, SAEConfig, train_step
-from saelab.synthetic import make_synthetic, max_cosines
+from saelab.dictionaries import SAE, SAEConfig, train_step
+from saelab.toys.synthetic import make_synthetic, max_cosines
 
 STEPS, BATCH, WARMUP, LR = 1000, 1024, 100, 3e-3
 

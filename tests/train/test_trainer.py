@@ -14,11 +14,11 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from saelab.cli import app
+from saelab.dictionaries import SAE
 from saelab.errors import ConfigError, StoreError
 from saelab.importer import import_arrays
-from saelab.sae import SAE
 from saelab.store import ActivationStore
-from saelab.synthetic import make_synthetic
+from saelab.toys.synthetic import make_synthetic
 from saelab.train import Grid, TrainConfig, default_lr, lr_factor, read_results, train
 
 D = 32
@@ -185,9 +185,9 @@ def test_sweep_cli_writes_table_and_pareto(store_path, tmp_path):
 
 def test_ce_loss_recovered_on_a_decoder_store(trained_decoder_dir, tmp_path):
     from saelab.config import HarvestConfig
+    from saelab.dictionaries import SAEConfig
     from saelab.harvest import harvest
     from saelab.models import load_model
-    from saelab.sae import SAEConfig
     from saelab.train import eval_tokens, spliced_metrics
 
     store = harvest(
