@@ -142,7 +142,7 @@ def sweep(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Train a grid of SAEs, then write results.csv and a Pareto plot (pareto.html) into the run directory."""
-    from saelab.sweep import write_sweep_outputs
+    from saelab.train import write_sweep_outputs
 
     rows, out = _train(config, set_, quiet)
     _print_results(rows)
