@@ -31,6 +31,7 @@ module `__getattr__`, so that this package never imports the toys (they import i
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from saelab.circuits.config import CircuitConfig, InductionData, PromptData, run_circuit, sae_folders
@@ -77,11 +78,9 @@ _TOYS = {
 
 def __getattr__(name: str) -> Any:
     """The induction toy's names (they moved to `saelab.toys.induction`), imported when first asked for."""
-    if name in _TOYS:
-        from saelab.toys import induction
-
-        return getattr(induction, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _TOYS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module("saelab.toys.induction"), name)
 
 
 __all__ = [

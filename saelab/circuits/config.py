@@ -101,6 +101,20 @@ class CircuitConfig(StrictModel):
         return self
 
 
+FIND_OPTIONS = (
+    "method",
+    "ig_steps",
+    "baseline",
+    "aggregation",
+    "node_threshold",
+    "edge_threshold",
+    "max_nodes",
+    "curve_sizes",
+    "name",
+)
+"""The `CircuitConfig` keys that `find_circuit` takes as options of the same name."""
+
+
 def _in_run(run: RunDir, hook: str, given: str) -> Path | None:
     """The folder of SAE variant `given` at `hook` in `run`, if `given` is a name that the run holds."""
     try:
@@ -140,21 +154,8 @@ def run_circuit(cfg: CircuitConfig, progress: bool = True) -> tuple[Circuit, Pat
     else:
         task = prompt_task(model, prompts, cfg.metric)
     run.prepare()
-    circuit = find_circuit(
-        model,
-        saes,
-        task,
-        method=cfg.method,
-        ig_steps=cfg.ig_steps,
-        baseline=cfg.baseline,
-        aggregation=cfg.aggregation,
-        node_threshold=cfg.node_threshold,
-        edge_threshold=cfg.edge_threshold,
-        max_nodes=cfg.max_nodes,
-        curve_sizes=cfg.curve_sizes,
-        name=cfg.name,
-        sae_paths={h: str(f.resolve()) for h, f in folders.items()},
-        progress=progress,
-    )
+    options = {key: getattr(cfg, key) for key in FIND_OPTIONS}
+    paths = {h: str(f.resolve()) for h, f in folders.items()}
+    circuit = find_circuit(model, saes, task, **options, sae_paths=paths, progress=progress)
     circuit.config = cfg.model_dump(mode="json")
     return circuit, circuit.save(run.circuit(cfg.name))

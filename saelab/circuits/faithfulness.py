@@ -3,12 +3,13 @@ relative to the whole model and to everything ablated."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TypedDict
 
 import torch
 from torch import Tensor
 
-from saelab.circuits.nodes import Aggregation, NodeKey
+from saelab.circuits.nodes import Aggregation
 from saelab.circuits.splice import (
     Edit,
     Nodes,
@@ -63,12 +64,13 @@ def faithfulness_curve(
     saes: dict[str, SAE],
     task: Task,
     *,
-    ranking: list[NodeKey],
+    ranking: Sequence[tuple[str, int, int]],
     sizes: list[int],
     aggregation: Aggregation = "none",
     chunk: int = 16,
 ) -> Faithfulness:
-    """Faithfulness and completeness of the first n nodes of `ranking`, for each n in `sizes`.
+    """Faithfulness and completeness of the first n nodes of `ranking` (`NodeKey`s, strongest first), for each n
+    in `sizes`.
 
     Every node outside the circuit C is set to its mean over the examples (per position) while C's nodes run
     normally: faithfulness = (m(C) - m(empty)) / (m(M) - m(empty)), with M the whole model and `empty` every

@@ -16,12 +16,12 @@ from saelab.toys.induction import INDUCTION_HOOKS
 from tests.circuits.helpers import L0, L1, LENGTH, sae_folder
 
 
-def write_config(path, run, **changes):
+def write_config(path, induction_run, **changes):
     cfg = {
         "name": "cli",
-        "run": str(run),
-        "model": str(run / "model"),
-        "saes": {h: str(sae_folder(run, h)) for h in INDUCTION_HOOKS},
+        "run": str(induction_run),
+        "model": str(induction_run / "model"),
+        "saes": {h: str(sae_folder(induction_run, h)) for h in INDUCTION_HOOKS},
         "data": {"task": "induction", "examples": 8, "length": LENGTH},
         "curve_sizes": [4, 16, 64],
     } | changes
