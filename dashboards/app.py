@@ -83,11 +83,13 @@ def _malformed(app: Dash, body: Any) -> str | None:
     if spec is None:
         return "it names no callback of this app"
     outputs = body.get("outputs")
-    declared_outputs = spec["output"] if isinstance(spec["output"], list) else [spec["output"]]
-    if not isinstance(outputs, list):
-        outputs = [outputs]
-    if len(outputs) != len(declared_outputs) or not all(isinstance(o, dict) for o in outputs):
-        return f"it gives {len(outputs)} outputs where the callback has {len(declared_outputs)}"
+    if isinstance(spec["output"], list):  # several outputs: a list of them (one output: that output alone)
+        if not isinstance(outputs, list) or len(outputs) != len(spec["output"]):
+            return f"its outputs are not the callback's {len(spec['output'])}"
+    elif not isinstance(outputs, dict):
+        return "its output is not the callback's one"
+    if not all(isinstance(o, dict) for o in (outputs if isinstance(outputs, list) else [outputs])):
+        return "its outputs are not objects"
     for part, declared in (("inputs", spec["inputs"]), ("state", spec["state"])):
         given = body.get(part, [])
         if not isinstance(given, list) or len(given) != len(declared):

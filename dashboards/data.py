@@ -221,22 +221,21 @@ def absorption_keys(run: str) -> list[tuple[str, str]]:
 def load_absorption(run: str, hook: str | None, variant: str | None) -> AbsorptionResult:
     """The absorption result of `hook`/`variant` (default: the first); `RunError` naming the command or the
     results there are."""
+    run_dir = RunDir(run)
+    if hook and variant:
+        run_dir.absorption(hook, variant)  # refuses names that are not plain names before anything is looked up
     keys = absorption_keys(run)
     if not keys:
         raise RunError(
             f"No absorption results in the run {run}. Compute them with "
             f"`saelab absorption CONFIG.yaml` (set `run: {run}`; see configs/absorption_minilm.yaml)."
         )
-    if not hook and not variant:
-        hook, variant = keys[0]
-    key = (hook or "", variant or "")
+    key = (hook or "", variant or "") if hook or variant else keys[0]
     if key not in keys:
-        if all(key):
-            RunDir(run).absorption(*key)  # refuses names that are no plain names before they fill the message
         raise RunError(
             f"The run has no absorption result for {hook}/{variant}. It has: {', '.join(f'{h}/{v}' for h, v in keys)}."
         )
-    return cached_result(AbsorptionResult.load, RunDir(run).absorption(*key))
+    return cached_result(AbsorptionResult.load, run_dir.absorption(*key))
 
 
 # Names this module had before the live model runs moved to `saelab.dashboards.live` and the id parsing to

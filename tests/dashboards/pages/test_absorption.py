@@ -1,4 +1,4 @@
-"""The absorption page in headless Chromium, over the small MiniLM run of test_app.py (`run_dir`) with the
+"""The absorption page in headless Chromium, over the small MiniLM run of the app's tests (`run_dir`) with the
 first-letter absorption of its SAE measured by saelab.absorption: scores, the sweep, the label table, the
 cases and clicks into feature pages."""
 
@@ -8,11 +8,13 @@ import dataclasses
 
 import pytest
 from selenium.webdriver.common.by import By
-from test_app import HOOK, OTHER, Server, browser, driver, run_dir, screenshot, visit, wait_for, wait_text  # noqa: F401
 
-from saelab.absorption import AbsorptionResult, AbsorptionSettings, absorption_result, probe_data, result_path
-from saelab.dashboards import absorption as page
-from saelab.sae import SAE
+from saelab.absorption import AbsorptionResult, AbsorptionSettings, absorption_result, probe_data
+from saelab.dashboards.pages import absorption as page
+from saelab.dictionaries import SAE
+from saelab.plots import absorption_sweep_figure
+from saelab.run import RunDir
+from tests.dashboards.helpers import HOOK, OTHER, Server, screenshot, visit, wait_for, wait_text
 
 WORDS = 1500
 
@@ -20,11 +22,13 @@ WORDS = 1500
 @pytest.fixture(scope="module")
 def result(run_dir, minilm):
     """First-letter absorption of the run's SAE over 1500 MiniLM words, saved where the app reads it."""
-    folder = next(p for p in (run_dir / "saes" / HOOK).iterdir() if p.name != OTHER)
+    folder = next(s.path for s in RunDir(run_dir).saes() if s.hook == HOOK and s.variant != OTHER)
     s = AbsorptionSettings(probe_batch_size=256)
     data = probe_data(minilm, HOOK, max_words=WORDS, s=s)
-    found = absorption_result(SAE.load(folder).eval(), data, HOOK, folder.name, s, str(folder), "minilm")
-    found.save(result_path(run_dir, HOOK, folder.name))
+    found = absorption_result(
+        SAE.load(folder).eval(), data, HOOK, variant=folder.name, s=s, sae_path=str(folder), model="minilm"
+    )
+    found.save(RunDir(run_dir).absorption(HOOK, folder.name))
     return found
 
 
@@ -40,7 +44,7 @@ def url(base: str, result: AbsorptionResult, **extra: str) -> str:
     return f"{base}/absorption?{query}"
 
 
-@browser
+@pytest.mark.browser
 def test_page_shows_scores_sweep_labels_and_cases(driver, server, result, tmp_path):
     visit(driver, url(server, result), "#absorption-labels")
     rows = driver.find_elements(By.CSS_SELECTOR, "#absorption-labels tr")
@@ -61,7 +65,7 @@ def test_page_shows_scores_sweep_labels_and_cases(driver, server, result, tmp_pa
     assert screenshot(driver, tmp_path / "absorption.png").stat().st_size > 20_000
 
 
-@browser
+@pytest.mark.browser
 def test_a_label_link_shows_its_cases_and_an_absorber_opens_its_feature_page(driver, server, result):
     lab = next(x for x in sorted(result.labels, key=lambda x: len(x.cases)) if x.cases)  # not the default label
     visit(driver, url(server, result), "#absorption-labels")
@@ -76,7 +80,7 @@ def test_a_label_link_shows_its_cases_and_an_absorber_opens_its_feature_page(dri
     wait_for(driver, "#feature-page [data-testid=top-examples] .example")
 
 
-@browser
+@pytest.mark.browser
 def test_bad_requests_say_what_exists(driver, server, result):
     visit(driver, url(server, result, label="zz"), ".error")
     assert f"has no label 'zz'. Labels: {result.labels[0].label}" in driver.find_element(By.CSS_SELECTOR, ".error").text
@@ -90,15 +94,15 @@ def test_bad_requests_say_what_exists(driver, server, result):
 def test_missing_or_broken_results_say_which_command_makes_them(tmp_path, result):
     empty = tmp_path / "run"
     empty.mkdir()
-    message = str(page.absorption_page(str(empty), {}).children)
+    message = str(page.layout(str(empty), {}).children)
     assert "No absorption results in" in message and "saelab absorption CONFIG.yaml" in message
-    broken = result_path(empty, HOOK, "broken")
+    broken = RunDir(empty).absorption(HOOK, "broken")
     broken.parent.mkdir(parents=True)
     broken.write_text("{not json")
-    assert "is not a saelab absorption result" in str(page.absorption_page(str(empty), {}).children)
+    assert "is not a saelab absorption result" in str(page.layout(str(empty), {}).children)
     elsewhere = dataclasses.replace(result, variant="elsewhere")
-    elsewhere.save(result_path(empty, HOOK, "elsewhere"))
-    built = str(page.absorption_page(str(empty), {"hook": HOOK, "sae": "elsewhere"}))
+    elsewhere.save(RunDir(empty).absorption(HOOK, "elsewhere"))
+    built = str(page.layout(str(empty), {"hook": HOOK, "sae": "elsewhere"}))
     assert "Absorption: " in built and "/feature?" not in built  # no feature pages for SAEs outside the run
 
 
@@ -110,9 +114,9 @@ def test_sweep_plots_scored_saes_against_l0_and_width(result):
         a, variant="b", l0=32.0, d_sae=3072, mean_absorption_fraction=0.3, mean_full_absorption_rate=0.2
     )
     unscored = dataclasses.replace(a, variant="c", mean_absorption_fraction=None, mean_full_absorption_rate=None)
-    by_l0 = page.sweep_figure([a, b, unscored], "l0")
+    by_l0 = absorption_sweep_figure([a, b, unscored], "l0")
     assert [t["name"] for t in by_l0["data"]] == ["absorption fraction", "full-absorption rate"]
     assert by_l0["data"][0]["x"] == [8.0, 32.0] and by_l0["data"][0]["y"] == [0.1, 0.3]
     assert by_l0["data"][1]["y"] == [0.05, 0.2]
-    by_width = page.sweep_figure([a, b, unscored], "width")
+    by_width = absorption_sweep_figure([a, b, unscored], "width")
     assert by_width["data"][0]["x"] == [768, 3072] and by_width["layout"]["xaxis"]["type"] == "log"

@@ -9,13 +9,14 @@ import pytest
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
-from test_app import Server, browser, driver, screenshot, visit, wait_for, wait_text  # noqa: F401 (fixtures)
 
 from saelab.circuits import INDUCTION_HOOKS, find_circuit, induction_task
-from saelab.dashboards import circuits as page
-from saelab.dashboards.data import RunError
+from saelab.dashboards.pages import circuits as page
+from saelab.dictionaries import SAE
+from saelab.errors import RunError
 from saelab.models import load_model
-from saelab.sae import SAE
+from saelab.run import RunDir
+from tests.dashboards.helpers import Server, screenshot, visit, wait_for, wait_text
 
 NAME = "browser"
 
@@ -24,7 +25,7 @@ NAME = "browser"
 def circuit(induction_run):
     """An induction circuit saved as RUN/circuits/browser.json."""
     model = load_model(str(induction_run / "model"), device="cpu")
-    folders = {h: next((induction_run / "saes" / h).iterdir()) for h in INDUCTION_HOOKS}
+    folders = {h: next(s.path for s in RunDir(induction_run).saes() if s.hook == h) for h in INDUCTION_HOOKS}
     found = find_circuit(
         model,
         {h: SAE.load(f).eval() for h, f in folders.items()},
@@ -33,7 +34,7 @@ def circuit(induction_run):
         sae_paths={h: str(f) for h, f in folders.items()},
         progress=False,
     )
-    found.save(induction_run / "circuits" / f"{NAME}.json")
+    found.save(RunDir(induction_run).circuit(NAME))
     return found
 
 
@@ -57,7 +58,7 @@ def slide_to_end(driver, slider: str, left_steps: int = 0) -> float:
     return float(handle.get_attribute("aria-valuenow"))
 
 
-@browser
+@pytest.mark.browser
 def test_page_draws_every_node_and_the_faithfulness_curve(driver, server, circuit, tmp_path):
     visit(driver, f"{server}/circuits?name={NAME}", "#circuit-graph .scatterlayer path.point")
     wait_text(
@@ -75,7 +76,7 @@ def test_page_draws_every_node_and_the_faithfulness_curve(driver, server, circui
     assert screenshot(driver, tmp_path / "circuits.png").stat().st_size > 20_000
 
 
-@browser
+@pytest.mark.browser
 def test_threshold_sliders_filter_nodes_and_edges(driver, server, circuit):
     visit(driver, f"{server}/circuits?name={NAME}", "#circuit-graph .scatterlayer path.point")
     for steps in (0, 60):
@@ -92,7 +93,7 @@ def test_threshold_sliders_filter_nodes_and_edges(driver, server, circuit):
     assert shown_points(driver) == len(circuit.nodes)
 
 
-@browser
+@pytest.mark.browser
 def test_clicking_a_latent_opens_its_feature_page(driver, server, circuit):
     visit(driver, f"{server}/circuits?name={NAME}", "#circuit-graph .scatterlayer path.point")
     slide_to_end(driver, "circuit-node-threshold", 50)  # nodes with half the top |effect| or more: none hides another
@@ -110,7 +111,7 @@ def test_clicking_a_latent_opens_its_feature_page(driver, server, circuit):
 
 def test_clicks_map_to_feature_pages_or_say_why_not(induction_run, circuit):
     node = next(n for n in circuit.nodes if n.latent != "err")
-    variant = next((induction_run / "saes" / node.hook).iterdir()).name
+    variant = next(s.variant for s in RunDir(induction_run).saes() if s.hook == node.hook)
     url = page.node_link(str(induction_run), circuit, node.hook, node.latent)
     assert url == f"/feature?hook={node.hook}&sae={variant}&id={node.latent}"
     with pytest.raises(RunError, match="error node"):
@@ -120,14 +121,15 @@ def test_clicks_map_to_feature_pages_or_say_why_not(induction_run, circuit):
         page.node_link(str(induction_run), elsewhere, node.hook, node.latent)
 
 
-@browser
+@pytest.mark.browser
 def test_missing_circuits_say_which_command_makes_them(driver, server, induction_run, tmp_path):
     visit(driver, f"{server}/circuits?name=nope", ".error")
     assert f"has no circuit 'nope'. It has: {NAME}" in driver.find_element(By.CSS_SELECTOR, ".error").text
     empty = tmp_path / "empty-run"
     empty.mkdir()
-    message = str(page.circuits_page(str(empty), {}).children)
+    message = str(page.layout(str(empty), {}).children)
     assert "No circuits in" in message and "saelab circuit CONFIG.yaml" in message
-    (empty / "circuits").mkdir()
-    (empty / "circuits" / "broken.json").write_text("{not json")
-    assert "is not a saelab circuit" in str(page.circuits_page(str(empty), {"name": "broken"}).children)
+    broken = RunDir(empty).circuit("broken")
+    broken.parent.mkdir()
+    broken.write_text("{not json")
+    assert "is not a saelab circuit" in str(page.layout(str(empty), {"name": "broken"}).children)

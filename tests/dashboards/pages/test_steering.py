@@ -9,62 +9,20 @@ from urllib.parse import quote
 import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
-from test_app import Server, browser, driver, go, screenshot, visit, wait_for  # noqa: F401 (fixtures)
 
 from saelab import steering as st
-from saelab.analysis import AnalysisConfig, analyze
-from saelab.config import HarvestConfig
-from saelab.dashboards import steering as page
-from saelab.dashboards.data import list_saes, run_model
-from saelab.harvest import harvest
-from saelab.train import TrainConfig, train
+from saelab.dashboards.data import list_saes
+from saelab.dashboards.live import load_sae, run_model
+from saelab.dashboards.pages import steering as page
+from tests.dashboards.helpers import Server, go, screenshot, small_run, visit, wait_for
 
 PROMPT = "Return the absolute value of a number"
 QUERY = "Open a network connection to a host."
 
 
-def make_run(root, model, hook: str, k: int, analysed: bool):
-    run = root / "run"
-    store = harvest(
-        HarvestConfig(
-            model=model,
-            hooks=[hook],
-            out=str(run / "activations.zarr"),
-            context_length=32,
-            batch_size=32,
-            max_tokens=4096,
-            shard_rows=4096,
-            chunk_rows=1024,
-            device="cpu",
-        ),
-        progress=False,
-    )
-    train(
-        TrainConfig(
-            store=store.path,
-            run=str(run),
-            tokens=512 * 20,
-            batch_size=512,
-            eval_rows=1024,
-            warmup_steps=5,
-            grid={"k": [k], "expansion": [2]},
-            device="cpu",
-        ),
-        progress=False,
-    )
-    if analysed:
-        analyze(str(run), AnalysisConfig(device="cpu"), progress=False)
-    return run
-
-
-@pytest.fixture(scope="module")
-def decoder_run(decoder_dir, tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("steer-dec"), decoder_dir, "blocks.0.hook_resid_post", 8, True)
-
-
 @pytest.fixture(scope="module")
 def encoder_run(tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("steer-enc"), "minilm", "blocks.1.hook_resid_post", 16, False)
+    return small_run(tmp_path_factory.mktemp("steer-enc"), "minilm", "blocks.1.hook_resid_post", k=16, analysed=False)
 
 
 @pytest.fixture(scope="module")
@@ -81,14 +39,14 @@ def url(run, latent, text, **params) -> str:
     return f"/steering?hook={sae.hook}&sae={sae.variant}&latent={latent}&{query}&text={quote(text)}"
 
 
-def expected(run, latent: int, mode: str, coef: float, scope: str = "all"):
+def expected(run, latent: int, mode: st.Mode, coef: float, scope: st.Scope = "all"):
     sae_info = list_saes(str(run))[0]
-    sae = page._load_sae(str(sae_info.path))
-    scale, source = st.run_scale(str(run), sae_info.path, sae, latent, sae_info.hook)
+    sae = load_sae(str(sae_info.path))
+    scale, source = st.run_scale(str(run), sae_info.path, sae, latent=latent, hook=sae_info.hook)
     return st.Intervention(sae_info.hook, sae, [latent], mode, coef, scale, scope), source
 
 
-@browser
+@pytest.mark.browser
 def test_decoder_page_shows_steered_and_unsteered_generations(driver, servers, decoder_run, tmp_path):
     iv, source = expected(decoder_run, 3, "add", 8.0, "generated")
     assert source == "analysis"
@@ -99,18 +57,20 @@ def test_decoder_page_shows_steered_and_unsteered_generations(driver, servers, d
         timeout=60,
     )
     model = run_model(str(decoder_run))
-    want = st.compare(model, PROMPT, [iv], page.MAX_NEW_TOKENS)
+    want = st.compare(model, PROMPT, [iv], max_new_tokens=page.MAX_NEW_TOKENS)
     assert want.steered != want.unsteered
     assert driver.find_element(By.ID, "steer-unsteered").text == (PROMPT + want.unsteered).strip()
     assert driver.find_element(By.ID, "steer-steered").text == (PROMPT + want.steered).strip()
     n = st.prompt_tokens(model, PROMPT).shape[1]
-    metrics = st.steered_metrics(model, st.generate(model, PROMPT, [iv], page.MAX_NEW_TOKENS), n, iv)
+    metrics = st.steered_metrics(
+        model, st.generate(model, PROMPT, [iv], max_new_tokens=page.MAX_NEW_TOKENS), n, intervention=iv
+    )
     stats = driver.find_element(By.ID, "steer-stats").text
     assert f"{metrics['kl']:.4g}" in stats and f"{iv.scale:.4g} (analysis)" in stats
     assert screenshot(driver, tmp_path / "steering-decoder.png").stat().st_size > 20_000
 
 
-@browser
+@pytest.mark.browser
 def test_the_form_opens_a_shareable_url(driver, servers, decoder_run):
     visit(driver, servers["decoder"] + url(decoder_run, 5, "", mode="clamp")[: -len("&text=")], "#steer-text")
     assert not driver.find_elements(By.ID, "steer-steered")
@@ -123,11 +83,11 @@ def test_the_form_opens_a_shareable_url(driver, servers, decoder_run):
     assert "latent=5" in driver.current_url and "mode=clamp" in driver.current_url and "coef=-2" in driver.current_url
     assert "text=Return+the+absolute" in driver.current_url
     iv, _ = expected(decoder_run, 5, "clamp", -2.0)
-    want = st.compare(run_model(str(decoder_run)), PROMPT, [iv], page.MAX_NEW_TOKENS)
+    want = st.compare(run_model(str(decoder_run)), PROMPT, [iv], max_new_tokens=page.MAX_NEW_TOKENS)
     assert driver.find_element(By.ID, "steer-steered").text == (PROMPT + want.steered).strip()
 
 
-@browser
+@pytest.mark.browser
 def test_encoder_page_shows_the_querys_neighbours_before_and_after(driver, servers, encoder_run, tmp_path):
     docs, corpus = page._corpus(str(encoder_run))
     model = run_model(str(encoder_run))
@@ -147,7 +107,7 @@ def test_encoder_page_shows_the_querys_neighbours_before_and_after(driver, serve
     assert screenshot(driver, tmp_path / "steering-encoder.png").stat().st_size > 20_000
 
 
-@browser
+@pytest.mark.browser
 def test_bad_requests_show_a_message(driver, servers, decoder_run):
     visit(driver, servers["decoder"] + "/steering", "#steer-text")
     cases = {

@@ -1,0 +1,144 @@
+"""Helpers of the app's tests: the app served from a thread, Selenium waits and navigation, a small SAE trainer."""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import threading
+from pathlib import Path
+
+from selenium.common.exceptions import TimeoutException
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as EC
+from selenium.webdriver.support.ui import WebDriverWait
+from werkzeug.serving import make_server
+
+from saelab.analysis import AnalysisConfig, analyze
+from saelab.config import HarvestConfig
+from saelab.dashboards.app import create_app
+from saelab.harvest import harvest
+from saelab.run import RunDir
+from saelab.train import Grid, TrainConfig, train
+
+HOOK = "blocks.1.hook_resid_post"
+OTHER = "trained-on-gpt2"
+CHROMIUM = next(filter(None, map(shutil.which, ["chromium", "chromium-browser", "google-chrome"])), None)
+CHROMEDRIVER = shutil.which("chromedriver")
+NO_BROWSER = (
+    None
+    if CHROMIUM and CHROMEDRIVER
+    else "browser tests need the chromium and chromedriver binaries (Debian: apt-get install chromium chromium-driver)"
+)
+
+
+def train_saes(store: str, out: Path, steps: int, expansion: int) -> list[dict]:
+    """Train one TopK SAE (k 16) on `store` into run `out` for `steps` steps of 512 rows."""
+    cfg = TrainConfig(
+        store=store,
+        run=str(out),
+        tokens=512 * steps,
+        batch_size=512,
+        eval_rows=2048,
+        warmup_steps=5,
+        grid=Grid(k=[16], expansion=[expansion]),
+        device="cpu",
+    )
+    return train(cfg, progress=False)
+
+
+def small_run(root: Path, model: str, hook: str, *, k: int, analysed: bool) -> Path:
+    """A run at `root/run`: 4k tokens of `model` at `hook`, a TopK SAE (k `k`, expansion 2), and its analysis
+    when `analysed`."""
+    run = root / "run"
+    store = harvest(
+        HarvestConfig(
+            model=model,
+            hooks=[hook],
+            out=str(RunDir(run).store),
+            context_length=32,
+            batch_size=32,
+            max_tokens=4096,
+            shard_rows=4096,
+            chunk_rows=1024,
+            device="cpu",
+        ),
+        progress=False,
+    )
+    train(
+        TrainConfig(
+            store=store.path,
+            run=str(run),
+            tokens=512 * 20,
+            batch_size=512,
+            eval_rows=1024,
+            warmup_steps=5,
+            grid=Grid(k=[k], expansion=[2]),
+            device="cpu",
+        ),
+        progress=False,
+    )
+    if analysed:
+        analyze(str(run), AnalysisConfig(device="cpu"), progress=False)
+    return run
+
+
+class Server:
+    """The app on 127.0.0.1 at a free port, served from a background thread."""
+
+    def __init__(self, run: Path):
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        self.httpd = make_server("127.0.0.1", 0, create_app(str(run)).server, threaded=True)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+
+
+def visit(driver, url: str, css: str, timeout: float = 30):
+    """Load `url` and wait until the Dash app has rendered an element matching `css`."""
+    driver.get(url)
+    return WebDriverWait(driver, timeout).until(EC.visibility_of_element_located((By.CSS_SELECTOR, css)))
+
+
+def wait_for(driver, css: str, timeout: float = 30):
+    """Wait until an element matching `css` is visible; return it."""
+    return WebDriverWait(driver, timeout).until(EC.visibility_of_element_located((By.CSS_SELECTOR, css)))
+
+
+def wait_text(driver, css: str, text: str, timeout: float = 30) -> None:
+    """Wait until the element matching `css` shows `text` (e.g. after a client-side navigation)."""
+    try:
+        WebDriverWait(driver, timeout).until(EC.text_to_be_present_in_element((By.CSS_SELECTOR, css), text))
+    except TimeoutException:
+        shown = driver.find_element(By.TAG_NAME, "body").text[:400]
+        raise AssertionError(f"{text!r} never appeared in {css}; the page shows {shown!r}") from None
+
+
+def go(driver, path: str, text: str, css: str = "#page") -> None:
+    """Navigate inside the loaded app as its links do (no page reload), and wait for `text` in `css`."""
+    driver.execute_script(
+        "window.history.pushState({}, '', arguments[0]);"
+        "window.dispatchEvent(new CustomEvent('_dashprivate_pushstate'));",
+        path,
+    )
+    wait_text(driver, css, text)
+
+
+def screenshot(driver, path: Path) -> Path:
+    """A full-page PNG (the window grows to the page's height)."""
+    height = driver.execute_script("return document.body.scrollHeight")
+    driver.set_window_size(1400, min(max(height, 800), 4000))
+    driver.save_screenshot(str(path))
+    driver.set_window_size(1400, 1000)
+    return path
+
+
+def feature_url(base: str, sae, index) -> str:
+    return f"{base}/feature?hook={sae.hook}&sae={sae.variant}&id={index}"
+
+
+def alpha(element) -> float:
+    """Opacity of an element's background colour (`rgba(r, g, b, a)`)."""
+    return float(re.findall(r"[\d.]+", element.value_of_css_property("background-color"))[3])
