@@ -59,7 +59,6 @@ from saelab.circuits.tasks import (
     token_metric,
 )
 from saelab.errors import CircuitError
-from saelab.run import CIRCUITS as CIRCUITS_DIR  # for dashboards/circuits.py until it uses `RunDir.circuit`
 
 _encode = encode_nodes  # the flat module's names for these, kept for this release
 _output = spliced_output
@@ -85,7 +84,6 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "CHUNK_ELEMENTS",
-    "CIRCUITS_DIR",
     "Aggregation",
     "Baseline",
     "Circuit",
