@@ -46,10 +46,10 @@ class TextConfig(StrictModel):
     source: Literal["embedded", "hf", "files"] = "embedded"
     path: str | None = None
     name: str | None = None
-    split: str = Field("train", min_length=1)
-    text_column: str = Field("text", min_length=1)
+    split: str = Field(default="train", min_length=1)
+    text_column: str = Field(default="text", min_length=1)
     txt_sample_by: Literal["line", "paragraph", "document"] = "paragraph"
-    max_documents: int | None = Field(None, gt=0)
+    max_documents: int | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _check_path(self) -> TextConfig:
@@ -61,17 +61,17 @@ class TextConfig(StrictModel):
 class HarvestConfig(StrictModel):
     """Everything that decides what a harvest writes."""
 
-    model: str = Field("minilm", min_length=1)
+    model: str = Field(default="minilm", min_length=1)
     hooks: list[str]
     out: str = Field(min_length=1)
     text: TextConfig = TextConfig()
-    context_length: int = Field(128, gt=0)
-    batch_size: int = Field(32, gt=0)
-    max_tokens: int | None = Field(None, gt=0)
+    context_length: int = Field(default=128, gt=0)
+    batch_size: int = Field(default=32, gt=0)
+    max_tokens: int | None = Field(default=None, gt=0)
     dtype: Dtype = "float16"
     drop_special_tokens: bool = True
-    shard_rows: int = Field(8192, gt=0)
-    chunk_rows: int = Field(4096, gt=0)
+    shard_rows: int = Field(default=8192, gt=0)
+    chunk_rows: int = Field(default=4096, gt=0)
     compression: Literal["none", "zstd"] = "none"
     device: str = "auto"
 

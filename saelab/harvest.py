@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from saelab.config import HarvestConfig
 from saelab.errors import StoreError, TextSourceError
 from saelab.models import Model, capture, device_of, is_encoder, load_model, model_name, resolve_hooks
-from saelab.store import ActivationStore, StoreWriter, to_storage
+from saelab.store import ActivationStore, StoreWriter, saelab_meta, to_storage
 from saelab.text import SpecialTokens, batch_contexts, iter_documents, pack_contexts
 
 IDENTITY_KEYS = (
@@ -118,12 +118,15 @@ class _ShardWriter(threading.Thread):
             self.writer.commit(start + n, resume={"batch": last.batch + 1, "rows": last.start + len(last)})
 
 
-def _open_writer(cfg: HarvestConfig, model: Model, hooks: dict[str, int]) -> StoreWriter:
-    """Resume a store made by the same config, refuse one made by another, or create a new one."""
-    try:
-        group = zarr.open_group(store=cfg.out, mode="r+", zarr_format=3)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-        group = None
+def _open_writer(cfg: HarvestConfig, model: Model, hooks: dict[str, int], *, overwrite: bool) -> StoreWriter:
+    """Resume a store made by the same config, refuse one made by another, or create a new one (replacing an
+    existing store only with `overwrite`; a folder that is not a saelab store is never replaced)."""
+    group = None
+    if not overwrite:
+        try:
+            group = zarr.open_group(store=cfg.out, mode="r+", zarr_format=3)
+        except FileNotFoundError:  # nothing there, or a folder that is not a Zarr store: `create` checks it
+            pass
     if group is None:
         meta = {
             "config": identity(cfg),
@@ -131,24 +134,38 @@ def _open_writer(cfg: HarvestConfig, model: Model, hooks: dict[str, int]) -> Sto
             "encoder": is_encoder(model),
             "resume": {"batch": 0, "rows": 0},
         }
-        return StoreWriter.create(cfg.out, meta, hooks, cfg.dtype, cfg.shard_rows, cfg.chunk_rows, cfg.compression)
+        return StoreWriter.create(
+            cfg.out,
+            meta,
+            hooks,
+            dtype=cfg.dtype,
+            shard_rows=cfg.shard_rows,
+            chunk_rows=cfg.chunk_rows,
+            compression=cfg.compression,
+            overwrite=overwrite,
+        )
     if "saelab" not in group.attrs:
         raise StoreError(f"{cfg.out!r} exists and is not a saelab store; choose another `out` or remove it")
-    old = group.attrs["saelab"].get("config", {})
+    old = saelab_meta(group, cfg.out).get("config", {})
     new = identity(cfg)
     if old != new:
         diff = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in IDENTITY_KEYS if old.get(k) != new[k])
         raise StoreError(
             f"store {cfg.out!r} was made with a different config ({diff}); it is never appended to. "
-            f"Set `out` to a new path, or delete the store to start over."
+            "Set `out` to a new path, or pass --overwrite (`overwrite=True`) to replace the store."
         )
     writer = StoreWriter(group)
     writer.remove_partial_writes()
     return writer
 
 
-def harvest(cfg: HarvestConfig, model: Model | None = None, progress: bool = True) -> ActivationStore:
+def harvest(
+    cfg: HarvestConfig, model: Model | None = None, progress: bool = True, *, overwrite: bool = False
+) -> ActivationStore:
     """Run the model over the text source and write the store at `cfg.out`; resumes an interrupted run.
+
+    A store at `cfg.out` made with another config is refused, and replaced only with `overwrite` (which also
+    starts a store of the same config over); a non-empty folder that is not a saelab store is always refused.
 
     The model runs one batch at a time and stops after the last requested hook; a writer thread
     turns batches into shards beside the forward pass. Rerunning after a crash continues from the
@@ -165,7 +182,7 @@ def harvest(cfg: HarvestConfig, model: Model | None = None, progress: bool = Tru
             f"text source {cfg.text.model_dump(exclude_defaults=True) or 'embedded'} gave no complete context of "
             f"{cfg.context_length} tokens; give more text or a smaller context_length"
         )
-    writer = _open_writer(cfg, model, {p.name: p.d for p in points})
+    writer = _open_writer(cfg, model, {p.name: p.d for p in points}, overwrite=overwrite)
     if writer.meta["complete"]:
         return ActivationStore.open(cfg.out)
     batches = chain([first], batches)

@@ -72,8 +72,9 @@ def test_folder_of_text_files_and_max_documents(tmp_path):
 
 
 def test_missing_text_path_is_refused():
+    cfg = TextConfig(source="files", path="/nonexistent/corpus.txt")  # configs never look at the filesystem
     with pytest.raises(ValueError, match="no such file or folder"):
-        TextConfig(source="files", path="/nonexistent/corpus.txt")
+        iter_documents(cfg)
 
 
 def test_hf_source_streams_a_dataset_repository(tmp_path):
