@@ -17,7 +17,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-SET_HELP = "Override a config key, e.g. --set batch_size=64 --set text.source=files (repeatable)."
+SET_HELP = (
+    "Override a config key, e.g. --set batch_size=64 --set text.source=files (repeatable). Quote or bracket a "
+    "key part that holds dots: --set 'saes[\"blocks.0.attn.hook_z\"]=PATH' or --set \"saes['blocks.0.attn.hook_z']=PATH\"."
+)
 
 
 F = TypeVar("F", bound=Callable[..., None])
@@ -51,13 +54,16 @@ def harvest(
     config: Path = typer.Argument(..., help="Harvest config (YAML), e.g. configs/harvest_minilm.yaml."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace the store at `out` instead of resuming it (only a saelab store)."
+    ),
 ) -> None:
     """Run a model over text and write activations of the chosen hook points to a Zarr store (resumable)."""
     from saelab.config import HarvestConfig, load_config
     from saelab.harvest import harvest as run_harvest
 
     cfg = load_config(config, HarvestConfig, set_ or [])
-    store = run_harvest(cfg, progress=not quiet)
+    store = run_harvest(cfg, progress=not quiet, overwrite=overwrite)
     typer.echo(store.summary())
 
 
@@ -93,6 +99,7 @@ def import_cmd(
         None, "--name", help="Name for the array in the store (default: file stem or tensor key)."
     ),
     dtype: str = typer.Option("float32", "--dtype", help="float16, bfloat16 or float32."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store at --out."),
 ) -> None:
     """Turn vectors you already have (e.g. sentence embeddings) into a store that SAEs can train on."""
     from saelab.importer import import_arrays, read_arrays
@@ -100,7 +107,7 @@ def import_cmd(
 
     if dtype not in STORAGE_DTYPE:
         raise ConfigError(f"--dtype {dtype!r} is not one of {sorted(STORAGE_DTYPE)}; pick one of those")
-    store = import_arrays(read_arrays(path, key, name), out, dtype=dtype, source=str(path))
+    store = import_arrays(read_arrays(path, key, name), out, dtype=dtype, source=str(path), overwrite=overwrite)
     typer.echo(store.summary())
 
 
