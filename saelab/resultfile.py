@@ -1,5 +1,7 @@
 """JSON result files that commands write into a run: circuits, absorption scores, steering runs."""
 
+from __future__ import annotations
+
 import json
 from collections.abc import Callable
 from pathlib import Path

@@ -107,6 +107,18 @@ def test_mismatched_store_is_refused_and_kept(decoder, tmp_path):
         harvest(small_cfg(tmp_path / "other.zarr"), model=decoder, progress=False)
 
 
+def test_overwrite_replaces_a_store_of_another_config(decoder, tmp_path):
+    def cfg(out, hook):
+        return small_cfg(out, hooks=[hook], max_tokens=96)
+
+    out = tmp_path / "s.zarr"
+    harvest(cfg(out, "blocks.0.hook_mlp_out"), model=decoder, progress=False)
+    store = harvest(cfg(out, "blocks.1.hook_mlp_out"), model=decoder, progress=False, overwrite=True)
+    assert store.hooks == ["blocks.1.hook_mlp_out"] and store.n_tokens == 96
+    harvest(cfg(tmp_path / "fresh.zarr", "blocks.1.hook_mlp_out"), model=decoder, progress=False)
+    assert _files(out) == _files(tmp_path / "fresh.zarr")  # the same bytes as a store made there first
+
+
 def test_empty_text_source_is_refused(decoder, tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n")
     cfg = small_cfg(tmp_path / "s.zarr", text=TextConfig(source="files", path=str(tmp_path / "empty.txt")))
@@ -123,6 +135,11 @@ def _run_cli(cfg_path: Path) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
+
+
+def _stderr_tail(proc: subprocess.Popen) -> str:
+    assert proc.stderr is not None
+    return proc.stderr.read().decode()[-2000:]
 
 
 def _rows_complete(out: Path) -> int:
@@ -158,7 +175,7 @@ def test_resume_after_sigkill_gives_identical_store(decoder_dir, tmp_path):
         return path
 
     ref = _run_cli(config("ref.zarr"))
-    assert ref.wait(timeout=300) == 0, ref.stderr.read().decode()[-2000:]
+    assert ref.wait(timeout=300) == 0, _stderr_tail(ref)
 
     out = tmp_path / "killed.zarr"
     for threshold in (3 * 512, 25 * 512):  # kill twice, at different points
@@ -170,7 +187,7 @@ def test_resume_after_sigkill_gives_identical_store(decoder_dir, tmp_path):
         proc.wait()
         assert not ActivationStore.open(str(out)).complete, "harvest finished before it could be killed"
     proc = _run_cli(config("killed.zarr"))
-    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
+    assert proc.wait(timeout=300) == 0, _stderr_tail(proc)
 
     got, want = _files(out), _files(tmp_path / "ref.zarr")
     assert sorted(got) == sorted(want)

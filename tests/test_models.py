@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from saelab.errors import HookError
+from saelab.errors import HookError, MissingError, ModelError
 from saelab.models import HOOK_KINDS, capture, hook_points, is_encoder, load_model, model_name, resolve_hooks
 
 KINDS = ["hook_resid_pre", "hook_resid_post", "hook_mlp_out", "hook_attn_out", "attn.hook_z"]
@@ -66,6 +66,7 @@ def test_saved_decoder_reloads_identically(decoder, decoder_dir):
     again = load_model(decoder_dir, device="cpu")
     tokens = torch.randint(0, 500, (2, 10))
     assert torch.equal(decoder(tokens), again(tokens))
+    assert again.tokenizer is not None and decoder.tokenizer is not None
     assert again.tokenizer.encode("hello") == decoder.tokenizer.encode("hello")
 
 
@@ -85,3 +86,11 @@ def test_local_hf_checkpoint_loads_through_the_bridge(minilm, tmp_path):
         capture(copy, tokens, points)["blocks.3.hook_resid_post"],
         capture(minilm, tokens, points)["blocks.3.hook_resid_post"],
     )
+
+
+def test_unknown_model_names_are_short_errors_with_close_matches(tmp_path):
+    with pytest.raises(ModelError, match="unknown model 'gpt2-smal'.*Closest names: gpt2-small") as err:
+        load_model("gpt2-smal", device="cpu")
+    assert len(str(err.value)) < 600  # not TransformerLens's list of every model it knows
+    with pytest.raises(MissingError, match="no model folder"):
+        load_model(str(tmp_path / "nowhere"), device="cpu")

@@ -7,7 +7,7 @@ from safetensors.numpy import save_file
 from typer.testing import CliRunner
 
 from saelab.cli import app
-from saelab.errors import StoreError
+from saelab.errors import OverwriteError, StoreError
 from saelab.importer import import_arrays, read_arrays
 from saelab.store import ActivationStore
 
@@ -89,3 +89,21 @@ def test_import_safetensors_and_cli(tmp_path):
 def test_opening_a_missing_store_is_a_clear_error(tmp_path):
     with pytest.raises(StoreError, match="no activation store"):
         ActivationStore.open(str(tmp_path / "nope.zarr"))
+
+
+def test_import_replaces_a_store_only_with_overwrite(tmp_path):
+    x = np.arange(20, dtype=np.float32).reshape(10, 2)
+    out = str(tmp_path / "s.zarr")
+    import_arrays({"a": x}, out, progress=False)
+    with pytest.raises(OverwriteError, match="already holds an activation store"):
+        import_arrays({"b": x}, out, progress=False)
+    assert ActivationStore.open(out).hooks == ["a"]
+    result = CliRunner().invoke(app, ["import", str(tmp_path / "v.npy"), "--out", out, "--overwrite"])
+    assert result.exit_code == 2 and "no such file" in result.stderr  # checked before the old store is touched
+    np.save(tmp_path / "v.npy", 2 * x)
+    result = CliRunner().invoke(app, ["import", str(tmp_path / "v.npy"), "--out", out, "--overwrite"])
+    assert result.exit_code == 0, result.output
+    store = ActivationStore.open(out)
+    assert store.hooks == ["v"] and torch.equal(store.activations("v"), torch.from_numpy(2 * x))
+    (tmp_path / "empty").mkdir()
+    assert import_arrays({"a": x}, str(tmp_path / "empty"), progress=False).n_tokens == 10  # an empty folder is fine

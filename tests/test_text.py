@@ -88,3 +88,10 @@ def test_hf_source_streams_a_dataset_repository(tmp_path):
     assert list(iter_documents(cfg)) == ["row 0", "row 1", "row 2"]
     with pytest.raises(ValueError, match="needs text.path"):
         TextConfig(source="hf")
+
+
+def test_text_files_that_are_not_utf8_are_named(tmp_path):
+    (tmp_path / "a.txt").write_text("fine text\n")
+    (tmp_path / "b.txt").write_bytes("na\xefve\n".encode("latin-1"))
+    with pytest.raises(TextSourceError, match=r"b\.txt is not UTF-8 text .*iconv"):
+        list(iter_documents(TextConfig(source="files", path=str(tmp_path))))
