@@ -11,7 +11,7 @@ from urllib.parse import urlencode
 
 import dash
 import numpy as np
-from dash import dcc, html
+from dash import Input, Output, State, dcc, html
 from dash.exceptions import PreventUpdate
 
 from saelab.dashboards.data import SaeInfo, finite, list_saes, token_text
@@ -223,6 +223,28 @@ def latent_chips(info: SaeInfo, pairs: Sequence[tuple[int, float]], label: str) 
         for i, v in pairs
     ]
     return html.Div(chips, className="chips")
+
+
+def navigation(app: dash.Dash, error: str, *dependencies: Input | State) -> Callable[[Callable[..., str]], Any]:
+    """Register a form's callback on `app`: it reads `dependencies` and returns the URL of the form's result, which
+    the app navigates to (so results are pages, shareable, and the back button works); its errors show in an
+    error box in component `error` instead."""
+
+    def decorate(make_url: Callable[..., str]) -> Any:
+        @app.callback(
+            Output("url", "href", allow_duplicate=True),
+            Output(error, "children", allow_duplicate=True),
+            *dependencies,
+            prevent_initial_call=True,
+        )
+        @guarded_callback(outputs=2, message=1)
+        @functools.wraps(make_url)
+        def navigate(*values: Any) -> tuple[str, None]:
+            return make_url(*values), None
+
+        return navigate
+
+    return decorate
 
 
 def sae_options(run: str) -> list[dict[str, str]]:

@@ -201,14 +201,24 @@ def curve_figure(circuit: Circuit) -> Figure:
         }
         for name in ("faithfulness", "completeness")
     ]
+    return _chart(
+        data,
+        height=320,
+        xaxis={"type": "log", "title": {"text": "nodes kept (top by |effect|)"}},
+        yaxis={"title": {"text": "metric recovered"}},
+    )
+
+
+def _chart(data: list[dict[str, Any]], *, height: int, xaxis: dict[str, Any], yaxis: dict[str, Any]) -> Figure:
+    """A chart of series against one axis with the legend below it (the faithfulness curve, the sweeps)."""
     return {
         "data": data,
         "layout": {
-            "height": 320,
+            "height": height,
             "margin": {"l": 48, "r": 8, "t": 8, "b": 44},
             "template": "plotly_white",
-            "xaxis": {"type": "log", "title": {"text": "nodes kept (top by |effect|)"}},
-            "yaxis": {"title": {"text": "metric recovered"}},
+            "xaxis": xaxis,
+            "yaxis": yaxis,
             "legend": {"orientation": "h", "y": -0.3},
         },
     }
@@ -234,17 +244,12 @@ def absorption_sweep_figure(results: list[AbsorptionResult], x: Literal["l0", "w
             ("full-absorption rate", "mean_full_absorption_rate"),
         )
     ]
-    return {
-        "data": data,
-        "layout": {
-            "height": 300,
-            "margin": {"l": 48, "r": 8, "t": 8, "b": 44},
-            "template": "plotly_white",
-            "xaxis": {
-                "title": {"text": "L0 (active latents at the word tokens)" if x == "l0" else "width (latents)"},
-                "type": "linear" if x == "l0" else "log",
-            },
-            "yaxis": {"title": {"text": "mean over scored labels"}, "rangemode": "tozero"},
-            "legend": {"orientation": "h", "y": -0.3},
+    return _chart(
+        data,
+        height=300,
+        xaxis={
+            "title": {"text": "L0 (active latents at the word tokens)" if x == "l0" else "width (latents)"},
+            "type": "linear" if x == "l0" else "log",
         },
-    }
+        yaxis={"title": {"text": "mean over scored labels"}, "rangemode": "tozero"},
+    )

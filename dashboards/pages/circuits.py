@@ -155,15 +155,7 @@ def register(app: Dash, run: str) -> None:
         figure, n_nodes, n_edges = graph_figure(circuit, node_min, edge_min)
         return figure, _count(n_nodes, n_edges, circuit)
 
-    @app.callback(
-        Output("url", "href", allow_duplicate=True),
-        Output("circuit-click", "children"),
-        Input("circuit-graph", "clickData"),
-        State("circuit-name", "data"),
-        prevent_initial_call=True,
-    )
-    @c.guarded_callback(outputs=2, message=1)
-    def open_node(click: Any, name: Any) -> tuple[Any, str]:
+    @c.navigation(app, "circuit-click", Input("circuit-graph", "clickData"), State("circuit-name", "data"))
+    def open_node(click: Any, name: Any) -> str:
         hook, latent = _clicked_node(click)
-        circuit = load_circuit(run, p.name(name, "circuit name"))
-        return node_link(run, circuit, hook, latent), ""
+        return node_link(run, load_circuit(run, p.name(name, "circuit name")), hook, latent)

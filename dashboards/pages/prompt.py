@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dash import Dash, Input, Output, State, dcc, html
+from dash import Dash, Input, State, dcc, html
 from dash.exceptions import PreventUpdate
 
 from saelab.dashboards import components as c
@@ -80,17 +80,15 @@ def prompt_results(run: str, info: SaeInfo, text: str, *, top: int) -> Any:
 def register(app: Dash, run: str) -> None:
     """The form navigates to the URL of its result, so a prompt's latents can be shared."""
 
-    @app.callback(
-        Output("url", "href", allow_duplicate=True),
-        Output("prompt-error", "children"),
+    @c.navigation(
+        app,
+        "prompt-error",
         Input("prompt-go", "n_clicks"),
         State("prompt-text", "value"),
         State("prompt-sae", "value"),
         State("prompt-top", "value"),
-        prevent_initial_call=True,
     )
-    @c.guarded_callback(outputs=2, message=1)
-    def run_prompt(clicks: Any, text: Any, sae: Any, top: Any) -> tuple[str, None]:
+    def run_prompt(clicks: Any, text: Any, sae: Any, top: Any) -> str:
         if not p.clicks(clicks):
             raise PreventUpdate
-        return c.page_url("prompt", **p.sae_choice(sae), top=_top(top), text=p.text(text, "prompt")), None
+        return c.page_url("prompt", **p.sae_choice(sae), top=_top(top), text=p.text(text, "prompt"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dash import Dash, Input, Output, State, dcc, html
+from dash import Dash, Input, State, dcc, html
 from dash.exceptions import PreventUpdate
 
 from saelab.dashboards import components as c
@@ -75,35 +75,27 @@ def token_results(run: str, info: SaeInfo, text: str) -> Any:
     )
 
 
+def _field(name: str) -> list[Input | State]:
+    """A form field `name` with its button `name-go`: a click or Enter submits its value, with the chosen SAE."""
+    return [
+        Input(f"{name}-go", "n_clicks"),
+        Input(name, "n_submit"),
+        State(name, "value"),
+        State("search-sae", "value"),
+    ]
+
+
 def register(app: Dash, run: str) -> None:
     """The forms navigate to the URL of their result (a feature page, a search), so results can be shared."""
 
-    @app.callback(
-        Output("url", "href", allow_duplicate=True),
-        Output("search-error", "children", allow_duplicate=True),
-        Input("search-id-go", "n_clicks"),
-        Input("search-id", "n_submit"),
-        State("search-id", "value"),
-        State("search-sae", "value"),
-        prevent_initial_call=True,
-    )
-    @c.guarded_callback(outputs=2, message=1)
-    def open_feature(clicks: Any, submits: Any, index: Any, sae: Any) -> tuple[str, None]:
+    @c.navigation(app, "search-error", *_field("search-id"))
+    def open_feature(clicks: Any, submits: Any, index: Any, sae: Any) -> str:
         if not p.clicks(clicks, submits):
             raise PreventUpdate
-        return c.page_url("feature", **p.sae_choice(sae), id=p.text(index, "feature id").strip()), None
+        return c.page_url("feature", **p.sae_choice(sae), id=p.text(index, "feature id").strip())
 
-    @app.callback(
-        Output("url", "href", allow_duplicate=True),
-        Output("search-error", "children", allow_duplicate=True),
-        Input("search-token-go", "n_clicks"),
-        Input("search-token", "n_submit"),
-        State("search-token", "value"),
-        State("search-sae", "value"),
-        prevent_initial_call=True,
-    )
-    @c.guarded_callback(outputs=2, message=1)
-    def search(clicks: Any, submits: Any, text: Any, sae: Any) -> tuple[str, None]:
+    @c.navigation(app, "search-error", *_field("search-token"))
+    def search(clicks: Any, submits: Any, text: Any, sae: Any) -> str:
         if not p.clicks(clicks, submits):
             raise PreventUpdate
-        return c.page_url("search", **p.sae_choice(sae), q=p.text(text, "search text")), None
+        return c.page_url("search", **p.sae_choice(sae), q=p.text(text, "search text"))

@@ -10,7 +10,7 @@ from functools import lru_cache
 from typing import Any, Literal, get_args
 
 import torch
-from dash import Dash, Input, Output, State, dcc, html
+from dash import Dash, Input, State, dcc, html
 from dash.exceptions import PreventUpdate
 
 from saelab import steering as st
@@ -74,6 +74,10 @@ def _request(run: str, info: SaeInfo, params: p.Params) -> st.Intervention:
     return iv
 
 
+def _dropdown(options: tuple[str, ...], value: str, component_id: str, width: str) -> dcc.Dropdown:
+    return dcc.Dropdown(list(options), value, id=component_id, clearable=False, style={"width": width})
+
+
 def _form(run: str, info: SaeInfo, params: p.Params, encoder: bool) -> html.Div:
     field = "query" if encoder else "prompt"
     latent = params.get("latent", "")
@@ -85,25 +89,13 @@ def _form(run: str, info: SaeInfo, params: p.Params, encoder: bool) -> html.Div:
                 "latent",
                 dcc.Input(id="steer-latent", type="text", value=params.get("latent", "0"), style={"width": "80px"}),
                 "mode",
-                dcc.Dropdown(
-                    list(MODES),
-                    params.get("mode") or "add",
-                    id="steer-mode",
-                    clearable=False,
-                    style={"width": "140px"},
-                ),
+                _dropdown(MODES, params.get("mode") or "add", "steer-mode", "140px"),
                 "coefficient (x typical max activation)",
                 dcc.Input(id="steer-coef", type="text", value=params.get("coef", "4"), style={"width": "70px"}),
                 html.Span(
                     [
                         "scope",
-                        dcc.Dropdown(
-                            list(SCOPES),
-                            params.get("scope") or "all",
-                            id="steer-scope",
-                            clearable=False,
-                            style={"width": "160px"},
-                        ),
+                        _dropdown(SCOPES, params.get("scope") or "all", "steer-scope", "160px"),
                     ],
                     className="form",
                     style={"display": "none"} if encoder else None,
@@ -272,23 +264,13 @@ def search_results(run: str, info: SaeInfo, iv: st.Intervention, query: str) -> 
 def register(app: Dash, run: str) -> None:
     """The form navigates to the URL of its result, so every steered view can be shared."""
 
-    @app.callback(
-        Output("url", "href", allow_duplicate=True),
-        Output("steer-error", "children"),
-        Input("steer-go", "n_clicks"),
-        State("steer-sae", "value"),
-        State("steer-latent", "value"),
-        State("steer-mode", "value"),
-        State("steer-coef", "value"),
-        State("steer-scope", "value"),
-        State("steer-text", "value"),
-        prevent_initial_call=True,
-    )
-    @c.guarded_callback(outputs=2, message=1)
-    def steer_url(clicks: Any, sae: Any, latent: Any, mode: Any, coef: Any, scope: Any, text: Any) -> tuple[str, None]:
+    fields = ("sae", "latent", "mode", "coef", "scope", "text")
+
+    @c.navigation(app, "steer-error", Input("steer-go", "n_clicks"), *[State(f"steer-{f}", "value") for f in fields])
+    def steer_url(clicks: Any, sae: Any, latent: Any, mode: Any, coef: Any, scope: Any, text: Any) -> str:
         if not p.clicks(clicks):
             raise PreventUpdate
-        url = c.page_url(
+        return c.page_url(
             "steering",
             **p.sae_choice(sae),
             latent=p.text(latent, "latent").strip(),
@@ -297,4 +279,3 @@ def register(app: Dash, run: str) -> None:
             scope=p.choice(scope, "scope", SCOPES, default="all", listing="Scopes"),
             text=p.text(text, "prompt"),
         )
-        return url, None
