@@ -174,7 +174,7 @@ def harvest(
     model = model if model is not None else load_model(cfg.model, device=cfg.device)
     points = resolve_hooks(model, cfg.hooks)
     special = SpecialTokens.for_tokenizer(model.tokenizer, is_encoder(model))
-    contexts = pack_contexts(iter_documents(cfg.text), model.tokenizer, special, cfg.context_length)
+    contexts = pack_contexts(iter_documents(cfg.text), model.tokenizer, special, context_length=cfg.context_length)
     batches = batch_contexts(contexts, cfg.batch_size, special)
     first = next(batches, None)
     if first is None:

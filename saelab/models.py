@@ -235,7 +235,7 @@ def flatten_heads(act: torch.Tensor) -> torch.Tensor:
 
 
 def forward_to(
-    model: Model, tokens: torch.Tensor, hook: str, attention_mask: torch.Tensor | None = None
+    model: Model, tokens: torch.Tensor, hook: str, *, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The activation at `hook` [batch, pos, d] (flattened over heads), the forward pass stopped there.
 

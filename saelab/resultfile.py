@@ -18,7 +18,7 @@ def write_json(path: str | Path, data: Any) -> Path:
     return path
 
 
-def read_json(path: str | Path, build: Callable[[dict], T], error: type[Exception], what: str, command: str) -> T:
+def read_json(path: str | Path, build: Callable[[dict], T], error: type[Exception], *, what: str, command: str) -> T:
     """`build` applied to the JSON at `path`. A missing file raises `error` naming the `command` that writes
     one; a file that does not parse or build raises `error` saying to compute it again."""
     path = Path(path)

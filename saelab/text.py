@@ -151,7 +151,7 @@ class ContextBatch:
 
 
 def pack_contexts(
-    docs: Iterable[str], tokenizer: Any, special: SpecialTokens, context_length: int
+    docs: Iterable[str], tokenizer: Any, special: SpecialTokens, *, context_length: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (tokens, doc_id) of each context, in order; the last partial context is dropped.
 

@@ -22,7 +22,7 @@ def test_embedded_corpus_is_real_prose_and_large_enough(minilm):
 def test_encoder_contexts_are_framed_with_cls_and_sep(minilm):
     special = SpecialTokens.for_tokenizer(minilm.tokenizer, encoder=True)
     docs = ["alpha beta gamma", "", "delta epsilon"]
-    ((tokens, doc_id),) = list(pack_contexts(docs * 4, minilm.tokenizer, special, 16))[:1]
+    ((tokens, doc_id),) = list(pack_contexts(docs * 4, minilm.tokenizer, special, context_length=16))[:1]
     tok = minilm.tokenizer
     assert tokens[0] == tok.cls_token_id and tokens[-1] == tok.sep_token_id and len(tokens) == 16
     assert doc_id[0] == -1 and doc_id[-1] == -1
@@ -35,7 +35,7 @@ def test_decoder_contexts_start_with_bos_and_separate_documents_with_eos(decoder
     tok = decoder.tokenizer
     special = SpecialTokens.for_tokenizer(tok, encoder=False)
     docs = ["one two three", "four five"] * 20
-    contexts = list(pack_contexts(docs, tok, special, 8))
+    contexts = list(pack_contexts(docs, tok, special, context_length=8))
     flat = np.concatenate([t[1:] for t, _ in contexts])
     assert all(t[0] == tok.bos_token_id for t, _ in contexts)
     expected = np.concatenate([tok.encode(d, add_special_tokens=False) + [tok.eos_token_id] for d in docs])
