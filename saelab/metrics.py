@@ -2,20 +2,6 @@
 
 from __future__ import annotations
 
-from saelab.train.metrics import (
-    DENSE_THRESHOLD,
-    ReconstructionMetrics,
-    SplicedMetrics,
-    eval_tokens,
-    reconstruction_metrics,
-    spliced_metrics,
-)
+from saelab.train.metrics import DENSE_THRESHOLD, eval_tokens, reconstruction_metrics, spliced_metrics
 
-__all__ = [
-    "DENSE_THRESHOLD",
-    "ReconstructionMetrics",
-    "SplicedMetrics",
-    "eval_tokens",
-    "reconstruction_metrics",
-    "spliced_metrics",
-]
+__all__ = ["DENSE_THRESHOLD", "eval_tokens", "reconstruction_metrics", "spliced_metrics"]

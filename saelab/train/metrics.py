@@ -93,9 +93,8 @@ def eval_tokens(store_config: dict[str, Any], model: Any, n_contexts: int) -> Te
     """The first `n_contexts` contexts of the store's text source, packed as the harvest packed them."""
     special = SpecialTokens.for_tokenizer(model.tokenizer, is_encoder(model))
     docs = iter_documents(TextConfig(**store_config["text"]))
-    contexts = [
-        t for t, _ in islice(pack_contexts(docs, model.tokenizer, special, store_config["context_length"]), n_contexts)
-    ]
+    packed = pack_contexts(docs, model.tokenizer, special, context_length=store_config["context_length"])
+    contexts = [t for t, _ in islice(packed, n_contexts)]
     return torch.from_numpy(np.stack(contexts)).to(device_of(model))
 
 
