@@ -1,0 +1,42 @@
+"""The activation store: sharded Zarr v3, one `[n_tokens, d]` array per hook point plus token metadata.
+
+Layout of a store (a local path or an fsspec URL such as `memory://` or `s3://`):
+
+    zarr.json                    group attributes: `saelab` (config, hooks, rows_complete, stats, ...)
+    activations/<hook name>      [n_tokens, d] float16 / float32 / bfloat16 (stored as uint16 bits)
+    tokens, doc_id, position, context    [n_tokens] aligned row for row
+
+Writers commit a shard at a time and then advance `rows_complete`; readers never look past it.
+"""
+
+from __future__ import annotations
+
+from saelab.store.layout import (
+    META_ARRAYS,
+    STORAGE_DTYPE,
+    TORCH_DTYPE,
+    check_new_store,
+    from_storage,
+    node_array,
+    open_group,
+    saelab_meta,
+    to_storage,
+)
+from saelab.store.prefetch import prefetch
+from saelab.store.reader import ActivationStore
+from saelab.store.writer import StoreWriter
+
+__all__ = [
+    "META_ARRAYS",
+    "STORAGE_DTYPE",
+    "TORCH_DTYPE",
+    "ActivationStore",
+    "StoreWriter",
+    "check_new_store",
+    "from_storage",
+    "node_array",
+    "open_group",
+    "prefetch",
+    "saelab_meta",
+    "to_storage",
+]
