@@ -53,7 +53,7 @@ def main() -> None:
         drop_special_tokens=False,
     )
     special = SpecialTokens.for_tokenizer(model.tokenizer, is_encoder(model))
-    contexts = pack_contexts(iter_documents(cfg.text), model.tokenizer, special, cfg.context_length)
+    contexts = pack_contexts(iter_documents(cfg.text), model.tokenizer, special, context_length=cfg.context_length)
     n_batches = -(-args.tokens // (args.batch_size * args.context_length))
     batches = [
         torch.from_numpy(b.tokens).to(device)

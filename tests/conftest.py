@@ -78,7 +78,7 @@ def train_decoder(model, steps: int = 80, context_length: int = 32, batch_size: 
     from saelab.text import SpecialTokens, embedded_documents, pack_contexts
 
     special = SpecialTokens.for_tokenizer(model.tokenizer, is_encoder(model))
-    contexts = pack_contexts(embedded_documents(), model.tokenizer, special, context_length)
+    contexts = pack_contexts(embedded_documents(), model.tokenizer, special, context_length=context_length)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     for _ in range(steps):

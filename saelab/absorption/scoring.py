@@ -197,7 +197,7 @@ class AbsorptionResult:
     def load(path: str | Path) -> AbsorptionResult:
         """Read a result `save` wrote; `AbsorptionError` naming the fix when it is missing or not one."""
         return read_json(
-            path, _absorption_result, AbsorptionError, "absorption result", "saelab absorption CONFIG.yaml"
+            path, _absorption_result, AbsorptionError, what="absorption result", command="saelab absorption CONFIG.yaml"
         )
 
 

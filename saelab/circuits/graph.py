@@ -96,7 +96,7 @@ class Circuit:
     @staticmethod
     def load(path: str | Path) -> Circuit:
         """Read a circuit written by `save`."""
-        return read_json(path, _circuit, CircuitError, "circuit", "saelab circuit CONFIG.yaml")
+        return read_json(path, _circuit, CircuitError, what="circuit", command="saelab circuit CONFIG.yaml")
 
 
 def _circuit(data: dict) -> Circuit:

@@ -123,7 +123,7 @@ def hook_acts(model: Model, tokens: Tensor, hook: str, *, mask: Tensor | None = 
     """The unsteered activations [batch, pos, d] at `hook` (flattened over heads; the pass stops there)."""
     resolve_hooks(model, [hook])
     with torch.no_grad():
-        return forward_to(model, tokens, hook, mask).float()
+        return forward_to(model, tokens, hook, attention_mask=mask).float()
 
 
 @torch.no_grad()

@@ -56,7 +56,9 @@ class SteeringResult:
     @staticmethod
     def load(path: str | Path) -> SteeringResult:
         """Read a result written by `save` (or by `saelab steer` before `SteeringResult` existed)."""
-        return read_json(path, _steering_result, SteeringError, "steering result", "saelab steer CONFIG.yaml")
+        return read_json(
+            path, _steering_result, SteeringError, what="steering result", command="saelab steer CONFIG.yaml"
+        )
 
     def summary(self) -> str:
         """A few lines for the terminal: one per coefficient."""

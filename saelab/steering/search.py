@@ -83,7 +83,9 @@ def embed(
             list(_padded(model, texts, batch_size, max_length)), desc="embed", disable=not progress
         ):
             with steer(model, inside):
-                last = forward_to(model, tokens, f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", mask)
+                last = forward_to(
+                    model, tokens, f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", attention_mask=mask
+                )
                 e = torch.nn.functional.normalize(_pool(last.float(), mask), dim=-1)
             rows.append(edit_embedding(e, outside))
             order += idx
