@@ -183,7 +183,7 @@ def format_validation_error(err: ValidationError, what: str, cls: type[BaseModel
             section = _section(cls, e["loc"][:-1]) if cls is not None else None
             new = getattr(section, "renamed", {}).get(str(e["loc"][-1])) if section is not None else None
             if new:
-                lines.append(f"  unknown key `{key}`: it is called `{new}` since saelab 0.2; rename it")
+                lines.append(f"  unknown key `{key}`: it is now called `{new}`; rename it")
             else:
                 lines.append(f"  unknown key `{key}`; remove it or check its spelling")
         elif e["type"] == "missing":

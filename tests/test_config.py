@@ -117,9 +117,9 @@ class _Outer(StrictModel):
 
 
 def test_renamed_keys_say_their_new_name():
-    with pytest.raises(ConfigError, match="unknown key `out`: it is called `run`"):
+    with pytest.raises(ConfigError, match="unknown key `out`: it is now called `run`"):
         build(_Outer, {"out": "x"}, "test config")
-    with pytest.raises(ConfigError, match="unknown key `inner.old`: it is called `new`"):
+    with pytest.raises(ConfigError, match="unknown key `inner.old`: it is now called `new`"):
         build(_Outer, {"inner": {"old": 1}}, "test config")
     with pytest.raises(ConfigError, match="unknown key `typo`; remove it"):
         build(_Outer, {"typo": 1}, "test config")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import Field, model_validator
 
@@ -74,6 +74,7 @@ class CircuitConfig(StrictModel):
     `<run>/circuits/<name>.json`. Each SAE is given by its folder, or by its variant name in the run
     (`<run>/saes/<hook>/<variant>`)."""
 
+    renamed: ClassVar[dict[str, str]] = {"out": "run"}
     name: str = Field(default="circuit", pattern=r"^[\w.-]+$")
     run: str
     model: str
