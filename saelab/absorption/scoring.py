@@ -4,9 +4,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -17,7 +16,7 @@ from saelab.absorption.data import ProbeData
 from saelab.absorption.probes import f1, k_sparse_probing
 from saelab.dictionaries import SAE
 from saelab.errors import AbsorptionError
-from saelab.resultfile import read_json, write_json
+from saelab.resultfile import JsonResult
 
 EPS = 1e-8
 
@@ -138,9 +137,13 @@ class LabelScore:
 
 
 @dataclass
-class AbsorptionResult:
+class AbsorptionResult(JsonResult):
     """Absorption of one SAE: per label, and the means over scored labels (SAEBench's
     `mean_absorption_fraction_score`, `mean_full_absorption_score`, `mean_num_split_features`)."""
+
+    what: ClassVar[str] = "absorption result"
+    command: ClassVar[str] = "saelab absorption CONFIG.yaml"
+    error: ClassVar[type[Exception]] = AbsorptionError
 
     hook: str
     """The hook point the SAE reads."""
@@ -189,16 +192,10 @@ class AbsorptionResult:
             f"L0 {self.l0:.1f}, width {self.d_sae}"
         )
 
-    def save(self, path: str | Path) -> Path:
-        """Write it as JSON to `path`; returns the path."""
-        return write_json(path, asdict(self))
-
-    @staticmethod
-    def load(path: str | Path) -> AbsorptionResult:
-        """Read a result `save` wrote; `AbsorptionError` naming the fix when it is missing or not one."""
-        return read_json(
-            path, _absorption_result, AbsorptionError, what="absorption result", command="saelab absorption CONFIG.yaml"
-        )
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AbsorptionResult:
+        """The result from its parsed JSON."""
+        return _absorption_result(data)
 
 
 def _absorption_result(data: dict) -> AbsorptionResult:

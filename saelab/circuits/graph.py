@@ -5,9 +5,8 @@ faithfulness."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -20,7 +19,7 @@ from saelab.circuits.splice import Baseline, check_saes, spliced_output
 from saelab.circuits.tasks import Task
 from saelab.errors import CircuitError
 from saelab.models import Model
-from saelab.resultfile import read_json, write_json
+from saelab.resultfile import JsonResult
 from saelab.sae import SAE
 
 
@@ -57,8 +56,12 @@ class Edge:
 
 
 @dataclass
-class Circuit:
+class Circuit(JsonResult):
     """A sparse feature circuit, as `find_circuit` finds it and `saelab circuit` writes it."""
+
+    what: ClassVar[str] = "circuit"
+    command: ClassVar[str] = "saelab circuit CONFIG.yaml"
+    error: ClassVar[type[Exception]] = CircuitError
 
     name: str
     """Its name (the file name under the run's circuits)."""
@@ -89,14 +92,10 @@ class Circuit:
             f"metric: {metric}\nfaithfulness by node count: {curve}"
         )
 
-    def save(self, path: str | Path) -> Path:
-        """Write the circuit as JSON."""
-        return write_json(path, asdict(self))
-
-    @staticmethod
-    def load(path: str | Path) -> Circuit:
-        """Read a circuit written by `save`."""
-        return read_json(path, _circuit, CircuitError, what="circuit", command="saelab circuit CONFIG.yaml")
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Circuit:
+        """The result from its parsed JSON."""
+        return _circuit(data)
 
 
 def _circuit(data: dict) -> Circuit:

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
 from saelab.errors import SteeringError
-from saelab.resultfile import read_json, write_json
+from saelab.resultfile import JsonResult
 
 
 @dataclass
-class SteeringResult:
+class SteeringResult(JsonResult):
     """One steering run: a latent steered at a sweep of coefficients, on a decoder's prompts (`kind`
     "generation") or an encoder's search queries (`kind` "search")."""
+
+    what: ClassVar[str] = "steering result"
+    command: ClassVar[str] = "saelab steer CONFIG.yaml"
+    error: ClassVar[type[Exception]] = SteeringError
 
     config: dict[str, Any]
     """The `SteerConfig` it was made with (as JSON)."""
@@ -49,17 +52,6 @@ class SteeringResult:
             return data | {"unsteered": self.unsteered, "rows": self.rows}
         return data | {"rows": self.rows, "documents": self.documents}
 
-    def save(self, path: str | Path) -> Path:
-        """Write the result as JSON."""
-        return write_json(path, self.to_json())
-
-    @staticmethod
-    def load(path: str | Path) -> SteeringResult:
-        """Read a result written by `save` (or by `saelab steer` before `SteeringResult` existed)."""
-        return read_json(
-            path, _steering_result, SteeringError, what="steering result", command="saelab steer CONFIG.yaml"
-        )
-
     def summary(self) -> str:
         """A few lines for the terminal: one per coefficient."""
         cfg = self.config
@@ -88,6 +80,11 @@ class SteeringResult:
                     f"activation on the neighbours {before:.3g} -> {after:.3g}"
                 )
         return "\n".join(lines)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SteeringResult:
+        """The result from its parsed JSON."""
+        return _steering_result(data)
 
 
 def _steering_result(data: dict[str, Any]) -> SteeringResult:
