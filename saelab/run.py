@@ -40,7 +40,7 @@ CIRCUITS = "circuits"
 STEERING = "steering"
 # Entries that make a folder a saelab run: it may be written into even when it is not empty.
 RUN_ENTRIES = (STORE, SAES, ANALYSIS, ABSORPTION, CIRCUITS, STEERING)
-MAX_NAME = 200  # longest hook, variant or result name accepted (file systems allow 255 bytes)
+MAX_NAME = 200  # longest hook, variant or result name accepted, in UTF-8 bytes (file systems allow 255)
 
 
 class SaeEntry(NamedTuple):
@@ -69,8 +69,8 @@ def check_name(name: str | None, what: str) -> str:
     """`name` if it is one path component a run may hold; `RunError` naming the problem otherwise."""
     if not isinstance(name, str) or not name:
         raise RunError(f"no {what} given; name one")
-    if len(name) > MAX_NAME:
-        raise RunError(f"the {what} {name[:40]!r}... is {len(name)} characters long; names have at most {MAX_NAME}")
+    if len(name.encode()) > MAX_NAME:
+        raise RunError(f"the {what} {name[:40]!r}... is {len(name.encode())} bytes long; names have at most {MAX_NAME}")
     if name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
         raise RunError(f"the {what} {name!r} is not a plain name (no '/', '\\', '.' or '..'); give the name alone")
     return name
