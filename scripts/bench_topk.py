@@ -42,12 +42,14 @@ def main() -> None:
 
     results = {}
     for case, k, cols in (("main", args.k, None), ("auxk", args.k_aux, dead)):
+        # Default arguments bind this iteration's k and columns (the calls run inside this iteration anyway).
         torch_fn = (
-            (lambda: pre.topk(k, dim=-1, sorted=False))
+            (lambda k=k: pre.topk(k, dim=-1, sorted=False))
             if cols is None
-            else (lambda: pre[:, cols].topk(k, dim=-1, sorted=False))
+            else (lambda k=k, cols=cols: pre[:, cols].topk(k, dim=-1, sorted=False))
         )
-        sec = time_round_robin({"saelab": lambda: topk_rows(pre, k, cols), "torch": torch_fn}, 2, args.repeats)
+        ours = lambda k=k, cols=cols: topk_rows(pre, k, cols)
+        sec = time_round_robin({"saelab": ours, "torch": torch_fn}, 2, args.repeats)
         ms = {name: 1e3 * s for name, s in sec.items()}
         results[case] = {"saelab_ms": ms["saelab"], "torch_ms": ms["torch"], "speedup": ms["torch"] / ms["saelab"]}
         print(
