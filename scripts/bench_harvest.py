@@ -28,7 +28,7 @@ HOOKS = [f"blocks.{layer}.{kind}" for layer in (1, 2) for kind in ("hook_resid_p
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--tokens", type=int, default=200_000)
     parser.add_argument("--batch-size", type=int, default=32)

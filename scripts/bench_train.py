@@ -67,7 +67,7 @@ def saelens_step(x: torch.Tensor, d_sae: int, k: int, dead: torch.Tensor) -> Cal
 
 def sparsify_step(x: torch.Tensor, d_sae: int, k: int, dead: torch.Tensor) -> Callable[[], None]:
     """sparsify's Trainer inner loop for one SparseCoder (fvu + auxk_alpha * auxk)."""
-    from sparsify import SparseCoder, SparseCoderConfig
+    from sparsify import SparseCoder, SparseCoderConfig  # pyright: ignore[reportMissingImports]  # the [bench] extra
 
     sae = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=d_sae, k=k))
     opt = torch.optim.Adam(sae.parameters(), lr=LR, fused=True)

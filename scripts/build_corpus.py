@@ -26,7 +26,7 @@ def docstrings(path: Path, module: str):
         tree = ast.parse(path.read_text(encoding="utf-8"))
     except (SyntaxError, UnicodeDecodeError):
         return
-    stack = [(tree, module)]
+    stack: list[tuple[ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef, str]] = [(tree, module)]
     while stack:
         node, name = stack.pop(0)
         doc = ast.get_docstring(node, clean=True)
@@ -38,7 +38,7 @@ def docstrings(path: Path, module: str):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("out", type=Path)
     args = parser.parse_args()
     root = Path(sysconfig.get_paths()["stdlib"])

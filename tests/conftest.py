@@ -7,7 +7,7 @@ from itertools import islice
 import numpy as np
 import pytest
 import torch
-from transformer_lens import HookedTransformerConfig
+from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from saelab.models import load_model, save_model
 from saelab.text import embedded_documents
@@ -95,13 +95,14 @@ def train_decoder(model, steps: int = 80, context_length: int = 32, batch_size: 
 def trained_decoder_dir(bpe_tokenizer, tmp_path_factory):
     """A tiny decoder trained for a few seconds, so that its loss means something."""
     model = load_model(decoder_config(len(bpe_tokenizer)), device="cpu", tokenizer=bpe_tokenizer)
+    assert isinstance(model, HookedTransformer)  # a config builds a HookedTransformer, which save_model takes
     return str(save_model(train_decoder(model), tmp_path_factory.mktemp("models") / "trained-decoder"))
 
 
 @pytest.fixture(scope="session")
 def induction_run(tmp_path_factory):
-    """A run with a known circuit (saelab.circuits.induction_run): the two-layer induction model, its attn.hook_z
+    """A run with a known circuit (saelab.toys.induction_run): the two-layer induction model, its attn.hook_z
     activations, a TopK SAE per layer and their analysis (about 15 s)."""
-    from saelab.circuits import induction_run as make_run
+    from saelab.toys import induction_run as make_run
 
     return make_run(tmp_path_factory.mktemp("induction") / "run", progress=False)
