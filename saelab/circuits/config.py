@@ -17,10 +17,10 @@ from saelab.circuits.nodes import Aggregation, Method
 from saelab.circuits.splice import Baseline
 from saelab.circuits.tasks import MetricName, Prompt, induction_task, prompt_task
 from saelab.config import StrictModel
+from saelab.dictionaries import SAE
 from saelab.errors import CircuitError, MissingError, RunError
 from saelab.models import device_of, load_model
 from saelab.run import RunDir
-from saelab.sae import SAE
 
 
 class InductionData(StrictModel):

@@ -19,8 +19,8 @@ from saelab.circuits.splice import (
     spliced_output,
 )
 from saelab.circuits.tasks import Task
+from saelab.dictionaries import SAE
 from saelab.models import Model
-from saelab.sae import SAE
 
 
 def _reader(sae: SAE, grad: Nodes, mask: Tensor, reps: int, read: list[Tensor]) -> Edit:

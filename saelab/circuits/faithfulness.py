@@ -23,9 +23,9 @@ from saelab.circuits.splice import (
     where_nodes,
 )
 from saelab.circuits.tasks import Task
+from saelab.dictionaries import SAE
 from saelab.errors import CircuitError
 from saelab.models import Model
-from saelab.sae import SAE
 
 
 class Curves(TypedDict):

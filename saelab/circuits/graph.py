@@ -17,10 +17,10 @@ from saelab.circuits.faithfulness import Curves, faithfulness_curve
 from saelab.circuits.nodes import Aggregation, Method, NodeKey, aggregate, node_effects
 from saelab.circuits.splice import Baseline, check_saes, spliced_output
 from saelab.circuits.tasks import Task
+from saelab.dictionaries import SAE
 from saelab.errors import CircuitError
 from saelab.models import Model
 from saelab.resultfile import JsonResult
-from saelab.sae import SAE
 
 
 @dataclass

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import torch
 from torch import Tensor
 
+from saelab.dictionaries import SAE
 from saelab.errors import CircuitError
 from saelab.models import HOOK_KINDS, Model, flatten_heads, forward_to, is_encoder, resolve_hooks
-from saelab.sae import SAE
 
 if TYPE_CHECKING:
     from saelab.circuits.tasks import Task
