@@ -70,7 +70,10 @@ def check_name(name: str | None, what: str) -> str:
     if not isinstance(name, str) or not name:
         raise RunError(f"no {what} given; name one")
     if len(name.encode()) > MAX_NAME:
-        raise RunError(f"the {what} {name[:40]!r}... is {len(name.encode())} bytes long; names have at most {MAX_NAME}")
+        raise RunError(
+            f"the {what} {name[:40]!r}... is {len(name)} characters long ({len(name.encode())} bytes in UTF-8); "
+            f"names have at most {MAX_NAME} bytes"
+        )
     if name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
         raise RunError(f"the {what} {name!r} is not a plain name (no '/', '\\', '.' or '..'); give the name alone")
     return name

@@ -59,8 +59,8 @@ def test_discovery_finds_each_dictionary_and_result_once(tmp_path):
         ("..", "not a plain name"),
         ("a/b", "not a plain name"),
         ("../../etc", "not a plain name"),
-        ("x" * 5000, "5000 bytes long"),
-        ("é" * 150, "300 bytes long"),
+        ("x" * 5000, "5000 characters long"),
+        ("é" * 150, r"150 characters long \(300 bytes in UTF-8\)"),
     ],
 )
 def test_names_that_leave_the_run_are_refused(tmp_path, name, problem):

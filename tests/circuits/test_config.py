@@ -73,7 +73,7 @@ def test_cli_reads_prompts_from_a_file(induction_run, tmp_path):
         ({"saes": {L0: "/nonexistent/sae"}}, "no SAE folder"),
         ({"metric": "logit_diff"}, "use metric logit or loss"),
         ({"nodes": 3}, "unknown key `nodes`"),
-        ({"model": "/nonexistent/model"}, "holds neither"),
+        ({"model": "/nonexistent/model"}, "no model folder"),
         ({"data": {"task": "induction", "length": 40}}, "needs 81 positions"),
         ({"data": {"task": "prompts"}}, "give either `prompts`"),
     ],
