@@ -1,7 +1,7 @@
 """Moved to `saelab.dictionaries` (`base`, `topk_family`, `dense_family`, `saelens`, `registry`); this module
 re-exports its names for this release.
 
-`CFG_FILENAME` / `WEIGHTS_FILENAME` are `saelab.run.SAE_CONFIG` / `SAE_WEIGHTS`: use those.
+The old `CFG_FILENAME` / `WEIGHTS_FILENAME` are `saelab.run.SAE_CONFIG` / `SAE_WEIGHTS`.
 """
 
 from __future__ import annotations
@@ -11,16 +11,12 @@ from saelab.dictionaries.dense_family import JumpReLUSAE, ReLUSAE
 from saelab.dictionaries.registry import ARCHITECTURES, Arch
 from saelab.dictionaries.saelens import SAELENS_ARCH, SAELENS_FORMAT_VERSION
 from saelab.dictionaries.topk_family import BatchTopKSAE, TopKSAE
-from saelab.run import SAE_CONFIG as CFG_FILENAME
-from saelab.run import SAE_WEIGHTS as WEIGHTS_FILENAME
 
 __all__ = [
     "ARCHITECTURES",
-    "CFG_FILENAME",
     "SAE",
     "SAELENS_ARCH",
     "SAELENS_FORMAT_VERSION",
-    "WEIGHTS_FILENAME",
     "Arch",
     "BatchTopKSAE",
     "DType",
