@@ -12,18 +12,6 @@ from saelab.dictionaries.registry import ARCHITECTURES, Arch
 from saelab.dictionaries.saelens import SAELENS_ARCH, SAELENS_FORMAT_VERSION
 from saelab.dictionaries.topk_family import BatchTopKSAE, TopKSAE
 
-__all__ = [
-    "ARCHITECTURES",
-    "SAE",
-    "SAELENS_ARCH",
-    "SAELENS_FORMAT_VERSION",
-    "Arch",
-    "BatchTopKSAE",
-    "DType",
-    "JumpReLUSAE",
-    "ReLUSAE",
-    "SAEConfig",
-    "TopKSAE",
-    "geometric_median",
-    "train_step",
-]
+__all__ = ["SAE", "DType", "SAEConfig", "geometric_median", "train_step"]  # saelab.dictionaries.base
+__all__ += ["BatchTopKSAE", "JumpReLUSAE", "ReLUSAE", "TopKSAE"]  # the TopK and dense families
+__all__ += ["ARCHITECTURES", "Arch", "SAELENS_ARCH", "SAELENS_FORMAT_VERSION"]  # registry and SAELens format
