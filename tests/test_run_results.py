@@ -33,6 +33,8 @@ def _page(run: RunDir, path: str, **params: str) -> str:
 def test_every_result_is_written_and_found_through_rundir_and_the_app(induction_run, tmp_path):
     run = RunDir(tmp_path / "run")
     shutil.copytree(induction_run, run.root)  # the session's run stays as the other tests expect it
+    for folder in (run.circuit("x").parent, run.steering("x").parent, run.absorption(HOOKS[0], "x").parent.parent):
+        shutil.rmtree(folder, ignore_errors=True)  # results other tests wrote into the session's run
 
     # The stages before the analyses: a store, one SAE per hook point with metrics, their feature analyses.
     store = ActivationStore.open(str(run.store))
