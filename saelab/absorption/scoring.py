@@ -195,12 +195,8 @@ class AbsorptionResult(JsonResult):
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> AbsorptionResult:
         """The result from its parsed JSON."""
-        return _absorption_result(data)
-
-
-def _absorption_result(data: dict) -> AbsorptionResult:
-    labels = [LabelScore(**(lab | {"cases": [Case(**c) for c in lab["cases"]]})) for lab in data.pop("labels")]
-    return AbsorptionResult(labels=labels, **data)
+        labels = [LabelScore(**(lab | {"cases": [Case(**c) for c in lab["cases"]]})) for lab in data.pop("labels")]
+        return AbsorptionResult(labels=labels, **data)
 
 
 @torch.no_grad()

@@ -95,13 +95,9 @@ class Circuit(JsonResult):
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Circuit:
         """The result from its parsed JSON."""
-        return _circuit(data)
-
-
-def _circuit(data: dict) -> Circuit:
-    return Circuit(
-        **(data | {"nodes": [Node(**n) for n in data["nodes"]], "edges": [Edge(**e) for e in data["edges"]]})
-    )
+        return Circuit(
+            **(data | {"nodes": [Node(**n) for n in data["nodes"]], "edges": [Edge(**e) for e in data["edges"]]})
+        )
 
 
 def _default_sizes(n_nodes: int) -> list[int]:

@@ -84,15 +84,11 @@ class SteeringResult(JsonResult):
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SteeringResult:
         """The result from its parsed JSON."""
-        return _steering_result(data)
-
-
-def _steering_result(data: dict[str, Any]) -> SteeringResult:
-    if data.get("kind") not in ("generation", "search"):
-        raise ValueError(f"kind {data.get('kind')!r} is neither 'generation' nor 'search'")
-    return SteeringResult(**data)
+        if data.get("kind") not in ("generation", "search"):
+            raise ValueError(f"kind {data.get('kind')!r} is neither 'generation' nor 'search'")
+        return SteeringResult(**data)
 
 
 def summary(result: SteeringResult | dict[str, Any]) -> str:
     """`SteeringResult.summary` of `result` (also of the plain dict `run_steering` used to return)."""
-    return (result if isinstance(result, SteeringResult) else _steering_result(dict(result))).summary()
+    return (result if isinstance(result, SteeringResult) else SteeringResult.from_json(dict(result))).summary()
