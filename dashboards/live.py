@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
 from saelab.dashboards.data import SaeInfo, check_model, feature_store, open_store, token_text
 from saelab.dictionaries import SAE
 from saelab.errors import RequestError, RunError
-from saelab.models import Model, capture, device_of, is_encoder, load_model, resolve_hooks
+from saelab.models import Model, capture, device_of, is_encoder, load_model, resolve_hooks, tokenizer_of
 from saelab.text import SpecialTokens
 
 
@@ -44,13 +44,6 @@ def run_model(run: str) -> Model:
         raise RunError(f"Cannot load the run's model {spec!r} ({type(err).__name__}: {err}).") from None
 
 
-def tokenizer_of(model: Model) -> Any:
-    """The model's tokenizer; `RunError` for a model loaded without one (text cannot go through it)."""
-    if model.tokenizer is None:
-        raise RunError(f"The run's model {model.cfg.model_name!r} has no tokenizer, so text cannot be run through it.")
-    return model.tokenizer
-
-
 class TokenMatch(NamedTuple):
     """One token of a search text and the latents that involve it."""
 
@@ -71,7 +64,7 @@ def search_token(run: str, info: SaeInfo, text: str) -> list[TokenMatch]:
         raise RequestError("Type a token or some text to search for.")
     fs = feature_store(run, info)
     try:
-        ids = tokenizer_of(run_model(run))(text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer_of(run_model(run), RunError)(text, add_special_tokens=False)["input_ids"]
     except RunError:
         ids = [i for i, s in enumerate(fs.vocab) if s.strip() == text.strip()]
     if not ids:
@@ -98,7 +91,7 @@ def prompt_latents(run: str, info: SaeInfo, text: str, *, top: int = 5) -> list[
         raise RequestError("The prompt is empty: type some text to see which latents fire on it.")
     check_model(run, info)
     model = run_model(run)
-    tokenizer = tokenizer_of(model)
+    tokenizer = tokenizer_of(model, RunError)
     special = SpecialTokens.for_tokenizer(tokenizer, is_encoder(model))
     body = tokenizer(text, add_special_tokens=False)["input_ids"]
     room = model.cfg.n_ctx - len(special.prefix) - len(special.suffix)

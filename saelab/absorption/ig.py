@@ -10,10 +10,10 @@ from torch import Tensor
 
 from saelab.absorption.prompts import PromptStyle, answer_text, encode_prompts, icl_prompt
 from saelab.absorption.scoring import EPS, LabelScore, decoder_cosines
-from saelab.absorption.vocab import LETTERS, Word, tokenizer_of
+from saelab.absorption.vocab import LETTERS, Word
 from saelab.dictionaries import SAE
 from saelab.errors import AbsorptionError
-from saelab.models import Model, device_of, forward_to, is_encoder
+from saelab.models import Model, device_of, forward_to, is_encoder, tokenizer_of
 
 
 class IgAbsorption(TypedDict):
@@ -58,7 +58,9 @@ def ig_absorption(
             "use the SAEBench metrics for encoders"
         )
     first = label.label in LETTERS
-    answer = tokenizer_of(model)(answer_text(label.label, first), add_special_tokens=False)["input_ids"]
+    answer = tokenizer_of(model, AbsorptionError)(answer_text(label.label, first), add_special_tokens=False)[
+        "input_ids"
+    ]
     if len(answer) != 1:
         raise AbsorptionError(
             f"the answer {answer_text(label.label, first)!r} is {len(answer)} tokens; the "

@@ -10,9 +10,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saelab.absorption.vocab import Word, tokenizer_of
+from saelab.absorption.vocab import Word
 from saelab.errors import AbsorptionError
-from saelab.models import Model, capture, device_of, is_encoder, resolve_hooks
+from saelab.models import Model, capture, device_of, is_encoder, resolve_hooks, tokenizer_of
 from saelab.text import SpecialTokens
 
 FIRST_LETTER_TEMPLATE = "{word} has the first letter:"
@@ -80,7 +80,7 @@ class EncodedPrompts(NamedTuple):
 def encode_prompts(model: Model, words: list[Word], prompts: list[str], *, template: str) -> EncodedPrompts:
     """Token ids of each prompt (with the model's special tokens) and the word token's position; prompts in
     which the word is not one token at the expected place are dropped (their indices are not in `kept`)."""
-    tokenizer = tokenizer_of(model)
+    tokenizer = tokenizer_of(model, AbsorptionError)
     special = SpecialTokens.for_tokenizer(tokenizer, is_encoder(model))
     after = template.split("{word}", 1)[1]
     n_after = len(tokenizer(after, add_special_tokens=False)["input_ids"]) + len(special.suffix)

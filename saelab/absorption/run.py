@@ -15,10 +15,10 @@ from saelab.absorption.data import ProbeData, probe_data
 from saelab.absorption.ig import ig_absorption
 from saelab.absorption.prompts import PromptStyle
 from saelab.absorption.scoring import AbsorptionResult, absorption_result
-from saelab.absorption.vocab import Word, labelled_vocabulary, load_label_table, tokenizer_of
+from saelab.absorption.vocab import Word, labelled_vocabulary, load_label_table
 from saelab.dictionaries import SAE
 from saelab.errors import AbsorptionError, MissingError
-from saelab.models import Model, device_of, load_model
+from saelab.models import Model, device_of, load_model, tokenizer_of
 from saelab.run import RunDir
 
 
@@ -81,7 +81,7 @@ def run_absorption(cfg: AbsorptionConfig, progress: bool = True) -> list[SavedRe
     table = load_label_table(cfg.labels) if cfg.labels else None
     style = PromptStyle.for_model(model, cfg.template, cfg.icl_examples)
     task = "first_letter" if table is None else Path(str(cfg.labels)).stem
-    vocab = labelled_vocabulary(tokenizer_of(model), table) if cfg.integrated_gradients else []
+    vocab = labelled_vocabulary(tokenizer_of(model, AbsorptionError), table) if cfg.integrated_gradients else []
     out = []
     for hook in sorted({sae.cfg.hook_name for _, sae in saes}):
         data = probe_data(

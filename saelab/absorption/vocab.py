@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Union
 
 from saelab.errors import AbsorptionError
-from saelab.models import Model
 
 LETTERS = string.ascii_lowercase
 
@@ -29,13 +28,6 @@ class Word:
     """The token's text, as `convert_tokens_to_string` writes it alone (e.g. `" cat"`)."""
     label: str
     """Its class: a lower-case first letter, or the label a function or table gave it."""
-
-
-def tokenizer_of(model: Model) -> Any:
-    """The model's tokenizer; `AbsorptionError` when it has none (the task's words are tokens)."""
-    if model.tokenizer is None:
-        raise AbsorptionError("the model has no tokenizer; absorption needs one to find its vocabulary")
-    return model.tokenizer
 
 
 def first_letter(word: str) -> str | None:

@@ -13,7 +13,7 @@ from torch import Tensor
 from saelab.circuits.splice import spliced_output
 from saelab.config import StrictModel
 from saelab.errors import CircuitError
-from saelab.models import Model, device_of, is_encoder
+from saelab.models import Model, device_of, is_encoder, tokenizer_of
 from saelab.text import SpecialTokens
 
 Metric = Callable[[Tensor], Tensor]
@@ -120,12 +120,6 @@ def _labels(model: Model, tokens: Tensor) -> list[str]:
     return [str(model.tokenizer.decode([t])) for t in tokens.tolist()]
 
 
-def _tokenizer(model: Model) -> Any:
-    if model.tokenizer is None:
-        raise CircuitError("this model has no tokenizer, so prompts cannot be read; give tokens as a `Task`")
-    return model.tokenizer
-
-
 def _single_token(tokenizer: Any, text: str, what: str) -> int:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
@@ -155,7 +149,7 @@ def prompt_task(model: Model, prompts: list[Prompt], metric: MetricName) -> Task
             f"metric {metric!r} does not suit this {'encoder' if encoder else 'decoder'}; use "
             f"{'similarity' if encoder else 'logit, logit_diff or loss'}"
         )
-    tokenizer = _tokenizer(model)
+    tokenizer = tokenizer_of(model, CircuitError)
     special = SpecialTokens.for_tokenizer(tokenizer, encoder)
 
     def encode(text: str) -> list[int]:

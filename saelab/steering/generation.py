@@ -13,16 +13,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saelab.errors import SteeringError
-from saelab.models import Model, device_of, forward_to, is_encoder, resolve_hooks
+from saelab.models import Model, device_of, forward_to, is_encoder, resolve_hooks, tokenizer_of
 from saelab.steering.interventions import Intervention, steer
 from saelab.text import SpecialTokens
-
-
-def tokenizer_of(model: Model) -> Any:
-    """The model's tokenizer; `SteeringError` when it has none (steering reads and writes text)."""
-    if model.tokenizer is None:
-        raise SteeringError("this model has no tokenizer, so text cannot be steered; load it with its tokenizer")
-    return model.tokenizer
 
 
 def prompt_tokens(model: Model, prompt: str) -> Tensor:
@@ -30,7 +23,7 @@ def prompt_tokens(model: Model, prompt: str) -> Tensor:
     [CLS] + its tokens + [SEP] for encoders."""
     if not prompt.strip():
         raise SteeringError("the prompt is empty: give some text to continue")
-    tokenizer = tokenizer_of(model)
+    tokenizer = tokenizer_of(model, SteeringError)
     special = SpecialTokens.for_tokenizer(tokenizer, is_encoder(model))
     ids = special.frame(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     return torch.tensor([ids], device=device_of(model))
@@ -77,7 +70,7 @@ def generate(
 
 def continuation(model: Model, tokens: Tensor, prompt_length: int) -> str:
     """The generated part of `tokens` [1, n] as text, up to the first end-of-text token."""
-    tokenizer = tokenizer_of(model)
+    tokenizer = tokenizer_of(model, SteeringError)
     ids = tokens[0, prompt_length:].tolist()
     eos = tokenizer.eos_token_id
     if eos is not None and eos in ids:

@@ -14,14 +14,14 @@ from tqdm.auto import tqdm
 
 from saelab.dictionaries import SAE
 from saelab.errors import SteeringError
-from saelab.models import Model, device_of, forward_to, is_encoder
-from saelab.steering.generation import hook_acts, tokenizer_of
+from saelab.models import Model, device_of, forward_to, is_encoder, tokenizer_of
+from saelab.steering.generation import hook_acts
 from saelab.steering.interventions import EMBEDDING, Intervention, check_interventions, steer
 from saelab.text import SpecialTokens
 
 
 def _encode_texts(model: Model, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    tokenizer = tokenizer_of(model)
+    tokenizer = tokenizer_of(model, SteeringError)
     special = SpecialTokens.for_tokenizer(tokenizer, is_encoder(model))
     room = min(max_length, model.cfg.n_ctx) - len(special.prefix) - len(special.suffix)
     ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
