@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from saelab.errors import ConfigError, MissingError
+from saelab.run import RunDir
 
 Dtype = Literal["float16", "bfloat16", "float32"]
 
@@ -59,10 +60,15 @@ class TextConfig(StrictModel):
 
 
 class HarvestConfig(StrictModel):
-    """Everything that decides what a harvest writes."""
+    """Everything that decides what a harvest writes.
+
+    Where the store goes: `run` (a run directory; the store is its `RunDir.store`) or `out` (a store path or
+    fsspec URL of its own); give one.
+    """
 
     model: str = Field(default="minilm", min_length=1)
     hooks: list[str]
+    run: str | None = Field(default=None, min_length=1)
     out: str = Field(min_length=1)
     text: TextConfig = TextConfig()
     context_length: int = Field(default=128, gt=0)
@@ -74,6 +80,15 @@ class HarvestConfig(StrictModel):
     chunk_rows: int = Field(default=4096, gt=0)
     compression: Literal["none", "zstd"] = "none"
     device: str = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _store_in_run(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("run") is not None:
+            if data.get("out") is not None and data["out"] != str(RunDir(data["run"]).store):
+                raise ValueError("give `run` (the store goes into the run directory) or `out`, not both")
+            data = {**data, "out": str(RunDir(data["run"]).store)}
+        return data
 
     @field_validator("hooks")
     @classmethod

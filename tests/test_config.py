@@ -9,6 +9,7 @@ import yaml
 
 from saelab.config import HarvestConfig, StrictModel, apply_overrides, build, load_config, split_override
 from saelab.errors import ConfigError, MissingError
+from saelab.run import RunDir
 
 
 def write(tmp_path, data, name="c.yaml"):
@@ -123,3 +124,11 @@ def test_renamed_keys_say_their_new_name():
         build(_Outer, {"inner": {"old": 1}}, "test config")
     with pytest.raises(ConfigError, match="unknown key `typo`; remove it"):
         build(_Outer, {"typo": 1}, "test config")
+
+
+def test_harvest_run_names_the_store_inside_the_run_directory(tmp_path):
+    cfg = HarvestConfig(hooks=["h"], run=str(tmp_path / "r"))
+    assert cfg.out == str(RunDir(tmp_path / "r").store)
+    assert HarvestConfig.model_validate(cfg.model_dump()).out == cfg.out  # a dumped config validates again
+    with pytest.raises(ConfigError, match="give `run`.*or `out`, not both"):
+        build(HarvestConfig, {"hooks": ["h"], "run": "r", "out": "elsewhere.zarr"}, "harvest config")
