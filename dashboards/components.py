@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ParamSpec
 from urllib.parse import urlencode
 
@@ -14,7 +14,7 @@ import numpy as np
 from dash import Input, Output, State, dcc, html
 from dash.exceptions import PreventUpdate
 
-from saelab.dashboards.data import SaeInfo, finite, list_saes, token_text
+from saelab.dashboards.data import NO_ANALYSIS, SaeInfo, finite, list_saes, token_text
 from saelab.errors import SaelabError
 from saelab.plots import HIGHLIGHT, histogram_figure
 
@@ -31,6 +31,7 @@ a { color: #0a58ca; text-decoration: none; } a:hover { text-decoration: underlin
 .card { background: #fff; border: 1px solid #d0d7de; border-radius: 6px; padding: 12px 16px; margin-bottom: 16px; }
 .card h3 { margin: 0 0 8px; font-size: 15px; }
 .muted { color: #656d76; }
+.row-error { color: #a8071a; }
 .error { background: #fff1f0; border: 1px solid #ffa39e; color: #a8071a; border-radius: 6px; padding: 12px 16px;
          margin: 16px 0; font-size: 15px; }
 .grid { display: grid; grid-template-columns: minmax(0, 3fr) minmax(0, 2fr); gap: 16px; }
@@ -247,9 +248,15 @@ def navigation(app: dash.Dash, error: str, *dependencies: Input | State) -> Call
     return decorate
 
 
-def sae_options(run: str) -> list[dict[str, str]]:
-    """SAE dropdown options: one per SAE of the run, valued `hook|variant`."""
-    return [{"label": f"{s.hook} · {s.variant}", "value": f"{s.hook}|{s.variant}"} for s in list_saes(run)]
+def sae_options(run: str) -> list[dict[str, Any]]:
+    """SAE dropdown options: one per SAE of the run, valued `hook|variant`; a broken SAE's is disabled and says
+    so (its page, if opened by URL, shows why)."""
+    return [
+        {"label": f"{s.hook} · {s.variant}", "value": f"{s.hook}|{s.variant}"}
+        if s.error is None
+        else {"label": f"{s.hook} · {s.variant} (cannot be read)", "value": f"{s.hook}|{s.variant}", "disabled": True}
+        for s in list_saes(run)
+    ]
 
 
 def sae_dropdown(run: str, info: SaeInfo, component_id: str) -> dcc.Dropdown:
@@ -259,8 +266,35 @@ def sae_dropdown(run: str, info: SaeInfo, component_id: str) -> dcc.Dropdown:
     )
 
 
-def metrics_table(run_saes: list[SaeInfo], store_model: str, analysed: set[tuple[str, str]]) -> html.Table:
-    """One row per SAE: its training metrics and links into its features."""
+def _browse(info: SaeInfo, store_model: str, analysis: str | None) -> Any:
+    """An SAE's links into its features, search and prompt, or why they cannot be followed: the SAE cannot be
+    read, was trained on another model, its analysis is missing (`NO_ANALYSIS`) or cannot be read (`analysis`)."""
+    prompt = dcc.Link("prompt", href=page_url("prompt", hook=info.hook, sae=info.variant))
+    if info.error is not None:
+        return html.Span(info.error, className="row-error")
+    if info.model_name and store_model and info.model_name != store_model:
+        return html.Span(f"trained on {info.model_name!r}, not {store_model!r}", className="muted")
+    if analysis == NO_ANALYSIS:
+        return html.Span([html.Span(NO_ANALYSIS, className="muted"), " · ", prompt])
+    if analysis is not None:
+        return html.Span([html.Span(analysis, className="row-error"), " · ", prompt])
+    return html.Span(
+        [
+            feature_link(info, 0, "features"),
+            " · ",
+            dcc.Link("search", href=page_url("search", hook=info.hook, sae=info.variant)),
+            " · ",
+            prompt,
+        ]
+    )
+
+
+def metrics_table(
+    run_saes: list[SaeInfo], store_model: str, analyses: Mapping[tuple[str, str], str | None]
+) -> html.Table:
+    """One row per SAE: its training metrics and links into its features; `analyses` holds, per (hook, variant),
+    why its features cannot be browsed (`saelab.dashboards.data.analysis_problem`; None: they can). A broken SAE's
+    row shows its error."""
     cols = [("fvu", "FVU"), ("l0", "L0"), ("dead_frac", "dead"), ("dense_frac", "dense"), ("ce_loss_score", "CE score")]
     head = html.Tr(
         [
@@ -276,31 +310,17 @@ def metrics_table(run_saes: list[SaeInfo], store_model: str, analysed: set[tuple
     rows = []
     for s in run_saes:
         m = s.metrics
-        prompt = dcc.Link("prompt", href=page_url("prompt", hook=s.hook, sae=s.variant))
-        if s.model_name and store_model and s.model_name != store_model:
-            browse: Any = html.Span(f"trained on {s.model_name!r}, not {store_model!r}", className="muted")
-        elif (s.hook, s.variant) in analysed:
-            browse = html.Span(
-                [
-                    feature_link(s, 0, "features"),
-                    " · ",
-                    dcc.Link("search", href=page_url("search", hook=s.hook, sae=s.variant)),
-                    " · ",
-                    prompt,
-                ]
-            )
-        else:
-            browse = html.Span([html.Span("no analysis yet", className="muted"), " · ", prompt])
+        browse = _browse(s, store_model, analyses.get((s.hook, s.variant)))
         rows.append(
             html.Tr(
                 [
                     html.Td(s.hook),
                     html.Td(s.variant),
-                    html.Td(m.get("arch", "")),
+                    html.Td(str(m.get("arch", ""))),
                     html.Td(str(m.get("k", "")), className="num"),
                     html.Td(str(m.get("width", "")), className="num"),
                     *[html.Td(fmt(m.get(key)) if "stopped" not in m else "", className="num") for key, _ in cols],
-                    html.Td(html.Span(m["stopped"], className="muted") if "stopped" in m else browse),
+                    html.Td(html.Span(str(m["stopped"]), className="muted") if "stopped" in m else browse),
                 ]
             )
         )

@@ -4,7 +4,10 @@ SAEs (`RunDir.saes()`), their metrics and feature analyses, the activation store
 Everything expensive to open (stores, feature analyses, result files) is cached per process and per version of
 what it reads, so a page costs only the reads of what it shows. Problems a user can fix raise a `SaelabError`
 (`RunError` here) whose message names the problem and the fix; the app shows any `SaelabError` in an error box.
-The model runs (`run_model`, the live prompt) are in `saelab.dashboards.live`.
+
+A broken SAE folder (an unreadable `cfg.json` or `metrics.json`, missing or damaged weights) stays local: it is
+listed with its `SaeInfo.error`, its own pages show that error, and every other SAE's pages work. The model runs
+(`run_model`, the live prompt) are in `saelab.dashboards.live`.
 """
 
 from __future__ import annotations
@@ -19,16 +22,19 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 from saelab.absorption import AbsorptionResult
 from saelab.analysis import FeatureStore
 from saelab.circuits import Circuit
 from saelab.dashboards.params import Params
 from saelab.errors import RunError
-from saelab.run import SAE_CONFIG, RunDir, SaeEntry
+from saelab.run import SAE_CONFIG, SAE_WEIGHTS, RunDir, SaeEntry
 from saelab.store import ActivationStore
 
 T = TypeVar("T")
+NO_ANALYSIS = "no analysis yet"
+"""`analysis_problem` of an SAE that `saelab analyze` has not run for."""
 
 
 @dataclass(frozen=True)
@@ -45,42 +51,89 @@ class SaeInfo:
     """The model it was trained on, as its config records it ("" when it does not)."""
     metrics: dict[str, Any]
     """Its held-out metrics (empty when the run has none for it)."""
+    error: str | None = None
+    """Why it cannot be used, naming the file and the fix (an unreadable `cfg.json` or `metrics.json`, missing or
+    damaged weights); None when it can. Its overview row and every page of it show this instead."""
 
 
 def open_store(run: str) -> ActivationStore:
     """The run's activation store; `RunError` when it is missing or unreadable."""
     path = RunDir(run).store
+    return _open_folder(
+        ActivationStore.open,
+        path,
+        missing=f"No activation store at {path}. Is {run} a saelab run directory? "
+        f"Run `saelab harvest` with `out` set to {path}.",
+        damaged=f"The activation store {path} cannot be read",
+        fix="Harvest it again.",
+    )
+
+
+def _open_folder(open_: Callable[[str], T], path: Path, *, missing: str, damaged: str, fix: str) -> T:
+    """`open_(path)` for a folder of the run (the activation store, a feature analysis), once per version of it:
+    `RunError(missing)` when there is no such folder, and `damaged` with the reason and `fix` when it cannot be
+    opened (zarr raises many kinds of errors for damaged metadata)."""
     if not path.is_dir():
-        raise RunError(
-            f"No activation store at {path}. Is {run} a saelab run directory? "
-            f"Run `saelab harvest` with `out` set to {path}."
-        )
-    return _open_store(str(path), path.stat().st_mtime_ns)
-
-
-@lru_cache(maxsize=8)
-def _open_store(path: str, mtime: int) -> ActivationStore:
+        raise RunError(missing)
     try:
-        return ActivationStore.open(path)
-    except Exception as err:  # zarr raises many kinds of errors for damaged metadata
-        raise RunError(
-            f"The activation store {path} cannot be read ({type(err).__name__}: {err}). Harvest it again."
-        ) from None
+        return cached_result(open_, path)
+    except Exception as err:
+        raise RunError(f"{damaged} ({type(err).__name__}: {err}). {fix}") from None
+
+
+def _sae_file(path: Path) -> dict[str, Any]:
+    """The JSON object in an SAE's file `path` (`cfg.json`, `metrics.json`); `ValueError` naming the file and
+    what is wrong otherwise."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"its {path} cannot be read ({err})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"its {path} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def _model_name(config: Path) -> str:
+    """The model an SAE's `cfg.json` says it was trained on (saelab's and SAELens's keys), or ""."""
+    meta = _sae_file(config).get("metadata") or {}
+    own = (meta.get("saelab_config") or {}) if isinstance(meta, dict) else None
+    if not isinstance(own, dict):
+        raise ValueError(f"the `metadata` of its {config} is not laid out as saelab and SAELens write it")
+    return str(own.get("model_name") or meta.get("model_name") or "")
+
+
+def _check_weights(weights: Path) -> None:
+    """`ValueError` when an SAE's weights file is missing or is not a whole safetensors file (its header must
+    describe exactly the bytes that follow it); reads the header only."""
+    if not weights.is_file():
+        raise ValueError(f"it has no weights ({weights} is missing)")
+    try:
+        with safe_open(weights, framework="pt"):
+            pass
+    except (OSError, SafetensorError) as err:
+        raise ValueError(f"its weights {weights} cannot be read ({err}): the file is damaged or cut short") from None
 
 
 def _read_sae(run: RunDir, entry: SaeEntry) -> SaeInfo:
+    """The SAE's `SaeInfo`; one that cannot be used has its `error` set (this reads its config, its metrics and its
+    weights' header, never the weights themselves)."""
+    metrics_path = run.sae_metrics(entry.hook, entry.variant)
     try:
-        meta = json.loads((entry.path / SAE_CONFIG).read_text()).get("metadata") or {}
-        model = str((meta.get("saelab_config") or {}).get("model_name") or meta.get("model_name") or "")
-        metrics_path = run.sae_metrics(entry.hook, entry.variant)
-        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    except (OSError, ValueError, AttributeError) as err:  # AttributeError: JSON that is not an object
-        raise RunError(f"SAE folder {entry.path} is unreadable ({err}); train it again.") from None
+        model = _model_name(entry.path / SAE_CONFIG)
+        metrics = _sae_file(metrics_path) if metrics_path.is_file() else {}
+        _check_weights(entry.path / SAE_WEIGHTS)
+    except ValueError as err:
+        error = (
+            f"The SAE {entry.hook}/{entry.variant} cannot be used: {err}. Copy its folder {entry.path} again from "
+            "where it came, or train it again with `saelab train`; removing the folder hides it from the app."
+        )
+        return SaeInfo(entry.hook, entry.variant, entry.path, "", {}, error)
     return SaeInfo(entry.hook, entry.variant, entry.path, model, metrics)
 
 
 def list_saes(run: str) -> list[SaeInfo]:
-    """Every SAE of the run (`RunDir.saes()`), sorted; `RunError` when there are none."""
+    """Every SAE of the run (`RunDir.saes()`), sorted, the broken ones with their `error`; `RunError` when there
+    are none."""
     run_dir = RunDir(run)
     entries = run_dir.saes()
     if not entries:
@@ -92,19 +145,28 @@ def list_saes(run: str) -> list[SaeInfo]:
 
 def sae_info(run: str, hook: str | None, variant: str | None) -> SaeInfo:
     """The SAE `hook`/`variant` of the run; `RunError` naming the ones that exist if it is not there (and for
-    names that are not plain names, or are too long to be one)."""
+    names that are not plain names, or are too long to be one), or saying what is wrong with it if it is broken."""
     run_dir = RunDir(run)
     folder = run_dir.sae(hook or "", variant or "") if hook and variant else None
     if folder is not None and (folder / SAE_CONFIG).is_file():
-        return _read_sae(run_dir, SaeEntry(folder.parent.name, folder.name, folder))
+        info = _read_sae(run_dir, SaeEntry(folder.parent.name, folder.name, folder))
+        if info.error:
+            raise RunError(info.error)
+        return info
     known = ", ".join(f"{s.hook}/{s.variant}" for s in list_saes(run))
     raise RunError(f"The run has no SAE {hook}/{variant}. It has: {known}.")
 
 
 def default_sae(run: str) -> SaeInfo:
-    """The first SAE trained on the run's own model (the first SAE if none is)."""
+    """The SAE a page shows when its URL names none: the first usable SAE trained on the run's own model (any
+    usable SAE if none is), preferring one whose feature analysis can be read; `RunError` with the first SAE's
+    problem when none can be used."""
     saes, model = list_saes(run), open_store(run).model
-    return next((s for s in saes if s.model_name in ("", model)), saes[0])
+    usable = [s for s in saes if s.error is None]
+    if not usable:
+        raise RunError(f"None of the run's {len(saes)} SAEs can be used. {saes[0].error}")
+    own = [s for s in usable if s.model_name in ("", model)] or usable
+    return next((s for s in own if analysis_problem(run, s) is None), own[0])
 
 
 def chosen_sae(run: str, params: Params) -> SaeInfo:
@@ -132,24 +194,28 @@ def analysis_path(run: str, info: SaeInfo) -> Path:
 
 
 def feature_store(run: str, info: SaeInfo) -> FeatureStore:
-    """The SAE's feature analysis (`saelab.analysis.FeatureStore`), opened once per process."""
+    """The SAE's feature analysis (`saelab.analysis.FeatureStore`), opened once per process and version of it."""
     path = analysis_path(run, info)
-    if not path.is_dir():
-        raise RunError(
-            f"SAE {info.hook}/{info.variant} has no feature analysis yet (no {path}). "
-            f"Run `saelab analyze {run}` to compute it."
-        )
-    return _feature_store(str(path), path.stat().st_mtime_ns)
+    return _open_folder(
+        FeatureStore.open,
+        path,
+        missing=f"SAE {info.hook}/{info.variant} has no feature analysis yet (no {path}). "
+        f"Run `saelab analyze {run}` to compute it.",
+        damaged=f"The feature analysis {path} of SAE {info.hook}/{info.variant} cannot be read",
+        fix=f"Run `saelab analyze {run}` again to recompute it.",
+    )
 
 
-@lru_cache(maxsize=16)
-def _feature_store(path: str, mtime: int) -> FeatureStore:
+def analysis_problem(run: str, info: SaeInfo) -> str | None:
+    """Why the SAE's features cannot be browsed, or None when they can: `NO_ANALYSIS` when `saelab analyze` has
+    not run for it, the `RunError` message when its analysis cannot be read."""
+    if not analysis_path(run, info).is_dir():
+        return NO_ANALYSIS
     try:
-        return FeatureStore.open(path)
-    except Exception as err:
-        raise RunError(
-            f"The feature analysis {path} cannot be read ({type(err).__name__}: {err}); run the analysis again."
-        ) from None
+        feature_store(run, info)
+    except RunError as err:
+        return str(err)
+    return None
 
 
 def token_text(vocab: list[str], token_id: int) -> str:
@@ -183,12 +249,12 @@ def valid_ids(ids: np.ndarray, values: np.ndarray) -> list[tuple[int, float]]:
 
 # --------------------------------------------------------------------------------------------- results
 def cached_result(load: Callable[[str], T], path: Path) -> T:
-    """`load(path)` once per version of the file (a circuit, an absorption result). The `SaelabError` it raises
-    for a broken file reaches the page, which shows it."""
+    """`load(path)` once per process and version of `path` (its modification time): a circuit, an absorption
+    result, a store. The `SaelabError` it raises for a broken file reaches the page, which shows it."""
     return _cached_result(load, str(path), path.stat().st_mtime_ns)
 
 
-@lru_cache(maxsize=32)
+@lru_cache(maxsize=64)
 def _cached_result(load: Callable[[str], T], path: str, mtime: int) -> T:
     return load(path)
 

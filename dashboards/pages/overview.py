@@ -9,7 +9,7 @@ from typing import Any
 from dash import dcc, html
 
 from saelab.dashboards import components as c
-from saelab.dashboards.data import analysis_path, list_saes, open_store
+from saelab.dashboards.data import analysis_problem, list_saes, open_store
 from saelab.dashboards.params import Params
 from saelab.run import RunDir
 from saelab.train.sweep import pareto_figure, read_results
@@ -20,10 +20,11 @@ NAV = True
 
 @c.guarded
 def layout(run: str, params: Params) -> Any:
-    """The run: its store, its SAEs with their metrics, and the sweep's Pareto plot if there is one."""
+    """The run: its store, its SAEs with their metrics, and the sweep's Pareto plot if there is one. A broken SAE
+    (or analysis) shows its error in its own row; the others' rows link to their pages as usual."""
     store = open_store(run)
     saes = list_saes(run)
-    analysed = {(s.hook, s.variant) for s in saes if analysis_path(run, s).is_dir()}
+    analyses = {(s.hook, s.variant): analysis_problem(run, s) for s in saes if s.error is None}
     hooks = html.Table(
         [
             html.Thead(
@@ -60,7 +61,7 @@ def layout(run: str, params: Params) -> Any:
             html.Div(run, className="muted", style={"marginTop": "8px"}),
         ),
         c.card("Hook points", hooks),
-        c.card("SAEs", c.metrics_table(saes, store.model, analysed)),
+        c.card("SAEs", c.metrics_table(saes, store.model, analyses)),
     ]
     results = RunDir(run).sweep_table
     if results.is_file():
