@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from itertools import chain, islice
+from itertools import islice
 
 import numpy as np
 import torch
@@ -14,9 +15,10 @@ from tqdm.auto import tqdm
 
 from saelab.config import HarvestConfig
 from saelab.errors import StoreError, TextSourceError
-from saelab.models import Model, capture, device_of, is_encoder, load_model, model_name, resolve_hooks
+from saelab.models import HookPoint, Model, capture, device_of, is_encoder, load_model, model_name, resolve_hooks
 from saelab.store import ActivationStore, StoreWriter, saelab_meta, to_storage
-from saelab.text import SpecialTokens, batch_contexts, iter_documents, pack_contexts
+from saelab.store.checksums import DamagedShard
+from saelab.text import ContextBatch, SpecialTokens, batch_contexts, iter_documents, pack_contexts
 
 IDENTITY_KEYS = (
     "model",
@@ -67,6 +69,12 @@ class _Piece:
             {k: v[a:b] for k, v in self.meta.items()},
         )
 
+    @staticmethod
+    def join(pieces: list[_Piece]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The activations (by hook) and metadata arrays of consecutive pieces, concatenated."""
+        acts = {h: np.concatenate([p.acts[h] for p in pieces]) for h in pieces[0].acts}
+        return acts, {k: np.concatenate([p.meta[k] for p in pieces]) for k in pieces[0].meta}
+
 
 class _ShardWriter(threading.Thread):
     """Buffers pieces and writes whole shards beside the forward pass; commits after each shard."""
@@ -106,9 +114,7 @@ class _ShardWriter(threading.Thread):
                 kept.append(p)
         self.buffer = kept
         if take:
-            acts = {h: np.concatenate([p.acts[h] for p in take]) for h in take[0].acts}
-            meta = {k: np.concatenate([p.meta[k] for p in take]) for k in take[0].meta}
-            self.writer.write(start, acts, meta)
+            self.writer.write(start, *_Piece.join(take))
         if final:
             self.writer.commit(start + n, complete=True, resume=None)
         elif kept:  # resume by rerunning the batch that holds the first uncommitted row
@@ -173,23 +179,19 @@ def harvest(
     """
     model = model if model is not None else load_model(cfg.model, device=cfg.device)
     points = resolve_hooks(model, cfg.hooks)
-    special = SpecialTokens.for_tokenizer(model.tokenizer, is_encoder(model))
-    contexts = pack_contexts(iter_documents(cfg.text), model.tokenizer, special, context_length=cfg.context_length)
-    batches = batch_contexts(contexts, cfg.batch_size, special)
-    first = next(batches, None)
-    if first is None:
+    if next(_batches(cfg, model), None) is None:
         raise TextSourceError(
             f"text source {cfg.text.model_dump(exclude_defaults=True) or 'embedded'} gave no complete context of "
             f"{cfg.context_length} tokens; give more text or a smaller context_length"
         )
     writer = _open_writer(cfg, model, {p.name: p.d for p in points}, overwrite=overwrite)
+    damaged = ActivationStore(writer.group, cfg.out, verify=False).check().damaged
+    if damaged:
+        _repair(writer, cfg, model, points, damaged, progress=progress)
     if writer.meta["complete"]:
         return ActivationStore.open(cfg.out)
-    batches = chain([first], batches)
     resume = writer.meta["resume"]
-    first_batch, rows = resume["batch"], resume["rows"]
     done = writer.rows_complete
-    device = device_of(model)
 
     shard_writer = _ShardWriter(writer, cfg.shard_rows)
     shard_writer.start()
@@ -203,33 +205,17 @@ def harvest(
         smoothing=0.1,
     )
     try:
-        for b, batch in enumerate(islice(batches, first_batch, None), start=first_batch):
-            acts = capture(model, torch.from_numpy(batch.tokens).to(device), points)
-            keep = ~batch.special.reshape(-1) if cfg.drop_special_tokens else np.ones(batch.tokens.size, bool)
-            keep_t = torch.from_numpy(keep).to(device)
-            piece = _Piece(
-                b,
-                rows,
-                0,
-                {p.name: to_storage(acts[p.name].reshape(-1, p.d)[keep_t], cfg.dtype) for p in points},
-                {
-                    "tokens": batch.tokens.reshape(-1)[keep].astype(np.int32),
-                    "doc_id": batch.doc_id.reshape(-1)[keep],
-                    "position": batch.position.reshape(-1)[keep],
-                    "context": np.repeat(b * cfg.batch_size + np.arange(len(batch)), batch.tokens.shape[1])[keep],
-                },
-            )
-            rows += len(piece)
-            if rows <= done:  # rows of this batch were committed before the interruption
-                continue
-            if piece.start < done:
+        pieces = _pieces(cfg, model, points, first=(resume["batch"], resume["rows"]), needed=lambda a, b: b > done)
+        for piece in pieces:
+            end = piece.start + len(piece)
+            if piece.start < done:  # rows of this batch were committed before the interruption
                 piece = piece.cut(done - piece.start, len(piece))
-            if cfg.max_tokens is not None and rows >= cfg.max_tokens:
-                piece = piece.cut(0, len(piece) - (rows - cfg.max_tokens))
-                rows = cfg.max_tokens
+            if cfg.max_tokens is not None and end >= cfg.max_tokens:
+                piece = piece.cut(0, len(piece) - (end - cfg.max_tokens))
+                end = cfg.max_tokens
             _put(shard_writer, piece)
             bar.update(len(piece))
-            if rows == cfg.max_tokens:
+            if end == cfg.max_tokens:
                 break
         _put(shard_writer, FINISH)
         shard_writer.join()
@@ -241,6 +227,79 @@ def harvest(
     if shard_writer.error is not None:
         raise shard_writer.error
     return ActivationStore.open(cfg.out)
+
+
+def _batches(cfg: HarvestConfig, model: Model) -> Iterator[ContextBatch]:
+    """The batches of packed contexts of the config's text, from the first."""
+    special = SpecialTokens.for_tokenizer(model.tokenizer, is_encoder(model))
+    contexts = pack_contexts(iter_documents(cfg.text), model.tokenizer, special, context_length=cfg.context_length)
+    return batch_contexts(contexts, cfg.batch_size, special)
+
+
+def _pieces(
+    cfg: HarvestConfig,
+    model: Model,
+    points: list[HookPoint],
+    *,
+    first: tuple[int, int],
+    needed: Callable[[int, int], bool],
+) -> Iterator[_Piece]:
+    """The kept rows of every batch from batch `first[0]`, whose first kept row is store row `first[1]`; the model
+    runs only on the batches whose rows `[start, stop)` are `needed`, the others are skipped."""
+    device = device_of(model)
+    rows = first[1]
+    for b, batch in enumerate(islice(_batches(cfg, model), first[0], None), start=first[0]):
+        keep = ~batch.special.reshape(-1) if cfg.drop_special_tokens else np.ones(batch.tokens.size, bool)
+        n = int(keep.sum())
+        if needed(rows, rows + n):
+            acts = capture(model, torch.from_numpy(batch.tokens).to(device), points)
+            keep_t = torch.from_numpy(keep).to(device)
+            yield _Piece(
+                b,
+                rows,
+                0,
+                {p.name: to_storage(acts[p.name].reshape(-1, p.d)[keep_t], cfg.dtype) for p in points},
+                {
+                    "tokens": batch.tokens.reshape(-1)[keep].astype(np.int32),
+                    "doc_id": batch.doc_id.reshape(-1)[keep],
+                    "position": batch.position.reshape(-1)[keep],
+                    "context": np.repeat(b * cfg.batch_size + np.arange(len(batch)), batch.tokens.shape[1])[keep],
+                },
+            )
+        rows += n
+
+
+def _repair(
+    writer: StoreWriter,
+    cfg: HarvestConfig,
+    model: Model,
+    points: list[HookPoint],
+    damaged: list[DamagedShard],
+    *,
+    progress: bool,
+) -> None:
+    """Write the damaged shards of the committed rows again, and only them: the text is packed again from the start
+    and the model runs only on the batches that hold their rows."""
+    spans = {d.shard: d.rows for d in damaged}
+    names = {s: {d.array for d in damaged if d.shard == s} for s in spans}
+    held: dict[int, list[_Piece]] = {s: [] for s in spans}
+    bar = tqdm(total=sum(b - a for a, b in spans.values()), unit="tok", disable=not progress, desc="repair shards")
+    wanted = lambda a, b: any(lo < b and a < hi for lo, hi in spans.values())
+    for piece in _pieces(cfg, model, points, first=(0, 0), needed=wanted):
+        end = piece.start + len(piece)
+        for s, (lo, hi) in list(spans.items()):
+            if lo < end and piece.start < hi:
+                held[s].append(piece.cut(max(lo, piece.start) - piece.start, min(hi, end) - piece.start))
+            if sum(map(len, held[s])) == hi - lo:
+                acts, meta = _Piece.join(held.pop(s))
+                arrays = {**{f"activations/{h}": a for h, a in acts.items()}, **meta}
+                writer.rewrite(lo, {k: a for k, a in arrays.items() if k in names[s]})
+                bar.update(hi - lo)
+                del spans[s]
+        if not spans:
+            break
+    bar.close()
+    writer.commit(writer.rows_complete, complete=writer.meta["complete"])
 
 
 def _put(shard_writer: _ShardWriter, item: object) -> None:

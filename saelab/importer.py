@@ -2,7 +2,8 @@
 
 Everything is checked before anything is written: a file that is not a plain numeric array (strings, records,
 pickled objects), a truncated file, an array that is not `[n_rows, d]` with rows and columns, or one holding
-NaN/inf raises `ImportArraysError`, and no store is created.
+NaN/inf raises `ImportArraysError`, and no store is created. An import that fails while writing removes the store it
+made; one that is killed leaves a store marked incomplete, which `ActivationStore` refuses to read.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -105,33 +107,42 @@ def import_arrays(
 
     Rows have no tokens: `tokens` is -1, `doc_id` the row index, `position` 0, `context` the row index. The
     arrays are checked first (shape, dtype, finite values in the stored `dtype`); nothing is written when they
-    fail, and an existing store at `out` is replaced only with `overwrite`.
+    fail, nothing is left when writing fails, and an existing store at `out` is replaced only with `overwrite`.
     """
     n = _check_arrays(arrays, dtype, shard_rows=shard_rows, chunk_rows=chunk_rows, source=source)
     meta = {
         "config": {"model": source, "text": {"source": "imported"}, "context_length": 1, "drop_special_tokens": False},
         "model_name": source,
+        "rows_total": n,
     }
     hooks = {k: int(a.shape[1]) for k, a in arrays.items()}
+    fs, root = fsspec.core.url_to_fs(out)
+    existed = fs.exists(root)  # an empty folder (`StoreWriter.create` refuses anything else without `overwrite`)
     writer = StoreWriter.create(
         out, meta, hooks, dtype=dtype, shard_rows=shard_rows, chunk_rows=chunk_rows, overwrite=overwrite
     )
     blocks = tqdm(
         _chunks(arrays, n, shard_rows), total=-(-n // shard_rows), desc="import", unit="shard", disable=not progress
     )
-    for start, stop, chunk in blocks:
-        rows = np.arange(start, stop, dtype=np.int64)
-        writer.write(
-            start,
-            {k: to_storage(x, dtype) for k, x in chunk.items()},
-            {
-                "tokens": np.full(len(rows), -1, np.int32),
-                "doc_id": rows,
-                "position": np.zeros(len(rows), np.int32),
-                "context": rows,
-            },
-        )
-        writer.commit(stop, complete=stop == n)
+    try:
+        for start, stop, chunk in blocks:
+            rows = np.arange(start, stop, dtype=np.int64)
+            writer.write(
+                start,
+                {k: to_storage(x, dtype) for k, x in chunk.items()},
+                {
+                    "tokens": np.full(len(rows), -1, np.int32),
+                    "doc_id": rows,
+                    "position": np.zeros(len(rows), np.int32),
+                    "context": rows,
+                },
+            )
+            writer.commit(stop, complete=stop == n)
+    except BaseException:  # an error or Ctrl-C half way; a kill leaves the store marked incomplete instead
+        fs.rm(root, recursive=True)
+        if existed:
+            fs.makedirs(root, exist_ok=True)
+        raise
     return ActivationStore.open(out)
 
 

@@ -1,4 +1,8 @@
-"""`ActivationStore`: read access to a store, row slices, and the shuffled, resumable batch iterator."""
+"""`ActivationStore`: read access to a store, row slices, and the shuffled, resumable batch iterator.
+
+Reads are checked against the per-shard checksums (`saelab.store.checksums`): the first read that touches a shard of
+an array, in this process, hashes the whole shard (reading the rest of it if the read does not cover it).
+"""
 
 from __future__ import annotations
 
@@ -11,8 +15,12 @@ import torch
 import zarr
 
 from saelab.errors import StoreError
-from saelab.store.layout import from_storage, node_array, open_group, saelab_meta
+from saelab.store.checksums import DamagedShard, StoreCheck, digest, recorded, shard_exists
+from saelab.store.layout import META_ARRAYS, from_storage, node_array, open_group, saelab_meta
 from saelab.store.prefetch import prefetch
+
+READ_ERRORS = (ValueError, RuntimeError, OSError)  # what Zarr and its codecs raise on a shard they cannot decode
+_VERIFIED: set[tuple[str, str, int, str]] = set()  # (store, array, shard, checksum) already checked by this process
 
 
 @dataclass(frozen=True)
@@ -24,15 +32,24 @@ class _Unit:
 class ActivationStore:
     """Read access to an activation store."""
 
-    def __init__(self, group: zarr.Group, path: str):
+    def __init__(self, group: zarr.Group, path: str, *, verify: bool = True):
         self.group = group
         self.path = path
         self.meta = saelab_meta(group, path)
+        self.verify = verify
+        """Check each shard against its checksum the first time a read touches it (where the store has them)."""
+        if self.imported and not self.complete:
+            total = self.meta.get("rows_total")
+            of = f" of {total:,}" if isinstance(total, int) else ""
+            raise StoreError(
+                f"store {path!r} is an import that did not finish ({self.n_tokens:,}{of} rows written); "
+                "import it again with --overwrite (`overwrite=True`)"
+            )
 
     @classmethod
-    def open(cls, path: str) -> ActivationStore:
-        """Open a store at a local path or fsspec URL, read-only."""
-        return cls(open_group(str(path), mode="r"), str(path))
+    def open(cls, path: str, *, verify: bool = True) -> ActivationStore:
+        """Open a store at a local path or fsspec URL, read-only; `verify` checks shards as reads reach them."""
+        return cls(open_group(str(path), mode="r"), str(path), verify=verify)
 
     @property
     def hooks(self) -> list[str]:
@@ -50,6 +67,31 @@ class ActivationStore:
     @property
     def dtype(self) -> str:
         return str(self.meta["dtype"])
+
+    @property
+    def imported(self) -> bool:
+        """Whether `saelab import` made the store (rather than a harvest)."""
+        return self.config.get("text", {}).get("source") == "imported"
+
+    @property
+    def fix(self) -> str:
+        """What rewrites a damaged shard of this store."""
+        if self.imported:
+            return "import it again with --overwrite (`overwrite=True`)"
+        return "rerun the same `saelab harvest` config: it rewrites only the damaged shards"
+
+    @property
+    def shard_rows(self) -> int:
+        return int(self.meta["shard_rows"])
+
+    @property
+    def arrays(self) -> list[str]:
+        """The names of every array in the store, hooks first."""
+        return [*(f"activations/{h}" for h in self.hooks), *META_ARRAYS]
+
+    def shard_span(self, shard: int) -> tuple[int, int]:
+        """The committed rows `[start, stop)` of shard `shard`."""
+        return shard * self.shard_rows, min((shard + 1) * self.shard_rows, self.n_tokens)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -89,34 +131,100 @@ class ActivationStore:
             raise StoreError(f"rows out of range: the store has {self.n_tokens} complete rows")
         return rows
 
-    def _read(self, array: zarr.Array, rows: slice | np.ndarray) -> np.ndarray:
+    def check(self) -> StoreCheck:
+        """Read every committed shard of every array and compare it with its checksum (`saelab info --verify`)."""
+        damaged = []
+        n_shards = -(-self.n_tokens // self.shard_rows)
+        for name in self.arrays:
+            array = node_array(self.group, name)
+            for shard in range(n_shards):
+                problem = self._problem(array, name, shard)
+                if problem is not None:
+                    damaged.append(problem)
+        return StoreCheck("checksums" in self.meta, len(self.arrays) * n_shards, damaged, self.fix)
+
+    def _problem(self, array: zarr.Array, name: str, shard: int, rows: np.ndarray | None = None) -> DamagedShard | None:
+        """What is wrong with shard `shard` of `array` (None: nothing); `rows` are its rows when already read."""
+        span = self.shard_span(shard)
+        if rows is None:
+            try:
+                rows = np.asarray(array[span[0] : span[1]])
+            except READ_ERRORS:
+                return DamagedShard(name, shard, span, "unreadable")
+        want = recorded(self.meta, name, shard)
+        if want is None or digest(rows) == want:
+            return None
+        return DamagedShard(name, shard, span, "changed" if shard_exists(array, shard) else "missing")
+
+    def _unverified(self, name: str, shard: int) -> bool:
+        """Whether a read must check shard `shard` of array `name` (it has a checksum that this process has not
+        checked yet, and the store was opened with `verify`)."""
+        want = recorded(self.meta, name, shard)
+        return self.verify and want is not None and (self.path, name, shard, want) not in _VERIFIED
+
+    def _verify(self, array: zarr.Array, name: str, shard: int, rows: np.ndarray | None = None) -> None:
+        """Check shard `shard` of `array` (`rows`: its rows, when read already); `StoreError` naming it and the fix."""
+        problem = self._problem(array, name, shard, rows)
+        if problem is not None:
+            raise StoreError(f"store {self.path!r}: {problem.describe()}; {self.fix}")
+        _VERIFIED.add((self.path, name, shard, str(recorded(self.meta, name, shard))))
+
+    def _read(self, name: str, rows: slice | np.ndarray) -> np.ndarray:
+        array = node_array(self.group, name)
         if isinstance(rows, slice):
-            return np.asarray(array[rows])
-        order = np.argsort(rows, kind="stable")
-        out = array.get_orthogonal_selection((rows[order],) + (slice(None),) * (array.ndim - 1))
-        result = np.empty_like(out)
-        result[order] = out
-        return result
+            shards = list(range(rows.start // self.shard_rows, -(-rows.stop // self.shard_rows)))
+        else:
+            shards = np.unique(rows // self.shard_rows).tolist()
+        todo = [s for s in shards if self._unverified(name, s)]
+        if not isinstance(rows, slice):
+            for shard in todo:
+                self._verify(array, name, shard)
+            order = np.argsort(rows, kind="stable")
+            out = self._get(array, name, (rows[order],) + (slice(None),) * (array.ndim - 1), shards)
+            result = np.empty_like(out)
+            result[order] = out
+            return result
+        lo = min([rows.start, *(self.shard_span(s)[0] for s in todo[:1])])  # whole shards where they are checked
+        hi = max([rows.stop, *(self.shard_span(s)[1] for s in todo[-1:])])
+        data = self._get(array, name, slice(lo, hi), shards)
+        for shard in todo:
+            start, stop = self.shard_span(shard)
+            self._verify(array, name, shard, data[start - lo : stop - lo])
+        return data[rows.start - lo : rows.stop - lo]
+
+    def _get(self, array: zarr.Array, name: str, selection: slice | tuple, shards: list[int]) -> np.ndarray:
+        """`array[selection]` (a row slice, or rows as an orthogonal selection) of rows in `shards`; `StoreError`
+        naming the shard when Zarr cannot decode one."""
+        try:
+            if isinstance(selection, slice):
+                return np.asarray(array[selection])
+            return np.asarray(array.get_orthogonal_selection(selection))
+        except READ_ERRORS:
+            for shard in shards:
+                problem = self._problem(array, name, shard)
+                if problem is not None and problem.problem == "unreadable":
+                    raise StoreError(f"store {self.path!r}: {problem.describe()}; {self.fix}") from None
+            raise
 
     def activations(
         self, hook: str, rows: slice | np.ndarray | list[int] = slice(None), dtype: torch.dtype | None = torch.float32
     ) -> torch.Tensor:
         """Activations of `hook` at `rows` as a `[n, d]` tensor (float32 unless `dtype=None`: as stored)."""
         self._check_hook(hook)
-        x = from_storage(self._read(node_array(self.group, f"activations/{hook}"), self._rows(rows)), self.dtype)
+        x = from_storage(self._read(f"activations/{hook}", self._rows(rows)), self.dtype)
         return x if dtype is None else x.to(dtype)
 
     def tokens(self, rows: slice | np.ndarray | list[int] = slice(None)) -> np.ndarray:
-        return self._read(node_array(self.group, "tokens"), self._rows(rows))
+        return self._read("tokens", self._rows(rows))
 
     def doc_ids(self, rows: slice | np.ndarray | list[int] = slice(None)) -> np.ndarray:
-        return self._read(node_array(self.group, "doc_id"), self._rows(rows))
+        return self._read("doc_id", self._rows(rows))
 
     def positions(self, rows: slice | np.ndarray | list[int] = slice(None)) -> np.ndarray:
-        return self._read(node_array(self.group, "position"), self._rows(rows))
+        return self._read("position", self._rows(rows))
 
     def contexts(self, rows: slice | np.ndarray | list[int] = slice(None)) -> np.ndarray:
-        return self._read(node_array(self.group, "context"), self._rows(rows))
+        return self._read("context", self._rows(rows))
 
     def context_of(self, row: int, before: int = 8, after: int = 8) -> dict[str, Any]:
         """The stored tokens around `row` within its own context: ids, rows, and where `row` is."""
@@ -129,7 +237,7 @@ class ActivationStore:
     def _units(self, rows: tuple[int, int]) -> list[_Unit]:
         """Shard-aligned pieces of the row range: the read unit of the shuffled iterator."""
         start, stop = rows
-        r = int(self.meta["shard_rows"])
+        r = self.shard_rows
         edges = [start, *range((start // r + 1) * r, stop, r), stop]
         return [_Unit(a, b) for a, b in zip(edges, edges[1:]) if b > a]
 
@@ -161,7 +269,7 @@ class ActivationStore:
         per_epoch = (hi - lo) // batch_size
         if per_epoch == 0:
             raise StoreError(f"row range {(lo, hi)} holds fewer rows than one batch of {batch_size}")
-        mix_shards = max(1, mix_rows // int(self.meta["shard_rows"]))
+        mix_shards = max(1, mix_rows // self.shard_rows)
         produce = self._produce(names, batch_size, seed, (lo, hi), shuffle, epochs, start_batch, mix_shards, per_epoch)
         single = isinstance(hooks, str)
         for batch in prefetch(produce, read_ahead):
@@ -212,6 +320,9 @@ class ActivationStore:
             f"context      {c.get('context_length', '-')} tokens, special tokens dropped: {c.get('drop_special_tokens', '-')}",
             f"rows         {self.n_tokens:,} complete{'' if self.complete else ' (harvest not finished)'}",
             f"dtype        {self.dtype}, shards of {m['shard_rows']:,} rows",
+            f"checksums    {m['checksums']['algorithm']} per shard (`saelab info --verify` checks every shard)"
+            if "checksums" in m
+            else "checksums    none (the store was written before saelab recorded them)",
             "hooks:",
         ]
         for h in self.hooks:

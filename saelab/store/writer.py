@@ -1,4 +1,8 @@
-"""`StoreWriter`: creates a store, appends shard-aligned rows, and commits progress in the group attributes."""
+"""`StoreWriter`: creates a store, appends shard-aligned rows, and commits progress in the group attributes.
+
+Each write records the checksum of every shard it fills (`saelab.store.checksums`); `commit` writes them into the
+`saelab` attribute together with `rows_complete`, in one write, so a committed shard always has its checksum.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from saelab import __version__
+from saelab.errors import StoreError
+from saelab.store.checksums import ALGORITHM, digest, record
 from saelab.store.layout import META_ARRAYS, STORAGE_DTYPE, check_new_store, from_storage, node_array, saelab_meta
 
 
@@ -64,6 +70,7 @@ class StoreWriter:
             "rows_complete": 0,
             "complete": False,
             "stats": {name: {"count": 0, "sum": [0.0] * d, "norm_sum": 0.0} for name, d in hooks.items()},
+            "checksums": {"algorithm": ALGORITHM, "shards": {}},
         }
         group.attrs["saelab"] = meta
         return cls(group)
@@ -83,24 +90,37 @@ class StoreWriter:
         return int(self.meta["rows_complete"])
 
     def write(self, start: int, acts: dict[str, np.ndarray], meta_arrays: dict[str, np.ndarray]) -> None:
-        """Write rows [start, start + n) of every array (n rows, shard-aligned start)."""
+        """Write rows [start, start + n) of every array (n rows, shard-aligned start) and their shards' checksums."""
         n = len(meta_arrays["tokens"])
-        stop = start + n
         for name, a in acts.items():
-            arr = node_array(self.group, f"activations/{name}")
-            if arr.shape[0] != stop:
-                arr.resize((stop, arr.shape[1]))
-            arr[start:stop] = a
+            self._put(f"activations/{name}", start, a, resize=True)
             stats = self.meta["stats"][name]
             x = from_storage(a, self.meta["dtype"]).float()
             stats["count"] += n
             stats["sum"] = (np.asarray(stats["sum"]) + x.sum(0, dtype=torch.float64).numpy()).tolist()
             stats["norm_sum"] += float(torch.linalg.vector_norm(x, dim=1).sum(dtype=torch.float64))
         for name, a in meta_arrays.items():
-            arr = node_array(self.group, name)
-            if arr.shape[0] != stop:
-                arr.resize((stop,))
-            arr[start:stop] = a
+            self._put(name, start, a, resize=True)
+
+    def rewrite(self, start: int, arrays: dict[str, np.ndarray]) -> None:
+        """Write committed rows again from `start` (shard-aligned), by array name (`activations/<hook>`, `tokens`,
+        ...), with their new checksums: the repair of damaged shards. The statistics already count these rows."""
+        for name, a in arrays.items():
+            self._put(name, start, a, resize=False)
+
+    def _put(self, name: str, start: int, a: np.ndarray, *, resize: bool) -> None:
+        """Rows `start:start + len(a)` of array `name`, and the checksum of each shard they fill."""
+        r = int(self.meta["shard_rows"])
+        if start % r:
+            raise StoreError(f"writes to a store start at a shard boundary (multiples of {r} rows), not row {start}")
+        arr = node_array(self.group, name)
+        stop = start + len(a)
+        if resize and arr.shape[0] != stop:
+            arr.resize((stop, *arr.shape[1:]))
+        arr[start:stop] = a
+        stored = np.asarray(a, dtype=arr.dtype)  # the rows as Zarr will return them
+        for first in range(0, len(a), r):
+            record(self.meta, name, (start + first) // r, digest(stored[first : first + r]))
 
     def commit(self, rows_complete: int, complete: bool = False, **extra: Any) -> None:
         """Advance `rows_complete` (after the rows are written) and record resume information."""
