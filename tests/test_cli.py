@@ -53,3 +53,35 @@ def test_every_command_has_help():
     for cmd in ["harvest", "info", "hooks", "import"]:
         result = runner.invoke(app, [cmd, "--help"])
         assert result.exit_code == 0 and "Usage" in result.output
+
+
+def _served(monkeypatch) -> list[dict]:
+    """Record `saelab serve`'s call of the app's `serve` instead of starting a server."""
+    calls: list[dict] = []
+    monkeypatch.setattr("saelab.dashboards.app.serve", lambda run, **kw: calls.append({"run": run, **kw}))
+    return calls
+
+
+def test_serve_refuses_a_non_loopback_host_without_allow_remote(tmp_path, monkeypatch):
+    calls = _served(monkeypatch)
+    for host in ["0.0.0.0", "::", "192.168.1.5", "example.org", ""]:
+        result = runner.invoke(app, ["serve", str(tmp_path), "--host", host])
+        assert result.exit_code == 2 and "Traceback" not in result.output, (host, result.output)
+        assert f"--host {host} is not a loopback address" in result.output and "no authentication" in result.output
+        assert "Add --allow-remote" in result.output and "reverse proxy" in result.output
+    # refused before anything else is looked at, even a run directory that is not there
+    result = runner.invoke(app, ["serve", str(tmp_path / "nope"), "--host", "0.0.0.0"])
+    assert result.exit_code == 2 and "not a loopback address" in result.output
+    assert calls == []
+
+
+def test_serve_binds_loopback_freely_and_other_hosts_with_a_warning(tmp_path, monkeypatch):
+    calls = _served(monkeypatch)
+    for host in ["127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost", "LOCALHOST"]:
+        result = runner.invoke(app, ["serve", str(tmp_path), "--host", host, "--port", "8123"])
+        assert result.exit_code == 0 and "warning" not in result.output, (host, result.output)
+    result = runner.invoke(app, ["serve", str(tmp_path), "--host", "0.0.0.0", "--allow-remote"])
+    assert result.exit_code == 0, result.output
+    assert "warning: serving on 0.0.0.0: the app has no authentication" in result.output
+    assert [c["host"] for c in calls] == ["127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost", "LOCALHOST", "0.0.0.0"]
+    assert calls[-1] == {"run": str(tmp_path), "host": "0.0.0.0", "port": 8050}

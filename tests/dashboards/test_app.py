@@ -1,5 +1,6 @@
 """The app as a whole, over a run that saelab harvests, trains and analyses here (`run_dir`): routing, bad
-requests and broken run directories in headless Chromium, and `saelab serve`."""
+requests and broken run directories in headless Chromium, `saelab serve`, and the WSGI entry point for a production
+server (`saelab.dashboards.wsgi.create`)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import gc
 from pathlib import Path
 
 import dash
+import flask
 import pytest
 from selenium.webdriver.common.by import By
 from typer.testing import CliRunner
 
 from saelab.cli import app as cli
+from saelab.dashboards import wsgi
+from saelab.errors import ConfigError, MissingError
 from tests.dashboards.helpers import OTHER, Server, feature_url, go, visit
 
 
@@ -72,3 +76,26 @@ def test_serve_command_binds_localhost_by_default(run_dir, monkeypatch):
     assert kw == {"host": "127.0.0.1", "port": 8123, "debug": False} and isinstance(dash_app, dash.Dash)
     result = CliRunner().invoke(cli, ["serve", str(run_dir / "nope")])
     assert result.exit_code == 2 and "no run directory" in result.output
+
+
+def test_the_wsgi_entry_builds_the_flask_app_without_serving(run_dir, monkeypatch):
+    monkeypatch.setattr(gc, "freeze", lambda: None)  # keep this test process's objects collectable
+    monkeypatch.delenv(wsgi.RUN_ENV, raising=False)
+    server = wsgi.create(str(run_dir))
+    assert isinstance(server, flask.Flask)
+    page = server.test_client().get("/")
+    assert page.status_code == 200 and b"<title>saelab</title>" in page.data
+    monkeypatch.setenv(wsgi.RUN_ENV, str(run_dir))  # gunicorn 'saelab.dashboards.wsgi:create()'
+    assert isinstance(wsgi.create(), flask.Flask)
+    with pytest.raises(MissingError, match="no run directory"):
+        wsgi.create(str(run_dir / "nope"))
+    monkeypatch.delenv(wsgi.RUN_ENV)
+    with pytest.raises(ConfigError, match=f"or set {wsgi.RUN_ENV}=RUN_DIR"):
+        wsgi.create()
+
+
+def test_gunicorn_loads_the_documented_factory(run_dir, monkeypatch):
+    util = pytest.importorskip("gunicorn.util", reason="gunicorn is not a saelab dependency; install it to serve")
+    monkeypatch.setattr(gc, "freeze", lambda: None)
+    server = util.import_app(f'saelab.dashboards.wsgi:create("{run_dir}")')  # parsed as `gunicorn` parses it
+    assert isinstance(server, flask.Flask) and server.test_client().get("/").status_code == 200

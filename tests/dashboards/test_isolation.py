@@ -1,0 +1,163 @@
+"""A broken SAE folder stays local: in a run with a good SAE and a broken one (broken in each way a folder can be:
+garbage or wrongly shaped JSON, missing or cut-short weights, a missing or damaged feature analysis), the overview
+lists both, the broken one with its error in its row; the good one's feature page, search and prompt work, also
+as the pages' defaults; the broken one's pages show an error box naming it. Every answer is HTTP 200 (never a 500).
+Requests go through the app's routing callback with Flask's test client, as the browser sends them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+from dash import Dash
+
+from saelab.dashboards.app import CALLBACK_PATH, create_app
+from saelab.dashboards.data import NO_ANALYSIS, SaeInfo
+from saelab.run import SAE_CONFIG, SAE_METRICS, SAE_WEIGHTS, RunDir
+
+BROKEN = "a-broken"  # sorts before the good SAE's variant, so a page's default must skip it by itself
+CATCH_ALL = "could not be built"  # the error box of an unexpected exception
+
+
+def _cut_short(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _garble_a_chunk(analysis: Path) -> None:
+    chunk = next(p for p in sorted((analysis / "top_acts").rglob("*")) if p.is_file() and p.name != "zarr.json")
+    chunk.write_bytes(b"\x00not zstd" * 8)
+
+
+# How the broken SAE is damaged (its folder, its analysis), and a part of what its own pages then say.
+BREAKS: dict[str, tuple[Callable[[Path, Path], Any], str]] = {
+    "cfg-garbage": (lambda sae, an: (sae / SAE_CONFIG).write_text("{not json"), f"{SAE_CONFIG} cannot be read"),
+    "cfg-a-list": (lambda sae, an: (sae / SAE_CONFIG).write_text("[1, 2]"), "holds a JSON list, not an object"),
+    "metrics-garbage": (lambda sae, an: (sae / SAE_METRICS).write_bytes(b"\xff\xfe"), f"{SAE_METRICS} cannot be read"),
+    "weights-missing": (lambda sae, an: (sae / SAE_WEIGHTS).unlink(), "it has no weights"),
+    "weights-cut-short": (lambda sae, an: _cut_short(sae / SAE_WEIGHTS), "the file is damaged or cut short"),
+    "analysis-missing": (lambda sae, an: shutil.rmtree(an), "has no feature analysis yet"),
+    "analysis-metadata-garbage": (lambda sae, an: (an / "zarr.json").write_text("{not json"), "cannot be read"),
+    "analysis-chunk-garbage": (lambda sae, an: _garble_a_chunk(an), "Zstd decompression error"),
+}
+SAE_BROKEN = {"cfg-garbage", "cfg-a-list", "metrics-garbage", "weights-missing", "weights-cut-short"}
+
+
+def two_sae_run(root: Path, run_dir: Path, good: SaeInfo, damage: Callable[[Path, Path], Any]) -> Path:
+    """A run at `root` with `run_dir`'s store, its SAE `good` (linked, with its analysis) and a copy of it, variant
+    `BROKEN`, with its analysis, then damaged by `damage(folder, analysis)`."""
+    src, run = RunDir(run_dir), RunDir(root)
+    for path in (run.sae(good.hook, BROKEN), run.analysis(good.hook, BROKEN)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    for linked in (src.store, src.vocab, good.path, src.analysis(good.hook, good.variant)):
+        (root / linked.relative_to(run_dir)).symlink_to(linked)
+    shutil.copytree(good.path, run.sae(good.hook, BROKEN))
+    shutil.copytree(src.analysis(good.hook, good.variant), run.analysis(good.hook, BROKEN))
+    damage(run.sae(good.hook, BROKEN), run.analysis(good.hook, BROKEN))
+    return root
+
+
+def page(app: Dash, path: str, **query: str) -> dict[str, Any]:
+    """The page `path?query` as the routing callback answers it (its JSON); asserts HTTP 200."""
+    request = {
+        "output": "page.children",
+        "outputs": {"id": "page", "property": "children"},
+        "inputs": [
+            {"id": "url", "property": "pathname", "value": path},
+            {"id": "url", "property": "search", "value": "?" + urlencode(query)},
+        ],
+        "changedPropIds": ["url.pathname"],
+    }
+    response = app.server.test_client().post(CALLBACK_PATH, json=request)
+    assert response.status_code == 200, response.data[:300]
+    return json.loads(response.data)
+
+
+def components(node: Any) -> list[dict[str, Any]]:
+    """Every component in a callback answer (each a dict with `props`), depth first."""
+    if isinstance(node, list):
+        return [c for child in node for c in components(child)]
+    if not isinstance(node, dict):
+        return []
+    found = [node] if isinstance(node.get("props"), dict) else []
+    return found + [c for value in node.values() for c in components(value)]
+
+
+def text(node: Any) -> str:
+    """All the text a component shows."""
+    if isinstance(node, str):
+        return node
+    if isinstance(node, list):
+        return " ".join(text(child) for child in node)
+    return text(node["props"].get("children")) if isinstance(node, dict) and "props" in node else ""
+
+
+def by_class(answer: dict[str, Any], name: str) -> list[str]:
+    """The texts of the components of class `name` (`error`: the error boxes)."""
+    return [text(c) for c in components(answer) if c["props"].get("className") == name]
+
+
+def sae_rows(answer: dict[str, Any]) -> dict[str, str]:
+    """The overview's SAE table: each row's text by its variant."""
+    table = next(c for c in components(answer) if c["props"].get("id") == "sae-table")
+    rows = [c for c in components(table) if c.get("type") == "Tr"][1:]  # the first is the header
+    return {text(r["props"]["children"][1]): text(r) for r in rows}
+
+
+@pytest.mark.parametrize("kind", list(BREAKS))
+def test_a_broken_sae_leaves_the_other_saes_pages_working(kind, run_dir, sae, busy, tmp_path):
+    damage, message = BREAKS[kind]
+    run = two_sae_run(tmp_path / "run", run_dir, sae, damage)
+    app = create_app(str(run))
+    folder = RunDir(run).sae(sae.hook, BROKEN)
+
+    overview = page(app, "/")
+    rows = sae_rows(overview)
+    assert by_class(overview, "error") == [] and set(rows) == {BROKEN, sae.variant}
+    assert "features" in rows[sae.variant] and f"{sae.metrics['fvu']:.4g}" in rows[sae.variant]
+    if kind == "analysis-missing":
+        assert NO_ANALYSIS in rows[BROKEN] and by_class(overview, "row-error") == []
+    elif kind != "analysis-chunk-garbage":  # damaged chunks show only when read: on the latent's page
+        (shown,) = by_class(overview, "row-error")
+        assert message in shown and shown in rows[BROKEN] and "features" not in rows[BROKEN]
+
+    good = {"hook": sae.hook, "sae": sae.variant}
+    for path, query, shows in [
+        ("/feature", {**good, "id": str(busy)}, f"Feature #{busy}"),
+        ("/search", {**good, "q": "the"}, "Latents by token"),
+        ("/search", {"q": "the"}, "Latents by token"),  # the default SAE: the good one
+        ("/prompt", {**good, "text": "the cat sat"}, "Top latents per token"),
+        ("/prompt", {"text": "the cat sat"}, f"({sae.hook} · {sae.variant})"),
+    ]:
+        answer = page(app, path, **query)
+        assert by_class(answer, "error") == [] and shows in text(answer), (path, query)
+
+    (box,) = by_class(page(app, "/feature", hook=sae.hook, sae=BROKEN, id="0"), "error")
+    assert message in box
+    if kind in SAE_BROKEN:
+        assert f"The SAE {sae.hook}/{BROKEN} cannot be used" in box and str(folder) in box and "train it again" in box
+        for path, query in [("/prompt", {"text": "hi"}), ("/search", {"q": "the"}), ("/steering", {"text": "hi"})]:
+            (box,) = by_class(page(app, path, hook=sae.hook, sae=BROKEN, **query), "error")
+            assert box.startswith(f"The SAE {sae.hook}/{BROKEN} cannot be used"), (path, box)
+        options = next(c for c in components(page(app, "/prompt")) if c["props"].get("id") == "prompt-sae")
+        disabled = [o["value"] for o in options["props"]["options"] if o.get("disabled")]
+        assert disabled == [f"{sae.hook}|{BROKEN}"]
+    elif kind != "analysis-chunk-garbage":
+        assert str(RunDir(run).analysis(sae.hook, BROKEN)) in box and "saelab analyze" in box
+    else:
+        assert CATCH_ALL in box  # an error box, not a 500; naming the analysis needs `FeatureStore` to say it
+
+
+def test_a_run_whose_only_sae_is_broken_says_so_on_every_page(run_dir, sae, tmp_path):
+    run = two_sae_run(tmp_path / "run", run_dir, sae, BREAKS["weights-missing"][0])
+    RunDir(run).sae(sae.hook, sae.variant).unlink()  # the link to the good SAE
+    app = create_app(str(run))
+    overview = page(app, "/")
+    assert set(sae_rows(overview)) == {BROKEN} and len(by_class(overview, "row-error")) == 1
+    for path in ("/prompt", "/search"):
+        (box,) = by_class(page(app, path), "error")
+        assert box.startswith(f"None of the run's 1 SAEs can be used. The SAE {sae.hook}/{BROKEN} cannot be used")
