@@ -162,14 +162,24 @@ def serve(
     run_dir: Path = typer.Argument(..., help="Run directory, as `saelab harvest`, `train` and `analyze` write it."),
     port: int = typer.Option(8050, "--port", help="Port to listen on."),
     host: str = typer.Option(
-        "127.0.0.1", "--host", help="Address to bind; 0.0.0.0 exposes the browser to your network."
+        "127.0.0.1", "--host", help="Address to bind; anything but loopback needs --allow-remote."
+    ),
+    allow_remote: bool = typer.Option(
+        False,
+        "--allow-remote",
+        help="Bind a non-loopback --host (e.g. 0.0.0.0): the app has no authentication, so anyone who reaches it "
+        "can read the run. For shared use, see the README's gunicorn + reverse proxy setup instead.",
     ),
 ) -> None:
     """Browse a run's SAEs and features in a web app (Dash) at http://HOST:PORT/."""
     from saelab.dashboards.app import serve as serve_app
+    from saelab.dashboards.wsgi import check_host
 
+    warning = check_host(host, port, allow_remote=allow_remote)  # before anything starts
     if not run_dir.is_dir():
         raise MissingError(f"no run directory {run_dir}; give the folder that `saelab harvest` and `train` wrote into")
+    if warning:
+        typer.secho(warning, fg=typer.colors.YELLOW, err=True)
     typer.echo(f"serving {run_dir} at http://{host}:{port}/")
     serve_app(str(run_dir), host=host, port=port)
 
