@@ -68,11 +68,23 @@ def harvest(
 
 
 @command()
-def info(store: str = typer.Argument(..., help="Store path or fsspec URL.")) -> None:
-    """Print a summary of an activation store."""
+def info(
+    store: str = typer.Argument(..., help="Store path or fsspec URL."),
+    verify: bool = typer.Option(
+        False, "--verify", help="Read every shard and check its checksum; exit status 2 when any is damaged."
+    ),
+) -> None:
+    """Print a summary of an activation store (with --verify: and whether every shard is intact)."""
+    from saelab.errors import StoreError
     from saelab.store import ActivationStore
 
-    typer.echo(ActivationStore.open(store).summary())
+    opened = ActivationStore.open(store)
+    typer.echo(opened.summary())
+    if verify:
+        check = opened.check()
+        typer.echo(f"verify       {check.describe()}")
+        if check.damaged:
+            raise StoreError(f"{len(check.damaged)} damaged shards in {store}; {check.fix}")
 
 
 @command("hooks")
