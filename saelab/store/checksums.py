@@ -63,7 +63,7 @@ class DamagedShard(NamedTuple):
 
     def describe(self) -> str:
         start, stop = self.rows
-        return f"shard {self.shard} (rows {start:,} to {stop:,}) of {self.array!r} is {PROBLEMS[self.problem]}"
+        return f"shard {self.shard} (rows {start:,} to {stop - 1:,}) of {self.array!r} is {PROBLEMS[self.problem]}"
 
 
 class StoreCheck(NamedTuple):
