@@ -3,9 +3,30 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from pydantic import Field, model_validator
 
 from saelab.config import StrictModel
+
+
+class ProbeSchedule(NamedTuple):
+    """How a one-vs-rest probe is trained (`train_probe`); SAEBench's `train_multi_probe` defaults."""
+
+    epochs: int = 50
+    """Passes over the training rows."""
+    batch_size: int = 64
+    """Rows per step."""
+    lr: float = 1e-2
+    """The first epoch's learning rate."""
+    end_lr: float = 1e-5
+    """The learning rate it decays to (exponentially) by the last epoch."""
+    weight_decay: float = 1e-4
+    """Adam's weight decay."""
+    l1: float = 0.0
+    """SAEBench's sparse-probe penalty: `l1` times the mean over classes of the sum of |w| (0: none)."""
+    seed: int = 0
+    """Seeds the initialisation and the batch order."""
 
 
 class AbsorptionSettings(StrictModel):
@@ -30,6 +51,26 @@ class AbsorptionSettings(StrictModel):
     max_absorbers: int = Field(default=3, ge=1)  # absorption_fraction_max_absorbing_latents
     top_latents: int = Field(default=10, ge=1)  # topk_feats
     seed: int = Field(default=42, ge=0)
+
+    @property
+    def probe_schedule(self) -> ProbeSchedule:
+        """How the ground-truth probe on the model's activations is trained."""
+        return ProbeSchedule(
+            epochs=self.probe_epochs,
+            batch_size=self.probe_batch_size,
+            lr=self.probe_lr,
+            end_lr=self.probe_end_lr,
+            weight_decay=self.probe_weight_decay,
+            seed=self.seed,
+        )
+
+    @property
+    def l1_schedule(self) -> ProbeSchedule:
+        """How the L1-penalised probe on the SAE latents (which ranks them for k-sparse probing) is trained: the
+        probe's learning rates and seed, its own epochs, batch size and weight decay."""
+        return self.probe_schedule._replace(
+            epochs=self.l1_epochs, batch_size=self.l1_batch_size, weight_decay=self.l1_weight_decay, l1=self.l1_decay
+        )
 
 
 class AbsorptionConfig(StrictModel):

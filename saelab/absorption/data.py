@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from saelab.absorption.config import AbsorptionSettings
 from saelab.absorption.probes import train_probe
-from saelab.absorption.prompts import PromptStyle, icl_prompt, word_activations
+from saelab.absorption.prompts import PromptStyle, style_prompts, word_activations
 from saelab.absorption.vocab import LETTERS, Labeler, Word, labelled_vocabulary, split_vocabulary
 from saelab.errors import AbsorptionError
 from saelab.models import Model, tokenizer_of
@@ -71,17 +71,7 @@ def fit_probe(
             "some (drop those labels or give more words)"
         )
     onehot = torch.nn.functional.one_hot(torch.from_numpy(train_y), len(classes))
-    probe = train_probe(
-        train_x,
-        onehot,
-        epochs=s.probe_epochs,
-        batch_size=s.probe_batch_size,
-        lr=s.probe_lr,
-        end_lr=s.probe_end_lr,
-        weight_decay=s.probe_weight_decay,
-        seed=s.seed,
-        progress=progress,
-    )
+    probe = train_probe(train_x, onehot, s.probe_schedule, progress=progress)
     return ProbeData(
         classes,
         train_x,
@@ -125,20 +115,9 @@ def probe_data(
         raise AbsorptionError(f"{len(words)} words cannot be split into train and test; give more words")
 
     def prompts(split: list[Word], prepend: bool, examples: list[Word]) -> list[str]:
-        if style.icl_examples == 0:
-            return [style.template.format(word=w.text) for w in split]
-        return [
-            icl_prompt(
-                w,
-                examples,
-                style.template,
-                max_examples=style.icl_examples,
-                rng=rng,
-                first_letter_task=task_first_letter,
-                prepend_separator=prepend,
-            )
-            for w in split
-        ]
+        return style_prompts(
+            split, examples, style, rng=rng, first_letter_task=task_first_letter, prepend_separator=prepend
+        )
 
     def activations(split: list[Word], text: list[str]) -> tuple[Tensor, list[int]]:
         return word_activations(

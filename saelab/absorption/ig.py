@@ -8,7 +8,7 @@ from typing import Any, TypedDict
 import torch
 from torch import Tensor
 
-from saelab.absorption.prompts import PromptStyle, answer_text, encode_prompts, icl_prompt
+from saelab.absorption.prompts import PromptStyle, answer_text, encode_prompts, style_prompts
 from saelab.absorption.scoring import EPS, LabelScore, decoder_cosines
 from saelab.absorption.vocab import LETTERS, Word
 from saelab.dictionaries import SAE
@@ -66,18 +66,7 @@ def ig_absorption(
             f"the answer {answer_text(label.label, first)!r} is {len(answer)} tokens; the "
             "integrated-gradients variant needs single-token answers"
         )
-    prompts = [
-        icl_prompt(
-            w,
-            examples,
-            style.template,
-            max_examples=style.icl_examples,
-            rng=rng,
-            first_letter_task=first,
-            prepend_separator=True,
-        )
-        for w in words
-    ]
+    prompts = style_prompts(words, examples, style, rng=rng, first_letter_task=first, prepend_separator=True)
     ids, positions, kept = encode_prompts(model, words, prompts, template=style.template)
     cos, _ = decoder_cosines(sae, direction)
     device = device_of(model)

@@ -12,40 +12,33 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from saelab.absorption.config import AbsorptionSettings
+from saelab.absorption.config import AbsorptionSettings, ProbeSchedule
 
 
 def train_probe(
-    x: Tensor,
-    y: Tensor,
-    *,
-    epochs: int = 50,
-    batch_size: int = 64,
-    lr: float = 1e-2,
-    end_lr: float = 1e-5,
-    weight_decay: float = 1e-4,
-    l1: float = 0.0,
-    seed: int = 0,
-    progress: bool = False,
+    x: Tensor, y: Tensor, schedule: ProbeSchedule = ProbeSchedule(), *, progress: bool = False
 ) -> nn.Linear:
     """One-vs-rest logistic probes [n_classes] on `x` [n, d] for multi-hot `y` [n, n_classes] (SAEBench
     `train_multi_probe`): BCE with pos_weight = negatives / positives per class, Adam with weight decay, the
     learning rate decaying exponentially from `lr` to `end_lr` over the epochs, shuffled batches; `l1` adds
-    SAEBench's sparse-probe penalty l1 * mean over classes of sum |w| (`train_sparse_multi_probe`)."""
+    SAEBench's sparse-probe penalty l1 * mean over classes of sum |w| (`train_sparse_multi_probe`); every number
+    comes from `schedule`."""
     with single_thread():
-        g = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)
+        g = torch.Generator().manual_seed(schedule.seed)
+        torch.manual_seed(schedule.seed)
         y = y.float()
         probe = nn.Linear(x.shape[1], y.shape[1]).to(x.device)
         positives = y.sum(0)
         loss_fn = nn.BCEWithLogitsLoss(pos_weight=((len(y) - positives) / positives).to(x.device))
-        opt = torch.optim.Adam(probe.parameters(), lr=lr, weight_decay=weight_decay)
-        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=math.exp(math.log(end_lr / lr) / epochs))
-        for _ in tqdm(range(epochs), desc="probe epochs", disable=not progress):
-            for rows in torch.randperm(len(x), generator=g).split(batch_size):
+        opt = torch.optim.Adam(probe.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
+        sched = torch.optim.lr_scheduler.ExponentialLR(
+            opt, gamma=math.exp(math.log(schedule.end_lr / schedule.lr) / schedule.epochs)
+        )
+        for _ in tqdm(range(schedule.epochs), desc="probe epochs", disable=not progress):
+            for rows in torch.randperm(len(x), generator=g).split(schedule.batch_size):
                 loss = loss_fn(probe(x[rows]), y[rows].to(x.device))
-                if l1:
-                    loss = loss + l1 * probe.weight.abs().sum(-1).mean()
+                if schedule.l1:
+                    loss = loss + schedule.l1 * probe.weight.abs().sum(-1).mean()
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -108,18 +101,7 @@ def k_sparse_probing(
     from sklearn.linear_model import LogisticRegression
 
     onehot = torch.nn.functional.one_hot(torch.from_numpy(y_train), n_classes)
-    l1_probe = train_probe(
-        codes_train,
-        onehot,
-        epochs=s.l1_epochs,
-        batch_size=s.l1_batch_size,
-        lr=s.probe_lr,
-        end_lr=s.probe_end_lr,
-        weight_decay=s.l1_weight_decay,
-        l1=s.l1_decay,
-        seed=s.seed,
-        progress=progress,
-    )
+    l1_probe = train_probe(codes_train, onehot, s.l1_schedule, progress=progress)
     weights = l1_probe.weight.detach().cpu()
     train_np, test_np = codes_train.cpu().numpy(), codes_test.cpu().numpy()
     out = []

@@ -66,6 +66,31 @@ class PromptStyle:
         return PromptStyle(template or FIRST_LETTER_TEMPLATE, 0 if is_encoder(model) else icl_examples)
 
 
+def style_prompts(
+    words: list[Word],
+    examples: list[Word],
+    style: PromptStyle,
+    *,
+    rng: random.Random,
+    first_letter_task: bool,
+    prepend_separator: bool = False,
+) -> list[str]:
+    """Each word's prompt in `style`: `style.icl_examples` in-context examples drawn from `examples` (`icl_prompt`),
+    then the word's template; with no examples, the template alone (after the separator with `prepend_separator`)."""
+    return [
+        icl_prompt(
+            w,
+            examples,
+            style.template,
+            max_examples=style.icl_examples,
+            rng=rng,
+            first_letter_task=first_letter_task,
+            prepend_separator=prepend_separator,
+        )
+        for w in words
+    ]
+
+
 class EncodedPrompts(NamedTuple):
     """The prompts in which the word is one token at the expected place, tokenized (`encode_prompts`)."""
 

@@ -149,15 +149,16 @@ def exact_patching(
     saes: dict[str, SAE],
     task: Task,
     *,
+    chunk: int = 64,
     baseline: Baseline = "patch",
     aggregation: Aggregation = "none",
-    chunk: int = 64,
     progress: bool = True,
 ) -> dict[str, Tensor]:
     """Exact effects `mean_examples(m(node at baseline) - m(clean))`, one node at a time (for checking).
 
-    Only nodes that the baseline moves are run (the others have no effect); returns per hook point
-    [pos, d_sae + 1], or [1, d_sae + 1] with `sum` (the latent patched at every position at once)."""
+    Only nodes that the baseline moves are run (the others have no effect), up to `chunk` of them per forward
+    pass; returns per hook point [pos, d_sae + 1], or [1, d_sae + 1] with `sum` (the latent patched at every
+    position at once)."""
     order = check_saes(model, saes)
     clean = clean_states(model, saes, task.tokens)
     base = baseline_states(model, saes, task, baseline=baseline, clean=clean)

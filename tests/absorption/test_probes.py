@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from saelab.absorption import KSparse, f1, train_probe
+from saelab.absorption.config import ProbeSchedule
 
 
 def test_feature_splitting_accepts_k_while_f1_jumps():
@@ -23,7 +24,7 @@ def test_f1_and_probe_by_hand():
     y = torch.stack([torch.rand(800, generator=g) < 0.1, torch.rand(800, generator=g) < 0.5], 1)  # rare, balanced
     x = torch.randn(800, 8, generator=g)
     x[:, :2] += 8 * y  # class c shifts dimension c
-    probe = train_probe(x, y, epochs=30)
+    probe = train_probe(x, y, ProbeSchedule(epochs=30))
     score = probe(x).detach()
     for c in range(2):  # positives rank above negatives (AUC), and pos_weight keeps the rare class's recall at 1
         auc = (score[y[:, c], c][:, None] > score[~y[:, c], c][None]).float().mean()
