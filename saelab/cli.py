@@ -5,11 +5,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Optional, TypeVar
+from typing import TYPE_CHECKING, Optional, TypeVar
 
 import typer
 
 from saelab.errors import ConfigError, MissingError, SaelabError
+
+if TYPE_CHECKING:
+    from saelab.train import TrainedSAE
 
 app = typer.Typer(
     help="saelab: harvest activations, train sparse autoencoders, analyse and browse features.",
@@ -123,7 +126,7 @@ def import_cmd(
     typer.echo(store.summary())
 
 
-def _train(config: Path, set_: list[str] | None, quiet: bool) -> tuple[list[dict], str]:
+def _train(config: Path, set_: list[str] | None, quiet: bool) -> tuple[list[TrainedSAE], str]:
     from saelab.config import load_config
     from saelab.train import TrainConfig, train
 
@@ -131,15 +134,15 @@ def _train(config: Path, set_: list[str] | None, quiet: bool) -> tuple[list[dict
     return train(cfg, progress=not quiet), cfg.run
 
 
-def _print_results(rows: list[dict]) -> None:
+def _print_results(results: list[TrainedSAE]) -> None:
     typer.echo(f"{'hook':<28} {'variant':<30} {'FVU':>7} {'L0':>6} {'dead':>6} {'dense':>6}")
-    for r in rows:
-        variant = Path(r["path"]).name
-        if "stopped" in r:
-            typer.echo(f"{r['hook']:<28} {variant:<30} stopped: {r['stopped']}")
+    for r in results:
+        m = r.reconstruction
+        if m is None:
+            typer.echo(f"{r.hook:<28} {r.variant:<30} stopped: {r.stopped}")
         else:
             typer.echo(
-                f"{r['hook']:<28} {variant:<30} {r['fvu']:>7.4f} {r['l0']:>6.1f} {r['dead_frac']:>6.3f} {r['dense_frac']:>6.3f}"
+                f"{r.hook:<28} {r.variant:<30} {m['fvu']:>7.4f} {m['l0']:>6.1f} {m['dead_frac']:>6.3f} {m['dense_frac']:>6.3f}"
             )
 
 
@@ -150,8 +153,8 @@ def train_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Train SAEs on a store (every hook x grid point in one pass); rerun the same command to resume."""
-    rows, _ = _train(config, set_, quiet)
-    _print_results(rows)
+    results, _ = _train(config, set_, quiet)
+    _print_results(results)
 
 
 @command()
@@ -163,9 +166,9 @@ def sweep(
     """Train a grid of SAEs, then write results.csv and a Pareto plot (pareto.html) into the run directory."""
     from saelab.train import write_sweep_outputs
 
-    rows, out = _train(config, set_, quiet)
-    _print_results(rows)
-    table, figure = write_sweep_outputs(rows, out)
+    results, out = _train(config, set_, quiet)
+    _print_results(results)
+    table, figure = write_sweep_outputs([r.row() for r in results], out)
     typer.echo(f"results: {table}\nPareto plot: {figure}")
 
 

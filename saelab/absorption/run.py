@@ -20,6 +20,7 @@ from saelab.dictionaries import SAE
 from saelab.errors import AbsorptionError, MissingError
 from saelab.models import Model, device_of, load_model, tokenizer_of
 from saelab.run import RunDir
+from saelab.train.paths import recorded_path
 
 
 class SavedResult(NamedTuple):
@@ -102,7 +103,7 @@ def run_absorption(cfg: AbsorptionConfig, progress: bool = True) -> list[SavedRe
                 hook,
                 variant=path.name,
                 s=cfg.settings,
-                sae_path=str(path.resolve()),
+                sae_path=recorded_path(path, run=run),
                 model=cfg.model,
                 task=task,
                 progress=progress,

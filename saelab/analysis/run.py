@@ -16,6 +16,7 @@ from saelab.errors import ConfigError, MissingError, RunError, StoreError
 from saelab.models import Model, load_model, resolve_device
 from saelab.run import SAE_WEIGHTS, RunDir
 from saelab.store import ActivationStore
+from saelab.train.paths import recorded_path
 
 
 def analyze_sae(
@@ -26,11 +27,13 @@ def analyze_sae(
     out: str | Path,
     cfg: AnalysisConfig = AnalysisConfig(),
     model: Model | None = None,
+    run: RunDir | None = None,
     progress: bool = True,
 ) -> FeatureStore:
     """Compute every panel for every latent of `sae` over `store` and write them to `out`.
 
-    The logit effects need the `model`; without it they are left out (`logit_kind` is `none`)."""
+    The logit effects need the `model`; without it they are left out (`logit_kind` is `none`). `run` is the run
+    that `out` belongs to: the store's path is recorded relative to it (`recorded_path`), so the run can move."""
     d_sae = sae.cfg.d_sae
     n_rows = min(store.n_tokens, cfg.max_tokens or store.n_tokens)
     if n_rows == 0:
@@ -85,7 +88,7 @@ def analyze_sae(
     attrs = {
         "hook": hook,
         "variant": Path(str(out)).name.removesuffix(".zarr"),
-        "store": store.path,
+        "store": recorded_path(store.path, run=run),
         "model": store.model,
         "n_tokens": n_rows,
         "d_sae": d_sae,
@@ -142,6 +145,8 @@ def analyze(
         out = run.analysis(entry.hook, entry.variant)
         meta, weights = out / "zarr.json", entry.path / SAE_WEIGHTS
         if not (skip_existing and meta.exists() and meta.stat().st_mtime >= weights.stat().st_mtime):
-            analyze_sae(store, SAE.load(entry.path), entry.hook, out=out, cfg=cfg, model=model, progress=progress)
+            analyze_sae(
+                store, SAE.load(entry.path), entry.hook, out=out, cfg=cfg, model=model, run=run, progress=progress
+            )
         written.append(out)
     return written

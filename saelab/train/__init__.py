@@ -1,8 +1,9 @@
 """Training: many SAEs per pass over an activation store, their held-out metrics, and sweep outputs.
 
 `config` (`Grid`, `TrainConfig`, the learning rate and its schedule), `trainer` (`Trainer`, `Member`, `train`),
-`checkpoint` (exact resume state), `loggers` (TensorBoard, Weights & Biases), `metrics` (reconstruction and
-spliced-in metrics), `sweep` (results table and Pareto plot).
+`result` (`TrainedSAE`, what `train` returns per SAE), `checkpoint` (exact resume state), `loggers`
+(TensorBoard, Weights & Biases), `metrics` (reconstruction and spliced-in metrics), `sweep` (results table and
+Pareto plot), `paths` (how a run records paths, so that it can move).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from saelab.train.metrics import (
     reconstruction_metrics,
     spliced_metrics,
 )
+from saelab.train.paths import recorded_path, resolve_recorded
+from saelab.train.result import TrainedSAE
 from saelab.train.sweep import COLUMNS, pareto_figure, read_results, write_results, write_sweep_outputs
 from saelab.train.trainer import Member, Trainer, train
 
@@ -29,6 +32,7 @@ __all__ = [
     "ReconstructionMetrics",
     "SplicedMetrics",
     "TrainConfig",
+    "TrainedSAE",
     "Trainer",
     "default_lr",
     "eval_tokens",
@@ -36,6 +40,8 @@ __all__ = [
     "pareto_figure",
     "read_results",
     "reconstruction_metrics",
+    "recorded_path",
+    "resolve_recorded",
     "spliced_metrics",
     "train",
     "variant_name",

@@ -1,12 +1,13 @@
 """What a training run trains: the sweep `Grid`, `TrainConfig`, the default learning rate and its schedule.
 
 Every field is range-checked where it is declared, so a bad value is a `ConfigError` naming its key before
-anything runs; nothing here touches the filesystem.
+anything runs; validation touches no file, and `identity` only looks paths up to record them.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path, PurePath
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
@@ -14,6 +15,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from saelab.config import StrictModel
 from saelab.dictionaries import Arch
 from saelab.run import RunDir
+from saelab.train.paths import is_url, recorded_path
 
 PositiveInt = Annotated[int, Field(gt=0)]
 LearningRate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -87,10 +89,44 @@ class TrainConfig(StrictModel):
         return self.store if self.store is not None else str(RunDir(self.run).store)
 
     def identity(self) -> dict[str, Any]:
-        """What decides the trained SAEs (saved as `train_config.json`; a resume must match it)."""
-        identity = self.model_dump(mode="json", exclude={"device", "log_every", "logger"})
-        identity["store"] = self.store_path  # in place: the saved file keeps its key order
+        """What decides the trained SAEs (saved as `train_config.json`; a resume must match it).
+
+        Where the run is does not decide them, so `run` is left out, and the store (and `model` when it is a local
+        folder) is recorded as a run records every path (`recorded_path`): the run's own store as
+        `activations.zarr`, so the same config resumes a moved run, or from another working directory."""
+        run = RunDir(self.run)
+        identity = self.model_dump(mode="json", exclude={"device", "log_every", "logger", "run"})
+        identity["store"] = recorded_path(self.store_path, run=run)  # in place: the saved file keeps its key order
+        if self.model is not None and _is_local(self.model):
+            identity["model"] = recorded_path(self.model, run=run)
         return identity
+
+
+def _is_local(spec: str) -> bool:
+    """Whether a store or model spec names a local file or folder (not a URL or a model name)."""
+    return not is_url(spec) and Path(spec).exists()
+
+
+def saved_identity(saved: dict[str, Any], run: RunDir) -> dict[str, Any]:
+    """A `train_config.json` that `run` holds, in the form `TrainConfig.identity` gives today (the resume check).
+
+    Files written before runs could move record `run`, and the store and `model` as they were given then (absolute
+    or relative to where training ran). A path that lay inside the `run` recorded beside it (the run's own store
+    above all) is that path inside the run, wherever the run is now; another store or model folder is recorded
+    absolute, as today. So an old run resumes after a move even though its recorded store path now points nowhere."""
+    if "run" not in saved:
+        return saved
+    then = PurePath(saved["run"])
+    upgraded = {key: value for key, value in saved.items() if key != "run"}
+    for key in ("store", "model"):
+        value = upgraded.get(key)
+        if not isinstance(value, str) or is_url(value):
+            continue
+        if PurePath(value).is_relative_to(then):
+            upgraded[key] = PurePath(value).relative_to(then).as_posix()
+        elif key == "store" or _is_local(value):
+            upgraded[key] = recorded_path(value, run=run)
+    return upgraded
 
 
 def default_lr(width: int) -> float:

@@ -32,7 +32,8 @@ COLUMNS = [
 
 
 def write_results(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
-    """One CSV row per SAE, in a fixed column order (empty where a metric does not apply)."""
+    """One CSV row per SAE (`TrainedSAE.row()`, or a `metrics.json`), in a fixed column order (empty where a
+    metric does not apply)."""
     path = Path(path)
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
@@ -77,7 +78,8 @@ def pareto_figure(rows: Sequence[Mapping[str, Any]]) -> go.Figure:
 
 
 def write_sweep_outputs(rows: Sequence[Mapping[str, Any]], out: str | Path) -> tuple[Path, Path]:
-    """Write the results table and the Pareto plot into run directory `out`; return their paths in that order."""
+    """Write the results table and the Pareto plot of `rows` (`TrainedSAE.row()`s, or `metrics.json`s) into run
+    directory `out`; return their paths in that order."""
     run = RunDir(out).prepare()
     table = write_results(rows, run.sweep_table)
     pareto_figure(rows).write_html(str(run.sweep_plot), include_plotlyjs="cdn")

@@ -23,9 +23,10 @@ from saelab.models import load_model, resolve_device
 from saelab.run import RunDir
 from saelab.store import ActivationStore
 from saelab.train.checkpoint import check_checkpoint, load_checkpoint, save_checkpoint
-from saelab.train.config import TrainConfig, default_lr, lr_factor, variant_name
+from saelab.train.config import TrainConfig, default_lr, lr_factor, saved_identity, variant_name
 from saelab.train.loggers import TrainLogger, make_logger
 from saelab.train.metrics import eval_tokens, reconstruction_metrics, spliced_metrics
+from saelab.train.result import TrainedSAE
 
 
 @dataclass
@@ -122,7 +123,7 @@ class Trainer:
         run = self.run_dir
         check_checkpoint(run.checkpoint, self.members, train_config=run.train_config)
         if run.train_config.exists():
-            old, new = json.loads(run.train_config.read_text()), self.cfg.identity()
+            old, new = saved_identity(json.loads(run.train_config.read_text()), run), self.cfg.identity()
             if old != new:
                 diff = [k for k in old if old.get(k) != new.get(k)]
                 raise ConfigError(
@@ -132,8 +133,8 @@ class Trainer:
 
     # ------------------------------------------------------------------- loop
 
-    def run(self) -> list[dict[str, Any]]:
-        """Train to `cfg.tokens`, evaluate on the held-out rows, save; returns one result row per SAE."""
+    def run(self) -> list[TrainedSAE]:
+        """Train to `cfg.tokens`, evaluate on the held-out rows, save; returns one result per SAE."""
         run = self.run_dir.prepare()
         self._check_resume()
         start = load_checkpoint(run.checkpoint, self.members, self.device)
@@ -204,33 +205,36 @@ class Trainer:
                 {k: f"{sum(v) / len(v):.3g}" for k, v in shown.items() if k in ("loss", "fvu", "l0", "dead_frac")}
             )
 
-    def _finish(self) -> list[dict[str, Any]]:
+    def _finish(self) -> list[TrainedSAE]:
         """Evaluate on held-out rows, save each SAE in SAELens layout with its metrics."""
         eval_rows = slice(self.train_rows[1], self.store.n_tokens)
         model, tokens = self._ce_model()
         results = []
         for m in self.members:
             folder = self.run_dir.sae(m.hook, m.variant)
-            row: dict[str, Any] = {
-                "hook": m.hook,
-                "arch": m.sae.cfg.arch,
-                "k": m.sae.cfg.k,
-                "width": m.sae.cfg.d_sae,
-                "lr": m.lr,
-                "tokens": self.total_steps * self.cfg.batch_size,
-                "path": str(folder),
-            }
-            if m.stopped:
-                row["stopped"] = m.stopped
-            else:
+            reconstruction, spliced = None, None
+            if not m.stopped:
                 m.sae.eval()
-                row |= reconstruction_metrics(m.sae, self.store.activations(m.hook, eval_rows))
+                reconstruction = reconstruction_metrics(m.sae, self.store.activations(m.hook, eval_rows))
                 if model is not None and tokens is not None:
-                    row |= spliced_metrics(model, m.sae, m.hook, tokens=tokens)
+                    spliced = spliced_metrics(model, m.sae, m.hook, tokens=tokens)
                 m.sae.save(folder)
+            result = TrainedSAE(
+                hook=m.hook,
+                arch=m.sae.cfg.arch,
+                k=m.sae.cfg.k,
+                width=m.sae.cfg.d_sae,
+                lr=m.lr,
+                tokens=self.total_steps * self.cfg.batch_size,
+                path=folder,
+                run=self.run_dir.root,
+                stopped=m.stopped,
+                reconstruction=reconstruction,
+                spliced=spliced,
+            )
             folder.mkdir(parents=True, exist_ok=True)
-            self.run_dir.sae_metrics(m.hook, m.variant).write_text(json.dumps(row, indent=1))
-            results.append(row)
+            self.run_dir.sae_metrics(m.hook, m.variant).write_text(json.dumps(result.row(), indent=1))
+            results.append(result)
         return results
 
     def _ce_model(self) -> tuple[Any, torch.Tensor | None]:
@@ -242,14 +246,13 @@ class Trainer:
         return model, eval_tokens(self.store.config, model, self.cfg.ce_contexts)
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> list[dict[str, Any]]:
-    """Train every SAE the config asks for (resuming if interrupted); return one result row per SAE.
+def train(cfg: TrainConfig, progress: bool = True) -> list[TrainedSAE]:
+    """Train every SAE the config asks for (resuming if interrupted); return a `TrainedSAE` per SAE.
 
-    A row is a plain dict, the same that the SAE's `metrics.json` holds: `hook` (the hook point it reads),
-    `arch`, `k`, `width` (`d_sae`), `lr` (the peak learning rate), `tokens` (training tokens seen) and `path`
-    (its folder `RUN/saes/<hook>/<variant>/`, whose name is the variant). An SAE whose loss became NaN/inf
-    has `stopped` (why) and no metrics; the others have the `ReconstructionMetrics` keys (`fvu`, `mse`,
-    `l0`, `dead_frac`, `dead_frac_eval`, `dense_frac`), and the `SplicedMetrics` keys (`ce_loss_score`,
-    `kl_div_score`, ...) when a decoder model was run with the SAE spliced in.
+    Each has `hook`, `arch`, `k`, `width`, `lr`, `tokens` and `path` (its folder `RUN/saes/<hook>/<variant>/`).
+    An SAE whose loss became NaN/inf has `stopped` (why) and no metrics; the others have `reconstruction`
+    (`ReconstructionMetrics`: `fvu`, `mse`, `l0`, dead and dense fractions), and `spliced` (`SplicedMetrics`:
+    `ce_loss_score`, `kl_div_score`, ...) when a decoder model was run with the SAE spliced in.
+    `TrainedSAE.row()` is the flat row that its `metrics.json` holds.
     """
     return Trainer(cfg, progress).run()

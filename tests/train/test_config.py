@@ -71,9 +71,11 @@ def test_bad_values_are_refused_naming_the_key(tmp_path, override, key):
 def test_store_defaults_to_the_runs_own_and_validation_touches_no_file(tmp_path):
     cfg = build(TrainConfig, {"run": str(tmp_path / "nowhere")}, "config")
     assert cfg.store is None and cfg.store_path == str(RunDir(tmp_path / "nowhere").store)
-    assert cfg.identity()["store"] == cfg.store_path
+    assert cfg.identity()["store"] == "activations.zarr" and "run" not in cfg.identity()  # where the run is, moves
     explicit = build(TrainConfig, {"run": str(tmp_path / "nowhere"), "store": cfg.store_path}, "config")
     assert explicit.identity() == cfg.identity()  # the same SAEs: a run started either way resumes either way
+    elsewhere = build(TrainConfig, {"run": str(tmp_path / "nowhere"), "store": "other/s.zarr"}, "config")
+    assert elsewhere.identity()["store"] == str(Path("other/s.zarr").resolve())  # outside the run: absolute
     assert not (tmp_path / "nowhere").exists()
 
 
@@ -102,7 +104,7 @@ def test_resuming_into_other_saes_is_refused_and_the_checkpoint_left_untouched(r
     with pytest.raises(TrainError, match="checkpoint") as err:
         train(wider, progress=False)
     message = str(err.value)
-    assert str(RunDir(run).checkpoint) in message and Path(row["path"]).name in message and "`run`" in message
+    assert str(RunDir(run).checkpoint) in message and row.variant in message and "`run`" in message
     assert _hashes(run) == before
 
     # Without the saved config to compare, the checkpoint itself still says which SAEs it holds.

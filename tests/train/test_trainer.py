@@ -19,7 +19,7 @@ from saelab.errors import ConfigError, StoreError
 from saelab.importer import import_arrays
 from saelab.store import ActivationStore
 from saelab.toys.synthetic import make_synthetic
-from saelab.train import Grid, TrainConfig, default_lr, lr_factor, read_results, train
+from saelab.train import Grid, ReconstructionMetrics, TrainConfig, default_lr, lr_factor, read_results, train
 
 D = 32
 
@@ -65,18 +65,31 @@ def test_grid_trains_every_sae_in_one_pass_and_saves_saelens_layout(store_path, 
             sae={"dead_tokens": 5000, "l1_coef": 1.0},
         )
     )
-    rows = train(cfg, progress=False)
-    assert len(rows) == 2 * 3 * 2  # hooks x arch x k
-    by = {(r["hook"], r["arch"], r["k"]): r for r in rows}
+    results = train(cfg, progress=False)
+    assert len(results) == 2 * 3 * 2  # hooks x arch x k
+    by = {(r.hook, r.arch, r.k): r.reconstruction for r in results}
+    assert all(m is not None for m in by.values()) and all(r.spliced is None for r in results)  # no decoder
     assert by[("h0", "topk", 8)]["fvu"] < by[("h0", "topk", 4)]["fvu"] < 0.5
     assert by[("h0", "topk", 4)]["l0"] == pytest.approx(4, abs=0.01)
     x = ActivationStore.open(store_path).activations("h1", slice(-4096, None))
-    for r in rows:
-        assert set(os.listdir(r["path"])) >= {"cfg.json", "sae_weights.safetensors", "metrics.json"}
-        assert r["dead_frac"] <= 1 and 0 <= r["dense_frac"] <= 1
-    sae = SAE.load(by[("h1", "topk", 8)]["path"])  # the input scale is folded: it works on raw activations
+    for r in results:
+        assert set(os.listdir(r.path)) >= {"cfg.json", "sae_weights.safetensors", "metrics.json"}
+        assert r.reconstruction is not None and r.reconstruction["dead_frac"] <= 1
+        assert 0 <= r.reconstruction["dense_frac"] <= 1
+    (h1,) = [r for r in results if (r.hook, r.arch, r.k) == ("h1", "topk", 8)]
+    sae = SAE.load(h1.path)  # the input scale is folded: it works on raw activations
     fvu = ((x - sae(x)).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
-    assert fvu == pytest.approx(by[("h1", "topk", 8)]["fvu"], rel=1e-4)
+    assert h1.reconstruction is not None and fvu == pytest.approx(h1.reconstruction["fvu"], rel=1e-4)
+
+
+def test_metrics_json_holds_the_flat_row_with_the_path_relative_to_the_run(store_path, tmp_path):
+    (r,) = train(TrainConfig(**config(store_path, tmp_path, hooks=["h0"], tokens=256 * 20)), progress=False)
+    saved = (r.path / "metrics.json").read_text()
+    row = json.loads(saved)
+    assert list(row) == [*"hook arch k width lr tokens path".split(), *ReconstructionMetrics.__annotations__]
+    assert row["path"] == f"saes/h0/{r.variant}" and (tmp_path / row["path"]) == r.path
+    assert row == r.row() and saved == json.dumps(r.row(), indent=1)
+    assert (row["hook"], row["arch"], row["k"], row["width"], row["tokens"]) == ("h0", "topk", 4, 128, 256 * 20)
 
 
 def test_diverging_sae_is_stopped_and_others_go_on(store_path, tmp_path):
@@ -85,11 +98,12 @@ def test_diverging_sae_is_stopped_and_others_go_on(store_path, tmp_path):
             store_path, tmp_path, hooks=["h0"], grid={"arch": ["topk"], "k": [4], "expansion": [4], "lr": [1e-3, 1e38]}
         )
     )
-    rows = train(cfg, progress=False)
-    ok, bad = sorted(rows, key=lambda r: r["lr"])
-    assert ok["fvu"] < 0.5
-    assert "NaN/inf at step" in bad["stopped"] and "fvu" not in bad
-    assert not os.path.exists(os.path.join(bad["path"], "sae_weights.safetensors"))
+    ok, bad = sorted(train(cfg, progress=False), key=lambda r: r.lr)
+    assert ok.stopped is None and ok.reconstruction is not None and ok.reconstruction["fvu"] < 0.5
+    assert bad.stopped is not None and "NaN/inf at step" in bad.stopped and bad.reconstruction is None
+    assert not (bad.path / "sae_weights.safetensors").exists()
+    row = json.loads((bad.path / "metrics.json").read_text())
+    assert row == bad.row() and row["stopped"] == bad.stopped and "fvu" not in row
 
 
 def test_bad_inputs_are_refused(store_path, tmp_path):
@@ -120,7 +134,7 @@ def _train_cli(path):
 
 
 def _stderr_tail(proc: subprocess.Popen[bytes]) -> str:
-    return _stderr_tail(proc) if proc.stderr is not None else ""
+    return proc.stderr.read().decode()[-2000:] if proc.stderr is not None else ""
 
 
 def test_resume_after_sigkill_ends_with_the_same_weights(store_path, tmp_path):
@@ -179,6 +193,7 @@ def test_sweep_cli_writes_table_and_pareto(store_path, tmp_path):
     assert result.exit_code == 0, result.output
     rows = read_results(tmp_path / "run" / "results.csv")
     assert sorted((r["k"], r["width"]) for r in rows) == [("2", "128"), ("2", "64"), ("4", "128"), ("4", "64")]
+    assert all((tmp_path / "run" / r["path"] / "cfg.json").is_file() for r in rows)  # relative to the run
     html = (tmp_path / "run" / "pareto.html").read_text()
     assert "h0 topk w64" in html and "h0 topk w128" in html
 
@@ -237,8 +252,10 @@ def test_ce_loss_recovered_on_a_decoder_store(trained_decoder_dir, tmp_path):
         progress=False,
     )
     (r,) = rows
-    assert r["ce_zero"] - r["ce_orig"] > 0.1
-    assert 0.3 < r["ce_loss_score"] <= 1 and 0.5 < r["kl_div_score"] <= 1 and r["ce_sae"] > r["ce_orig"]
+    s = r.spliced
+    assert s is not None and s["ce_zero"] - s["ce_orig"] > 0.1
+    assert 0.3 < s["ce_loss_score"] <= 1 and 0.5 < s["kl_div_score"] <= 1 and s["ce_sae"] > s["ce_orig"]
+    assert r.row().items() >= dict(s).items()  # metrics.json holds the spliced metrics beside the others
 
 
 def test_tensorboard_logger_records_the_progress_metrics(store_path, tmp_path):

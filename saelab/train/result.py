@@ -1,0 +1,60 @@
+"""`TrainedSAE`: what training returns for each SAE, and the flat row its `metrics.json` and `results.csv` hold."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from saelab.run import RunDir
+from saelab.train.metrics import ReconstructionMetrics, SplicedMetrics
+from saelab.train.paths import recorded_path
+
+
+@dataclass(frozen=True)
+class TrainedSAE:
+    """One SAE a training run made (`saelab.train.train`)."""
+
+    hook: str
+    """The hook point it reads."""
+    arch: str
+    """Its architecture (`topk`, `batchtopk`, `jumprelu`, `relu`)."""
+    k: int
+    """Active latents per token (`batchtopk`: on average)."""
+    width: int
+    """Its number of latents (`d_sae`)."""
+    lr: float
+    """The peak learning rate."""
+    tokens: int
+    """Training tokens seen."""
+    path: Path
+    """Its folder `RUN/saes/<hook>/<variant>/`, whose name is the variant."""
+    run: Path
+    """The run folder it belongs to (the row records `path` relative to it)."""
+    stopped: str | None = None
+    """Why it was stopped (its loss became NaN/inf), or `None`; a stopped SAE is not saved and has no metrics."""
+    reconstruction: ReconstructionMetrics | None = None
+    """Its held-out reconstruction metrics (`None` when it was stopped)."""
+    spliced: SplicedMetrics | None = None
+    """CE loss recovered and KL with it spliced into a decoder (`None`: no decoder run, or stopped)."""
+
+    @property
+    def variant(self) -> str:
+        """Its variant name (the folder under its hook point's)."""
+        return self.path.name
+
+    def row(self) -> dict[str, Any]:
+        """The flat row that its `metrics.json` and a sweep's `results.csv` hold: `hook`, `arch`, `k`, `width`,
+        `lr`, `tokens`, `path` (relative to the run), then `stopped` or the metrics' keys."""
+        row: dict[str, Any] = {
+            "hook": self.hook,
+            "arch": self.arch,
+            "k": self.k,
+            "width": self.width,
+            "lr": self.lr,
+            "tokens": self.tokens,
+            "path": recorded_path(self.path, run=RunDir(self.run)),
+        }
+        if self.stopped is not None:
+            row["stopped"] = self.stopped
+        return row | dict(self.reconstruction or {}) | dict(self.spliced or {})
