@@ -12,7 +12,10 @@ Pages are addressed by their URL, so any view can be shared:
 
 Every page is built server-side by its module's `layout(run, params)`; forms navigate to the URL of their result.
 A `SaelabError` anywhere shows as an error box in the page; a callback request whose body does not name one of
-the app's callbacks with the inputs it declares is refused with HTTP 400 before Dash reads it.
+the app's callbacks with the inputs it declares is refused with HTTP 400 before Dash reads it, and a body over
+`params.MAX_BODY` bytes (1 MiB, several times the largest the pages send) with HTTP 413, unread. The pages that run
+the model take turns on copies of it (`saelab.dashboards.live.live_model`), so concurrent requests never see each
+other's hooks.
 """
 
 from __future__ import annotations
@@ -117,6 +120,21 @@ def _refuse_malformed_callbacks(app: Dash) -> None:
         return flask.Response(message, status=400, mimetype="application/json")
 
 
+def _limit_bodies(app: Dash) -> None:
+    """Refuse request bodies over `params.MAX_BODY` bytes with HTTP 413 and a message that says the limit."""
+    app.server.config["MAX_CONTENT_LENGTH"] = p.MAX_BODY
+
+    @app.server.errorhandler(413)
+    def too_large(_: Exception) -> flask.Response:
+        size = flask.request.content_length
+        given = f"{size:,} bytes" if size is not None else "over the limit"
+        message = (
+            f"The request body is {given}; this app accepts at most {p.MAX_BODY:,} bytes (1 MiB). "
+            f"Send less: prompts, queries and searches are at most {p.MAX_TEXT:,} characters."
+        )
+        return flask.Response(json.dumps({"error": message}), status=413, mimetype="application/json")
+
+
 def create_app(run: str) -> Dash:
     """The app for one run directory. A broken run directory still gives an app that says what is wrong."""
     run = str(Path(run).resolve())
@@ -139,6 +157,7 @@ def create_app(run: str) -> Dash:
     for page in PAGES.values():
         if hasattr(page, "register"):
             page.register(app, run)
+    _limit_bodies(app)
     _refuse_malformed_callbacks(app)
     return app
 
