@@ -19,7 +19,16 @@ from saelab.errors import ConfigError, StoreError
 from saelab.importer import import_arrays
 from saelab.store import ActivationStore
 from saelab.toys.synthetic import make_synthetic
-from saelab.train import Grid, ReconstructionMetrics, TrainConfig, default_lr, lr_factor, read_results, train
+from saelab.train import (
+    Grid,
+    ReconstructionMetrics,
+    TrainConfig,
+    TrainedSAE,
+    default_lr,
+    lr_factor,
+    read_results,
+    train,
+)
 
 D = 32
 
@@ -67,19 +76,23 @@ def test_grid_trains_every_sae_in_one_pass_and_saves_saelens_layout(store_path, 
     )
     results = train(cfg, progress=False)
     assert len(results) == 2 * 3 * 2  # hooks x arch x k
-    by = {(r.hook, r.arch, r.k): r.reconstruction for r in results}
-    assert all(m is not None for m in by.values()) and all(r.spliced is None for r in results)  # no decoder
-    assert by[("h0", "topk", 8)]["fvu"] < by[("h0", "topk", 4)]["fvu"] < 0.5
-    assert by[("h0", "topk", 4)]["l0"] == pytest.approx(4, abs=0.01)
+    assert all(r.spliced is None for r in results)  # no decoder, no spliced metrics
+    by = {(r.hook, r.arch, r.k): (r.path, _metrics(r)) for r in results}
+    assert by[("h0", "topk", 8)][1]["fvu"] < by[("h0", "topk", 4)][1]["fvu"] < 0.5
+    assert by[("h0", "topk", 4)][1]["l0"] == pytest.approx(4, abs=0.01)
     x = ActivationStore.open(store_path).activations("h1", slice(-4096, None))
-    for r in results:
-        assert set(os.listdir(r.path)) >= {"cfg.json", "sae_weights.safetensors", "metrics.json"}
-        assert r.reconstruction is not None and r.reconstruction["dead_frac"] <= 1
-        assert 0 <= r.reconstruction["dense_frac"] <= 1
-    (h1,) = [r for r in results if (r.hook, r.arch, r.k) == ("h1", "topk", 8)]
-    sae = SAE.load(h1.path)  # the input scale is folded: it works on raw activations
+    for path, m in by.values():
+        assert set(os.listdir(path)) >= {"cfg.json", "sae_weights.safetensors", "metrics.json"}
+        assert m["dead_frac"] <= 1 and 0 <= m["dense_frac"] <= 1
+    path, m = by[("h1", "topk", 8)]
+    sae = SAE.load(path)  # the input scale is folded: it works on raw activations
     fvu = ((x - sae(x)).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
-    assert h1.reconstruction is not None and fvu == pytest.approx(h1.reconstruction["fvu"], rel=1e-4)
+    assert fvu == pytest.approx(m["fvu"], rel=1e-4)
+
+
+def _metrics(result: TrainedSAE) -> ReconstructionMetrics:
+    assert result.reconstruction is not None, f"{result.variant} was stopped: {result.stopped}"
+    return result.reconstruction
 
 
 def test_metrics_json_holds_the_flat_row_with_the_path_relative_to_the_run(store_path, tmp_path):
@@ -99,7 +112,7 @@ def test_diverging_sae_is_stopped_and_others_go_on(store_path, tmp_path):
         )
     )
     ok, bad = sorted(train(cfg, progress=False), key=lambda r: r.lr)
-    assert ok.stopped is None and ok.reconstruction is not None and ok.reconstruction["fvu"] < 0.5
+    assert ok.stopped is None and _metrics(ok)["fvu"] < 0.5
     assert bad.stopped is not None and "NaN/inf at step" in bad.stopped and bad.reconstruction is None
     assert not (bad.path / "sae_weights.safetensors").exists()
     row = json.loads((bad.path / "metrics.json").read_text())
