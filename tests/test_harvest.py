@@ -1,4 +1,4 @@
-"""Harvest: exact activations, metadata, resume after SIGKILL, refusal, memory:// stores."""
+"""Harvest: exact activations, metadata, resume after SIGKILL, repair of damaged shards, refusal, memory:// stores."""
 
 import json
 import os
@@ -12,11 +12,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from typer.testing import CliRunner
 
+from saelab.cli import app
 from saelab.config import HarvestConfig, TextConfig
 from saelab.errors import StoreError, TextSourceError
 from saelab.harvest import harvest
 from saelab.store import ActivationStore
+from tests.store.helpers import flip_byte, shard_file
 
 KINDS = ["hook_resid_pre", "hook_resid_post", "hook_mlp_out", "hook_attn_out", "attn.hook_z"]
 
@@ -193,3 +196,27 @@ def test_resume_after_sigkill_gives_identical_store(decoder_dir, tmp_path):
     assert sorted(got) == sorted(want)
     assert [k for k in want if got[k] != want[k]] == []
     assert ActivationStore.open(str(out)).n_tokens == 30_000
+
+
+def test_rerun_rewrites_exactly_the_damaged_shards(decoder, tmp_path):
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.attn.hook_z"]
+    cfg = small_cfg(tmp_path / "s.zarr", hooks=hooks, max_tokens=600, drop_special_tokens=True)  # shards of 128
+    harvest(cfg, model=decoder, progress=False)
+    out = Path(cfg.out)
+    want = _files(out)
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    damaged = [shard_file(out, f"activations/{hooks[1]}", 1), shard_file(out, f"activations/{hooks[0]}", 4)]
+    for path in damaged:
+        path.unlink()  # shard 4 is the last one, 88 rows
+    damaged.append(shard_file(out, "tokens", 3))
+    flip_byte(damaged[-1])
+    result = CliRunner().invoke(app, ["info", str(out), "--verify"])
+    assert result.exit_code == 2 and "rerun the same `saelab harvest` config" in result.stderr
+    assert "shard 1 (rows 128 to 255) of 'activations/blocks.1.attn.hook_z' is missing" in result.stdout
+    assert "shard 4 (rows 512 to 599)" in result.stdout and "shard 3 (rows 384 to 511) of 'tokens'" in result.stdout
+    with pytest.raises(StoreError, match="rerun the same `saelab harvest` config"):
+        ActivationStore.open(str(out)).tokens(slice(400, 401))
+    harvest(cfg, model=decoder, progress=False)
+    assert _files(out) == want
+    rewritten = {p for p, t in stamps.items() if p.stat().st_mtime_ns != t}
+    assert rewritten == {*damaged, out / "zarr.json"}  # zarr.json: the commit of the new checksums (the same bytes)
