@@ -16,9 +16,15 @@ track absolute positions, so generation with TransformerLens's KV cache (`use_pa
 pass sees only the newest position) is steered exactly as generation without it. `add` at coefficient 0 is
 skipped, so it reproduces the unsteered model exactly.
 
-Decoders: `generate`, `compare` (steered and unsteered side by side) and `sweep` over coefficients (the
-target latent's activation, KL from the unsteered next-token distribution, the unsteered model's perplexity
-on the steered text). Encoders: `embed` (mean-pooled output, as sentence-transformers' all-MiniLM-L6-v2),
+Limits, refused with a `SteeringError` that names them: |coefficient| at most `MAX_COEFFICIENT` (1e4 times the
+latent's typical max activation; larger edits change no output and overflow float32) and |coefficient x scale| at
+most `MAX_VALUE`, checked where an `Intervention` is built (`check_coefficient`); a prompt plus `max_new_tokens`
+within the model's context (`new_token_budget`: the library refuses, it never clamps); and any steered activation,
+metric or embedding that comes out non-finite is an error, never a number in a result.
+
+Decoders: `generate`, `compare` (steered and unsteered side by side) and `sweep` over coefficients (`SweepRow`s
+of `SteeredMetrics`: the target latent's activation, KL from the unsteered next-token distribution, the unsteered
+model's perplexity on the steered text). Encoders: `embed` (mean-pooled output, as sentence-transformers' all-MiniLM-L6-v2),
 `search` over a corpus before and after steering the query. Both: `optimise_code`, a sparse code found by
 gradient descent toward target examples, to be injected with mode `add`. `saelab steer` runs a `SteerConfig`
 through `run_steering`, which writes a `SteeringResult`.
@@ -34,20 +40,27 @@ from saelab.errors import SteeringError
 from saelab.steering.config import SteerConfig
 from saelab.steering.generation import (
     Comparison,
+    SteeredMetrics,
+    SteeredPrompt,
+    SweepRow,
     compare,
     continuation,
     generate,
     hook_acts,
+    new_token_budget,
     prompt_tokens,
     steered_metrics,
     sweep,
 )
 from saelab.steering.interventions import (
     EMBEDDING,
+    MAX_COEFFICIENT,
+    MAX_VALUE,
     MODES,
     Intervention,
     Mode,
     Scope,
+    check_coefficient,
     check_interventions,
     steer,
 )
@@ -59,6 +72,8 @@ from saelab.steering.search import SearchResult, doc_latent_acts, edit_embedding
 
 __all__ = [
     "EMBEDDING",
+    "MAX_COEFFICIENT",
+    "MAX_VALUE",
     "MODES",
     "Comparison",
     "Intervention",
@@ -66,9 +81,13 @@ __all__ = [
     "Scope",
     "SearchResult",
     "SteerConfig",
+    "SteeredMetrics",
+    "SteeredPrompt",
     "SteeringError",
     "SteeringResult",
+    "SweepRow",
     "_steered_loss",
+    "check_coefficient",
     "check_interventions",
     "compare",
     "continuation",
@@ -77,6 +96,7 @@ __all__ = [
     "embed",
     "generate",
     "hook_acts",
+    "new_token_budget",
     "optimise_code",
     "prompt_tokens",
     "run_scale",

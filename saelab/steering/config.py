@@ -8,16 +8,17 @@ from typing import Annotated, Literal, Union
 from pydantic import Field, NonNegativeInt
 
 from saelab.config import StrictModel, TextConfig
-from saelab.steering.interventions import Mode
+from saelab.steering.interventions import MAX_COEFFICIENT, Mode
 
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+Coefficient = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_COEFFICIENT, le=MAX_COEFFICIENT)]
 
 
 class SteerConfig(StrictModel):
     """What `saelab steer` runs: one latent of the SAE in folder `sae` steered in the run's model (or `model`) at
-    each of `coefficients` (in units of `scale`, default the latent's typical max activation), written to the
-    run's steering result `name`. Decoders continue `prompts`; encoders search the first `corpus_documents`
-    documents of `corpus` for each of `queries`."""
+    each of `coefficients` (in units of `scale`, default the latent's typical max activation; |coefficient| at most
+    `MAX_COEFFICIENT`), written to the run's steering result `name`. Decoders continue `prompts` (each with room
+    for `max_new_tokens` in the model's context); encoders search the first `corpus_documents` documents of
+    `corpus` for each of `queries`."""
 
     name: str = Field(default="steer", pattern=r"^[\w.-]+$", max_length=200)
     run: str
@@ -25,7 +26,7 @@ class SteerConfig(StrictModel):
     sae: str
     latent: int = Field(ge=0)
     mode: Mode = "add"
-    coefficients: list[FiniteFloat] = Field(default=[0.0, 1.0, 2.0, 4.0], min_length=1)
+    coefficients: list[Coefficient] = Field(default=[0.0, 1.0, 2.0, 4.0], min_length=1)
     scope: Union[Literal["prompt", "generated", "all"], list[NonNegativeInt]] = "all"
     scale: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     prompts: list[str] = []

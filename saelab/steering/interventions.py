@@ -21,13 +21,47 @@ Scope = Union[Literal["prompt", "generated", "all"], list[int]]
 MODES: tuple[str, ...] = ("add", "clamp", "orthogonal", "cap", "ablate")
 EMBEDDING = "embedding"  # the hook name of an encoder's pooled sentence embedding (for SAEs trained on embeddings)
 
+MAX_COEFFICIENT = 1e4
+"""The largest |coefficient| an `Intervention` takes, in units of its `scale` (the latent's typical max activation):
+ten thousand times the latent's strongest usual firing. Such an edit outweighs the latent's own contribution ten
+thousand times over, and a LayerNorm downstream divides the activations' size away, so larger coefficients change
+no output; they only push float32 toward overflow (1e30 turned every cosine into NaN, and 1e39 is inf in float32)."""
+MAX_VALUE = 1e15
+"""The largest |coefficient x scale| (activation units) an `Intervention` takes: a LayerNorm squares and sums the d
+entries of the edited activations, which stays finite in float32 (largest 3.4e38) while value^2 * d does, i.e. for
+any width d up to 1e8 at 1e15. It binds only where `scale` itself is huge."""
 
-@dataclass
+
+def check_coefficient(coefficient: float, scale: float = 1.0) -> None:
+    """Refuse a steering coefficient outside the range every `Intervention` takes (`MAX_COEFFICIENT` and
+    `MAX_VALUE`), with a `SteeringError` naming the value and the limit. Also for callers (a sweep, a form) that
+    check coefficients before building interventions from them."""
+    units = "in units of the latent's typical max activation"
+    if not math.isfinite(coefficient):
+        raise SteeringError(
+            f"coefficient {coefficient} is not a finite number; give one with |coefficient| <= {MAX_COEFFICIENT:g} "
+            f"({units})"
+        )
+    if abs(coefficient) > MAX_COEFFICIENT:
+        raise SteeringError(
+            f"coefficient {coefficient:g} is past the steering limit |coefficient| <= {MAX_COEFFICIENT:g} ({units}; "
+            "larger edits change no output and overflow float32); use a smaller one"
+        )
+    if not abs(coefficient * scale) <= MAX_VALUE:  # `not <=`: also refuses a NaN or infinite scale
+        raise SteeringError(
+            f"coefficient {coefficient:g} x scale {scale:g} is past the steering limit |coefficient x scale| <= "
+            f"{MAX_VALUE:g} (activation units that keep float32 finite through the model); use a smaller scale"
+        )
+
+
+@dataclass(frozen=True)
 class Intervention:
     """An edit at `hook` along latents of `sae` (see `saelab.steering` for the modes).
 
     `latents`: one latent for add, clamp, orthogonal and cap; any number for ablate. `code` ([d_sae]) replaces
-    the latent for `add`: the decoded code is added. Coefficient times `scale` is in activation units."""
+    the latent for `add`: the decoded code is added. Coefficient times `scale` is in activation units. The
+    coefficient is checked when the intervention is built (`check_coefficient`); it is frozen, so it stays so
+    (`dataclasses.replace` builds, and checks, a new one)."""
 
     hook: str
     sae: SAE
@@ -37,6 +71,9 @@ class Intervention:
     scale: float = 1.0
     scope: Scope = "all"
     code: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        check_coefficient(self.coefficient, self.scale)
 
     @property
     def value(self) -> float:
@@ -114,8 +151,6 @@ def check_interventions(model: Model, interventions: Sequence[Intervention], emb
                 f"mode {iv.mode!r} steers exactly one latent (got {len(iv.latents)}); "
                 "give one, or use mode ablate for several"
             )
-        if not math.isfinite(iv.value):
-            raise SteeringError(f"coefficient {iv.coefficient} x scale {iv.scale} is not a finite number")
         if iv.scope == "generated" and is_encoder(model):
             raise SteeringError("an encoder generates no tokens; use scope all (or prompt) to steer it")
         if not isinstance(iv.scope, list) and iv.scope not in ("prompt", "generated", "all"):
@@ -148,8 +183,9 @@ def steer(
     """Run `model` with the interventions inside the block. Positions before `prompt_length` are the prompt.
 
     `read(hook, h, positions)` sees every steered hook point's activation after the edits (identity edits,
-    `Intervention.is_identity`, are skipped). Use a new block per generation or forward pass: positions are counted
-    from the block's start."""
+    `Intervention.is_identity`, are skipped). An edit that leaves a non-finite activation (in the model's dtype)
+    raises a `SteeringError` inside the pass, rather than letting NaN reach the outputs. Use a new block per
+    generation or forward pass: positions are counted from the block's start."""
     check_interventions(model, interventions)
     by_hook: dict[str, list[Intervention]] = {}
     for iv in interventions:
@@ -161,15 +197,22 @@ def steer(
         def hook(act: Tensor, hook: Any) -> Tensor:
             h = flatten_heads(act).float()
             pos = tracker.next(h.shape[1], h.device)
+            edited = False
             for iv in ivs:
                 if iv.is_identity:
                     continue
                 mask = iv.positions(pos, prompt_length)
                 if bool(mask.any()):
-                    h = iv.edit(h, mask)
+                    h, edited = iv.edit(h, mask), True
+            out = h.to(act.dtype)
+            if edited and not bool(out.isfinite().all()):
+                raise SteeringError(
+                    f"steering made the activations at {hook_name} non-finite in the model's {act.dtype} (the edit "
+                    "overflows it); use a smaller coefficient, or an SAE whose decoder weights are finite"
+                )
             if read is not None:
                 read(hook_name, h, pos)
-            return h.to(act.dtype).reshape(act.shape)
+            return out.reshape(act.shape)
 
         return hook
 

@@ -104,9 +104,11 @@ def _generation(cfg: SteerConfig, model: Model, sae: SAE, hook: str, progress: b
     scale, source = _scale(cfg, sae, hook)
     iv = Intervention(hook, sae, [cfg.latent], cfg.mode, 0.0, scale, cfg.scope)
     options = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature}
+    rows = sweep(model, iv, cfg.coefficients, cfg.prompts, seed=cfg.seed, progress=progress, **options)  # checks first
     unsteered = [
         continuation(model, generate(model, p, (), seed=cfg.seed + i, **options), prompt_tokens(model, p).shape[1])
         for i, p in enumerate(cfg.prompts)
     ]
-    rows = sweep(model, iv, cfg.coefficients, cfg.prompts, seed=cfg.seed, progress=progress, **options)
-    return SteeringResult(cfg.model_dump(mode="json"), hook, "generation", scale, source, rows, unsteered=unsteered)
+    return SteeringResult(
+        cfg.model_dump(mode="json"), hook, "generation", scale, source, [r.as_json() for r in rows], unsteered=unsteered
+    )

@@ -30,6 +30,11 @@ def typical_max_act(
         raise SteeringError("give the feature analysis's max_act or activations to measure the latent's scale on")
     if not 0 <= latent < len(values):
         raise SteeringError(f"latent {latent} does not exist: the SAE has latents 0 to {len(values) - 1}")
+    if not np.isfinite(values).all():
+        fix = "rerun `saelab analyze`" if source == "analysis" else "measure on finite activations"
+        raise SteeringError(
+            f"the latents' {source} max activations are not all finite, so give no steering scale; {fix}"
+        )
     if values[latent] > 0:
         return float(values[latent]), source
     live = values[values > 0]

@@ -144,7 +144,8 @@ def search(
     model: Model, query: str, corpus: Tensor, interventions: Sequence[Intervention], *, k: int = 10
 ) -> SearchResult:
     """The `k` documents of `corpus` (their `embed`dings [n, d]) nearest to `query`, before and after steering
-    the query's embedding with the interventions (the corpus stays unsteered)."""
+    the query's embedding with the interventions (the corpus stays unsteered). A steered embedding that is not
+    finite (so neither are its cosines) is a `SteeringError`, never a result."""
     if not query.strip():
         raise SteeringError("the query is empty: type some text to search for")
     if not 1 <= k <= len(corpus):
@@ -155,6 +156,11 @@ def search(
         steered = edit_embedding(plain, interventions)
     else:
         steered = embed(model, [query], interventions)
+    if not bool(steered.isfinite().all()):
+        raise SteeringError(
+            "steering made the query's embedding non-finite (NaN or inf), so its cosines would be too: the edit "
+            "overflows float32; use a smaller coefficient, or an SAE whose decoder weights are finite"
+        )
     before, after = (_nearest(corpus, e[0], k) for e in (plain, steered))
     return SearchResult(query, before, after)
 

@@ -1,12 +1,15 @@
-"""Helpers shared by the steering tests: the hook point and prompt they use, an SAE fitted on activations, and
-logits under interventions."""
+"""Helpers shared by the steering tests: the hook point and prompt they use, an SAE fitted on activations, logits
+under interventions, and a `saelab steer` config over a run made for it."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
 from saelab import steering as st
 from saelab.dictionaries import SAE, SAEConfig, train_step
+from saelab.run import RunDir
 
 HOOK = "blocks.0.hook_resid_post"
 PROMPT = "Return the absolute value of a number"
@@ -29,3 +32,14 @@ def fitted_sae(acts: torch.Tensor, d_sae: int, k: int, steps: int = 0, hook: str
 def logits(model, tokens, ivs=(), prompt_length=float("inf")):
     with torch.no_grad(), st.steer(model, ivs, prompt_length):
         return model(tokens, return_type="logits")[0]
+
+
+def steer_config(folder: Path, sae: SAE, hook: str, body: str) -> tuple[Path, RunDir]:
+    """A steering config `folder/steer.yaml` over the run `folder/run`, which holds `sae` (variant `topk-test` of
+    `hook`): its `run` and `sae` keys, then `body` (YAML lines). Returns the config's path and the run."""
+    run = RunDir(folder / "run")
+    path = run.sae(hook, "topk-test")
+    sae.save(path)
+    config = folder / "steer.yaml"
+    config.write_text(f"run: {run.root}\nsae: {path}\n{body}")
+    return config, run

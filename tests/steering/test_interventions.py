@@ -1,8 +1,11 @@
 """Interventions (saelab.steering.interventions) on answers known beforehand: identities of the error-kept SAE
-splice, a model whose steered logits are computable by hand, and bad input refused with the fix."""
+splice, a model whose steered logits are computable by hand, bad input refused with the fix, and the coefficient
+limits (absurd coefficients refused naming the limit; at the limit, every output stays finite)."""
 
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import replace
 
 import pytest
@@ -120,7 +123,6 @@ def test_bad_input_names_the_problem_and_the_fix(decoder, dec_sae, minilm, emb_s
         (Intervention(HOOK, dec_sae, [1, 2], "clamp"), "steers exactly one latent"),
         (Intervention(HOOK, dec_sae, [1], "boost"), "unknown steering mode 'boost'"),  # pyright: ignore[reportArgumentType]  # on purpose
         (Intervention(HOOK, dec_sae, [1], scope="middle"), "unknown scope 'middle'"),  # pyright: ignore[reportArgumentType]  # on purpose
-        (Intervention(HOOK, dec_sae, [1], coefficient=float("nan")), "not a finite number"),
         (Intervention(HOOK, dec_sae, [], "clamp", code=torch.zeros(256)), "a code is added"),
         (Intervention("blocks.0.hook_mlp_out", SAE.from_config(SAEConfig(d_in=32, d_sae=64, k=4)), [0]), "d_in=32"),
         (Intervention(EMBEDDING, dec_sae, [0]), "not a hook point"),
@@ -142,3 +144,52 @@ def test_bad_input_names_the_problem_and_the_fix(decoder, dec_sae, minilm, emb_s
         st.embed(decoder, ["hi"])
     with pytest.raises(SteeringError, match="k=500 neighbours asked of a corpus of 3"):
         st.search(minilm, "hi", torch.zeros(3, 384), [], k=500)
+
+
+@pytest.mark.parametrize(
+    ("mode", "coefficient"),
+    [("add", 1e30), ("add", math.inf), ("add", -math.inf), ("add", math.nan), ("clamp", 1e39), ("orthogonal", -2e4)],
+)
+def test_absurd_coefficients_are_refused_naming_the_limit(decoder, dec_sae, mode, coefficient):
+    limit = r"\|coefficient\| <= 10000 \(in units of the latent's typical max activation"
+    assert st.MAX_COEFFICIENT == 1e4
+    with pytest.raises(SteeringError, match=limit):
+        Intervention(HOOK, dec_sae, [3], mode, coefficient)
+    fine = Intervention(HOOK, dec_sae, [3], mode, 1.0)
+    with pytest.raises(SteeringError, match=limit):  # a copy with another coefficient is checked as it is built
+        replace(fine, coefficient=coefficient)
+    with pytest.raises(SteeringError, match=limit):  # a sweep checks every coefficient before generating any text
+        st.sweep(decoder, fine, [1.0, coefficient], [PROMPT], max_new_tokens=2, progress=False)
+    with pytest.raises(AttributeError):  # frozen: a checked intervention cannot be given a bad coefficient later
+        fine.coefficient = coefficient  # pyright: ignore[reportAttributeAccessIssue]  # on purpose
+
+
+def test_coefficient_times_scale_is_held_below_the_float32_limit(dec_sae):
+    st.check_coefficient(st.MAX_COEFFICIENT, 1e11)  # 1e15 in activation units: the limit itself
+    for scale in (1e12, math.inf, math.nan):
+        with pytest.raises(SteeringError, match=r"\|coefficient x scale\| <= 1e\+15"):
+            Intervention(HOOK, dec_sae, [3], "add", st.MAX_COEFFICIENT, scale)
+
+
+def test_steering_at_the_limit_keeps_every_output_finite(decoder, dec_sae, linear):
+    """`MAX_COEFFICIENT` times the latent's scale, in every mode, through a LayerNorm model and one without."""
+    for model, sae in ((decoder, dec_sae), linear):
+        tokens = st.prompt_tokens(model, "QWERTY")
+        n = tokens.shape[1]
+        scale = float(sae.encode(st.hook_acts(model, tokens, HOOK)[0]).amax())
+        for mode in ("add", "clamp", "orthogonal", "cap"):
+            for sign in (1, -1):
+                iv = Intervention(HOOK, sae, [3], mode, sign * st.MAX_COEFFICIENT, scale)
+                out = st.generate(model, tokens, [iv], max_new_tokens=2)
+                metrics = st.steered_metrics(model, out, n, intervention=iv)  # non-finite logits: a SteeringError
+                assert all(math.isfinite(x) for x in metrics.as_json().values()), (mode, sign)
+
+
+def test_an_edit_that_overflows_the_activations_is_refused_inside_the_pass(decoder, dec_sae):
+    """A damaged SAE (a decoder row of norm 1e38) overflows float32 at coefficient 1000: the pass stops with
+    the hook named, instead of generating from NaN logits."""
+    damaged = copy.deepcopy(dec_sae)
+    damaged.W_dec.data[3] *= 1e38
+    iv = Intervention(HOOK, damaged, [3], "add", 1000.0)
+    with pytest.raises(SteeringError, match=f"activations at {HOOK} non-finite in the model's torch.float32"):
+        st.generate(decoder, PROMPT, [iv], max_new_tokens=3)

@@ -1,12 +1,15 @@
-"""Encoders (saelab.steering.search): MiniLM sentence embeddings as sentence-transformers computes them, and
-semantic search steered at the embedding or inside the model."""
+"""Encoders (saelab.steering.search): MiniLM sentence embeddings as sentence-transformers computes them, semantic
+search steered at the embedding or inside the model, and no search result made of non-finite cosines."""
 
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
 
 from saelab import steering as st
-from saelab.steering import EMBEDDING, Intervention
+from saelab.steering import EMBEDDING, Intervention, SteeringError
 from tests.steering.helpers import PROMPT, fitted_sae
 
 
@@ -65,3 +68,19 @@ def test_steering_a_hook_point_inside_minilm_moves_the_embedding(minilm, corpus)
     assert torch.allclose(plain, same, atol=1e-6) and float(plain[0] @ moved[0]) < 0.99
     per_doc = st.doc_latent_acts(minilm, sae, hook, texts=docs[:3])
     assert per_doc.shape == (3, 128) and per_doc[0, latent] > 0
+
+
+def test_a_search_never_reports_neighbours_of_a_non_finite_embedding(minilm, corpus, emb_sae):
+    """Measured before the limits: coefficient 1e30 gave all-NaN cosines reported as "10 new neighbours". It is now
+    refused as the intervention is built; and an embedding that comes out non-finite anyway (a damaged SAE whose
+    decoder row is NaN) is an error naming the cause, never a neighbour list."""
+    _, emb = corpus
+    query = "Open a network connection to a host."
+    with pytest.raises(SteeringError, match=r"coefficient 1e\+30 is past the steering limit \|coefficient\| <= 10000"):
+        Intervention(EMBEDDING, emb_sae, [5], "add", 1e30)
+    damaged = copy.deepcopy(emb_sae)
+    damaged.W_dec.data[5] = torch.nan
+    with pytest.raises(SteeringError, match="steering made the query's embedding non-finite"):
+        st.search(minilm, query, emb, [Intervention(EMBEDDING, damaged, [5], "add", 3.0)], k=5)
+    at_limit = st.search(minilm, query, emb, [Intervention(EMBEDDING, emb_sae, [5], "add", st.MAX_COEFFICIENT)], k=5)
+    assert all(-1 <= s <= 1 for _, s in at_limit.after)  # finite cosines at the limit itself (float32 rounding aside)
