@@ -14,13 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from saelab.absorption import AbsorptionConfig, AbsorptionResult, run_absorption
-from saelab.analysis import AnalysisConfig, FeatureStore, analyze
+from saelab.analysis import FeatureStore
 from saelab.circuits import Circuit, CircuitConfig, run_circuit
-from saelab.config import HarvestConfig
 from saelab.dashboards import data
 from saelab.dashboards.app import render
 from saelab.errors import ConfigError
-from saelab.harvest import harvest
 from saelab.importer import import_arrays
 from saelab.run import SAE_CONFIG, SAE_WEIGHTS, RunDir
 from saelab.store import ActivationStore
@@ -32,6 +30,7 @@ from saelab.train import (
     train,
     trainer,  # the module (`saelab.train` on `saelab` is the function)
 )
+from tests.dashboards.helpers import small_run
 
 STEPS, STOP_AT, BATCH = 60, 20, 256
 
@@ -159,37 +158,9 @@ def test_analysis_absorption_and_circuit_results_of_a_moved_run_still_open_and_s
     decoder_dir, tmp_path, monkeypatch
 ):
     hook = "blocks.1.hook_resid_post"
-    before = RunDir(tmp_path / "a" / "run")
-    harvest(
-        HarvestConfig(
-            model=decoder_dir,
-            hooks=[hook],
-            out=str(before.store),
-            context_length=32,
-            batch_size=32,
-            max_tokens=4096,
-            shard_rows=4096,
-            chunk_rows=1024,
-            device="cpu",
-        ),
-        progress=False,
-    )
     monkeypatch.chdir(tmp_path)  # every path below is given relative to here, as a user in a shell would
-    rel = RunDir(Path("a") / "run")
-    (sae,) = train(
-        TrainConfig(
-            run=str(rel.root),
-            tokens=512 * 8,
-            batch_size=512,
-            eval_rows=1024,
-            warmup_steps=2,
-            grid=Grid(k=[4], expansion=[2]),
-            device="cpu",
-            ce_contexts=0,
-        ),
-        progress=False,
-    )
-    analyze(rel.root, AnalysisConfig(device="cpu"), progress=False)
+    rel = RunDir(small_run(Path("a"), decoder_dir, hook, k=4, analysed=True))
+    (sae,) = rel.saes()
     run_absorption(
         AbsorptionConfig.model_validate(
             {
@@ -218,7 +189,7 @@ def test_analysis_absorption_and_circuit_results_of_a_moved_run_still_open_and_s
         progress=False,
     )
 
-    run = RunDir(Path(shutil.move(before.root, tmp_path / "b" / "moved")).resolve())
+    run = RunDir(Path(shutil.move(rel.root, tmp_path / "b" / "moved")).resolve())
     folder = f"saes/{hook}/{sae.variant}"
     analysis = FeatureStore.open(run.analysis(hook, sae.variant))
     assert analysis.attrs["store"] == "activations.zarr"
