@@ -153,10 +153,10 @@ def framed(model: Model, text: str, what: str, *, keep: int = 0, context: int | 
     context = model.cfg.n_ctx if context is None else min(context, model.cfg.n_ctx)
     room = context - frame - keep
     if len(body) > room:
-        held = f"{frame} framing" + (f" and {keep} to generate" if keep else "")
+        held = f"{frame} framing token{'' if frame == 1 else 's'}" + (f" and {keep} to generate" if keep else "")
         raise RequestError(
             f"The {what} has {len(body):,} tokens; this model reads at most {room:,}: more would exceed the model's "
-            f"context of {context:,} ({held} tokens included). Shorten it."
+            f"context of {context:,} ({held} included). Shorten it."
         )
     tokens = torch.tensor([special.frame(body)], dtype=torch.long, device=device_of(model))
     return Framed(body, tokens, len(special.prefix))
