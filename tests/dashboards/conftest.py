@@ -50,9 +50,9 @@ def run_dir(minilm, tmp_path_factory) -> Path:
         progress=False,
     )
     rows = train_saes(store.path, run, steps=30, expansion=4)
-    write_sweep_outputs(rows, run)
+    write_sweep_outputs([r.row() for r in rows], run)
     analyze(str(run), AnalysisConfig(device="cpu"), progress=False)
-    src = Path(rows[0]["path"])
+    src = rows[0].path
     other = src.parent / OTHER
     shutil.copytree(src, other)
     cfg = json.loads((other / SAE_CONFIG).read_text())

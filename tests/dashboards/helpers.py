@@ -19,7 +19,7 @@ from saelab.config import HarvestConfig
 from saelab.dashboards.app import create_app
 from saelab.harvest import harvest
 from saelab.run import RunDir
-from saelab.train import Grid, TrainConfig, train
+from saelab.train import Grid, TrainConfig, TrainedSAE, train
 
 HOOK = "blocks.1.hook_resid_post"
 OTHER = "trained-on-gpt2"
@@ -32,7 +32,7 @@ NO_BROWSER = (
 )
 
 
-def train_saes(store: str, out: Path, steps: int, expansion: int) -> list[dict]:
+def train_saes(store: str, out: Path, steps: int, expansion: int) -> list[TrainedSAE]:
     """Train one TopK SAE (k 16) on `store` into run `out` for `steps` steps of 512 rows."""
     cfg = TrainConfig(
         store=store,
