@@ -18,7 +18,7 @@ from saelab.config import TextConfig
 from saelab.dashboards import components as c
 from saelab.dashboards import params as p
 from saelab.dashboards.data import SaeInfo, check_model, chosen_sae, open_store
-from saelab.dashboards.live import load_sae, run_model
+from saelab.dashboards.live import framed, live_model, load_sae, run_model
 from saelab.errors import RunError
 from saelab.models import is_encoder
 from saelab.text import iter_documents
@@ -26,11 +26,11 @@ from saelab.text import iter_documents
 TITLE = "Steering"
 NAV = True
 CORPUS_DOCUMENTS = 200  # the run's first documents, searched by the encoder view
-MAX_NEW_TOKENS = 40
+MAX_NEW_TOKENS = 40  # tokens generated when the model's context has room for them after the prompt
+QUERY_TOKENS = 256  # tokens of a query that `st.search` embeds (`st.embed`'s `max_length`)
 MODES: tuple[st.Mode, ...] = get_args(st.Mode)
 ScopeName = Literal["all", "prompt", "generated"]
 SCOPES: tuple[ScopeName, ...] = ("all", "prompt", "generated")
-MAX_COEFFICIENT = 1e6  # |coefficient| (times the latent's typical max activation) accepted
 
 
 @lru_cache(maxsize=2)
@@ -45,13 +45,15 @@ def _corpus(run: str) -> tuple[list[str], torch.Tensor]:
         ) from None
     if len(docs) < 10:
         raise RunError(f"The run's text source has {len(docs)} documents; semantic search needs at least 10.")
-    return docs, st.embed(run_model(run), docs, max_length=128)
+    with live_model(run) as model:
+        return docs, st.embed(model, docs, max_length=128)
 
 
 @lru_cache(maxsize=4)
 def _doc_acts(run: str, hook: str, path: str) -> torch.Tensor:
     docs, _ = _corpus(run)
-    return st.doc_latent_acts(run_model(run), load_sae(path), hook, texts=docs, max_length=128)
+    with live_model(run) as model:
+        return st.doc_latent_acts(model, load_sae(path), hook, texts=docs, max_length=128)
 
 
 @lru_cache(maxsize=64)
@@ -65,7 +67,9 @@ def _request(run: str, info: SaeInfo, params: p.Params) -> st.Intervention:
     latent = p.feature_id(params.get("latent", "0"), sae.cfg.d_sae)
     mode: st.Mode = p.choice(params.get("mode"), "steering mode", MODES, default="add", listing="Modes")
     scope: ScopeName = p.choice(params.get("scope"), "scope", SCOPES, default="all", listing="Scopes")
-    coefficient = p.number(params.get("coef"), "coefficient", default=4.0, low=-MAX_COEFFICIENT, high=MAX_COEFFICIENT)
+    coefficient = p.number(
+        params.get("coef"), "coefficient", default=4.0, low=-p.MAX_COEFFICIENT, high=p.MAX_COEFFICIENT
+    )
     scale, _ = _scale(run, str(info.path), info.hook, latent)
     iv = st.Intervention(
         hook=info.hook, sae=sae, latents=[latent], mode=mode, coefficient=coefficient, scale=scale, scope=scope
@@ -163,13 +167,16 @@ def _stats(iv: st.Intervention, source: str, extra: list[tuple[str, str]]) -> ht
 
 @c.guarded
 def generation_results(run: str, info: SaeInfo, iv: st.Intervention, text: str) -> Any:
-    """The prompt's continuation without and with the intervention, and what it changed."""
-    model = run_model(run)
-    n = st.prompt_tokens(model, text).shape[1]
-    tokens = st.generate(model, text, [iv], max_new_tokens=MAX_NEW_TOKENS)
-    plain = st.continuation(model, st.generate(model, text, (), max_new_tokens=MAX_NEW_TOKENS), n)
-    metrics = st.steered_metrics(model, tokens, n, intervention=iv)
-    steered = st.continuation(model, tokens, n)
+    """The prompt's continuation without and with the intervention, and what it changed: `MAX_NEW_TOKENS` new
+    tokens, or as many as the model's context leaves after the prompt."""
+    with live_model(run) as model:
+        n = framed(model, text, "prompt", keep=1).tokens.shape[1]
+        new = min(MAX_NEW_TOKENS, st.new_token_budget(model, n))
+        tokens = st.generate(model, text, [iv], max_new_tokens=new)
+        plain = st.continuation(model, st.generate(model, text, (), max_new_tokens=new), n)
+        metrics = st.steered_metrics(model, tokens, n, intervention=iv)
+        steered = st.continuation(model, tokens, n)
+        n_ctx = model.cfg.n_ctx
 
     def column(title: str, body: str, testid: str) -> html.Div:
         return c.card(title, html.Div([html.B(text), html.Span(body)], className="context", id=testid))
@@ -180,10 +187,14 @@ def generation_results(run: str, info: SaeInfo, iv: st.Intervention, text: str) 
         source,
         [
             ("scope", str(iv.scope)),
-            ("KL from unsteered", c.fmt(metrics["kl"])),
-            ("perplexity (unsteered model)", c.fmt(metrics["perplexity"])),
-            ("latent act after edit", c.fmt(metrics["latent_act"])),
-            ("latent act on the text", c.fmt(metrics["latent_act_text"])),
+            (
+                "new tokens",
+                str(new) if new == MAX_NEW_TOKENS else f"{new} (all that the model's {n_ctx}-token context leaves)",
+            ),
+            ("KL from unsteered", c.fmt(metrics.kl)),
+            ("perplexity (unsteered model)", c.fmt(metrics.perplexity)),
+            ("latent act after edit", c.fmt(metrics.latent_act)),
+            ("latent act on the text", c.fmt(metrics.latent_act_text)),
         ],
     )
     return html.Div(
@@ -200,10 +211,11 @@ def generation_results(run: str, info: SaeInfo, iv: st.Intervention, text: str) 
 @c.guarded
 def search_results(run: str, info: SaeInfo, iv: st.Intervention, query: str) -> Any:
     """The query's nearest documents of the run's corpus before and after steering its embedding."""
-    model = run_model(run)
-    docs, corpus = _corpus(run)
-    acts = _doc_acts(run, info.hook, str(info.path))[:, iv.latents[0]]
-    found = st.search(model, query, corpus, [iv], k=10)
+    with live_model(run) as model:
+        framed(model, query, "query", context=QUERY_TOKENS)
+        docs, corpus = _corpus(run)
+        acts = _doc_acts(run, info.hook, str(info.path))[:, iv.latents[0]]
+        found = st.search(model, query, corpus, [iv], k=10)
 
     def table(pairs: list[tuple[int, float]], changed: set[int], testid: str) -> html.Table:
         rows = [
