@@ -7,10 +7,11 @@ from itertools import islice
 import numpy as np
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import HookedTransformer
 
 from saelab.models import load_model, save_model
 from saelab.text import embedded_documents
+from saelab.toys.synthetic import decoder_config
 
 torch.set_num_threads(2)
 
@@ -34,22 +35,6 @@ def train_bpe_tokenizer(folder, vocab_size: int = 512, n_docs: int = 600):
         tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
     ).save_pretrained(str(folder))
     return AutoTokenizer.from_pretrained(str(folder))
-
-
-def decoder_config(d_vocab: int, n_layers: int = 2) -> HookedTransformerConfig:
-    return HookedTransformerConfig(
-        n_layers=n_layers,
-        d_model=64,
-        n_heads=4,
-        d_head=16,
-        d_mlp=128,
-        n_ctx=64,
-        d_vocab=d_vocab,
-        act_fn="gelu",
-        normalization_type="LN",
-        seed=0,
-        model_name="tiny-decoder",
-    )
 
 
 @pytest.fixture(scope="session")

@@ -30,6 +30,21 @@ MODEL = "model"
 """The induction model's folder in an `induction_run`."""
 TEXT = "induction.txt"
 """The documents an `induction_run` harvests."""
+TARGET_ACCURACY = 0.98
+"""The accuracy on the repeated half of BOS + R + R sequences that the induction model trains until it reaches."""
+ARCHITECTURE: dict[str, Any] = {
+    "n_layers": 2,
+    "attn_only": True,
+    "d_model": 64,
+    "n_heads": 1,
+    "d_head": 32,
+    "d_vocab": len(ALPHABET) + 1,
+    "normalization_type": None,
+    "positional_embedding_type": "rotary",
+    "model_name": "induction-2l",
+}
+"""The induction model's `HookedTransformerConfig` fields besides its context and seed: one head per layer, rotary
+positions and no LayerNorm."""
 
 
 def induction_tokenizer(folder: str | Path) -> Any:
@@ -43,6 +58,13 @@ def induction_tokenizer(folder: str | Path) -> Any:
         tokenizer_object=tok, bos_token=BOS, eos_token=BOS, pad_token=BOS, unk_token=BOS
     ).save_pretrained(str(folder))
     return AutoTokenizer.from_pretrained(str(folder))
+
+
+def char_decoder(folder: str | Path, *, n_ctx: int, seed: int = 0, **changes: Any) -> HookedTransformer:
+    """An untrained decoder over the character tokenizer (saved to `folder`): the induction model's `ARCHITECTURE`
+    with a context of `n_ctx` tokens, initialised from `seed`, and `changes` to its other fields."""
+    cfg = HookedTransformerConfig(**(ARCHITECTURE | changes), n_ctx=n_ctx, seed=seed)
+    return HookedTransformer(cfg, tokenizer=induction_tokenizer(folder), move_to_device=False)
 
 
 def _copy_batch(n: int, n_ctx: int, max_length: int, vocab: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -72,7 +94,7 @@ def train_induction_model(
     length: int = 10,
     steps: int = 2000,
     *,
-    target_accuracy: float = 0.98,
+    target_accuracy: float = TARGET_ACCURACY,
     seed: int = 0,
     progress: bool = True,
 ) -> HookedTransformer:
@@ -87,26 +109,13 @@ def train_induction_model(
     folder = Path(folder)
     vocab = len(ALPHABET)
     torch.manual_seed(seed)
-    cfg = HookedTransformerConfig(
-        n_layers=2,
-        attn_only=True,
-        d_model=64,
-        n_heads=1,
-        d_head=32,
-        n_ctx=2 * length + 4,
-        d_vocab=vocab + 1,
-        normalization_type=None,
-        positional_embedding_type="rotary",
-        seed=seed,
-        model_name="induction-2l",
-    )
-    model = HookedTransformer(cfg, tokenizer=induction_tokenizer(folder / "tokenizer"), move_to_device=False)
+    model = char_decoder(folder / "tokenizer", n_ctx=2 * length + 4, seed=seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     g = torch.Generator().manual_seed(seed)
     accuracy = 0.0
     bar = tqdm(range(steps), desc="train induction model", disable=not progress)
     for step in bar:
-        toks, mask = _copy_batch(64, cfg.n_ctx, length, vocab, g)
+        toks, mask = _copy_batch(64, model.cfg.n_ctx, length, vocab, g)
         logp = model(toks)[:, :-1].log_softmax(-1).gather(-1, toks[:, 1:, None])[..., 0]
         loss = -(logp * mask).sum() / mask.sum()
         loss.backward()
@@ -133,6 +142,13 @@ def induction_texts(n: int, length: int, seed: int = 0) -> list[str]:
     ]
 
 
+def harvest_and_train(store: HarvestConfig, run: str | Path, *, progress: bool = True, **train_options: Any) -> None:
+    """A run's first two stages: harvest `store` (its `out` the run's store), then train SAEs on it into `run`,
+    `train_options` giving the other `TrainConfig` fields (the toys' runs, and the tests' smaller ones)."""
+    harvest(store, progress=progress)
+    train(TrainConfig(store=store.out, run=str(run), **train_options), progress=progress)
+
+
 def induction_run(
     run: str | Path,
     length: int = 10,
@@ -141,7 +157,7 @@ def induction_run(
     sae_tokens: int = 600_000,
     seed: int = 0,
     progress: bool = True,
-    target_accuracy: float = 0.98,
+    target_accuracy: float = TARGET_ACCURACY,
 ) -> Path:
     """A run directory with a known circuit: the induction model (`run/model`, trained to `target_accuracy`), its
     `attn.hook_z` activations on `documents` texts R + R, a TopK SAE per layer (k=2, 128 latents) and their feature
@@ -151,7 +167,7 @@ def induction_run(
     train_induction_model(root / MODEL, length, target_accuracy=target_accuracy, seed=seed, progress=progress)
     text = root / TEXT
     text.write_text("\n".join(induction_texts(documents, length, seed)) + "\n")
-    harvest(
+    harvest_and_train(
         HarvestConfig(
             model=str(root / MODEL),
             hooks=INDUCTION_HOOKS,
@@ -164,19 +180,13 @@ def induction_run(
             shard_rows=8192,
             chunk_rows=1024,
         ),
-        progress=progress,
-    )
-    train(
-        TrainConfig(
-            store=str(run_dir.store),
-            run=str(root),
-            tokens=sae_tokens,
-            batch_size=512,
-            eval_rows=4096,
-            warmup_steps=10,
-            grid=Grid(k=[2], expansion=[4]),
-            seed=seed,
-        ),
+        root,
+        tokens=sae_tokens,
+        batch_size=512,
+        eval_rows=4096,
+        warmup_steps=10,
+        grid=Grid(k=[2], expansion=[4]),
+        seed=seed,
         progress=progress,
     )
     analyze(root, AnalysisConfig(), progress=progress)

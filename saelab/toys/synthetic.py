@@ -4,15 +4,20 @@ Each token is `x = codes @ directions + bias + noise`: features fire independent
 power-law frequencies, some features fire together in correlated pairs, and active
 magnitudes are heavy-tailed (log-normal). A good SAE's decoder rows should match
 `directions`; `recovery` measures how many it found.
+
+`decoder_config` is a small GPT-2-style decoder to build at random initialisation, for harvesting activations
+whose shape is all that matters: the tests' tiny decoder, and the benchmarks' larger ones.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from transformer_lens import HookedTransformerConfig
 
 from saelab.errors import ConfigError
 
@@ -100,3 +105,24 @@ def max_cosines(true_dirs: Tensor, learned_dirs: Tensor) -> Tensor:
 def recovery(true_dirs: Tensor, learned_dirs: Tensor, threshold: float = 0.9) -> float:
     """Fraction of true directions matched by a learned row with cosine >= `threshold`."""
     return (max_cosines(true_dirs, learned_dirs.to(true_dirs.dtype)) >= threshold).float().mean().item()
+
+
+TINY_DECODER: dict[str, Any] = {
+    "n_layers": 2,
+    "d_model": 64,
+    "n_heads": 4,
+    "d_head": 16,
+    "d_mlp": 128,
+    "n_ctx": 64,
+    "act_fn": "gelu",
+    "normalization_type": "LN",
+    "seed": 0,
+    "model_name": "tiny-decoder",
+}
+"""The tests' tiny decoder: the `HookedTransformerConfig` fields besides its vocabulary size."""
+
+
+def decoder_config(d_vocab: int, **changes: Any) -> HookedTransformerConfig:
+    """`TINY_DECODER` over a vocabulary of `d_vocab` tokens, with `changes` to its fields (another shape or name);
+    `saelab.load_model(config, tokenizer=...)` builds it at random initialisation."""
+    return HookedTransformerConfig(**(TINY_DECODER | changes), d_vocab=d_vocab)

@@ -34,10 +34,11 @@ def store(decoder, tmp_path_factory):
 @pytest.fixture(scope="package")
 def trained_run(decoder_dir, tmp_path_factory):
     """A run of the tiny decoder (one `hook_mlp_out` store) with one trained TopK SAE and no analysis yet."""
-    from saelab.train import Grid, TrainConfig, train
+    from saelab.toys.induction import harvest_and_train
+    from saelab.train import Grid
 
     run = RunDir(tmp_path_factory.mktemp("trained") / "run")
-    harvest(
+    harvest_and_train(
         HarvestConfig(
             model=decoder_dir,
             hooks=["blocks.0.hook_mlp_out"],
@@ -48,17 +49,11 @@ def trained_run(decoder_dir, tmp_path_factory):
             shard_rows=1024,
             chunk_rows=256,
         ),
-        progress=False,
-    )
-    train(
-        TrainConfig(
-            store=str(run.store),
-            run=str(run.root),
-            tokens=256 * 10,
-            batch_size=256,
-            eval_rows=1024,
-            grid=Grid(k=[4], expansion=[2]),
-        ),
+        run.root,
+        tokens=256 * 10,
+        batch_size=256,
+        eval_rows=1024,
+        grid=Grid(k=[4], expansion=[2]),
         progress=False,
     )
     return run.root

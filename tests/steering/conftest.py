@@ -6,12 +6,12 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from saelab import steering as st
-from saelab.circuits import ALPHABET, induction_tokenizer
+from saelab.circuits import ALPHABET
 from saelab.steering import EMBEDDING
 from saelab.text import embedded_documents
+from saelab.toys.induction import char_decoder
 from tests.steering.helpers import HOOK, fitted_sae
 
 
@@ -25,19 +25,17 @@ def dec_sae(decoder):
 def linear(tmp_path_factory):
     """One attention-only layer without LayerNorm: logits = resid_post @ W_U + b_U, so an edit of the last residual
     stream changes the logits by exactly edit @ W_U at the positions edited, and nowhere else."""
-    tokenizer = induction_tokenizer(tmp_path_factory.mktemp("chars"))
-    cfg = HookedTransformerConfig(
+    model = char_decoder(
+        tmp_path_factory.mktemp("chars"),
+        n_ctx=48,
+        seed=1,
         n_layers=1,
-        attn_only=True,
         d_model=32,
         n_heads=2,
         d_head=16,
-        n_ctx=48,
-        d_vocab=len(ALPHABET) + 1,
-        normalization_type=None,
-        seed=1,
-    )
-    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False).eval()
+        positional_embedding_type="standard",
+        model_name="custom",
+    ).eval()
     acts = st.hook_acts(model, st.prompt_tokens(model, ALPHABET[:40]), HOOK)[0]
     return model, fitted_sae(acts, 64, 4)
 
