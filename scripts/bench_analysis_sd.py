@@ -9,7 +9,6 @@ rebuilds the model from the config and weights that `saelab.save_model` wrote:
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _bench import parser  # scripts/ is on the path when run as a script
 
 # sae-dashboard is installed only in this script's own venv (`make bench-analysis`), not in the one pyright reads
 from sae_dashboard.components_config import (  # pyright: ignore[reportMissingImports]
@@ -57,22 +57,27 @@ def load_model(folder: Path) -> HookedSAETransformer:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
-    parser.add_argument("--model", type=Path, required=True, help="folder written by saelab.save_model")
-    parser.add_argument("--sae", type=Path, required=True, help="SAE folder in SAELens layout")
-    parser.add_argument("--tokens", type=Path, required=True, help=".npy of token ids [n_contexts, context_length]")
-    parser.add_argument("--hook", required=True)
-    parser.add_argument("--features", required=True, help="comma-separated latent ids")
-    parser.add_argument("--out", type=Path, required=True, help="JSON with the timings and per-feature max and density")
-    parser.add_argument("--window", type=int, default=10)
-    parser.add_argument("--n-top", type=int, default=20)
-    parser.add_argument("--quantile-bins", type=int, default=10)
-    parser.add_argument("--quantile-examples", type=int, default=5)
-    parser.add_argument("--hist-bins", type=int, default=30)
-    parser.add_argument("--n-logits", type=int, default=10)
-    parser.add_argument("--n-neighbours", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    options = parser(
+        __doc__,
+        json_option=False,
+        window=10,
+        n_top=20,
+        quantile_bins=10,
+        quantile_examples=5,
+        hist_bins=30,
+        n_logits=10,
+        n_neighbours=10,
+        threads=2,
+    )
+    options.add_argument("--model", type=Path, required=True, help="folder written by saelab.save_model")
+    options.add_argument("--sae", type=Path, required=True, help="SAE folder in SAELens layout")
+    options.add_argument("--tokens", type=Path, required=True, help=".npy of token ids [n_contexts, context_length]")
+    options.add_argument("--hook", required=True)
+    options.add_argument("--features", required=True, help="comma-separated latent ids")
+    options.add_argument(
+        "--out", type=Path, required=True, help="JSON with the timings and per-feature max and density"
+    )
+    args = options.parse_args()
     torch.set_num_threads(args.threads)
 
     model = load_model(args.model)

@@ -7,38 +7,21 @@ background load hits both alike; medians are reported.
     python scripts/bench_topk.py [--json out.json]
 """
 
-import argparse
-import json
-import os
-
 import torch
-from bench_train import time_round_robin  # scripts/ is on the path when run as a script
+from _bench import load_note, parser, time_round_robin, write_json  # scripts/ is on the path when run as a script
 
 from saelab.ops.topk import topk_rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=4096)
-    parser.add_argument("--d-in", type=int, default=384)
-    parser.add_argument("--d-sae", type=int, default=6144)
-    parser.add_argument("-k", type=int, default=32)
-    parser.add_argument("--k-aux", type=int, default=192)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--json", type=str, default=None, help="write the figures to this JSON file")
-    args = parser.parse_args()
-
+    args = parser(__doc__, rows=4096, d_in=384, d_sae=6144, k=32, k_aux=192, threads=2, repeats=9).parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.rows, args.d_in, generator=g)
     W_enc = torch.randn(args.d_in, args.d_sae, generator=g) / args.d_in**0.5
     pre = x @ W_enc  # the encoder pre-activations of a fresh SAE
     dead = torch.arange(0, args.d_sae, 2)
-    print(
-        f"rows={args.rows} d_sae={args.d_sae} k={args.k} k_aux={args.k_aux} threads={args.threads}; "
-        f"load average {os.getloadavg()[0]:.2f}"
-    )
+    print(f"rows={args.rows} d_sae={args.d_sae} k={args.k} k_aux={args.k_aux} threads={args.threads}; {load_note()}")
 
     results = {}
     for case, k, cols in (("main", args.k, None), ("auxk", args.k_aux, dead)):
@@ -51,14 +34,12 @@ def main() -> None:
         ours = lambda k=k, cols=cols: topk_rows(pre, k, cols)
         sec = time_round_robin({"saelab": ours, "torch": torch_fn}, 2, args.repeats)
         ms = {name: 1e3 * s for name, s in sec.items()}
-        results[case] = {"saelab_ms": ms["saelab"], "torch_ms": ms["torch"], "speedup": ms["torch"] / ms["saelab"]}
+        speedup = ms["torch"] / ms["saelab"]
+        results[case] = {"saelab_ms": ms["saelab"], "torch_ms": ms["torch"], "speedup": speedup}
         print(
-            f"  {case:5s} top-{k:<4d} saelab {ms['saelab']:6.1f} ms  torch.topk {ms['torch']:6.1f} ms  "
-            f"-> {results[case]['speedup']:.2f}x"
+            f"  {case:5s} top-{k:<4d} saelab {ms['saelab']:6.1f} ms  torch.topk {ms['torch']:6.1f} ms  -> {speedup:.2f}x"
         )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"config": vars(args), "load_average": os.getloadavg(), "results": results}, f, indent=2)
+    write_json(args.json, args, results)
 
 
 if __name__ == "__main__":

@@ -11,14 +11,10 @@ differs.
     python scripts/bench_train.py [--json out.json]
 """
 
-import argparse
-import json
-import os
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from _bench import load_note, parser, time_round_robin, write_json  # scripts/ is on the path when run as a script
 
 from saelab.dictionaries import SAE, SAEConfig, train_step
 from saelab.toys.synthetic import make_synthetic
@@ -101,37 +97,15 @@ def matmul_only(x: torch.Tensor, d_sae: int) -> Callable[[], None]:
     return step
 
 
-def time_round_robin(steps: dict[str, Callable[[], None]], warmup: int, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each function, calling them in turn."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for i in range(warmup + repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            if i >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--d-in", type=int, default=384)
-    parser.add_argument("--d-sae", type=int, default=6144)
-    parser.add_argument("-k", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--json", type=str, default=None, help="write the figures to this JSON file")
-    args = parser.parse_args()
-
+    args = parser(__doc__, d_in=384, d_sae=6144, k=32, batch=4096, threads=2, warmup=2, repeats=7).parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     data = make_synthetic(n_features=4 * args.d_sae, d=args.d_in, mean_active=2 * args.k, n_pairs=256)
     x = data.sample(args.batch, torch.Generator().manual_seed(0))
     print(
         f"d_in={args.d_in} d_sae={args.d_sae} k={args.k} batch={args.batch} float32 threads={args.threads}; "
-        f"load average {os.getloadavg()[0]:.2f} (other processes skew CPU timings)"
+        f"{load_note()}"
     )
 
     results: dict[str, dict[str, float]] = {}
@@ -163,9 +137,7 @@ def main() -> None:
             f"{res['speedup_vs_sparsify']:.2f}x vs sparsify; step / matmul = {res['saelab_step_over_matmul']:.2f}"
         )
 
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"config": vars(args), "load_average": os.getloadavg(), "results": results}, f, indent=2)
+    write_json(args.json, args, results)
 
 
 if __name__ == "__main__":
