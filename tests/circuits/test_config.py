@@ -37,7 +37,7 @@ def test_cli_writes_the_circuit_into_the_run(induction_run, tmp_path):
     assert "faithfulness by node count" in result.output
     saved = Circuit.load(RunDir(induction_run).circuit("cli"))
     assert saved.nodes and saved.config["method"] == "atp" and saved.curves["n"] == [4, 16, 64]
-    assert saved.saes[L1] == str(sae_folder(induction_run, L1))
+    assert saved.saes[L1] == sae_folder(induction_run, L1).relative_to(induction_run).as_posix()  # the run moves
 
 
 def test_cli_reads_prompts_from_a_file(induction_run, tmp_path):
