@@ -175,7 +175,8 @@ def harvest(
 
     The model runs one batch at a time and stops after the last requested hook; a writer thread
     turns batches into shards beside the forward pass. Rerunning after a crash continues from the
-    last committed shard and ends with the same store as an uninterrupted run.
+    last committed shard and ends with the same store as an uninterrupted run. Every rerun first reads the
+    committed shards against their checksums and writes the missing or damaged ones again, and only them.
     """
     model = model if model is not None else load_model(cfg.model, device=cfg.device)
     points = resolve_hooks(model, cfg.hooks)
