@@ -71,14 +71,14 @@ def _search(cfg: SteerConfig, model: Model, sae: SAE, hook: str, progress: bool)
         raise SteeringError(f"the corpus has {len(docs)} documents, fewer than k={cfg.k}; give more or lower k")
     corpus = embed(model, docs, progress=progress)
     scale, source = _scale(cfg, sae, hook, embeddings=corpus)
+    steered = [Intervention(hook, sae, [cfg.latent], cfg.mode, c, scale, cfg.scope) for c in cfg.coefficients]
     fires = doc_latent_acts(model, sae, hook, texts=docs)[:, cfg.latent]
     rows = []
-    for c in tqdm(cfg.coefficients, desc="steered search", disable=not progress):
-        iv = Intervention(hook, sae, [cfg.latent], cfg.mode, c, scale, cfg.scope)
+    for iv in tqdm(steered, desc="steered search", disable=not progress):
         found = [search(model, q, corpus, [iv], k=cfg.k) for q in cfg.queries]
         rows.append(
             {
-                "coefficient": c,
+                "coefficient": iv.coefficient,
                 "value": iv.value,
                 "queries": [
                     {
