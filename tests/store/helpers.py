@@ -21,8 +21,9 @@ def rows(n: int = N) -> np.ndarray:
     return x
 
 
-def small_store(out: Path, n: int = N) -> ActivationStore:
-    """`n` rows (`rows`) under hook `a` and their negatives under `b`, in shards of 128 rows of chunks of 32."""
+def small_store(out: Path | str, n: int = N) -> ActivationStore:
+    """`n` rows (`rows`) under hook `a` and their negatives under `b`, in shards of 128 rows of chunks of 32, at `out`
+    (a path or fsspec URL)."""
     x = rows(n)
     return import_arrays({"a": x, "b": -x}, str(out), dtype="float32", shard_rows=SHARD, chunk_rows=32, progress=False)
 

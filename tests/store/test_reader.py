@@ -3,6 +3,7 @@
 import json
 import os
 
+import fsspec
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -137,3 +138,12 @@ def test_train_refuses_a_damaged_store(tmp_path):
     result = CliRunner().invoke(app, ["train", str(config), "--quiet"])
     assert result.exit_code == 2, result.output
     assert "shard 2 (rows 256 to 383) of 'activations/b' is missing" in result.stderr
+
+
+def test_a_missing_shard_of_an_fsspec_store_is_named_the_same_way():
+    out = f"memory://verify-{os.getpid()}/s.zarr"
+    small_store(out)
+    fs, root = fsspec.core.url_to_fs(out)
+    fs.rm(f"{root}/activations/a/c/2/0")
+    with pytest.raises(StoreError, match=r"shard 2 \(rows 256 to 383\) of 'activations/a' is missing"):
+        ActivationStore.open(out).activations("a", slice(300, 301))
