@@ -25,17 +25,8 @@ def dec_sae(decoder):
 def linear(tmp_path_factory):
     """One attention-only layer without LayerNorm: logits = resid_post @ W_U + b_U, so an edit of the last residual
     stream changes the logits by exactly edit @ W_U at the positions edited, and nowhere else."""
-    model = char_decoder(
-        tmp_path_factory.mktemp("chars"),
-        n_ctx=48,
-        seed=1,
-        n_layers=1,
-        d_model=32,
-        n_heads=2,
-        d_head=16,
-        positional_embedding_type="standard",
-        model_name="custom",
-    ).eval()
+    shape = {"n_layers": 1, "d_model": 32, "n_heads": 2, "d_head": 16, "positional_embedding_type": "standard"}
+    model = char_decoder(tmp_path_factory.mktemp("chars"), n_ctx=48, seed=1, model_name="custom", **shape).eval()
     acts = st.hook_acts(model, st.prompt_tokens(model, ALPHABET[:40]), HOOK)[0]
     return model, fitted_sae(acts, 64, 4)
 
