@@ -66,7 +66,7 @@ def test_decoder_page_shows_steered_and_unsteered_generations(driver, servers, d
         model, st.generate(model, PROMPT, [iv], max_new_tokens=page.MAX_NEW_TOKENS), n, intervention=iv
     )
     stats = driver.find_element(By.ID, "steer-stats").text
-    assert f"{metrics['kl']:.4g}" in stats and f"{iv.scale:.4g} (analysis)" in stats
+    assert f"{metrics.kl:.4g}" in stats and f"{iv.scale:.4g} (analysis)" in stats
     assert screenshot(driver, tmp_path / "steering-decoder.png").stat().st_size > 20_000
 
 
