@@ -106,7 +106,8 @@ def hooks_cmd(
 @command("import")
 def import_cmd(
     path: Path = typer.Argument(..., help="A .npy file or a .safetensors file of 2-D arrays [n_rows, d]."),
-    out: str = typer.Option(..., "--out", "-o", help="Store path or fsspec URL to create."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Store path or fsspec URL to create."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Instead of --out: a run directory to put the store in."),
     key: Optional[list[str]] = typer.Option(
         None, "--key", help="Tensor(s) to take from a .safetensors file (default: all 2-D)."
     ),
@@ -118,11 +119,15 @@ def import_cmd(
 ) -> None:
     """Turn vectors you already have (e.g. sentence embeddings) into a store that SAEs can train on."""
     from saelab.importer import import_arrays, read_arrays
+    from saelab.run import RunDir
     from saelab.store import STORAGE_DTYPE
 
     if dtype not in STORAGE_DTYPE:
         raise ConfigError(f"--dtype {dtype!r} is not one of {sorted(STORAGE_DTYPE)}; pick one of those")
-    store = import_arrays(read_arrays(path, key, name), out, dtype=dtype, source=str(path), overwrite=overwrite)
+    if (out is None) == (run is None):
+        raise ConfigError("say where the store goes: --run RUN_DIR (the store goes inside it) or --out STORE_PATH")
+    target = str(RunDir(run).store) if run is not None else str(out)
+    store = import_arrays(read_arrays(path, key, name), target, dtype=dtype, source=str(path), overwrite=overwrite)
     typer.echo(store.summary())
 
 

@@ -30,6 +30,12 @@ def test_import_safetensors_and_cli(tmp_path):
     assert s.hooks == ["v"] and torch.equal(s.activations("v"), torch.from_numpy(x))
     result = CliRunner().invoke(app, ["info", str(tmp_path / "v.zarr")])
     assert "rows         10 complete" in result.output
+    result = CliRunner().invoke(app, ["import", str(tmp_path / "v.npy"), "--run", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output  # --run: the store goes into the run directory
+    assert torch.equal(ActivationStore.open(str(tmp_path / "run")).activations("v"), torch.from_numpy(x))
+    for where in ([], ["--run", str(tmp_path / "r2"), "--out", str(tmp_path / "o.zarr")]):
+        result = CliRunner().invoke(app, ["import", str(tmp_path / "v.npy"), *where])
+        assert result.exit_code == 2 and "--run RUN_DIR" in result.output and "Traceback" not in result.output
     with pytest.raises(StoreError, match="same number of rows"):
         import_arrays({"a": x, "b": x[:5]}, str(tmp_path / "bad.zarr"))
     with pytest.raises(FileNotFoundError, match="no such file"):

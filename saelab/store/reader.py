@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 import zarr
 
 from saelab.errors import StoreError
+from saelab.run import RunDir
 from saelab.store.checksums import DamagedShard, StoreCheck, digest, recorded, shard_exists
 from saelab.store.layout import META_ARRAYS, from_storage, node_array, open_group, saelab_meta
 from saelab.store.prefetch import prefetch
@@ -48,8 +50,13 @@ class ActivationStore:
 
     @classmethod
     def open(cls, path: str, *, verify: bool = True) -> ActivationStore:
-        """Open a store at a local path or fsspec URL, read-only; `verify` checks shards as reads reach them."""
-        return cls(open_group(str(path), mode="r"), str(path), verify=verify)
+        """Open a store at a local path or fsspec URL, read-only; `verify` checks shards as reads reach them.
+
+        A run directory (a local folder holding a run's store, `RunDir.store`) opens that store."""
+        path = str(path)
+        if Path(path).is_dir() and not (Path(path) / "zarr.json").exists() and RunDir(path).store.is_dir():
+            path = str(RunDir(path).store)
+        return cls(open_group(path, mode="r"), path, verify=verify)
 
     @property
     def hooks(self) -> list[str]:

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 import saelab.store.reader
 from saelab.cli import app
 from saelab.errors import StoreError
+from saelab.run import RunDir
 from saelab.store import ActivationStore
 from tests.store.helpers import SHARD, D, N, flip_byte, shard_file, small_store, train_config
 
@@ -34,6 +35,15 @@ def test_slicing_and_metadata(store):
         store.activations("c")
     with pytest.raises(StoreError, match="out of range"):
         store.activations("a", [N])
+
+
+def test_a_run_directory_opens_its_store(tmp_path):
+    run = RunDir(tmp_path / "run")
+    small_store(str(run.store))
+    opened = ActivationStore.open(str(run.root))
+    assert opened.path == str(run.store) and opened.n_tokens == N
+    with pytest.raises(StoreError, match="no activation store"):  # a folder that is neither is still refused
+        ActivationStore.open(str(tmp_path))
 
 
 def test_epoch_covers_every_row_once_shuffled_across_shards(store):
