@@ -72,7 +72,7 @@ def harvest(
 
 @command()
 def info(
-    store: str = typer.Argument(..., help="Store path or fsspec URL."),
+    store: str = typer.Argument(..., help="Store path or fsspec URL, or a run directory (its store)."),
     verify: bool = typer.Option(
         False, "--verify", help="Read every shard and check its checksum; exit status 2 when any is damaged."
     ),
