@@ -21,7 +21,7 @@ from saelab.models import hook_points, load_model, save_model
 from saelab.run import RunDir
 from saelab.steering import Intervention, SteerConfig, SteeringResult, run_steering
 from saelab.store import ActivationStore
-from saelab.train import TrainConfig, train
+from saelab.train import TrainConfig, TrainedSAE, train
 
 __all__ = [
     "AbsorptionConfig",
@@ -41,6 +41,7 @@ __all__ = [
     "SteeringResult",
     "TextConfig",
     "TrainConfig",
+    "TrainedSAE",
     "analyze",
     "find_circuit",
     "harvest",

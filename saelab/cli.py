@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, TypeVar
+from typing import TYPE_CHECKING, Annotated, Optional, TypeVar
 
 import typer
 
@@ -25,6 +25,22 @@ SET_HELP = (
     "key part that holds dots: --set 'saes[\"blocks.0.attn.hook_z\"]=PATH' or --set \"saes['blocks.0.attn.hook_z']=PATH\"."
 )
 
+Overrides = Annotated[Optional[list[str]], typer.Option("--set", help=SET_HELP)]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+Host = Annotated[
+    str,
+    typer.Option(
+        "--host", help="Address to bind; 127.0.0.1 keeps it on this machine, anything else needs --allow-remote."
+    ),
+]
+AllowRemote = Annotated[
+    bool,
+    typer.Option(
+        "--allow-remote",
+        help="Bind a non-loopback --host (e.g. 0.0.0.0): the app has no authentication, so anyone who reaches it "
+        "can read the run. For shared use, see the README's gunicorn + reverse proxy setup instead.",
+    ),
+]
 
 F = TypeVar("F", bound=Callable[..., None])
 
@@ -55,8 +71,8 @@ def command(name: str | None = None) -> Callable[[F], F]:
 @command()
 def harvest(
     config: Path = typer.Argument(..., help="Harvest config (YAML), e.g. configs/harvest_minilm.yaml."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    set_: Overrides = None,
+    quiet: Quiet = False,
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace the store at `out` instead of resuming it (only a saelab store)."
     ),
@@ -154,8 +170,8 @@ def _print_results(results: list[TrainedSAE]) -> None:
 @command("train")
 def train_cmd(
     config: Path = typer.Argument(..., help="Training config (YAML), e.g. configs/train_minilm.yaml."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    set_: Overrides = None,
+    quiet: Quiet = False,
 ) -> None:
     """Train SAEs on a store (every hook x grid point in one pass); rerun the same command to resume."""
     results, _ = _train(config, set_, quiet)
@@ -165,8 +181,8 @@ def train_cmd(
 @command()
 def sweep(
     config: Path = typer.Argument(..., help="Sweep config (YAML), e.g. configs/sweep_minilm.yaml."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    set_: Overrides = None,
+    quiet: Quiet = False,
 ) -> None:
     """Train a grid of SAEs, then write results.csv and a Pareto plot (pareto.html) into the run directory."""
     from saelab.train import write_sweep_outputs
@@ -181,15 +197,8 @@ def sweep(
 def serve(
     run_dir: Path = typer.Argument(..., help="Run directory, as `saelab harvest`, `train` and `analyze` write it."),
     port: int = typer.Option(8050, "--port", help="Port to listen on."),
-    host: str = typer.Option(
-        "127.0.0.1", "--host", help="Address to bind; anything but loopback needs --allow-remote."
-    ),
-    allow_remote: bool = typer.Option(
-        False,
-        "--allow-remote",
-        help="Bind a non-loopback --host (e.g. 0.0.0.0): the app has no authentication, so anyone who reaches it "
-        "can read the run. For shared use, see the README's gunicorn + reverse proxy setup instead.",
-    ),
+    host: Host = "127.0.0.1",
+    allow_remote: AllowRemote = False,
 ) -> None:
     """Browse a run's SAEs and features in a web app (Dash) at http://HOST:PORT/."""
     from saelab.dashboards.app import serve as serve_app
@@ -210,7 +219,7 @@ def analyze(
         ..., help="A run directory (its activation store and SAEs), or an analysis config (YAML) naming it in `run`."
     ),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override an analysis setting, e.g. --set n_top=30."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: Quiet = False,
 ) -> None:
     """Compute every feature panel of every SAE in a run, in one streaming pass each; results go into the run."""
     from saelab.analysis import AnalysisConfig
@@ -235,8 +244,8 @@ def analyze(
 @command()
 def circuit(
     config: Path = typer.Argument(..., help="Circuit config (YAML), e.g. configs/circuit_induction.yaml."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    set_: Overrides = None,
+    quiet: Quiet = False,
 ) -> None:
     """Find a sparse feature circuit (node effects, edges, faithfulness) and write it to RUN/circuits/NAME.json."""
     from saelab.circuits import CircuitConfig, run_circuit
@@ -249,8 +258,8 @@ def circuit(
 @command()
 def steer(
     config: Path = typer.Argument(..., help="Steering config (YAML), e.g. configs/steer_induction.yaml."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    set_: Overrides = None,
+    quiet: Quiet = False,
 ) -> None:
     """Steer a model with an SAE latent over a sweep of coefficients; write RUN/steering/NAME.json."""
     from saelab.config import load_config
@@ -263,8 +272,8 @@ def steer(
 @command()
 def absorption(
     config: Path = typer.Argument(..., help="Absorption config (YAML), e.g. configs/absorption_minilm.yaml."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    set_: Overrides = None,
+    quiet: Quiet = False,
 ) -> None:
     """Measure feature absorption (SAEBench's first-letter eval, or your labels) of a run's SAEs; results in RUN/absorption."""
     from saelab.absorption import AbsorptionConfig, run_absorption
@@ -279,18 +288,23 @@ def absorption(
 def quickstart(
     out: str = typer.Option("runs/quickstart", "--out", help="Run directory."),
     port: int = typer.Option(8050, "--port", help="Port of the app."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 127.0.0.1 keeps it on this machine."),
+    host: Host = "127.0.0.1",
+    allow_remote: AllowRemote = False,
     no_serve: bool = typer.Option(False, "--no-serve", help="Stop after the analysis."),
     tokens: int = typer.Option(1_000_000, "--tokens", help="Training tokens per SAE."),
 ) -> None:
     """Harvest MiniLM over the embedded corpus, train TopK SAEs on one layer, analyse them, then serve the app."""
+    from saelab.dashboards.wsgi import check_host
     from saelab.quickstart import quickstart as run_quickstart
 
+    warning = None if no_serve else check_host(host, port, allow_remote=allow_remote)  # before hours of work
     seconds = run_quickstart(out, train_tokens=tokens)
     typer.echo("quickstart: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()) + f"; run directory {out}")
     if not no_serve:
         from saelab.dashboards.app import serve as run_app
 
+        if warning:
+            typer.secho(warning, fg=typer.colors.YELLOW, err=True)
         typer.echo(f"serving http://{host}:{port}/ (Ctrl-C to stop)")
         run_app(out, host=host, port=port)
 

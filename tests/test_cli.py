@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -73,6 +74,15 @@ def test_serve_refuses_a_non_loopback_host_without_allow_remote(tmp_path, monkey
     result = runner.invoke(app, ["serve", str(tmp_path / "nope"), "--host", "0.0.0.0"])
     assert result.exit_code == 2 and "not a loopback address" in result.output
     assert calls == []
+
+
+def test_quickstart_refuses_a_non_loopback_host_before_any_work(tmp_path, monkeypatch):
+    import saelab.quickstart
+
+    monkeypatch.setattr(saelab.quickstart, "quickstart", lambda *a, **kw: pytest.fail("the quickstart ran"))
+    result = runner.invoke(app, ["quickstart", "--out", str(tmp_path / "q"), "--host", "0.0.0.0"])
+    assert result.exit_code == 2 and "not a loopback address" in result.output and "Add --allow-remote" in result.output
+    assert not (tmp_path / "q").exists()
 
 
 def test_serve_binds_loopback_freely_and_other_hosts_with_a_warning(tmp_path, monkeypatch):
