@@ -108,7 +108,7 @@ def live_model(run: str) -> Iterator[Model]:
 
 def _model_pool(run: str) -> ModelPool:
     """The copies of the model that made the run's activations, from the spec in the store's harvest config."""
-    spec = open_store(run).config.get("model")
+    spec = open_store(run).model_spec
     if not spec:
         raise RunError(
             "The activation store does not record which model made it (it was imported, not harvested), "

@@ -15,7 +15,18 @@ from tqdm.auto import tqdm
 
 from saelab.config import HarvestConfig
 from saelab.errors import StoreError, TextSourceError
-from saelab.models import HookPoint, Model, capture, device_of, is_encoder, load_model, model_name, resolve_hooks
+from saelab.models import (
+    MINILM,
+    HookPoint,
+    Model,
+    capture,
+    device_of,
+    is_encoder,
+    load_model,
+    model_name,
+    resolve_hooks,
+)
+from saelab.run import is_local, store_relative
 from saelab.store import ActivationStore, StoreWriter, saelab_meta, to_storage
 from saelab.store.checksums import DamagedShard
 from saelab.text import ContextBatch, SpecialTokens, batch_contexts, iter_documents, pack_contexts
@@ -35,9 +46,22 @@ IDENTITY_KEYS = (
 )
 
 
-def identity(cfg: HarvestConfig) -> dict:
-    """The part of a config that decides the store's content (not where it goes or runs)."""
+def given_identity(cfg: HarvestConfig) -> dict:
+    """The part of a config that decides the store's content (not where it goes or runs), paths as given (what
+    stores recorded before runs could move)."""
     return cfg.model_dump(include=set(IDENTITY_KEYS), mode="json")
+
+
+def identity(cfg: HarvestConfig) -> dict:
+    """`given_identity` as the store records it (its `config`): a local model folder or text file from the store's
+    own folder when it lies beside the store (`store_relative`: `../model` for a run's model), so the run can move;
+    model names (`minilm`, `gpt2`), dataset names and URLs as given."""
+    recorded = given_identity(cfg)
+    if cfg.model != MINILM and is_local(cfg.model):
+        recorded["model"] = store_relative(cfg.model, store=cfg.out)
+    if cfg.text.source == "files" and cfg.text.path is not None and is_local(cfg.text.path):
+        recorded["text"]["path"] = store_relative(cfg.text.path, store=cfg.out)
+    return recorded
 
 
 FINISH = object()  # tells the writer thread to write what it holds and mark the store complete
@@ -154,7 +178,7 @@ def _open_writer(cfg: HarvestConfig, model: Model, hooks: dict[str, int], *, ove
         raise StoreError(f"{cfg.out!r} exists and is not a saelab store; choose another `out` or remove it")
     old = saelab_meta(group, cfg.out).get("config", {})
     new = identity(cfg)
-    if old != new:
+    if old not in (new, given_identity(cfg)):  # a store written before runs could move records paths as given
         diff = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in IDENTITY_KEYS if old.get(k) != new[k])
         raise StoreError(
             f"store {cfg.out!r} was made with a different config ({diff}); it is never appended to. "

@@ -15,11 +15,17 @@ RUN/
 Later analyses (evals, feature families, attention heads) add their folders here. Library, CLI and app build
 every path through a `RunDir`; the names a request gives (hook, variant, result
 name) are checked to be single path components, so no request reaches outside the run.
+
+Every path a run records is recorded so that the run can be moved or copied and still find what it names: a path
+inside the run relative to the run folder (`RunDir.relative`, opened again with `RunDir.resolve`), a path a store
+records (its model folder, its text file) from the store's own folder (`store_relative`, `store_resolve`); paths
+outside are recorded absolute, and fsspec URLs (`memory://`, `s3://`) as given.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
 from saelab.errors import OverwriteError, RunError
@@ -79,6 +85,43 @@ def check_name(name: str | None, what: str) -> str:
     return name
 
 
+def is_url(path: str | Path) -> bool:
+    """Whether `path` is an fsspec URL (`memory://x`, `s3://bucket/x`) rather than a local path."""
+    return "://" in str(path)
+
+
+def absolute_path(path: str | Path) -> str:
+    """`path` as a record that belongs to no run keeps it: absolute (a relative one is taken from the working
+    directory); URLs as given."""
+    return str(path) if is_url(path) else str(Path(path).resolve())
+
+
+def is_local(spec: str) -> bool:
+    """Whether a store, model or text spec names an existing local file or folder (not a URL or a name)."""
+    return not is_url(spec) and Path(spec).exists()
+
+
+def store_relative(path: str | Path, *, store: str | Path) -> str:
+    """`path`, a local file or folder, as the store at `store` records it: from the store's own folder (`../model`,
+    POSIX separators) when it lies in the folder that holds the store (the run directory, for a run's store), so that
+    folder can move; absolute when it lies elsewhere, or the store is at a URL. A relative `path` or `store` is taken
+    from the working directory."""
+    absolute = Path(path).resolve()
+    holder = None if is_url(store) else Path(store).resolve().parent
+    if holder is None or not absolute.is_relative_to(holder):
+        return str(absolute)
+    return PurePosixPath("..", absolute.relative_to(holder).as_posix()).as_posix()
+
+
+def store_resolve(recorded: str, *, store: str | Path) -> str:
+    """A path that the store at `store` recorded, to open from here: one from the store's folder (`..`, `../...`,
+    what `store_relative` writes) is joined to the store wherever it now is; names (`minilm`, `gpt2`), absolute
+    paths and URLs are returned as they are."""
+    if is_url(store) or not (recorded == ".." or recorded.startswith("../")):
+        return recorded
+    return os.path.normpath(Path(store) / recorded)
+
+
 class RunDir:
     """One experiment's folder: every path inside it, SAE and result discovery, and the write guard."""
 
@@ -105,6 +148,22 @@ class RunDir:
 
     def __fspath__(self) -> str:
         return str(self.root)
+
+    def relative(self, path: str | Path) -> str:
+        """`path` as a result of the run records it: relative to the run folder (POSIX separators) when it lies
+        inside it, absolute otherwise, so a moved run still finds both; URLs as given. A relative `path` is taken
+        from the working directory, as every path a caller passes is."""
+        if is_url(path):
+            return str(path)
+        absolute, root = Path(path).resolve(), self.root.resolve()
+        return absolute.relative_to(root).as_posix() if absolute.is_relative_to(root) else str(absolute)
+
+    def resolve(self, recorded: str) -> str:
+        """A path that the run recorded (`relative`), to open from here: a relative one is joined to the run folder
+        wherever the run now is; absolute paths and URLs are returned as they are."""
+        if is_url(recorded) or Path(recorded).is_absolute():
+            return recorded
+        return str(self.root / recorded)
 
     def sae(self, hook: str, variant: str) -> Path:
         """The folder of dictionary `hook`/`variant` (it need not exist yet)."""

@@ -20,7 +20,6 @@ from saelab.dictionaries import SAE
 from saelab.errors import AbsorptionError, MissingError
 from saelab.models import Model, device_of, load_model, tokenizer_of
 from saelab.run import RunDir
-from saelab.train.paths import recorded_path
 
 
 class SavedResult(NamedTuple):
@@ -103,7 +102,7 @@ def run_absorption(cfg: AbsorptionConfig, progress: bool = True) -> list[SavedRe
                 hook,
                 variant=path.name,
                 s=cfg.settings,
-                sae_path=recorded_path(path, run=run),
+                sae_path=run.relative(path),
                 model=cfg.model,
                 task=task,
                 progress=progress,

@@ -14,9 +14,8 @@ from saelab.analysis.panels import decoder_neighbours, logit_effects, residual_d
 from saelab.dictionaries import SAE
 from saelab.errors import ConfigError, MissingError, RunError, StoreError
 from saelab.models import Model, load_model, resolve_device
-from saelab.run import SAE_WEIGHTS, RunDir
+from saelab.run import SAE_WEIGHTS, RunDir, absolute_path
 from saelab.store import ActivationStore
-from saelab.train.paths import recorded_path
 
 
 def analyze_sae(
@@ -33,7 +32,8 @@ def analyze_sae(
     """Compute every panel for every latent of `sae` over `store` and write them to `out`.
 
     The logit effects need the `model`; without it they are left out (`logit_kind` is `none`). `run` is the run
-    that `out` belongs to: the store's path is recorded relative to it (`recorded_path`), so the run can move."""
+    that `out` belongs to: the store's path is recorded relative to it (`RunDir.relative`), so the run can move
+    (without `run`: absolute)."""
     d_sae = sae.cfg.d_sae
     n_rows = min(store.n_tokens, cfg.max_tokens or store.n_tokens)
     if n_rows == 0:
@@ -88,7 +88,7 @@ def analyze_sae(
     attrs = {
         "hook": hook,
         "variant": Path(str(out)).name.removesuffix(".zarr"),
-        "store": recorded_path(store.path, run=run),
+        "store": absolute_path(store.path) if run is None else run.relative(store.path),
         "model": store.model,
         "n_tokens": n_rows,
         "d_sae": d_sae,
@@ -131,12 +131,8 @@ def analyze(
             f"the run {run.root} has no trained SAEs (none under {run.saes_dir}); "
             f"train some with `saelab train` and `run: {run.root}` in its config first"
         )
-    spec = store.config.get("model")
-    model = (
-        load_model(spec, device=cfg.device)
-        if spec and "text" in store.config and store.config["text"].get("source") != "imported"
-        else None
-    )
+    spec = store.model_spec
+    model = load_model(spec, device=cfg.device) if spec else None
     run.analysis_dir.mkdir(exist_ok=True)
     if model is not None:
         run.vocab.write_text(json.dumps(vocab_strings(model.tokenizer)))

@@ -21,7 +21,6 @@ from saelab.dictionaries import SAE
 from saelab.errors import CircuitError, MissingError, RunError
 from saelab.models import device_of, load_model
 from saelab.run import RunDir
-from saelab.train.paths import recorded_path
 
 
 class InductionData(StrictModel):
@@ -157,7 +156,7 @@ def run_circuit(cfg: CircuitConfig, progress: bool = True) -> tuple[Circuit, Pat
         task = prompt_task(model, prompts, cfg.metric)
     run.prepare()
     options = {key: getattr(cfg, key) for key in FIND_OPTIONS}
-    paths = {h: recorded_path(f, run=run) for h, f in folders.items()}
+    paths = {h: run.relative(f) for h, f in folders.items()}
     circuit = find_circuit(model, saes, task, **options, sae_paths=paths, progress=progress)
     circuit.config = cfg.model_dump(mode="json")
     return circuit, circuit.save(run.circuit(cfg.name))

@@ -41,10 +41,11 @@ def run_steering(cfg: SteerConfig, progress: bool = True) -> tuple[SteeringResul
         raise MissingError(f"no SAE in {cfg.sae!r}; give a folder with {SAE_CONFIG} and {SAE_WEIGHTS}")
     spec = cfg.model
     if spec is None:
-        spec = ActivationStore.open(str(run.store)).config.get("model") if run.store.is_dir() else None
+        spec = ActivationStore.open(str(run.store)).model_spec if run.store.is_dir() else None
         if not spec:
             raise SteeringError(
-                f"{cfg.run} does not record its model (no activation store at {run.store}); set `model`"
+                f"{cfg.run} does not record its model (no activation store at {run.store}, or an imported one); "
+                "set `model`"
             )
     model = load_model(spec, device=cfg.device)
     sae = SAE.load(cfg.sae, device=device_of(model)).eval()

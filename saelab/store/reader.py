@@ -16,7 +16,7 @@ import torch
 import zarr
 
 from saelab.errors import StoreError
-from saelab.run import RunDir
+from saelab.run import RunDir, store_resolve
 from saelab.store.checksums import DamagedShard, StoreCheck, digest, recorded, shard_exists
 from saelab.store.layout import META_ARRAYS, from_storage, node_array, open_group, saelab_meta
 from saelab.store.prefetch import prefetch
@@ -104,6 +104,23 @@ class ActivationStore:
     def config(self) -> dict[str, Any]:
         """The harvest config that made the store (for imports: a description of the source)."""
         return dict(self.meta.get("config", {}))
+
+    @property
+    def model_spec(self) -> str | None:
+        """The spec of the model that made the store, for `load_model` here: a local model folder found from where
+        the store now is (the config records it from the store's folder, `store_resolve`), a model name as given;
+        `None` for an import (no model made it) or a store that records no model."""
+        spec = self.config.get("model")
+        return None if self.imported or not spec else store_resolve(str(spec), store=self.path)
+
+    @property
+    def text(self) -> dict[str, Any]:
+        """The harvest config's `text` (the `TextConfig` fields; empty when it records none), its local file or
+        folder found from where the store now is, as `model_spec` finds the model."""
+        text = dict(self.config.get("text", {}))
+        if isinstance(text.get("path"), str):
+            text["path"] = store_resolve(text["path"], store=self.path)
+        return text
 
     @property
     def model(self) -> str:

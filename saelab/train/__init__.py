@@ -3,7 +3,7 @@
 `config` (`Grid`, `TrainConfig`, the learning rate and its schedule), `trainer` (`Trainer`, `Member`, `train`),
 `result` (`TrainedSAE`, what `train` returns per SAE), `checkpoint` (exact resume state), `loggers`
 (TensorBoard, Weights & Biases), `metrics` (reconstruction and spliced-in metrics), `sweep` (results table and
-Pareto plot), `paths` (how a run records paths, so that it can move).
+Pareto plot).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from saelab.train.metrics import (
     reconstruction_metrics,
     spliced_metrics,
 )
-from saelab.train.paths import recorded_path, resolve_recorded
 from saelab.train.result import TrainedSAE
 from saelab.train.sweep import COLUMNS, pareto_figure, read_results, write_results, write_sweep_outputs
 from saelab.train.trainer import Member, Trainer, train
@@ -40,8 +39,6 @@ __all__ = [
     "pareto_figure",
     "read_results",
     "reconstruction_metrics",
-    "recorded_path",
-    "resolve_recorded",
     "spliced_metrics",
     "train",
     "variant_name",

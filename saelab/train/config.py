@@ -7,15 +7,14 @@ anything runs; validation touches no file, and `identity` only looks paths up to
 from __future__ import annotations
 
 import math
-from pathlib import Path, PurePath
+from pathlib import PurePath
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
 from saelab.config import StrictModel
 from saelab.dictionaries import Arch
-from saelab.run import RunDir
-from saelab.train.paths import is_url, recorded_path
+from saelab.run import RunDir, is_local, is_url
 
 PositiveInt = Annotated[int, Field(gt=0)]
 LearningRate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -92,19 +91,14 @@ class TrainConfig(StrictModel):
         """What decides the trained SAEs (saved as `train_config.json`; a resume must match it).
 
         Where the run is does not decide them, so `run` is left out, and the store (and `model` when it is a local
-        folder) is recorded as a run records every path (`recorded_path`): the run's own store as
+        folder) is recorded as a run records every path (`RunDir.relative`): the run's own store as
         `activations.zarr`, so the same config resumes a moved run, or from another working directory."""
         run = RunDir(self.run)
         identity = self.model_dump(mode="json", exclude={"device", "log_every", "logger", "run"})
-        identity["store"] = recorded_path(self.store_path, run=run)  # in place: the saved file keeps its key order
-        if self.model is not None and _is_local(self.model):
-            identity["model"] = recorded_path(self.model, run=run)
+        identity["store"] = run.relative(self.store_path)  # in place: the saved file keeps its key order
+        if self.model is not None and is_local(self.model):
+            identity["model"] = run.relative(self.model)
         return identity
-
-
-def _is_local(spec: str) -> bool:
-    """Whether a store or model spec names a local file or folder (not a URL or a model name)."""
-    return not is_url(spec) and Path(spec).exists()
 
 
 def saved_identity(saved: dict[str, Any], run: RunDir) -> dict[str, Any]:
@@ -124,8 +118,8 @@ def saved_identity(saved: dict[str, Any], run: RunDir) -> dict[str, Any]:
             continue
         if PurePath(value).is_relative_to(then):
             upgraded[key] = PurePath(value).relative_to(then).as_posix()
-        elif key == "store" or _is_local(value):
-            upgraded[key] = recorded_path(value, run=run)
+        elif key == "store" or is_local(value):
+            upgraded[key] = run.relative(value)
     return upgraded
 
 

@@ -8,7 +8,6 @@ from typing import Any
 
 from saelab.run import RunDir
 from saelab.train.metrics import ReconstructionMetrics, SplicedMetrics
-from saelab.train.paths import recorded_path
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,7 @@ class TrainedSAE:
             "width": self.width,
             "lr": self.lr,
             "tokens": self.tokens,
-            "path": recorded_path(self.path, run=RunDir(self.run)),
+            "path": RunDir(self.run).relative(self.path),
         }
         if self.stopped is not None:
             row["stopped"] = self.stopped

@@ -239,11 +239,11 @@ class Trainer:
 
     def _ce_model(self) -> tuple[Any, torch.Tensor | None]:
         """The model and eval contexts for spliced metrics, when the store came from a decoder harvest."""
-        spec = self.cfg.model or (self.store.config.get("model") if self.store.meta.get("encoder") is False else None)
+        spec = self.cfg.model or (self.store.model_spec if self.store.meta.get("encoder") is False else None)
         if not spec or spec == "none" or "text" not in self.store.config or self.cfg.ce_contexts <= 0:
             return None, None
         model = load_model(spec, device=str(self.device))
-        return model, eval_tokens(self.store.config, model, self.cfg.ce_contexts)
+        return model, eval_tokens(self.store.config | {"text": self.store.text}, model, self.cfg.ce_contexts)
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> list[TrainedSAE]:

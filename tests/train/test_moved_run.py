@@ -20,13 +20,11 @@ from saelab.dashboards import data
 from saelab.dashboards.app import render
 from saelab.errors import ConfigError
 from saelab.importer import import_arrays
-from saelab.run import SAE_CONFIG, SAE_WEIGHTS, RunDir
+from saelab.run import SAE_CONFIG, SAE_WEIGHTS, RunDir, absolute_path
 from saelab.store import ActivationStore
 from saelab.train import (
     Grid,
     TrainConfig,
-    recorded_path,
-    resolve_recorded,
     train,
     trainer,  # the module (`saelab.train` on `saelab` is the function)
 )
@@ -142,16 +140,16 @@ def test_an_old_run_that_recorded_absolute_paths_resumes_after_a_move(store, tmp
 def test_recorded_paths_are_relative_inside_the_run_and_absolute_outside(tmp_path, monkeypatch):
     run = RunDir(tmp_path / "run")
     monkeypatch.chdir(tmp_path)
-    assert recorded_path("run/saes/h/v", run=run) == "saes/h/v"  # relative to the working directory, inside
-    assert recorded_path(run.root / "x" / ".." / "activations.zarr", run=run) == "activations.zarr"
-    assert recorded_path("other/s.zarr", run=run) == str(tmp_path / "other" / "s.zarr")
-    assert recorded_path("run2/s.zarr", run=run) == str(tmp_path / "run2" / "s.zarr")  # a sibling is not inside
-    assert recorded_path("memory://s.zarr", run=run) == "memory://s.zarr"
-    assert recorded_path("s.zarr", run=None) == str(tmp_path / "s.zarr")
+    assert run.relative("run/saes/h/v") == "saes/h/v"  # relative to the working directory, inside
+    assert run.relative(run.root / "x" / ".." / "activations.zarr") == "activations.zarr"
+    assert run.relative("other/s.zarr") == str(tmp_path / "other" / "s.zarr")
+    assert run.relative("run2/s.zarr") == str(tmp_path / "run2" / "s.zarr")  # a sibling is not inside
+    assert run.relative("memory://s.zarr") == "memory://s.zarr"
+    assert absolute_path("s.zarr") == str(tmp_path / "s.zarr")
     moved = RunDir(tmp_path / "elsewhere")
-    assert resolve_recorded("saes/h/v", run=moved) == str(moved.root / "saes" / "h" / "v")
-    assert resolve_recorded("/data/s.zarr", run=moved) == "/data/s.zarr"
-    assert resolve_recorded("s3://b/s.zarr", run=moved) == "s3://b/s.zarr"
+    assert moved.resolve("saes/h/v") == str(moved.root / "saes" / "h" / "v")
+    assert moved.resolve("/data/s.zarr") == "/data/s.zarr"
+    assert moved.resolve("s3://b/s.zarr") == "s3://b/s.zarr"
 
 
 def test_analysis_absorption_and_circuit_results_of_a_moved_run_still_open_and_show_in_the_app(
@@ -193,11 +191,11 @@ def test_analysis_absorption_and_circuit_results_of_a_moved_run_still_open_and_s
     folder = f"saes/{hook}/{sae.variant}"
     analysis = FeatureStore.open(run.analysis(hook, sae.variant))
     assert analysis.attrs["store"] == "activations.zarr"
-    assert ActivationStore.open(resolve_recorded(analysis.attrs["store"], run=run)).hooks == [hook]
+    assert ActivationStore.open(run.resolve(analysis.attrs["store"])).hooks == [hook]
     absorption = AbsorptionResult.load(run.absorption(hook, sae.variant))
     circuit = Circuit.load(run.circuit("found"))
     assert absorption.sae == circuit.saes[hook] == folder
-    assert (Path(resolve_recorded(folder, run=run)) / SAE_CONFIG).is_file()
+    assert (Path(run.resolve(folder)) / SAE_CONFIG).is_file()
     assert json.loads(run.sae_metrics(hook, sae.variant).read_text())["path"] == folder
 
     root = str(run.root)
