@@ -177,9 +177,10 @@ def _open_writer(cfg: HarvestConfig, model: Model, hooks: dict[str, int], *, ove
     if "saelab" not in group.attrs:
         raise StoreError(f"{cfg.out!r} exists and is not a saelab store; choose another `out` or remove it")
     old = saelab_meta(group, cfg.out).get("config", {})
-    new = identity(cfg)
-    if old not in (new, given_identity(cfg)):  # a store written before runs could move records paths as given
-        diff = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in IDENTITY_KEYS if old.get(k) != new[k])
+    new, given = identity(cfg), given_identity(cfg)
+    if old not in (new, given):  # a store written before runs could move records paths as given
+        changed = [k for k in IDENTITY_KEYS if old.get(k) not in (new[k], given[k])]
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
         raise StoreError(
             f"store {cfg.out!r} was made with a different config ({diff}); it is never appended to. "
             "Set `out` to a new path, or pass --overwrite (`overwrite=True`) to replace the store."

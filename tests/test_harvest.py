@@ -1,24 +1,31 @@
-"""Harvest: exact activations, metadata, resume after SIGKILL, repair of damaged shards, refusal, memory:// stores."""
+"""Harvest: exact activations, metadata, resume after SIGKILL and after a move, repair of damaged shards, refusal,
+memory:// stores."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import yaml
+import zarr
 from typer.testing import CliRunner
 
 from saelab.cli import app
 from saelab.config import HarvestConfig, TextConfig
 from saelab.errors import StoreError, TextSourceError
-from saelab.harvest import harvest
-from saelab.store import ActivationStore
+from saelab.harvest import given_identity, harvest
+from saelab.run import RunDir
+from saelab.store import ActivationStore, saelab_meta
+from saelab.text import embedded_documents
 from tests.store.helpers import flip_byte, shard_file
 
 KINDS = ["hook_resid_pre", "hook_resid_post", "hook_mlp_out", "hook_attn_out", "attn.hook_z"]
@@ -220,3 +227,70 @@ def test_rerun_rewrites_exactly_the_damaged_shards(decoder, tmp_path):
     assert _files(out) == want
     rewritten = {p for p, t in stamps.items() if p.stat().st_mtime_ns != t}
     assert rewritten == {*damaged, out / "zarr.json"}  # zarr.json: the commit of the new checksums (the same bytes)
+
+
+def _run_with_model(root: Path, decoder_dir: str, model: str = "model") -> HarvestConfig:
+    """A harvest config over a run folder `root` that holds a copy of the tiny decoder (`root/model`) and a text
+    file (`root/t.txt`); the store goes into the run."""
+    if not (root / model).exists():
+        shutil.copytree(decoder_dir, root / model)
+    (root / "t.txt").write_text("\n\n".join(islice(embedded_documents(), 100)))
+    return small_cfg(
+        RunDir(root).store,
+        model=str(root / model),
+        hooks=["blocks.0.hook_resid_post"],
+        text=TextConfig(source="files", path=str(root / "t.txt")),
+    )
+
+
+def _harvest_until_interrupted(cfg: HarvestConfig, model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Harvest `cfg` and stop, as Ctrl-C would, when the fourth batch is handed to the writer (two shards are in)."""
+    module = sys.modules["saelab.harvest"]  # `saelab.harvest` on `saelab` is the function
+    put, handed = module._put, []
+
+    def put_then_stop(shard_writer: Any, item: object) -> None:
+        if len(handed) == 3:
+            raise KeyboardInterrupt
+        handed.append(item)
+        put(shard_writer, item)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(module, "_put", put_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            harvest(cfg, model=model, progress=False)
+    store = ActivationStore.open(cfg.out)
+    assert not store.complete and store.n_tokens == 256
+
+
+def test_a_harvest_moved_mid_run_resumes_to_the_store_of_an_unmoved_one(decoder, decoder_dir, tmp_path, monkeypatch):
+    reference = harvest(_run_with_model(tmp_path / "reference", decoder_dir), model=decoder, progress=False)
+    # The run's model folder and text file are recorded from the store's folder; names and URLs as given.
+    assert reference.config["model"] == "../model" and reference.config["text"]["path"] == "../t.txt"
+    assert reference.model_spec == str(tmp_path / "reference" / "model")
+    assert reference.text["path"] == str(tmp_path / "reference" / "t.txt")
+
+    _harvest_until_interrupted(_run_with_model(tmp_path / "a" / "run", decoder_dir), decoder, monkeypatch)
+    moved = Path(shutil.move(tmp_path / "a" / "run", tmp_path / "b" / "moved"))
+    store = harvest(_run_with_model(moved, decoder_dir), model=decoder, progress=False)  # the moved paths, absolute
+    assert store.complete and store.model_spec == str(moved / "model")
+    assert _files(RunDir(moved).store) == _files(RunDir(tmp_path / "reference").store)  # byte for byte
+
+    outside = small_cfg(tmp_path / "elsewhere" / "s.zarr", model=str(moved / "model"), hooks=["blocks.0.hook_mlp_out"])
+    kept = harvest(outside, model=decoder, progress=False)
+    assert kept.config["model"] == kept.model_spec == str(moved / "model")  # not beside the store: absolute
+    named = harvest(small_cfg(tmp_path / "named.zarr", model="decoder", max_tokens=96), model=decoder, progress=False)
+    assert named.config["model"] == named.model_spec == "decoder" and named.text == named.config["text"]
+
+
+def test_a_store_that_recorded_paths_as_given_resumes_with_the_same_config(decoder, decoder_dir, tmp_path, monkeypatch):
+    cfg = _run_with_model(tmp_path / "run", decoder_dir)
+    _harvest_until_interrupted(cfg, decoder, monkeypatch)
+    group = zarr.open_group(cfg.out, mode="r+", zarr_format=3)
+    old = {**saelab_meta(group, cfg.out), "config": given_identity(cfg)}  # what stores recorded before runs could move
+    group.attrs["saelab"] = old
+    assert ActivationStore.open(cfg.out).model_spec == str(tmp_path / "run" / "model")  # absolute: as it is
+
+    with pytest.raises(StoreError, match=r"different config \(model: '.*/run/model' -> '../other'\)"):
+        harvest(_run_with_model(tmp_path / "run", decoder_dir, model="other"), model=decoder, progress=False)
+    store = harvest(cfg, model=decoder, progress=False)
+    assert store.complete and store.n_tokens == 300 and store.config["model"] == str(tmp_path / "run" / "model")
