@@ -44,7 +44,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from saelab.absorption.config import AbsorptionConfig, AbsorptionSettings
+from saelab.absorption.config import AbsorptionConfig, AbsorptionSettings, ProbeSchedule
 from saelab.absorption.data import ProbeData, fit_probe, probe_data
 from saelab.absorption.ig import IgAbsorption, ig_absorption
 from saelab.absorption.probes import KSparse, f1, k_sparse_probing, single_thread, train_probe
@@ -55,6 +55,7 @@ from saelab.absorption.prompts import (
     answer_text,
     encode_prompts,
     icl_prompt,
+    style_prompts,
     word_activations,
 )
 from saelab.absorption.run import SavedResult, result_path, run_absorption
@@ -97,6 +98,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "ProbeSchedule",
+    "style_prompts",
     "EPS",
     "FIRST_LETTER_TEMPLATE",
     "LETTERS",

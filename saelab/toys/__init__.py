@@ -11,8 +11,12 @@ from __future__ import annotations
 
 from saelab.toys.induction import (
     ALPHABET,
+    ARCHITECTURE,
     BOS,
     INDUCTION_HOOKS,
+    TARGET_ACCURACY,
+    char_decoder,
+    harvest_and_train,
     induction_accuracy,
     induction_run,
     induction_texts,
@@ -20,12 +24,18 @@ from saelab.toys.induction import (
     train_induction_model,
 )
 from saelab.toys.planted import Planted, planted_absorption, planted_probe_data
-from saelab.toys.synthetic import SyntheticData, make_synthetic, max_cosines, recovery
+from saelab.toys.synthetic import TINY_DECODER, SyntheticData, decoder_config, make_synthetic, max_cosines, recovery
 
 __all__ = [
     "ALPHABET",
+    "ARCHITECTURE",
     "BOS",
     "INDUCTION_HOOKS",
+    "TARGET_ACCURACY",
+    "TINY_DECODER",
+    "char_decoder",
+    "decoder_config",
+    "harvest_and_train",
     "Planted",
     "SyntheticData",
     "induction_accuracy",
