@@ -1,35 +1,49 @@
 """`FeatureStore`: one SAE's feature analysis on disk (a Zarr group, one array per panel, chunked by feature).
 
-The app and the notebooks read one feature at a time; the run's `RunDir.vocab` maps the run model's token ids to
-their display text.
+The app and the notebooks read one feature at a time: `FeatureStore.feature(i)` reads the `FEATURE_CHUNK` latents
+around `i` (one read per panel) and keeps the last `CACHED_CHUNKS` of them, so the next latents' pages read nothing.
+A damaged or missing chunk is a `StoreError` naming the analysis and the fix, never data. The run's `RunDir.vocab`
+maps the run model's token ids to their display text.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.array_spec import ArrayConfig
+from zarr.core.sync import sync
 
 from saelab.errors import FeatureIndexError, StoreError
 from saelab.run import RunDir
 
 FEATURE_CHUNK = 64
+CACHED_CHUNKS = 64
+"""Chunks of `FEATURE_CHUNK` latents a `FeatureStore` keeps (least recently used out first): 4,096 latents, about
+60 MB for the default analysis config (each latent's panels take about 15 kB)."""
+EVERY_CHUNK = "saelab_every_chunk_written"
+"""Group attribute of an analysis whose arrays have every chunk written (also those equal to the fill value), so a
+missing chunk is damage; analyses written before it may lack all-zero chunks, which then read as zeros."""
+TOKEN_IDS = "top_token_ids"  # every top example's own token, one chunk for token search
 
 
 def write_feature_store(out: str | Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> FeatureStore:
     """Write the panels `arrays` (each `[d_sae, ...]`) and `attrs` as a feature analysis at `out`; open it."""
     group = zarr.open_group(store=str(out), mode="w", zarr_format=3)
-    for name, a in arrays.items():
-        a = np.ascontiguousarray(a)
-        group.create_array(name, data=a, chunks=(FEATURE_CHUNK, *a.shape[1:]))
-    # a column of every example's own token, in one chunk, for token search
+    columns = dict(arrays)
     if "top_tokens" in arrays:
-        mid = arrays["top_tokens"][:, :, arrays["top_tokens"].shape[2] // 2]
-        group.create_array("top_token_ids", data=np.ascontiguousarray(mid), chunks=mid.shape)
-    group.attrs["saelab_analysis"] = attrs
+        columns[TOKEN_IDS] = arrays["top_tokens"][:, :, arrays["top_tokens"].shape[2] // 2]
+    for name, a in columns.items():
+        a = np.ascontiguousarray(a)
+        chunks = a.shape if name == TOKEN_IDS else (FEATURE_CHUNK, *a.shape[1:])
+        group.create_array(name, data=a, chunks=chunks, config=ArrayConfig(order="C", write_empty_chunks=True))
+    group.attrs.update({"saelab_analysis": attrs, EVERY_CHUNK: True})
     return FeatureStore.open(out)
 
 
@@ -39,7 +53,7 @@ def vocab_strings(tokenizer: Any) -> list[str]:
 
 
 class FeatureStore:
-    """Read access to one SAE's analysis: one feature at a time."""
+    """Read access to one SAE's analysis: one feature at a time. Safe to share between threads (the app does)."""
 
     def __init__(self, group: zarr.Group, path: str):
         attrs = group.attrs["saelab_analysis"]
@@ -47,7 +61,11 @@ class FeatureStore:
             raise StoreError(f"{path} is not a saelab feature analysis; run `saelab analyze` on the run directory")
         self.group, self.path = group, path
         self.attrs: dict[str, Any] = dict(attrs)
+        self._arrays = {name: array for name, array in group.arrays()}
+        self._every_chunk = group.attrs.get(EVERY_CHUNK) is True
         self._vocab: list[str] | None = None
+        self._chunks: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
 
     @classmethod
     def open(cls, path: str | Path) -> FeatureStore:
@@ -63,38 +81,90 @@ class FeatureStore:
         return int(self.attrs["d_sae"])
 
     @property
+    def run(self) -> RunDir:
+        """The run the analysis belongs to: its path is `RunDir(run).analysis(hook, variant)`."""
+        return RunDir(Path(self.path).parent.parent.parent)
+
+    @property
     def vocab(self) -> list[str]:
         """Token display strings (the run's `RunDir.vocab`), or an empty list."""
         if self._vocab is None:
-            path = RunDir(
-                Path(self.path).parent.parent.parent
-            ).vocab  # the store is RunDir(run).analysis(hook, variant)
+            path = self.run.vocab
             vocab: list[str] = json.loads(path.read_text()) if path.exists() else []
             self._vocab = vocab
         return self._vocab
 
     def feature(self, i: int) -> dict[str, Any]:
-        """Every panel of feature `i`; `FeatureIndexError` (a `RunError` and an `IndexError`) when the SAE has no such feature."""
+        """Every panel of feature `i`; `FeatureIndexError` (a `RunError` and an `IndexError`) when the SAE has no such
+        feature, `StoreError` when its chunk of the analysis is damaged or missing."""
         if not 0 <= i < self.n_features:
             raise FeatureIndexError(f"feature {i} does not exist: this SAE has features 0..{self.n_features - 1}")
+        chunk, row = divmod(i, FEATURE_CHUNK)
         out: dict[str, Any] = {}
-        for name, arr in self.group.arrays():
-            if name != "top_token_ids":
-                v = np.asarray(arr[i])
-                out[name] = v.item() if v.ndim == 0 else v
+        for name, values in self._chunk(chunk).items():
+            v = values[row]
+            out[name] = v.item() if v.ndim == 0 else v
         return out
 
+    def _chunk(self, chunk: int) -> dict[str, np.ndarray]:
+        """Every panel (but `TOKEN_IDS`) of the latents of chunk `chunk`, from the cache or read once."""
+        with self._lock:
+            if chunk in self._chunks:
+                self._chunks.move_to_end(chunk)
+                return self._chunks[chunk]
+        rows = slice(chunk * FEATURE_CHUNK, (chunk + 1) * FEATURE_CHUNK)
+        panels = self._read({name: a for name, a in self._arrays.items() if name != TOKEN_IDS}, rows)
+        with self._lock:  # two threads may read the same chunk at once: both get the same values
+            self._chunks[chunk] = panels
+            self._chunks.move_to_end(chunk)
+            while len(self._chunks) > CACHED_CHUNKS:
+                self._chunks.popitem(last=False)
+        return panels
+
+    def _read(self, arrays: dict[str, zarr.Array], rows: slice) -> dict[str, np.ndarray]:
+        """Rows `rows` of every panel of `arrays`, read concurrently (one call into zarr's event loop, not one per
+        panel: a third of the time); `StoreError` naming the analysis and the fix when a chunk of them is damaged
+        (zarr and numcodecs raise many kinds of errors for that) or missing."""
+
+        async def read_all() -> list[np.ndarray | BaseException]:
+            return await asyncio.gather(*(self._panel(a, rows) for a in arrays.values()), return_exceptions=True)
+
+        out: dict[str, np.ndarray] = {}
+        for (name, array), value in zip(arrays.items(), sync(read_all())):
+            if isinstance(value, Exception):
+                last = min(rows.stop, array.shape[0]) - 1
+                raise StoreError(
+                    f"The feature analysis {self.path} is damaged: panel {name!r}, latents {rows.start} to {last}, "
+                    f"cannot be read ({type(value).__name__}: {value}). "
+                    f"Run `saelab analyze {self.run.root}` again to recompute it."
+                ) from None
+            if isinstance(value, BaseException):  # an interrupt, not damage
+                raise value
+            out[name] = value
+        return out
+
+    async def _panel(self, array: zarr.Array, rows: slice) -> np.ndarray:
+        """Rows `rows` of one panel; `FileNotFoundError` for a missing chunk where every chunk was written."""
+        if self._every_chunk:
+            size = array.chunks[0]
+            for c in range(rows.start // size, -(-min(rows.stop, array.shape[0]) // size)):
+                key = array.metadata.encode_chunk_key((c,) + (0,) * (array.ndim - 1))
+                if not await array.store_path.store.exists(f"{array.path}/{key}"):
+                    raise FileNotFoundError(f"its chunk {key} is missing")
+        return np.asarray(await array.async_array.getitem(rows))
+
     def column(self, name: str) -> np.ndarray:
-        """Panel `name` of every latent, `[d_sae, ...]` (e.g. `max_act`, `density`); `StoreError` if there is none."""
-        array = self.group.get(name)
-        if not isinstance(array, zarr.Array):
+        """Panel `name` of every latent, `[d_sae, ...]` (e.g. `max_act`, `density`); `StoreError` if there is none
+        or it is damaged."""
+        array = self._arrays.get(name)
+        if array is None:
             raise StoreError(f"the feature analysis {self.path} has no panel {name!r}; run `saelab analyze` again")
-        return np.asarray(array[:])
+        return self._read({name: array}, slice(0, array.shape[0]))[name]
 
     def search_token(self, token_id: int) -> list[int]:
         """Latents whose top examples or top logit effects contain the token, most matches first."""
-        hits = (self.column("top_token_ids") == token_id).sum(1)
-        if "logit_top_ids" in self.group:
+        hits = (self.column(TOKEN_IDS) == token_id).sum(1)
+        if "logit_top_ids" in self._arrays:
             hits = hits + (self.column("logit_top_ids") == token_id).sum(1)
         found = np.flatnonzero(hits)
         return found[np.argsort(-hits[found], kind="stable")].tolist()
