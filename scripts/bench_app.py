@@ -14,9 +14,7 @@ server's resident memory when it has started, after one request of each page (th
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import socket
 import statistics
 import subprocess
@@ -30,6 +28,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import numpy as np
+from _bench import load_note, parser, write_json  # scripts/ is on the path when run as a script
 
 from saelab.analysis import AnalysisConfig, FeatureStore, analyze
 from saelab.config import HarvestConfig
@@ -192,10 +191,7 @@ def load(base: str, bodies: list[list[bytes]]) -> dict[str, Any]:
 
 
 def main() -> None:
-    args = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    args.add_argument("--json", help="write the figures to this JSON file")
-    args.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
-    args.add_argument("--requests", type=int, default=10, help="requests per client and page (default 10)")
+    args = parser(__doc__, clients=8, requests=10)
     args.add_argument("--run", help="the run directory to serve (default: build a small one)")
     options = args.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -214,8 +210,7 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait()
-    load_average = os.getloadavg()[0]
-    print(f"{options.clients} clients x {options.requests} requests per page (load average {load_average:.2f})")
+    print(f"{options.clients} clients x {options.requests} requests per page; {load_note()}")
     for page, row in pages.items():
         print(f"  {page:9s} p50 {row['p50_ms']:8.1f} ms  p95 {row['p95_ms']:8.1f} ms  errors {row['errors']}")
     print(
@@ -223,9 +218,7 @@ def main() -> None:
             **memory
         )
     )
-    if options.json:
-        figures = {"config": vars(options), "load_average": load_average, "pages": pages, "memory_mb": memory}
-        Path(options.json).write_text(json.dumps(figures, indent=2))
+    write_json(options.json, options, {"pages": pages, "memory_mb": memory})
 
 
 if __name__ == "__main__":
