@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional, TypeVar
@@ -27,6 +28,9 @@ SET_HELP = (
 
 Overrides = Annotated[Optional[list[str]], typer.Option("--set", help=SET_HELP)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+ConfigFile = Annotated[
+    Path, typer.Argument(metavar="CONFIG", help="The command's config (YAML; examples in configs/).")
+]
 Host = Annotated[
     str,
     typer.Option(
@@ -168,23 +172,17 @@ def _print_results(results: list[TrainedSAE]) -> None:
 
 
 @command("train")
-def train_cmd(
-    config: Path = typer.Argument(..., help="Training config (YAML), e.g. configs/train_minilm.yaml."),
-    set_: Overrides = None,
-    quiet: Quiet = False,
-) -> None:
-    """Train SAEs on a store (every hook x grid point in one pass); rerun the same command to resume."""
+def train_cmd(config: ConfigFile, set_: Overrides = None, quiet: Quiet = False) -> None:
+    """Train SAEs on a store (every hook x grid point in one pass); rerun the same command to resume.
+    CONFIG: e.g. configs/train_minilm.yaml."""
     results, _ = _train(config, set_, quiet)
     _print_results(results)
 
 
 @command()
-def sweep(
-    config: Path = typer.Argument(..., help="Sweep config (YAML), e.g. configs/sweep_minilm.yaml."),
-    set_: Overrides = None,
-    quiet: Quiet = False,
-) -> None:
-    """Train a grid of SAEs, then write results.csv and a Pareto plot (pareto.html) into the run directory."""
+def sweep(config: ConfigFile, set_: Overrides = None, quiet: Quiet = False) -> None:
+    """Train a grid of SAEs, then write results.csv and a Pareto plot (pareto.html) into the run directory.
+    CONFIG: e.g. configs/sweep_minilm.yaml."""
     from saelab.train import write_sweep_outputs
 
     results, out = _train(config, set_, quiet)
@@ -241,47 +239,54 @@ def analyze(
         typer.echo(f"wrote {path}")
 
 
-@command()
-def circuit(
-    config: Path = typer.Argument(..., help="Circuit config (YAML), e.g. configs/circuit_induction.yaml."),
-    set_: Overrides = None,
-    quiet: Quiet = False,
-) -> None:
-    """Find a sparse feature circuit (node effects, edges, faithfulness) and write it to RUN/circuits/NAME.json."""
-    from saelab.circuits import CircuitConfig, run_circuit
-    from saelab.config import load_config
+def result_command(name: str, *, package: str, config: str, run: str, example: str, doc: str) -> None:
+    """Register `saelab NAME CONFIG [--set ...] [--quiet]`: load `package.config` from the YAML file, call
+    `package.run` on it, and print each result's summary and the file it went to (the analyses that write one
+    result file per config, or one per SAE)."""
 
-    found, path = run_circuit(load_config(config, CircuitConfig, set_ or []), progress=not quiet)
-    typer.echo(f"{found.summary()}\nwrote {path}")
+    def cmd(
+        config_file: Path = typer.Argument(
+            ..., metavar="CONFIG", help=f"{name.capitalize()} config (YAML), e.g. {example}."
+        ),
+        set_: Overrides = None,
+        quiet: Quiet = False,
+    ) -> None:
+        from saelab.config import load_config
 
+        module = importlib.import_module(package)
+        found = getattr(module, run)(load_config(config_file, getattr(module, config), set_ or []), progress=not quiet)
+        for result, path in found if isinstance(found, list) else [found]:
+            typer.echo(f"{result.summary()}\nwrote {path}")
 
-@command()
-def steer(
-    config: Path = typer.Argument(..., help="Steering config (YAML), e.g. configs/steer_induction.yaml."),
-    set_: Overrides = None,
-    quiet: Quiet = False,
-) -> None:
-    """Steer a model with an SAE latent over a sweep of coefficients; write RUN/steering/NAME.json."""
-    from saelab.config import load_config
-    from saelab.steering import SteerConfig, run_steering
-
-    result, path = run_steering(load_config(config, SteerConfig, set_ or []), progress=not quiet)
-    typer.echo(f"{result.summary()}\nwrote {path}")
+    cmd.__doc__ = doc
+    command(name)(cmd)
 
 
-@command()
-def absorption(
-    config: Path = typer.Argument(..., help="Absorption config (YAML), e.g. configs/absorption_minilm.yaml."),
-    set_: Overrides = None,
-    quiet: Quiet = False,
-) -> None:
-    """Measure feature absorption (SAEBench's first-letter eval, or your labels) of a run's SAEs; results in RUN/absorption."""
-    from saelab.absorption import AbsorptionConfig, run_absorption
-    from saelab.config import load_config
-
-    results = run_absorption(load_config(config, AbsorptionConfig, set_ or []), progress=not quiet)
-    for result, path in results:
-        typer.echo(f"{result.summary()}\nwrote {path}")
+result_command(
+    "circuit",
+    package="saelab.circuits",
+    config="CircuitConfig",
+    run="run_circuit",
+    example="configs/circuit_induction.yaml",
+    doc="Find a sparse feature circuit (node effects, edges, faithfulness) and write it to RUN/circuits/NAME.json.",
+)
+result_command(
+    "steer",
+    package="saelab.steering",
+    config="SteerConfig",
+    run="run_steering",
+    example="configs/steer_induction.yaml",
+    doc="Steer a model with an SAE latent over a sweep of coefficients; write RUN/steering/NAME.json.",
+)
+result_command(
+    "absorption",
+    package="saelab.absorption",
+    config="AbsorptionConfig",
+    run="run_absorption",
+    example="configs/absorption_minilm.yaml",
+    doc="Measure feature absorption (SAEBench's first-letter eval, or your labels) of a run's SAEs; "
+    "results in RUN/absorption.",
+)
 
 
 @command()

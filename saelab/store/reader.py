@@ -37,7 +37,15 @@ class ActivationStore:
     def __init__(self, group: zarr.Group, path: str, *, verify: bool = True):
         self.group = group
         self.path = path
-        self.meta = saelab_meta(group, path)
+        self.meta = saelab_meta(group, path)  # read once: a store opened for reading does not change under it
+        self.hooks: list[str] = list(self.meta["hooks"])
+        """The hook points it holds, in the order they were harvested."""
+        self.n_tokens = int(self.meta["rows_complete"])
+        """Rows that are complete (readable) in every array."""
+        self.complete = bool(self.meta["complete"])
+        """Whether the harvest or import finished (an unfinished harvest is readable up to `n_tokens`)."""
+        self.dtype = str(self.meta["dtype"])
+        """The stored dtype: `float16`, `bfloat16` (as its uint16 bits) or `float32`."""
         self.verify = verify
         """Check each shard against its checksum the first time a read touches it (where the store has them)."""
         if self.imported and not self.complete:
@@ -57,23 +65,6 @@ class ActivationStore:
         if Path(path).is_dir() and not (Path(path) / "zarr.json").exists() and RunDir(path).store.is_dir():
             path = str(RunDir(path).store)
         return cls(open_group(path, mode="r"), path, verify=verify)
-
-    @property
-    def hooks(self) -> list[str]:
-        return list(self.meta["hooks"])
-
-    @property
-    def n_tokens(self) -> int:
-        """Rows that are complete (readable) in every array."""
-        return int(self.meta["rows_complete"])
-
-    @property
-    def complete(self) -> bool:
-        return bool(self.meta["complete"])
-
-    @property
-    def dtype(self) -> str:
-        return str(self.meta["dtype"])
 
     @property
     def imported(self) -> bool:
