@@ -147,15 +147,25 @@ def _display(token: str) -> str:
     return token.replace("\r", "").replace("\n", "↵").replace("\t", "⇥")
 
 
-def context(vocab: list[str], tokens: np.ndarray, acts: np.ndarray, centre: int, scale: float) -> html.Span:
-    """One example's tokens, shaded by this latent's activation, which shows on hover; the example's own
-    token (at `centre`) is outlined. Runs of tokens where the latent is off share one span (fewer components)."""
-    spans: list[html.Span] = []
+def element(tag: str, children: Any, *, namespace: str = "dash_html_components", **props: Any) -> dict[str, Any]:
+    """The component `html.<tag>(children, **props)` (`dcc.<tag>` with `namespace="dash_core_components"`) as Dash
+    sends it to the browser, its `to_plotly_json()`, built directly. For the many small pieces of a page (a
+    feature page has ~700: token spans, table cells, links): a Dash component object costs ~20 µs to build and as
+    much again to serialise, this dict ~1 µs, and the browser renders the same. (Dash's types know only component
+    objects, so a component given `element`s as children says `pyright: ignore`.)"""
+    return {"type": tag, "namespace": namespace, "props": {"children": children, **props}}
+
+
+def context(vocab: list[str], tokens: np.ndarray, acts: np.ndarray, *, centre: int, scale: float) -> dict[str, Any]:
+    """One example's tokens (an `html.Span` as an `element`), shaded by this latent's activation, which shows on
+    hover; the example's own token (at `centre`) is outlined. Runs of tokens where the latent is off share one
+    span (fewer components)."""
+    spans: list[dict[str, Any]] = []
     quiet: list[str] = []
 
     def flush() -> None:
         if text := "".join(quiet):
-            spans.append(html.Span(text, title="activation 0", className="tok"))
+            spans.append(element("Span", text, title="activation 0", className="tok"))
         quiet.clear()
 
     for pos, (tok, act) in enumerate(zip(tokens.tolist(), acts.tolist())):
@@ -170,7 +180,8 @@ def context(vocab: list[str], tokens: np.ndarray, acts: np.ndarray, centre: int,
         flush()
         alpha = min(act / scale, 1.0) if scale > 0 else 0.0
         spans.append(
-            html.Span(
+            element(
+                "Span",
                 _display(stripped),
                 title=f"{text!r}  activation {act:.3f}",
                 style={"backgroundColor": f"rgba({HIGHLIGHT}, {0.1 + 0.8 * max(alpha, 0.0):.2f})"},
@@ -178,13 +189,14 @@ def context(vocab: list[str], tokens: np.ndarray, acts: np.ndarray, centre: int,
             )
         )
     flush()
-    return html.Span(spans, className="context")
+    return element("Span", spans, className="context")
 
 
 def examples(
     vocab: list[str],
     acts: np.ndarray,
     tokens: np.ndarray,
+    *,
     token_acts: np.ndarray,
     centre: int,
     scale: float,
@@ -193,13 +205,17 @@ def examples(
     """Rows of examples, strongest first (activation, highlighted context); padding rows are skipped."""
     order = [i for i in np.argsort(-acts, kind="stable") if (tokens[i] >= 0).any()]
     rows = [
-        html.Div(
-            [html.Span(f"{acts[i]:.2f}", className="act"), context(vocab, tokens[i], token_acts[i], centre, scale)],
+        element(
+            "Div",
+            [
+                element("Span", f"{acts[i]:.2f}", className="act"),
+                context(vocab, tokens[i], token_acts[i], centre=centre, scale=scale),
+            ],
             className="example",
         )
         for i in order
     ]
-    return html.Div(rows or html.Div("No examples.", className="muted"), **data(testid=testid))
+    return html.Div(rows or html.Div("No examples.", className="muted"), **data(testid=testid))  # pyright: ignore[reportArgumentType]  (`element`s)
 
 
 def histogram(counts: np.ndarray, edges: np.ndarray) -> dcc.Graph:
@@ -209,21 +225,34 @@ def histogram(counts: np.ndarray, edges: np.ndarray) -> dcc.Graph:
 
 def token_value_table(vocab: list[str], pairs: Sequence[tuple[int, float]], header: str) -> html.Table:
     body = [
-        html.Tr([html.Td(html.Code(repr(token_text(vocab, t)))), html.Td(f"{v:+.3f}", className="num")])
+        element(
+            "Tr",
+            [element("Td", element("Code", repr(token_text(vocab, t)))), element("Td", f"{v:+.3f}", className="num")],
+        )
         for t, v in pairs
     ]
     return html.Table(
-        [html.Thead(html.Tr([html.Th(header), html.Th("value", className="num")])), html.Tbody(body)], className="tbl"
+        [html.Thead(html.Tr([html.Th(header), html.Th("value", className="num")])), html.Tbody(body)],  # pyright: ignore[reportArgumentType]  (`element`s)
+        className="tbl",
     )
 
 
 def latent_chips(info: SaeInfo, pairs: Sequence[tuple[int, float]], label: str) -> html.Div:
     """Links to other latents' pages, each with a score (cosine, Jaccard or activation)."""
     chips = [
-        html.Span(feature_link(info, i, " ".join(filter(None, [f"#{i}", label, f"{v:.2f}"]))), className="chip")
+        element(
+            "Span",
+            element(
+                "Link",
+                " ".join(filter(None, [f"#{i}", label, f"{v:.2f}"])),
+                namespace="dash_core_components",
+                href=feature_url(info, i),
+            ),
+            className="chip",
+        )
         for i, v in pairs
     ]
-    return html.Div(chips, className="chips")
+    return html.Div(chips, className="chips")  # pyright: ignore[reportArgumentType]  (`element`s)
 
 
 def navigation(app: dash.Dash, error: str, *dependencies: Input | State) -> Callable[[Callable[..., str]], Any]:

@@ -71,10 +71,10 @@ def feature_page(run: str, hook: str | None, variant: str | None, raw_id: str | 
                     vocab,
                     f["quantile_acts"][b],
                     f["quantile_tokens"][b],
-                    f["quantile_token_acts"][b],
-                    centre,
-                    scale,
-                    f"quantile-{b}",
+                    token_acts=f["quantile_token_acts"][b],
+                    centre=centre,
+                    scale=scale,
+                    testid=f"quantile-{b}",
                 ),
             ],
             className="bin",
@@ -84,7 +84,15 @@ def feature_page(run: str, hook: str | None, variant: str | None, raw_id: str | 
     left = [
         c.card(
             "Top activations",
-            c.examples(vocab, f["top_acts"], f["top_tokens"], f["top_token_acts"], centre, scale, "top-examples"),
+            c.examples(
+                vocab,
+                f["top_acts"],
+                f["top_tokens"],
+                token_acts=f["top_token_acts"],
+                centre=centre,
+                scale=scale,
+                testid="top-examples",
+            ),
         ),
         c.card("Examples across the activation range", *bins),
     ]
