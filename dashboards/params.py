@@ -14,6 +14,10 @@ from typing import Any, TypeVar
 
 from saelab.errors import RequestError
 
+# |coefficient| a steering request may ask for, in units of the latent's typical max activation: the library's own
+# limit, which every `saelab.steering.Intervention` takes, so the app refuses exactly what the library would.
+from saelab.steering import MAX_COEFFICIENT as MAX_COEFFICIENT
+
 Params = dict[str, str]
 S = TypeVar("S", bound=str)
 MAX_TEXT = 20_000  # characters of a prompt, query or search text: far beyond any model's context
@@ -21,10 +25,6 @@ MAX_BODY = 1 << 20
 """Bytes of a request body (1 MiB; `app.create_app` sets it as Flask's `MAX_CONTENT_LENGTH`, larger bodies get
 HTTP 413). The largest body the app's pages send, a page URL holding a `MAX_TEXT`-character text of 3-byte UTF-8
 characters, percent-encoded, is 180 kB."""
-MAX_COEFFICIENT = 1e4
-"""|coefficient| a steering request may ask for, in units of the latent's typical max activation (the library's
-limit too: `saelab.steering.MAX_COEFFICIENT`). Useful steering lies within a few tens; far past this an edit changes
-no output but overflows float32 (1e30 gave all-NaN cosines, `clamp` at 1e39 a RuntimeError)."""
 MAX_DIGITS = 15  # digits of an integer parameter (a latent index, a count)
 INTEGER = re.compile(r"[+-]?[0-9]+")
 

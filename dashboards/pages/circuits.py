@@ -23,20 +23,20 @@ NAV = True
 
 
 def node_link(run: str, circuit: Circuit, hook: str, latent: int | str) -> str:
-    """The feature page of a circuit's latent; `RunError` for error nodes and SAEs outside the run."""
+    """The feature page of a circuit's latent; `RunError` for error nodes and SAEs outside the run, and the SAE's
+    own error (`sae_info`: what is wrong with it, the fix) for a broken one that is in the run."""
     if latent == "err":
         raise RunError(
             f"That is the error node of {hook}: what its SAE does not reconstruct, so it has no feature page."
         )
+    run_dir = RunDir(run)
     variant = Path(circuit.saes.get(hook, "")).name
-    try:
-        info = sae_info(run, hook, variant)
-    except RunError:
+    if not variant or not run_dir.sae(hook, variant).is_dir():
         raise RunError(
             f"The SAE of {hook} ({circuit.saes.get(hook) or 'not recorded'}) is not in this run's "
-            f"{RunDir(run).saes_dir.name}/ folder, so its latents have no feature page here."
-        ) from None
-    return c.feature_url(info, int(latent))
+            f"{run_dir.saes_dir.name}/ folder, so its latents have no feature page here."
+        )
+    return c.feature_url(sae_info(run, hook, variant), int(latent))
 
 
 def _slider(component_id: str, top: float) -> dcc.Slider:
