@@ -1,13 +1,19 @@
-"""Helpers of the app's tests: the app served from a thread, Selenium waits and navigation, a small SAE trainer."""
+"""Helpers of the app's tests: the app served from a thread, callback requests as a browser or a script sends them
+and what their answers show, Selenium waits and navigation, a small SAE trainer."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
 
+from dash import Dash
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
@@ -16,7 +22,7 @@ from werkzeug.serving import make_server
 
 from saelab.analysis import AnalysisConfig, analyze
 from saelab.config import HarvestConfig
-from saelab.dashboards.app import create_app
+from saelab.dashboards.app import CALLBACK_PATH, create_app
 from saelab.harvest import harvest
 from saelab.run import RunDir
 from saelab.train import Grid, TrainConfig, TrainedSAE, train
@@ -94,6 +100,70 @@ class Server:
 
     def close(self) -> None:
         self.httpd.shutdown()
+
+
+def body(app: Dash, first_input: str, values: list[Any]) -> dict[str, Any]:
+    """The request a browser sends to the callback whose first input is component `first_input`: `values` are its
+    inputs' then its state's values, in the order the callback declares them."""
+    key, spec = next((k, s) for k, s in app.callback_map.items() if s["inputs"][0]["id"] == first_input)
+    several = isinstance(spec["output"], list)
+    outputs = [
+        {"id": o.component_id, "property": o.component_property}
+        for o in (spec["output"] if several else [spec["output"]])
+    ]
+    n = len(spec["inputs"])
+    return {
+        "output": key,
+        "outputs": outputs if several else outputs[0],
+        "inputs": [dict(i, value=v) for i, v in zip(spec["inputs"], values[:n])],
+        "state": [dict(s, value=v) for s, v in zip(spec["state"], values[n:])],
+        "changedPropIds": [f"{first_input}.{spec['inputs'][0]['property']}"],
+    }
+
+
+def url(path: str, **query: str) -> tuple[str, Callable[[str], list[Any]]]:
+    """The routing callback's request for the page `path?query`, as (first input, values given the SAE's
+    `hook|variant`) for `body`; `{sae}` in a value is the SAE's variant."""
+    return "url", lambda sae: [
+        path,
+        "?" + urlencode({k: v.format(sae=sae.partition("|")[2]) for k, v in query.items()}),
+    ]
+
+
+def page(app: Dash, path: str, **query: str) -> Any:
+    """The page `path?query` as the routing callback answers it (its JSON, parsed); asserts HTTP 200."""
+    response = app.server.test_client().post(CALLBACK_PATH, json=body(app, "url", [path, "?" + urlencode(query)]))
+    assert response.status_code == 200, response.data[:300]
+    return json.loads(response.data)
+
+
+def components(node: Any) -> list[dict[str, Any]]:
+    """Every component in a callback answer (each a dict with `props`), depth first."""
+    if isinstance(node, list):
+        return [c for child in node for c in components(child)]
+    if not isinstance(node, dict):
+        return []
+    found = [node] if isinstance(node.get("props"), dict) else []
+    return found + [c for value in node.values() for c in components(value)]
+
+
+def text(node: Any) -> str:
+    """All the text a component (or a whole callback answer) shows."""
+    if isinstance(node, str):
+        return node
+    if isinstance(node, dict):
+        return text(node["props"].get("children")) if isinstance(node.get("props"), dict) else text(list(node.values()))
+    return " ".join(text(child) for child in node) if isinstance(node, list) else ""
+
+
+def by_class(answer: Any, name: str) -> list[str]:
+    """The texts of the components of class `name` in a callback answer (its JSON, parsed)."""
+    return [text(c) for c in components(answer) if c["props"].get("className") == name]
+
+
+def errors(answer: Any) -> list[str]:
+    """The texts of the error boxes in a callback answer: its JSON, as sent (bytes or text) or parsed."""
+    return by_class(json.loads(answer) if isinstance(answer, (bytes, str)) else answer, "error")
 
 
 def visit(driver, url: str, css: str, timeout: float = 30):

@@ -15,8 +15,7 @@ from dash import Dash
 
 from saelab.dashboards.app import CALLBACK_PATH, create_app
 from saelab.run import RunDir, SaeEntry
-from tests.dashboards.helpers import OTHER, Server
-from tests.dashboards.test_requests import body, errors, url
+from tests.dashboards.helpers import OTHER, Server, body, errors, url
 
 CLIENTS = 4
 ROUNDS = 3  # each client sends its requests this many times, interleaved with the other clients'
@@ -66,7 +65,7 @@ def served(run_dir, decoder_run):
 def test_concurrent_prompt_and_steering_requests_each_get_their_own_answer(served):
     alone = {id(r): _post(base, r) for client in served for base, r in client}
     for answer in alone.values():  # the reference answers are real pages, not error boxes
-        assert not errors(json.dumps(answer).encode()), errors(json.dumps(answer).encode())
+        assert not errors(answer), errors(answer)
 
     def client(requests: list[tuple[str, dict[str, Any]]]) -> list[tuple[int, Any]]:
         return [(id(r), _post(base, r)) for _ in range(ROUNDS) for base, r in requests]
@@ -77,5 +76,5 @@ def test_concurrent_prompt_and_steering_requests_each_get_their_own_answer(serve
     # Equal exactly: the same code on the same machine and thread count computes the same floats, so a request's
     # answer differs from its answer alone only if another request's hooks reached its forward pass.
     wrong = [key for key, answer in answers if answer != alone[key]]
-    failed = [key for key, answer in answers if errors(json.dumps(answer).encode())]
+    failed = [key for key, answer in answers if errors(answer)]
     assert not wrong and not failed, f"{len(wrong)} of {len(answers)} answers differ, {len(failed)} are errors"

@@ -6,19 +6,21 @@ Requests go through the app's routing callback with Flask's test client, as the 
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 import pytest
-from dash import Dash
 
-from saelab.dashboards.app import CALLBACK_PATH, create_app
+from saelab.circuits import Circuit, Node
+from saelab.dashboards.app import create_app
 from saelab.dashboards.data import NO_ANALYSIS, SaeInfo
+from saelab.dashboards.pages.circuits import node_link
+from saelab.errors import RunError
 from saelab.run import SAE_CONFIG, SAE_METRICS, SAE_WEIGHTS, RunDir
+from tests.dashboards.helpers import by_class, components, errors, page, text
 
 BROKEN = "a-broken"  # sorts before the good SAE's variant, so a page's default must skip it by itself
 
@@ -27,9 +29,9 @@ def _cut_short(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-def _garble_a_chunk(analysis: Path) -> None:
-    chunk = next(p for p in sorted((analysis / "top_acts").rglob("*")) if p.is_file() and p.name != "zarr.json")
-    chunk.write_bytes(b"\x00not zstd" * 8)
+def _first_chunk(analysis: Path) -> Path:
+    """The file of the first chunk (latents 0 to 63) of the analysis's `top_acts` panel."""
+    return next(p for p in sorted((analysis / "top_acts").rglob("*")) if p.is_file() and p.name != "zarr.json")
 
 
 # How the broken SAE is damaged (its folder, its analysis), and a part of what its own pages then say.
@@ -41,9 +43,14 @@ BREAKS: dict[str, tuple[Callable[[Path, Path], Any], str]] = {
     "weights-cut-short": (lambda sae, an: _cut_short(sae / SAE_WEIGHTS), "the file is damaged or cut short"),
     "analysis-missing": (lambda sae, an: shutil.rmtree(an), "has no feature analysis yet"),
     "analysis-metadata-garbage": (lambda sae, an: (an / "zarr.json").write_text("{not json"), "cannot be read"),
-    "analysis-chunk-garbage": (lambda sae, an: _garble_a_chunk(an), "Zstd decompression error"),
+    "analysis-chunk-garbage": (
+        lambda sae, an: _first_chunk(an).write_bytes(b"\x00not zstd" * 8),
+        "panel 'top_acts', latents 0 to 63, cannot be read (RuntimeError: Zstd decompression error",
+    ),
+    "analysis-chunk-missing": (lambda sae, an: _first_chunk(an).unlink(), "its chunk c/0/0 is missing"),
 }
 SAE_BROKEN = {"cfg-garbage", "cfg-a-list", "metrics-garbage", "weights-missing", "weights-cut-short"}
+CHUNK_BROKEN = {"analysis-chunk-garbage", "analysis-chunk-missing"}  # shows only when that chunk is read
 
 
 def two_sae_run(root: Path, run_dir: Path, good: SaeInfo, damage: Callable[[Path, Path], Any]) -> Path:
@@ -58,46 +65,6 @@ def two_sae_run(root: Path, run_dir: Path, good: SaeInfo, damage: Callable[[Path
     shutil.copytree(src.analysis(good.hook, good.variant), run.analysis(good.hook, BROKEN))
     damage(run.sae(good.hook, BROKEN), run.analysis(good.hook, BROKEN))
     return root
-
-
-def page(app: Dash, path: str, **query: str) -> dict[str, Any]:
-    """The page `path?query` as the routing callback answers it (its JSON); asserts HTTP 200."""
-    request = {
-        "output": "page.children",
-        "outputs": {"id": "page", "property": "children"},
-        "inputs": [
-            {"id": "url", "property": "pathname", "value": path},
-            {"id": "url", "property": "search", "value": "?" + urlencode(query)},
-        ],
-        "changedPropIds": ["url.pathname"],
-    }
-    response = app.server.test_client().post(CALLBACK_PATH, json=request)
-    assert response.status_code == 200, response.data[:300]
-    return json.loads(response.data)
-
-
-def components(node: Any) -> list[dict[str, Any]]:
-    """Every component in a callback answer (each a dict with `props`), depth first."""
-    if isinstance(node, list):
-        return [c for child in node for c in components(child)]
-    if not isinstance(node, dict):
-        return []
-    found = [node] if isinstance(node.get("props"), dict) else []
-    return found + [c for value in node.values() for c in components(value)]
-
-
-def text(node: Any) -> str:
-    """All the text a component (or a whole callback answer) shows."""
-    if isinstance(node, str):
-        return node
-    if isinstance(node, dict):
-        return text(node["props"].get("children")) if isinstance(node.get("props"), dict) else text(list(node.values()))
-    return " ".join(text(child) for child in node) if isinstance(node, list) else ""
-
-
-def by_class(answer: dict[str, Any], name: str) -> list[str]:
-    """The texts of the components of class `name` (`error`: the error boxes)."""
-    return [text(c) for c in components(answer) if c["props"].get("className") == name]
 
 
 def sae_rows(answer: dict[str, Any]) -> dict[str, str]:
@@ -116,17 +83,17 @@ def test_a_broken_sae_leaves_the_other_saes_pages_working(kind, run_dir, sae, bu
 
     overview = page(app, "/")
     rows = sae_rows(overview)
-    assert by_class(overview, "error") == [] and set(rows) == {BROKEN, sae.variant}
+    assert errors(overview) == [] and set(rows) == {BROKEN, sae.variant}
     assert "features" in rows[sae.variant] and f"{sae.metrics['fvu']:.4g}" in rows[sae.variant]
     if kind == "analysis-missing":
         assert NO_ANALYSIS in rows[BROKEN] and by_class(overview, "row-error") == []
-    elif kind != "analysis-chunk-garbage":  # damaged chunks show only when read: on the latent's page
+    elif kind not in CHUNK_BROKEN:  # damaged chunks show only when read: on the latent's page
         (shown,) = by_class(overview, "row-error")
         assert message in shown and shown in rows[BROKEN] and "features" not in rows[BROKEN]
 
     good = {"hook": sae.hook, "sae": sae.variant}
     # pages that name no SAE skip the broken one; a damaged chunk shows only when read, so that SAE may be chosen
-    default = BROKEN if kind == "analysis-chunk-garbage" else sae.variant
+    default = BROKEN if kind in CHUNK_BROKEN else sae.variant
     for path, query, shows in [
         ("/feature", {**good, "id": str(busy)}, f"Feature #{busy}"),
         ("/search", {**good, "q": "the"}, "Latents by token"),
@@ -135,20 +102,20 @@ def test_a_broken_sae_leaves_the_other_saes_pages_working(kind, run_dir, sae, bu
         ("/prompt", {"text": "the cat sat"}, f"({sae.hook} · {default})"),
     ]:
         answer = page(app, path, **query)
-        assert by_class(answer, "error") == [] and shows in text(answer), (path, query)
+        assert errors(answer) == [] and shows in text(answer), (path, query)
 
-    (box,) = by_class(page(app, "/feature", hook=sae.hook, sae=BROKEN, id="0"), "error")
+    (box,) = errors(page(app, "/feature", hook=sae.hook, sae=BROKEN, id="0"))
     assert message in box
     if kind in SAE_BROKEN:
         assert f"The SAE {sae.hook}/{BROKEN} cannot be used" in box and str(folder) in box and "train it again" in box
         for path, query in [("/prompt", {"text": "hi"}), ("/search", {"q": "the"}), ("/steering", {"text": "hi"})]:
-            (box,) = by_class(page(app, path, hook=sae.hook, sae=BROKEN, **query), "error")
+            (box,) = errors(page(app, path, hook=sae.hook, sae=BROKEN, **query))
             assert box.startswith(f"The SAE {sae.hook}/{BROKEN} cannot be used"), (path, box)
         options = next(c for c in components(page(app, "/prompt")) if c["props"].get("id") == "prompt-sae")
         disabled = [o["value"] for o in options["props"]["options"] if o.get("disabled")]
         assert disabled == [f"{sae.hook}|{BROKEN}"]
-    elif kind != "analysis-chunk-garbage":  # a damaged chunk: an error box with zarr's reason (FeatureStore's read)
-        assert str(RunDir(run).analysis(sae.hook, BROKEN)) in box and "saelab analyze" in box
+    else:  # the analysis named, with the fix (a damaged chunk: with zarr's reason, from FeatureStore's read)
+        assert str(RunDir(run).analysis(sae.hook, BROKEN)) in box and f"saelab analyze {run}" in box
 
 
 def test_a_run_whose_only_sae_is_broken_says_so_on_every_page(run_dir, sae, tmp_path):
@@ -158,5 +125,29 @@ def test_a_run_whose_only_sae_is_broken_says_so_on_every_page(run_dir, sae, tmp_
     overview = page(app, "/")
     assert set(sae_rows(overview)) == {BROKEN} and len(by_class(overview, "row-error")) == 1
     for path in ("/prompt", "/search"):
-        (box,) = by_class(page(app, path), "error")
+        (box,) = errors(page(app, path))
         assert box.startswith(f"None of the run's 1 SAEs can be used. The SAE {sae.hook}/{BROKEN} cannot be used")
+
+
+def test_a_circuit_node_of_a_broken_sae_names_what_is_wrong_with_it(run_dir, sae, tmp_path):
+    """A circuit's latent links to its SAE's feature page; a broken SAE in the run says what is wrong with it (not
+    that it is missing from the run), and one outside the run says that."""
+    run = two_sae_run(tmp_path / "run", run_dir, sae, BREAKS["weights-missing"][0])
+    saes = {sae.hook: str(RunDir(run_dir).sae(sae.hook, sae.variant))}
+    circuit = Circuit(
+        name="c",
+        hooks=[sae.hook],
+        saes=saes,
+        labels=["a"],
+        nodes=[Node(sae.hook, 3, 0, 0.5)],
+        edges=[],
+        curves={"n": [1], "faithfulness": [1.0], "completeness": [0.0]},
+        metric={"clean": 1.0, "empty": 0.0},
+    )
+    assert node_link(str(run), circuit, sae.hook, 3) == f"/feature?hook={sae.hook}&sae={sae.variant}&id=3"
+    broken = dataclasses.replace(circuit, saes={sae.hook: str(RunDir(run).sae(sae.hook, BROKEN))})
+    with pytest.raises(RunError, match=f"The SAE {sae.hook}/{BROKEN} cannot be used: it has no weights"):
+        node_link(str(run), broken, sae.hook, 3)
+    elsewhere = dataclasses.replace(circuit, saes={sae.hook: "/elsewhere/other-variant"})
+    with pytest.raises(RunError, match="not in this run's saes/ folder"):
+        node_link(str(run), elsewhere, sae.hook, 3)

@@ -21,7 +21,7 @@ from saelab.dashboards.live import ModelPool, load_sae, run_model
 from saelab.dashboards.pages import steering as page
 from saelab.errors import RequestError
 from saelab.run import RunDir
-from tests.dashboards.test_requests import body, errors, url
+from tests.dashboards.helpers import body, errors, url
 
 
 def _answer(run, first_input: str, values: Callable[[str], list[Any]]) -> str:
@@ -94,7 +94,7 @@ TOO_LONG = "x" * (p.MAX_TEXT + 1)
     ],
 )
 def test_a_request_past_a_limit_gets_an_error_box_naming_it(decoder_run, request_, message):
-    shown = errors(_answer(decoder_run, *request_).encode())
+    shown = errors(_answer(decoder_run, *request_))
     assert any(message in text for text in shown), shown
 
 
@@ -109,7 +109,7 @@ def test_the_decoder_steering_page_generates_what_the_context_leaves(induction_r
     iv = st.Intervention(sae_entry.hook, sae, [1], "add", 2.0, scale)
     want = st.compare(model, prompt, [iv], max_new_tokens=15)
     answer = _answer(induction_run, *_page("/steering", latent="1", coef="2", text=prompt))
-    assert not errors(answer.encode()), errors(answer.encode())
+    assert not errors(answer), errors(answer)
     assert "15 (all that the model's 24-token context leaves)" in answer
     assert len(want.unsteered) > 0 and json.dumps(want.unsteered) in answer and json.dumps(want.steered) in answer
 

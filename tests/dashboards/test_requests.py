@@ -4,10 +4,7 @@ a body that names no callback of the app, or not with the inputs it declares, ge
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlencode
 
 import pytest
 from dash import Dash
@@ -15,7 +12,7 @@ from dash import Dash
 from saelab.circuits import Circuit, Edge, Node
 from saelab.dashboards.app import CALLBACK_PATH, create_app
 from saelab.run import RunDir
-from tests.dashboards.helpers import HOOK
+from tests.dashboards.helpers import HOOK, body, errors, url
 
 CIRCUIT = "crafted"
 DECODER_HOOK = "blocks.0.hook_resid_post"
@@ -41,52 +38,6 @@ def apps(run_dir, decoder_run) -> dict[str, tuple[Dash, str]]:
         sae = RunDir(run).saes()[0]
         made[name] = (create_app(str(run)), f"{sae.hook}|{sae.variant}")
     return made
-
-
-def body(app: Dash, first_input: str, values: list[Any]) -> dict[str, Any]:
-    """The request a browser sends to the callback whose first input is component `first_input`: `values` are its
-    inputs' then its state's values, in the order the callback declares them."""
-    key, spec = next((k, s) for k, s in app.callback_map.items() if s["inputs"][0]["id"] == first_input)
-    several = isinstance(spec["output"], list)
-    outputs = [
-        {"id": o.component_id, "property": o.component_property}
-        for o in (spec["output"] if several else [spec["output"]])
-    ]
-    n = len(spec["inputs"])
-    return {
-        "output": key,
-        "outputs": outputs if several else outputs[0],
-        "inputs": [dict(i, value=v) for i, v in zip(spec["inputs"], values[:n])],
-        "state": [dict(s, value=v) for s, v in zip(spec["state"], values[n:])],
-        "changedPropIds": [f"{first_input}.{spec['inputs'][0]['property']}"],
-    }
-
-
-def url(path: str, **query: str) -> tuple[str, Callable[[str], list[Any]]]:
-    """The routing callback's request for the page `path?query`; `{sae}` in a value is the SAE's variant."""
-    return "url", lambda sae: [
-        path,
-        "?" + urlencode({k: v.format(sae=sae.partition("|")[2]) for k, v in query.items()}),
-    ]
-
-
-def errors(data: bytes) -> list[str]:
-    """The texts of the error boxes in a callback's response."""
-    found: list[str] = []
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            props = node.get("props")
-            if isinstance(props, dict) and props.get("className") == "error":
-                found.append(str(props.get("children")))
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(json.loads(data))
-    return found
 
 
 LONG = "x" * 5000
