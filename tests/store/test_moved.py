@@ -15,7 +15,7 @@ from saelab.analysis import AnalysisConfig, FeatureStore, analyze
 from saelab.analysis import run as analysis_run
 from saelab.config import TextConfig
 from saelab.dashboards import live
-from saelab.run import VOCAB, RunDir
+from saelab.run import VOCAB, RunDir, store_relative, store_resolve
 from saelab.steering import SteerConfig, run_steering
 from saelab.steering import run as steering_run
 from saelab.store import ActivationStore
@@ -30,6 +30,21 @@ def moved(induction_run: Path, tmp_path: Path) -> RunDir:
     first = tmp_path / "first" / "run"
     shutil.copytree(induction_run, first)
     return RunDir(shutil.move(first, tmp_path / "elsewhere" / "moved"))
+
+
+def test_a_store_records_paths_beside_it_from_its_folder_and_others_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths are taken from the working directory, as a user's are
+    store = "run/activations.zarr"
+    assert store_relative("run/model", store=store) == "../model"
+    assert store_relative(tmp_path / "run" / "data" / ".." / "t.txt", store=store) == "../t.txt"
+    assert store_relative("run", store=store) == ".."
+    assert store_relative("other/model", store=store) == str(tmp_path / "other" / "model")  # not beside the store
+    assert store_relative("run/model", store="memory://run/activations.zarr") == str(tmp_path / "run" / "model")
+    moved = tmp_path / "b" / "moved" / "activations.zarr"
+    assert store_resolve("../model", store=moved) == str(tmp_path / "b" / "moved" / "model")
+    assert store_resolve("..", store="moved/activations.zarr") == "moved"
+    for recorded in ("minilm", "gpt2", "org/model", "/data/model", "s3://b/model", "..model"):
+        assert store_resolve(recorded, store=moved) == recorded  # names, absolute paths and URLs as they are
 
 
 def test_a_moved_runs_store_records_its_model_and_text_from_the_store_and_finds_them_where_it_now_is(
