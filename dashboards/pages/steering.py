@@ -36,7 +36,7 @@ SCOPES: tuple[ScopeName, ...] = ("all", "prompt", "generated")
 @lru_cache(maxsize=2)
 def _corpus(run: str) -> tuple[list[str], torch.Tensor]:
     """The first documents of the run's text source and their sentence embeddings (once per process)."""
-    text = open_store(run).config.get("text") or {}
+    text = open_store(run).text  # its file found from where the run is now (runs move)
     try:
         docs = list(itertools.islice(iter_documents(TextConfig(**text)), CORPUS_DOCUMENTS))
     except Exception as err:
