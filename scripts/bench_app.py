@@ -30,11 +30,9 @@ from urllib.parse import urlencode
 import numpy as np
 from _bench import load_note, parser, write_json  # scripts/ is on the path when run as a script
 
-from saelab.analysis import AnalysisConfig, FeatureStore, analyze
-from saelab.config import HarvestConfig
-from saelab.harvest import harvest
+from saelab.analysis import FeatureStore
 from saelab.run import RunDir
-from saelab.train import Grid, TrainConfig, train
+from saelab.toys.runs import small_run
 
 CALLBACK = "/_dash-update-component"
 HOOK = "blocks.1.hook_resid_post"
@@ -52,36 +50,7 @@ TEXTS = [
 
 def build_run(root: Path) -> Path:
     """A small analysed MiniLM run at `root/run` (about a minute on two CPU cores)."""
-    run = root / "run"
-    store = harvest(
-        HarvestConfig(
-            model="minilm",
-            hooks=[HOOK],
-            out=str(RunDir(run).store),
-            context_length=32,
-            batch_size=32,
-            max_tokens=4096,
-            shard_rows=4096,
-            chunk_rows=1024,
-            device="cpu",
-        ),
-        progress=False,
-    )
-    train(
-        TrainConfig(
-            store=store.path,
-            run=str(run),
-            tokens=512 * 20,
-            batch_size=512,
-            eval_rows=1024,
-            warmup_steps=5,
-            grid=Grid(k=[16], expansion=[4]),
-            device="cpu",
-        ),
-        progress=False,
-    )
-    analyze(str(run), AnalysisConfig(device="cpu"), progress=False)
-    return run
+    return small_run(root, "minilm", HOOK, k=16, expansion=4, analysed=True)
 
 
 def route(path: str, **query: Any) -> bytes:

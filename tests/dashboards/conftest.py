@@ -15,12 +15,11 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 
 from saelab.analysis import AnalysisConfig, FeatureStore, analyze
-from saelab.config import HarvestConfig
 from saelab.dashboards.data import feature_store, list_saes
-from saelab.harvest import harvest
-from saelab.run import SAE_CONFIG, RunDir
+from saelab.run import SAE_CONFIG
+from saelab.toys.runs import small_run, small_store
 from saelab.train.sweep import write_sweep_outputs
-from tests.dashboards.helpers import CHROMEDRIVER, CHROMIUM, HOOK, NO_BROWSER, OTHER, Server, small_run, train_saes
+from tests.dashboards.helpers import CHROMEDRIVER, CHROMIUM, HOOK, NO_BROWSER, OTHER, Server, train_saes
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -34,21 +33,7 @@ def run_dir(minilm, tmp_path_factory) -> Path:
     """A real run: harvest 8k MiniLM tokens, train a 1536-latent TopK SAE, sweep outputs, analysis; plus a
     copy of the SAE whose config says it was trained on another model (the app must refuse it)."""
     run = tmp_path_factory.mktemp("app") / "run"
-    store = harvest(
-        HarvestConfig(
-            model="minilm",
-            hooks=[HOOK],
-            out=str(RunDir(run).store),
-            context_length=64,
-            batch_size=32,
-            max_tokens=8192,
-            shard_rows=4096,
-            chunk_rows=1024,
-            device="cpu",
-        ),
-        model=minilm,
-        progress=False,
-    )
+    store = small_store(run, "minilm", HOOK, tokens=8192, context_length=64, loaded=minilm)
     rows = train_saes(store.path, run, steps=30, expansion=4)
     write_sweep_outputs([r.row() for r in rows], run)
     analyze(str(run), AnalysisConfig(device="cpu"), progress=False)

@@ -20,11 +20,7 @@ from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
 from werkzeug.serving import make_server
 
-from saelab.analysis import AnalysisConfig, analyze
-from saelab.config import HarvestConfig
 from saelab.dashboards.app import CALLBACK_PATH, create_app
-from saelab.harvest import harvest
-from saelab.run import RunDir
 from saelab.train import Grid, TrainConfig, TrainedSAE, train
 
 HOOK = "blocks.1.hook_resid_post"
@@ -51,42 +47,6 @@ def train_saes(store: str, out: Path, steps: int, expansion: int) -> list[Traine
         device="cpu",
     )
     return train(cfg, progress=False)
-
-
-def small_run(root: Path, model: str, hook: str, *, k: int, analysed: bool) -> Path:
-    """A run at `root/run`: 4k tokens of `model` at `hook`, a TopK SAE (k `k`, expansion 2), and its analysis
-    when `analysed`."""
-    run = root / "run"
-    store = harvest(
-        HarvestConfig(
-            model=model,
-            hooks=[hook],
-            out=str(RunDir(run).store),
-            context_length=32,
-            batch_size=32,
-            max_tokens=4096,
-            shard_rows=4096,
-            chunk_rows=1024,
-            device="cpu",
-        ),
-        progress=False,
-    )
-    train(
-        TrainConfig(
-            store=store.path,
-            run=str(run),
-            tokens=512 * 20,
-            batch_size=512,
-            eval_rows=1024,
-            warmup_steps=5,
-            grid=Grid(k=[k], expansion=[2]),
-            device="cpu",
-        ),
-        progress=False,
-    )
-    if analysed:
-        analyze(str(run), AnalysisConfig(device="cpu"), progress=False)
-    return run
 
 
 class Server:

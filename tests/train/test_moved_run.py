@@ -22,13 +22,13 @@ from saelab.errors import ConfigError
 from saelab.importer import import_arrays
 from saelab.run import SAE_CONFIG, SAE_WEIGHTS, RunDir, absolute_path
 from saelab.store import ActivationStore
+from saelab.toys.runs import small_run
 from saelab.train import (
     Grid,
     TrainConfig,
     train,
     trainer,  # the module (`saelab.train` on `saelab` is the function)
 )
-from tests.dashboards.helpers import small_run
 
 STEPS, STOP_AT, BATCH = 60, 20, 256
 

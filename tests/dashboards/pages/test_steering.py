@@ -14,7 +14,8 @@ from saelab import steering as st
 from saelab.dashboards.data import list_saes
 from saelab.dashboards.live import load_sae, run_model
 from saelab.dashboards.pages import steering as page
-from tests.dashboards.helpers import Server, go, screenshot, small_run, visit, wait_for
+from saelab.toys.runs import small_run
+from tests.dashboards.helpers import Server, go, screenshot, visit, wait_for
 
 PROMPT = "Return the absolute value of a number"
 QUERY = "Open a network connection to a host."
