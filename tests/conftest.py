@@ -15,6 +15,13 @@ from saelab.toys.synthetic import decoder_config
 
 torch.set_num_threads(2)
 
+LONGEST_FIRST = ("tests/test_notebooks.py",)  # minutes in one file: started first, the other worker takes the rest
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the longest files first, so that `pytest -n 2 --dist loadfile` (`make test`) ends both workers together."""
+    items.sort(key=lambda item: not item.nodeid.startswith(LONGEST_FIRST))  # a stable sort: the rest keep their order
+
 
 def train_bpe_tokenizer(folder, vocab_size: int = 512, n_docs: int = 600):
     """A byte-level BPE tokenizer trained on the embedded corpus, with GPT-2 style <|endoftext|>.
