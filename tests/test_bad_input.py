@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 import saelab
 from saelab.cli import app
 from saelab.run import RunDir
+from tests.store.helpers import TINY_TRAINING
 
 ROWS, D = 10, 4
 
@@ -90,18 +91,7 @@ class Inputs:
         run = self.path("run")
         if not (run / "activations.zarr").exists():
             self.store(str(RunDir(run).store), rows=600)
-        base = dict(
-            run=str(run),
-            tokens=256,
-            batch_size=64,
-            eval_rows=128,
-            warmup_steps=1,
-            checkpoint_every=128,
-            log_every=1,
-            ce_contexts=0,
-            grid={"arch": ["topk"], "k": [2], "expansion": [2]},
-        )
-        return self.yaml("train.yaml", {**base, **changes})
+        return self.yaml("train.yaml", {"run": str(run), **TINY_TRAINING, **changes})
 
     def trained_run(self) -> str:
         """A run trained for a few steps (a checkpoint of a TopK SAE of width 2 x 4), and its config file."""

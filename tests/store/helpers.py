@@ -41,18 +41,20 @@ def flip_byte(path: Path, at: int = 100) -> None:
     path.write_bytes(bytes(data))
 
 
+TINY_TRAINING = dict(
+    tokens=256,
+    batch_size=64,
+    eval_rows=128,
+    warmup_steps=1,
+    checkpoint_every=128,
+    log_every=1,
+    ce_contexts=0,
+    grid={"arch": ["topk"], "k": [2], "expansion": [2]},
+)
+"""Four steps of a TopK SAE (k 2, expansion 2) on a store of 600 rows or more: the `TrainConfig` fields but `run`."""
+
+
 def train_config(run: Path, path: Path) -> Path:
-    """A training config at `path` of four steps of a TopK SAE on every hook of `run`'s store (600 rows or more)."""
-    cfg = dict(
-        run=str(run),
-        tokens=256,
-        batch_size=64,
-        eval_rows=128,
-        warmup_steps=1,
-        checkpoint_every=128,
-        log_every=1,
-        ce_contexts=0,
-        grid={"arch": ["topk"], "k": [2], "expansion": [2]},
-    )
-    path.write_text(json.dumps(cfg))  # JSON is YAML
+    """A training config at `path` of `TINY_TRAINING` on every hook of `run`'s store."""
+    path.write_text(json.dumps({"run": str(run), **TINY_TRAINING}))  # JSON is YAML
     return path
