@@ -1,0 +1,20 @@
+"""Start saelab on several CPU ranks with torchrun, as a user would: the tests marked `distributed` use this."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def torchrun(
+    *args: str, ranks: int = 2, timeout: float = 300, cwd: str | Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`torchrun --standalone --nproc-per-node RANKS ARGS...` (ARGS: `-m saelab train CONFIG`, or a script and its
+    arguments) with one thread per rank, its output captured; raises `subprocess.TimeoutExpired` past `timeout`."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *args]
+    environment = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"} | (env or {})
+    return subprocess.run(
+        command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout, check=False
+    )
