@@ -74,3 +74,7 @@ class SteeringError(SaelabError, ValueError):
 
 class RequestError(SaelabError, ValueError):
     """A request to the app whose parameters are of the wrong type or out of range."""
+
+
+class DistributedError(SaelabError, RuntimeError):
+    """A run on several ranks that cannot go on as asked (ranks that disagree, a resume with another rank count)."""
