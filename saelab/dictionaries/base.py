@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import ClassVar, Literal, NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from saelab.dictionaries.registry import Arch, sae_class
+from saelab.distributed import all_reduce_sum, ranks
 
 DType = Literal["float32", "float64", "bfloat16", "float16"]
 
@@ -93,15 +95,47 @@ def spread(x: Tensor) -> Tensor:
     return (x - x.mean(0)).square().sum()
 
 
+def all_gather(tensor: Tensor) -> list[Tensor]:
+    """Every rank's `tensor` (the same shape on each), in rank order; `[tensor]` on one rank."""
+    if not ranks().many:
+        return [tensor]
+    out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, tensor.contiguous())
+    return out
+
+
+@torch.no_grad()
+def global_spread(x: Tensor) -> Tensor:
+    """`spread` of the rows of every rank's `x` taken together, the same number on every rank: each rank's row count,
+    mean and `spread` are gathered and combined by Chan et al.'s pairwise formula (the sum of the spreads plus each
+    count times its mean's squared distance from the overall mean), which loses no precision to cancellation."""
+    local = torch.cat([x.new_tensor([x.shape[0]]), spread(x).reshape(1), x.mean(0)])
+    parts = torch.stack(all_gather(local))
+    counts, spreads, means = parts[:, 0], parts[:, 1], parts[:, 2:]
+    mean = counts @ means / counts.sum()
+    return spreads.sum() + counts @ (means - mean).square().sum(1)
+
+
+class Batch(NamedTuple):
+    """A training batch as an SAE's loss reads it (`SAE.training_batch`)."""
+
+    x: Tensor
+    """The scaled rows this process trains on, `[rows, d_in]` (under `SAE.split`, its slice of the batch)."""
+    rows: int
+    """Rows of the whole batch."""
+    total_var: Tensor
+    """`spread` of the whole scaled batch: the FVU's denominator."""
+
+
 class LossTerms(NamedTuple):
     """The reconstruction terms every SAE loss starts from."""
 
     residual: Tensor
     """`x - recon`, `[batch, d_in]`."""
     total_var: Tensor
-    """Summed squared deviation of `x` from its mean (the FVU's denominator)."""
+    """Summed squared deviation of the whole batch from its mean (the FVU's denominator)."""
     fvu: Tensor
-    """Fraction of variance unexplained: squared error over `total_var`."""
+    """Fraction of variance unexplained: squared error over `total_var` (under `SAE.split`, this rank's share)."""
 
 
 class SAE(nn.Module):
@@ -126,6 +160,12 @@ class SAE(nn.Module):
         self.register_buffer("input_scale", torch.ones((), dtype=dtype, device=device))
         self.register_buffer("tokens_since_fired", torch.zeros(cfg.d_sae, dtype=torch.long, device=device))
         self._aux_plan: Tensor | None = None  # dead latents AuxK trains on
+        self.split: slice | None = None
+        """The rows of each training batch that this rank trains on, when every rank is given the whole batch and
+        trains on its slice of it (`parallel: ddp`); `None`: all of them. When set, the loss's denominators, the
+        dead-latent counters and BatchTopK's selection are those of the whole batch, and each metric a step returns
+        is this rank's share (`train_step` sums gradients, counters and shares over the ranks)."""
+        self._fired: tuple[Tensor, int] | None = None  # under `split`: (latents fired here, tokens) not yet summed
 
     @staticmethod
     def from_config(cfg: SAEConfig, device: torch.device | str | None = None) -> SAE:
@@ -171,10 +211,20 @@ class SAE(nn.Module):
         """
         raise NotImplementedError
 
-    def _loss_terms(self, x: Tensor, recon: Tensor) -> LossTerms:
-        """Residual, total variance of `x` and fraction of variance unexplained."""
-        total_var = spread(x)
-        return LossTerms(x - recon, total_var, F.mse_loss(recon, x, reduction="sum") / total_var)
+    def training_batch(self, x: Tensor) -> Batch:
+        """Raw activations `[..., d_in]` of a whole batch as the loss reads them: scaled, sliced to `split`."""
+        x = self.prepare_input(x)
+        return Batch(x if self.split is None else x[self.split], x.shape[0], spread(x))
+
+    def _loss_terms(self, batch: Batch, recon: Tensor) -> LossTerms:
+        """Residual, total variance of the whole batch and fraction of variance unexplained."""
+        x = batch.x
+        return LossTerms(x - recon, batch.total_var, F.mse_loss(recon, x, reduction="sum") / batch.total_var)
+
+    def batch_spread(self, rows: Tensor) -> Tensor:
+        """`spread` of `rows` computed on this rank's slice of a batch, over the whole batch (`global_spread` under
+        `split`)."""
+        return spread(rows) if self.split is None else global_spread(rows)
 
     @torch.no_grad()
     def plan_aux(self) -> None:
@@ -193,12 +243,24 @@ class SAE(nn.Module):
         """Count `n_tokens` more tokens and reset latents with a positive activation.
 
         `latents` and `acts` are matching flat (latent, activation) entries, e.g. the
-        top-k indices and values; nothing of size `[batch, d_sae]` is needed.
+        top-k indices and values; nothing of size `[batch, d_sae]` is needed. Under `split` (`n_tokens`: the
+        whole batch's) the latents this rank saw fire wait to be summed over the ranks with the gradients
+        (`sum_over_ranks` calls `reset_fired`), so every rank keeps the counters a single process would.
         """
+        if self.split is not None:
+            fired = torch.zeros(self.cfg.d_sae, dtype=self.W_enc.dtype, device=latents.device)
+            self._fired = fired.index_fill_(0, latents.flatten()[acts.flatten() > 0], 1), n_tokens
+            return
         self.tokens_since_fired += n_tokens
         never = torch.iinfo(torch.long).max
         reset = torch.where(acts.flatten() > 0, 0, never)
         self.tokens_since_fired.scatter_reduce_(0, latents.flatten(), reset, reduce="amin")
+
+    @torch.no_grad()
+    def reset_fired(self, fired: Tensor, n_tokens: int) -> None:
+        """Count `n_tokens` more tokens and reset the latents where `fired [d_sae]` is positive."""
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired.masked_fill_(fired > 0, 0)
 
     @torch.no_grad()
     def init_from_sample(self, x: Tensor) -> None:
@@ -255,11 +317,40 @@ class SAE(nn.Module):
         return load_sae(path, device)
 
 
+REPLICATED_METRICS = frozenset({"dead_frac"})
+"""Step metrics that every rank of a split batch computes alike; every other one is a rank's share of the batch's."""
+
+
+@torch.no_grad()
+def sum_over_ranks(sae: SAE, metrics: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Sum a `split` step's gradients, latents fired and metric shares over the ranks, in one flat all-reduce; set
+    the summed gradients and dead-latent counters; return the whole batch's metrics. A parameter without a gradient
+    counts as a zero one, so every rank sends the same layout."""
+    if sae._fired is None:
+        raise RuntimeError("sum_over_ranks follows a `split` training loss, which records the latents fired")
+    (fired, n_tokens), sae._fired = sae._fired, None
+    params = [p for p in sae.parameters() if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    shared = [k for k in metrics if k not in REPLICATED_METRICS]
+    parts = [g.flatten() for g in grads] + [fired] + [metrics[k].reshape(1).to(fired.dtype) for k in shared]
+    pieces = all_reduce_sum(torch.cat(parts)).split([len(part) for part in parts])
+    for p, g, piece in zip(params, grads, pieces, strict=False):
+        p.grad = g.copy_(piece.view_as(g))
+    sae.reset_fired(pieces[len(grads)], n_tokens)
+    summed = {k: v.reshape(()).to(metrics[k].dtype) for k, v in zip(shared, pieces[len(grads) + 1 :], strict=True)}
+    return metrics | summed
+
+
 def train_step(sae: SAE, optimizer: torch.optim.Optimizer, x: Tensor) -> dict[str, Tensor]:
     """One optimisation step on raw activations `x`: loss, backward, decoder-gradient
-    projection, optimiser step, decoder renormalisation. Returns detached metrics."""
+    projection, optimiser step, decoder renormalisation. Returns detached metrics.
+
+    Under `sae.split` every rank is given the whole batch `x` and computes its slice's part; the parts are summed over
+    the ranks (`sum_over_ranks`) before the optimiser step, so every rank takes the whole batch's step."""
     loss, metrics = sae.training_loss(x)
     loss.backward()
+    if sae.split is not None:
+        metrics = sum_over_ranks(sae, metrics)
     sae.project_decoder_grad()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

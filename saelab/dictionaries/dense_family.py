@@ -66,15 +66,15 @@ class JumpReLUSAE(SAE):
     def training_loss(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         with torch.no_grad():
             self.threshold.clamp_(min=0)
-        x = self.prepare_input(x)
-        pre = self.pre_acts(x)
+        batch = self.training_batch(x)
+        pre = self.pre_acts(batch.x)
         bandwidth = self.cfg.jumprelu_bandwidth
         acts = _JumpReLUFn.apply(pre, self.threshold, bandwidth)
-        _, total_var, fvu = self._loss_terms(x, acts @ self.W_dec + self.b_dec)
+        _, total_var, fvu = self._loss_terms(batch, acts @ self.W_dec + self.b_dec)
         l0 = _StepFn.apply(pre, self.threshold, bandwidth).sum()
         loss = fvu + self.cfg.l0_coef * l0 / total_var
-        self.update_dead(torch.arange(self.cfg.d_sae, device=x.device), acts.detach().amax(0), x.shape[0])
-        return loss, {"loss": loss.detach(), "fvu": fvu.detach(), "l0": l0.detach() / x.shape[0]}
+        self.update_dead(torch.arange(self.cfg.d_sae, device=pre.device), acts.detach().amax(0), batch.rows)
+        return loss, {"loss": loss.detach(), "fvu": fvu.detach(), "l0": l0.detach() / batch.rows}
 
 
 @register
@@ -87,11 +87,11 @@ class ReLUSAE(SAE):
         return pre.relu()
 
     def training_loss(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        x = self.prepare_input(x)
-        acts = self.pre_acts(x).relu()
-        _, total_var, fvu = self._loss_terms(x, acts @ self.W_dec + self.b_dec)
+        batch = self.training_batch(x)
+        acts = self.pre_acts(batch.x).relu()
+        _, total_var, fvu = self._loss_terms(batch, acts @ self.W_dec + self.b_dec)
         l1 = acts.sum(0) @ self.W_dec.norm(dim=1)
         loss = fvu + self.cfg.l1_coef * l1 / total_var
-        self.update_dead(torch.arange(self.cfg.d_sae, device=x.device), acts.detach().amax(0), x.shape[0])
-        l0 = (acts.detach() > 0).sum() / x.shape[0]
+        self.update_dead(torch.arange(self.cfg.d_sae, device=acts.device), acts.detach().amax(0), batch.rows)
+        l0 = (acts.detach() > 0).sum() / batch.rows
         return loss, {"loss": loss.detach(), "fvu": fvu.detach(), "l0": l0}

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from saelab.dictionaries.base import SAE, SAEConfig, spread
+from saelab.dictionaries.base import SAE, Batch, SAEConfig, all_gather
 from saelab.dictionaries.registry import register
 from saelab.ops import kernels
 from saelab.ops.kernels import Entries
@@ -48,13 +48,13 @@ class TopKSAE(SAE):
         recon = kernels.sparse_decode(vals.relu(), idx, self.W_dec) + self.b_dec
         return (recon / self.input_scale).view(x.shape)
 
-    def _select(self, pre: Tensor) -> Entries:
-        """Main entries chosen from pre-activations."""
+    def _select(self, pre: Tensor, rows: int) -> Entries:
+        """Main entries chosen from pre-activations (this rank's, of a batch of `rows` rows)."""
         return kernels.topk_entries(pre, self.cfg.k)
 
     def training_loss(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        x = self.prepare_input(x)
-        n_rows, cfg = x.shape[0], self.cfg
+        batch = self.training_batch(x)
+        x, cfg = batch.x, self.cfg
         dead = self.dead_mask()
         dead_cols = None
         if cfg.aux_coef > 0:
@@ -66,29 +66,30 @@ class TopKSAE(SAE):
         mm_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         with torch.autocast(x.device.type, enabled=False):
             step = self._sparse_step if sparse else self._dense_step
-            recon, aux_recon, vals, lat = step(x, dead_cols if k_aux else None, k_aux, mm_dtype)
+            recon, aux_recon, vals, lat = step(batch, dead_cols if k_aux else None, k_aux, mm_dtype)
 
-            residual, _, fvu = self._loss_terms(x, recon)
+            residual, _, fvu = self._loss_terms(batch, recon)
             auxk = fvu.new_zeros(())
             if aux_recon is not None:
                 residual = residual.detach()
-                auxk = F.mse_loss(aux_recon, residual, reduction="sum") / spread(residual)
+                auxk = F.mse_loss(aux_recon, residual, reduction="sum") / self.batch_spread(residual)
             loss = fvu + cfg.aux_coef * auxk
-        self.update_dead(lat, vals, n_rows)
+        self.update_dead(lat, vals, batch.rows)
         metrics = {
             "loss": loss.detach(),
             "fvu": fvu.detach(),
             "auxk": auxk.detach(),
-            "l0": (vals > 0).sum() / n_rows,
+            "l0": (vals > 0).sum() / batch.rows,
             "dead_frac": dead.float().mean(),
         }
         return loss, metrics
 
-    def _sparse_step(self, x: Tensor, dead_cols: Tensor | None, k_aux: int, mm_dtype: torch.dtype) -> _Step:
+    def _sparse_step(self, batch: Batch, dead_cols: Tensor | None, k_aux: int, mm_dtype: torch.dtype) -> _Step:
         """Top-k forward with the sparse kernels: the only dense op is the encoder matmul.
 
         AuxK takes the sparse kernels too while `k_aux / n_dead` is at most `aux_sparse_density`;
         with fewer dead latents the dense products over them are cheaper (`_dense_aux`)."""
+        x = batch.x
         n_rows = x.shape[0]
         aux_sparse = dead_cols is not None and k_aux / len(dead_cols) <= self.cfg.aux_sparse_density
         with torch.no_grad():
@@ -96,7 +97,7 @@ class TopKSAE(SAE):
             pre = torch.addmm(
                 self.b_enc.to(mm_dtype), xc, self.W_enc.to(mm_dtype), out=self._workspace(n_rows, mm_dtype)
             )
-            vals, lat, rows = self._select(pre)
+            vals, lat, rows = self._select(pre, batch.rows)
             n_main = vals.numel()
             if aux_sparse:  # AuxK entries from the same pre-activations, in bags [B, 2B)
                 aux_vals, aux_lat, aux_rows = kernels.topk_entries(pre, k_aux, dead_cols)
@@ -113,12 +114,13 @@ class TopKSAE(SAE):
             aux_recon = out[1] if aux_sparse else self._dense_aux(x, dead_cols, k_aux, mm_dtype)
         return _Step(out[0] + self.b_dec, aux_recon, vals[:n_main], lat[:n_main])
 
-    def _dense_step(self, x: Tensor, dead_cols: Tensor | None, k_aux: int, mm_dtype: torch.dtype) -> _Step:
+    def _dense_step(self, batch: Batch, dead_cols: Tensor | None, k_aux: int, mm_dtype: torch.dtype) -> _Step:
         """Reference top-k forward with dense matmuls and plain autograd."""
+        x = batch.x
         pre = torch.addmm(self.b_enc.to(mm_dtype), (x - self.b_dec).to(mm_dtype), self.W_enc.to(mm_dtype))
         pre = pre.to(x.dtype)
         with torch.no_grad():
-            vals, cols, rows = self._select(pre.detach())
+            vals, cols, rows = self._select(pre.detach(), batch.rows)
         acts = torch.zeros_like(pre).index_put((rows, cols), pre[rows, cols].relu())
         aux_recon = self._dense_aux(x, dead_cols, k_aux, mm_dtype) if dead_cols is not None else None
         return _Step(acts @ self.W_dec + self.b_dec, aux_recon, vals, cols)
@@ -160,9 +162,13 @@ class BatchTopKSAE(TopKSAE):
     def forward(self, x: Tensor) -> Tensor:
         return SAE.forward(self, x)
 
-    def _select(self, pre: Tensor) -> Entries:
-        entries = kernels.batch_topk_entries(pre, self.cfg.k)
-        smallest = torch.where(entries.vals > 0, entries.vals, math.inf).min()
+    def _select(self, pre: Tensor, rows: int) -> Entries:
+        if self.split is None:
+            entries = kernels.batch_topk_entries(pre, self.cfg.k)
+            chosen = entries.vals
+        else:
+            entries, chosen = global_batch_topk(pre, self.cfg.k * rows)
+        smallest = torch.where(chosen > 0, chosen, math.inf).min()
         ema = torch.lerp(self.threshold, smallest, self.cfg.threshold_lr)
         self.threshold.copy_(torch.where(smallest.isfinite(), ema, self.threshold))
         return entries
@@ -172,3 +178,19 @@ class BatchTopKSAE(TopKSAE):
 
     def _export_tensor(self, name: str, tensor: Tensor) -> Tensor:
         return tensor.expand(self.cfg.d_sae) if name == "threshold" else tensor
+
+
+def global_batch_topk(pre: Tensor, n: int) -> tuple[Entries, Tensor]:
+    """This rank's entries among the `n` largest pre-activations of a batch split across ranks, exactly, and the values
+    of all `n` (the same on every rank): each rank's own `n` largest (the most any rank can hold) are gathered, the
+    `n`-th largest of them is the batch's threshold, and each rank keeps its entries at or above it. A value tied
+    with the threshold on several rows can add entries (a single process breaks such ties arbitrarily)."""
+    flat = pre.flatten()
+    vals, idx = flat.topk(min(n, flat.numel()), sorted=False)
+    candidates = torch.full((n,), -math.inf, dtype=pre.dtype, device=pre.device)
+    candidates[: len(vals)] = vals
+    chosen = torch.cat(all_gather(candidates)).topk(n, sorted=False).values
+    keep = vals >= chosen.min()
+    idx, order = idx[keep].sort()
+    width = pre.shape[1]
+    return Entries(vals[keep][order], idx % width, idx // width), chosen

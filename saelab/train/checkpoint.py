@@ -6,7 +6,9 @@ checkpoint/step-<N>/<hook>/<variant>.safetensors   `sae.*` weights and `opt.<par
 ```
 
 A new step folder is written in full before `latest.json` points at it, so a run killed at any moment
-resumes from the last complete checkpoint.
+resumes from the last complete checkpoint. Under torchrun each SAE's file is written by the rank that writes its
+files (`Trainer.writes`) and rank 0 points `latest.json` at the folder once every rank has written its part. The
+state is per SAE and the same whatever the rank count or `parallel` mode, so a run resumes with any of them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from saelab import distributed
 from saelab.errors import TrainError
 
 if TYPE_CHECKING:
@@ -42,8 +45,11 @@ def _latest(folder: Path) -> dict[str, Any] | None:
     return json.loads(latest.read_text()) if latest.exists() else None
 
 
-def check_checkpoint(folder: Path, members: Sequence[Member], *, train_config: Path) -> None:
-    """`TrainError` if the checkpoint in `folder` holds other SAEs than `members` (names or shapes differ).
+def check_checkpoint(
+    folder: Path, members: Sequence[Member], *, keys: Sequence[str] | None = None, train_config: Path
+) -> None:
+    """`TrainError` if the checkpoint in `folder` holds other SAEs than `keys` (every SAE of the config; default:
+    those of `members`), or if one of `members` (those this rank trains) has other shapes there.
 
     Reads only file headers: nothing is written, so the checkpoint is left as it is.
     """
@@ -53,9 +59,10 @@ def check_checkpoint(folder: Path, members: Sequence[Member], *, train_config: P
     step = folder / info["folder"]
     saved = {p.relative_to(step).as_posix().removesuffix(SUFFIX): p for p in sorted(step.glob(f"*/*{SUFFIX}"))}
     wanted = {m.key: m for m in members}
+    every = list(wanted) if keys is None else list(keys)
     problems = []
-    if saved.keys() != wanted.keys():
-        problems.append(f"it holds {', '.join(saved) or 'no SAE'}; this config trains {', '.join(wanted)}")
+    if sorted(saved) != sorted(every):
+        problems.append(f"it holds {', '.join(saved) or 'no SAE'}; this config trains {', '.join(every)}")
     else:
         for key, member in wanted.items():
             here = {name: list(t.shape) for name, t in member.sae.state_dict().items()}
@@ -75,7 +82,8 @@ def check_checkpoint(folder: Path, members: Sequence[Member], *, train_config: P
 
 
 def save_checkpoint(folder: Path, members: Sequence[Member], step: int) -> None:
-    """Write every SAE's exact state into a new step folder, then point `latest.json` at it."""
+    """Write the exact state of `members` (the SAEs whose files this rank writes) into a new step folder, then, once
+    every rank has, point `latest.json` at it (rank 0)."""
     step_folder = folder / f"step-{step}"
     for m in members:
         tensors = {f"sae.{k}": v for k, v in m.sae.state_dict().items()}
@@ -84,13 +92,19 @@ def save_checkpoint(folder: Path, members: Sequence[Member], step: int) -> None:
         path = step_folder / f"{m.key}{SUFFIX}"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
-    latest = {"step": step, "folder": step_folder.name, "stopped": {m.key: m.stopped for m in members if m.stopped}}
-    tmp = folder / f"{LATEST}.tmp"
-    tmp.write_text(json.dumps(latest))
-    os.replace(tmp, folder / LATEST)
-    for old in folder.glob("step-*"):
-        if old != step_folder:
-            shutil.rmtree(old)
+    stopped = {m.key: m.stopped for m in members if m.stopped}
+    if distributed.ranks().many:  # also waits for every rank's files
+        stopped = {key: why for part in distributed.gather_objects(stopped) for key, why in part.items()}
+    if distributed.ranks().main:
+        latest = {"step": step, "folder": step_folder.name, "stopped": stopped}
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f"{LATEST}.tmp"
+        tmp.write_text(json.dumps(latest))
+        os.replace(tmp, folder / LATEST)
+        for old in folder.glob("step-*"):
+            if old != step_folder:
+                shutil.rmtree(old)
+    distributed.barrier()  # no rank writes the next step folder while rank 0 removes the old ones
 
 
 def load_checkpoint(folder: Path, members: Sequence[Member], device: torch.device) -> int:

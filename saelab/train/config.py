@@ -63,7 +63,15 @@ class TrainConfig(StrictModel):
     log_every: int = Field(default=20, gt=0)
     """Steps between progress updates (and logger points)."""
     device: str = "auto"
-    """`auto`, `cpu`, `cuda`, `cuda:N`."""
+    """`auto`, `cpu`, `cuda`, `cuda:N`; under torchrun `auto` is each rank's own GPU (`LOCAL_RANK`)."""
+    parallel: Literal["auto", "members", "ddp"] = "auto"
+    """How the ranks of a torchrun launch share the work (one process: ignored). `members`: the SAEs are dealt out to
+    the ranks in turn, every rank reads the same batches and trains, checkpoints and saves only its own, with weights
+    identical to one process's. `ddp`: every rank trains every SAE on its contiguous slice of each batch, and the
+    gradients, the loss's denominators, the dead-latent counters and BatchTopK's selection are those of the whole
+    batch, so the weights equal one process's up to float summation order. `auto`: `members` when there are at
+    least as many SAEs as ranks (no rank idles and nothing is communicated per step), `ddp` otherwise. Either resumes
+    from a checkpoint written with any rank count or mode (both write the same per-SAE state)."""
     logger: Literal["none", "tensorboard", "wandb"] = "none"
     """Where the running metrics go besides the progress bar."""
     model: str | None = None
@@ -94,7 +102,7 @@ class TrainConfig(StrictModel):
         folder) is recorded as a run records every path (`RunDir.relative`): the run's own store as
         `activations.zarr`, so the same config resumes a moved run, or from another working directory."""
         run = RunDir(self.run)
-        identity = self.model_dump(mode="json", exclude={"device", "log_every", "logger", "run"})
+        identity = self.model_dump(mode="json", exclude={"device", "log_every", "logger", "parallel", "run"})
         identity["store"] = run.relative(self.store_path)  # in place: the saved file keeps its key order
         if self.model is not None and is_local(self.model):
             identity["model"] = run.relative(self.model)

@@ -3,6 +3,10 @@
 What a run writes (paths from `saelab.run.RunDir`): each SAE in SAELens layout with its `metrics.json` under
 `RUN/saes/<hook>/<variant>/`, the exact resume state in `RUN/saes/checkpoint/` (`saelab.train.checkpoint`) and
 the resolved config in `RUN/saes/train_config.json`.
+
+Under torchrun the ranks share the work as `TrainConfig.parallel` says (`members` or `ddp`); rank 0 shows the
+progress, logs and writes `train_config.json`, and each SAE's files are written by one rank: the one that trains it
+(`members`), or rank 0 (`ddp`, where every rank holds the same weights).
 """
 
 from __future__ import annotations
@@ -11,15 +15,17 @@ import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, cast
+from operator import itemgetter
+from typing import Any, NamedTuple, cast
 
 import torch
 from tqdm.auto import tqdm
 
+from saelab import distributed
 from saelab.config import build
 from saelab.dictionaries import SAE, SAEConfig, train_step
-from saelab.errors import ConfigError, StoreError
-from saelab.models import load_model, resolve_device
+from saelab.errors import ConfigError, DistributedError, StoreError
+from saelab.models import load_model
 from saelab.run import RunDir
 from saelab.store import ActivationStore
 from saelab.train.checkpoint import check_checkpoint, load_checkpoint, save_checkpoint
@@ -33,6 +39,8 @@ from saelab.train.result import TrainedSAE
 class Member:
     """One SAE being trained, with its optimiser and running metrics."""
 
+    index: int
+    """Its place among the config's SAEs (hook points x grid), the order `train` returns them in."""
     hook: str
     """The hook point it reads."""
     variant: str
@@ -58,11 +66,29 @@ class Member:
         return f"{self.hook}/{self.variant}"
 
 
+class _Spec(NamedTuple):
+    """One SAE of the config, before it is built."""
+
+    hook: str
+    """The hook point it reads."""
+    cfg: SAEConfig
+    """Its `SAEConfig`."""
+    lr: float
+    """Its peak learning rate."""
+
+    @property
+    def key(self) -> str:
+        """`hook/variant`, as `Member.key`."""
+        return f"{self.hook}/{variant_name(self.cfg.arch, self.cfg.k, self.cfg.d_sae, lr=self.lr)}"
+
+
 class Trainer:
-    """Trains every SAE of a config over one shared stream of batches; resumable."""
+    """Trains every SAE of a config over one shared stream of batches; resumable; on every rank of a torchrun launch
+    (`TrainConfig.parallel`)."""
 
     def __init__(self, cfg: TrainConfig, progress: bool = True):
-        self.cfg, self.progress = cfg, progress
+        self.ranks = distributed.init()
+        self.cfg, self.progress = cfg, progress and self.ranks.main
         self.store = ActivationStore.open(cfg.store_path)
         self.hooks = cfg.hooks or self.store.hooks
         missing = [h for h in self.hooks if h not in self.store.hooks]
@@ -73,17 +99,41 @@ class Trainer:
                 f"store {cfg.store_path!r} has {self.store.n_tokens} rows: too few for eval_rows={cfg.eval_rows} "
                 f"plus one batch of {cfg.batch_size}; harvest more or lower them"
             )
-        self.device = resolve_device(cfg.device)
+        self.device = distributed.local_device(cfg.device)
         self.train_rows = (0, self.store.n_tokens - cfg.eval_rows)
         self.total_steps = cfg.tokens // cfg.batch_size
         self.run_dir = RunDir(cfg.run)
-        self.members = [self._member(h, *combo) for h in self.hooks for combo in self._combos()]
+        self.specs = [self._spec(h, *combo) for h in self.hooks for combo in self._combos()]
+        self.parallel = self._parallel(len(self.specs))
+        rank, world = self.ranks.rank, self.ranks.world
+        mine = range(rank, len(self.specs), world) if self.parallel == "members" else range(len(self.specs))
+        self.members = [self._member(i) for i in mine]
+        if self.parallel == "ddp" and self.ranks.many:  # every rank reads each whole batch and trains on its slice
+            for m in self.members:
+                m.sae.split = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
+
+    def _parallel(self, n_saes: int) -> str:
+        """`members` or `ddp`: `TrainConfig.parallel` resolved for `n_saes` SAEs on this launch's ranks."""
+        world, mode = self.ranks.world, self.cfg.parallel
+        if mode == "auto":
+            mode = "members" if n_saes >= world else "ddp"
+        if self.ranks.many and mode == "members" and n_saes < world:
+            raise DistributedError(
+                f"parallel: members deals {n_saes} SAE(s) to {world} ranks, so some ranks would have none; "
+                f"launch at most {n_saes} ranks, or set parallel: ddp (or auto)"
+            )
+        if self.ranks.many and mode == "ddp" and self.cfg.batch_size < world:
+            raise DistributedError(
+                f"parallel: ddp splits each batch of {self.cfg.batch_size} rows across {world} ranks, fewer rows than "
+                f"ranks; raise batch_size to at least {world} or launch fewer ranks"
+            )
+        return mode
 
     def _combos(self) -> list[tuple[str, int, int, float | None]]:
         g = self.cfg.grid
         return list(itertools.product(g.arch, g.k, g.expansion, g.lr or [None]))
 
-    def _member(self, hook: str, arch: str, k: int, expansion: int, lr: float | None) -> Member:
+    def _spec(self, hook: str, arch: str, k: int, expansion: int, lr: float | None) -> _Spec:
         d_in = self.store.d(hook)
         fields = dict(
             arch=arch,
@@ -96,11 +146,21 @@ class Trainer:
             dataset=str(self.store.config.get("text", "")),
         )
         sae_cfg = build(SAEConfig, {**fields, **self.cfg.sae}, f"SAE config for {hook} ({arch}, k={k}, x{expansion})")
+        return _Spec(hook, sae_cfg, lr if lr is not None else default_lr(sae_cfg.d_sae))
+
+    def _member(self, index: int) -> Member:
+        """SAE `index` of `specs`, seeded by itself alone, so its start does not depend on which SAEs share its rank."""
+        hook, sae_cfg, lr = self.specs[index]
         torch.manual_seed(self.cfg.seed)
         sae = SAE.from_config(sae_cfg, device=self.device)
-        lr = lr if lr is not None else default_lr(sae_cfg.d_sae)
         opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), fused=True)
-        return Member(hook=hook, variant=variant_name(arch, k, sae_cfg.d_sae, lr=lr), lr=lr, sae=sae, opt=opt)
+        variant = self.specs[index].key.removeprefix(f"{hook}/")
+        return Member(index=index, hook=hook, variant=variant, lr=lr, sae=sae, opt=opt)
+
+    @property
+    def writes(self) -> list[Member]:
+        """The members whose files this rank writes: its own (`members`), or all of them on rank 0 (`ddp`)."""
+        return self.members if self.parallel == "members" or self.ranks.main else []
 
     # ------------------------------------------------------------------ state
 
@@ -121,7 +181,7 @@ class Trainer:
     def _check_resume(self) -> None:
         """Refuse, before anything is written, a run folder whose SAEs were made by another config."""
         run = self.run_dir
-        check_checkpoint(run.checkpoint, self.members, train_config=run.train_config)
+        check_checkpoint(run.checkpoint, self.members, keys=[s.key for s in self.specs], train_config=run.train_config)
         if run.train_config.exists():
             old, new = saved_identity(json.loads(run.train_config.read_text()), run), self.cfg.identity()
             if old != new:
@@ -134,15 +194,18 @@ class Trainer:
     # ------------------------------------------------------------------- loop
 
     def run(self) -> list[TrainedSAE]:
-        """Train to `cfg.tokens`, evaluate on the held-out rows, save; returns one result per SAE."""
+        """Train to `cfg.tokens`, evaluate on the held-out rows, save; returns one result per SAE (on every rank: all
+        of them, in the config's order)."""
         run = self.run_dir.prepare()
         self._check_resume()
         start = load_checkpoint(run.checkpoint, self.members, self.device)
-        run.saes_dir.mkdir(parents=True, exist_ok=True)
-        run.train_config.write_text(json.dumps(self.cfg.identity(), indent=1))
+        distributed.barrier()  # every rank has read what it resumes from before rank 0 writes
+        if self.ranks.main:
+            run.saes_dir.mkdir(parents=True, exist_ok=True)
+            run.train_config.write_text(json.dumps(self.cfg.identity(), indent=1))
         if start == 0:
             self._init_from_sample()
-        logger = make_logger(self.cfg.logger, run.saes_dir)
+        logger = make_logger(self.cfg.logger, run.saes_dir) if self.ranks.main else None
         cfg = self.cfg
         ckpt_every = max(1, cfg.checkpoint_every // cfg.batch_size)
         use_autocast = self.device.type == "cuda"
@@ -174,43 +237,55 @@ class Trainer:
                 if (step + 1) % cfg.log_every == 0 or step + 1 == self.total_steps:
                     self._log(step + 1, bar, logger)
                 if (step + 1) % ckpt_every == 0 and step + 1 < self.total_steps:
-                    save_checkpoint(run.checkpoint, self.members, step + 1)
+                    save_checkpoint(run.checkpoint, self.writes, step + 1)
                 bar.update(1)
         finally:
             bar.close()
             if logger is not None:
                 logger.close()
-        save_checkpoint(run.checkpoint, self.members, self.total_steps)
+        save_checkpoint(run.checkpoint, self.writes, self.total_steps)
         return self._finish()
 
     def _log(self, step: int, bar: tqdm, logger: TrainLogger | None) -> None:
-        """Sync once per log interval: stop SAEs whose loss went non-finite, show the running means."""
-        shown: dict[str, list[float]] = {}
+        """Sync once per log interval: stop SAEs whose loss went non-finite, show the running means (every rank's
+        SAEs, on rank 0)."""
+        stops: list[tuple[int, str]] = []
+        points: list[tuple[int, str, str, float]] = []  # (member index, member key, metric, running mean)
         for m in self.members:
             if m.stopped:
                 continue
             bad = int(m.bad_step)
             if bad >= 0:
                 m.stopped = f"loss became NaN/inf at step {bad}; this SAE was stopped, the others went on"
-                tqdm.write(f"{m.key}: {m.stopped}")
+                stops.append((m.index, f"{m.key}: {m.stopped}"))
                 continue
-            means = {k: float(v) / m.window for k, v in m.sums.items()}
+            points += [(m.index, m.key, k, float(v) / m.window) for k, v in m.sums.items()]
             m.sums, m.window = {}, 0
-            for k, v in means.items():
-                shown.setdefault(k, []).append(v)
-                if logger is not None:
-                    logger.log(f"{m.key}/{k}", v, step * self.cfg.batch_size)
+        if self.parallel == "members" and self.ranks.many:
+            parts = distributed.gather_objects((stops, points))
+            stops = sorted((s for part, _ in parts for s in part), key=itemgetter(0))
+            points = sorted((p for _, part in parts for p in part), key=itemgetter(0))
+        if not self.ranks.main:
+            return
+        for _, note in stops:
+            tqdm.write(note)
+        shown: dict[str, list[float]] = {}
+        for _, key, metric, v in points:
+            shown.setdefault(metric, []).append(v)
+            if logger is not None:
+                logger.log(f"{key}/{metric}", v, step * self.cfg.batch_size)
         if shown:
             bar.set_postfix(
                 {k: f"{sum(v) / len(v):.3g}" for k, v in shown.items() if k in ("loss", "fvu", "l0", "dead_frac")}
             )
 
     def _finish(self) -> list[TrainedSAE]:
-        """Evaluate on held-out rows, save each SAE in SAELens layout with its metrics."""
+        """Evaluate on held-out rows, save each SAE in SAELens layout with its metrics (each by the rank that writes
+        it); every rank returns every SAE's result."""
         eval_rows = slice(self.train_rows[1], self.store.n_tokens)
-        model, tokens = self._ce_model()
-        results = []
-        for m in self.members:
+        model, tokens = self._ce_model() if self.writes else (None, None)
+        results: list[tuple[int, TrainedSAE]] = []
+        for m in self.writes:
             folder = self.run_dir.sae(m.hook, m.variant)
             reconstruction, spliced = None, None
             if not m.stopped:
@@ -234,8 +309,8 @@ class Trainer:
             )
             folder.mkdir(parents=True, exist_ok=True)
             self.run_dir.sae_metrics(m.hook, m.variant).write_text(json.dumps(result.row(), indent=1))
-            results.append(result)
-        return results
+            results.append((m.index, result))
+        return [r for _, r in sorted(sum(distributed.gather_objects(results), []), key=itemgetter(0))]
 
     def _ce_model(self) -> tuple[Any, torch.Tensor | None]:
         """The model and eval contexts for spliced metrics, when the store came from a decoder harvest."""
@@ -254,5 +329,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> list[TrainedSAE]:
     (`ReconstructionMetrics`: `fvu`, `mse`, `l0`, dead and dense fractions), and `spliced` (`SplicedMetrics`:
     `ce_loss_score`, `kl_div_score`, ...) when a decoder model was run with the SAE spliced in.
     `TrainedSAE.row()` is the flat row that its `metrics.json` holds.
+
+    Under torchrun (`torchrun --nproc-per-node N -m saelab train CONFIG`, or a script calling this) every rank calls
+    it; the ranks share the work as `cfg.parallel` says, only rank 0 shows progress, and every rank returns all the
+    results.
     """
     return Trainer(cfg, progress).run()
