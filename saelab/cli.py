@@ -174,18 +174,25 @@ def _print_results(results: list[TrainedSAE]) -> None:
 @command("train")
 def train_cmd(config: ConfigFile, set_: Overrides = None, quiet: Quiet = False) -> None:
     """Train SAEs on a store (every hook x grid point in one pass); rerun the same command to resume.
-    CONFIG: e.g. configs/train_minilm.yaml."""
+    CONFIG: e.g. configs/train_minilm.yaml. Under `torchrun --nproc-per-node N -m saelab train CONFIG` the ranks share
+    the SAEs or each batch (`parallel` in the config)."""
+    from saelab.distributed import ranks
+
     results, _ = _train(config, set_, quiet)
-    _print_results(results)
+    if ranks().main:  # under torchrun every rank has every result; rank 0 prints them
+        _print_results(results)
 
 
 @command()
 def sweep(config: ConfigFile, set_: Overrides = None, quiet: Quiet = False) -> None:
     """Train a grid of SAEs, then write results.csv and a Pareto plot (pareto.html) into the run directory.
     CONFIG: e.g. configs/sweep_minilm.yaml."""
+    from saelab.distributed import ranks
     from saelab.train import write_sweep_outputs
 
     results, out = _train(config, set_, quiet)
+    if not ranks().main:  # under torchrun every rank has every result; rank 0 reports and writes them
+        return
     _print_results(results)
     table, figure = write_sweep_outputs([r.row() for r in results], out)
     typer.echo(f"results: {table}\nPareto plot: {figure}")
