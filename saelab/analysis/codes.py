@@ -4,6 +4,9 @@ The code keeps (row, latent, value) of each nonzero activation. Every panel is c
 without reading the activations again: top examples, examples from true quantile bins of the nonzero
 activations (sampled uniformly within each bin by random priorities, i.e. reservoir sampling), histograms,
 co-occurrence, and each example's context.
+
+Under `torchrun` the rows are split across ranks in whole batches (`rank_rows`), each rank encodes its own, and
+`gather_code` puts the pieces together on rank 0 in row order: the same code, batch for batch, as one rank's.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from saelab.dictionaries import SAE
+from saelab.distributed import Ranks, gather_objects, ranks
 from saelab.ops.topk import topk_rows
 from saelab.store import ActivationStore, prefetch
 
@@ -61,26 +66,56 @@ def sparse_codes(
     n_rows: int,
     batch_size: int,
     device: torch.device,
+    start: int = 0,
     progress: bool = True,
 ) -> SparseCode:
-    """Encode rows [0, n_rows) once; every nonzero (row, latent, value), sorted by (row, latent)."""
+    """Encode rows [start, n_rows) once, in batches of `batch_size` from `start`; every nonzero (row, latent, value),
+    sorted by (row, latent), with store row numbers."""
 
     def read() -> Iterator[tuple[int, torch.Tensor]]:
-        for start in range(0, n_rows, batch_size):
-            yield start, store.activations(hook, slice(start, min(start + batch_size, n_rows)))
+        for first in range(start, n_rows, batch_size):
+            yield first, store.activations(hook, slice(first, min(first + batch_size, n_rows)))
 
-    rows, feats, vals = [], [], []
+    rows, feats, vals = [np.zeros(0, np.int64)], [np.zeros(0, np.int32)], [np.zeros(0, np.float32)]
     with (
         torch.no_grad(),
-        tqdm(total=n_rows, unit="tok", unit_scale=True, disable=not progress, desc=f"encode {hook}") as bar,
+        tqdm(total=n_rows - start, unit="tok", unit_scale=True, disable=not progress, desc=f"encode {hook}") as bar,
     ):
-        for start, x in prefetch(read(), 2):
+        for first, x in prefetch(read(), 2):
             r, c, v = encode_sparse(sae, x.to(device))
-            rows.append((r + start).cpu().numpy())
+            rows.append((r + first).cpu().numpy())
             feats.append(c.to(torch.int32).cpu().numpy())
             vals.append(v.float().cpu().numpy())
             bar.update(len(x))
     return SparseCode(np.concatenate(rows), np.concatenate(feats), np.concatenate(vals))
+
+
+def rank_rows(n_rows: int, batch_size: int, here: Ranks) -> range:
+    """The rows of [0, n_rows) that rank `here` encodes: a contiguous run of whole batches of `batch_size` (the
+    batches of a 1-rank pass, so every row is encoded in the same batch as on one rank), ranks in row order."""
+    n_batches = -(-n_rows // batch_size)
+    first, last = (n_batches * r // here.world for r in (here.rank, here.rank + 1))
+    return range(first * batch_size, min(last * batch_size, n_rows))
+
+
+def gather_code(code: SparseCode) -> SparseCode:
+    """Every rank's `code` (of its `rank_rows`) on rank 0, in rank order: the code of all the rows, as one rank
+    computes it; the other ranks get an empty code. One `torch.distributed.gather` per array, each rank's part
+    padded to the longest (NCCL gathers on this rank's GPU); `code` itself on one rank."""
+    here = ranks()
+    if not here.many:
+        return code
+    sizes = gather_objects(len(code.values))
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    parts = []
+    for a in code:
+        mine = torch.zeros(max(sizes), dtype=torch.from_numpy(a[:0]).dtype, device=on)
+        mine[: len(a)] = torch.from_numpy(a).to(on)
+        into = [torch.empty_like(mine) for _ in sizes] if here.main else None
+        dist.gather(mine, into, dst=0)
+        whole = [t[:n].cpu().numpy() for t, n in zip(into, sizes)] if into is not None else [a[:0]]
+        parts.append(np.concatenate(whole))
+    return SparseCode(*parts)
 
 
 def encode_sparse(sae: SAE, x: torch.Tensor) -> SparseBatch:

@@ -1,19 +1,26 @@
-"""Drivers: every panel of one SAE over a store (`analyze_sae`), and of every SAE of a run (`analyze`)."""
+"""Drivers: every panel of one SAE over a store (`analyze_sae`), and of every SAE of a run (`analyze`).
+
+Both run under `torchrun` too (`torchrun --nproc-per-node N -m saelab analyze RUN`): each rank encodes a contiguous
+share of the rows (the expensive part), rank 0 gathers the sparse codes, computes every panel from them as one rank
+does, and writes the analysis, which is therefore the same, array for array, whatever the number of ranks.
+"""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 
-from saelab.analysis.codes import _Codes, contexts, sparse_codes
+from saelab.analysis.codes import _Codes, contexts, gather_code, rank_rows, sparse_codes
 from saelab.analysis.config import AnalysisConfig
 from saelab.analysis.features import FeatureStore, vocab_strings, write_feature_store
 from saelab.analysis.panels import decoder_neighbours, logit_effects, residual_directions
 from saelab.dictionaries import SAE
+from saelab.distributed import barrier, broadcast_object, init, local_device
 from saelab.errors import ConfigError, MissingError, RunError, StoreError
-from saelab.models import Model, load_model, resolve_device
+from saelab.models import Model, load_model
 from saelab.run import SAE_WEIGHTS, RunDir, absolute_path
 from saelab.store import ActivationStore
 
@@ -33,14 +40,55 @@ def analyze_sae(
 
     The logit effects need the `model`; without it they are left out (`logit_kind` is `none`). `run` is the run
     that `out` belongs to: the store's path is recorded relative to it (`RunDir.relative`), so the run can move
-    (without `run`: absolute)."""
+    (without `run`: absolute). Under `torchrun` every rank encodes its share of the rows and rank 0 writes `out`
+    (the `model` is needed there only); every rank returns the analysis once it is written."""
+    _write_panels(store, sae, hook, out=out, cfg=cfg, model=model, run=run, progress=progress)
+    barrier()  # rank 0 has written `out`
+    return FeatureStore.open(out)
+
+
+def _write_panels(
+    store: ActivationStore,
+    sae: SAE,
+    hook: str,
+    *,
+    out: str | Path,
+    cfg: AnalysisConfig,
+    model: Model | None,
+    run: RunDir | None,
+    progress: bool,
+) -> None:
+    """`analyze_sae` but its wait: rank 0 writes the analysis at `out` once every rank's code is in; the other
+    ranks return as soon as they have sent theirs (on to the next SAE of `analyze`)."""
+    here = init()
     d_sae = sae.cfg.d_sae
     n_rows = min(store.n_tokens, cfg.max_tokens or store.n_tokens)
     if n_rows == 0:
         raise StoreError(f"the store {store.path} holds no rows to analyse; harvest or import activations first")
-    device = resolve_device(cfg.device)
+    device = local_device(cfg.device)
     sae = sae.to(device).eval()
-    code = sparse_codes(store, sae, hook, n_rows=n_rows, batch_size=cfg.batch_size, device=device, progress=progress)
+    mine = rank_rows(n_rows, cfg.batch_size, here)
+    began = time.perf_counter()
+    code = sparse_codes(
+        store,
+        sae,
+        hook,
+        start=mine.start,
+        n_rows=mine.stop,
+        batch_size=cfg.batch_size,
+        device=device,
+        progress=progress and here.main,
+    )
+    encoded = time.perf_counter()
+    code = gather_code(code)
+    if not here.main:
+        return
+    if progress and here.many:
+        print(
+            f"{hook}: rows encoded on {here.world} ranks in {encoded - began:.1f} s (rank 0), "
+            f"{len(code.values):,} codes gathered in {time.perf_counter() - encoded:.1f} s",
+            flush=True,
+        )
     codes = _Codes(*code, d_sae=d_sae)
     tokens, ctx = store.tokens(slice(0, n_rows)), store.contexts(slice(0, n_rows))
 
@@ -95,7 +143,7 @@ def analyze_sae(
         "logit_kind": logit_kind,
         **cfg.model_dump(mode="json", exclude={"run"}),  # where the run is, is where the analysis is
     }
-    return write_feature_store(out, arrays, attrs)
+    write_feature_store(out, arrays, attrs)
 
 
 def _run_of(run_dir: str | Path | None, cfg: AnalysisConfig) -> RunDir:
@@ -122,7 +170,11 @@ def analyze(
     """Analyse every SAE of a run on the run's activation store; return the analysis stores.
 
     The run is `run_dir`, or else `cfg.run` (a YAML config names it there); naming two different ones is a
-    `ConfigError`. With `skip_existing`, an SAE whose analysis is newer than its weights is not analysed again."""
+    `ConfigError`. With `skip_existing`, an SAE whose analysis is newer than its weights is not analysed again.
+
+    Under `torchrun` every rank encodes a share of every SAE's rows and rank 0 writes the vocabulary and the
+    analyses (rank 0 decides which are due); every rank returns once all are written."""
+    here = init()
     run = _run_of(run_dir, cfg)
     store = ActivationStore.open(str(run.store))
     saes = run.saes()
@@ -132,17 +184,18 @@ def analyze(
             f"train some with `saelab train` and `run: {run.root}` in its config first"
         )
     spec = store.model_spec
-    model = load_model(spec, device=cfg.device) if spec else None
-    run.analysis_dir.mkdir(exist_ok=True)
-    if model is not None:
-        run.vocab.write_text(json.dumps(vocab_strings(model.tokenizer)))
-    written = []
-    for entry in saes:
-        out = run.analysis(entry.hook, entry.variant)
-        meta, weights = out / "zarr.json", entry.path / SAE_WEIGHTS
-        if not (skip_existing and meta.exists() and meta.stat().st_mtime >= weights.stat().st_mtime):
-            analyze_sae(
-                store, SAE.load(entry.path), entry.hook, out=out, cfg=cfg, model=model, run=run, progress=progress
-            )
-        written.append(out)
+    model = load_model(spec, device=str(local_device(cfg.device))) if spec and here.main else None
+    written, due = [run.analysis(entry.hook, entry.variant) for entry in saes], []
+    if here.main:
+        run.analysis_dir.mkdir(exist_ok=True)
+        if model is not None:
+            run.vocab.write_text(json.dumps(vocab_strings(model.tokenizer)))
+        for entry, out in zip(saes, written):
+            meta, weights = out / "zarr.json", entry.path / SAE_WEIGHTS
+            due.append(not (skip_existing and meta.exists() and meta.stat().st_mtime >= weights.stat().st_mtime))
+    for entry, out, todo in zip(saes, written, broadcast_object(due)):
+        if todo:
+            sae = SAE.load(entry.path)
+            _write_panels(store, sae, entry.hook, out=out, cfg=cfg, model=model, run=run, progress=progress)
+    barrier()  # rank 0 has written every analysis
     return written
