@@ -226,10 +226,12 @@ def analyze(
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override an analysis setting, e.g. --set n_top=30."),
     quiet: Quiet = False,
 ) -> None:
-    """Compute every feature panel of every SAE in a run, in one streaming pass each; results go into the run."""
+    """Compute every feature panel of every SAE in a run, in one streaming pass each; results go into the run.
+    Under `torchrun --nproc-per-node N -m saelab analyze TARGET` the ranks share the rows of each SAE."""
     from saelab.analysis import AnalysisConfig
     from saelab.analysis import analyze as run_analysis
     from saelab.config import apply_overrides, build, load_config
+    from saelab.distributed import ranks
     from saelab.run import RunDir
 
     if target.is_dir():
@@ -242,8 +244,10 @@ def analyze(
             f"no run directory or config file {target}; give a run directory (holding {run.store.name} and "
             f"{run.saes_dir.name}/) or an analysis config such as configs/analyze_minilm.yaml"
         )
-    for path in run_analysis(cfg=cfg, progress=not quiet):
-        typer.echo(f"wrote {path}")
+    written = run_analysis(cfg=cfg, progress=not quiet)
+    if ranks().main:  # rank 0 wrote them
+        for path in written:
+            typer.echo(f"wrote {path}")
 
 
 def result_command(name: str, *, package: str, config: str, run: str, example: str, doc: str) -> None:
