@@ -7,14 +7,17 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
+from typing import TypeVar
 
 import numpy as np
 import torch
 import zarr
 from tqdm.auto import tqdm
 
+from saelab import distributed
 from saelab.config import HarvestConfig
-from saelab.errors import StoreError, TextSourceError
+from saelab.distributed import Ranks, gather_objects
+from saelab.errors import SaelabError, StoreError, TextSourceError
 from saelab.models import (
     MINILM,
     HookPoint,
@@ -27,8 +30,9 @@ from saelab.models import (
     resolve_hooks,
 )
 from saelab.run import is_local, store_relative
-from saelab.store import ActivationStore, StoreWriter, saelab_meta, to_storage
+from saelab.store import ActivationStore, StoreWriter, open_group, saelab_meta, to_storage
 from saelab.store.checksums import DamagedShard
+from saelab.store.writer import Written
 from saelab.text import ContextBatch, SpecialTokens, batch_contexts, iter_documents, pack_contexts
 
 IDENTITY_KEYS = (
@@ -64,15 +68,27 @@ def identity(cfg: HarvestConfig) -> dict:
     return recorded
 
 
-FINISH = object()  # tells the writer thread to write what it holds and mark the store complete
+@dataclass
+class _Kept:
+    """Batch `batch` of the packed text, whose kept rows (`keep`) are store rows `[start, start + n)`."""
+
+    batch: int
+    start: int
+    contexts: ContextBatch
+    keep: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return int(self.keep.sum())
 
 
 @dataclass
 class _Piece:
-    """Kept rows of batch `batch`, whose first kept row is store row `batch_start`; this piece starts `offset` rows in."""
+    """Kept rows of batch `batch` (`size` rows from store row `batch_start`); this piece starts `offset` rows in."""
 
     batch: int
     batch_start: int
+    size: int
     offset: int
     acts: dict[str, np.ndarray]
     meta: dict[str, np.ndarray]
@@ -88,6 +104,7 @@ class _Piece:
         return _Piece(
             self.batch,
             self.batch_start,
+            self.size,
             self.offset + a,
             {k: v[a:b] for k, v in self.acts.items()},
             {k: v[a:b] for k, v in self.meta.items()},
@@ -100,52 +117,116 @@ class _Piece:
         return acts, {k: np.concatenate([p.meta[k] for p in pieces]) for k in pieces[0].meta}
 
 
-class _ShardWriter(threading.Thread):
-    """Buffers pieces and writes whole shards beside the forward pass; commits after each shard."""
+@dataclass
+class _Finish:
+    """Tells the writer thread that the store ends at row `rows`: write what it holds and end the harvest."""
 
-    def __init__(self, writer: StoreWriter, shard_rows: int):
+    rows: int
+
+
+@dataclass
+class _Shard:
+    """A shard one rank wrote, for rank 0 to commit."""
+
+    stop: int
+    """The row after its last."""
+    written: Written
+    """Its checksums and statistics."""
+    resume: dict[str, int]
+    """Where a harvest that stops after it starts again: the batch that holds row `stop`, and that batch's first row."""
+
+
+class _Shards:
+    """Which shards a rank writes: from shard `first` on, every `world`-th, starting `rank` shards in (all of them on
+    one rank), `shard_rows` rows each."""
+
+    def __init__(self, first: int, here: Ranks, shard_rows: int):
+        self.first, self.here, self.shard_rows = first, here, shard_rows
+
+    def owns(self, shard: int) -> bool:
+        return shard >= self.first and (shard - self.first) % self.here.world == self.here.rank
+
+    def touched(self, start: int, stop: int) -> list[int]:
+        """This rank's shards among those that rows `[start, stop)` fall in."""
+        return [s for s in range(start // self.shard_rows, -(-stop // self.shard_rows)) if self.owns(s)]
+
+    def rounds(self, rows: int) -> int:
+        """How many rounds (one shard per rank each) a store of `rows` rows takes from shard `first`."""
+        return -(-max(0, -(-rows // self.shard_rows) - self.first) // self.here.world)
+
+
+class _ShardWriter(threading.Thread):
+    """Buffers the pieces of this rank's shards and writes each shard, once whole, beside the forward pass.
+
+    The ranks write in rounds, one shard each (shards `first + k * world + rank` in round `k`); after each round rank 0
+    gathers what they wrote and commits it, so `rows_complete` always ends a round and every shard below it has its
+    checksum. On one rank a round is one shard: a commit after each, as ever."""
+
+    def __init__(self, writer: StoreWriter, shards: _Shards):
         super().__init__(daemon=True)
-        self.writer, self.shard_rows = writer, shard_rows
+        self.writer, self.shards = writer, shards
+        self.here = shards.here
+        self.shard = shards.first + self.here.rank  # the next shard this rank writes
+        self.done = 0  # rounds this rank has taken part in
         self.inbox: queue.Queue = queue.Queue(maxsize=8)
-        self.buffer: list[_Piece] = []
+        self.held: dict[int, list[_Piece]] = {}
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
-            while (piece := self.inbox.get()) is not None:
-                if piece is FINISH:
-                    self._flush(final=True)
+            while (item := self.inbox.get()) is not None:
+                if isinstance(item, _Finish):
+                    self._finish(item.rows)
                     return
-                self.buffer.append(piece)
-                while sum(map(len, self.buffer)) >= self.shard_rows:
-                    self._flush(final=False)
+                self._hold(item)
+                while sum(map(len, self.held.get(self.shard, []))) == self.shards.shard_rows:
+                    self._round(self._write(), rows=None)
         except BaseException as err:
             self.error = err
 
-    def _flush(self, final: bool) -> None:
-        start = self.writer.rows_complete
-        take, kept, n = [], [], 0
-        for p in self.buffer:
-            room = self.shard_rows - n if not final else len(p)
-            if room >= len(p):
-                take.append(p)
-                n += len(p)
-            elif room > 0:
-                take.append(p.cut(0, room))
-                kept.append(p.cut(room, len(p)))
-                n += room
-            else:
-                kept.append(p)
-        self.buffer = kept
-        if take:
-            self.writer.write(start, *_Piece.join(take))
-        if final:
-            self.writer.commit(start + n, complete=True, resume=None)
-        elif kept:  # resume by rerunning the batch that holds the first uncommitted row
-            self.writer.commit(start + n, resume={"batch": kept[0].batch, "rows": kept[0].batch_start})
-        else:
-            last = take[-1]
-            self.writer.commit(start + n, resume={"batch": last.batch + 1, "rows": last.start + len(last)})
+    def _hold(self, piece: _Piece) -> None:
+        """Keep the rows of `piece` that fall in this rank's shards still to write."""
+        r, end = self.shards.shard_rows, piece.start + len(piece)
+        for s in self.shards.touched(piece.start, end):
+            if s >= self.shard:
+                lo, hi = max(piece.start, s * r), min(end, (s + 1) * r)
+                self.held.setdefault(s, []).append(piece.cut(lo - piece.start, hi - piece.start))
+
+    def _write(self) -> _Shard:
+        """Write the held rows of this rank's next shard."""
+        pieces = self.held.pop(self.shard)
+        written = self.writer.put(self.shard * self.shards.shard_rows, *_Piece.join(pieces), resize=not self.here.many)
+        last = pieces[-1]
+        stop = last.start + len(last)
+        more = last.batch_start + last.size > stop  # the batch goes on into the next shard
+        resume = {"batch": last.batch, "rows": last.batch_start} if more else {"batch": last.batch + 1, "rows": stop}
+        return _Shard(stop, written, resume)
+
+    def _round(self, shard: _Shard | None, *, rows: int | None) -> None:
+        """End a round: rank 0 commits every rank's shard of it (`rows`: the store's last round ends it there)."""
+        self.shard += self.here.world
+        self.done += 1
+        if self.here.main and self.here.many and rows is None:  # room for the next round, before anyone writes it
+            self.writer.reserve((self.shard + self.here.world) * self.shards.shard_rows)
+        shards = [s for s in gather_objects(shard) if s is not None]
+        if not self.here.main:
+            return
+        for s in shards:
+            self.writer.add(s.written)
+        if rows is not None:
+            self.writer.commit(rows, complete=True, resume=None)
+        elif shards:
+            self.writer.commit(shards[-1].stop, resume=shards[-1].resume)
+
+    def _finish(self, rows: int) -> None:
+        """The text ended at row `rows`: write this rank's last (partial) shard, if it holds one, and take part in
+        the rounds left; the last round completes the store (or rank 0 does, when every round is behind it)."""
+        rounds = self.shards.rounds(rows)
+        if self.done == rounds and self.here.main:
+            self.writer.commit(rows, complete=True, resume=None)
+        while self.done < rounds:
+            shard = self._write() if self.shard in self.held else None
+            self._round(shard, rows=rows if self.done == rounds - 1 else None)
 
 
 def _open_writer(cfg: HarvestConfig, model: Model, hooks: dict[str, int], *, overwrite: bool) -> StoreWriter:
@@ -190,6 +271,14 @@ def _open_writer(cfg: HarvestConfig, model: Model, hooks: dict[str, int], *, ove
     return writer
 
 
+def _open_and_check(
+    cfg: HarvestConfig, model: Model, points: list[HookPoint], *, overwrite: bool
+) -> tuple[StoreWriter, list[DamagedShard]]:
+    """`_open_writer`, and the shards of the committed rows that are missing or damaged."""
+    writer = _open_writer(cfg, model, {p.name: p.d for p in points}, overwrite=overwrite)
+    return writer, ActivationStore(writer.group, cfg.out, verify=False).check().damaged
+
+
 def harvest(
     cfg: HarvestConfig, model: Model | None = None, progress: bool = True, *, overwrite: bool = False
 ) -> ActivationStore:
@@ -202,24 +291,38 @@ def harvest(
     turns batches into shards beside the forward pass. Rerunning after a crash continues from the
     last committed shard and ends with the same store as an uninterrupted run. Every rerun first reads the
     committed shards against their checksums and writes the missing or damaged ones again, and only them.
+
+    Under torchrun (`torchrun --nproc-per-node N -m saelab harvest CONFIG`, or a script that calls this) every rank
+    packs the same text into the same batches; the ranks take the shards in turn (rank `r` the `r`-th of every `N`
+    from the first one missing), run the model only on the batches their shards need and write those shards, and
+    rank 0 alone creates the store, shows progress and commits what all of them wrote, so the store is the one a
+    single process writes, byte for byte. A rerun with any number of ranks resumes it.
     """
-    model = model if model is not None else load_model(cfg.model, device=cfg.device)
+    here = distributed.init()
+    model = model if model is not None else load_model(cfg.model, device=str(distributed.local_device(cfg.device)))
     points = resolve_hooks(model, cfg.hooks)
     if next(_batches(cfg, model), None) is None:
         raise TextSourceError(
             f"text source {cfg.text.model_dump(exclude_defaults=True) or 'embedded'} gave no complete context of "
             f"{cfg.context_length} tokens; give more text or a smaller context_length"
         )
-    writer = _open_writer(cfg, model, {p.name: p.d for p in points}, overwrite=overwrite)
-    damaged = ActivationStore(writer.group, cfg.out, verify=False).check().damaged
+    progress = progress and here.main
+    opened = _on_rank0(lambda: _open_and_check(cfg, model, points, overwrite=overwrite))
+    writer = opened[0] if opened is not None else StoreWriter(open_group(cfg.out, mode="r+"))
+    damaged = distributed.broadcast_object(opened[1] if opened is not None else [])
     if damaged:
         _repair(writer, cfg, model, points, damaged, progress=progress)
     if writer.meta["complete"]:
         return ActivationStore.open(cfg.out)
     resume = writer.meta["resume"]
     done = writer.rows_complete
+    shards = _Shards(done // cfg.shard_rows, here, cfg.shard_rows)
+    if here.many:
+        if here.main:  # room for the first round's shards before any rank writes them
+            writer.reserve((shards.first + here.world) * cfg.shard_rows)
+        distributed.barrier()
 
-    shard_writer = _ShardWriter(writer, cfg.shard_rows)
+    shard_writer = _ShardWriter(writer, shards)
     shard_writer.start()
     bar = tqdm(
         total=cfg.max_tokens,
@@ -231,19 +334,15 @@ def harvest(
         smoothing=0.1,
     )
     try:
-        pieces = _pieces(cfg, model, points, first=(resume["batch"], resume["rows"]), needed=lambda a, b: b > done)
-        for piece in pieces:
-            end = piece.start + len(piece)
-            if piece.start < done:  # rows of this batch were committed before the interruption
-                piece = piece.cut(done - piece.start, len(piece))
-            if cfg.max_tokens is not None and end >= cfg.max_tokens:
-                piece = piece.cut(0, len(piece) - (end - cfg.max_tokens))
-                end = cfg.max_tokens
-            _put(shard_writer, piece)
-            bar.update(len(piece))
-            if end == cfg.max_tokens:
+        stop = done
+        for kept in _kept_batches(cfg, model, first=(resume["batch"], resume["rows"])):
+            stop = kept.start + kept.n if cfg.max_tokens is None else min(kept.start + kept.n, cfg.max_tokens)
+            if shards.touched(kept.start, stop):
+                _put(shard_writer, _piece(cfg, model, points, kept).cut(0, stop - kept.start))
+            bar.update(max(stop, done) - max(kept.start, done))
+            if stop == cfg.max_tokens:
                 break
-        _put(shard_writer, FINISH)
+        _put(shard_writer, _Finish(stop))
         shard_writer.join()
     finally:
         bar.close()
@@ -252,7 +351,28 @@ def harvest(
             shard_writer.join()
     if shard_writer.error is not None:
         raise shard_writer.error
+    distributed.barrier()  # every rank opens the store once rank 0 has completed it
     return ActivationStore.open(cfg.out)
+
+
+T = TypeVar("T")
+
+
+def _on_rank0(make: Callable[[], T]) -> T | None:
+    """`make()` on rank 0 (its result there, None on the other ranks, which wait for it); a `SaelabError` it raises
+    is raised on every rank, so that all of them stop with it."""
+    if not distributed.ranks().many:
+        return make()
+    result, error = None, None
+    if distributed.ranks().main:
+        try:
+            result = make()
+        except SaelabError as err:
+            error = err
+    error = distributed.broadcast_object(error)
+    if error is not None:
+        raise error
+    return result
 
 
 def _batches(cfg: HarvestConfig, model: Model) -> Iterator[ContextBatch]:
@@ -262,37 +382,35 @@ def _batches(cfg: HarvestConfig, model: Model) -> Iterator[ContextBatch]:
     return batch_contexts(contexts, cfg.batch_size, special)
 
 
-def _pieces(
-    cfg: HarvestConfig,
-    model: Model,
-    points: list[HookPoint],
-    *,
-    first: tuple[int, int],
-    needed: Callable[[int, int], bool],
-) -> Iterator[_Piece]:
-    """The kept rows of every batch from batch `first[0]`, whose first kept row is store row `first[1]`; the model
-    runs only on the batches whose rows `[start, stop)` are `needed`, the others are skipped."""
-    device = device_of(model)
+def _kept_batches(cfg: HarvestConfig, model: Model, *, first: tuple[int, int]) -> Iterator[_Kept]:
+    """Every batch from batch `first[0]`, whose first kept row is store row `first[1]`, with the rows it keeps: the
+    tokenizer alone decides them, so every rank knows where each batch's rows go without running the model."""
     rows = first[1]
     for b, batch in enumerate(islice(_batches(cfg, model), first[0], None), start=first[0]):
         keep = ~batch.special.reshape(-1) if cfg.drop_special_tokens else np.ones(batch.tokens.size, bool)
-        n = int(keep.sum())
-        if needed(rows, rows + n):
-            acts = capture(model, torch.from_numpy(batch.tokens).to(device), points)
-            keep_t = torch.from_numpy(keep).to(device)
-            yield _Piece(
-                b,
-                rows,
-                0,
-                {p.name: to_storage(acts[p.name].reshape(-1, p.d)[keep_t], cfg.dtype) for p in points},
-                {
-                    "tokens": batch.tokens.reshape(-1)[keep].astype(np.int32),
-                    "doc_id": batch.doc_id.reshape(-1)[keep],
-                    "position": batch.position.reshape(-1)[keep],
-                    "context": np.repeat(b * cfg.batch_size + np.arange(len(batch)), batch.tokens.shape[1])[keep],
-                },
-            )
-        rows += n
+        kept = _Kept(b, rows, batch, keep)
+        yield kept
+        rows += kept.n
+
+
+def _piece(cfg: HarvestConfig, model: Model, points: list[HookPoint], kept: _Kept) -> _Piece:
+    """Run the model on a batch: the activations and metadata of its kept rows."""
+    device, batch, keep = device_of(model), kept.contexts, kept.keep
+    acts = capture(model, torch.from_numpy(batch.tokens).to(device), points)
+    keep_t = torch.from_numpy(keep).to(device)
+    return _Piece(
+        kept.batch,
+        kept.start,
+        kept.n,
+        0,
+        {p.name: to_storage(acts[p.name].reshape(-1, p.d)[keep_t], cfg.dtype) for p in points},
+        {
+            "tokens": batch.tokens.reshape(-1)[keep].astype(np.int32),
+            "doc_id": batch.doc_id.reshape(-1)[keep],
+            "position": batch.position.reshape(-1)[keep],
+            "context": np.repeat(kept.batch * cfg.batch_size + np.arange(len(batch)), batch.tokens.shape[1])[keep],
+        },
+    )
 
 
 def _repair(
@@ -305,27 +423,37 @@ def _repair(
     progress: bool,
 ) -> None:
     """Write the damaged shards of the committed rows again, and only them: the text is packed again from the start
-    and the model runs only on the batches that hold their rows."""
-    spans = {d.shard: d.rows for d in damaged}
+    and the model runs only on the batches that hold their rows. On several ranks each rewrites its share of the
+    shards (the `r`-th of every `N`) and rank 0 commits their checksums."""
+    here = distributed.ranks()
+    ordered = sorted({d.shard for d in damaged})
+    spans = {d.shard: d.rows for d in damaged if ordered.index(d.shard) % here.world == here.rank}
     names = {s: {d.array for d in damaged if d.shard == s} for s in spans}
     held: dict[int, list[_Piece]] = {s: [] for s in spans}
+    written: list[Written] = []
     bar = tqdm(total=sum(b - a for a, b in spans.values()), unit="tok", disable=not progress, desc="repair shards")
-    wanted = lambda a, b: any(lo < b and a < hi for lo, hi in spans.values())
-    for piece in _pieces(cfg, model, points, first=(0, 0), needed=wanted):
-        end = piece.start + len(piece)
+    for kept in _kept_batches(cfg, model, first=(0, 0)):
+        if not spans:
+            break
+        end = kept.start + kept.n
+        if not any(lo < end and kept.start < hi for lo, hi in spans.values()):
+            continue
+        piece = _piece(cfg, model, points, kept)
         for s, (lo, hi) in list(spans.items()):
             if lo < end and piece.start < hi:
                 held[s].append(piece.cut(max(lo, piece.start) - piece.start, min(hi, end) - piece.start))
             if sum(map(len, held[s])) == hi - lo:
                 acts, meta = _Piece.join(held.pop(s))
                 arrays = {**{f"activations/{h}": a for h, a in acts.items()}, **meta}
-                writer.rewrite(lo, {k: a for k, a in arrays.items() if k in names[s]})
+                written.append(writer.reput(lo, {k: a for k, a in arrays.items() if k in names[s]}))
                 bar.update(hi - lo)
                 del spans[s]
-        if not spans:
-            break
     bar.close()
-    writer.commit(writer.rows_complete, complete=writer.meta["complete"])
+    everyone = distributed.gather_objects(written)
+    if here.main:
+        for w in (w for rank in everyone for w in rank):
+            writer.add(w)
+        writer.commit(writer.rows_complete, complete=writer.meta["complete"])
 
 
 def _put(shard_writer: _ShardWriter, item: object) -> None:

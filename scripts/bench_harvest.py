@@ -45,7 +45,7 @@ def main() -> None:
     cfg = HarvestConfig(
         model=args.model,
         hooks=HOOKS,
-        out="",
+        out="bench.zarr",  # replaced by a temporary folder in each run
         context_length=args.context_length,
         batch_size=args.batch_size,
         max_tokens=args.tokens,
