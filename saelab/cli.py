@@ -81,13 +81,16 @@ def harvest(
         False, "--overwrite", help="Replace the store at `out` instead of resuming it (only a saelab store)."
     ),
 ) -> None:
-    """Run a model over text and write activations of the chosen hook points to a Zarr store (resumable)."""
+    """Run a model over text and write activations of the chosen hook points to a Zarr store (resumable).
+    Under `torchrun --nproc-per-node N -m saelab harvest CONFIG` the ranks share the shards (the same store)."""
     from saelab.config import HarvestConfig, load_config
+    from saelab.distributed import ranks
     from saelab.harvest import harvest as run_harvest
 
     cfg = load_config(config, HarvestConfig, set_ or [])
     store = run_harvest(cfg, progress=not quiet, overwrite=overwrite)
-    typer.echo(store.summary())
+    if ranks().main:  # rank 0 wrote it
+        typer.echo(store.summary())
 
 
 @command()
