@@ -1,7 +1,10 @@
 """`FeatureStore`: one SAE's feature analysis on disk (a Zarr group, one array per panel, chunked by feature).
 
 The app and the notebooks read one feature at a time: `FeatureStore.feature(i)` reads the `FEATURE_CHUNK` latents
-around `i` (one read per panel) and keeps the last `CACHED_CHUNKS` of them, so the next latents' pages read nothing.
+around `i` and keeps the last `CACHED_CHUNKS` of them, so the next latents' pages read nothing. Besides one array per
+panel (what `FeatureStore.column` reads), the analysis keeps every panel of a latent packed into one row of `ROWS`,
+so a chunk of latents is one read of one Zarr chunk, not one per panel (zarr spends about 0.5 ms of CPU on each:
+a cold chunk cost 13 ms with 23 panels, about 1 ms packed). Analyses written before `ROWS` are read panel by panel.
 A damaged or missing chunk is a `StoreError` naming the analysis and the fix, never data. The run's `RunDir.vocab`
 maps the run model's token ids to their display text.
 """
@@ -10,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import zarr
@@ -31,19 +35,69 @@ EVERY_CHUNK = "saelab_every_chunk_written"
 """Group attribute of an analysis whose arrays have every chunk written (also those equal to the fill value), so a
 missing chunk is damage; analyses written before it may lack all-zero chunks, which then read as zeros."""
 TOKEN_IDS = "top_token_ids"  # every top example's own token, one chunk for token search
+ROWS = "feature_rows"
+"""The array `[d_sae, row bytes]` (uint8, chunked by `FEATURE_CHUNK` latents) holding every panel of a latent (all
+but `TOKEN_IDS`) packed into its row, in the order and with the dtypes and shapes of the group attribute
+`ROW_LAYOUT`."""
+ROW_LAYOUT = "saelab_feature_rows"
+"""Group attribute: `[[panel, dtype, per-latent shape], ...]`, the panels of a `ROWS` row in order (dtype as numpy
+spells it with its byte order, e.g. `<f4`)."""
+PACK_CHUNKS = 64
+"""Chunks of `ROWS` packed and written at a time (bounds the memory that writing it takes)."""
+
+
+class Panel(NamedTuple):
+    """Where one panel lies in a `ROWS` row."""
+
+    name: str
+    """The panel."""
+    dtype: np.dtype
+    """Its values' dtype."""
+    shape: tuple[int, ...]
+    """Its shape for one latent (`()` for one number)."""
+    start: int
+    """Its first byte in the row."""
+    stop: int
+    """One past its last byte."""
+
+
+def row_layout(spec: list[Any]) -> list[Panel]:
+    """The panels of a `ROW_LAYOUT` attribute, each with its bytes in the row."""
+    panels, start = [], 0
+    for name, dtype, shape in spec:
+        dt, shape = np.dtype(dtype), tuple(int(n) for n in shape)
+        stop = start + dt.itemsize * math.prod(shape)
+        panels.append(Panel(str(name), dt, shape, start, stop))
+        start = stop
+    return panels
+
+
+def _pack(arrays: dict[str, np.ndarray], rows: slice) -> np.ndarray:
+    """Rows `rows` of every panel of `arrays`, each latent's panels side by side as bytes: `[n, row bytes]` uint8."""
+    parts = [np.ascontiguousarray(a[rows]) for a in arrays.values()]
+    return np.concatenate([p.reshape(len(p), math.prod(p.shape[1:])).view(np.uint8) for p in parts], axis=1)
 
 
 def write_feature_store(out: str | Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> FeatureStore:
     """Write the panels `arrays` (each `[d_sae, ...]`) and `attrs` as a feature analysis at `out`; open it."""
     group = zarr.open_group(store=str(out), mode="w", zarr_format=3)
+    config = ArrayConfig(order="C", write_empty_chunks=True)
     columns = dict(arrays)
     if "top_tokens" in arrays:
         columns[TOKEN_IDS] = arrays["top_tokens"][:, :, arrays["top_tokens"].shape[2] // 2]
     for name, a in columns.items():
         a = np.ascontiguousarray(a)
         chunks = a.shape if name == TOKEN_IDS else (FEATURE_CHUNK, *a.shape[1:])
-        group.create_array(name, data=a, chunks=chunks, config=ArrayConfig(order="C", write_empty_chunks=True))
-    group.attrs.update({"saelab_analysis": attrs, EVERY_CHUNK: True})
+        group.create_array(name, data=a, chunks=chunks, config=config)
+    layout = [[name, a.dtype.str, list(a.shape[1:])] for name, a in arrays.items()]
+    d_sae, row_bytes = len(next(iter(arrays.values()))), row_layout(layout)[-1].stop
+    packed = group.create_array(
+        ROWS, shape=(d_sae, row_bytes), dtype=np.uint8, chunks=(FEATURE_CHUNK, row_bytes), config=config
+    )
+    step = FEATURE_CHUNK * PACK_CHUNKS
+    for start in range(0, d_sae, step):
+        packed[start : start + step] = _pack(arrays, slice(start, start + step))
+    group.attrs.update({"saelab_analysis": attrs, EVERY_CHUNK: True, ROW_LAYOUT: layout})
     return FeatureStore.open(out)
 
 
@@ -63,6 +117,8 @@ class FeatureStore:
         self.attrs: dict[str, Any] = dict(attrs)
         self._arrays = {name: array for name, array in group.arrays()}
         self._every_chunk = group.attrs.get(EVERY_CHUNK) is True
+        layout = group.attrs.get(ROW_LAYOUT)
+        self._layout = row_layout(layout) if isinstance(layout, list) and ROWS in self._arrays else None
         self._vocab: list[str] | None = None
         self._chunks: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self._lock = threading.Lock()
@@ -113,7 +169,14 @@ class FeatureStore:
                 self._chunks.move_to_end(chunk)
                 return self._chunks[chunk]
         rows = slice(chunk * FEATURE_CHUNK, (chunk + 1) * FEATURE_CHUNK)
-        panels = self._read({name: a for name, a in self._arrays.items() if name != TOKEN_IDS}, rows)
+        if self._layout is None:  # written before `ROWS`
+            panels = self._read({name: a for name, a in self._arrays.items() if name != TOKEN_IDS}, rows)
+        else:
+            packed = self._read({ROWS: self._arrays[ROWS]}, rows)[ROWS]
+            panels = {
+                p.name: packed[:, p.start : p.stop].copy().view(p.dtype).reshape(len(packed), *p.shape)
+                for p in self._layout
+            }
         with self._lock:  # two threads may read the same chunk at once: both get the same values
             self._chunks[chunk] = panels
             self._chunks.move_to_end(chunk)
@@ -133,8 +196,9 @@ class FeatureStore:
         for (name, array), value in zip(arrays.items(), sync(read_all())):
             if isinstance(value, Exception):
                 last = min(rows.stop, array.shape[0]) - 1
+                what = "the packed panels" if name == ROWS else "panel"
                 raise StoreError(
-                    f"The feature analysis {self.path} is damaged: panel {name!r}, latents {rows.start} to {last}, "
+                    f"The feature analysis {self.path} is damaged: {what} {name!r}, latents {rows.start} to {last}, "
                     f"cannot be read ({type(value).__name__}: {value}). "
                     f"Run `saelab analyze {self.run.root}` again to recompute it."
                 ) from None
