@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ParamSpec
+from typing import Any, NamedTuple, ParamSpec
 from urllib.parse import urlencode
 
 import dash
@@ -14,7 +14,8 @@ import numpy as np
 from dash import Input, Output, State, dcc, html
 from dash.exceptions import PreventUpdate
 
-from saelab.dashboards.data import NO_ANALYSIS, SaeInfo, finite, list_saes, token_text
+from saelab.analysis import FeatureStore
+from saelab.dashboards.data import NO_ANALYSIS, SaeInfo, context_vocab, finite, list_saes, token_text
 from saelab.errors import SaelabError
 from saelab.plots import HIGHLIGHT, histogram_figure
 
@@ -67,7 +68,13 @@ def page_url(page: str, **params: Any) -> str:
 
 
 def feature_url(info: SaeInfo, index: int) -> str:
-    return page_url("feature", hook=info.hook, sae=info.variant, id=index)
+    return _feature_urls(info.hook, info.variant) + str(index)
+
+
+@functools.lru_cache(maxsize=256)
+def _feature_urls(hook: str, variant: str) -> str:
+    """The URL of the SAE's feature pages up to the latent's id (a feature page links to ~20 others)."""
+    return page_url("feature", hook=hook, sae=variant) + "&id="
 
 
 def feature_link(info: SaeInfo, index: int, label: str | None = None) -> dcc.Link:
@@ -142,88 +149,178 @@ def fmt(x: Any) -> str:
     return "" if value is None else f"{value:.4g}"
 
 
+Element = dict[str, Any]
+"""A component in the form Dash sends it to the browser (`element`)."""
+DCC = "dash_core_components"
+"""The `namespace` of `dcc` components' `element`s."""
+
+
+def element(tag: str, children: Any = None, *, namespace: str = "dash_html_components", **props: Any) -> Element:
+    """The component `html.<tag>(children, **props)` (`dcc.<tag>` with `namespace=DCC`) as Dash sends it to the
+    browser, its `to_plotly_json()`, built directly (no `children` prop when they are None). For pages of many
+    small pieces (a feature page has ~700: token spans, table cells, links, the cards around them): a Dash
+    component object costs ~20 µs to build and as much again to serialise, this dict ~1 µs, and the browser renders
+    the same. (Dash's types know only component objects, so a component given `element`s as children says
+    `pyright: ignore`.)"""
+    return {
+        "type": tag,
+        "namespace": namespace,
+        "props": props if children is None else {"children": children, **props},
+    }
+
+
+def card_element(title: str | None, *children: Any, **props: Any) -> Element:
+    """`card` as an `element`."""
+    return element("Div", [element("H3", title) if title else None, *children], className="card", **props)
+
+
+def stat_element(label: str, value: str) -> Element:
+    """`stat` as an `element`."""
+    return element(
+        "Div", [element("Div", label, className="label"), element("Div", value, className="value")], className="stat"
+    )
+
+
+def link_element(info: SaeInfo, index: int, label: str | None = None) -> Element:
+    """`feature_link` as an `element`."""
+    return element("Link", label or f"#{index}", namespace=DCC, href=feature_url(info, index))
+
+
 def _display(token: str) -> str:
     """Show newlines and tabs as symbols, so every example stays on one line."""
     return token.replace("\r", "").replace("\n", "↵").replace("\t", "⇥")
 
 
-def element(tag: str, children: Any, *, namespace: str = "dash_html_components", **props: Any) -> dict[str, Any]:
-    """The component `html.<tag>(children, **props)` (`dcc.<tag>` with `namespace="dash_core_components"`) as Dash
-    sends it to the browser, its `to_plotly_json()`, built directly. For the many small pieces of a page (a
-    feature page has ~700: token spans, table cells, links): a Dash component object costs ~20 µs to build and as
-    much again to serialise, this dict ~1 µs, and the browser renders the same. (Dash's types know only component
-    objects, so a component given `element`s as children says `pyright: ignore`.)"""
-    return {"type": tag, "namespace": namespace, "props": {"children": children, **props}}
+class Piece(NamedTuple):
+    """How an example's context shows one token (`examples`)."""
+
+    quiet: str
+    """The token where the latent is off (newlines and tabs as symbols)."""
+    lead: str
+    """Its leading spaces: where the latent is on they stay unshaded, before the shaded span."""
+    shown: str
+    """The rest of it, in the shaded span."""
+    title: str
+    """The start of the shaded span's hover text (the token's `repr`)."""
 
 
-def context(vocab: list[str], tokens: np.ndarray, acts: np.ndarray, *, centre: int, scale: float) -> dict[str, Any]:
-    """One example's tokens (an `html.Span` as an `element`), shaded by this latent's activation, which shows on
-    hover; the example's own token (at `centre`) is outlined. Runs of tokens where the latent is off share one
-    span (fewer components)."""
-    spans: list[dict[str, Any]] = []
-    quiet: list[str] = []
+def _piece(text: str) -> Piece:
+    stripped = text.lstrip(" ")
+    return Piece(_display(text), text[: len(text) - len(stripped)], _display(stripped), f"{text!r}  activation ")
 
-    def flush() -> None:
-        if text := "".join(quiet):
-            spans.append(element("Span", text, title="activation 0", className="tok"))
-        quiet.clear()
 
-    for pos, (tok, act) in enumerate(zip(tokens.tolist(), acts.tolist())):
-        if tok < 0:
-            continue
-        text = token_text(vocab, tok)
-        if act <= 0 and pos != centre:
-            quiet.append(_display(text))
-            continue
-        stripped = text.lstrip(" ")
-        quiet.append(text[: len(text) - len(stripped)])  # a word's leading space stays unshaded
-        flush()
-        alpha = min(act / scale, 1.0) if scale > 0 else 0.0
+class ContextTokens:
+    """A vocab's tokens as `examples` shows them, worked out once for every token id (`context_tokens`)."""
+
+    def __init__(self, vocab: list[str]):
+        self.vocab = vocab
+        self.pieces = [_piece(text) for text in vocab]
+        self._quiet = np.array([p.quiet for p in self.pieces] + [""], dtype=object)  # [-1]: padding shows nothing
+
+    def __getitem__(self, token_id: int) -> Piece:
+        """The token's `Piece` (`<id>` outside the vocab, as `token_text` shows it)."""
+        if 0 <= token_id < len(self.pieces):
+            return self.pieces[token_id]
+        return _piece(token_text(self.vocab, token_id))
+
+    def quiet(self, ids: np.ndarray) -> list[list[str]]:
+        """`Piece.quiet` of every token of `ids` `[example, position]`, "" for padding (ids below 0)."""
+        if (ids >= len(self.pieces)).any():  # ids outside the vocab: one at a time
+            return [[self[t].quiet if t >= 0 else "" for t in row] for row in ids.tolist()]
+        return self._quiet[np.where(ids >= 0, ids, -1)].tolist()
+
+
+@functools.lru_cache(maxsize=16)
+def context_tokens(fs: FeatureStore) -> ContextTokens:
+    """The `ContextTokens` of an analysis's vocab for running text (`context_vocab`), once per analysis."""
+    return ContextTokens(context_vocab(fs))
+
+
+class Example(NamedTuple):
+    """One example's tokens, as `_context` shows them."""
+
+    ids: list[int]
+    """Its token ids (below 0: padding)."""
+    acts: list[float]
+    """The latent's activation on each."""
+    quiet: list[str]
+    """Each as shown unshaded (`Piece.quiet`; "" for padding)."""
+    shaded: list[int]
+    """The positions shown shaded: where the latent is on, and the example's own token."""
+
+
+def _context(tokens: ContextTokens, example: Example, *, centre: int, scale: float) -> Element:
+    """One example's tokens (an `html.Span` as an `element`): the shaded ones in spans shaded by the latent's
+    activation, which shows on hover, the example's own token (at `centre`) outlined, and the runs of tokens between
+    them as plain text (fewer components)."""
+    spans: list[Element | str] = []
+    start = 0
+    for pos in example.shaded:
+        piece, act = tokens[example.ids[pos]], example.acts[pos]
+        if text := "".join(example.quiet[start:pos]) + piece.lead:  # a word's leading space stays unshaded
+            spans.append(text)
+        alpha = max(min(act / scale, 1.0), 0.0) if scale > 0 else 0.0
         spans.append(
             element(
                 "Span",
-                _display(stripped),
-                title=f"{text!r}  activation {act:.3f}",
-                style={"backgroundColor": f"rgba({HIGHLIGHT}, {0.1 + 0.8 * max(alpha, 0.0):.2f})"},
+                piece.shown,
+                title=f"{piece.title}{act:.3f}",
+                style={"backgroundColor": f"rgba({HIGHLIGHT}, {0.1 + 0.8 * alpha:.2f})"},
                 className="tok centre" if pos == centre else "tok",
             )
         )
-    flush()
+        start = pos + 1
+    if text := "".join(example.quiet[start:]):
+        spans.append(text)
     return element("Span", spans, className="context")
 
 
 def examples(
-    vocab: list[str],
+    tokens: ContextTokens,
     acts: np.ndarray,
-    tokens: np.ndarray,
+    ids: np.ndarray,
     *,
     token_acts: np.ndarray,
     centre: int,
     scale: float,
     testid: str,
-) -> html.Div:
-    """Rows of examples, strongest first (activation, highlighted context); padding rows are skipped."""
-    order = [i for i in np.argsort(-acts, kind="stable") if (tokens[i] >= 0).any()]
+) -> Element:
+    """Rows of examples (`ids` and `token_acts` `[example, position]`), strongest first: activation, highlighted
+    context; padding rows (no token) are skipped."""
+    real = ids >= 0
+    on = np.nonzero(real & ((token_acts > 0) | (np.arange(ids.shape[1]) == centre)))
+    shaded: list[list[int]] = [[] for _ in ids]
+    for i, pos in zip(on[0].tolist(), on[1].tolist()):
+        shaded[i].append(pos)
+    each = [Example(*row) for row in zip(ids.tolist(), token_acts.tolist(), tokens.quiet(ids), shaded)]
+    values, shown = acts.tolist(), set(np.flatnonzero(real.any(axis=1)).tolist())
     rows = [
         element(
             "Div",
             [
-                element("Span", f"{acts[i]:.2f}", className="act"),
-                context(vocab, tokens[i], token_acts[i], centre=centre, scale=scale),
+                element("Span", f"{values[i]:.2f}", className="act"),
+                _context(tokens, each[i], centre=centre, scale=scale),
             ],
             className="example",
         )
-        for i in order
+        for i in np.argsort(-acts, kind="stable").tolist()
+        if i in shown
     ]
-    return html.Div(rows or html.Div("No examples.", className="muted"), **data(testid=testid))  # pyright: ignore[reportArgumentType]  (`element`s)
+    return element("Div", rows or element("Div", "No examples.", className="muted"), **data(testid=testid))
 
 
-def histogram(counts: np.ndarray, edges: np.ndarray) -> dcc.Graph:
+def histogram(counts: np.ndarray, edges: np.ndarray) -> Element:
     """The activation histogram as a bar chart (`saelab.plots.histogram_figure`)."""
-    return dcc.Graph(figure=histogram_figure(counts, edges), config={"displayModeBar": False}, id="feature-histogram")
+    return element(
+        "Graph",
+        namespace=DCC,
+        figure=histogram_figure(counts, edges),
+        config={"displayModeBar": False},
+        id="feature-histogram",
+    )
 
 
-def token_value_table(vocab: list[str], pairs: Sequence[tuple[int, float]], header: str) -> html.Table:
+def token_value_table(vocab: list[str], pairs: Sequence[tuple[int, float]], header: str) -> Element:
     body = [
         element(
             "Tr",
@@ -231,28 +328,25 @@ def token_value_table(vocab: list[str], pairs: Sequence[tuple[int, float]], head
         )
         for t, v in pairs
     ]
-    return html.Table(
-        [html.Thead(html.Tr([html.Th(header), html.Th("value", className="num")])), html.Tbody(body)],  # pyright: ignore[reportArgumentType]  (`element`s)
-        className="tbl",
-    )
+    head = element("Tr", [element("Th", header), element("Th", "value", className="num")])
+    return element("Table", [element("Thead", head), element("Tbody", body)], className="tbl")
+
+
+def _chip_links(info: SaeInfo, pairs: Sequence[tuple[int, float]], label: str) -> list[Element]:
+    return [
+        element("Span", link_element(info, i, " ".join(filter(None, [f"#{i}", label, f"{v:.2f}"]))), className="chip")
+        for i, v in pairs
+    ]
+
+
+def chips(info: SaeInfo, pairs: Sequence[tuple[int, float]], label: str) -> Element:
+    """Links to other latents' pages, each with a score (cosine, Jaccard or activation)."""
+    return element("Div", _chip_links(info, pairs, label), className="chips")
 
 
 def latent_chips(info: SaeInfo, pairs: Sequence[tuple[int, float]], label: str) -> html.Div:
-    """Links to other latents' pages, each with a score (cosine, Jaccard or activation)."""
-    chips = [
-        element(
-            "Span",
-            element(
-                "Link",
-                " ".join(filter(None, [f"#{i}", label, f"{v:.2f}"])),
-                namespace="dash_core_components",
-                href=feature_url(info, i),
-            ),
-            className="chip",
-        )
-        for i, v in pairs
-    ]
-    return html.Div(chips, className="chips")  # pyright: ignore[reportArgumentType]  (`element`s)
+    """`chips` as a Dash component."""
+    return html.Div(_chip_links(info, pairs, label), className="chips")  # pyright: ignore[reportArgumentType]  (`element`s)
 
 
 def navigation(app: dash.Dash, error: str, *dependencies: Input | State) -> Callable[[Callable[..., str]], Any]:

@@ -114,14 +114,30 @@ def _check_weights(weights: Path) -> None:
         raise ValueError(f"its weights {weights} cannot be read ({err}): the file is damaged or cut short") from None
 
 
+def _version(path: Path) -> tuple[int, int] | None:
+    """A file's modification time and size, None when it is missing (or cannot be looked at)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
 def _read_sae(run: RunDir, entry: SaeEntry) -> SaeInfo:
     """The SAE's `SaeInfo`; one that cannot be used has its `error` set (this reads its config, its metrics and its
-    weights' header, never the weights themselves)."""
-    metrics_path = run.sae_metrics(entry.hook, entry.variant)
+    weights' header, never the weights themselves), once per version of those three files."""
+    files = (entry.path / SAE_CONFIG, run.sae_metrics(entry.hook, entry.variant), entry.path / SAE_WEIGHTS)
+    return _sae_from_files(entry, files, tuple(_version(f) for f in files))
+
+
+@lru_cache(maxsize=256)
+def _sae_from_files(entry: SaeEntry, files: tuple[Path, Path, Path], versions: tuple[Any, ...]) -> SaeInfo:
+    """`_read_sae` of the SAE whose config, metrics and weights are `files`, at `versions` of them."""
+    config, metrics_path, weights = files
     try:
-        model = _model_name(entry.path / SAE_CONFIG)
+        model = _model_name(config)
         metrics = _sae_file(metrics_path) if metrics_path.is_file() else {}
-        _check_weights(entry.path / SAE_WEIGHTS)
+        _check_weights(weights)
     except ValueError as err:
         error = (
             f"The SAE {entry.hook}/{entry.variant} cannot be used: {err}. Copy its folder {entry.path} again from "
@@ -244,7 +260,7 @@ def finite(x: Any) -> float | None:
 
 def valid_ids(ids: np.ndarray, values: np.ndarray) -> list[tuple[int, float]]:
     """(id, value) pairs without the -1 padding."""
-    return [(int(i), float(v)) for i, v in zip(ids, values) if i >= 0]
+    return [(i, v) for i, v in zip(ids.tolist(), values.tolist()) if i >= 0]
 
 
 # --------------------------------------------------------------------------------------------- results

@@ -1,14 +1,16 @@
 """The feature page (`/feature?hook=H&sae=VARIANT&id=N`): everything the analysis knows about one latent (stats,
-examples across the activation range, histogram, logit effects, decoder neighbours, co-occurring latents)."""
+examples across the activation range, histogram, logit effects, decoder neighbours, co-occurring latents).
+
+The page is built of `components.element`s, the JSON form Dash sends, never of Dash component objects: with ~700
+pieces a page, that is most of the server's time per page saved (`scripts/bench_app.py` measures it)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from dash import html
-
 from saelab.dashboards import components as c
-from saelab.dashboards.data import SaeInfo, check_model, context_vocab, feature_store, sae_info, valid_ids
+from saelab.dashboards.components import Element, element
+from saelab.dashboards.data import SaeInfo, check_model, feature_store, sae_info, valid_ids
 from saelab.dashboards.params import Params, feature_id, name
 
 TITLE = "Feature"
@@ -22,53 +24,54 @@ def layout(run: str, params: Params) -> Any:
 
 @c.guarded
 def feature_page(run: str, hook: str | None, variant: str | None, raw_id: str | None) -> Any:
-    """Everything the analysis knows about one latent; reads only that latent's slices of the analysis."""
+    """Everything the analysis knows about one latent (an `Element`); reads only that latent's slices of the
+    analysis."""
     info = sae_info(run, name(hook, "hook point"), name(variant, "SAE variant"))
     check_model(run, info)
     fs = feature_store(run, info)
     index = feature_id(raw_id, fs.n_features)
     f = fs.feature(index)
-    vocab, scale = context_vocab(fs), float(f["max_act"])
+    tokens, scale = c.context_tokens(fs), float(f["max_act"])
     centre = f["top_tokens"].shape[-1] // 2  # contexts are ±window around the example's own token
-    nav = html.Span(
+    nav = element(
+        "Span",
         [
-            c.feature_link(info, index - 1, "← previous") if index > 0 else None,
-            c.feature_link(info, index + 1, "next →") if index + 1 < fs.n_features else None,
+            c.link_element(info, index - 1, "← previous") if index > 0 else None,
+            c.link_element(info, index + 1, "next →") if index + 1 < fs.n_features else None,
         ],
         className="pager",
     )
-    header = c.card(
+    header = c.card_element(
         None,
         nav,
-        html.H2(f"Feature #{index}", style={"margin": "0 0 2px"}),
-        html.Div(f"{info.hook} · {info.variant} · {fs.n_features:,} latents", className="muted"),
-        html.Div(
+        element("H2", f"Feature #{index}", style={"margin": "0 0 2px"}),
+        element("Div", f"{info.hook} · {info.variant} · {fs.n_features:,} latents", className="muted"),
+        element(
+            "Div",
             [
-                c.stat("fires on", f"{f['count']:,} tokens"),
-                c.stat("density", f"{f['density']:.3%}"),
-                c.stat("mean act", c.fmt(f["mean_act"])),
-                c.stat("max act", c.fmt(f["max_act"])),
+                c.stat_element("fires on", f"{f['count']:,} tokens"),
+                c.stat_element("density", f"{f['density']:.3%}"),
+                c.stat_element("mean act", c.fmt(f["mean_act"])),
+                c.stat_element("max act", c.fmt(f["max_act"])),
             ],
             className="stats",
             style={"marginTop": "10px"},
         ),
     )
     if f["count"] == 0:
-        return html.Div(
-            [
-                header,
-                c.error_box(
-                    f"Feature {index} never fired on the {int(fs.attrs.get('n_tokens', 0)):,} "
-                    "analysed tokens: it is dead, so there is nothing to show."
-                ),
-            ]
+        dead = (
+            f"Feature {index} never fired on the {int(fs.attrs.get('n_tokens', 0)):,} analysed tokens: it is dead, "
+            "so there is nothing to show."
         )
+        return element("Div", [header, c.error_box(dead)])
+    edges = f["quantile_edges"].tolist()
     bins = [
-        html.Div(
+        element(
+            "Div",
             [
-                html.H4(f"{f['quantile_edges'][b]:.3g} – {f['quantile_edges'][b + 1]:.3g}"),
+                element("H4", f"{edges[b]:.3g} – {edges[b + 1]:.3g}"),
                 c.examples(
-                    vocab,
+                    tokens,
                     f["quantile_acts"][b],
                     f["quantile_tokens"][b],
                     token_acts=f["quantile_token_acts"][b],
@@ -81,52 +84,42 @@ def feature_page(run: str, hook: str | None, variant: str | None, raw_id: str | 
         )
         for b in reversed(range(len(f["quantile_acts"])))
     ]
-    left = [
-        c.card(
-            "Top activations",
-            c.examples(
-                vocab,
-                f["top_acts"],
-                f["top_tokens"],
-                token_acts=f["top_token_acts"],
-                centre=centre,
-                scale=scale,
-                testid="top-examples",
-            ),
-        ),
-        c.card("Examples across the activation range", *bins),
-    ]
+    top = c.examples(
+        tokens,
+        f["top_acts"],
+        f["top_tokens"],
+        token_acts=f["top_token_acts"],
+        centre=centre,
+        scale=scale,
+        testid="top-examples",
+    )
+    left = [c.card_element("Top activations", top), c.card_element("Examples across the activation range", *bins)]
     right = [
-        c.card("Activation histogram", c.histogram(f["hist_counts"], f["hist_edges"])),
+        c.card_element("Activation histogram", c.histogram(f["hist_counts"], f["hist_edges"])),
         _logit_card(fs.attrs.get("logit_kind", "unembedding"), fs.vocab, f),
-        c.card("Decoder neighbours", c.latent_chips(info, valid_ids(f["neighbour_ids"], f["neighbour_cos"]), "cos")),
-        c.card("Co-occurring latents", _cooc(info, f)),
+        c.card_element("Decoder neighbours", c.chips(info, valid_ids(f["neighbour_ids"], f["neighbour_cos"]), "cos")),
+        c.card_element("Co-occurring latents", _cooc(info, f)),
     ]
-    return html.Div([header, html.Div([html.Div(left), html.Div(right)], className="grid")], id="feature-page")
+    grid = element("Div", [element("Div", left), element("Div", right)], className="grid")
+    return element("Div", [header, grid], id="feature-page")
 
 
-def _logit_card(kind: str, vocab: list[str], f: dict[str, Any]) -> html.Div:
+def _logit_card(kind: str, vocab: list[str], f: dict[str, Any]) -> Element:
     if "logit_top_ids" not in f:
-        return c.card(
-            "Logit effects",
-            html.Div("Not computed: the run's store records no model to take them from.", className="muted"),
-            id="logit-effects",
-        )
+        missing = "Not computed: the run's store records no model to take them from."
+        return c.card_element("Logit effects", element("Div", missing, className="muted"), id="logit-effects")
     if kind == "unembedding":
         title, high, low = "Logit effects (decoder direction · unembedding)", "promoted", "suppressed"
     else:
         title, high, low = "Token embeddings by cosine with the decoder direction", "closest", "most opposite"
     top = c.token_value_table(vocab, valid_ids(f["logit_top_ids"], f["logit_top_vals"]), high)
     bottom = c.token_value_table(vocab, valid_ids(f["logit_bottom_ids"], f["logit_bottom_vals"]), low)
-    return c.card(
-        title,
-        html.Div([top, bottom], style={"display": "grid", "gridTemplateColumns": "1fr 1fr", "gap": "12px"}),
-        id="logit-effects",
-    )
+    style = {"display": "grid", "gridTemplateColumns": "1fr 1fr", "gap": "12px"}
+    return c.card_element(title, element("Div", [top, bottom], style=style), id="logit-effects")
 
 
-def _cooc(info: SaeInfo, f: dict[str, Any]) -> Any:
+def _cooc(info: SaeInfo, f: dict[str, Any]) -> Element:
     pairs = valid_ids(f["cooc_ids"], f["cooc_jaccard"])
     if not pairs:
-        return html.Div("This latent fires too rarely for co-occurrence statistics.", className="muted")
-    return c.latent_chips(info, pairs, "J")
+        return element("Div", "This latent fires too rarely for co-occurrence statistics.", className="muted")
+    return c.chips(info, pairs, "J")

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from saelab.analysis.features import ROWS
 from saelab.circuits import Circuit, Node
 from saelab.dashboards.app import create_app
 from saelab.dashboards.data import NO_ANALYSIS, SaeInfo
@@ -30,8 +31,8 @@ def _cut_short(path: Path) -> None:
 
 
 def _first_chunk(analysis: Path) -> Path:
-    """The file of the first chunk (latents 0 to 63) of the analysis's `top_acts` panel."""
-    return next(p for p in sorted((analysis / "top_acts").rglob("*")) if p.is_file() and p.name != "zarr.json")
+    """The file of the first chunk (latents 0 to 63) of the analysis's packed panels (what a feature page reads)."""
+    return next(p for p in sorted((analysis / ROWS).rglob("*")) if p.is_file() and p.name != "zarr.json")
 
 
 # How the broken SAE is damaged (its folder, its analysis), and a part of what its own pages then say.
@@ -45,7 +46,7 @@ BREAKS: dict[str, tuple[Callable[[Path, Path], Any], str]] = {
     "analysis-metadata-garbage": (lambda sae, an: (an / "zarr.json").write_text("{not json"), "cannot be read"),
     "analysis-chunk-garbage": (
         lambda sae, an: _first_chunk(an).write_bytes(b"\x00not zstd" * 8),
-        "panel 'top_acts', latents 0 to 63, cannot be read (RuntimeError: Zstd decompression error",
+        f"the packed panels {ROWS!r}, latents 0 to 63, cannot be read (RuntimeError: Zstd decompression error",
     ),
     "analysis-chunk-missing": (lambda sae, an: _first_chunk(an).unlink(), "its chunk c/0/0 is missing"),
 }

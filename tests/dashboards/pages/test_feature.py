@@ -29,7 +29,7 @@ def page_times(run: Path, sae, n_features: int, n: int) -> list[float]:
             start = time.perf_counter()
             page = feature_page(str(run), sae.hook, sae.variant, str(i))
             times.append(time.perf_counter() - start)
-            assert getattr(page, "id", None) == "feature-page" or "never fired" in str(page)
+            assert page["props"].get("id") == "feature-page" or "never fired" in str(page)
     finally:
         gc.unfreeze()
     return times
