@@ -10,10 +10,14 @@ answer) to the callback a browser calls when it opens the page's URL: feature pa
 steering requests (a latent, a coefficient, a prompt or query) that differ from request to request. Prints per
 page the p50 and p95 latency, the requests that failed (not HTTP 200, or answered with an error box), and the
 server's resident memory when it has started, after one request of each page (the model loaded) and after the load.
+Then, the server stopped, the CPU time of one feature page request in this process (the app's Flask test client,
+50 random latents, the analysis opened but no chunk of it read yet): the figure that the machine's load does not
+change, which the latency under 8 clients follows (the clients take turns on the GIL).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import socket
 import statistics
@@ -31,6 +35,7 @@ import numpy as np
 from _bench import load_note, parser, write_json  # scripts/ is on the path when run as a script
 
 from saelab.analysis import FeatureStore
+from saelab.dashboards.app import create_app
 from saelab.run import RunDir
 from saelab.toys.runs import small_run
 
@@ -159,6 +164,31 @@ def load(base: str, bodies: list[list[bytes]]) -> dict[str, Any]:
     }
 
 
+def feature_cpu(run: Path, n: int = 50) -> dict[str, float]:
+    """CPU time (ms, this process's, every thread) of `n` feature page requests of random latents, answered in
+    this process by the app's Flask test client after one request has opened the analysis: median and p95."""
+    client = create_app(str(run)).server.test_client()
+    sae = next(iter(RunDir(run).saes()))
+    ids = np.random.default_rng(1).integers(
+        1, FeatureStore.open(str(RunDir(run).analysis(sae.hook, sae.variant))).n_features, n
+    )
+
+    def ask(i: int) -> None:
+        body = route("/feature", hook=sae.hook, sae=sae.variant, id=i)
+        answer = client.post(CALLBACK, data=body, headers={"Content-Type": "application/json"})
+        if answer.status_code != 200 or has_error_box(answer.get_json()):
+            raise RuntimeError(f"the feature page of latent {i} failed: {answer.data[:300]!r}")
+
+    ask(0)
+    gc.freeze()  # as `serve` does
+    times = []
+    for i in ids.tolist():
+        start = time.process_time()
+        ask(i)
+        times.append(1000 * (time.process_time() - start))
+    return {"median_ms": round(statistics.median(times), 2), "p95_ms": round(float(np.percentile(times, 95)), 2)}
+
+
 def main() -> None:
     args = parser(__doc__, clients=8, requests=10)
     args.add_argument("--run", help="the run directory to serve (default: build a small one)")
@@ -179,6 +209,7 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait()
+        cpu = feature_cpu(run)
     print(f"{options.clients} clients x {options.requests} requests per page; {load_note()}")
     for page, row in pages.items():
         print(f"  {page:9s} p50 {row['p50_ms']:8.1f} ms  p95 {row['p95_ms']:8.1f} ms  errors {row['errors']}")
@@ -187,7 +218,8 @@ def main() -> None:
             **memory
         )
     )
-    write_json(options.json, options, {"pages": pages, "memory_mb": memory})
+    print("  feature page CPU time in-process: median {median_ms:.1f} ms, p95 {p95_ms:.1f} ms".format(**cpu))
+    write_json(options.json, options, {"pages": pages, "memory_mb": memory, "feature_cpu_ms": cpu})
 
 
 if __name__ == "__main__":
