@@ -9,7 +9,8 @@ behaves exactly as it always has.
 
 A rank that fails exits non-zero; torchrun's agent then stops the other ranks and exits with the failure. Every
 collective also has a timeout (`SAELAB_DIST_TIMEOUT` seconds, default 300), so a rank left waiting on a peer that
-died outside torchrun ends with an error instead of hanging.
+died outside torchrun ends with an error instead of hanging; only `wait_for_main`, where ranks wait while rank 0
+works alone, waits longer (`SAELAB_DIST_WAIT`, default 6 hours).
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ T = TypeVar("T")
 TIMEOUT_ENV = "SAELAB_DIST_TIMEOUT"
 """The environment variable that sets the collectives' timeout in seconds."""
 DEFAULT_TIMEOUT_S = 300
+WAIT_ENV = "SAELAB_DIST_WAIT"
+"""The environment variable that sets how long `wait_for_main` waits for rank 0, in seconds."""
+DEFAULT_WAIT_S = 6 * 3600
+
+_patient: Any = None  # a gloo group with the long `wait_for_main` timeout, made by `init`
 
 
 @dataclass(frozen=True)
@@ -82,11 +88,11 @@ def ranks() -> Ranks:
     return launched()
 
 
-def timeout() -> timedelta:
-    """The collectives' timeout (`SAELAB_DIST_TIMEOUT` seconds, default 300)."""
-    seconds = _env_int(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
+def timeout(name: str = TIMEOUT_ENV, default: int = DEFAULT_TIMEOUT_S) -> timedelta:
+    """The collectives' timeout (`SAELAB_DIST_TIMEOUT` seconds, default 300), or another such setting."""
+    seconds = _env_int(name, default)
     if seconds <= 0:
-        raise ConfigError(f"{TIMEOUT_ENV}={seconds} must be a positive number of seconds")
+        raise ConfigError(f"{name}={seconds} must be a positive number of seconds")
     return timedelta(seconds=seconds)
 
 
@@ -101,6 +107,8 @@ def init() -> Ranks:
     if cuda:
         torch.cuda.set_device(here.local_rank % torch.cuda.device_count())
     dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout())
+    global _patient
+    _patient = dist.new_group(backend="gloo", timeout=timeout(WAIT_ENV, DEFAULT_WAIT_S))
     atexit.register(shutdown)
     return ranks()
 
@@ -119,6 +127,13 @@ def barrier() -> None:
     """Wait for every rank (nothing to wait for on one)."""
     if ranks().many:
         dist.barrier()
+
+
+def wait_for_main() -> None:
+    """Wait for every rank while rank 0 does work alone (writing an analysis, evaluating): a barrier whose timeout
+    is `SAELAB_DIST_WAIT` seconds (default 6 hours), not the collectives' short one."""
+    if ranks().many:
+        dist.barrier(group=_patient)
 
 
 def gather_objects(obj: T) -> list[T]:

@@ -25,6 +25,7 @@ def test_one_process_is_rank_0_of_1_and_every_collective_is_the_identity(monkeyp
     assert distributed.gather_objects({"a": 1}) == [{"a": 1}]
     assert distributed.broadcast_object("x") == "x"
     distributed.barrier()
+    distributed.wait_for_main()
 
 
 def test_torchruns_environment_is_read_and_nonsense_refused(monkeypatch):

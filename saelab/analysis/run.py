@@ -18,7 +18,7 @@ from saelab.analysis.config import AnalysisConfig
 from saelab.analysis.features import FeatureStore, vocab_strings, write_feature_store
 from saelab.analysis.panels import decoder_neighbours, logit_effects, residual_directions
 from saelab.dictionaries import SAE
-from saelab.distributed import barrier, broadcast_object, init, local_device
+from saelab.distributed import broadcast_object, init, local_device, wait_for_main
 from saelab.errors import ConfigError, MissingError, RunError, StoreError
 from saelab.models import Model, load_model
 from saelab.run import SAE_WEIGHTS, RunDir, absolute_path
@@ -43,7 +43,7 @@ def analyze_sae(
     (without `run`: absolute). Under `torchrun` every rank encodes its share of the rows and rank 0 writes `out`
     (the `model` is needed there only); every rank returns the analysis once it is written."""
     _write_panels(store, sae, hook, out=out, cfg=cfg, model=model, run=run, progress=progress)
-    barrier()  # rank 0 has written `out`
+    wait_for_main()  # rank 0 has written `out`
     return FeatureStore.open(out)
 
 
@@ -197,5 +197,5 @@ def analyze(
         if todo:
             sae = SAE.load(entry.path)
             _write_panels(store, sae, entry.hook, out=out, cfg=cfg, model=model, run=run, progress=progress)
-    barrier()  # rank 0 has written every analysis
+    wait_for_main()  # rank 0 has written every analysis
     return written
