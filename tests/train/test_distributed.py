@@ -1,5 +1,5 @@
 """Training on two CPU ranks (torchrun, gloo) against one process: `members` weights identical, `ddp` (TopK and
-BatchTopK) weights and logged loss curves within a stated tolerance, and a run whose rank 1 was SIGKILLed midway
+BatchTopK) weights and logged loss curves within a stated tolerance, and a `ddp` run whose rank 1 was SIGKILLed midway
 resumed (by one process: the checkpoint is per SAE) to the weights of an uninterrupted run.
 
 One torchrun launch serves every test (each launch costs two Python processes importing torch): it trains every
@@ -47,11 +47,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "batchtopk": BASE
     | dict(parallel="ddp", logger="tensorboard", grid={"arch": ["batchtopk"], "k": [4], "expansion": [4]}),
 }
-CONFIGS["killed"] = CONFIGS["members"]
-REL_TOL = 1e-3
-"""Largest relative difference (max |a - b| / max |b| per tensor or curve) allowed between `ddp` on two ranks and one
-process: the ranks sum their shares of each gradient and denominator in another order than one process does (float32
-rounding, ~1e-7 per step), and 40 Adam steps amplify it; measured at most ~1e-5 here."""
+CONFIGS["killed"] = CONFIGS["ddp"]
+REL_TOL = 1e-2
+"""Largest relative difference (max |a - b| / max |b| per tensor; per point of a curve) allowed between `ddp` on two
+ranks and one process: the ranks sum their shares of each gradient in another order than one process does (float32
+rounding, ~1e-7 per step) and 40 Adam steps amplify it where a tensor is near zero. Measured here: TopK weights 4e-7,
+loss 2e-7; BatchTopK weights 3.4e-4 (`b_enc`), loss 4e-6."""
 
 
 def _config(store: str, root: Path, name: str) -> TrainConfig:
@@ -166,9 +167,10 @@ def test_ddp_weights_and_loss_curve_match_one_process(runs, name):
 def test_a_rank_sigkilled_midway_resumes_to_the_weights_of_an_uninterrupted_run(runs):
     latest = json.loads((runs / "two" / "killed.step").read_text())
     assert latest["step"] == KILL_AT // CHECKPOINT * CHECKPOINT  # killed between checkpoints, after the last one
-    # Exact: each SAE's resumed steps are those of an uninterrupted run, whichever rank (and how many) trains it.
-    differences = _relative_differences(runs / "two" / "killed", runs / "one" / "members")
-    assert not any(differences.values()), differences
+    # Resumed by one process from the two ranks' checkpoint (the state is per SAE, the same for any rank count), so
+    # within the `ddp` tolerance of an uninterrupted run.
+    differences = _relative_differences(runs / "two" / "killed", runs / "one" / "ddp")
+    assert max(differences.values()) < REL_TOL, differences
 
 
 if __name__ == "__main__":
