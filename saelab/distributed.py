@@ -154,6 +154,15 @@ def broadcast_object(obj: T) -> T:
     return box[0]
 
 
+def all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's `tensor` (the same shape on each), in rank order; `[tensor]` on one rank."""
+    if not ranks().many:
+        return [tensor]
+    out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, tensor.contiguous())
+    return out
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` over the ranks in place and return it (unchanged on one rank)."""
     if ranks().many:

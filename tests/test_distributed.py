@@ -23,6 +23,7 @@ def test_one_process_is_rank_0_of_1_and_every_collective_is_the_identity(monkeyp
     t = torch.tensor([1.5, -2.0])
     assert distributed.all_reduce_sum(t) is t and t.tolist() == [1.5, -2.0]
     assert distributed.gather_objects({"a": 1}) == [{"a": 1}]
+    assert distributed.all_gather(t) == [t]
     assert distributed.broadcast_object("x") == "x"
     distributed.barrier()
     distributed.wait_for_main()

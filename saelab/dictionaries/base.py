@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import ClassVar, Literal, NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from saelab.dictionaries.registry import Arch, sae_class
-from saelab.distributed import all_reduce_sum, ranks
+from saelab.distributed import all_gather, all_reduce_sum
 
 DType = Literal["float32", "float64", "bfloat16", "float16"]
 
@@ -93,15 +92,6 @@ def spread(x: Tensor) -> Tensor:
     """Summed squared deviation of the rows of `x` from their mean (`x.var(0).sum() * n`,
     several times faster than `var` on CPU)."""
     return (x - x.mean(0)).square().sum()
-
-
-def all_gather(tensor: Tensor) -> list[Tensor]:
-    """Every rank's `tensor` (the same shape on each), in rank order; `[tensor]` on one rank."""
-    if not ranks().many:
-        return [tensor]
-    out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, tensor.contiguous())
-    return out
 
 
 @torch.no_grad()

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from saelab.dictionaries.base import SAE, Batch, SAEConfig, all_gather
+from saelab.dictionaries.base import SAE, Batch, SAEConfig
 from saelab.dictionaries.registry import register
+from saelab.distributed import all_gather
 from saelab.ops import kernels
 from saelab.ops.kernels import Entries
 from saelab.ops.topk import topk_rows
