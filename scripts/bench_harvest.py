@@ -6,6 +6,9 @@ Prints tokens/s of (a) the bare forward pass stopped at the same layer as the ha
 compute, nothing stored), (b) the full bare forward pass, (c) `saelab.harvest` end to end (text
 packing, forward, casting, the writer thread, Zarr shards), and the ratios harvest / bare.
 Runs alternate (bare, harvest, bare, harvest, ...) and the best of each is kept, as this machine is noisy.
+It also prints the same ratios in process CPU time (every thread, torch's included): on a machine shared with
+other jobs the wall-clock ratio says little, and harvest and bare forward are both CPU-bound, so bare CPU / harvest
+CPU is what the wall-clock ratio would be on an idle one.
 """
 
 from __future__ import annotations
@@ -79,20 +82,23 @@ def main() -> None:
         finally:
             shutil.rmtree(out)
 
-    def timed(fn) -> float:
+    def timed(fn) -> tuple[float, float]:
+        """Wall-clock and process CPU seconds of `fn()`."""
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - t
+        return time.perf_counter() - t, time.process_time() - cpu
 
     bare_to_layer()  # warm-up
     best = {"bare_to_layer": float("inf"), "bare_full": float("inf"), "harvest": float("inf")}
+    best_cpu = dict(best)
     for _ in range(args.repeats):
         for name, fn in (("bare_to_layer", bare_to_layer), ("harvest", harvest_once), ("bare_full", bare_full)):
-            best[name] = min(best[name], timed(fn))
+            wall, cpu = timed(fn)
+            best[name], best_cpu[name] = min(best[name], wall), min(best_cpu[name], cpu)
     tps = {k: n_tokens / v for k, v in best.items()}
     result = {
         "model": args.model,
@@ -104,6 +110,8 @@ def main() -> None:
         "tokens_per_s": tps,
         "ratio_harvest_vs_bare_to_layer": tps["harvest"] / tps["bare_to_layer"],
         "ratio_harvest_vs_bare_full": tps["harvest"] / tps["bare_full"],
+        "cpu_s": best_cpu,
+        "cpu_ratio_harvest_vs_bare_to_layer": best_cpu["bare_to_layer"] / best_cpu["harvest"],
     }
     print(
         f"{args.model}, {len(HOOKS)} hooks at layers 1-2, {args.dtype}, {n_tokens:,} tokens, {device}, {args.threads} threads"
@@ -112,6 +120,7 @@ def main() -> None:
         print(f"  {k:<15} {v:>10,.0f} tokens/s")
     print(f"  harvest / bare forward to the same layer: {result['ratio_harvest_vs_bare_to_layer']:.3f}")
     print(f"  harvest / bare full forward:             {result['ratio_harvest_vs_bare_full']:.3f}")
+    print(f"  the same in CPU time (bare / harvest):   {result['cpu_ratio_harvest_vs_bare_to_layer']:.3f}")
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump(result, f, indent=1)
