@@ -17,7 +17,7 @@ from saelab.store import ActivationStore
 from tests.launch import torchrun
 from tests.store.helpers import shard_file
 
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # two torchrun launches of two ranks: about 40 s
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # two torchrun launches of two ranks: about 30 s
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.attn.hook_z"]
 SHARD = 256
