@@ -6,9 +6,11 @@ train`'s own loop (`train`) under torchrun, timed inside the ranks from after st
 1-rank seconds over 2-rank seconds (above 1: the ranks are faster). On the 2-rank `ddp` launch it also times the
 flat all-reduce alone (the buffer one step sends: every gradient, the latents fired, the metric shares) and a whole
 step with the flat all-reduce against the same step with torch's `DistributedDataParallel` (bucketed all-reduces that
-overlap the backward pass), round-robin. The `harvest` entry is left for the harvest engineer to fill.
+overlap the backward pass), round-robin. `harvest`: `saelab harvest` of MiniLM (--harvest-tokens tokens, hooks at
+layers 1 and 2, float16) into a store of its own per launch, the ranks taking whole shards in turn.
 
     python scripts/bench_distributed.py [--json out.json] [--steps 30] [--d-in 256] [--expansion 16]
+                                        [--harvest-tokens 32768]
 """
 
 from __future__ import annotations
@@ -116,27 +118,56 @@ def _step_timings(cfg: Any, repeats: int) -> dict[str, float]:
     }
 
 
+def _harvest_config(out: str, tokens: int) -> dict[str, Any]:
+    hooks = [f"blocks.{layer}.{name}" for layer in (1, 2) for name in ("hook_resid_post", "hook_mlp_out")]
+    return dict(
+        model="minilm",
+        hooks=hooks,
+        out=out,
+        max_tokens=tokens,
+        context_length=128,
+        batch_size=32,
+        dtype="float16",
+        shard_rows=4096,
+        chunk_rows=1024,
+        device="cpu",
+    )
+
+
 def worker(spec_path: str) -> None:
-    """One rank: train the spec's config, time it (and under 2-rank `ddp` the steps), rank 0 writes the figures."""
+    """One rank: harvest or train the spec's config and time it (under 2-rank `ddp` also the steps); rank 0 writes
+    the figures."""
     from saelab import distributed
+    from saelab.config import HarvestConfig
+    from saelab.harvest import harvest
+    from saelab.models import load_model
     from saelab.train import TrainConfig, train
 
     spec = json.loads(Path(spec_path).read_text())
     here = distributed.init()
-    cfg = TrainConfig(**spec["config"])
-    distributed.barrier()
-    start = time.perf_counter()
-    train(cfg, progress=False)
-    distributed.barrier()
-    figures: dict[str, Any] = {"train_s": time.perf_counter() - start, "threads": torch.get_num_threads()}
-    if cfg.parallel == "ddp" and here.many:
-        figures |= _step_timings(cfg, 15)
+    if "harvest" in spec:
+        harvest_cfg = HarvestConfig(**spec["harvest"])
+        model = load_model(harvest_cfg.model, device="cpu")  # loading is start-up, not harvest
+        distributed.barrier()
+        start = time.perf_counter()
+        harvest(harvest_cfg, model, progress=False)
+        distributed.barrier()
+        figures: dict[str, Any] = {"harvest_s": time.perf_counter() - start, "threads": torch.get_num_threads()}
+    else:
+        cfg = TrainConfig(**spec["config"])
+        distributed.barrier()
+        start = time.perf_counter()
+        train(cfg, progress=False)
+        distributed.barrier()
+        figures = {"train_s": time.perf_counter() - start, "threads": torch.get_num_threads()}
+        if cfg.parallel == "ddp" and here.many:
+            figures |= _step_timings(cfg, 15)
     if here.main:
         Path(spec["out"]).write_text(json.dumps(figures))
 
 
 def main() -> None:
-    args = parser(__doc__, steps=30, d_in=256, expansion=16).parse_args()
+    args = parser(__doc__, steps=30, d_in=256, expansion=16, harvest_tokens=32768).parse_args()
     from saelab.importer import import_arrays
     from saelab.toys.synthetic import make_synthetic
 
@@ -164,7 +195,21 @@ def main() -> None:
             f"{1e3 * steps['step_torch_ddp_s']:.1f} ms; the all-reduce alone ({steps['all_reduce_mb']:.1f} MB) "
             f"{1e3 * steps['all_reduce_s']:.2f} ms"
         )
-    results["harvest"] = {"measured": False, "why": "left for the harvest engineer: 1x2 vs 2x1 of `saelab harvest`"}
+        runs = {
+            f"{ranks}x{threads}": _launch(
+                ranks,
+                threads,
+                {"harvest": _harvest_config(str(folder / f"h{ranks}.zarr"), args.harvest_tokens)},
+                folder,
+            )
+            for ranks, threads in ((1, 2), (2, 1))
+        }
+        one, two = runs["1x2"]["harvest_s"], runs["2x1"]["harvest_s"]
+        results["harvest"] = runs | {"tokens": args.harvest_tokens, "ratio_1rank_over_2ranks": one / two}
+        print(
+            f"harvest ({args.harvest_tokens:,} tokens): 1 rank x 2 threads {one:.2f} s, 2 ranks x 1 thread {two:.2f} s, "
+            f"ratio {one / two:.2f}"
+        )
     write_json(args.json, args, results)
 
 
