@@ -8,11 +8,15 @@ from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 SMALL = {"SAELAB_NB_TOKENS": "20000", "SAELAB_NB_TRAIN_TOKENS": "60000"}
+# The kernel computes on one thread (torch's OpenMP and numba's pool, whose start would reset OpenMP's count): the
+# other pytest worker holds the second core, and two threads each on two busy cores wait on each other, ten times
+# slower on these small models (measured: 04_circuits' induction model 755 s on two threads, 83 s on one).
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path, tmp_path, monkeypatch):
-    for key, value in {**SMALL, "SAELAB_NB_RUN": str(tmp_path / "run")}.items():
+    for key, value in {**SMALL, **ONE_THREAD, "SAELAB_NB_RUN": str(tmp_path / "run")}.items():
         monkeypatch.setenv(key, value)
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()

@@ -13,6 +13,9 @@ from saelab.dictionaries import SAE, SAEConfig, train_step
 from saelab.toys.synthetic import make_synthetic, max_cosines
 
 STEPS, BATCH, WARMUP, LR = 1000, 1024, 100, 3e-3
+# The other architectures get half the steps: their loose bounds hold with margin there (measured at 500 steps:
+# BatchTopK FVU 0.40, L0 17; ReLU+L1 FVU 0.25, L0 183, below its 189 at 1000), at half the suite's time.
+OTHER_STEPS = STEPS // 2
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +24,8 @@ def data():
     return synthetic, synthetic.sample(2**17, torch.Generator().manual_seed(1))
 
 
-def fit(arch: str, pool: torch.Tensor, **overrides) -> tuple[SAE, float]:
-    """Train on random slices of ``pool`` with Adam and linear warm-up; returns the SAE and seconds."""
+def fit(arch: str, pool: torch.Tensor, steps: int = STEPS, **overrides) -> tuple[SAE, float]:
+    """Train `steps` steps on random slices of `pool` with Adam and linear warm-up; returns the SAE and seconds."""
     torch.set_num_threads(2)
     torch.manual_seed(0)
     cfg = SAEConfig(**({"arch": arch, "d_in": 128, "d_sae": 2048, "k": 16, "dead_tokens": 50_000} | overrides))
@@ -30,7 +33,7 @@ def fit(arch: str, pool: torch.Tensor, **overrides) -> tuple[SAE, float]:
     sae.init_from_sample(pool[:4096])
     opt = torch.optim.Adam(sae.parameters(), lr=LR, fused=True)
     warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / WARMUP))
-    starts = torch.randint(0, len(pool) - BATCH, (STEPS,), generator=torch.Generator().manual_seed(2)).tolist()
+    starts = torch.randint(0, len(pool) - BATCH, (steps,), generator=torch.Generator().manual_seed(2)).tolist()
     start_time = time.perf_counter()
     for start in starts:
         train_step(sae, opt, pool[start : start + BATCH])
@@ -38,7 +41,7 @@ def fit(arch: str, pool: torch.Tensor, **overrides) -> tuple[SAE, float]:
     return sae, time.perf_counter() - start_time
 
 
-def evaluate(name: str, sae: SAE, seconds: float, data) -> tuple[float, float, float]:
+def evaluate(name: str, sae: SAE, seconds: float, data, steps: int = STEPS) -> tuple[float, float, float]:
     """Print and return the recovered fraction, held-out-free FVU and L0 on the pool."""
     synthetic, pool = data
     cos = max_cosines(synthetic.directions, sae.W_dec.detach())
@@ -49,7 +52,7 @@ def evaluate(name: str, sae: SAE, seconds: float, data) -> tuple[float, float, f
         l0 = (sae.encode(x) > 0).sum(1).float().mean().item()
     print(
         f"\n{name}: recovered {recovered:.1%} of 1024 directions (max cos >= 0.9), median max cos "
-        f"{cos.median():.3f}, FVU {fvu:.3f}, L0 {l0:.1f}, {STEPS * BATCH:,} tokens in {seconds:.1f}s"
+        f"{cos.median():.3f}, FVU {fvu:.3f}, L0 {l0:.1f}, {steps * BATCH:,} tokens in {seconds:.1f}s"
     )
     return recovered, fvu, l0
 
@@ -70,7 +73,7 @@ def test_random_decoder_recovers_nothing(data):
 
 @pytest.mark.parametrize("arch, overrides", [("batchtopk", {}), ("relu", {"l1_coef": 1.0})])
 def test_other_architectures_on_the_same_data(data, arch, overrides):
-    """Same data and budget; recovery is printed for comparison, a sparse fit is asserted."""
-    sae, seconds = fit(arch, data[1], **overrides)
-    _, fvu, l0 = evaluate({"batchtopk": "BatchTopK", "relu": "ReLU+L1"}[arch], sae, seconds, data)
+    """Same data, half the steps; recovery is printed for comparison, a sparse fit is asserted."""
+    sae, seconds = fit(arch, data[1], OTHER_STEPS, **overrides)
+    _, fvu, l0 = evaluate({"batchtopk": "BatchTopK", "relu": "ReLU+L1"}[arch], sae, seconds, data, OTHER_STEPS)
     assert fvu < 0.6 and l0 < 200
