@@ -11,7 +11,6 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-import zarr
 from tqdm.auto import tqdm
 
 from saelab import distributed
@@ -30,7 +29,7 @@ from saelab.models import (
     resolve_hooks,
 )
 from saelab.run import is_local, store_relative
-from saelab.store import ActivationStore, StoreWriter, open_group, saelab_meta, to_storage
+from saelab.store import ActivationStore, StoreWriter, open_group, saelab_meta, to_storage, zarr_group
 from saelab.store.checksums import DamagedShard
 from saelab.store.writer import Written
 from saelab.text import ContextBatch, SpecialTokens, batch_contexts, iter_documents, pack_contexts
@@ -235,7 +234,7 @@ def _open_writer(cfg: HarvestConfig, model: Model, hooks: dict[str, int], *, ove
     group = None
     if not overwrite:
         try:
-            group = zarr.open_group(store=cfg.out, mode="r+", zarr_format=3)
+            group = zarr_group(cfg.out, "r+")
         except FileNotFoundError:  # nothing there, or a folder that is not a Zarr store: `create` checks it
             pass
     if group is None:

@@ -31,7 +31,7 @@ class Runs(NamedTuple):
     reference: Path
     """The store one process (no torchrun, one thread as each rank has) writes."""
     two: Path
-    """The store `torchrun --nproc-per-node 2 -m saelab harvest` writes."""
+    """The store `torchrun --nproc-per-node 2 -m saelab harvest` writes, given a `file://` URL."""
     two_stdout: str
     """What that command printed on stdout."""
     two_stderr: str
@@ -44,12 +44,14 @@ class Runs(NamedTuple):
     """The exit status of that torchrun."""
 
 
-def _config(folder: Path, name: str, model: str) -> Path:
-    path = folder / f"{name}.yaml"
+def _config(folder: Path, name: str, model: str, *, url: bool = False) -> Path:
+    """A harvest config writing `folder/name.zarr`, given as a `file://` fsspec URL when `url` (what a store on an
+    object store goes through: the same code, the same bytes)."""
+    path = folder / f"{name}.zarr"
     fields = dict(
         model=model,
         hooks=HOOKS,
-        out=str(folder / f"{name}.zarr"),
+        out=f"file://{path}" if url else str(path),
         context_length=32,
         batch_size=4,
         max_tokens=ROWS,
@@ -57,8 +59,9 @@ def _config(folder: Path, name: str, model: str) -> Path:
         shard_rows=SHARD,
         chunk_rows=128,
     )
-    path.write_text(yaml.safe_dump(fields))
-    return path
+    config = folder / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(fields))
+    return config
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -78,7 +81,7 @@ def _one_thread_harvest(config: Path, model) -> ActivationStore:
 def runs(decoder, decoder_dir, tmp_path_factory) -> Runs:
     folder = tmp_path_factory.mktemp("ranks")
     _one_thread_harvest(_config(folder, "reference", decoder_dir), decoder)
-    two = torchrun("-m", "saelab", "harvest", str(_config(folder, "two", decoder_dir)), ranks=2, timeout=240)
+    two = torchrun("-m", "saelab", "harvest", str(_config(folder, "two", decoder_dir, url=True)), ranks=2, timeout=240)
     assert two.returncode == 0, two.stderr[-3000:]
     killed = torchrun(HELPER, str(_config(folder, "killed", decoder_dir)), "1", "2", ranks=2, timeout=240)
     meta = json.loads((folder / "killed.zarr" / "zarr.json").read_text())["attributes"]["saelab"]
@@ -93,7 +96,7 @@ def runs(decoder, decoder_dir, tmp_path_factory) -> Runs:
     )
 
 
-def test_two_ranks_write_the_store_of_one_process_byte_for_byte(runs):
+def test_two_ranks_write_the_store_of_one_process_byte_for_byte_through_an_fsspec_url(runs):
     want, got = _files(runs.reference), _files(runs.two)
     assert sorted(got) == sorted(want)
     assert [name for name in want if got[name] != want[name]] == []  # every shard, and zarr.json (no timings in it)

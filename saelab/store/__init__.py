@@ -23,6 +23,7 @@ from saelab.store.layout import (
     open_group,
     saelab_meta,
     to_storage,
+    zarr_group,
 )
 from saelab.store.prefetch import prefetch
 from saelab.store.reader import ActivationStore
@@ -43,4 +44,5 @@ __all__ = [
     "prefetch",
     "saelab_meta",
     "to_storage",
+    "zarr_group",
 ]

@@ -32,10 +32,20 @@ def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a))
 
 
+def zarr_group(path: str, mode: Literal["r", "r+", "w"]) -> zarr.Group:
+    """`zarr.open_group` of the store at `path`, a local path or an fsspec URL: the one way saelab opens stores.
+    A `file://` URL makes its folders as it writes (fsspec's local filesystem does not by default; a local path and
+    `memory://` do), so `file://` behaves like the object stores it stands in for."""
+    local_url = str(path).startswith(("file://", "local://"))
+    return zarr.open_group(
+        store=path, mode=mode, zarr_format=3, storage_options={"auto_mkdir": True} if local_url else None
+    )
+
+
 def open_group(path: str, mode: Literal["r", "r+"]) -> zarr.Group:
     """The Zarr v3 group of the store at `path`; `StoreError` when there is none, or it does not parse."""
     try:
-        return zarr.open_group(store=path, mode=mode, zarr_format=3)
+        return zarr_group(path, mode)
     except FileNotFoundError:
         raise StoreError(
             f"no activation store at {path!r}; run `saelab harvest` or `saelab import` to make one"
@@ -72,7 +82,7 @@ def check_new_store(path: str, *, overwrite: bool = False) -> None:
     if not held:
         return
     try:
-        meta = saelab_meta(zarr.open_group(store=path, mode="r", zarr_format=3), path)
+        meta = saelab_meta(zarr_group(path, "r"), path)
     except (OSError, ValueError):  # no Zarr group there, or one that saelab did not write
         shown = ", ".join(held[:5]) + (f", ... ({len(held)} entries)" if len(held) > 5 else "")
         raise OverwriteError(

@@ -22,7 +22,15 @@ from zarr.codecs import ZstdCodec
 from saelab import __version__
 from saelab.errors import StoreError
 from saelab.store.checksums import ALGORITHM, digest, record
-from saelab.store.layout import META_ARRAYS, STORAGE_DTYPE, check_new_store, from_storage, node_array, saelab_meta
+from saelab.store.layout import (
+    META_ARRAYS,
+    STORAGE_DTYPE,
+    check_new_store,
+    from_storage,
+    node_array,
+    saelab_meta,
+    zarr_group,
+)
 
 
 class RowSums(NamedTuple):
@@ -93,7 +101,7 @@ class StoreWriter:
         refused, and an existing store is replaced only with `overwrite` (`OverwriteError`, see `check_new_store`).
         """
         check_new_store(path, overwrite=overwrite)
-        group = zarr.open_group(store=path, mode="w", zarr_format=3)
+        group = zarr_group(path, "w")
         compressors = None if compression == "none" else ZstdCodec(level=1)
         for name, d in hooks.items():
             group.create_array(
