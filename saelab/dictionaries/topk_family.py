@@ -13,7 +13,7 @@ from saelab.dictionaries.base import SAE, Batch, SAEConfig
 from saelab.dictionaries.registry import register
 from saelab.distributed import all_gather
 from saelab.ops import kernels
-from saelab.ops.kernels import Entries
+from saelab.ops.kernels import Entries, flat_topk
 from saelab.ops.topk import topk_rows
 
 
@@ -187,10 +187,10 @@ def global_batch_topk(pre: Tensor, n: int) -> tuple[Entries, Tensor]:
     `n`-th largest of them is the batch's threshold, and each rank keeps its entries at or above it. A value tied
     with the threshold on several rows can add entries (a single process breaks such ties arbitrarily)."""
     flat = pre.flatten()
-    vals, idx = flat.topk(min(n, flat.numel()), sorted=False)
+    vals, idx = flat_topk(flat, min(n, flat.numel()))
     candidates = torch.full((n,), -math.inf, dtype=pre.dtype, device=pre.device)
     candidates[: len(vals)] = vals
-    chosen = torch.cat(all_gather(candidates)).topk(n, sorted=False).values
+    chosen = flat_topk(torch.cat(all_gather(candidates)), n)[0]
     keep = vals >= chosen.min()
     idx, order = idx[keep].sort()
     width = pre.shape[1]

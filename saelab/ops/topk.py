@@ -124,11 +124,26 @@ def _topk_rows(pre, k, cols, out_vals, out_idx):
                     out_idx[r, i] = cols[out_idx[r, i]]
 
 
+_launched = False  # whether numba's parallel pool has started in this process
+
+
 def match_torch_threads() -> int:
-    """Run numba's parallel loops on as many threads as torch uses (capped by numba's pool); returns the count."""
+    """Run numba's parallel loops on as many threads as torch uses (capped by numba's pool); returns the count.
+
+    numba's first parallel launch in a process (its OpenMP threading layer) sets OpenMP's thread count to numba's
+    pool size, which silently undid `torch.set_num_threads(1)` (and `OMP_NUM_THREADS=1` under torchrun): a tiny
+    model then ran ~10x slower on a busy machine. So the first call starts the pool with one tiny launch and gives
+    torch its own thread count back; later launches leave it alone."""
+    global _launched
+    threads = torch.get_num_threads()
     # numba fills its config module at run time, so its attributes are unknown to type checkers.
-    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))  # pyright: ignore[reportPrivateImportUsage, reportAttributeAccessIssue]
+    n = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))  # pyright: ignore[reportPrivateImportUsage, reportAttributeAccessIssue]
     numba.set_num_threads(n)
+    if not _launched:
+        _launched = True
+        one = np.zeros((1, 1), np.float32)
+        _topk_rows(one, 1, None, one.copy(), np.zeros((1, 1), np.int64))
+        torch.set_num_threads(threads)
     return n
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -98,3 +101,16 @@ def test_values_carry_gradients_like_torch_topk():
     assert pre.grad is not None
     expected = torch.zeros(5, 300).scatter(1, idx, torch.arange(7.0).expand(5, -1))
     assert torch.equal(pre.grad, expected)
+
+
+def test_the_first_kernel_call_leaves_torchs_thread_count_alone():
+    """numba's first parallel launch resets OpenMP's thread count; `topk_rows` must give torch its own back (a
+    fresh process: the launch happens once per process)."""
+    code = (
+        "import torch; torch.set_num_threads(1)\n"
+        "from saelab.ops.topk import topk_rows\n"
+        "topk_rows(torch.randn(64, 256), 8)\n"
+        "print(torch.get_num_threads())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "1"
