@@ -107,7 +107,8 @@ def test_two_ranks_write_the_store_of_one_process_byte_for_byte_through_an_fsspe
 
 def test_only_rank_0_prints_the_summary_and_progress(runs):
     assert runs.two_stdout.count("rows         3,000 complete") == 1
-    assert runs.two_stderr.count("harvest ") >= 1 and runs.two_stderr.count("3.00k/3.00k") == 1
+    # Each bar shows its empty state once, when it starts (later redraws, the last one included, depend on timing).
+    assert runs.two_stderr.count("harvest ") >= 1 and runs.two_stderr.count(" 0.00/3.00k") == 1
 
 
 def test_a_harvest_whose_rank_was_killed_resumes_on_one_rank_to_the_same_store(runs, decoder):
