@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -15,8 +13,8 @@ from tqdm.auto import tqdm
 
 from saelab import distributed
 from saelab.config import HarvestConfig
-from saelab.distributed import Ranks, gather_objects
 from saelab.errors import SaelabError, StoreError, TextSourceError
+from saelab.harvest_shards import Finish, Piece, Shards, ShardWriter, put
 from saelab.models import (
     MINILM,
     HookPoint,
@@ -79,153 +77,6 @@ class _Kept:
     @property
     def n(self) -> int:
         return int(self.keep.sum())
-
-
-@dataclass
-class _Piece:
-    """Kept rows of batch `batch` (`size` rows from store row `batch_start`); this piece starts `offset` rows in."""
-
-    batch: int
-    batch_start: int
-    size: int
-    offset: int
-    acts: dict[str, np.ndarray]
-    meta: dict[str, np.ndarray]
-
-    def __len__(self) -> int:
-        return len(self.meta["tokens"])
-
-    @property
-    def start(self) -> int:
-        return self.batch_start + self.offset
-
-    def cut(self, a: int, b: int) -> _Piece:
-        return _Piece(
-            self.batch,
-            self.batch_start,
-            self.size,
-            self.offset + a,
-            {k: v[a:b] for k, v in self.acts.items()},
-            {k: v[a:b] for k, v in self.meta.items()},
-        )
-
-    @staticmethod
-    def join(pieces: list[_Piece]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """The activations (by hook) and metadata arrays of consecutive pieces, concatenated."""
-        acts = {h: np.concatenate([p.acts[h] for p in pieces]) for h in pieces[0].acts}
-        return acts, {k: np.concatenate([p.meta[k] for p in pieces]) for k in pieces[0].meta}
-
-
-@dataclass
-class _Finish:
-    """Tells the writer thread that the store ends at row `rows`: write what it holds and end the harvest."""
-
-    rows: int
-
-
-@dataclass
-class _Shard:
-    """A shard one rank wrote, for rank 0 to commit."""
-
-    stop: int
-    """The row after its last."""
-    written: Written
-    """Its checksums and statistics."""
-    resume: dict[str, int]
-    """Where a harvest that stops after it starts again: the batch that holds row `stop`, and that batch's first row."""
-
-
-class _Shards:
-    """Which shards a rank writes: from shard `first` on, every `world`-th, starting `rank` shards in (all of them on
-    one rank), `shard_rows` rows each."""
-
-    def __init__(self, first: int, here: Ranks, shard_rows: int):
-        self.first, self.here, self.shard_rows = first, here, shard_rows
-
-    def owns(self, shard: int) -> bool:
-        return shard >= self.first and (shard - self.first) % self.here.world == self.here.rank
-
-    def touched(self, start: int, stop: int) -> list[int]:
-        """This rank's shards among those that rows `[start, stop)` fall in."""
-        return [s for s in range(start // self.shard_rows, -(-stop // self.shard_rows)) if self.owns(s)]
-
-    def rounds(self, rows: int) -> int:
-        """How many rounds (one shard per rank each) a store of `rows` rows takes from shard `first`."""
-        return -(-max(0, -(-rows // self.shard_rows) - self.first) // self.here.world)
-
-
-class _ShardWriter(threading.Thread):
-    """Buffers the pieces of this rank's shards and writes each shard, once whole, beside the forward pass.
-
-    The ranks write in rounds, one shard each (shards `first + k * world + rank` in round `k`); after each round rank 0
-    gathers what they wrote and commits it, so `rows_complete` always ends a round and every shard below it has its
-    checksum. On one rank a round is one shard: a commit after each, as ever."""
-
-    def __init__(self, writer: StoreWriter, shards: _Shards):
-        super().__init__(daemon=True)
-        self.writer, self.shards = writer, shards
-        self.here = shards.here
-        self.shard = shards.first + self.here.rank  # the next shard this rank writes
-        self.done = 0  # rounds this rank has taken part in
-        self.inbox: queue.Queue = queue.Queue(maxsize=8)
-        self.held: dict[int, list[_Piece]] = {}
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            while (item := self.inbox.get()) is not None:
-                if isinstance(item, _Finish):
-                    self._finish(item.rows)
-                    return
-                self._hold(item)
-                while sum(map(len, self.held.get(self.shard, []))) == self.shards.shard_rows:
-                    self._round(self._write(), rows=None)
-        except BaseException as err:
-            self.error = err
-
-    def _hold(self, piece: _Piece) -> None:
-        """Keep the rows of `piece` that fall in this rank's shards still to write."""
-        r, end = self.shards.shard_rows, piece.start + len(piece)
-        for s in self.shards.touched(piece.start, end):
-            if s >= self.shard:
-                lo, hi = max(piece.start, s * r), min(end, (s + 1) * r)
-                self.held.setdefault(s, []).append(piece.cut(lo - piece.start, hi - piece.start))
-
-    def _write(self) -> _Shard:
-        """Write the held rows of this rank's next shard."""
-        pieces = self.held.pop(self.shard)
-        written = self.writer.put(self.shard * self.shards.shard_rows, *_Piece.join(pieces), resize=not self.here.many)
-        last = pieces[-1]
-        stop = last.start + len(last)
-        more = last.batch_start + last.size > stop  # the batch goes on into the next shard
-        resume = {"batch": last.batch, "rows": last.batch_start} if more else {"batch": last.batch + 1, "rows": stop}
-        return _Shard(stop, written, resume)
-
-    def _round(self, shard: _Shard | None, *, rows: int | None) -> None:
-        """End a round: rank 0 commits every rank's shard of it (`rows`: the store's last round ends it there)."""
-        self.shard += self.here.world
-        self.done += 1
-        if self.here.main and self.here.many and rows is None:  # room for the next round, before anyone writes it
-            self.writer.reserve((self.shard + self.here.world) * self.shards.shard_rows)
-        shards = [s for s in gather_objects(shard) if s is not None]
-        if not self.here.main:
-            return
-        for s in shards:
-            self.writer.add(s.written)
-        if rows is not None:
-            self.writer.commit(rows, complete=True, resume=None)
-        elif shards:
-            self.writer.commit(shards[-1].stop, resume=shards[-1].resume)
-
-    def _finish(self, rows: int) -> None:
-        """The text ended at row `rows`: write this rank's last (partial) shard, if it holds one, and take part in
-        the rounds left; the last round completes the store (or rank 0 does, when every round is behind it)."""
-        rounds = self.shards.rounds(rows)
-        if self.done == rounds and self.here.main:
-            self.writer.commit(rows, complete=True, resume=None)
-        while self.done < rounds:
-            shard = self._write() if self.shard in self.held else None
-            self._round(shard, rows=rows if self.done == rounds - 1 else None)
 
 
 def _open_writer(cfg: HarvestConfig, model: Model, hooks: dict[str, int], *, overwrite: bool) -> StoreWriter:
@@ -315,13 +166,13 @@ def harvest(
         return ActivationStore.open(cfg.out)
     resume = writer.meta["resume"]
     done = writer.rows_complete
-    shards = _Shards(done // cfg.shard_rows, here, cfg.shard_rows)
+    shards = Shards(done // cfg.shard_rows, here, cfg.shard_rows)
     if here.many:
         if here.main:  # room for the first round's shards before any rank writes them
             writer.reserve((shards.first + here.world) * cfg.shard_rows)
         distributed.barrier()
 
-    shard_writer = _ShardWriter(writer, shards)
+    shard_writer = ShardWriter(writer, shards)
     shard_writer.start()
     bar = tqdm(
         total=cfg.max_tokens,
@@ -337,11 +188,11 @@ def harvest(
         for kept in _kept_batches(cfg, model, first=(resume["batch"], resume["rows"])):
             stop = kept.start + kept.n if cfg.max_tokens is None else min(kept.start + kept.n, cfg.max_tokens)
             if shards.touched(kept.start, stop):
-                _put(shard_writer, _piece(cfg, model, points, kept).cut(0, stop - kept.start))
+                put(shard_writer, _piece(cfg, model, points, kept).cut(0, stop - kept.start))
             bar.update(max(stop, done) - max(kept.start, done))
             if stop == cfg.max_tokens:
                 break
-        _put(shard_writer, _Finish(stop))
+        put(shard_writer, Finish(stop))
         shard_writer.join()
     finally:
         bar.close()
@@ -392,12 +243,12 @@ def _kept_batches(cfg: HarvestConfig, model: Model, *, first: tuple[int, int]) -
         rows += kept.n
 
 
-def _piece(cfg: HarvestConfig, model: Model, points: list[HookPoint], kept: _Kept) -> _Piece:
+def _piece(cfg: HarvestConfig, model: Model, points: list[HookPoint], kept: _Kept) -> Piece:
     """Run the model on a batch: the activations and metadata of its kept rows."""
     device, batch, keep = device_of(model), kept.contexts, kept.keep
     acts = capture(model, torch.from_numpy(batch.tokens).to(device), points)
     keep_t = torch.from_numpy(keep).to(device)
-    return _Piece(
+    return Piece(
         kept.batch,
         kept.start,
         kept.n,
@@ -428,7 +279,7 @@ def _repair(
     ordered = sorted({d.shard for d in damaged})
     spans = {d.shard: d.rows for d in damaged if ordered.index(d.shard) % here.world == here.rank}
     names = {s: {d.array for d in damaged if d.shard == s} for s in spans}
-    held: dict[int, list[_Piece]] = {s: [] for s in spans}
+    held: dict[int, list[Piece]] = {s: [] for s in spans}
     written: list[Written] = []
     bar = tqdm(total=sum(b - a for a, b in spans.values()), unit="tok", disable=not progress, desc="repair shards")
     for kept in _kept_batches(cfg, model, first=(0, 0)):
@@ -442,7 +293,7 @@ def _repair(
             if lo < end and piece.start < hi:
                 held[s].append(piece.cut(max(lo, piece.start) - piece.start, min(hi, end) - piece.start))
             if sum(map(len, held[s])) == hi - lo:
-                acts, meta = _Piece.join(held.pop(s))
+                acts, meta = Piece.join(held.pop(s))
                 arrays = {**{f"activations/{h}": a for h, a in acts.items()}, **meta}
                 written.append(writer.reput(lo, {k: a for k, a in arrays.items() if k in names[s]}))
                 bar.update(hi - lo)
@@ -453,15 +304,3 @@ def _repair(
         for w in (w for rank in everyone for w in rank):
             writer.add(w)
         writer.commit(writer.rows_complete, complete=writer.meta["complete"])
-
-
-def _put(shard_writer: _ShardWriter, item: object) -> None:
-    """Hand an item to the writer thread, surfacing its error instead of blocking forever."""
-    while True:
-        if shard_writer.error is not None:
-            raise shard_writer.error
-        try:
-            shard_writer.inbox.put(item, timeout=0.5)
-            return
-        except queue.Full:
-            continue

@@ -246,7 +246,7 @@ def _run_with_model(root: Path, decoder_dir: str, model: str = "model") -> Harve
 def _harvest_until_interrupted(cfg: HarvestConfig, model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Harvest `cfg` and stop, as Ctrl-C would, when the fourth batch is handed to the writer (two shards are in)."""
     module = sys.modules["saelab.harvest"]  # `saelab.harvest` on `saelab` is the function
-    put, handed = module._put, []
+    put, handed = module.put, []
 
     def put_then_stop(shard_writer: Any, item: object) -> None:
         if len(handed) == 3:
@@ -255,7 +255,7 @@ def _harvest_until_interrupted(cfg: HarvestConfig, model: Any, monkeypatch: pyte
         put(shard_writer, item)
 
     with monkeypatch.context() as patched:
-        patched.setattr(module, "_put", put_then_stop)
+        patched.setattr(module, "put", put_then_stop)
         with pytest.raises(KeyboardInterrupt):
             harvest(cfg, model=model, progress=False)
     store = ActivationStore.open(cfg.out)

@@ -11,6 +11,7 @@ from typing import Any
 from saelab.dashboards import components as c
 from saelab.dashboards.components import Element, element
 from saelab.dashboards.data import SaeInfo, check_model, feature_store, sae_info, valid_ids
+from saelab.dashboards.examples import context_tokens, examples
 from saelab.dashboards.params import Params, feature_id, name
 
 TITLE = "Feature"
@@ -31,7 +32,7 @@ def feature_page(run: str, hook: str | None, variant: str | None, raw_id: str | 
     fs = feature_store(run, info)
     index = feature_id(raw_id, fs.n_features)
     f = fs.feature(index)
-    tokens, scale = c.context_tokens(fs), float(f["max_act"])
+    tokens, scale = context_tokens(fs), float(f["max_act"])
     centre = f["top_tokens"].shape[-1] // 2  # contexts are ±window around the example's own token
     nav = element(
         "Span",
@@ -70,7 +71,7 @@ def feature_page(run: str, hook: str | None, variant: str | None, raw_id: str | 
             "Div",
             [
                 element("H4", f"{edges[b]:.3g} – {edges[b + 1]:.3g}"),
-                c.examples(
+                examples(
                     tokens,
                     f["quantile_acts"][b],
                     f["quantile_tokens"][b],
@@ -84,7 +85,7 @@ def feature_page(run: str, hook: str | None, variant: str | None, raw_id: str | 
         )
         for b in reversed(range(len(f["quantile_acts"])))
     ]
-    top = c.examples(
+    top = examples(
         tokens,
         f["top_acts"],
         f["top_tokens"],
