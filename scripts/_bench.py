@@ -48,3 +48,15 @@ def write_json(path: str | None, args: argparse.Namespace, results: dict[str, An
     if path:
         with open(path, "w") as f:
             json.dump({"config": vars(args), "load_average": os.getloadavg(), "results": results}, f, indent=2)
+
+
+def step_figures(sec: dict[str, float], batch: int) -> dict[str, float]:
+    """From the seconds per step of `saelab`, `sae_lens`, `sparsify` and the bare encoder `matmul` on batches of
+    `batch` rows: each step in ms, the libraries' tokens/s, saelab's speed-ups and its step over the matmul."""
+    out = {f"{name}_ms": 1e3 * s for name, s in sec.items()}
+    out |= {f"{name}_tokens_per_s": batch / sec[name] for name in ("saelab", "sae_lens", "sparsify")}
+    return out | {
+        "speedup_vs_sae_lens": sec["sae_lens"] / sec["saelab"],
+        "speedup_vs_sparsify": sec["sparsify"] / sec["saelab"],
+        "saelab_step_over_matmul": sec["saelab"] / sec["matmul"],
+    }

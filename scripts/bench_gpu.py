@@ -37,7 +37,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _bench import load_note, parser, time_round_robin, write_json  # scripts/ is on the path when run as a script
+from _bench import (  # scripts/ is on the path when run as a script
+    load_note,
+    parser,
+    step_figures,
+    time_round_robin,
+    write_json,
+)
 
 from saelab import distributed
 from saelab.dictionaries import SAE, SAEConfig, train_step
@@ -180,12 +186,8 @@ def time_steps(args: argparse.Namespace, device: torch.device) -> dict[str, floa
     sec = time_round_robin(steps, args.warmup, args.repeats)
     peak = peak_matmul_flops(device, args.peak_n, args.repeats)
     matmul_flops = 2 * args.batch * args.d_in * args.d_sae / sec["matmul"]
-    out = {f"{name}_ms": 1e3 * s for name, s in sec.items()}
-    out |= {f"{name}_tokens_per_s": args.batch / sec[name] for name in ("saelab", "sae_lens", "sparsify")}
+    out = step_figures(sec, args.batch)
     out |= {
-        "speedup_vs_sae_lens": sec["sae_lens"] / sec["saelab"],
-        "speedup_vs_sparsify": sec["sparsify"] / sec["saelab"],
-        "saelab_step_over_matmul": sec["saelab"] / sec["matmul"],
         "peak_bf16_tflops": peak / 1e12,
         "encoder_matmul_tflops": matmul_flops / 1e12,
         "encoder_matmul_share_of_peak": matmul_flops / peak,

@@ -14,7 +14,13 @@ differs.
 from collections.abc import Callable
 
 import torch
-from _bench import load_note, parser, time_round_robin, write_json  # scripts/ is on the path when run as a script
+from _bench import (  # scripts/ is on the path when run as a script
+    load_note,
+    parser,
+    step_figures,
+    time_round_robin,
+    write_json,
+)
 
 from saelab.dictionaries import SAE, SAEConfig, train_step
 from saelab.toys.synthetic import make_synthetic
@@ -120,13 +126,7 @@ def main() -> None:
             "matmul": matmul_only(x, args.d_sae),
         }
         sec = time_round_robin(steps, args.warmup, args.repeats)
-        res = {f"{name}_ms": 1e3 * s for name, s in sec.items()}
-        res |= {f"{name}_tokens_per_s": args.batch / sec[name] for name in ("saelab", "sae_lens", "sparsify")}
-        res |= {
-            "speedup_vs_sae_lens": sec["sae_lens"] / sec["saelab"],
-            "speedup_vs_sparsify": sec["sparsify"] / sec["saelab"],
-            "saelab_step_over_matmul": sec["saelab"] / sec["matmul"],
-        }
+        res = step_figures(sec, args.batch)
         results[scenario] = res
         print(f"\n[{scenario}]")
         for name in ("saelab", "sae_lens", "sparsify"):
