@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from saelab.distributed import Ranks, gather_objects
+from saelab.distributed import Ranks, barrier, gather_objects
 from saelab.store import StoreWriter
 from saelab.store.writer import Written
 
@@ -138,9 +138,14 @@ class ShardWriter(threading.Thread):
         """End a round: rank 0 commits every rank's shard of it (`rows`: the store's last round ends it there)."""
         self.shard += self.here.world
         self.done += 1
-        if self.here.main and self.here.many and rows is None:  # room for the next round, before anyone writes it
-            self.writer.reserve((self.shard + self.here.world) * self.shards.shard_rows)
         shards = [s for s in gather_objects(shard) if s is not None]
+        if self.here.many:
+            # Room for the next round while no rank writes: a rank opening an array reads its `zarr.json`, which a
+            # resize rewrites (in place on fsspec stores), so every rank waits for it. Every round has this barrier
+            # (ranks can disagree on which round is the last: one whose last shard is whole learns it later).
+            if self.here.main and rows is None:
+                self.writer.reserve((self.shard + self.here.world) * self.shards.shard_rows)
+            barrier()
         if not self.here.main:
             return
         for s in shards:

@@ -18,3 +18,20 @@ def torchrun(
     return subprocess.run(
         command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout, check=False
     )
+
+
+def tracebacks(done: subprocess.CompletedProcess[str], *, lines: int = 12) -> str:
+    """The end (`lines` lines) of each Python traceback the ranks printed, in order, torchrun's own left out: what a
+    failed launch's assertion shows, so that the rank that failed first is named even when the output is long."""
+    found, block = [], None
+    for line in done.stderr.splitlines():
+        text = line.split("]: ", 1)[1] if line.startswith("[rank") and "]: " in line else line
+        if text.startswith("Traceback (most recent call last)"):
+            block = [line]
+        elif block is not None:
+            block.append(line)
+            if text and not text[0].isspace():  # the exception line ends the traceback
+                if "ChildFailedError" not in text:
+                    found.append("\n".join(block[-lines:]))
+                block = None
+    return "\n\n".join(found) or done.stderr[-3000:]

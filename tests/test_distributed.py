@@ -11,7 +11,7 @@ import torch
 
 from saelab import distributed
 from saelab.errors import ConfigError
-from tests.launch import torchrun
+from tests.launch import torchrun, tracebacks
 
 
 def test_one_process_is_rank_0_of_1_and_every_collective_is_the_identity(monkeypatch):
@@ -61,4 +61,10 @@ def test_a_rank_that_raises_stops_the_run_with_its_error_within_a_minute():
     seconds = time.time() - float(raised[1])  # from the error to the end of the run
     assert done.returncode != 0
     assert "rank 1 cannot go on: this is the error the test expects" in done.stdout + done.stderr
+    # What a failed launch's assertion shows starts with the failing rank's own traceback, whatever follows it.
+    assert (
+        tracebacks(done)
+        .split("\n\n")[0]
+        .endswith("DistributedError: rank 1 cannot go on: this is the error the test expects")
+    )
     assert seconds < 60, f"the run took {seconds:.0f} s to stop after the error"

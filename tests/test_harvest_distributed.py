@@ -14,7 +14,7 @@ import yaml
 from saelab.config import HarvestConfig, load_config
 from saelab.harvest import harvest
 from saelab.store import ActivationStore
-from tests.launch import torchrun
+from tests.launch import torchrun, tracebacks
 from tests.store.helpers import shard_file
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # two torchrun launches of two ranks: about 30 s
@@ -42,6 +42,8 @@ class Runs(NamedTuple):
     """That store's `saelab` attribute as the kill left it."""
     killed_returncode: int
     """The exit status of that torchrun."""
+    killed_log: dict[int, list[tuple[str, float, float]]]
+    """What each rank of that run logged: `(put|reserve, start, end)` of every shard write and array resize."""
 
 
 def _config(folder: Path, name: str, model: str, *, url: bool = False) -> Path:
@@ -82,9 +84,10 @@ def runs(decoder, decoder_dir, tmp_path_factory) -> Runs:
     folder = tmp_path_factory.mktemp("ranks")
     _one_thread_harvest(_config(folder, "reference", decoder_dir), decoder)
     two = torchrun("-m", "saelab", "harvest", str(_config(folder, "two", decoder_dir, url=True)), ranks=2, timeout=240)
-    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.returncode == 0, tracebacks(two)
     killed = torchrun(HELPER, str(_config(folder, "killed", decoder_dir)), "1", "2", ranks=2, timeout=240)
     meta = json.loads((folder / "killed.zarr" / "zarr.json").read_text())["attributes"]["saelab"]
+    log = {r: [_event(line) for line in (folder / f"killed.yaml.rank{r}.log").read_text().splitlines()] for r in (0, 1)}
     return Runs(
         folder / "reference.zarr",
         folder / "two.zarr",
@@ -93,7 +96,13 @@ def runs(decoder, decoder_dir, tmp_path_factory) -> Runs:
         folder / "killed.zarr",
         meta,
         killed.returncode,
+        log,
     )
+
+
+def _event(line: str) -> tuple[str, float, float]:
+    what, start, end = line.split()
+    return what, float(start), float(end)
 
 
 def test_two_ranks_write_the_store_of_one_process_byte_for_byte_through_an_fsspec_url(runs):
@@ -109,6 +118,15 @@ def test_only_rank_0_prints_the_summary_and_progress(runs):
     assert runs.two_stdout.count("rows         3,000 complete") == 1
     # Each bar shows its empty state once, when it starts (later redraws, the last one included, depend on timing).
     assert runs.two_stderr.count("harvest ") >= 1 and runs.two_stderr.count(" 0.00/3.00k") == 1
+
+
+def test_no_rank_writes_a_shard_while_rank_0_resizes_the_arrays(runs):
+    # A resize rewrites each array's `zarr.json` (in place on fsspec stores), which a writing rank reads: another
+    # rank's write during one read half a file (seen in CI as a rank dying of a JSONDecodeError).
+    reserves = [(a, b) for what, a, b in runs.killed_log[0] if what == "reserve"]
+    puts = [(a, b) for rank in (0, 1) for what, a, b in runs.killed_log[rank] if what == "put"]
+    assert len(reserves) >= 2 and len(puts) >= 3  # the first round's reserve, and the one after it
+    assert [(p, r) for p in puts for r in reserves if p[0] < r[1] and r[0] < p[1]] == []
 
 
 def test_a_harvest_whose_rank_was_killed_resumes_on_one_rank_to_the_same_store(runs, decoder):

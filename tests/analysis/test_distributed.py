@@ -17,7 +17,7 @@ from saelab.analysis import AnalysisConfig, analyze
 from saelab.analysis.codes import rank_rows
 from saelab.distributed import Ranks
 from saelab.run import RunDir
-from tests.launch import torchrun
+from tests.launch import torchrun, tracebacks
 
 BATCH = 700  # 6000 rows in 9 batches: rank 0 encodes 4 of them, rank 1 the other 5 (the last one short)
 
@@ -43,7 +43,7 @@ def analyses(trained_run, tmp_path_factory) -> Analyses:
     finally:
         torch.set_num_threads(threads)
     launch = torchrun("-m", "saelab", "analyze", str(two.root), "--set", f"batch_size={BATCH}", "--set", "device=cpu")
-    assert launch.returncode == 0, launch.stdout + launch.stderr
+    assert launch.returncode == 0, tracebacks(launch)
     entry = two.saes()[0]
     return Analyses(path, two.analysis(entry.hook, entry.variant), launch)
 
