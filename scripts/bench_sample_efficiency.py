@@ -1,0 +1,205 @@
+"""Sample efficiency: how many of a known dictionary's directions saelab, SAELens and sparsify recover per token.
+
+The data is `saelab.toys.benchmark.make_benchmark` (768 Zipf-distributed unit directions in 96 dims with a planted
+parent/child hierarchy and Gaussian noise; one dictionary per seed). For each seed every library trains a TopK SAE
+(k=16) of every width on the same stream of batches, in lockstep, each with its own defaults:
+
+- saelab: `saelab train`'s defaults (`DefaultsRun`: `default_lr(width)`, warmup, decay), one run per budget, as its
+  schedule depends on the budget;
+- SAELens: `TopKTrainingSAE` and `SAETrainer` with their defaults (decoder at norm 0.1, decoder-norm rescaling,
+  AuxK after 1000 steps unfired, constant learning rate, no warmup, gradient clipping at 1), at the nominal
+  learning rate of Gao et al.'s rule 2e-4 / sqrt(width / 2^14) (the rule sparsify's Adam and saelab's old default
+  use; SAELens's own default, 3e-4, is lower at every width here): one run, read at every budget (its schedule is
+  constant, so the reading at a budget is the run of that budget);
+- sparsify: `SparseCoder` with its default optimizer (signum: SignSGD in a schedule-free wrapper, momentum 0.95,
+  lr 5e-3 / sqrt(width / 2^14)), mean-initialised `b_dec`, unit-norm decoder, no AuxK: one run, its schedule-free
+  average read at every budget.
+
+Recovery: the share of the true directions matched by some decoder row at cosine >= 0.9.
+
+    python scripts/bench_sample_efficiency.py [--quick] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Protocol
+
+import torch
+from _bench import load_note, parser, write_json  # scripts/ is on the path when run as a script
+from torch import Tensor
+
+from saelab.dictionaries import SAEConfig
+from saelab.toys.benchmark import DefaultsRun, batches, make_benchmark
+from saelab.toys.synthetic import recovery
+from saelab.train.config import default_lr
+
+FULL = {"widths": [768, 1536, 3072], "budgets": [1_000_000, 2_000_000, 4_000_000], "seeds": [0, 1]}
+QUICK = {"widths": [384, 768, 1536], "budgets": [250_000, 500_000, 1_000_000], "seeds": [0, 1]}
+
+
+class Learner(Protocol):
+    """What the lockstep loop drives: one step per batch, and the decoder rows to score."""
+
+    def step(self, x: Tensor) -> None: ...
+
+    def directions(self) -> Tensor: ...
+
+
+class SAELensRun:
+    """SAELens's `TopKTrainingSAE` trained by its `SAETrainer` one batch at a time (`SAETrainer.step`, as `fit`)."""
+
+    def __init__(self, d: int, width: int, k: int, *, tokens: int, batch_size: int, lr: float, seed: int):
+        from sae_lens.config import LoggingConfig, SAETrainerConfig
+        from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+        from sae_lens.training.sae_trainer import SAETrainer
+
+        torch.manual_seed(seed)
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=width, k=k, device="cpu", dtype="float32"))
+        cfg = SAETrainerConfig(
+            total_training_samples=tokens,
+            train_batch_size_samples=batch_size,
+            lr=lr,
+            lr_end=lr,  # `SAETrainer` asks for it; the default constant schedule ignores it
+            logger=LoggingConfig(log_to_wandb=False),
+        )
+        self.sae, self.trainer = sae, SAETrainer(cfg=cfg, sae=sae, data_provider=iter(()))
+
+    def step(self, x: Tensor) -> None:
+        self.trainer.step(x)
+        self.trainer.n_training_steps += 1
+
+    def directions(self) -> Tensor:
+        return self.sae.W_dec.detach()
+
+
+class SparsifyRun:
+    """sparsify's `SparseCoder` with the default optimizer and the steps of its `Trainer.fit` for an FVU loss."""
+
+    def __init__(self, d: int, width: int, k: int, *, seed: int):
+        from schedulefree import ScheduleFreeWrapper
+        from sparsify import SparseCoder, SparseCoderConfig
+        from sparsify.sign_sgd import SignSGD
+
+        torch.manual_seed(seed)
+        self.sae = SparseCoder(d, SparseCoderConfig(num_latents=width, k=k), device="cpu", dtype=torch.float32)
+        lr = 5e-3 / math.sqrt(width / 2**14)
+        self.opt = ScheduleFreeWrapper(SignSGD([{"params": self.sae.parameters(), "lr": lr}]), momentum=0.95)
+        self.opt.train()
+        self.started = False
+
+    def step(self, x: Tensor) -> None:
+        if not self.started:
+            self.sae.b_dec.data = x.mean(0)
+            self.started = True
+        self.sae.set_decoder_norm_to_unit_norm()
+        self.sae(x, total_variance=(x - x.mean(0)).pow(2).sum()).fvu.backward()
+        self.sae.remove_gradient_parallel_to_decoder_directions()
+        self.opt.step()
+        self.opt.zero_grad()
+
+    def directions(self) -> Tensor:
+        self.opt.eval()  # the schedule-free average, as sparsify saves it
+        W_dec = self.sae.W_dec
+        assert W_dec is not None  # a `SparseCoder` built with its decoder (the default)
+        rows = W_dec.detach().clone()
+        self.opt.train()
+        return rows
+
+
+def learners(
+    args: Any, d: int, width: int, sample: Tensor, seed: int
+) -> tuple[dict[int, DefaultsRun], dict[str, Learner]]:
+    """saelab's run per budget, and the other libraries' single runs, for one width and seed."""
+    steps = {budget: budget // args.batch_size for budget in args.budgets}
+    cfg = SAEConfig(d_in=d, d_sae=width, k=args.k)
+    ours = {budget: DefaultsRun(cfg, sample, n, seed=seed) for budget, n in steps.items()}
+    others: dict[str, Learner] = {}
+    if "sae_lens" in args.libraries:
+        lr = 2e-4 / math.sqrt(width / 2**14)
+        others["sae_lens"] = SAELensRun(
+            d, width, args.k, tokens=max(args.budgets), batch_size=args.batch_size, lr=lr, seed=seed
+        )
+    if "sparsify" in args.libraries:
+        others["sparsify"] = SparsifyRun(d, width, args.k, seed=seed)
+    return ours, others
+
+
+def run_seed(args: Any, seed: int) -> list[dict[str, Any]]:
+    """Every width and library trained in lockstep on one seed's batches; one row per width x budget x library."""
+    data = make_benchmark(seed=seed)
+    d = data.directions.shape[1]
+    sample = data.sample(8192, torch.Generator().manual_seed(10_000 + seed))
+    runs = {width: learners(args, d, width, sample, seed) for width in args.widths}
+    seconds: dict[tuple[int, str], float] = {}
+    rows = []
+    n_steps = max(args.budgets) // args.batch_size
+    for i, x in enumerate(batches(data, n_steps, args.batch_size, seed=seed)):
+        tokens = (i + 1) * args.batch_size
+        for width, (ours, others) in runs.items():
+            active = {f"saelab@{b}": run for b, run in ours.items() if run.steps < run.total_steps} | others
+            for name, run in active.items():
+                start = time.perf_counter()
+                run.step(x)
+                key = (width, name.split("@")[0])
+                seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
+            for budget in args.budgets:
+                if tokens != budget // args.batch_size * args.batch_size:
+                    continue
+                scored = {"saelab": ours[budget]} | others
+                for library, run in scored.items():
+                    rec = recovery(data.directions, run.directions())
+                    rows.append({"seed": seed, "width": width, "budget": budget, "library": library, "recovery": rec})
+                    print(f"  seed {seed} width {width:5d} {budget / 1e6:5.2f}M tokens {library:9s} {rec:6.1%}")
+    for (width, library), s in seconds.items():
+        print(f"  seed {seed} width {width:5d} {library:9s} {s:7.1f} s of steps")
+    return rows
+
+
+def table(rows: list[dict[str, Any]], args: Any) -> dict[str, dict[str, float]]:
+    """Mean recovery over the seeds per width x budget x library, printed as a table and returned."""
+    means: dict[str, dict[str, float]] = {}
+    libraries = ["saelab", *args.libraries]
+    print(f"\nrecovery at cosine >= 0.9 (mean of seeds {args.seeds}), k={args.k}, batch {args.batch_size}")
+    print("| width | tokens | " + " | ".join(libraries) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in libraries) + " |")
+    for width in args.widths:
+        for budget in args.budgets:
+            cell = {}
+            for library in libraries:
+                got = [
+                    r["recovery"] for r in rows if (r["width"], r["budget"], r["library"]) == (width, budget, library)
+                ]
+                cell[library] = sum(got) / len(got)
+            means[f"w{width}/{budget}"] = cell
+            print(f"| {width} | {budget / 1e6:g}M | " + " | ".join(f"{cell[lib]:.1%}" for lib in libraries) + " |")
+    return means
+
+
+def main() -> None:
+    cli = parser(__doc__, k=16, batch_size=4096, threads=1)
+    cli.add_argument("--quick", action="store_true", help=f"a small setting: {QUICK}; default {FULL}")
+    cli.add_argument("--widths", type=int, nargs="+")
+    cli.add_argument("--budgets", type=int, nargs="+")
+    cli.add_argument("--seeds", type=int, nargs="+")
+    cli.add_argument("--libraries", nargs="*", default=["sae_lens", "sparsify"], choices=["sae_lens", "sparsify"])
+    args = cli.parse_args()
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    torch.set_num_threads(args.threads)
+    print(
+        f"widths {args.widths}, budgets {args.budgets}, seeds {args.seeds}; default_lr(1536) = "
+        f"{default_lr(1536):.2e}; {load_note()}"
+    )
+    start = time.perf_counter()
+    rows = [row for seed in args.seeds for row in run_seed(args, seed)]
+    means = table(rows, args)
+    elapsed = time.perf_counter() - start
+    print(f"{elapsed:.0f} s in all; {load_note()}")
+    write_json(args.json, args, {"rows": rows, "mean_recovery": means, "seconds": elapsed})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""The sample-efficiency benchmark's data: Zipf rates, the planted hierarchy, reproducible batches, bad settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saelab.errors import ConfigError
+from saelab.toys.benchmark import batches, make_benchmark
+
+
+@pytest.fixture(scope="module")
+def bench():
+    data = make_benchmark(n_features=192, d=32, mean_active=4.0, n_parents=8, children=3, child_prob=0.6)
+    return data, data.sample_fires(40_000, torch.Generator().manual_seed(0))
+
+
+def test_children_fire_only_with_their_parent_and_one_at_a_time(bench):
+    data, fires = bench
+    parents, children = fires[:, data.parents], fires[:, data.children]  # [n, P], [n, P, C]
+    assert not (children.any(2) & ~parents).any()
+    assert children.sum(2).max() == 1
+    # One child per firing parent with probability 0.6: 40k tokens give the rate to about +-0.02 (4 sigma).
+    rate = children.any(2)[parents].float().mean().item()
+    assert rate == pytest.approx(0.6, abs=0.02)
+
+
+def test_roots_fire_at_their_zipf_rates(bench):
+    data, fires = bench
+    roots = torch.ones(data.n_features, dtype=torch.bool)
+    roots[data.children.flatten()] = False
+    rates = data.freqs[roots]
+    assert rates.sum().item() == pytest.approx(4.0, rel=1e-5)  # float32 sum of 152 rates
+    ranked = rates.sort(descending=True).values
+    # Zipf-Mandelbrot with exponent 1 and offset 5: rank r fires at (r + 5)^-1 times a constant.
+    assert (ranked[0] / ranked[-1]).item() == pytest.approx((len(ranked) + 4) / 5, rel=1e-4)
+    measured = fires[:, roots].float().mean(0)
+    # Each rate from 40k Bernoulli draws: standard error <= 0.0025, so 5 sigma is about 0.0125.
+    assert (measured - rates).abs().max().item() < 0.0125
+
+
+def test_batches_are_the_same_on_every_call_and_differ_between_seeds(bench):
+    data, _ = bench
+    first, again = list(batches(data, 2, 64, seed=3)), list(batches(data, 2, 64, seed=3))
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not torch.equal(first[0], first[1])
+    assert not torch.equal(first[0], next(batches(data, 1, 64, seed=4)))
+
+
+def test_the_dictionary_is_not_torchs_global_draw():
+    """An SAE seeded with the benchmark's seed must not start at the answer (the generators are seeded apart)."""
+    data = make_benchmark(n_features=64, d=16, n_parents=4, children=2, seed=0)
+    torch.manual_seed(0)
+    start = torch.randn(64, 16)  # the rows an SAE's decoder starts from (before normalising)
+    start /= start.norm(dim=1, keepdim=True)
+    assert (data.directions @ start.T).max() < 0.999  # drawn from the same stream, row i would equal row i: 1.0
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"n_features": 20, "n_parents": 5, "children": 4}, "fewer parents"),
+        ({"n_features": 64, "mean_active": 20.0, "n_parents": 2, "children": 2}, "smaller mean_active"),
+    ],
+)
+def test_impossible_benchmarks_are_refused_with_the_fix(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        make_benchmark(**changes)
