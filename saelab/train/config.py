@@ -31,6 +31,10 @@ class Grid(StrictModel):
     """Dictionary widths as multiples of the hook point's dimension."""
     lr: list[LearningRate] | None = Field(default=None, min_length=1)
     """Learning rates (> 0); `None`: `default_lr(width)`, 2e-4 / sqrt(width / 2^14), as in Gao et al."""
+    seed: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, min_length=1)
+    """Initialisation seeds: one SAE per seed (times every other axis), all trained on the same batches (whose order
+    `TrainConfig.seed` decides), their variant names ending in `-s<seed>`; `None`: one SAE per combination, initialised
+    from `TrainConfig.seed`, named as before seeds were a grid axis."""
 
 
 class TrainConfig(StrictModel):
@@ -57,7 +61,8 @@ class TrainConfig(StrictModel):
     decay_start: float = Field(default=0.8, ge=0, le=1)
     """Fraction of training after which the learning rate decays linearly to zero."""
     seed: int = Field(default=0, ge=0)
-    """Seeds the SAEs' initialisation and the batch order."""
+    """Seeds the batch order (and the sample that sets each SAE's input scale), and the SAEs' initialisation unless
+    `grid.seed` gives each its own."""
     checkpoint_every: int = Field(default=1_000_000, gt=0)
     """Tokens between checkpoints."""
     log_every: int = Field(default=20, gt=0)
@@ -104,6 +109,8 @@ class TrainConfig(StrictModel):
         run = RunDir(self.run)
         identity = self.model_dump(mode="json", exclude={"device", "log_every", "logger", "parallel", "run"})
         identity["store"] = run.relative(self.store_path)  # in place: the saved file keeps its key order
+        if self.grid.seed is None:  # as runs saved before `grid.seed` existed record it, so that they resume
+            del identity["grid"]["seed"]
         if self.model is not None and is_local(self.model):
             identity["model"] = run.relative(self.model)
         return identity
@@ -144,6 +151,7 @@ def lr_factor(step: int, total: int, *, warmup: int, decay_start: float) -> floa
     return warm * decay
 
 
-def variant_name(arch: str, k: int, width: int, *, lr: float) -> str:
-    """The folder name of one SAE of the grid under its hook point's folder."""
-    return f"{arch}-k{k}-w{width}-lr{lr:.3g}"
+def variant_name(arch: str, k: int, width: int, *, lr: float, seed: int | None = None) -> str:
+    """The folder name of one SAE of the grid under its hook point's folder; `seed`: its `grid.seed` (`None` when the
+    grid has no seeds, whose names end at the learning rate)."""
+    return f"{arch}-k{k}-w{width}-lr{lr:.3g}" + ("" if seed is None else f"-s{seed}")

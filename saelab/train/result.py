@@ -24,6 +24,9 @@ class TrainedSAE:
     """Its number of latents (`d_sae`)."""
     lr: float
     """The peak learning rate."""
+    seed: int
+    """The seed of its initialisation: its `grid.seed`, or `TrainConfig.seed` when the grid has none (the batch order
+    is always `TrainConfig.seed`'s)."""
     tokens: int
     """Training tokens seen."""
     path: Path
@@ -44,13 +47,14 @@ class TrainedSAE:
 
     def row(self) -> dict[str, Any]:
         """The flat row that its `metrics.json` and a sweep's `results.csv` hold: `hook`, `arch`, `k`, `width`,
-        `lr`, `tokens`, `path` (relative to the run), then `stopped` or the metrics' keys."""
+        `lr`, `seed`, `tokens`, `path` (relative to the run), then `stopped` or the metrics' keys."""
         row: dict[str, Any] = {
             "hook": self.hook,
             "arch": self.arch,
             "k": self.k,
             "width": self.width,
             "lr": self.lr,
+            "seed": self.seed,
             "tokens": self.tokens,
             "path": RunDir(self.run).relative(self.path),
         }

@@ -17,6 +17,7 @@ COLUMNS = [
     "k",
     "width",
     "lr",
+    "seed",
     "tokens",
     "fvu",
     "mse",
@@ -49,7 +50,8 @@ def read_results(path: str | Path) -> list[dict[str, str]]:
 
 
 def pareto_figure(rows: Sequence[Mapping[str, Any]]) -> go.Figure:
-    """FVU against L0, one series per (hook, arch, width), points labelled by k and lr."""
+    """FVU against L0, one series per (hook, arch, width), points labelled by k, lr and seed (where the row has one:
+    tables written before seeds were recorded have none)."""
     fig = go.Figure()
     series: dict[str, list[Mapping[str, Any]]] = {}
     for r in rows:
@@ -63,7 +65,7 @@ def pareto_figure(rows: Sequence[Mapping[str, Any]]) -> go.Figure:
                 y=[float(r["fvu"]) for r in points],
                 mode="lines+markers",
                 name=name,
-                text=[f"k={r['k']} lr={float(r['lr']):.2g}" for r in points],
+                text=[_label(r) for r in points],
                 hovertemplate="%{text}<br>L0=%{x:.1f}<br>FVU=%{y:.4f}<extra>" + name + "</extra>",
             )
         )
@@ -75,6 +77,12 @@ def pareto_figure(rows: Sequence[Mapping[str, Any]]) -> go.Figure:
         template="plotly_white",
     )
     return fig
+
+
+def _label(row: Mapping[str, Any]) -> str:
+    """A point's hover label: its k, learning rate and seed."""
+    seed = row.get("seed")
+    return f"k={row['k']} lr={float(row['lr']):.2g}" + ("" if seed in (None, "") else f" seed={seed}")
 
 
 def write_sweep_outputs(rows: Sequence[Mapping[str, Any]], out: str | Path) -> tuple[Path, Path]:

@@ -47,6 +47,8 @@ class Member:
     """Its folder name under the hook point's (`variant_name`)."""
     lr: float
     """Peak learning rate (the schedule scales it per step)."""
+    seed: int
+    """The seed of its initialisation (its `grid.seed`, or `TrainConfig.seed`)."""
     sae: SAE
     """The SAE."""
     opt: torch.optim.Adam
@@ -75,11 +77,13 @@ class _Spec(NamedTuple):
     """Its `SAEConfig`."""
     lr: float
     """Its peak learning rate."""
+    seed: int | None
+    """Its `grid.seed`; `None` when the grid has none (then `TrainConfig.seed` initialises it)."""
 
     @property
     def key(self) -> str:
         """`hook/variant`, as `Member.key`."""
-        return f"{self.hook}/{variant_name(self.cfg.arch, self.cfg.k, self.cfg.d_sae, lr=self.lr)}"
+        return f"{self.hook}/{variant_name(self.cfg.arch, self.cfg.k, self.cfg.d_sae, lr=self.lr, seed=self.seed)}"
 
 
 class Trainer:
@@ -129,11 +133,11 @@ class Trainer:
             )
         return mode
 
-    def _combos(self) -> list[tuple[str, int, int, float | None]]:
+    def _combos(self) -> list[tuple[str, int, int, float | None, int | None]]:
         g = self.cfg.grid
-        return list(itertools.product(g.arch, g.k, g.expansion, g.lr or [None]))
+        return list(itertools.product(g.arch, g.k, g.expansion, g.lr or [None], g.seed or [None]))
 
-    def _spec(self, hook: str, arch: str, k: int, expansion: int, lr: float | None) -> _Spec:
+    def _spec(self, hook: str, arch: str, k: int, expansion: int, lr: float | None, seed: int | None) -> _Spec:
         d_in = self.store.d(hook)
         fields = dict(
             arch=arch,
@@ -146,16 +150,18 @@ class Trainer:
             dataset=str(self.store.config.get("text", "")),
         )
         sae_cfg = build(SAEConfig, {**fields, **self.cfg.sae}, f"SAE config for {hook} ({arch}, k={k}, x{expansion})")
-        return _Spec(hook, sae_cfg, lr if lr is not None else default_lr(sae_cfg.d_sae))
+        return _Spec(hook, sae_cfg, lr if lr is not None else default_lr(sae_cfg.d_sae), seed)
 
     def _member(self, index: int) -> Member:
-        """SAE `index` of `specs`, seeded by itself alone, so its start does not depend on which SAEs share its rank."""
-        hook, sae_cfg, lr = self.specs[index]
-        torch.manual_seed(self.cfg.seed)
+        """SAE `index` of `specs`, seeded by its own seed alone, so its start does not depend on which SAEs share its
+        rank (or its pass)."""
+        hook, sae_cfg, lr, grid_seed = self.specs[index]
+        seed = self.cfg.seed if grid_seed is None else grid_seed
+        torch.manual_seed(seed)
         sae = SAE.from_config(sae_cfg, device=self.device)
         opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), fused=True)
         variant = self.specs[index].key.removeprefix(f"{hook}/")
-        return Member(index=index, hook=hook, variant=variant, lr=lr, sae=sae, opt=opt)
+        return Member(index=index, hook=hook, variant=variant, lr=lr, seed=seed, sae=sae, opt=opt)
 
     @property
     def writes(self) -> list[Member]:
@@ -300,6 +306,7 @@ class Trainer:
                 k=m.sae.cfg.k,
                 width=m.sae.cfg.d_sae,
                 lr=m.lr,
+                seed=m.seed,
                 tokens=self.total_steps * self.cfg.batch_size,
                 path=folder,
                 run=self.run_dir.root,

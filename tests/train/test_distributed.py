@@ -42,7 +42,7 @@ BASE: dict[str, Any] = dict(
     sae={"dead_tokens": BATCH},  # a latent unfired for one step is dead: AuxK and the dead-latent counters take part
 )
 CONFIGS: dict[str, dict[str, Any]] = {
-    "members": BASE | dict(parallel="members", grid={"arch": ["topk"], "k": [2, 4], "expansion": [4]}),
+    "members": BASE | dict(parallel="members", grid={"arch": ["topk"], "k": [2, 4], "expansion": [4], "seed": [0, 1]}),
     "ddp": BASE | dict(parallel="ddp", logger="tensorboard", grid={"arch": ["topk"], "k": [4], "expansion": [4]}),
     "batchtopk": BASE
     | dict(parallel="ddp", logger="tensorboard", grid={"arch": ["batchtopk"], "k": [4], "expansion": [4]}),
@@ -137,7 +137,7 @@ def _curve(run: Path, metric: str) -> list[tuple[int, float]]:
 
 def test_members_on_two_ranks_train_the_weights_of_one_process_bit_for_bit(runs):
     a, b = _weights(runs / "two" / "members"), _weights(runs / "one" / "members")
-    assert len(a) == 2 and a.keys() == b.keys()
+    assert len(a) == 4 and a.keys() == b.keys()  # k x seed: seeds are tied to the SAE, not to the rank training it
     differ = [f"{sae}/{k}" for sae, t in a.items() for k in t if not torch.equal(t[k], b[sae][k])]
     assert not differ, f"differ: {differ}"
 
@@ -145,7 +145,7 @@ def test_members_on_two_ranks_train_the_weights_of_one_process_bit_for_bit(runs)
 def test_every_rank_returns_every_result_and_rank_0_wrote_the_shared_files(runs):
     two, one = runs / "two", runs / "one"
     rows = [json.loads((two / f"members.rank{r}.json").read_text()) for r in (0, 1)]
-    assert rows[0] == rows[1] and [r["k"] for r in rows[0]] == [2, 4]  # all of them, in the config's order
+    assert rows[0] == rows[1] and [(r["k"], r["seed"]) for r in rows[0]] == [(2, 0), (2, 1), (4, 0), (4, 1)]
     for run in ("members", "ddp"):
         assert RunDir(two / run).train_config.read_text() == RunDir(one / run).train_config.read_text()
     metrics = sorted(p.parent.name for p in RunDir(two / "members").saes_dir.glob("h/*/metrics.json"))

@@ -99,10 +99,33 @@ def test_metrics_json_holds_the_flat_row_with_the_path_relative_to_the_run(store
     (r,) = train(TrainConfig(**config(store_path, tmp_path, hooks=["h0"], tokens=256 * 20)), progress=False)
     saved = (r.path / "metrics.json").read_text()
     row = json.loads(saved)
-    assert list(row) == [*"hook arch k width lr tokens path".split(), *ReconstructionMetrics.__annotations__]
+    assert list(row) == [*"hook arch k width lr seed tokens path".split(), *ReconstructionMetrics.__annotations__]
     assert row["path"] == f"saes/h0/{r.variant}" and (tmp_path / row["path"]) == r.path
     assert row == r.row() and saved == json.dumps(r.row(), indent=1)
     assert (row["hook"], row["arch"], row["k"], row["width"], row["tokens"]) == ("h0", "topk", 4, 128, 256 * 20)
+    assert row["seed"] == 0 and r.variant == f"topk-k4-w128-lr{r.lr:.3g}"  # no `grid.seed`: named as before seeds
+    saved = json.loads((tmp_path / "saes" / "train_config.json").read_text())
+    assert "seed" not in saved["grid"]  # recorded as before seeds, so runs trained then still resume
+
+
+def test_grid_seeds_train_distinct_saes_on_the_same_batches_in_one_pass(store_path, tmp_path):
+    grid = {"arch": ["topk"], "k": [4], "expansion": [4]}
+    seeds = dict(hooks=["h0"], tokens=256 * 20, grid=grid | {"seed": [0, 1]})
+    one_pass = train(TrainConfig(**config(store_path, tmp_path / "both", **seeds)), progress=False)
+    name = f"topk-k4-w128-lr{one_pass[0].lr:.3g}"
+    assert [(r.variant, r.seed) for r in one_pass] == [(f"{name}-s0", 0), (f"{name}-s1", 1)]
+    w0, w1 = (load_file(str(r.path / "sae_weights.safetensors")) for r in one_pass)
+    assert not torch.allclose(w0["W_dec"], w1["W_dec"], atol=0.1)  # each seed its own initialisation
+    # Seed 1 alone trains the same weights bit for bit: the same batches, and its start is its seed's alone.
+    alone = seeds | {"grid": grid | {"seed": [1]}}
+    (r1,) = train(TrainConfig(**config(store_path, tmp_path / "alone", **alone)), progress=False)
+    w = load_file(str(r1.path / "sae_weights.safetensors"))
+    assert w.keys() == w1.keys() and all(torch.equal(w[k], w1[k]) for k in w)
+    # The batch order is `TrainConfig.seed`'s: another one trains other weights from the same start.
+    (other,) = train(TrainConfig(**config(store_path, tmp_path / "other", seed=7, **alone)), progress=False)
+    assert not torch.equal(load_file(str(other.path / "sae_weights.safetensors"))["W_dec"], w1["W_dec"])
+    assert [json.loads((r.path / "metrics.json").read_text())["seed"] for r in (*one_pass, other)] == [0, 1, 1]
+    assert json.loads((tmp_path / "both" / "saes" / "train_config.json").read_text())["grid"]["seed"] == [0, 1]
 
 
 def test_diverging_sae_is_stopped_and_others_go_on(store_path, tmp_path):
