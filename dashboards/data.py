@@ -29,6 +29,7 @@ from saelab.analysis import FeatureStore
 from saelab.circuits import Circuit
 from saelab.dashboards.params import Params
 from saelab.errors import RunError
+from saelab.evals import BestMatches, best_matches, load_decoder
 from saelab.run import SAE_CONFIG, SAE_WEIGHTS, RunDir, SaeEntry
 from saelab.store import ActivationStore
 
@@ -201,6 +202,46 @@ def check_model(run: str, info: SaeInfo) -> None:
             f"activations come from {store_model!r}. Its latents do not apply to this model; "
             "train an SAE on this run's store instead."
         )
+
+
+@dataclass(frozen=True)
+class LatentMatch:
+    """A latent's nearest latent, by decoder cosine, in another SAE of the run over the same hook point."""
+
+    sae: SaeInfo
+    """The other SAE."""
+    index: int
+    """Its latent nearest to the one asked about."""
+    cosine: float
+    """The cosine of their decoder directions."""
+
+
+def same_latent(run: str, info: SaeInfo, index: int) -> list[LatentMatch]:
+    """Latent `index` of SAE `info`'s nearest latent in every other usable SAE of the run that reads the same hook
+    point, trained on the same model, into the same space (other seeds, widths, architectures), in the run's order.
+
+    Each pair of SAEs is matched once per process and version of their weights files (`saelab.evals.best_matches`
+    over all the latents of `info`, in blocks), so a page costs one lookup per other SAE after the first."""
+    others = [
+        s
+        for s in list_saes(run)
+        if s.hook == info.hook and s.variant != info.variant and s.error is None and s.model_name == info.model_name
+    ]
+    found = []
+    for other in others:
+        mine, theirs = info.path / SAE_WEIGHTS, other.path / SAE_WEIGHTS
+        best = _pair_matches(mine, theirs, (_version(mine), _version(theirs)))
+        if best is not None:
+            found.append(LatentMatch(other, int(best.index[index]), float(best.cosine[index])))
+    return found
+
+
+@lru_cache(maxsize=64)
+def _pair_matches(mine: Path, theirs: Path, versions: tuple[Any, ...]) -> BestMatches | None:
+    """Each latent of the SAE whose weights are `mine` matched in the one whose weights are `theirs`, at `versions`
+    of the two files; None when their decoders write spaces of other sizes (e.g. a transcoder's output)."""
+    a, b = load_decoder(mine.parent), load_decoder(theirs.parent)
+    return best_matches(a, b) if a.shape[1] == b.shape[1] else None
 
 
 # ---------------------------------------------------------------------------------------- feature analyses

@@ -1,5 +1,6 @@
 """The feature page (`/feature?hook=H&sae=VARIANT&id=N`): everything the analysis knows about one latent (stats,
-examples across the activation range, histogram, logit effects, decoder neighbours, co-occurring latents).
+examples across the activation range, histogram, logit effects, decoder neighbours, co-occurring latents, and the
+same latent in the run's other SAEs over the hook point).
 
 The page is built of `components.element`s, the JSON form Dash sends, never of Dash component objects: with ~700
 pieces a page, that is most of the server's time per page saved (`scripts/bench_app.py` measures it)."""
@@ -10,7 +11,7 @@ from typing import Any
 
 from saelab.dashboards import components as c
 from saelab.dashboards.components import Element, element
-from saelab.dashboards.data import SaeInfo, check_model, feature_store, sae_info, valid_ids
+from saelab.dashboards.data import SaeInfo, check_model, feature_store, sae_info, same_latent, valid_ids
 from saelab.dashboards.examples import context_tokens, examples
 from saelab.dashboards.params import Params, feature_id, name
 
@@ -99,6 +100,7 @@ def feature_page(run: str, hook: str | None, variant: str | None, raw_id: str | 
         c.card_element("Activation histogram", c.histogram(f["hist_counts"], f["hist_edges"])),
         _logit_card(fs.attrs.get("logit_kind", "unembedding"), fs.vocab, f),
         c.card_element("Decoder neighbours", c.chips(info, valid_ids(f["neighbour_ids"], f["neighbour_cos"]), "cos")),
+        c.card_element("Same latent in the other SAEs", _same_latent(run, info, index), id="same-latent"),
         c.card_element("Co-occurring latents", _cooc(info, f)),
     ]
     grid = element("Div", [element("Div", left), element("Div", right)], className="grid")
@@ -124,3 +126,22 @@ def _cooc(info: SaeInfo, f: dict[str, Any]) -> Element:
     if not pairs:
         return element("Div", "This latent fires too rarely for co-occurrence statistics.", className="muted")
     return c.chips(info, pairs, "J")
+
+
+def _same_latent(run: str, info: SaeInfo, index: int) -> Element:
+    """The latent's nearest latent (decoder cosine) in each other SAE of the run over its hook point, linked."""
+    matches = same_latent(run, info, index)
+    if not matches:
+        return element("Div", f"No other SAE of this run reads {info.hook} (from the same model).", className="muted")
+    body = [
+        element(
+            "Tr",
+            [
+                element("Td", c.link_element(m.sae, m.index, f"{m.sae.variant} #{m.index}")),
+                element("Td", f"{m.cosine:.2f}", className="num"),
+            ],
+        )
+        for m in matches
+    ]
+    head = element("Tr", [element("Th", "SAE · latent"), element("Th", "cos", className="num")])
+    return element("Table", [element("Thead", head), element("Tbody", body)], className="tbl")

@@ -4,19 +4,34 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 from selenium.webdriver.common.by import By
 
 from saelab.analysis import AnalysisConfig, analyze
 from saelab.dashboards.data import context_vocab, feature_store, list_saes
 from saelab.dashboards.pages.feature import feature_page
-from saelab.run import RunDir
-from tests.dashboards.helpers import alpha, feature_url, screenshot, train_saes, visit, wait_for, wait_text
+from saelab.run import SAE_WEIGHTS, RunDir
+from tests.dashboards.helpers import (
+    OTHER,
+    alpha,
+    components,
+    feature_url,
+    screenshot,
+    text,
+    train_saes,
+    visit,
+    wait_for,
+    wait_text,
+)
 
 
 def page_times(run: Path, sae, n_features: int, n: int) -> list[float]:
@@ -41,6 +56,37 @@ def test_feature_page_builds_in_under_300_ms(run_dir, sae, fs):
     The analysis is chunked by 64 latents, so a page reads the same amount here as for a 16k-latent SAE."""
     times = page_times(run_dir, sae, fs.n_features, 20)
     assert max(times) < 0.3, f"median {statistics.median(times):.3f} s, max {max(times):.3f} s"
+
+
+def test_feature_page_shows_the_same_latent_in_the_other_saes_of_the_hook(run_dir, sae, busy, tmp_path):
+    """A run holding the analysed SAE, the same SAE with its latents permuted (so latent i is latent `moved[i]`
+    there, cosine 1), and the copy trained on another model (left out: its latents are not this model's)."""
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    for folder in (run.store, run.analysis_dir):
+        folder.symlink_to(RunDir(run_dir).root / folder.name)
+    for variant in (sae.variant, OTHER, "permuted"):
+        shutil.copytree(sae.path.parent / (OTHER if variant == OTHER else sae.variant), run.sae(sae.hook, variant))
+    weights = load_file(str(sae.path / SAE_WEIGHTS))
+    order = torch.randperm(len(weights["W_dec"]), generator=torch.Generator().manual_seed(0))
+    permuted = weights | {
+        "W_dec": weights["W_dec"][order],
+        "W_enc": weights["W_enc"][:, order],
+        "b_enc": weights["b_enc"][order],
+    }
+    save_file({k: v.contiguous() for k, v in permuted.items()}, str(run.sae(sae.hook, "permuted") / SAE_WEIGHTS))
+    moved = torch.argsort(order)  # latent i of the SAE is latent moved[i] of the permuted one
+
+    page = feature_page(str(run.root), sae.hook, sae.variant, str(busy))
+    (card,) = [c for c in components(page) if c["props"].get("id") == "same-latent"]
+    (link,) = [c for c in components(card) if c["type"] == "Link"]  # the permuted SAE alone: not the other model's
+    assert link["props"]["href"] == feature_url("", replace(sae, variant="permuted"), int(moved[busy]))
+    assert text(card).split()[-3:] == ["permuted", f"#{int(moved[busy])}", "1.00"]
+    back = feature_page(str(run.root), sae.hook, "permuted", str(int(moved[busy])))  # it has no analysis: its page
+    assert "permuted has no feature analysis yet" in str(back)  # says so: the link names an SAE that is there
+    alone = feature_page(str(run_dir), sae.hook, sae.variant, str(busy))
+    (card,) = [c for c in components(alone) if c["props"].get("id") == "same-latent"]
+    assert text(card).startswith("Same latent in the other SAEs No other SAE of this run reads")
 
 
 @pytest.mark.skipif(
