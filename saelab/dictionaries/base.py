@@ -14,9 +14,10 @@ from typing import ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from torch import Tensor, nn
 
+from saelab.dictionaries.matryoshka import resolve_prefixes
 from saelab.dictionaries.registry import Arch, sae_class
 from saelab.distributed import all_gather, all_reduce_sum
 
@@ -61,6 +62,25 @@ class SAEConfig(BaseModel):
         description="With sparse main latents, AuxK uses the sparse kernels when k_aux / n_dead "
         "<= this fraction, else dense products over the dead latents only (CPU break-even measured at about 0.15).",
     )
+    matryoshka_prefixes: list[int] | None = Field(
+        default=None,
+        description="Matryoshka (topk/batchtopk): nested prefix widths, strictly increasing, the last = d_sae; each "
+        "prefix of the dictionary also reconstructs the input from the step's top-k entries among its latents, and the "
+        "loss is the mean of their FVUs. Floats in (0, 1] are fractions of d_sae (one list fits every expansion of a "
+        "sweep). None: off.",
+    )
+    matryoshka_sample: int | None = Field(
+        default=None,
+        ge=2,
+        description="Matryoshka with sampled prefixes (Nabeshima): each step draws this many prefix widths, short ones "
+        "favoured, the last = d_sae, instead of fixed matryoshka_prefixes. None: off.",
+    )
+    matryoshka_aux: bool = Field(
+        default=True,
+        description="Matryoshka: AuxK per prefix band, the dead latents of each band reconstructing their own prefix's "
+        "residual (SAELens's use_matryoshka_aux_loss), so a short prefix revives its dead latents; false: one AuxK on "
+        "the whole dictionary's residual (Bussmann et al.'s reference).",
+    )
     dtype: DType = "float32"
     model_name: str = ""
     hook_name: str = ""
@@ -71,6 +91,24 @@ class SAEConfig(BaseModel):
     def _check_k(self) -> SAEConfig:
         if self.arch in ("topk", "batchtopk") and self.k > self.d_sae:
             raise ValueError(f"k={self.k} exceeds d_sae={self.d_sae}; lower k or widen the SAE")
+        return self
+
+    @field_validator("matryoshka_prefixes", mode="before")
+    @classmethod
+    def _resolve_prefixes(cls, prefixes: list[int | float] | None, info: ValidationInfo) -> list[int] | None:
+        d_sae = info.data.get("d_sae")  # declared before; absent when it was refused itself
+        if d_sae is None or not isinstance(prefixes, list | tuple):  # pydantic refuses what is not a list
+            return prefixes
+        return resolve_prefixes(prefixes, d_sae)
+
+    @model_validator(mode="after")
+    def _check_matryoshka(self) -> SAEConfig:
+        if (self.matryoshka_prefixes or self.matryoshka_sample) and self.arch not in ("topk", "batchtopk"):
+            raise ValueError(f"Matryoshka prefixes need arch topk or batchtopk, not {self.arch!r}; change arch")
+        if self.matryoshka_prefixes and self.matryoshka_sample:
+            raise ValueError("give matryoshka_prefixes (fixed widths) or matryoshka_sample (drawn widths), not both")
+        if self.matryoshka_sample is not None and self.matryoshka_sample > self.d_sae:
+            raise ValueError(f"matryoshka_sample={self.matryoshka_sample} exceeds d_sae={self.d_sae}; lower it")
         return self
 
     @property

@@ -22,12 +22,27 @@ SAELENS_FORMAT_VERSION = "6.0.0"
 SAELENS_ARCH = {"topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "relu": "standard"}
 # SAELens architecture -> the saelab arch that reads it.
 FROM_SAELENS_ARCH = {"topk": "topk", "standard": "relu", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}
+# State-dict entries that only training needs: never in a saved SAE's weights.
+TRAINING_STATE = {"input_scale", "tokens_since_fired", "prefix_draws"}
+
+
+def training_architecture(cfg: SAEConfig) -> tuple[str, dict[str, Any]]:
+    """The metadata's `training_architecture` and its details, as SAELens writes them: a Matryoshka BatchTopK SAE is
+    `matryoshka_batchtopk` with its `matryoshka_widths` (SAELens's name; a TopK one, which SAELens lacks, is
+    `matryoshka_topk`), so a reader knows each prefix; sampled prefixes have no fixed widths to record."""
+    details: dict[str, Any] = {"k": cfg.k}
+    if not (cfg.matryoshka_prefixes or cfg.matryoshka_sample):
+        return cfg.arch, details
+    if cfg.matryoshka_prefixes:
+        details["matryoshka_widths"] = list(cfg.matryoshka_prefixes)
+    return f"matryoshka_{cfg.arch}", details
 
 
 def saelens_cfg(cfg: SAEConfig) -> dict[str, Any]:
     """The `cfg.json` of an SAE with config `cfg`, in SAELens 6 layout; the full saelab config rides in its
     metadata."""
     topk = {"k": cfg.k, "rescale_acts_by_decoder_norm": False} if cfg.arch == "topk" else {}
+    training, details = training_architecture(cfg)
     return topk | {
         "architecture": SAELENS_ARCH[cfg.arch],
         "d_in": cfg.d_in,
@@ -43,8 +58,8 @@ def saelens_cfg(cfg: SAEConfig) -> dict[str, Any]:
             "hook_name": cfg.hook_name,
             "context_size": cfg.context_size,
             "dataset_path": cfg.dataset,
-            "training_architecture": cfg.arch,
-            "training_architecture_details": {"k": cfg.k},
+            "training_architecture": training,
+            "training_architecture_details": details,
             "saelab_config": cfg.model_dump(),
         },
     }
@@ -81,7 +96,7 @@ def load_sae(path: str | Path, device: torch.device | str | None = None) -> SAE:
             f"cannot load the SAE at {path} ({type(err).__name__}: {err}); give a folder that saelab or SAELens wrote"
         ) from None
     sae = SAE.from_config(cfg)
-    missing = set(sae.state_dict()) - {"input_scale", "tokens_since_fired"} - set(tensors)
+    missing = set(sae.state_dict()) - TRAINING_STATE - set(tensors)
     unexpected = set(tensors) - set(sae.state_dict())
     if missing or unexpected:
         raise SAELoadError(
@@ -111,15 +126,18 @@ def _config_from_saelens(raw: dict[str, Any]) -> SAEConfig:
             "topk, batchtopk, jumprelu and standard"
         )
     details = meta.get("training_architecture_details") or {}
-    if arch == "jumprelu" and meta.get("training_architecture") == "batchtopk":
+    training = meta.get("training_architecture")
+    if arch == "jumprelu" and training in ("batchtopk", "matryoshka_batchtopk"):
         arch = "batchtopk"
     k = raw.get("k", details.get("k", 32))
+    prefixes = details.get("matryoshka_widths") if str(training).startswith("matryoshka_") else None
     return SAEConfig.model_validate(
         {
             "arch": arch,
             "d_in": raw["d_in"],
             "d_sae": raw["d_sae"],
             "k": int(k),
+            "matryoshka_prefixes": prefixes or None,
             "dtype": str(raw.get("dtype", "float32")).removeprefix("torch."),
             "model_name": meta.get("model_name") or "",
             "hook_name": meta.get("hook_name") or "",

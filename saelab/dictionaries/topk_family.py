@@ -1,4 +1,5 @@
-"""TopK (Gao et al. 2024) and BatchTopK (Bussmann et al. 2024) SAEs, trained with AuxK on the sparse kernels."""
+"""TopK (Gao et al. 2024) and BatchTopK (Bussmann et al. 2024) SAEs, trained with AuxK on the sparse kernels, and
+as Matryoshka SAEs (`SAEConfig.matryoshka_prefixes` / `matryoshka_sample`, `saelab.dictionaries.matryoshka`)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from saelab.dictionaries import matryoshka
 from saelab.dictionaries.base import SAE, Batch, SAEConfig
 from saelab.dictionaries.registry import register
 from saelab.distributed import all_gather
+from saelab.errors import ConfigError
 from saelab.ops import kernels
 from saelab.ops.kernels import Entries, flat_topk
 from saelab.ops.topk import topk_rows
@@ -22,12 +25,29 @@ class _Step(NamedTuple):
 
     recon: Tensor
     """`[batch, d_in]` reconstruction of the scaled input."""
-    aux_recon: Tensor | None
-    """`[batch, d_in]` AuxK reconstruction of the residual from the dead latents; None without AuxK."""
+    aux_recons: list[Tensor]
+    """`[batch, d_in]` AuxK reconstructions of a residual, one per `AuxGroup` of the step."""
     vals: Tensor
     """`[nnz]` pre-activations of the main entries."""
     lat: Tensor
     """`[nnz]` latents of the main entries."""
+    inner: list[Tensor]
+    """`[batch, d_in]` reconstructions of the scaled input by the inner Matryoshka prefixes, shortest first (the
+    step's top-k entries among each prefix's latents); empty without prefixes."""
+
+
+class AuxGroup(NamedTuple):
+    """Dead latents that AuxK trains together, on the residual of one reconstruction."""
+
+    band: int
+    """Whose residual they reconstruct: Matryoshka prefix `band` (the last, or a plain SAE's only one: the whole
+    dictionary's)."""
+    cols: Tensor
+    """The dead latents, ascending."""
+    k: int
+    """How many of them each row uses."""
+    scale: float
+    """The weight of their loss."""
 
 
 @register
@@ -39,6 +59,9 @@ class TopKSAE(SAE):
     def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None):
         super().__init__(cfg, device)
         self._pre_buf: Tensor | None = None
+        if cfg.matryoshka_sample:  # steps that drew prefixes: in checkpoints, so a resumed run draws the same ones
+            self.prefix_draws: Tensor
+            self.register_buffer("prefix_draws", torch.zeros((), dtype=torch.long, device=device))
 
     def activation(self, pre: Tensor) -> Tensor:
         vals, idx = topk_rows(pre, self.cfg.k)
@@ -60,21 +83,29 @@ class TopKSAE(SAE):
         dead_cols = None
         if cfg.aux_coef > 0:
             dead_cols = self._aux_plan if self._aux_plan is not None else dead.nonzero().squeeze(1)
-        k_aux = min(cfg.aux_k_resolved, 0 if dead_cols is None else len(dead_cols))
+        widths = self.inner_prefixes()
+        aux = self._aux_groups(dead_cols, widths)
         sparse = cfg.k / cfg.d_sae <= cfg.sparse_density
         # Under autocast only the encoder matmul runs in low precision; the rest stays in
         # the parameters' dtype (the sparse kernels and top-k values need no more).
         mm_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         with torch.autocast(x.device.type, enabled=False):
             step = self._sparse_step if sparse else self._dense_step
-            recon, aux_recon, vals, lat = step(batch, dead_cols if k_aux else None, k_aux, mm_dtype)
+            recon, aux_recons, vals, lat, inner = step(batch, aux, mm_dtype, widths)
 
             residual, _, fvu = self._loss_terms(batch, recon)
+            inner_terms = [self._loss_terms(batch, r) for r in inner]
+            residuals = [t.residual for t in inner_terms] + [residual]
             auxk = fvu.new_zeros(())
-            if aux_recon is not None:
-                residual = residual.detach()
-                auxk = F.mse_loss(aux_recon, residual, reduction="sum") / self.batch_spread(residual)
-            loss = fvu + cfg.aux_coef * auxk
+            for group, aux_recon in zip(aux, aux_recons, strict=True):
+                residual = residuals[group.band].detach()
+                aux_recon = self.held_out(batch, aux_recon)  # masking: the residual is on the held-out dims alone
+                auxk = auxk + group.scale * F.mse_loss(aux_recon, residual, reduction="sum") / self.batch_spread(
+                    residual
+                )
+            inner_fvu = [t.fvu for t in inner_terms]
+            recon_loss = (fvu + sum(inner_fvu)) / (1 + len(inner_fvu)) if inner_fvu else fvu
+            loss = recon_loss + cfg.aux_coef * auxk
         self.update_dead(lat, vals, batch.rows)
         metrics = {
             "loss": loss.detach(),
@@ -83,16 +114,73 @@ class TopKSAE(SAE):
             "l0": (vals > 0).sum() / batch.rows,
             "dead_frac": dead.float().mean(),
         }
+        if cfg.matryoshka_prefixes:  # fixed widths: each prefix's FVU (drawn ones differ per step)
+            metrics |= {f"fvu_{w}": v.detach() for w, v in zip(widths, inner_fvu, strict=True)}
+        if inner_fvu:
+            metrics["prefix_fvu"] = recon_loss.detach()
         return loss, metrics
 
-    def _sparse_step(self, batch: Batch, dead_cols: Tensor | None, k_aux: int, mm_dtype: torch.dtype) -> _Step:
+    def _aux_groups(self, dead_cols: Tensor | None, inner: list[int]) -> list[AuxGroup]:
+        """The AuxK groups of a step: all dead latents on the whole dictionary's residual; with Matryoshka prefixes
+        and `matryoshka_aux`, the dead latents of each band on their own prefix's residual, weighted by
+        `min(n_dead / aux_k, 1)` (SAELens's `calculate_matryoshka_aux_loss`), so dead latents of a short prefix learn
+        what it misses. Splitting them by band reads the counts on the host (one device sync on a GPU)."""
+        cfg = self.cfg
+        k_aux = min(cfg.aux_k_resolved, 0 if dead_cols is None else len(dead_cols))
+        if dead_cols is None or not k_aux:
+            return []
+        if not (inner and cfg.matryoshka_aux):
+            return [AuxGroup(len(inner), dead_cols, k_aux, 1.0)]
+        band = torch.bucketize(
+            dead_cols, torch.tensor(inner, dtype=dead_cols.dtype, device=dead_cols.device), right=True
+        )
+        counts = torch.bincount(band, minlength=len(inner) + 1).tolist()
+        return [
+            AuxGroup(j, cols, min(cfg.aux_k_resolved, len(cols)), min(len(cols) / cfg.aux_k_resolved, 1.0))
+            for j, cols in enumerate(dead_cols.split(counts))
+            if len(cols)
+        ]
+
+    def inner_prefixes(self) -> list[int]:
+        """The Matryoshka prefix widths below `d_sae` that this training step reconstructs from: the fixed
+        `matryoshka_prefixes`, or `matryoshka_sample` widths drawn for this step (the draw counter advances);
+        empty for a plain SAE."""
+        cfg = self.cfg
+        if cfg.matryoshka_sample:
+            draw = int(self.prefix_draws)
+            self.prefix_draws.add_(1)
+            return matryoshka.sample_prefixes(cfg.d_sae, cfg.matryoshka_sample, draw)[:-1]
+        return (cfg.matryoshka_prefixes or [cfg.d_sae])[:-1]
+
+    def prefix(self, n: int) -> TopKSAE:
+        """A new SAE of the first `n` latents (a Matryoshka prefix, or any), usable on its own: the same weights,
+        input scale and threshold, its config's `d_sae = n` with the prefix widths up to `n` (`k` at most `n`), in
+        eval mode. A BatchTopK prefix encodes exactly as the whole SAE's first `n` latents do, and reconstructs as
+        the whole SAE's prefix `n` does in training; a TopK prefix picks its own top `k` among its `n` latents."""
+        cfg = self.cfg
+        if not 0 < n <= cfg.d_sae:
+            raise ConfigError(f"a prefix of {n} latents does not fit d_sae={cfg.d_sae}; give 1 <= n <= {cfg.d_sae}")
+        widths = [w for w in cfg.matryoshka_prefixes if w < n] + [n] if cfg.matryoshka_prefixes else None
+        sample = cfg.matryoshka_sample if cfg.matryoshka_sample and cfg.matryoshka_sample <= n else None
+        update = {"d_sae": n, "k": min(cfg.k, n), "matryoshka_prefixes": widths, "matryoshka_sample": sample}
+        sub = type(self)(SAEConfig.model_validate(cfg.model_dump() | update), self.W_enc.device)
+        latent_major = {"b_enc", "W_dec", "tokens_since_fired"}
+        state = {
+            name: t[:, :n] if name == "W_enc" else t[:n] if name in latent_major else t
+            for name, t in self.state_dict().items()
+        }
+        sub.load_state_dict({name: t for name, t in state.items() if name in sub.state_dict()})
+        return sub.eval()
+
+    def _sparse_step(self, batch: Batch, aux: list[AuxGroup], mm_dtype: torch.dtype, inner: list[int]) -> _Step:
         """Top-k forward with the sparse kernels: the only dense op is the encoder matmul.
 
-        AuxK takes the sparse kernels too while `k_aux / n_dead` is at most `aux_sparse_density`;
-        with fewer dead latents the dense products over them are cheaper (`_dense_aux`)."""
+        Each AuxK group takes the sparse kernels too while `k / n_dead` is at most `aux_sparse_density`;
+        with fewer dead latents the dense products over them are cheaper (`_dense_aux`). With `inner` prefix widths
+        the main entries are decoded in one group per latent band (`matryoshka.band_entries`)."""
         x = batch.x
         n_rows = x.shape[0]
-        aux_sparse = dead_cols is not None and k_aux / len(dead_cols) <= self.cfg.aux_sparse_density
+        aux_sparse = [g.k / len(g.cols) <= self.cfg.aux_sparse_density for g in aux]
         with torch.no_grad():
             xc = (x - self.b_dec).to(mm_dtype)
             pre = torch.addmm(
@@ -100,22 +188,29 @@ class TopKSAE(SAE):
             )
             vals, lat, rows = self._select(pre, batch.rows)
             n_main = vals.numel()
-            if aux_sparse:  # AuxK entries from the same pre-activations, in bags [B, 2B)
-                aux_vals, aux_lat, aux_rows = kernels.topk_entries(pre, k_aux, dead_cols)
-                vals = torch.cat([vals, aux_vals])
-                lat = torch.cat([lat, aux_lat])
-                rows = torch.cat([rows, aux_rows + n_rows])
+            groups = [n_main]
+            parts = [Entries(vals, lat, rows)]
+            if inner:
+                parts[0], groups = matryoshka.band_entries(parts[0], inner, n_rows)
+            for group, sparse in zip(aux, aux_sparse, strict=True):
+                if sparse:  # AuxK entries from the same pre-activations, in the bags after the main ones
+                    aux_vals, aux_lat, aux_rows = kernels.topk_entries(pre, group.k, group.cols)
+                    parts.append(Entries(aux_vals, aux_lat, aux_rows + len(groups) * n_rows))
+                    groups.append(len(aux_vals))
+            vals, lat, rows = (torch.cat(t) for t in zip(*parts, strict=True)) if len(parts) > 1 else parts[0]
             vals = vals.to(x.dtype)
-        groups = [n_main, len(vals) - n_main] if aux_sparse else [n_main]
         out = kernels.sparse_autoencode(
             x, Entries(vals, lat, rows), groups, W_enc=self.W_enc, b_enc=self.b_enc, W_dec=self.W_dec, b_dec=self.b_dec
         )
-        aux_recon = None
-        if dead_cols is not None:
-            aux_recon = out[1] if aux_sparse else self._dense_aux(x, dead_cols, k_aux, mm_dtype)
-        return _Step(out[0] + self.b_dec, aux_recon, vals[:n_main], lat[:n_main])
+        sparse_out = iter(out[len(inner) + 1 :])
+        aux_recons = [
+            next(sparse_out) if sparse else self._dense_aux(x, group.cols, group.k, mm_dtype)
+            for group, sparse in zip(aux, aux_sparse, strict=True)
+        ]
+        *inner_recon, recon = matryoshka.cumulative(out[: len(inner) + 1], self.b_dec)
+        return _Step(recon, aux_recons, vals[:n_main], lat[:n_main], inner_recon)
 
-    def _dense_step(self, batch: Batch, dead_cols: Tensor | None, k_aux: int, mm_dtype: torch.dtype) -> _Step:
+    def _dense_step(self, batch: Batch, aux: list[AuxGroup], mm_dtype: torch.dtype, inner: list[int]) -> _Step:
         """Reference top-k forward with dense matmuls and plain autograd."""
         x = batch.x
         pre = torch.addmm(self.b_enc.to(mm_dtype), (x - self.b_dec).to(mm_dtype), self.W_enc.to(mm_dtype))
@@ -123,8 +218,11 @@ class TopKSAE(SAE):
         with torch.no_grad():
             vals, cols, rows = self._select(pre.detach(), batch.rows)
         acts = torch.zeros_like(pre).index_put((rows, cols), pre[rows, cols].relu())
-        aux_recon = self._dense_aux(x, dead_cols, k_aux, mm_dtype) if dead_cols is not None else None
-        return _Step(acts @ self.W_dec + self.b_dec, aux_recon, vals, cols)
+        aux_recons = [self._dense_aux(x, group.cols, group.k, mm_dtype) for group in aux]
+        if not inner:
+            return _Step(acts @ self.W_dec + self.b_dec, aux_recons, vals, cols, [])
+        *inner_recon, recon = matryoshka.cumulative(matryoshka.dense_band_decodes(acts, self.W_dec, inner), self.b_dec)
+        return _Step(recon, aux_recons, vals, cols, inner_recon)
 
     def _dense_aux(self, x: Tensor, dead_cols: Tensor, k_aux: int, mm_dtype: torch.dtype) -> Tensor:
         """AuxK reconstruction from the top `k_aux` dead latents, with dense products over the

@@ -31,7 +31,7 @@ class Planted:
     x: Tensor
     """The activations [n_rows, d]."""
     y: np.ndarray
-    """Each row's parent (its label)."""
+    """Each row's parent (its label; -1: none, see `parent_prob`)."""
     child: np.ndarray
     """Each row's child feature (-1: none)."""
     words: list[str]
@@ -57,11 +57,20 @@ def planted_absorption(
     *,
     child_prob: float = 0.4,
     hierarchy: bool = True,
+    child_norm: float = 1.0,
+    parent_prob: float = 1.0,
     d: int = 128,
     noise: float = 0.01,
     seed: int = 0,
 ) -> Planted:
-    """Planted absorption (`hierarchy=True`) or its control with independent features (`hierarchy=False`)."""
+    """Planted absorption (`hierarchy=True`) or its control with independent features (`hierarchy=False`).
+
+    A child feature enters a row with norm `child_norm` (a parent's is 1). The returned SAE is the one sparsity
+    favours at `child_norm=1`; below 1 children are weaker than their parents, the regime where a Matryoshka SAE's
+    first prefix keeps the parents whole (`tests/dictionaries/test_matryoshka.py`). A row has a parent (and so a
+    label) with probability `parent_prob`; the others hold noise alone, label -1 (`planted_probe_data` leaves them
+    out). Below 1 the parents are sparse too, so the data's mean (an SAE's `b_dec`) no longer holds a share of each
+    parent's direction."""
     n_feats = n_parents * (1 + n_children)
     if n_feats > d:
         raise AbsorptionError(f"{n_feats} orthonormal features need d >= {n_feats}; give a larger d")
@@ -74,7 +83,10 @@ def planted_absorption(
     pick = torch.randint(0, n_children, (n_rows,), generator=g)
     owner = y if hierarchy else torch.randint(0, n_parents, (n_rows,), generator=g)
     child = torch.where(has_child, owner * n_children + pick, torch.full_like(y, -1))
-    x = parents[y] + torch.where(has_child[:, None], children[child.clamp_min(0)], torch.zeros(1))
+    x = parents[y] + torch.where(has_child[:, None], child_norm * children[child.clamp_min(0)], torch.zeros(1))
+    if parent_prob < 1:  # drawn only then, so the default rows are those of earlier releases
+        present = torch.rand(n_rows, generator=g) < parent_prob
+        x, y, child = x * present[:, None], torch.where(present, y, -1), torch.where(present, child, -1)
     x = x + noise * torch.randn(x.shape, generator=g)
     sae = SAE.from_config(SAEConfig(arch="relu", d_in=d, d_sae=n_feats, k=1))
     with torch.no_grad():
@@ -89,7 +101,7 @@ def planted_absorption(
         sae.W_enc.copy_(torch.cat([parent_enc, 2 * child_scale * children]).T)
         sae.b_enc.copy_(torch.cat([torch.full((n_parents,), -1.0), torch.full((len(children),), -child_scale)]))
         sae.W_dec.copy_(torch.cat([parents, child_dec]))
-    words = [f"p{p}" + (f".c{c}" if c >= 0 else "") for p, c in zip(y.tolist(), child.tolist())]
+    words = [f"p{p}" + (f".c{c}" if c >= 0 else "") if p >= 0 else "none" for p, c in zip(y.tolist(), child.tolist())]
     return Planted(
         x,
         y.numpy(),
@@ -111,15 +123,17 @@ def planted_probe_data(
     *,
     progress: bool = False,
 ) -> ProbeData:
-    """The probe step on planted activations, split by row."""
-    cut = int(len(planted.x) * train_fraction)
+    """The probe step on planted activations with a label (a parent), split by row."""
+    rows = np.nonzero(planted.y >= 0)[0]
+    x, y, words = planted.x[rows], planted.y[rows], [planted.words[i] for i in rows]
+    cut = int(len(rows) * train_fraction)
     return fit_probe(
-        planted.x[:cut],
-        planted.y[:cut],
-        planted.x[cut:],
-        test_y=planted.y[cut:],
+        x[:cut],
+        y[:cut],
+        x[cut:],
+        test_y=y[cut:],
         classes=planted.classes,
-        test_words=planted.words[cut:],
+        test_words=words[cut:],
         s=s,
         progress=progress,
     )
