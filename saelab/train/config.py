@@ -10,7 +10,7 @@ import math
 from pathlib import PurePath
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from saelab.config import StrictModel
 from saelab.dictionaries import Arch
@@ -42,6 +42,10 @@ class TrainConfig(StrictModel):
 
     store: str | None = None
     """The activation store (path or fsspec URL); `None`: the run's own store (`RunDir(run).store`)."""
+    whiten_store: str | None = None
+    """With `sae: {whiten: true}`: the control store whose activations give the PCA whitening statistics (it must hold
+    the trained hook points at the same widths), as Donhauser et al. whiten with control data; `None`: the training
+    store."""
     run: str
     """The run folder: the SAEs go to `RUN/saes/`."""
     hooks: list[str] | None = None
@@ -84,6 +88,15 @@ class TrainConfig(StrictModel):
     ce_contexts: int = Field(default=16, ge=0)
     """Contexts for the spliced metrics; 0 skips them."""
 
+    @model_validator(mode="after")
+    def _whiten_store_whitens(self) -> TrainConfig:
+        if self.whiten_store is not None and not self.sae.get("whiten"):
+            raise ValueError(
+                "`whiten_store` gives whitening statistics, but no SAE whitens; set `sae: {whiten: true}` or drop "
+                "`whiten_store`"
+            )
+        return self
+
     @field_validator("batch_size")
     @classmethod
     def _one_batch_at_least(cls, batch_size: int, info: ValidationInfo) -> int:
@@ -113,6 +126,10 @@ class TrainConfig(StrictModel):
             del identity["grid"]["seed"]
         if self.model is not None and is_local(self.model):
             identity["model"] = run.relative(self.model)
+        if self.whiten_store is None:  # as runs saved before `whiten_store` existed record it, so that they resume
+            del identity["whiten_store"]
+        else:
+            identity["whiten_store"] = run.relative(self.whiten_store)
         return identity
 
 

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from saelab import distributed
 from saelab.config import build
 from saelab.dictionaries import SAE, SAEConfig, train_step
+from saelab.dictionaries.preprocessing import WHITENING_ROWS, Whitening, pca_whitening, whitening_sample
 from saelab.errors import ConfigError, DistributedError, StoreError
 from saelab.models import load_model
 from saelab.run import RunDir
@@ -173,8 +174,25 @@ class Trainer:
     def _init_from_sample(self) -> None:
         n = min(8192, self.train_rows[1])
         sample = next(self._batches(n, seed=self.cfg.seed + 1))
+        whitening = self._whitening()
         for m in self.members:
+            if m.sae.cfg.whiten:
+                m.sae.set_whitening(whitening[m.hook])
             m.sae.init_from_sample(sample[m.hook].to(self.device))
+
+    def _whitening(self) -> dict[str, Whitening]:
+        """The PCA whitening of each hook point that an SAE here whitens (`sae.whiten`), from a sample of
+        `whiten_store` or else of the training rows; `ConfigError`/`StoreError` naming the fix if it cannot be."""
+        rconds = {m.hook: m.sae.cfg.whiten_rcond for m in self.members if m.sae.cfg.whiten}
+        if not rconds:
+            return {}
+        control = self.cfg.whiten_store
+        if control is None:
+            sample = next(self._batches(min(WHITENING_ROWS, self.train_rows[1]), seed=self.cfg.seed + 2))
+        else:
+            sample = whitening_sample(control, {h: self.store.d(h) for h in rconds}, seed=self.cfg.seed + 2)
+        where = f"the control store {control!r}" if control else f"the training store {self.cfg.store_path!r}"
+        return {h: pca_whitening(sample[h], rcond=r, source=f"{h!r} in {where}") for h, r in rconds.items()}
 
     def _batches(self, batch_size: int, **kwargs: Any) -> Iterator[dict[str, torch.Tensor]]:
         """Batches of the training rows, one tensor per hook point."""
@@ -205,12 +223,12 @@ class Trainer:
         run = self.run_dir.prepare()
         self._check_resume()
         start = load_checkpoint(run.checkpoint, self.members, self.device)
+        if start == 0:  # before anything is written: a whitening that is refused leaves the run as it was
+            self._init_from_sample()
         distributed.barrier()  # every rank has read what it resumes from before rank 0 writes
         if self.ranks.main:
             run.saes_dir.mkdir(parents=True, exist_ok=True)
             run.train_config.write_text(json.dumps(self.cfg.identity(), indent=1))
-        if start == 0:
-            self._init_from_sample()
         logger = make_logger(self.cfg.logger, run.saes_dir) if self.ranks.main else None
         cfg = self.cfg
         ckpt_every = max(1, cfg.checkpoint_every // cfg.batch_size)
