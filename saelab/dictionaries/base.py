@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from torch import Tensor, nn
 
 from saelab.dictionaries.matryoshka import resolve_prefixes
+from saelab.dictionaries.preprocessing import Whitening, fold_whitening
 from saelab.dictionaries.registry import Arch, sae_class
 from saelab.distributed import all_gather, all_reduce_sum
 
@@ -86,6 +87,47 @@ class SAEConfig(BaseModel):
     hook_name: str = ""
     context_size: int | None = Field(default=None, gt=0, description="Context length of the activations trained on.")
     dataset: str = ""
+    mask_fraction: float | None = Field(
+        default=None,
+        description="Masked objective (Chidambaram et al. 2023): the fraction of input dimensions hidden from the "
+        "encoder in each training step, the loss taken on them alone; in (0, 1). None: off (inference never masks).",
+    )
+    whiten: bool = False
+    """Train on PCA-whitened inputs (statistics from the training store, or `TrainConfig.whiten_store`; see
+    `saelab.dictionaries.preprocessing`). A saved SAE has the whitening folded into its weights and says `whiten:
+    false, whitened: true`."""
+    whiten_rcond: float = Field(
+        default=1e-6,
+        gt=0,
+        lt=1,
+        description="Whitening refuses a covariance whose smallest eigenvalue is at most this times its largest.",
+    )
+    whitened: bool = False
+    """Provenance: the weights have PCA whitening folded in, so decoder rows are raw-space directions, not unit norm."""
+
+    @field_validator("mask_fraction")
+    @classmethod
+    def _check_mask_fraction(cls, fraction: float | None) -> float | None:
+        if fraction is not None and not 0 < fraction < 1:
+            raise ValueError(
+                f"mask_fraction={fraction} is outside (0, 1); give the fraction of input dimensions to hide from the "
+                "encoder (the paper hides about 0.1), or null to train on whole inputs"
+            )
+        return fraction
+
+    @model_validator(mode="after")
+    def _check_mask_dims(self) -> SAEConfig:
+        if self.mask_fraction is not None and not 0 < round(self.mask_fraction * self.d_in) < self.d_in:
+            raise ValueError(
+                f"mask_fraction={self.mask_fraction} of d_in={self.d_in} dimensions hides none or all of them; give "
+                f"a fraction between {1 / self.d_in:.3g} and {1 - 1 / self.d_in:.3g}"
+            )
+        return self
+
+    @property
+    def masked_dims(self) -> int:
+        """Input dimensions hidden from the encoder in each masked training step (0: no masking)."""
+        return 0 if self.mask_fraction is None else round(self.mask_fraction * self.d_in)
 
     @model_validator(mode="after")
     def _check_k(self) -> SAEConfig:
@@ -132,6 +174,28 @@ def spread(x: Tensor) -> Tensor:
     return (x - x.mean(0)).square().sum()
 
 
+_HASH_MASK = 0xFFFFFFFF
+
+
+def _mix32(v: Tensor) -> Tensor:
+    """A 32-bit integer hash of each entry of the int64 tensor `v` (xor-shift-multiply rounds; every product stays
+    below 2^63, so it is exact and the same on every device)."""
+    v = v & _HASH_MASK
+    v = ((v ^ (v >> 16)) * 0x7FEB352D) & _HASH_MASK
+    v = ((v ^ (v >> 15)) * 0x5BD1E995) & _HASH_MASK
+    return v ^ (v >> 16)
+
+
+@torch.no_grad()
+def held_out_dims(x: Tensor, n: int) -> Tensor:
+    """`[d]` bool: `n` of the `d` columns of the batch `x` `[rows, d]`, drawn uniformly from a hash of the bytes of its
+    first and last rows, on its device without a host sync; the same batch always gives the same columns."""
+    data = x[[0, -1]].contiguous().view(torch.uint8).flatten().to(torch.int64)
+    seed = ((data + 1) * (_mix32(torch.arange(len(data), device=x.device)) | 1)).sum()
+    keys = _mix32(seed + 0x9E3779B1 * torch.arange(1, x.shape[1] + 1, device=x.device))
+    return torch.zeros(x.shape[1], dtype=torch.bool, device=x.device).index_fill_(0, keys.argsort()[:n], True)
+
+
 @torch.no_grad()
 def global_spread(x: Tensor) -> Tensor:
     """`spread` of the rows of every rank's `x` taken together, the same number on every rank: each rank's row count,
@@ -144,26 +208,43 @@ def global_spread(x: Tensor) -> Tensor:
     return spreads.sum() + counts @ (means - mean).square().sum(1)
 
 
+class Masked(NamedTuple):
+    """What the masked objective (`SAEConfig.mask_fraction`) adds to a training batch."""
+
+    target: Tensor
+    """The scaled rows this process trains on, unmasked: what the loss reconstructs on the held-out dimensions."""
+    held_out: Tensor
+    """`[d_in]` 1 on the dimensions hidden from the encoder (the loss is taken on them alone), 0 elsewhere."""
+    held_var: Tensor
+    """`spread` of the whole scaled batch on the held-out dimensions: the FVU's denominator."""
+
+
 class Batch(NamedTuple):
     """A training batch as an SAE's loss reads it (`SAE.training_batch`)."""
 
     x: Tensor
-    """The scaled rows this process trains on, `[rows, d_in]` (under `SAE.split`, its slice of the batch)."""
+    """The scaled rows this process's encoder reads, `[rows, d_in]` (under `SAE.split`, its slice of the batch). With
+    masking, `b_dec + (rows - b_dec) * keep`, where `keep` is 0 on the held-out dimensions and `d_in / kept` on the
+    others: `x - b_dec` is the masked, rescaled input, and it keeps its gradient to `b_dec`."""
     rows: int
     """Rows of the whole batch."""
     total_var: Tensor
-    """`spread` of the whole scaled batch: the FVU's denominator."""
+    """`spread` of the whole scaled batch: the FVU's denominator (with masking, the sparsity penalties' only)."""
+    masked: Masked | None = None
+    """The target and held-out dimensions of the masked objective; `None` without masking."""
 
 
 class LossTerms(NamedTuple):
     """The reconstruction terms every SAE loss starts from."""
 
     residual: Tensor
-    """`x - recon`, `[batch, d_in]`."""
+    """`x - recon`, `[batch, d_in]` (with masking, zero but on the held-out dimensions)."""
     total_var: Tensor
-    """Summed squared deviation of the whole batch from its mean (the FVU's denominator)."""
+    """Summed squared deviation of the whole batch from its mean (the FVU's and the sparsity penalties' denominator;
+    with masking, the penalties' only)."""
     fvu: Tensor
-    """Fraction of variance unexplained: squared error over `total_var` (under `SAE.split`, this rank's share)."""
+    """Fraction of variance unexplained: squared error over `total_var` (with masking, the held-out dimensions'
+    squared error over their `Masked.held_var`; under `SAE.split`, this rank's share)."""
 
 
 class SAE(nn.Module):
@@ -187,6 +268,13 @@ class SAE(nn.Module):
         self.tokens_since_fired: Tensor
         self.register_buffer("input_scale", torch.ones((), dtype=dtype, device=device))
         self.register_buffer("tokens_since_fired", torch.zeros(cfg.d_sae, dtype=torch.long, device=device))
+        self.whiten_mean: Tensor | None
+        self.whiten_matrix: Tensor | None
+        self.whiten_inverse: Tensor | None
+        eye = torch.eye(cfg.d_in, dtype=dtype, device=device) if cfg.whiten else None
+        self.register_buffer("whiten_mean", torch.zeros(cfg.d_in, dtype=dtype, device=device) if cfg.whiten else None)
+        self.register_buffer("whiten_matrix", eye)  # `z = (x - whiten_mean) @ whiten_matrix` (`set_whitening`)
+        self.register_buffer("whiten_inverse", None if eye is None else eye.clone())
         self._aux_plan: Tensor | None = None  # dead latents AuxK trains on
         self.split: slice | None = None
         """The rows of each training batch that this rank trains on, when every rank is given the whole batch and
@@ -203,11 +291,24 @@ class SAE(nn.Module):
     # ----------------------------------------------------------------- inference
 
     def prepare_input(self, x: Tensor) -> Tensor:
-        """Raw activations `[..., d_in]` as the encoder reads them: `[batch, d_in]` in the SAE's dtype, times
-        `input_scale` (which makes the mean input norm sqrt(d_in) in training; 1 once folded, as in a saved SAE)."""
+        """Raw activations `[..., d_in]` as the encoder reads them: `[batch, d_in]` in the SAE's dtype, whitened
+        (`cfg.whiten`), times `input_scale` (which makes the mean input norm sqrt(d_in) in training; 1 once folded,
+        as in a saved SAE)."""
         if x.shape[-1] != self.cfg.d_in:
             raise ValueError(f"expected activations [..., d_in={self.cfg.d_in}], got shape {tuple(x.shape)}")
-        return x.reshape(-1, self.cfg.d_in).to(self.W_enc.dtype) * self.input_scale
+        return self._whiten(x.reshape(-1, self.cfg.d_in).to(self.W_enc.dtype)) * self.input_scale
+
+    def _whiten(self, x: Tensor) -> Tensor:
+        """`(x - whiten_mean) @ whiten_matrix` for an SAE that whitens (`cfg.whiten`), else `x`."""
+        if self.whiten_mean is None or self.whiten_matrix is None:
+            return x
+        return (x - self.whiten_mean) @ self.whiten_matrix
+
+    def _unwhiten(self, z: Tensor) -> Tensor:
+        """Whitened rows back in raw units: `z @ whiten_inverse + whiten_mean` (`cfg.whiten`), else `z`."""
+        if self.whiten_mean is None or self.whiten_inverse is None:
+            return z
+        return torch.addmm(self.whiten_mean, z, self.whiten_inverse)
 
     def pre_acts(self, x: Tensor) -> Tensor:
         """Encoder pre-activations `[batch, d_sae]` of already scaled inputs `[batch, d_in]`."""
@@ -223,8 +324,9 @@ class SAE(nn.Module):
         return f.view(*x.shape[:-1], self.cfg.d_sae)
 
     def decode(self, f: Tensor) -> Tensor:
-        """Reconstruction `[..., d_in]` from latent activations `[..., d_sae]`."""
-        return f.to(self.W_dec.dtype) @ self.W_dec + self.b_dec / self.input_scale
+        """Reconstruction `[..., d_in]` from latent activations `[..., d_sae]` (in raw units, also when whitening)."""
+        recon = f.to(self.W_dec.dtype) @ self.W_dec + self.b_dec / self.input_scale
+        return recon if self.whiten_mean is None else self._unwhiten(recon.reshape(-1, self.cfg.d_in)).view_as(recon)
 
     def forward(self, x: Tensor) -> Tensor:
         """Reconstruction of raw activations `x`."""
@@ -240,14 +342,42 @@ class SAE(nn.Module):
         raise NotImplementedError
 
     def training_batch(self, x: Tensor) -> Batch:
-        """Raw activations `[..., d_in]` of a whole batch as the loss reads them: scaled, sliced to `split`."""
+        """Raw activations `[..., d_in]` of a whole batch as the loss reads them: whitened and scaled, sliced to
+        `split`, and masked (`cfg.mask_fraction`).
+
+        Masking follows Chidambaram et al. 2023 and their code (github.com/2014mchidamb/masked-sparse-coding-icml,
+        `masking_loss`): each step hides one random subset of `cfg.masked_dims` input dimensions from the encoder,
+        the same for every row of the batch, and the loss is the reconstruction error on that subset alone, so
+        latents that fit the noise of the dimensions they read gain nothing. The paper fits codes by OMP on the kept
+        dimensions, which needs no rescaling; an SAE's encoder is a linear read-out, so the kept part of `x - b_dec`
+        is scaled by `d_in / kept` (as inverted dropout) to keep the pre-activations at the scale inference sees,
+        where the encoder reads every dimension unmasked. The subset is drawn from a hash of the batch's first and
+        last rows (`held_out_dims`): every rank of a split batch draws the same one, and a resumed run the same as an
+        uninterrupted one, with no generator state to checkpoint."""
         x = self.prepare_input(x)
-        return Batch(x if self.split is None else x[self.split], x.shape[0], spread(x))
+        rows = x if self.split is None else x[self.split]
+        if self.cfg.mask_fraction is None:
+            return Batch(rows, x.shape[0], spread(x))
+        d_in = self.cfg.d_in
+        held = held_out_dims(x, self.cfg.masked_dims).to(x.dtype)
+        keep = (1 - held) * (d_in / (d_in - self.cfg.masked_dims))
+        enc = torch.addcmul(self.b_dec, rows - self.b_dec, keep)
+        return Batch(enc, x.shape[0], spread(x), Masked(rows, held, spread(x * held)))
 
     def _loss_terms(self, batch: Batch, recon: Tensor) -> LossTerms:
-        """Residual, total variance of the whole batch and fraction of variance unexplained."""
-        x = batch.x
-        return LossTerms(x - recon, batch.total_var, F.mse_loss(recon, x, reduction="sum") / batch.total_var)
+        """Residual, total variance of the whole batch and fraction of variance unexplained (with masking, on the
+        held-out dimensions)."""
+        if batch.masked is None:
+            x = batch.x
+            return LossTerms(x - recon, batch.total_var, F.mse_loss(recon, x, reduction="sum") / batch.total_var)
+        target, held, held_var = batch.masked
+        residual = (target - recon) * held
+        return LossTerms(residual, batch.total_var, residual.square().sum() / held_var)
+
+    @staticmethod
+    def held_out(batch: Batch, t: Tensor) -> Tensor:
+        """`t` `[rows, d_in]` on the dimensions a masked batch takes its loss on (zero elsewhere); `t` unmasked."""
+        return t if batch.masked is None else t * batch.masked.held_out
 
     def batch_spread(self, rows: Tensor) -> Tensor:
         """`spread` of `rows` computed on this rank's slice of a batch, over the whole batch (`global_spread` under
@@ -293,8 +423,9 @@ class SAE(nn.Module):
     @torch.no_grad()
     def init_from_sample(self, x: Tensor) -> None:
         """Set `input_scale` so the mean norm is sqrt(d_in), and `b_dec` to the
-        geometric median of the scaled sample `[n, d_in]`."""
-        x = x.reshape(-1, self.cfg.d_in).to(self.W_enc.dtype)
+        geometric median of the scaled sample `[n, d_in]` (whitened first if the SAE whitens: `set_whitening`
+        comes before)."""
+        x = self._whiten(x.reshape(-1, self.cfg.d_in).to(self.W_enc.dtype))
         self.input_scale.fill_(math.sqrt(self.cfg.d_in) / x.norm(dim=1).mean())
         self.b_dec.copy_(geometric_median(x * self.input_scale))
 
@@ -322,13 +453,47 @@ class SAE(nn.Module):
         """Tensors in units of the scaled input, keyed by their SAELens name."""
         return {"b_enc": self.b_enc, "b_dec": self.b_dec}
 
+    @torch.no_grad()
+    def set_whitening(self, whitening: Whitening) -> None:
+        """Whiten the inputs with `whitening` (`saelab.dictionaries.preprocessing.pca_whitening`); for an SAE whose
+        config says `whiten`, before `init_from_sample`."""
+        if self.whiten_mean is None or self.whiten_matrix is None or self.whiten_inverse is None:
+            raise ValueError("this SAE does not whiten; build it from a config with whiten=True")
+        self.whiten_mean.copy_(whitening.mean)
+        self.whiten_matrix.copy_(whitening.matrix)
+        self.whiten_inverse.copy_(whitening.inverse)
+
+    @torch.no_grad()
+    def folded(self) -> SAE:
+        """A copy of this whitening SAE that reads and writes raw activations with the whitening and the input scale
+        folded into its weights (`preprocessing.fold_whitening`): the same codes and reconstructions, a config that
+        says `whiten: false, whitened: true`, and decoder rows that are raw-space directions (not unit norm)."""
+        if self.whiten_mean is None or self.whiten_matrix is None or self.whiten_inverse is None:
+            raise ValueError("this SAE does not whiten, so there is nothing to fold; save it as it is")
+        cfg = self.cfg.model_copy(update={"whiten": False, "whitened": True})
+        copy = SAE.from_config(cfg, device=self.W_enc.device)
+        whitening = {"whiten_mean", "whiten_matrix", "whiten_inverse"}
+        copy.load_state_dict({k: v for k, v in self.state_dict().items() if k not in whitening})
+        copy.fold_input_scale()
+        weights = fold_whitening(
+            copy.W_enc,
+            copy.W_dec,
+            copy.b_dec,
+            mean=self.whiten_mean,
+            matrix=self.whiten_matrix,
+            inverse=self.whiten_inverse,
+        )
+        for name, tensor in zip(("W_enc", "W_dec", "b_dec"), weights, strict=True):
+            getattr(copy, name).copy_(tensor)
+        return copy
+
     # --------------------------------------------------------------- checkpoints
 
     def save(self, path: str | Path) -> None:
-        """Write `cfg.json` and `sae_weights.safetensors` in SAELens 6 layout (scale folded)."""
+        """Write `cfg.json` and `sae_weights.safetensors` in SAELens 6 layout (scale and whitening folded)."""
         from saelab.dictionaries.saelens import save_sae  # saelens builds on this module
 
-        save_sae(self, path)
+        save_sae(self if self.whiten_mean is None else self.folded(), path)
 
     def _export_tensor(self, name: str, tensor: Tensor) -> Tensor:
         """The tensor `name` as the saved checkpoint holds it (e.g. a scalar threshold repeated per latent)."""
