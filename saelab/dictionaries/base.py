@@ -50,6 +50,15 @@ class SAEConfig(BaseModel):
         default=0.1, ge=0, description="JumpReLU SAE: initial threshold of every latent."
     )
     threshold_lr: float = Field(default=0.01, gt=0, le=1, description="BatchTopK: EMA rate of the inference threshold.")
+    icfl_block: int = Field(
+        default=5, gt=0, description="ICFL: latents chosen per pursuit iteration (L); k / icfl_block iterations (J)."
+    )
+    icfl_reset_every: int = Field(
+        default=100, gt=0, description="ICFL: training steps between resets of near-duplicate decoder rows."
+    )
+    icfl_reset_cos: float = Field(
+        default=0.9, gt=0, le=1, description="ICFL: of two decoder rows above this cosine, one is redrawn at random."
+    )
     sparse_density: float = Field(
         default=1 / 16,
         ge=0,
@@ -133,6 +142,16 @@ class SAEConfig(BaseModel):
     def _check_k(self) -> SAEConfig:
         if self.arch in ("topk", "batchtopk") and self.k > self.d_sae:
             raise ValueError(f"k={self.k} exceeds d_sae={self.d_sae}; lower k or widen the SAE")
+        return self
+
+    @model_validator(mode="after")
+    def _check_icfl(self) -> SAEConfig:
+        if self.arch == "icfl" and (self.k % self.icfl_block or self.icfl_block > self.d_sae):
+            raise ValueError(
+                f"ICFL picks icfl_block={self.icfl_block} latents per iteration, so k={self.k} must be a multiple "
+                f"of it and icfl_block at most d_sae={self.d_sae}; set k to a multiple of icfl_block "
+                f"(e.g. {max(1, self.k // self.icfl_block) * self.icfl_block}) or change icfl_block"
+            )
         return self
 
     @field_validator("matryoshka_prefixes", mode="before")

@@ -13,7 +13,7 @@ from saelab.errors import ConfigError
 if TYPE_CHECKING:
     from saelab.dictionaries.base import SAE
 
-Arch = Literal["topk", "batchtopk", "jumprelu", "relu"]
+Arch = Literal["topk", "batchtopk", "jumprelu", "relu", "icfl"]
 
 ARCHITECTURES: dict[str, type[SAE]] = {}
 """Every registered architecture, in registration order."""

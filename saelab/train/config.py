@@ -24,7 +24,7 @@ class Grid(StrictModel):
     """The sweep grid: every combination is one SAE per hook point."""
 
     arch: list[Arch] = Field(default=["topk"], min_length=1)
-    """Architectures: `topk`, `batchtopk`, `jumprelu`, `relu`."""
+    """Architectures: `topk`, `batchtopk`, `jumprelu`, `relu`, `icfl` (batched-OMP codes, Donhauser et al. 2025)."""
     k: list[PositiveInt] = Field(default=[32], min_length=1)
     """Active latents per token (`batchtopk`: on average)."""
     expansion: list[PositiveInt] = Field(default=[16], min_length=1)
