@@ -12,6 +12,7 @@ import torch
 from saelab.config import build
 from saelab.dictionaries import SAE, Arch, SAEConfig, train_step
 from saelab.dictionaries.icfl import ICFLSAE, selectivity
+from saelab.dictionaries.preprocessing import pca_whitening
 from saelab.errors import ConfigError
 from saelab.toys.synthetic import make_synthetic, max_cosines
 
@@ -109,6 +110,22 @@ def test_save_and_load_round_trip(trained, tmp_path):
     with torch.no_grad():  # the input scale is folded into the saved biases: float32 rounding only
         torch.testing.assert_close(loaded.encode(x), sae.encode(x), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(loaded(x), sae(x), rtol=1e-4, atol=1e-5)
+
+
+def test_whitening_folds_into_the_pursuit_exactly():
+    """The pursuit's inner products go through `W_enc`, so the folded SAE's codes on raw activations are the whitened
+    SAE's (least squares in the whitened metric, not the raw one)."""
+    x = torch.randn(512, 12, dtype=torch.float64) * torch.linspace(0.2, 3.0, 12, dtype=torch.float64) + 1.0
+    sae = make_icfl(whiten=True)
+    sae.set_whitening(pca_whitening(x))
+    sae.init_from_sample(x)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    for rows in x.split(128):
+        train_step(sae, opt, rows)
+    folded = sae.folded()
+    with torch.no_grad():
+        torch.testing.assert_close(folded.encode(x), sae.encode(x), rtol=1e-7, atol=1e-9)  # float64 rounding
+        torch.testing.assert_close(folded(x), sae(x), rtol=1e-7, atol=1e-9)
 
 
 def test_near_duplicate_rows_are_redrawn_deterministically():
