@@ -8,10 +8,16 @@ step so AuxK runs every step; "1 in 20 dead" is the regime where saelab's AuxK s
 dense products over the dead latents. All use fused torch Adam, so the optimiser is not what
 differs.
 
+The Matryoshka rows (Bussmann et al. 2025; prefixes d_sae/16, d_sae/4, d_sae, AuxK per prefix band on both sides:
+SAELens's `use_matryoshka_aux_loss`) time saelab's Matryoshka TopK step against its plain TopK step of the same
+width (goal: at most 1.25x), and saelab's Matryoshka BatchTopK against SAELens's `MatryoshkaBatchTopKTrainingSAE`
+on the same batches (goal: saelab at least 5x faster).
+
     python scripts/bench_train.py [--json out.json]
 """
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from _bench import (  # scripts/ is on the path when run as a script
@@ -28,8 +34,9 @@ from saelab.toys.synthetic import make_synthetic
 LR = 2e-4
 
 
-def saelab_step(x: torch.Tensor, d_sae: int, k: int, dead: torch.Tensor) -> Callable[[], None]:
-    sae = SAE.from_config(SAEConfig(d_in=x.shape[1], d_sae=d_sae, k=k))
+def saelab_step(x: torch.Tensor, d_sae: int, k: int, dead: torch.Tensor, **options: object) -> Callable[[], None]:
+    """saelab's `train_step`; `options` are further `SAEConfig` fields (`arch`, `matryoshka_prefixes`)."""
+    sae = SAE.from_config(SAEConfig.model_validate({"d_in": x.shape[1], "d_sae": d_sae, "k": k} | options))
     sae.init_from_sample(x)
     opt = torch.optim.Adam(sae.parameters(), lr=LR, fused=True)
 
@@ -43,9 +50,25 @@ def saelab_step(x: torch.Tensor, d_sae: int, k: int, dead: torch.Tensor) -> Call
 def saelens_step(x: torch.Tensor, d_sae: int, k: int, dead: torch.Tensor) -> Callable[[], None]:
     """SAELens's SAETrainer._train_step for a TopKTrainingSAE."""
     from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    return saelens_loop(TopKTrainingSAE(TopKTrainingSAEConfig(d_in=x.shape[1], d_sae=d_sae, k=k)), x, dead)
+
+
+def saelens_matryoshka_step(x: torch.Tensor, prefixes: list[int], k: int, dead: torch.Tensor) -> Callable[[], None]:
+    """SAELens's SAETrainer._train_step for a MatryoshkaBatchTopKTrainingSAE (AuxK per prefix band)."""
+    from sae_lens import MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig
+
+    cfg = MatryoshkaBatchTopKTrainingSAEConfig(
+        d_in=x.shape[1], d_sae=prefixes[-1], k=k, matryoshka_widths=list(prefixes), use_matryoshka_aux_loss=True
+    )
+    return saelens_loop(MatryoshkaBatchTopKTrainingSAE(cfg), x, dead)
+
+
+def saelens_loop(sae: Any, x: torch.Tensor, dead: torch.Tensor) -> Callable[[], None]:
+    """One SAELens training step of `sae` (a `TrainingSAE`) on `x`, with the trainer's dead-latent bookkeeping."""
     from sae_lens.saes.sae import TrainStepInput
 
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=x.shape[1], d_sae=d_sae, k=k))
+    d_sae = sae.cfg.d_sae
     opt = torch.optim.Adam(sae.parameters(), lr=LR, fused=True)
     since_fired = torch.zeros(d_sae)
     act_freq = torch.zeros(d_sae)
@@ -135,6 +158,34 @@ def main() -> None:
         print(
             f"  saelab speed-up: {res['speedup_vs_sae_lens']:.2f}x vs SAELens, "
             f"{res['speedup_vs_sparsify']:.2f}x vs sparsify; step / matmul = {res['saelab_step_over_matmul']:.2f}"
+        )
+
+    prefixes = [args.d_sae // 16, args.d_sae // 4, args.d_sae]
+    for scenario, every in (("no dead", 0), ("1 in 20 dead", 20)):
+        dead = torch.zeros(args.d_sae, dtype=torch.bool)
+        if every:
+            dead[::every] = True
+        steps = {
+            "topk": saelab_step(x, args.d_sae, args.k, dead),
+            "matryoshka_topk": saelab_step(x, args.d_sae, args.k, dead, matryoshka_prefixes=prefixes),
+            "matryoshka_batchtopk": saelab_step(
+                x, args.d_sae, args.k, dead, arch="batchtopk", matryoshka_prefixes=prefixes
+            ),
+            "sae_lens_matryoshka": saelens_matryoshka_step(x, prefixes, args.k, dead),
+        }
+        sec = time_round_robin(steps, args.warmup, args.repeats)
+        res = {f"{name}_ms": 1e3 * t for name, t in sec.items()}
+        res |= {
+            "matryoshka_over_topk": sec["matryoshka_topk"] / sec["topk"],
+            "speedup_vs_sae_lens_matryoshka": sec["sae_lens_matryoshka"] / sec["matryoshka_batchtopk"],
+        }
+        results[f"matryoshka, {scenario}"] = res
+        print(f"\n[Matryoshka {prefixes}, {scenario}]")
+        for name in steps:
+            print(f"  {name:22s} {res[f'{name}_ms']:8.1f} ms/step")
+        print(
+            f"  Matryoshka TopK / TopK: {res['matryoshka_over_topk']:.2f}x (goal <= 1.25); saelab Matryoshka BatchTopK "
+            f"{res['speedup_vs_sae_lens_matryoshka']:.2f}x faster than SAELens's (goal >= 5)"
         )
 
     write_json(args.json, args, results)
