@@ -117,3 +117,22 @@ def test_the_analysis_keeps_the_old_names_of_the_toy():
     assert ab.Planted is toy.Planted
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         _ = ab.nope
+
+
+def test_sparse_parents_and_weaker_children():
+    """`parent_prob`: the other rows hold noise alone and stay out of the probe data; `child_norm` scales children;
+    the default rows are unchanged by either option."""
+    p = planted_absorption(n_rows=2000, n_parents=2, n_children=3, d=16, parent_prob=0.5, child_norm=0.5, noise=0.0)
+    none = p.y < 0
+    assert (
+        0.4 < none.mean() < 0.6 and (p.child[none] < 0).all() and {p.words[i] for i in np.nonzero(none)[0]} == {"none"}
+    )
+    assert torch.all(p.x[torch.from_numpy(none)] == 0)
+    with_child = torch.from_numpy(p.child >= 0)
+    torch.testing.assert_close(p.x[with_child].norm(dim=1), torch.full((int(with_child.sum()),), 1.25**0.5))
+    data = planted_probe_data(p, s=FAST)
+    assert len(data.train_y) + len(data.test_y) == int((~none).sum()) and (data.test_y >= 0).all()
+    default = planted_absorption(n_rows=500, n_parents=2, n_children=3, d=16)
+    torch.testing.assert_close(
+        planted_absorption(n_rows=500, n_parents=2, n_children=3, d=16, parent_prob=1.0).x, default.x
+    )
