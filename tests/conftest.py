@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from itertools import islice
 
 import numpy as np
@@ -13,7 +14,11 @@ from saelab.models import load_model, save_model
 from saelab.text import embedded_documents
 from saelab.toys.synthetic import decoder_config
 
-torch.set_num_threads(2)
+# One thread per pytest worker: `make test` runs two workers on two cores, and two threads each on two busy cores wait on
+# each other, many times slower on these small models (04_circuits' induction model: 755 s on two threads, 83 s on
+# one). Subprocesses (the CLI, torchrun ranks, notebook kernels) inherit it through OMP_NUM_THREADS.
+torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"
 
 LONGEST_FIRST = ("tests/test_notebooks.py",)  # minutes in one file: started first, the other worker takes the rest
 
