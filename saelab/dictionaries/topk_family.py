@@ -70,7 +70,7 @@ class TopKSAE(SAE):
     def forward(self, x: Tensor) -> Tensor:
         vals, idx = topk_rows(self.pre_acts(self.prepare_input(x)), self.cfg.k)
         recon = kernels.sparse_decode(vals.relu(), idx, self.W_dec) + self.b_dec
-        return (recon / self.input_scale).view(x.shape)
+        return self._unwhiten(recon / self.input_scale).view(x.shape)
 
     def _select(self, pre: Tensor, rows: int) -> Entries:
         """Main entries chosen from pre-activations (this rank's, of a batch of `rows` rows)."""

@@ -93,6 +93,9 @@ def test_folded_whitening_gives_the_training_codes_on_raw_activations(arch, dtyp
         assert (raw != 0).any() and torch.equal(raw != 0, inside != 0)
         torch.testing.assert_close(raw, inside, rtol=tol, atol=tol)
         torch.testing.assert_close(saved.decode(raw), sae.decode(inside), rtol=tol, atol=10 * tol)
+        # `forward` (TopK's own sparse path included) reconstructs in raw units too, live and saved alike
+        torch.testing.assert_close(sae(x), sae.decode(sae.encode(x)), rtol=tol, atol=10 * tol)
+        torch.testing.assert_close(saved(x), sae(x), rtol=tol, atol=10 * tol)
     norms = saved.W_dec.norm(dim=1)
     assert (norms - 1).abs().max() > 0.1  # raw-space directions: no longer unit norm
 
