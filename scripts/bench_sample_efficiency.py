@@ -8,7 +8,7 @@ parent/child hierarchy and Gaussian noise; one dictionary per seed). For each se
   schedule depends on the budget;
 - SAELens: `TopKTrainingSAE` and `SAETrainer` with their defaults (decoder at norm 0.1, decoder-norm rescaling,
   AuxK after 1000 steps unfired, constant learning rate, no warmup, gradient clipping at 1), at the nominal
-  learning rate of Gao et al.'s rule 2e-4 / sqrt(width / 2^14) (the rule sparsify's Adam and saelab's old default
+  learning rate of Gao et al.'s rule 2e-4 / sqrt(width / 2^14) (the rule of sparsify's Adam and saelab's `default_lr`
   use; SAELens's own default, 3e-4, is lower at every width here): one run, read at every budget (its schedule is
   constant, so the reading at a budget is the run of that budget);
 - sparsify: `SparseCoder` with its default optimizer (signum: SignSGD in a schedule-free wrapper, momentum 0.95,
@@ -31,6 +31,7 @@ from _bench import load_note, parser, write_json  # scripts/ is on the path when
 from torch import Tensor
 
 from saelab.dictionaries import SAEConfig
+from saelab.dictionaries.base import geometric_median
 from saelab.toys.benchmark import DefaultsRun, batches, make_benchmark
 from saelab.toys.synthetic import recovery
 from saelab.train.config import default_lr
@@ -50,13 +51,15 @@ class Learner(Protocol):
 class SAELensRun:
     """SAELens's `TopKTrainingSAE` trained by its `SAETrainer` one batch at a time (`SAETrainer.step`, as `fit`)."""
 
-    def __init__(self, d: int, width: int, k: int, *, tokens: int, batch_size: int, lr: float, seed: int):
+    def __init__(
+        self, d: int, width: int, k: int, *, tokens: int, batch_size: int, lr: float, seed: int, **changes: Any
+    ):
         from sae_lens.config import LoggingConfig, SAETrainerConfig
         from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
         from sae_lens.training.sae_trainer import SAETrainer
 
         torch.manual_seed(seed)
-        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=width, k=k, device="cpu", dtype="float32"))
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=width, k=k, device="cpu", dtype="float32", **changes))
         cfg = SAETrainerConfig(
             total_training_samples=tokens,
             train_batch_size_samples=batch_size,
@@ -108,22 +111,41 @@ class SparsifyRun:
         return rows
 
 
+def gao_lr(width: int) -> float:
+    """Gao et al.'s rule, 2e-4 / sqrt(width / 2^14): saelab's `default_lr` and sparsify's Adam default."""
+    return 2e-4 / math.sqrt(width / 2**14)
+
+
+def ablations(args: Any, cfg: SAEConfig, sample: Tensor, seed: int) -> dict[str, Learner]:
+    """One candidate cause of the per-token gap at a time (`--ablate`; one budget, as saelab's schedule needs it)."""
+    steps, width = args.budgets[0] // args.batch_size, cfg.d_sae
+    out: dict[str, Learner] = {
+        f"saelab_gao_x{m:g}": DefaultsRun(cfg, sample, steps, lr=m * gao_lr(width), seed=seed) for m in (1, 3, 10, 30)
+    }
+    out["saelab_gao_constant"] = DefaultsRun(cfg, sample, steps, lr=gao_lr(width), warmup=0, decay_start=1.0, seed=seed)
+    unscaled = DefaultsRun(cfg, sample, steps, lr=gao_lr(width), seed=seed)
+    unscaled.sae.input_scale.fill_(1.0)  # SAELens's default: raw inputs
+    unscaled.sae.b_dec.data.copy_(geometric_median(sample))
+    out["saelab_gao_raw_inputs"] = unscaled
+    lens = {"tokens": args.budgets[0], "batch_size": args.batch_size, "lr": gao_lr(width), "seed": seed}
+    out["sae_lens_unit_init"] = SAELensRun(cfg.d_in, width, cfg.k, decoder_init_norm=1.0, **lens)
+    return out
+
+
 def learners(
     args: Any, d: int, width: int, sample: Tensor, seed: int
 ) -> tuple[dict[int, DefaultsRun], dict[str, Learner]]:
-    """saelab's run per budget, and the other libraries' single runs, for one width and seed."""
-    steps = {budget: budget // args.batch_size for budget in args.budgets}
+    """saelab's run per budget, and the other libraries' single runs (and `--ablate`'s), for one width and seed."""
     cfg = SAEConfig(d_in=d, d_sae=width, k=args.k)
-    ours = {budget: DefaultsRun(cfg, sample, n, seed=seed) for budget, n in steps.items()}
+    ours = {budget: DefaultsRun(cfg, sample, budget // args.batch_size, seed=seed) for budget in args.budgets}
     others: dict[str, Learner] = {}
     if "sae_lens" in args.libraries:
-        lr = 2e-4 / math.sqrt(width / 2**14)
         others["sae_lens"] = SAELensRun(
-            d, width, args.k, tokens=max(args.budgets), batch_size=args.batch_size, lr=lr, seed=seed
+            d, width, args.k, tokens=max(args.budgets), batch_size=args.batch_size, lr=gao_lr(width), seed=seed
         )
     if "sparsify" in args.libraries:
         others["sparsify"] = SparsifyRun(d, width, args.k, seed=seed)
-    return ours, others
+    return ours, others | (ablations(args, cfg, sample, seed) if args.ablate else {})
 
 
 def run_seed(args: Any, seed: int) -> list[dict[str, Any]]:
@@ -160,7 +182,7 @@ def run_seed(args: Any, seed: int) -> list[dict[str, Any]]:
 def table(rows: list[dict[str, Any]], args: Any) -> dict[str, dict[str, float]]:
     """Mean recovery over the seeds per width x budget x library, printed as a table and returned."""
     means: dict[str, dict[str, float]] = {}
-    libraries = ["saelab", *args.libraries]
+    libraries = list(dict.fromkeys(row["library"] for row in rows))
     print(f"\nrecovery at cosine >= 0.9 (mean of seeds {args.seeds}), k={args.k}, batch {args.batch_size}")
     print("| width | tokens | " + " | ".join(libraries) + " |")
     print("| --- | --- | " + " | ".join("---" for _ in libraries) + " |")
@@ -183,11 +205,14 @@ def main() -> None:
     cli.add_argument("--widths", type=int, nargs="+")
     cli.add_argument("--budgets", type=int, nargs="+")
     cli.add_argument("--seeds", type=int, nargs="+")
+    cli.add_argument("--ablate", action="store_true", help="also train one candidate cause at a time (one budget)")
     cli.add_argument("--libraries", nargs="*", default=["sae_lens", "sparsify"], choices=["sae_lens", "sparsify"])
     args = cli.parse_args()
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.ablate and len(args.budgets) != 1:
+        cli.error("--ablate trains each variant for one budget; give one with --budgets")
     torch.set_num_threads(args.threads)
     print(
         f"widths {args.widths}, budgets {args.budgets}, seeds {args.seeds}; default_lr(1536) = "

@@ -106,13 +106,23 @@ def batches(data: SyntheticData, n_batches: int, batch_size: int, *, seed: int =
 
 class DefaultsRun:
     """One saelab SAE trained on given batches exactly as `saelab train` trains it with `TrainConfig`'s defaults:
-    seeded initialisation, `init_from_sample`, Adam, `default_lr(width)` (unless `lr` is given), the warmup and decay
-    schedule, AuxK's dead set refreshed every `log_every` steps, and `train_step`."""
+    seeded initialisation, `init_from_sample`, Adam, `default_lr(width)`, the warmup and decay schedule, AuxK's dead
+    set refreshed every `log_every` steps, and `train_step`. `lr`, `warmup` and `decay_start` override a default."""
 
-    def __init__(self, cfg: SAEConfig, sample: Tensor, total_steps: int, *, lr: float | None = None, seed: int = 0):
+    def __init__(
+        self,
+        cfg: SAEConfig,
+        sample: Tensor,
+        total_steps: int,
+        *,
+        lr: float | None = None,
+        warmup: int | None = None,
+        decay_start: float | None = None,
+        seed: int = 0,
+    ):
         defaults = TrainConfig.model_fields
-        self.warmup: int = defaults["warmup_steps"].default
-        self.decay_start: float = defaults["decay_start"].default
+        self.warmup: int = defaults["warmup_steps"].default if warmup is None else warmup
+        self.decay_start: float = defaults["decay_start"].default if decay_start is None else decay_start
         self.refresh: int = defaults["log_every"].default
         torch.manual_seed(seed)
         self.sae = SAE.from_config(cfg)

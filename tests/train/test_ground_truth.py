@@ -4,13 +4,15 @@
 log-normal magnitudes and 64 correlated pairs (see saelab.toys.synthetic).
 """
 
+import math
 import time
 
 import pytest
 import torch
 
 from saelab.dictionaries import SAE, SAEConfig, train_step
-from saelab.toys.synthetic import make_synthetic, max_cosines
+from saelab.toys.benchmark import DefaultsRun, batches, make_benchmark
+from saelab.toys.synthetic import make_synthetic, max_cosines, recovery
 
 STEPS, BATCH, WARMUP, LR = 1000, 1024, 100, 3e-3
 # The other architectures get half the steps: their loose bounds hold with margin there (measured at 500 steps:
@@ -77,3 +79,22 @@ def test_other_architectures_on_the_same_data(data, arch, overrides):
     sae, seconds = fit(arch, data[1], OTHER_STEPS, **overrides)
     _, fvu, l0 = evaluate({"batchtopk": "BatchTopK", "relu": "ReLU+L1"}[arch], sae, seconds, data, OTHER_STEPS)
     assert fvu < 0.6 and l0 < 200
+
+
+def test_thirty_times_gaos_learning_rate_learns_far_more_per_token():
+    """150 steps of 1024 tokens with `saelab train`'s schedule: 30x Gao et al.'s rate recovers most of a small
+    benchmark's dictionary, their 2e-4 / sqrt(width / 2^14) (the default) none of it (measured: 62% and 54% on seeds
+    0 and 1 against 0% and 0%)."""
+    torch.set_num_threads(2)
+    data = make_benchmark(n_features=128, d=32, mean_active=4.0, n_parents=8, children=3, seed=0)
+    sample = data.sample(4096, torch.Generator().manual_seed(5))
+    xs = list(batches(data, 150, 1024))
+    cfg = SAEConfig(d_in=32, d_sae=256, k=8)
+    found = {}
+    gao = 2e-4 / math.sqrt(256 / 2**14)
+    for name, lr in (("30x", 30 * gao), ("gao", gao)):
+        run = DefaultsRun(cfg, sample, len(xs), lr=lr)
+        for x in xs:
+            run.step(x)
+        found[name] = recovery(data.directions, run.directions())
+    assert found["30x"] >= 0.4 and found["gao"] <= 0.05
