@@ -156,7 +156,9 @@ class SAEConfig(BaseModel):
 
     @field_validator("matryoshka_prefixes", mode="before")
     @classmethod
-    def _resolve_prefixes(cls, prefixes: list[int | float] | None, info: ValidationInfo) -> list[int] | None:
+    def _resolve_prefixes(
+        cls, prefixes: list[int | float] | None, info: ValidationInfo
+    ) -> list[int | float] | list[int] | None:
         d_sae = info.data.get("d_sae")  # declared before; absent when it was refused itself
         if d_sae is None or not isinstance(prefixes, list | tuple):  # pydantic refuses what is not a list
             return prefixes
