@@ -69,12 +69,15 @@ def band_entries(entries: Entries, inner: Sequence[int], n_rows: int) -> tuple[E
     lies in `[inner[j-1], inner[j])` (the last band: `[inner[-1], d_sae)`), in bags `[j * n_rows, (j + 1) * n_rows)`,
     rows still sorted inside each band; returns them and each band's entry count (its group size). The counts are
     read on the host: one device sync per step on a GPU."""
-    bounds = torch.tensor(inner, dtype=entries.cols.dtype, device=entries.cols.device)
-    band = torch.bucketize(entries.cols, bounds, right=True)
-    order = torch.sort(band, stable=True).indices
-    counts = torch.bincount(band, minlength=len(inner) + 1).tolist()
-    bags = entries.rows[order] + band[order] * n_rows
-    return Entries(entries.vals[order], entries.cols[order], bags), counts
+    bounds = [0, *inner, None]
+    # one pass per band keeps each band's entries in row order (a stable sort of all of them is ~5x slower on CPU)
+    picks = [
+        ((entries.cols >= a) & (entries.cols < b) if b else entries.cols >= a).nonzero().squeeze(1)
+        for a, b in zip(bounds, bounds[1:], strict=False)
+    ]
+    order = torch.cat(picks)
+    bags = entries.rows[order] + torch.cat([torch.full_like(pick, j * n_rows) for j, pick in enumerate(picks)])
+    return Entries(entries.vals[order], entries.cols[order], bags), [len(pick) for pick in picks]
 
 
 def cumulative(band_decodes: Sequence[Tensor], b_dec: Tensor) -> list[Tensor]:
