@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from saelab.dictionaries.base import SAE, DType, LossTerms, SAEConfig, geometric_median, train_step
 from saelab.dictionaries.dense_family import JumpReLUSAE, ReLUSAE
+from saelab.dictionaries.icfl import ICFLSAE
 from saelab.dictionaries.registry import ARCHITECTURES, Arch, register, sae_class
 from saelab.dictionaries.saelens import SAELENS_ARCH, SAELENS_FORMAT_VERSION, load_sae, saelens_cfg, save_sae
 from saelab.dictionaries.topk_family import BatchTopKSAE, TopKSAE
@@ -17,6 +18,7 @@ __all__ = [
     "Arch",
     "BatchTopKSAE",
     "DType",
+    "ICFLSAE",
     "JumpReLUSAE",
     "LossTerms",
     "ReLUSAE",

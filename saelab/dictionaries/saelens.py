@@ -19,11 +19,17 @@ from saelab.run import SAE_CONFIG, SAE_WEIGHTS
 # cfg.json layout version that SAELens reads without legacy conversion.
 SAELENS_FORMAT_VERSION = "6.0.0"
 # saelab arch -> SAELens inference architecture (BatchTopK is saved as JumpReLU, as SAELens does).
-SAELENS_ARCH = {"topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "relu": "standard"}
+SAELENS_ARCH = {
+    "topk": "topk",
+    "batchtopk": "jumprelu",
+    "jumprelu": "jumprelu",
+    "relu": "standard",
+    "icfl": "icfl",  # no SAELens class encodes by pursuit: SAELens refuses it by name rather than encode it wrongly
+}
 # SAELens architecture -> the saelab arch that reads it.
 FROM_SAELENS_ARCH = {"topk": "topk", "standard": "relu", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}
 # State-dict entries that only training needs: never in a saved SAE's weights.
-TRAINING_STATE = {"input_scale", "tokens_since_fired", "prefix_draws"}
+TRAINING_STATE = {"input_scale", "tokens_since_fired", "prefix_draws", "icfl_step"}
 
 
 def training_architecture(cfg: SAEConfig) -> tuple[str, dict[str, Any]]:

@@ -84,7 +84,6 @@ def fit(arch: Arch, pool: torch.Tensor) -> tuple[SAE, dict[str, torch.Tensor]]:
 @pytest.fixture(scope="module")
 def trained():
     """ICFL (2 pursuit iterations of 4 latents) trained on 128 known directions in 32 dims (4 active per token)."""
-    torch.set_num_threads(2)
     synthetic = make_synthetic(n_features=128, d=32, mean_active=4.0, seed=3)  # not the SAE's seed: see bench_icfl
     pool = synthetic.sample(2**15, torch.Generator().manual_seed(1))
     return synthetic, pool, *fit("icfl", pool)

@@ -14,7 +14,8 @@ def test_every_arch_has_its_class():
     assert set(ARCHITECTURES) == set(get_args(Arch))
     for arch, cls in ARCHITECTURES.items():
         assert cls.arch == arch and sae_class(arch) is cls
-        assert type(SAE.from_config(SAEConfig.model_validate({"arch": arch, "d_in": 4, "d_sae": 8, "k": 2}))) is cls
+        fields = {"arch": arch, "d_in": 4, "d_sae": 8, "k": 2} | ({"icfl_block": 2} if arch == "icfl" else {})
+        assert type(SAE.from_config(SAEConfig.model_validate(fields))) is cls
 
 
 def test_unknown_or_duplicate_registrations_are_refused():

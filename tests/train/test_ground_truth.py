@@ -28,7 +28,6 @@ def data():
 
 def fit(arch: str, pool: torch.Tensor, steps: int = STEPS, **overrides) -> tuple[SAE, float]:
     """Train `steps` steps on random slices of `pool` with Adam and linear warm-up; returns the SAE and seconds."""
-    torch.set_num_threads(2)
     torch.manual_seed(0)
     cfg = SAEConfig(**({"arch": arch, "d_in": 128, "d_sae": 2048, "k": 16, "dead_tokens": 50_000} | overrides))
     sae = SAE.from_config(cfg)
@@ -85,7 +84,6 @@ def test_thirty_times_gaos_learning_rate_learns_far_more_per_token():
     """150 steps of 1024 tokens with `saelab train`'s schedule: 30x Gao et al.'s rate recovers most of a small
     benchmark's dictionary, their 2e-4 / sqrt(width / 2^14) (the default) none of it (measured: 62% and 54% on seeds
     0 and 1 against 0% and 0%)."""
-    torch.set_num_threads(2)
     data = make_benchmark(n_features=128, d=32, mean_active=4.0, n_parents=8, children=3, seed=0)
     sample = data.sample(4096, torch.Generator().manual_seed(5))
     xs = list(batches(data, 150, 1024))
