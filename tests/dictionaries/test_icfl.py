@@ -106,9 +106,14 @@ def test_save_and_load_round_trip(trained, tmp_path):
     loaded = SAE.load(tmp_path / "icfl")
     assert isinstance(loaded, ICFLSAE) and loaded.cfg == sae.cfg
     x = pool[:256]
-    with torch.no_grad():  # the input scale is folded into the saved biases: float32 rounding only
-        torch.testing.assert_close(loaded.encode(x), sae.encode(x), rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(loaded(x), sae(x), rtol=1e-4, atol=1e-5)
+    # The input scale is folded into the saved biases: float32 rounding only, which each pursuit round's least-squares
+    # solve can amplify (measured up to 2.6e-5 on one code of 65,536 on one CPU, 0 on another): 1e-4 on codes of order
+    # 1; the latents chosen are the same.
+    with torch.no_grad():
+        got, want = loaded.encode(x), sae.encode(x)
+        assert torch.equal(got != 0, want != 0)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(loaded(x), sae(x), rtol=1e-4, atol=1e-4)
 
 
 def test_whitening_folds_into_the_pursuit_exactly():
