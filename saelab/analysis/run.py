@@ -196,10 +196,10 @@ def analyze(
     for entry, out, todo in zip(saes, written, broadcast_object(due)):
         if todo:
             sae = SAE.load(entry.path)
-            if sae.cfg.arch == "icfl":  # its pursuit codes are signed; every panel here ranks non-negative activations
+            if sae.signed_codes:  # every panel here ranks non-negative activations
                 raise RunError(
-                    f"{entry.path} is an ICFL dictionary, whose codes are signed, and the feature analysis reads "
-                    "non-negative activations only; analyse the run's other SAEs (move this one out of "
+                    f"{entry.path} is a {sae.cfg.arch} dictionary, whose codes are signed, and the feature analysis "
+                    f"reads non-negative activations only; analyse the run's other SAEs (move this one out of "
                     f"{run.saes_dir}) or compare it with `saelab.dictionaries.icfl.selectivity`"
                 )
             _write_panels(store, sae, entry.hook, out=out, cfg=cfg, model=model, run=run, progress=progress)

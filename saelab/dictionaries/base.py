@@ -272,6 +272,8 @@ class SAE(nn.Module):
     """Base class; build with `SAE.from_config(cfg)` or `SAE.load(path)`."""
 
     arch: ClassVar[str]
+    signed_codes: ClassVar[bool] = False
+    """Whether its codes can be negative (ICFL's pursuit coefficients): analyses that rank activations refuse it."""
 
     def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None):
         super().__init__()

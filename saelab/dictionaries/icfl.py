@@ -71,6 +71,7 @@ class ICFLSAE(SAE):
     """ICFL dictionary (Donhauser et al. 2025): codes by batched OMP over the decoder rows, `k = J * icfl_block`."""
 
     arch = "icfl"
+    signed_codes = True
 
     def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None):
         super().__init__(cfg, device)

@@ -91,5 +91,5 @@ def test_an_icfl_dictionary_is_refused_with_the_way_out(run):
     (cfg_file,) = sorted(run.glob("saes/*/*/cfg.json"))
     folder, d_in = cfg_file.parent, SAE.load(cfg_file.parent).cfg.d_in
     SAE.from_config(SAEConfig(arch="icfl", d_in=d_in, d_sae=2 * d_in, k=4, icfl_block=2)).save(folder)
-    with pytest.raises(RunError, match="ICFL dictionary, whose codes are signed"):
+    with pytest.raises(RunError, match="is a icfl dictionary, whose codes are signed"):
         analyze(run, CFG, progress=False)
