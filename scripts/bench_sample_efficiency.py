@@ -81,9 +81,9 @@ class SparsifyRun:
     """sparsify's `SparseCoder` with the default optimizer and the steps of its `Trainer.fit` for an FVU loss."""
 
     def __init__(self, d: int, width: int, k: int, *, seed: int):
-        from schedulefree import ScheduleFreeWrapper
-        from sparsify import SparseCoder, SparseCoderConfig
-        from sparsify.sign_sgd import SignSGD
+        from schedulefree import ScheduleFreeWrapper  # pyright: ignore[reportMissingImports]  # the [bench] extra
+        from sparsify import SparseCoder, SparseCoderConfig  # pyright: ignore[reportMissingImports]  # the [bench] extra
+        from sparsify.sign_sgd import SignSGD  # pyright: ignore[reportMissingImports]  # the [bench] extra
 
         torch.manual_seed(seed)
         self.sae = SparseCoder(d, SparseCoderConfig(num_latents=width, k=k), device="cpu", dtype=torch.float32)
