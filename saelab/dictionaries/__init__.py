@@ -1,4 +1,4 @@
-"""Sparse dictionaries: the SAE interface and config (`base`), the TopK family (`topk_family`), the dense family
+"""Sparse dictionaries: the SAE interface (`base`), its config (`config`) and batch (`batch`), the TopK family (`topk_family`), the dense family
 (`dense_family`), SAELens-format checkpoints (`saelens`) and the architecture registry (`registry`)."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The SAE interface every architecture implements, its config, and the initialisation helpers.
+"""The SAE interface every architecture implements (its config is `saelab.dictionaries.config`, its batch and loss
+terms `saelab.dictionaries.batch`; both are re-exported here, where they lived first).
 
 Every SAE has `W_enc [d_in, d_sae]`, `b_enc [d_sae]`, `W_dec [d_sae, d_in]` and `b_dec [d_in]` and computes
 `f = act((x * s - b_dec) @ W_enc + b_enc) / s` and `x_hat = f @ W_dec + b_dec / s`, where `s = input_scale`
@@ -10,262 +11,37 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import ClassVar, Literal, NamedTuple
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from torch import Tensor, nn
 
-from saelab.dictionaries.matryoshka import resolve_prefixes
+from saelab.dictionaries.batch import (
+    Batch,
+    LossTerms,
+    Masked,
+    geometric_median,
+    global_spread,
+    held_out_dims,
+    spread,
+)
+from saelab.dictionaries.config import DType, SAEConfig
 from saelab.dictionaries.preprocessing import Whitening, fold_whitening
-from saelab.dictionaries.registry import Arch, sae_class
-from saelab.distributed import all_gather, all_reduce_sum
+from saelab.dictionaries.registry import sae_class
+from saelab.distributed import all_reduce_sum
 
-DType = Literal["float32", "float64", "bfloat16", "float16"]
-
-
-class SAEConfig(BaseModel):
-    """Architecture, training hyper-parameters and provenance of an SAE."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    arch: Arch = "topk"
-    d_in: int = Field(gt=0, description="Width of the activations the SAE reads.")
-    d_sae: int = Field(gt=0, description="Number of latents.")
-    k: int = Field(default=32, gt=0, description="Active latents per token (batchtopk: on average); at most d_sae.")
-    aux_k: int | None = Field(default=None, ge=0, description="AuxK latents per token; None means d_in // 2.")
-    aux_coef: float = Field(default=1 / 32, ge=0, description="AuxK loss weight (topk/batchtopk); 0 disables.")
-    dead_tokens: int = Field(default=10_000_000, gt=0, description="A latent is dead after this many tokens unfired.")
-    l1_coef: float = Field(
-        default=5.0, ge=0, description="ReLU SAE: L1 weight (loss = (SSE + l1_coef * L1) / variance)."
-    )
-    l0_coef: float = Field(
-        default=1.0, ge=0, description="JumpReLU SAE: L0 weight (loss = (SSE + l0_coef * L0) / variance)."
-    )
-    jumprelu_bandwidth: float = Field(
-        default=0.05, gt=0, description="JumpReLU SAE: width of the straight-through window."
-    )
-    jumprelu_init_threshold: float = Field(
-        default=0.1, ge=0, description="JumpReLU SAE: initial threshold of every latent."
-    )
-    threshold_lr: float = Field(default=0.01, gt=0, le=1, description="BatchTopK: EMA rate of the inference threshold.")
-    icfl_block: int = Field(
-        default=5, gt=0, description="ICFL: latents chosen per pursuit iteration (L); k / icfl_block iterations (J)."
-    )
-    icfl_reset_every: int = Field(
-        default=100, gt=0, description="ICFL: training steps between resets of near-duplicate decoder rows."
-    )
-    icfl_reset_cos: float = Field(
-        default=0.9, gt=0, le=1, description="ICFL: of two decoder rows above this cosine, one is redrawn at random."
-    )
-    sparse_density: float = Field(
-        default=1 / 16,
-        ge=0,
-        le=1,
-        description="Use the sparse kernels when k / d_sae <= this fraction, else dense matmuls.",
-    )
-    aux_sparse_density: float = Field(
-        default=1 / 6,
-        ge=0,
-        le=1,
-        description="With sparse main latents, AuxK uses the sparse kernels when k_aux / n_dead "
-        "<= this fraction, else dense products over the dead latents only (CPU break-even measured at about 0.15).",
-    )
-    matryoshka_prefixes: list[int] | None = Field(
-        default=None,
-        description="Matryoshka (topk/batchtopk): nested prefix widths, strictly increasing, the last = d_sae; each "
-        "prefix of the dictionary also reconstructs the input from the step's top-k entries among its latents, and the "
-        "loss is the mean of their FVUs. Floats in (0, 1] are fractions of d_sae (one list fits every expansion of a "
-        "sweep). None: off.",
-    )
-    matryoshka_sample: int | None = Field(
-        default=None,
-        ge=2,
-        description="Matryoshka with sampled prefixes (Nabeshima): each step draws this many prefix widths, short ones "
-        "favoured, the last = d_sae, instead of fixed matryoshka_prefixes. None: off.",
-    )
-    matryoshka_aux: bool = Field(
-        default=True,
-        description="Matryoshka: AuxK per prefix band, the dead latents of each band reconstructing their own prefix's "
-        "residual (SAELens's use_matryoshka_aux_loss), so a short prefix revives its dead latents; false: one AuxK on "
-        "the whole dictionary's residual (Bussmann et al.'s reference).",
-    )
-    dtype: DType = "float32"
-    model_name: str = ""
-    hook_name: str = ""
-    context_size: int | None = Field(default=None, gt=0, description="Context length of the activations trained on.")
-    dataset: str = ""
-    mask_fraction: float | None = Field(
-        default=None,
-        description="Masked objective (Chidambaram et al. 2023): the fraction of input dimensions hidden from the "
-        "encoder in each training step, the loss taken on them alone; in (0, 1). None: off (inference never masks).",
-    )
-    whiten: bool = False
-    """Train on PCA-whitened inputs (statistics from the training store, or `TrainConfig.whiten_store`; see
-    `saelab.dictionaries.preprocessing`). A saved SAE has the whitening folded into its weights and says `whiten:
-    false, whitened: true`."""
-    whiten_rcond: float = Field(
-        default=1e-6,
-        gt=0,
-        lt=1,
-        description="Whitening refuses a covariance whose smallest eigenvalue is at most this times its largest.",
-    )
-    whitened: bool = False
-    """Provenance: the weights have PCA whitening folded in, so decoder rows are raw-space directions, not unit norm."""
-
-    @field_validator("mask_fraction")
-    @classmethod
-    def _check_mask_fraction(cls, fraction: float | None) -> float | None:
-        if fraction is not None and not 0 < fraction < 1:
-            raise ValueError(
-                f"mask_fraction={fraction} is outside (0, 1); give the fraction of input dimensions to hide from the "
-                "encoder (the paper hides about 0.1), or null to train on whole inputs"
-            )
-        return fraction
-
-    @model_validator(mode="after")
-    def _check_mask_dims(self) -> SAEConfig:
-        if self.mask_fraction is not None and not 0 < round(self.mask_fraction * self.d_in) < self.d_in:
-            raise ValueError(
-                f"mask_fraction={self.mask_fraction} of d_in={self.d_in} dimensions hides none or all of them; give "
-                f"a fraction between {1 / self.d_in:.3g} and {1 - 1 / self.d_in:.3g}"
-            )
-        return self
-
-    @property
-    def masked_dims(self) -> int:
-        """Input dimensions hidden from the encoder in each masked training step (0: no masking)."""
-        return 0 if self.mask_fraction is None else round(self.mask_fraction * self.d_in)
-
-    @model_validator(mode="after")
-    def _check_k(self) -> SAEConfig:
-        if self.arch in ("topk", "batchtopk") and self.k > self.d_sae:
-            raise ValueError(f"k={self.k} exceeds d_sae={self.d_sae}; lower k or widen the SAE")
-        return self
-
-    @model_validator(mode="after")
-    def _check_icfl(self) -> SAEConfig:
-        if self.arch == "icfl" and (self.k % self.icfl_block or self.icfl_block > self.d_sae):
-            raise ValueError(
-                f"ICFL picks icfl_block={self.icfl_block} latents per iteration, so k={self.k} must be a multiple "
-                f"of it and icfl_block at most d_sae={self.d_sae}; set k to a multiple of icfl_block "
-                f"(e.g. {max(1, self.k // self.icfl_block) * self.icfl_block}) or change icfl_block"
-            )
-        return self
-
-    @field_validator("matryoshka_prefixes", mode="before")
-    @classmethod
-    def _resolve_prefixes(
-        cls, prefixes: list[int | float] | None, info: ValidationInfo
-    ) -> list[int | float] | list[int] | None:
-        d_sae = info.data.get("d_sae")  # declared before; absent when it was refused itself
-        if d_sae is None or not isinstance(prefixes, list | tuple):  # pydantic refuses what is not a list
-            return prefixes
-        return resolve_prefixes(prefixes, d_sae)
-
-    @model_validator(mode="after")
-    def _check_matryoshka(self) -> SAEConfig:
-        if (self.matryoshka_prefixes or self.matryoshka_sample) and self.arch not in ("topk", "batchtopk"):
-            raise ValueError(f"Matryoshka prefixes need arch topk or batchtopk, not {self.arch!r}; change arch")
-        if self.matryoshka_prefixes and self.matryoshka_sample:
-            raise ValueError("give matryoshka_prefixes (fixed widths) or matryoshka_sample (drawn widths), not both")
-        if self.matryoshka_sample is not None and self.matryoshka_sample > self.d_sae:
-            raise ValueError(f"matryoshka_sample={self.matryoshka_sample} exceeds d_sae={self.d_sae}; lower it")
-        return self
-
-    @property
-    def aux_k_resolved(self) -> int:
-        return self.d_in // 2 if self.aux_k is None else self.aux_k
-
-
-@torch.no_grad()
-def geometric_median(x: Tensor, iters: int = 8, eps: float = 1e-6) -> Tensor:
-    """Geometric median of the rows of `x` by Weiszfeld iterations from the mean."""
-    median = x.mean(0)
-    for _ in range(iters):
-        weights = 1 / (x - median).norm(dim=1).clamp_min(eps)
-        median = (weights @ x) / weights.sum()
-    return median
-
-
-def spread(x: Tensor) -> Tensor:
-    """Summed squared deviation of the rows of `x` from their mean (`x.var(0).sum() * n`,
-    several times faster than `var` on CPU)."""
-    return (x - x.mean(0)).square().sum()
-
-
-_HASH_MASK = 0xFFFFFFFF
-
-
-def _mix32(v: Tensor) -> Tensor:
-    """A 32-bit integer hash of each entry of the int64 tensor `v` (xor-shift-multiply rounds; every product stays
-    below 2^63, so it is exact and the same on every device)."""
-    v = v & _HASH_MASK
-    v = ((v ^ (v >> 16)) * 0x7FEB352D) & _HASH_MASK
-    v = ((v ^ (v >> 15)) * 0x5BD1E995) & _HASH_MASK
-    return v ^ (v >> 16)
-
-
-@torch.no_grad()
-def held_out_dims(x: Tensor, n: int) -> Tensor:
-    """`[d]` bool: `n` of the `d` columns of the batch `x` `[rows, d]`, drawn uniformly from a hash of the bytes of its
-    first and last rows, on its device without a host sync; the same batch always gives the same columns."""
-    data = x[[0, -1]].contiguous().view(torch.uint8).flatten().to(torch.int64)
-    seed = ((data + 1) * (_mix32(torch.arange(len(data), device=x.device)) | 1)).sum()
-    keys = _mix32(seed + 0x9E3779B1 * torch.arange(1, x.shape[1] + 1, device=x.device))
-    return torch.zeros(x.shape[1], dtype=torch.bool, device=x.device).index_fill_(0, keys.argsort()[:n], True)
-
-
-@torch.no_grad()
-def global_spread(x: Tensor) -> Tensor:
-    """`spread` of the rows of every rank's `x` taken together, the same number on every rank: each rank's row count,
-    mean and `spread` are gathered and combined by Chan et al.'s pairwise formula (the sum of the spreads plus each
-    count times its mean's squared distance from the overall mean), which loses no precision to cancellation."""
-    local = torch.cat([x.new_tensor([x.shape[0]]), spread(x).reshape(1), x.mean(0)])
-    parts = torch.stack(all_gather(local))
-    counts, spreads, means = parts[:, 0], parts[:, 1], parts[:, 2:]
-    mean = counts @ means / counts.sum()
-    return spreads.sum() + counts @ (means - mean).square().sum(1)
-
-
-class Masked(NamedTuple):
-    """What the masked objective (`SAEConfig.mask_fraction`) adds to a training batch."""
-
-    target: Tensor
-    """The scaled rows this process trains on, unmasked: what the loss reconstructs on the held-out dimensions."""
-    held_out: Tensor
-    """`[d_in]` 1 on the dimensions hidden from the encoder (the loss is taken on them alone), 0 elsewhere."""
-    held_var: Tensor
-    """`spread` of the whole scaled batch on the held-out dimensions: the FVU's denominator."""
-
-
-class Batch(NamedTuple):
-    """A training batch as an SAE's loss reads it (`SAE.training_batch`)."""
-
-    x: Tensor
-    """The scaled rows this process's encoder reads, `[rows, d_in]` (under `SAE.split`, its slice of the batch). With
-    masking, `b_dec + (rows - b_dec) * keep`, where `keep` is 0 on the held-out dimensions and `d_in / kept` on the
-    others: `x - b_dec` is the masked, rescaled input, and it keeps its gradient to `b_dec`."""
-    rows: int
-    """Rows of the whole batch."""
-    total_var: Tensor
-    """`spread` of the whole scaled batch: the FVU's denominator (with masking, the sparsity penalties' only)."""
-    masked: Masked | None = None
-    """The target and held-out dimensions of the masked objective; `None` without masking."""
-
-
-class LossTerms(NamedTuple):
-    """The reconstruction terms every SAE loss starts from."""
-
-    residual: Tensor
-    """`x - recon`, `[batch, d_in]` (with masking, zero but on the held-out dimensions)."""
-    total_var: Tensor
-    """Summed squared deviation of the whole batch from its mean (the FVU's and the sparsity penalties' denominator;
-    with masking, the penalties' only)."""
-    fvu: Tensor
-    """Fraction of variance unexplained: squared error over `total_var` (with masking, the held-out dimensions'
-    squared error over their `Masked.held_var`; under `SAE.split`, this rank's share)."""
+__all__ = [
+    "SAE",
+    "Batch",
+    "DType",
+    "LossTerms",
+    "Masked",
+    "SAEConfig",
+    "geometric_median",
+    "held_out_dims",
+    "train_step",
+]
 
 
 class SAE(nn.Module):
