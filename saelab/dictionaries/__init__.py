@@ -1,5 +1,6 @@
-"""Sparse dictionaries: the SAE interface (`base`), its config (`config`) and batch (`batch`), the TopK family (`topk_family`), the dense family
-(`dense_family`), SAELens-format checkpoints (`saelens`) and the architecture registry (`registry`)."""
+"""Sparse dictionaries: the SAE interface (`base`), its config (`config`) and batch (`batch`), the TopK family
+(`topk_family`), the dense family (`dense_family`), SAELens-format checkpoints (`saelens`) and the architecture
+registry (`registry`)."""
 
 from __future__ import annotations
 
