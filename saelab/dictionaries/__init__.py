@@ -5,6 +5,7 @@ registry (`registry`)."""
 from __future__ import annotations
 
 from saelab.dictionaries.base import SAE, DType, LossTerms, SAEConfig, geometric_median, train_step
+from saelab.dictionaries.crosscoder import CrossCoder, CrossCoderConfig
 from saelab.dictionaries.dense_family import JumpReLUSAE, ReLUSAE
 from saelab.dictionaries.icfl import ICFLSAE
 from saelab.dictionaries.registry import ARCHITECTURES, Arch, register, sae_class
@@ -18,6 +19,8 @@ __all__ = [
     "SAELENS_FORMAT_VERSION",
     "Arch",
     "BatchTopKSAE",
+    "CrossCoder",
+    "CrossCoderConfig",
     "DType",
     "ICFLSAE",
     "JumpReLUSAE",

@@ -37,3 +37,19 @@ def sae_class(arch: str) -> type[SAE]:
         return ARCHITECTURES[arch]
     except KeyError:
         raise ConfigError(f"no SAE architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}") from None
+
+
+KINDS: dict[str, type] = {}
+"""Dictionary kinds beside the SAE family (whose architectures are `ARCHITECTURES`), by the `kind` their `cfg.json`
+records, each a class with `load(path, device)`: `crosscoder` (`saelab.dictionaries.crosscoder.CrossCoder`)."""
+
+K = TypeVar("K", bound=type)
+
+
+def register_kind(cls: K) -> K:
+    """Class decorator: record `cls` in `KINDS` under its class attribute `kind`."""
+    kind = getattr(cls, "kind")  # noqa: B009 (`type` declares no `kind` for pyright)
+    if kind in KINDS:
+        raise TypeError(f"kind {kind!r} is already registered by {KINDS[kind].__name__}")
+    KINDS[kind] = cls
+    return cls
