@@ -4,26 +4,35 @@ The data is `saelab.toys.benchmark.make_benchmark` (768 Zipf-distributed unit di
 parent/child hierarchy and Gaussian noise; one dictionary per seed). For each seed every library trains a TopK SAE
 (k=16) of every width on the same stream of batches, in lockstep, each with its own defaults:
 
-- saelab: `saelab train`'s defaults (`DefaultsRun`: `default_lr(width)`, warmup, decay), one run per budget, as its
-  schedule depends on the budget;
+- saelab: `saelab train`'s defaults and its own per-step code (`DefaultsRun`: `Member.create`, `schedule`,
+  `Member.step`; the peak learning rate `default_lr(width, d_in=..., steps=...)`, warmup, decay), one run per budget, as its
+  learning rate and schedule depend on the budget;
 - SAELens: `TopKTrainingSAE` and `SAETrainer` with their defaults (decoder at norm 0.1, decoder-norm rescaling,
   AuxK after 1000 steps unfired, constant learning rate, no warmup, gradient clipping at 1), at the nominal
-  learning rate of Gao et al.'s rule 2e-4 / sqrt(width / 2^14) (the rule of sparsify's Adam and saelab's `default_lr`
-  use; SAELens's own default, 3e-4, is lower at every width here): one run, read at every budget (its schedule is
-  constant, so the reading at a budget is the run of that budget);
+  learning rate of Gao et al.'s rule 2e-4 / sqrt(width / 2^14) (the rule of sparsify's Adam; SAELens's own default,
+  3e-4, is lower at every width here): one run, read at every budget (its schedule is constant, so the reading at a
+  budget is the run of that budget);
 - sparsify: `SparseCoder` with its default optimizer (signum: SignSGD in a schedule-free wrapper, momentum 0.95,
   lr 5e-3 / sqrt(width / 2^14)), mean-initialised `b_dec`, unit-norm decoder, no AuxK: one run, its schedule-free
   average read at every budget.
 
-Recovery: the share of the true directions matched by some decoder row at cosine >= 0.9.
+Recovery: the share of the true directions matched by some decoder row at cosine >= 0.9. The targets (issue 15):
+saelab >= SAELens at every width and budget, and saelab >= 90% at the smallest budget where SAELens reaches 50%.
 
-    python scripts/bench_sample_efficiency.py [--quick] [--json out.json]
+`--gao-multiples M ...` is the learning-rate sweep `default_lr` was chosen from: saelab alone (no other library
+unless `--libraries` names it), with the same schedule, at M times Gao et al.'s rate, for every width and budget.
+
+    python scripts/bench_sample_efficiency.py [--quick] [--gao-multiples 3 10 30 100] [--jobs N] [--json out.json]
+
+`--jobs N` trains each seed x width in its own process (N at a time), on the same batches.
 """
 
 from __future__ import annotations
 
 import math
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Protocol
 
 import torch
@@ -112,18 +121,20 @@ class SparsifyRun:
 
 
 def gao_lr(width: int) -> float:
-    """Gao et al.'s rule, 2e-4 / sqrt(width / 2^14): saelab's `default_lr` and sparsify's Adam default."""
+    """Gao et al.'s rule, 2e-4 / sqrt(width / 2^14): sparsify's Adam default and the base of `--gao-multiples`."""
     return 2e-4 / math.sqrt(width / 2**14)
 
 
 def ablations(args: Any, cfg: SAEConfig, sample: Tensor, seed: int) -> dict[str, Learner]:
     """One candidate cause of the per-token gap at a time (`--ablate`; one budget, as saelab's schedule needs it)."""
     steps, width = args.budgets[0] // args.batch_size, cfg.d_sae
-    out: dict[str, Learner] = {
-        f"saelab_gao_x{m:g}": DefaultsRun(cfg, sample, steps, lr=m * gao_lr(width), seed=seed) for m in (1, 3, 10, 30)
-    }
-    out["saelab_gao_constant"] = DefaultsRun(cfg, sample, steps, lr=gao_lr(width), warmup=0, decay_start=1.0, seed=seed)
-    unscaled = DefaultsRun(cfg, sample, steps, lr=gao_lr(width), seed=seed)
+
+    def run(lr: float, **changes: Any) -> DefaultsRun:
+        return DefaultsRun(cfg, sample, steps, batch_size=args.batch_size, lr=lr, seed=seed, **changes)
+
+    out: dict[str, Learner] = {f"saelab_gao_x{m:g}": run(m * gao_lr(width)) for m in (1, 3, 10, 30)}
+    out["saelab_gao_constant"] = run(gao_lr(width), warmup_steps=0, decay_start=1.0)
+    unscaled = run(gao_lr(width))
     unscaled.sae.input_scale.fill_(1.0)  # SAELens's default: raw inputs
     unscaled.sae.b_dec.data.copy_(geometric_median(sample))
     out["saelab_gao_raw_inputs"] = unscaled
@@ -134,10 +145,19 @@ def ablations(args: Any, cfg: SAEConfig, sample: Tensor, seed: int) -> dict[str,
 
 def learners(
     args: Any, d: int, width: int, sample: Tensor, seed: int
-) -> tuple[dict[int, DefaultsRun], dict[str, Learner]]:
-    """saelab's run per budget, and the other libraries' single runs (and `--ablate`'s), for one width and seed."""
+) -> tuple[dict[tuple[str, int], DefaultsRun], dict[str, Learner]]:
+    """saelab's runs by name and budget (`saelab`: its defaults; or one per `--gao-multiples` entry), and the other
+    libraries' single runs (and `--ablate`'s), for one width and seed."""
     cfg = SAEConfig(d_in=d, d_sae=width, k=args.k)
-    ours = {budget: DefaultsRun(cfg, sample, budget // args.batch_size, seed=seed) for budget in args.budgets}
+    multiples: list[float] = args.gao_multiples or []
+    lrs = {f"saelab_gao_x{m:g}": m * gao_lr(width) for m in multiples} if multiples else {"saelab": None}
+    ours = {
+        (name, budget): DefaultsRun(
+            cfg, sample, budget // args.batch_size, batch_size=args.batch_size, lr=lr, seed=seed
+        )
+        for name, lr in lrs.items()
+        for budget in args.budgets
+    }
     others: dict[str, Learner] = {}
     if "sae_lens" in args.libraries:
         others["sae_lens"] = SAELensRun(
@@ -148,28 +168,29 @@ def learners(
     return ours, others | (ablations(args, cfg, sample, seed) if args.ablate else {})
 
 
-def run_seed(args: Any, seed: int) -> list[dict[str, Any]]:
-    """Every width and library trained in lockstep on one seed's batches; one row per width x budget x library."""
-    data = make_benchmark(seed=seed)
+def run_part(args: Any, seed: int, widths: list[int]) -> list[dict[str, Any]]:
+    """Every library at each of `widths` trained in lockstep on one seed's batches; one row per width x budget x
+    library."""
+    torch.set_num_threads(args.threads)
+    data = make_benchmark(args.features, args.d, seed=seed)
     d = data.directions.shape[1]
     sample = data.sample(8192, torch.Generator().manual_seed(10_000 + seed))
-    runs = {width: learners(args, d, width, sample, seed) for width in args.widths}
+    runs = {width: learners(args, d, width, sample, seed) for width in widths}
     seconds: dict[tuple[int, str], float] = {}
     rows = []
     n_steps = max(args.budgets) // args.batch_size
     for i, x in enumerate(batches(data, n_steps, args.batch_size, seed=seed)):
         tokens = (i + 1) * args.batch_size
         for width, (ours, others) in runs.items():
-            active = {f"saelab@{b}": run for b, run in ours.items() if run.steps < run.total_steps} | others
-            for name, run in active.items():
+            active = [(name, run) for (name, _), run in ours.items() if run.steps < run.total_steps]
+            for name, run in active + list(others.items()):
                 start = time.perf_counter()
                 run.step(x)
-                key = (width, name.split("@")[0])
-                seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
+                seconds[width, name] = seconds.get((width, name), 0.0) + time.perf_counter() - start
             for budget in args.budgets:
                 if tokens != budget // args.batch_size * args.batch_size:
                     continue
-                scored = {"saelab": ours[budget]} | others
+                scored = {name: run for (name, b), run in ours.items() if b == budget} | others
                 for library, run in scored.items():
                     rec = recovery(data.directions, run.directions())
                     rows.append({"seed": seed, "width": width, "budget": budget, "library": library, "recovery": rec})
@@ -199,31 +220,62 @@ def table(rows: list[dict[str, Any]], args: Any) -> dict[str, dict[str, float]]:
     return means
 
 
+def targets(means: dict[str, dict[str, float]], args: Any) -> dict[str, dict[str, Any]]:
+    """Issue 15's targets per width, on the mean recoveries: saelab >= SAELens at every budget, and saelab >= 90% at
+    the smallest budget where SAELens reaches 50% (`None` where SAELens never does). Printed and returned."""
+    out: dict[str, dict[str, Any]] = {}
+    for width in args.widths:
+        cells = [means[f"w{width}/{budget}"] for budget in args.budgets]
+        if not all("saelab" in cell and "sae_lens" in cell for cell in cells):
+            continue
+        at_least = all(cell["saelab"] >= cell["sae_lens"] for cell in cells)
+        half = next((b for b, cell in zip(args.budgets, cells, strict=True) if cell["sae_lens"] >= 0.5), None)
+        there = None if half is None else means[f"w{width}/{half}"]["saelab"]
+        out[f"w{width}"] = {"saelab_at_least_sae_lens": at_least, "sae_lens_half_budget": half, "saelab_there": there}
+        where = "SAELens never reaches 50%" if there is None else f"saelab {there:.1%} where SAELens first >= 50%"
+        print(f"width {width}: saelab >= SAELens at every budget: {at_least}; {where}")
+    return out
+
+
 def main() -> None:
-    cli = parser(__doc__, k=16, batch_size=4096, threads=1)
+    cli = parser(__doc__, k=16, batch_size=4096, threads=1, jobs=1)
     cli.add_argument("--quick", action="store_true", help=f"a small setting: {QUICK}; default {FULL}")
+    cli.add_argument("--d", type=int, default=96, help="the benchmark's dimension (default 96)")
+    cli.add_argument("--features", type=int, default=768, help="its number of true directions (default 768)")
     cli.add_argument("--widths", type=int, nargs="+")
     cli.add_argument("--budgets", type=int, nargs="+")
     cli.add_argument("--seeds", type=int, nargs="+")
     cli.add_argument("--ablate", action="store_true", help="also train one candidate cause at a time (one budget)")
-    cli.add_argument("--libraries", nargs="*", default=["sae_lens", "sparsify"], choices=["sae_lens", "sparsify"])
+    cli.add_argument("--gao-multiples", type=float, nargs="+", help="the learning-rate sweep (saelab alone)")
+    cli.add_argument("--libraries", nargs="*", choices=["sae_lens", "sparsify"], help="default: both (none in a sweep)")
     args = cli.parse_args()
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.libraries is None:
+        args.libraries = [] if args.gao_multiples else ["sae_lens", "sparsify"]
     if args.ablate and len(args.budgets) != 1:
         cli.error("--ablate trains each variant for one budget; give one with --budgets")
     torch.set_num_threads(args.threads)
-    print(
-        f"widths {args.widths}, budgets {args.budgets}, seeds {args.seeds}; default_lr(1536) = "
-        f"{default_lr(1536):.2e}; {load_note()}"
+    lrs = ", ".join(
+        f"w{w}/{b / 1e6:g}M {default_lr(w, d_in=args.d, steps=b // args.batch_size):.2e}"
+        for w in args.widths
+        for b in args.budgets
     )
+    print(f"widths {args.widths}, budgets {args.budgets}, seeds {args.seeds}; default_lr: {lrs}; {load_note()}")
     start = time.perf_counter()
-    rows = [row for seed in args.seeds for row in run_seed(args, seed)]
+    if args.jobs == 1:
+        rows = [row for seed in args.seeds for row in run_part(args, seed, args.widths)]
+    else:  # one process per seed and width, each on its own copy of the seed's batches (the same ones)
+        parts = [(seed, [width]) for seed in args.seeds for width in args.widths]
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            done = [pool.submit(run_part, args, seed, widths) for seed, widths in parts]
+            rows = [row for part in done for row in part.result()]
     means = table(rows, args)
+    met = targets(means, args)
     elapsed = time.perf_counter() - start
     print(f"{elapsed:.0f} s in all; {load_note()}")
-    write_json(args.json, args, {"rows": rows, "mean_recovery": means, "seconds": elapsed})
+    write_json(args.json, args, {"rows": rows, "mean_recovery": means, "targets": met, "seconds": elapsed})
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ Every SAE has `W_enc [d_in, d_sae]`, `b_enc [d_sae]`, `W_dec [d_sae, d_in]` and 
 `f = act((x * s - b_dec) @ W_enc + b_enc) / s` and `x_hat = f @ W_dec + b_dec / s`, where `s = input_scale`
 makes the mean input norm `sqrt(d_in)` during training. `save` folds `s` into the weights, so saved SAEs
 (and SAELens, which loads them) work on raw activations.
+
+A transcoder (`SAEConfig.d_out`) is the same class reading one hook and writing another: `W_dec [d_sae, d_out]`,
+`b_dec [d_out]`, no bias subtracted from its input, its target scaled by its own `target_scale`, and a skip
+transcoder's `W_skip [d_out, d_in]` (`saelab.dictionaries.transcoder` says which reference it follows).
 """
 
 from __future__ import annotations
@@ -57,15 +61,29 @@ class SAE(nn.Module):
             raise ValueError(f"{type(self).__name__} got arch={cfg.arch!r}; use SAE.from_config(cfg)")
         self.cfg = cfg
         dtype = getattr(torch, cfg.dtype)
-        W_dec = torch.randn(cfg.d_sae, cfg.d_in, dtype=dtype, device=device)
+        d_out = cfg.d_out_resolved
+        W_dec = torch.randn(cfg.d_sae, d_out, dtype=dtype, device=device)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
-        self.W_enc = nn.Parameter(W_dec.T.contiguous())
+        W_enc = W_dec.T.contiguous()  # a transcoder's: random unit columns (its input is another space)
+        if cfg.d_out is not None:
+            W_enc = torch.randn(cfg.d_in, cfg.d_sae, dtype=dtype, device=device)
+            W_enc /= W_enc.norm(dim=0, keepdim=True)
+        self.W_enc = nn.Parameter(W_enc)
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype, device=device))
         self.W_dec = nn.Parameter(W_dec)
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype, device=device))
+        self.b_dec = nn.Parameter(torch.zeros(d_out, dtype=dtype, device=device))
+        self.W_skip: nn.Parameter | None
+        skip = nn.Parameter(torch.zeros(d_out, cfg.d_in, dtype=dtype, device=device)) if cfg.skip else None
+        self.register_parameter("W_skip", skip)  # a skip transcoder's `x @ W_skip.T`, zero at the start
         self.input_scale: Tensor
+        self.target_scale: Tensor | None
+        self._zero_in: Tensor | None
         self.tokens_since_fired: Tensor
         self.register_buffer("input_scale", torch.ones((), dtype=dtype, device=device))
+        transcodes = cfg.d_out is not None
+        self.register_buffer("target_scale", torch.ones((), dtype=dtype, device=device) if transcodes else None)
+        zero_in = torch.zeros(cfg.d_in, dtype=dtype, device=device) if transcodes else None
+        self.register_buffer("_zero_in", zero_in, persistent=False)  # `b_in` of a transcoder
         self.register_buffer("tokens_since_fired", torch.zeros(cfg.d_sae, dtype=torch.long, device=device))
         self.whiten_mean: Tensor | None
         self.whiten_matrix: Tensor | None
@@ -109,9 +127,35 @@ class SAE(nn.Module):
             return z
         return torch.addmm(self.whiten_mean, z, self.whiten_inverse)
 
+    def prepare_target(self, y: Tensor) -> Tensor:
+        """A transcoder's raw output rows `[..., d_out]` as its loss reads them: `[batch, d_out]` in its dtype, times
+        `target_scale`."""
+        d_out = self.cfg.d_out_resolved
+        if y.shape[-1] != d_out:
+            raise ValueError(f"expected outputs [..., d_out={d_out}], got shape {tuple(y.shape)}")
+        return y.reshape(-1, d_out).to(self.W_enc.dtype) * self.output_scale
+
+    @property
+    def output_scale(self) -> Tensor:
+        """What the output is scaled by in training: `input_scale` for an SAE, whose output is its input; a
+        transcoder's `target_scale` (mean output norm `sqrt(d_out)`; 1 once folded)."""
+        return self.input_scale if self.target_scale is None else self.target_scale
+
+    @property
+    def b_in(self) -> Tensor:
+        """What the encoder subtracts from the scaled input: `b_dec` for an SAE (SAELens's `apply_b_dec_to_input`); a
+        zero vector for a transcoder, whose `b_dec` lives in the output space (SAELens's and sparsify's transcoders
+        subtract nothing)."""
+        return self.b_dec if self._zero_in is None else self._zero_in
+
+    def output_base(self, x: Tensor) -> Tensor:
+        """What the decoder adds to the latents' sum for scaled inputs `x` `[batch, d_in]`: `b_dec`, plus a skip
+        transcoder's linear skip `x @ W_skip.T` (`[batch, d_out]`)."""
+        return self.b_dec if self.W_skip is None else torch.addmm(self.b_dec, x, self.W_skip.T)
+
     def pre_acts(self, x: Tensor) -> Tensor:
         """Encoder pre-activations `[batch, d_sae]` of already scaled inputs `[batch, d_in]`."""
-        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
+        return torch.addmm(self.b_enc, x - self.b_in, self.W_enc)
 
     def activation(self, pre: Tensor) -> Tensor:
         """Dense latent activations from pre-activations."""
@@ -119,30 +163,36 @@ class SAE(nn.Module):
 
     def encode(self, x: Tensor) -> Tensor:
         """Dense latent activations `[..., d_sae]` of raw activations `[..., d_in]`."""
-        f = self.activation(self.pre_acts(self.prepare_input(x))) / self.input_scale
+        f = self.activation(self.pre_acts(self.prepare_input(x))) / self.output_scale
         return f.view(*x.shape[:-1], self.cfg.d_sae)
 
     def decode(self, f: Tensor) -> Tensor:
-        """Reconstruction `[..., d_in]` from latent activations `[..., d_sae]` (in raw units, also when whitening)."""
-        recon = f.to(self.W_dec.dtype) @ self.W_dec + self.b_dec / self.input_scale
+        """Reconstruction `[..., d_in]` (a transcoder's output `[..., d_out]`, without a skip transcoder's skip, as
+        SAELens's `SkipTranscoder.decode`) from latent activations `[..., d_sae]` (in raw units, also when
+        whitening)."""
+        recon = f.to(self.W_dec.dtype) @ self.W_dec + self.b_dec / self.output_scale
         return recon if self.whiten_mean is None else self._unwhiten(recon.reshape(-1, self.cfg.d_in)).view_as(recon)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Reconstruction of raw activations `x`."""
-        return self.decode(self.encode(x))
+        """Reconstruction of raw activations `x` (a transcoder's output, with its skip)."""
+        out = self.decode(self.encode(x))
+        if self.W_skip is None:
+            return out
+        return out + (self.prepare_input(x) @ self.W_skip.T / self.output_scale).view_as(out)
 
     # ------------------------------------------------------------------ training
 
-    def training_loss(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Loss of a batch of raw activations `[..., d_in]` and detached metric tensors.
+    def training_loss(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Loss of a batch of raw activations `[..., d_in]` (a transcoder's: and of its outputs `y` `[..., d_out]`)
+        and detached metric tensors.
 
         Also updates the dead-latent counters. Metrics never synchronise with the device.
         """
         raise NotImplementedError
 
-    def training_batch(self, x: Tensor) -> Batch:
+    def training_batch(self, x: Tensor, y: Tensor | None = None) -> Batch:
         """Raw activations `[..., d_in]` of a whole batch as the loss reads them: whitened and scaled, sliced to
-        `split`, and masked (`cfg.mask_fraction`).
+        `split`, and masked (`cfg.mask_fraction`); a transcoder's outputs `y` `[..., d_out]` scaled and sliced too.
 
         Masking follows Chidambaram et al. 2023 and their code (github.com/2014mchidamb/masked-sparse-coding-icml,
         `masking_loss`): each step hides one random subset of `cfg.masked_dims` input dimensions from the encoder,
@@ -153,8 +203,15 @@ class SAE(nn.Module):
         where the encoder reads every dimension unmasked. The subset is drawn from a hash of the batch's first and
         last rows (`held_out_dims`): every rank of a split batch draws the same one, and a resumed run the same as an
         uninterrupted one, with no generator state to checkpoint."""
+        if (y is None) != (self.cfg.d_out is None):
+            raise ValueError(
+                "a transcoder trains on input and output rows, an SAE on its input alone; pass y for a transcoder only"
+            )
         x = self.prepare_input(x)
         rows = x if self.split is None else x[self.split]
+        if y is not None:
+            y = self.prepare_target(y)
+            return Batch(rows, x.shape[0], spread(y), y=y if self.split is None else y[self.split])
         if self.cfg.mask_fraction is None:
             return Batch(rows, x.shape[0], spread(x))
         d_in = self.cfg.d_in
@@ -167,7 +224,7 @@ class SAE(nn.Module):
         """Residual, total variance of the whole batch and fraction of variance unexplained (with masking, on the
         held-out dimensions)."""
         if batch.masked is None:
-            x = batch.x
+            x = batch.x if batch.y is None else batch.y
             return LossTerms(x - recon, batch.total_var, F.mse_loss(recon, x, reduction="sum") / batch.total_var)
         target, held, held_var = batch.masked
         residual = (target - recon) * held
@@ -220,13 +277,23 @@ class SAE(nn.Module):
         self.tokens_since_fired.masked_fill_(fired > 0, 0)
 
     @torch.no_grad()
-    def init_from_sample(self, x: Tensor) -> None:
+    def init_from_sample(self, x: Tensor, y: Tensor | None = None) -> None:
         """Set `input_scale` so the mean norm is sqrt(d_in), and `b_dec` to the
         geometric median of the scaled sample `[n, d_in]` (whitened first if the SAE whitens: `set_whitening`
-        comes before)."""
+        comes before). A transcoder takes its outputs `y` `[n, d_out]` too: `target_scale` makes their mean norm
+        sqrt(d_out), `b_dec` is their scaled geometric median, and `b_enc` centres the pre-activations on the scaled
+        inputs' geometric median (sparsify's transcoder initialisation, with the median for the mean)."""
         x = self._whiten(x.reshape(-1, self.cfg.d_in).to(self.W_enc.dtype))
         self.input_scale.fill_(math.sqrt(self.cfg.d_in) / x.norm(dim=1).mean())
-        self.b_dec.copy_(geometric_median(x * self.input_scale))
+        if self.target_scale is None:
+            self.b_dec.copy_(geometric_median(x * self.input_scale))
+            return
+        if y is None:
+            raise ValueError("a transcoder's initialisation needs a sample of its outputs too; pass y")
+        y = y.reshape(-1, self.cfg.d_out_resolved).to(self.W_enc.dtype)
+        self.target_scale.fill_(math.sqrt(self.cfg.d_out_resolved) / y.norm(dim=1).mean())
+        self.b_dec.copy_(geometric_median(y * self.target_scale))
+        self.b_enc.copy_(-geometric_median(x * self.input_scale) @ self.W_enc)
 
     @torch.no_grad()
     def project_decoder_grad(self) -> None:
@@ -243,14 +310,27 @@ class SAE(nn.Module):
     @torch.no_grad()
     def fold_input_scale(self) -> None:
         """Fold `input_scale` into the biases (and thresholds) so the SAE takes raw
-        activations with `input_scale == 1`; encodings and reconstructions are unchanged."""
+        activations with `input_scale == 1`; encodings and reconstructions are unchanged. A transcoder folds its
+        `target_scale` too: the biases and thresholds are divided by it, `W_enc` and `W_skip` multiplied by
+        `input_scale / target_scale`, so its codes stay the weights of unit-norm decoder rows in raw output units."""
+        ratio = self.input_scale / self.output_scale
+        for tensor in self._input_tensors().values():
+            tensor *= ratio
         for tensor in self._scaled_tensors().values():
-            tensor /= self.input_scale
+            tensor /= self.output_scale
         self.input_scale.fill_(1.0)
+        if self.target_scale is not None:
+            self.target_scale.fill_(1.0)
 
     def _scaled_tensors(self) -> dict[str, Tensor]:
-        """Tensors in units of the scaled input, keyed by their SAELens name."""
+        """Tensors in units of the scaled output (an SAE's: its input), keyed by their SAELens name."""
         return {"b_enc": self.b_enc, "b_dec": self.b_dec}
+
+    def _input_tensors(self) -> dict[str, Tensor]:
+        """Tensors that multiply the scaled input, keyed by their SAELens name: folding scales them by
+        `input_scale / output_scale` (1 for an SAE)."""
+        tensors: dict[str, Tensor] = {"W_enc": self.W_enc}
+        return tensors if self.W_skip is None else tensors | {"W_skip": self.W_skip}
 
     @torch.no_grad()
     def set_whitening(self, whitening: Whitening) -> None:
@@ -333,13 +413,13 @@ def sum_over_ranks(sae: SAE, metrics: dict[str, Tensor]) -> dict[str, Tensor]:
     return metrics | summed
 
 
-def train_step(sae: SAE, optimizer: torch.optim.Optimizer, x: Tensor) -> dict[str, Tensor]:
-    """One optimisation step on raw activations `x`: loss, backward, decoder-gradient
-    projection, optimiser step, decoder renormalisation. Returns detached metrics.
+def train_step(sae: SAE, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor | None = None) -> dict[str, Tensor]:
+    """One optimisation step on raw activations `x` (a transcoder's: to its outputs `y`): loss, backward,
+    decoder-gradient projection, optimiser step, decoder renormalisation. Returns detached metrics.
 
     Under `sae.split` every rank is given the whole batch `x` and computes its slice's part; the parts are summed over
     the ranks (`sum_over_ranks`) before the optimiser step, so every rank takes the whole batch's step."""
-    loss, metrics = sae.training_loss(x)
+    loss, metrics = sae.training_loss(x) if y is None else sae.training_loss(x, y)  # ICFL takes `x` alone
     loss.backward()
     if sae.split is not None:
         metrics = sum_over_ranks(sae, metrics)

@@ -63,14 +63,14 @@ class JumpReLUSAE(SAE):
     def _scaled_tensors(self) -> dict[str, Tensor]:
         return super()._scaled_tensors() | {"threshold": self.threshold}
 
-    def training_loss(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def training_loss(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         with torch.no_grad():
             self.threshold.clamp_(min=0)
-        batch = self.training_batch(x)
+        batch = self.training_batch(x, y)
         pre = self.pre_acts(batch.x)
         bandwidth = self.cfg.jumprelu_bandwidth
         acts = _JumpReLUFn.apply(pre, self.threshold, bandwidth)
-        _, total_var, fvu = self._loss_terms(batch, acts @ self.W_dec + self.b_dec)
+        _, total_var, fvu = self._loss_terms(batch, acts @ self.W_dec + self.output_base(batch.x))
         l0 = _StepFn.apply(pre, self.threshold, bandwidth).sum()
         loss = fvu + self.cfg.l0_coef * l0 / total_var
         self.update_dead(torch.arange(self.cfg.d_sae, device=pre.device), acts.detach().amax(0), batch.rows)
@@ -86,10 +86,10 @@ class ReLUSAE(SAE):
     def activation(self, pre: Tensor) -> Tensor:
         return pre.relu()
 
-    def training_loss(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        batch = self.training_batch(x)
+    def training_loss(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        batch = self.training_batch(x, y)
         acts = self.pre_acts(batch.x).relu()
-        _, total_var, fvu = self._loss_terms(batch, acts @ self.W_dec + self.b_dec)
+        _, total_var, fvu = self._loss_terms(batch, acts @ self.W_dec + self.output_base(batch.x))
         l1 = acts.sum(0) @ self.W_dec.norm(dim=1)
         loss = fvu + self.cfg.l1_coef * l1 / total_var
         self.update_dead(torch.arange(self.cfg.d_sae, device=acts.device), acts.detach().amax(0), batch.rows)

@@ -7,8 +7,10 @@ are chosen once over the whole dictionary, as in the reference code (`GlobalBatc
 github:bartbussmann/matryoshka_sae, `MatryoshkaBatchTopKTrainingSAE._iterable_decode` in SAELens), and the
 reconstruction of prefix `w` is `b_dec` plus the decode of the chosen entries with latent `< w`. The entries are
 regrouped into one band per latent range `[w_{i-1}, w_i)`, each decoded once by the sparse kernels (one group of
-bags per band), and the prefixes are cumulative sums of the band decodes, so a Matryoshka step decodes exactly the
-entries a TopK step does. Nothing here imports the SAE classes: `base` validates configs with it.
+bags per band), so a Matryoshka step decodes exactly the entries a TopK step does; every prefix's squared error comes
+from one running residual over the band decodes (`kernels.nested_sse`), and the dead latents of every band train
+their AuxK in one dense pass (`kernels.dense_topk_decodes`) or in the sparse kernels' call. Nothing here imports the
+SAE classes: `base` validates configs with it.
 """
 
 from __future__ import annotations
@@ -78,16 +80,6 @@ def band_entries(entries: Entries, inner: Sequence[int], n_rows: int) -> tuple[E
     order = torch.cat(picks)
     bags = entries.rows[order] + torch.cat([torch.full_like(pick, j * n_rows) for j, pick in enumerate(picks)])
     return Entries(entries.vals[order], entries.cols[order], bags), [len(pick) for pick in picks]
-
-
-def cumulative(band_decodes: Sequence[Tensor], b_dec: Tensor) -> list[Tensor]:
-    """Reconstructions of every prefix (the last: the whole dictionary's) from the decodes of its bands: `b_dec`
-    plus the running sum."""
-    out, total = [], b_dec
-    for decode in band_decodes:
-        total = total + decode
-        out.append(total)
-    return out
 
 
 def dense_band_decodes(acts: Tensor, W_dec: Tensor, inner: Sequence[int]) -> list[Tensor]:

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from saelab.dictionaries.base import SAE, SAEConfig
+from saelab.dictionaries.transcoder import FROM_SAELENS_TRANSCODER, saelens_transcoder_arch
 from saelab.errors import MissingError, SAELoadError
 from saelab.run import SAE_CONFIG, SAE_WEIGHTS
 
@@ -29,7 +30,7 @@ SAELENS_ARCH = {
 # SAELens architecture -> the saelab arch that reads it.
 FROM_SAELENS_ARCH = {"topk": "topk", "standard": "relu", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}
 # State-dict entries that only training needs: never in a saved SAE's weights.
-TRAINING_STATE = {"input_scale", "tokens_since_fired", "prefix_draws", "icfl_step"}
+TRAINING_STATE = {"input_scale", "target_scale", "tokens_since_fired", "prefix_draws", "icfl_step"}
 
 
 def training_architecture(cfg: SAEConfig) -> tuple[str, dict[str, Any]]:
@@ -49,19 +50,22 @@ def saelens_cfg(cfg: SAEConfig) -> dict[str, Any]:
     metadata."""
     topk = {"k": cfg.k, "rescale_acts_by_decoder_norm": False} if cfg.arch == "topk" else {}
     training, details = training_architecture(cfg)
+    transcoder = {} if cfg.d_out is None else {"d_out": cfg.d_out}
     return topk | {
-        "architecture": SAELENS_ARCH[cfg.arch],
+        "architecture": SAELENS_ARCH[cfg.arch] if cfg.d_out is None else saelens_transcoder_arch(cfg.arch, cfg.skip),
         "d_in": cfg.d_in,
         "d_sae": cfg.d_sae,
+        **transcoder,
         "dtype": cfg.dtype,
         "device": "cpu",
-        "apply_b_dec_to_input": True,
+        "apply_b_dec_to_input": cfg.d_out is None,  # SAELens's transcoders refuse it
         "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": {
             "sae_lens_version": SAELENS_FORMAT_VERSION,
             "model_name": cfg.model_name,
             "hook_name": cfg.hook_name,
+            **({} if cfg.d_out is None else {"hook_name_out": cfg.hook_name_out}),
             "context_size": cfg.context_size,
             "dataset_path": cfg.dataset,
             "training_architecture": training,
@@ -77,8 +81,9 @@ def save_sae(sae: SAE, path: str | Path) -> None:
     the saved weights (the live SAE is unchanged)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {"W_enc": sae.W_enc, "W_dec": sae.W_dec}
-    tensors |= {name: t / sae.input_scale for name, t in sae._scaled_tensors().items()}
+    ratio = sae.input_scale / sae.output_scale  # a transcoder's scales fold as `SAE.fold_input_scale` says
+    tensors = {name: t * ratio for name, t in sae._input_tensors().items()} | {"W_dec": sae.W_dec}
+    tensors |= {name: t / sae.output_scale for name, t in sae._scaled_tensors().items()}
     tensors = {name: sae._export_tensor(name, t).detach().contiguous().cpu() for name, t in tensors.items()}
     save_file(tensors, path / SAE_WEIGHTS)
     (path / SAE_CONFIG).write_text(json.dumps(saelens_cfg(sae.cfg), indent=2))
@@ -125,11 +130,14 @@ def _config_from_saelens(raw: dict[str, Any]) -> SAEConfig:
                 f"{field}={raw[field]!r} is not supported; fold it into the weights in SAELens first "
                 f"(e.g. fold_activation_norm_scaling_factor) or flatten inputs yourself"
             )
-    arch = FROM_SAELENS_ARCH.get(raw.get("architecture", "standard"))
+    arch, skip = FROM_SAELENS_TRANSCODER.get(str(raw.get("architecture")), (None, False))
+    out = {"d_out": raw.get("d_out"), "skip": skip, "hook_name_out": meta.get("hook_name_out") or ""}
+    transcoder = {} if arch is None else out
+    arch = arch or FROM_SAELENS_ARCH.get(raw.get("architecture", "standard"))
     if arch is None:
         raise ValueError(
             f"SAELens architecture {raw['architecture']!r} is not supported; saelab reads "
-            "topk, batchtopk, jumprelu and standard"
+            f"topk, batchtopk, jumprelu, standard and {', '.join(FROM_SAELENS_TRANSCODER)}"
         )
     details = meta.get("training_architecture_details") or {}
     training = meta.get("training_architecture")
@@ -150,6 +158,7 @@ def _config_from_saelens(raw: dict[str, Any]) -> SAEConfig:
             "context_size": meta.get("context_size"),
             "dataset": meta.get("dataset_path") or "",
         }
+        | transcoder
     )
 
 
@@ -158,7 +167,7 @@ def _from_saelens(raw: dict[str, Any], tensors: dict[str, Tensor]) -> tuple[SAEC
     cfg = _config_from_saelens(raw)
     tensors = dict(tensors)
     W_enc, W_dec = tensors["W_enc"], tensors["W_dec"]
-    if not raw.get("apply_b_dec_to_input", True):
+    if not raw.get("apply_b_dec_to_input", True) and cfg.d_out is None:  # a transcoder subtracts nothing
         tensors["b_enc"] = tensors["b_enc"] + tensors["b_dec"] @ W_enc
     if raw.get("rescale_acts_by_decoder_norm", False):
         norms = W_dec.norm(dim=1).clamp_min(1e-8)

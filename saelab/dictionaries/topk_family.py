@@ -23,17 +23,17 @@ from saelab.ops.topk import topk_rows
 class _Step(NamedTuple):
     """What one top-k forward of a training step gives the loss."""
 
-    recon: Tensor
-    """`[batch, d_in]` reconstruction of the scaled input."""
+    bands: list[Tensor]
+    """`[batch, d_out]` decodes of the main entries, one per Matryoshka band, shortest prefix first (one: a plain SAE's);
+    prefix `j` reconstructs `base` plus the first `j + 1`."""
+    base: Tensor
+    """What the decoder adds to the latents' sum (`SAE.output_base`)."""
     aux_recons: list[Tensor]
     """`[batch, d_in]` AuxK reconstructions of a residual, one per `AuxGroup` of the step."""
     vals: Tensor
     """`[nnz]` pre-activations of the main entries."""
     lat: Tensor
     """`[nnz]` latents of the main entries."""
-    inner: list[Tensor]
-    """`[batch, d_in]` reconstructions of the scaled input by the inner Matryoshka prefixes, shortest first (the
-    step's top-k entries among each prefix's latents); empty without prefixes."""
 
 
 class AuxGroup(NamedTuple):
@@ -68,16 +68,17 @@ class TopKSAE(SAE):
         return torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
 
     def forward(self, x: Tensor) -> Tensor:
-        vals, idx = topk_rows(self.pre_acts(self.prepare_input(x)), self.cfg.k)
-        recon = kernels.sparse_decode(vals.relu(), idx, self.W_dec) + self.b_dec
-        return self._unwhiten(recon / self.input_scale).view(x.shape)
+        scaled = self.prepare_input(x)
+        vals, idx = topk_rows(self.pre_acts(scaled), self.cfg.k)
+        recon = kernels.sparse_decode(vals.relu(), idx, self.W_dec) + self.output_base(scaled)
+        return self._unwhiten(recon / self.output_scale).view(*x.shape[:-1], self.cfg.d_out_resolved)
 
     def _select(self, pre: Tensor, rows: int) -> Entries:
         """Main entries chosen from pre-activations (this rank's, of a batch of `rows` rows)."""
         return kernels.topk_entries(pre, self.cfg.k)
 
-    def training_loss(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        batch = self.training_batch(x)
+    def training_loss(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        batch = self.training_batch(x, y)
         x, cfg = batch.x, self.cfg
         dead = self.dead_mask()
         dead_cols = None
@@ -91,20 +92,21 @@ class TopKSAE(SAE):
         mm_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         with torch.autocast(x.device.type, enabled=False):
             step = self._sparse_step if sparse else self._dense_step
-            recon, aux_recons, vals, lat, inner = step(batch, aux, mm_dtype, widths)
-
-            residual, _, fvu = self._loss_terms(batch, recon)
-            inner_terms = [self._loss_terms(batch, r) for r in inner]
-            residuals = [t.residual for t in inner_terms] + [residual]
+            bands, base, aux_recons, vals, lat = step(batch, aux, mm_dtype, widths)
+            # every prefix's squared error from one running residual (`kernels.nested_sse`); the last: the whole SAE's
+            masked = batch.masked
+            target = (batch.x if batch.y is None else batch.y) if masked is None else masked.target
+            sse, residuals = kernels.nested_sse(target, base, bands, None if masked is None else masked.held_out)
+            fvus = sse / (batch.total_var if masked is None else masked.held_var)
+            fvu, inner_fvu = fvus[-1], fvus[:-1]
             auxk = fvu.new_zeros(())
             for group, aux_recon in zip(aux, aux_recons, strict=True):
-                residual = residuals[group.band].detach()
+                residual = residuals[group.band]
                 aux_recon = self.held_out(batch, aux_recon)  # masking: the residual is on the held-out dims alone
                 auxk = auxk + group.scale * F.mse_loss(aux_recon, residual, reduction="sum") / self.batch_spread(
                     residual
                 )
-            inner_fvu = [t.fvu for t in inner_terms]
-            recon_loss = (fvu + sum(inner_fvu)) / (1 + len(inner_fvu)) if inner_fvu else fvu
+            recon_loss = fvus.mean()
             loss = recon_loss + cfg.aux_coef * auxk
         self.update_dead(lat, vals, batch.rows)
         metrics = {
@@ -116,7 +118,7 @@ class TopKSAE(SAE):
         }
         if cfg.matryoshka_prefixes:  # fixed widths: each prefix's FVU (drawn ones differ per step)
             metrics |= {f"fvu_{w}": v.detach() for w, v in zip(widths, inner_fvu, strict=True)}
-        if inner_fvu:
+        if widths:
             metrics["prefix_fvu"] = recon_loss.detach()
         return loss, metrics
 
@@ -176,13 +178,14 @@ class TopKSAE(SAE):
         """Top-k forward with the sparse kernels: the only dense op is the encoder matmul.
 
         Each AuxK group takes the sparse kernels too while `k / n_dead` is at most `aux_sparse_density`;
-        with fewer dead latents the dense products over them are cheaper (`_dense_aux`). With `inner` prefix widths
+        with fewer dead latents the dense products over them are cheaper (`_dense_aux`, all such groups in one pass).
+        With `inner` prefix widths
         the main entries are decoded in one group per latent band (`matryoshka.band_entries`)."""
         x = batch.x
         n_rows = x.shape[0]
         aux_sparse = [g.k / len(g.cols) <= self.cfg.aux_sparse_density for g in aux]
         with torch.no_grad():
-            xc = (x - self.b_dec).to(mm_dtype)
+            xc = (x - self.b_in).to(mm_dtype)
             pre = torch.addmm(
                 self.b_enc.to(mm_dtype), xc, self.W_enc.to(mm_dtype), out=self._workspace(n_rows, mm_dtype)
             )
@@ -200,39 +203,35 @@ class TopKSAE(SAE):
             vals, lat, rows = (torch.cat(t) for t in zip(*parts, strict=True)) if len(parts) > 1 else parts[0]
             vals = vals.to(x.dtype)
         out = kernels.sparse_autoencode(
-            x, Entries(vals, lat, rows), groups, W_enc=self.W_enc, b_enc=self.b_enc, W_dec=self.W_dec, b_dec=self.b_dec
+            x, Entries(vals, lat, rows), groups, W_enc=self.W_enc, b_enc=self.b_enc, W_dec=self.W_dec, b_dec=self.b_in
         )
         sparse_out = iter(out[len(inner) + 1 :])
-        aux_recons = [
-            next(sparse_out) if sparse else self._dense_aux(x, group.cols, group.k, mm_dtype)
-            for group, sparse in zip(aux, aux_sparse, strict=True)
-        ]
-        *inner_recon, recon = matryoshka.cumulative(out[: len(inner) + 1], self.b_dec)
-        return _Step(recon, aux_recons, vals[:n_main], lat[:n_main], inner_recon)
+        dense_out = iter(
+            self._dense_aux(x, [g for g, sparse in zip(aux, aux_sparse, strict=True) if not sparse], mm_dtype)
+        )
+        aux_recons = [next(sparse_out) if sparse else next(dense_out) for sparse in aux_sparse]
+        return _Step(list(out[: len(inner) + 1]), self.output_base(x), aux_recons, vals[:n_main], lat[:n_main])
 
     def _dense_step(self, batch: Batch, aux: list[AuxGroup], mm_dtype: torch.dtype, inner: list[int]) -> _Step:
         """Reference top-k forward with dense matmuls and plain autograd."""
         x = batch.x
-        pre = torch.addmm(self.b_enc.to(mm_dtype), (x - self.b_dec).to(mm_dtype), self.W_enc.to(mm_dtype))
+        pre = torch.addmm(self.b_enc.to(mm_dtype), (x - self.b_in).to(mm_dtype), self.W_enc.to(mm_dtype))
         pre = pre.to(x.dtype)
         with torch.no_grad():
             vals, cols, rows = self._select(pre.detach(), batch.rows)
         acts = torch.zeros_like(pre).index_put((rows, cols), pre[rows, cols].relu())
-        aux_recons = [self._dense_aux(x, group.cols, group.k, mm_dtype) for group in aux]
-        if not inner:
-            return _Step(acts @ self.W_dec + self.b_dec, aux_recons, vals, cols, [])
-        *inner_recon, recon = matryoshka.cumulative(matryoshka.dense_band_decodes(acts, self.W_dec, inner), self.b_dec)
-        return _Step(recon, aux_recons, vals, cols, inner_recon)
+        bands = matryoshka.dense_band_decodes(acts, self.W_dec, inner)
+        return _Step(bands, self.output_base(x), self._dense_aux(x, aux, mm_dtype), vals, cols)
 
-    def _dense_aux(self, x: Tensor, dead_cols: Tensor, k_aux: int, mm_dtype: torch.dtype) -> Tensor:
-        """AuxK reconstruction from the top `k_aux` dead latents, with dense products over the
-        `dead_cols` columns only (cost ~ batch x n_dead x d_in) and plain autograd."""
-        W_enc, b_enc = self.W_enc[:, dead_cols], self.b_enc[dead_cols]
-        pre = torch.addmm(b_enc.to(mm_dtype), (x - self.b_dec).to(mm_dtype), W_enc.to(mm_dtype)).to(x.dtype)
-        with torch.no_grad():
-            _, idx = topk_rows(pre.detach(), k_aux)
-        acts = torch.zeros_like(pre).scatter(1, idx, pre.gather(1, idx).relu())
-        return acts @ self.W_dec[dead_cols]
+    def _dense_aux(self, x: Tensor, groups: list[AuxGroup], mm_dtype: torch.dtype) -> list[Tensor]:
+        """AuxK reconstructions of `groups`, each from its top `k` dead latents, with dense products over their
+        columns only and plain autograd, all groups in one pass (`kernels.dense_topk_decodes`)."""
+        if not groups:
+            return []
+        cols = [(g.cols, g.k) for g in groups]
+        return kernels.dense_topk_decodes(
+            x - self.b_in, cols, W_enc=self.W_enc, b_enc=self.b_enc, W_dec=self.W_dec, mm_dtype=mm_dtype
+        )
 
     def _workspace(self, n_rows: int, dtype: torch.dtype) -> Tensor:
         """Reused pre-activation buffer: allocating `[batch, d_sae]` anew every step

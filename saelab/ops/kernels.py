@@ -18,6 +18,7 @@ latents and bags `[B, 2B)` from the AuxK latents, all in one autograd call.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -171,7 +172,8 @@ class SparseAutoencode(torch.autograd.Function):
     def backward(ctx, *grad_outs):
         x, b_dec, W_enc, W_dec, vals, lat, bag, offsets = ctx.saved_tensors
         n_rows, d_sae = x.shape[0], W_dec.shape[0]
-        grad_out = torch.cat(grad_outs)  # [n_groups * B, d_in], row = bag id
+        # [n_groups * B, d_out], row = bag
+        grad_out = torch.cat(grad_outs) if len(grad_outs) > 1 else next(iter(grad_outs))
 
         # Group entries by latent once; every weight gradient row is then a bag.
         order, by_latent, bag_sorted, acts_sorted = group_by_latent(lat, bag, vals.relu(), d_sae=d_sae)
@@ -188,10 +190,10 @@ class SparseAutoencode(torch.autograd.Function):
             grad_b_enc = torch.zeros(d_sae, dtype=grad_pre.dtype, device=grad_pre.device)
             grad_b_enc.index_add_(0, lat, grad_pre)
         if ctx.needs_input_grad[2]:
-            # Bags >= B read the same batch rows as bags < B: the table repeats x - b_dec.
-            x_rows = (x - b_dec).repeat(len(grad_outs), 1)
+            # Bag r reads batch row r % B: index x - b_dec by it rather than repeat the table per group.
+            rows_sorted = bag_sorted % n_rows if len(grad_outs) > 1 else bag_sorted
             grad_W_enc = F.embedding_bag(
-                bag_sorted, x_rows, by_latent, mode="sum", per_sample_weights=grad_pre[order]
+                rows_sorted, x - b_dec, by_latent, mode="sum", per_sample_weights=grad_pre[order]
             ).T
         if ctx.needs_input_grad[1]:
             grad_b_dec = -(W_enc @ grad_b_enc)
@@ -215,6 +217,97 @@ def sparse_autoencode(
     `[B, d_in]` tensor per group of `group_sizes`."""
     vals, lat, bag = entries
     return SparseAutoencode.apply(x, b_dec, W_enc, b_enc, W_dec, vals, lat, bag, group_sizes)
+
+
+class NestedSSE(torch.autograd.Function):
+    """Squared errors of nested reconstructions from one running residual.
+
+    Reconstruction `j` is `base + decodes[0] + ... + decodes[j]` (Matryoshka prefix `j`'s, from the decodes of its
+    latent bands; one decode: a plain SAE's), residual `r_j = target - base - decodes[0] - ... - decodes[j]`, each a
+    subtraction from `r_{j-1}`. With `held` (`[d]`, 0/1: the masked objective's held-out dimensions) the residuals are
+    `r_j * held`. Returns `[G]` squared errors `|r_j|^2` and the residuals (no gradient). The backward pass is a reverse
+    running sum: `d/d decodes[i] = -2 sum_{j >= i} grad_j r_j`, one fused multiply-add per decode, where autograd
+    over the prefixes' own `(target - recon)^2` takes five ops per prefix and a copy of every reconstruction.
+    """
+
+    @staticmethod
+    def forward(ctx, target, base, held, *decodes):
+        residuals, r = [], target - base
+        for decode in decodes:
+            r = r - decode
+            residuals.append(r if held is None else r * held)
+        sse = torch.stack([torch.dot(m.view(-1), m.view(-1)) for m in residuals])
+        ctx.save_for_backward(*residuals)
+        ctx.set_materialize_grads(False)  # the residuals get no gradient: no zero tensors for them
+        ctx.base_dims = base.dim()
+        ctx.mark_non_differentiable(*residuals)
+        return (sse, *residuals)
+
+    @staticmethod
+    def backward(ctx, grad_sse, *_):
+        residuals = ctx.saved_tensors
+        if grad_sse is None:
+            return (None,) * (3 + len(residuals))
+        coef = -2 * grad_sse
+        grads: list[Tensor] = []
+        acc = residuals[-1] * coef[-1]
+        for j in range(len(residuals) - 1, -1, -1):
+            if j < len(residuals) - 1:
+                acc = torch.addcmul(acc, residuals[j], coef[j])
+            grads.append(acc)
+        grad_target = -acc if ctx.needs_input_grad[0] else None
+        grad_base = None
+        if ctx.needs_input_grad[1]:
+            grad_base = acc.sum(0) if ctx.base_dims == 1 else acc
+        return grad_target, grad_base, None, *reversed(grads)
+
+
+class NestedResiduals(NamedTuple):
+    """What `nested_sse` returns."""
+
+    sse: Tensor
+    """`[G]` squared error of each nested reconstruction, shortest first."""
+    residuals: list[Tensor]
+    """`[batch, d_out]` residual of each (target minus reconstruction; with `held`, zero off the held-out dimensions),
+    without gradient."""
+
+
+def nested_sse(target: Tensor, base: Tensor, decodes: Sequence[Tensor], held: Tensor | None = None) -> NestedResiduals:
+    """Functional form of `NestedSSE`: the squared errors of `base + decodes[0] + ... + decodes[j]` against `target`
+    for every `j` (on the dimensions where `held` is 1, when given), differentiable in `target`, `base` (`[d_out]` or
+    `[batch, d_out]`) and the decodes."""
+    sse, *residuals = NestedSSE.apply(target, base, held, *decodes)
+    return NestedResiduals(sse, residuals)
+
+
+def dense_topk_decodes(
+    x_in: Tensor,
+    groups: Sequence[tuple[Tensor, int]],
+    *,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    W_dec: Tensor,
+    mm_dtype: torch.dtype,
+) -> list[Tensor]:
+    """For each group `(cols, k)` of latents (AuxK's dead latents; with Matryoshka prefixes, those of each band), the
+    decode `[batch, d_out]` of the top `k` per row of `x_in @ W_enc[:, cols] + b_enc[cols]`, ReLU'd, with dense
+    products over the groups' columns only (cost ~ batch x n_cols x d_in) and plain autograd; `x_in` is the centred
+    input. The groups share one gather of the weights' columns and one encoder product, so `G` groups cost about one
+    of their total width: the weights' gradients are scattered back once, not `G` times."""
+    cols = torch.cat([c for c, _ in groups]) if len(groups) > 1 else groups[0][0]
+    sizes = [len(c) for c, _ in groups]
+    pre = torch.addmm(b_enc[cols].to(mm_dtype), x_in.to(mm_dtype), W_enc[:, cols].to(mm_dtype)).to(x_in.dtype)
+    with torch.no_grad():
+        picks, start = [], 0
+        for n, (_, k) in zip(sizes, groups, strict=True):
+            span = None if n == len(cols) else torch.arange(start, start + n, device=pre.device)
+            picks.append(topk_rows(pre.detach(), k, span)[1])
+            start += n
+        idx = torch.cat(picks, 1) if len(picks) > 1 else picks[0]
+    acts = torch.zeros_like(pre).scatter(1, idx, pre.gather(1, idx).relu())
+    if len(groups) == 1:
+        return [acts @ W_dec[cols]]
+    return [a @ w for a, w in zip(acts.split(sizes, 1), W_dec[cols].split(sizes), strict=True)]
 
 
 def sparse_decode(acts: Tensor, lat: Tensor, W_dec: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ magnitudes are log-normal and every token gets isotropic Gaussian noise. `recove
 `saelab.toys.synthetic`) counts the true directions that some decoder row matches at cosine >= 0.9.
 
 `batches` gives every library the same batches: batch `i` depends only on the benchmark, its seed and `i`.
-`fit_saelab` trains one saelab SAE on such batches with `saelab train`'s defaults (`TrainConfig`, `default_lr`).
+`DefaultsRun` trains one saelab SAE on such batches step by step with `saelab train`'s own per-step code and defaults.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from saelab.dictionaries import SAE, SAEConfig, train_step
+from saelab.dictionaries import SAEConfig
 from saelab.errors import ConfigError
 from saelab.toys.synthetic import SyntheticData
-from saelab.train.config import TrainConfig, default_lr, lr_factor
+from saelab.train.config import TrainConfig
+from saelab.train.trainer import Member, schedule
 
 DATA_SEED = 0x5EED_0000
 """Added to a benchmark's seed: torch's global generator seeded alike would draw the same directions."""
@@ -105,9 +106,11 @@ def batches(data: SyntheticData, n_batches: int, batch_size: int, *, seed: int =
 
 
 class DefaultsRun:
-    """One saelab SAE trained on given batches exactly as `saelab train` trains it with `TrainConfig`'s defaults:
-    seeded initialisation, `init_from_sample`, Adam, `default_lr(width)`, the warmup and decay schedule, AuxK's dead
-    set refreshed every `log_every` steps, and `train_step`. `lr`, `warmup` and `decay_start` override a default."""
+    """One saelab SAE trained on given batches by `saelab train`'s own per-step code, with `TrainConfig`'s defaults
+    for a run of `total_steps` batches of `batch_size` rows: `Member.create` (seeded initialisation, Adam), the peak
+    learning rate `TrainConfig.peak_lr` resolves (`default_lr` for the width and step count unless `lr` is given),
+    `init_from_sample`, and per step `schedule` (warmup, decay, AuxK's dead-set refreshes) and `Member.step`.
+    `warmup_steps` and `decay_start` override `TrainConfig`'s."""
 
     def __init__(
         self,
@@ -115,30 +118,35 @@ class DefaultsRun:
         sample: Tensor,
         total_steps: int,
         *,
+        batch_size: int = 4096,
         lr: float | None = None,
-        warmup: int | None = None,
+        warmup_steps: int | None = None,
         decay_start: float | None = None,
         seed: int = 0,
     ):
-        defaults = TrainConfig.model_fields
-        self.warmup: int = defaults["warmup_steps"].default if warmup is None else warmup
-        self.decay_start: float = defaults["decay_start"].default if decay_start is None else decay_start
-        self.refresh: int = defaults["log_every"].default
-        torch.manual_seed(seed)
-        self.sae = SAE.from_config(cfg)
+        changes = {"warmup_steps": warmup_steps, "decay_start": decay_start}
+        self.train_cfg = TrainConfig(
+            run="",
+            tokens=total_steps * batch_size,
+            batch_size=batch_size,
+            **{key: value for key, value in changes.items() if value is not None},
+        )
+        self.member = Member.create(
+            cfg, lr=self.train_cfg.peak_lr(cfg.d_sae, d_in=cfg.d_in, lr=lr), seed=seed, device="cpu"
+        )
+        self.sae = self.member.sae
         self.sae.init_from_sample(sample)
-        self.lr = default_lr(cfg.d_sae) if lr is None else lr
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=(0.9, 0.999), fused=True)
         self.total_steps, self.steps = total_steps, 0
+
+    @property
+    def lr(self) -> float:
+        """The peak learning rate."""
+        return self.member.lr
 
     def step(self, x: Tensor) -> None:
         """One training step on the raw batch `x`."""
-        if self.steps % self.refresh == 0:
-            self.sae.plan_aux()
-        factor = lr_factor(self.steps, self.total_steps, warmup=self.warmup, decay_start=self.decay_start)
-        for group in self.opt.param_groups:
-            group["lr"] = self.lr * factor
-        train_step(self.sae, self.opt, x)
+        factor, refresh = schedule(self.train_cfg, self.steps)
+        self.member.step(x, factor=factor, refresh=refresh)
         self.steps += 1
 
     def directions(self) -> Tensor:

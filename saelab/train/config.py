@@ -14,6 +14,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from saelab.config import StrictModel
 from saelab.dictionaries import Arch
+from saelab.dictionaries.transcoder import mlp_layer
 from saelab.run import RunDir, is_local, is_url
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -30,11 +31,28 @@ class Grid(StrictModel):
     expansion: list[PositiveInt] = Field(default=[16], min_length=1)
     """Dictionary widths as multiples of the hook point's dimension."""
     lr: list[LearningRate] | None = Field(default=None, min_length=1)
-    """Learning rates (> 0); `None`: `default_lr(width)`, 2e-4 / sqrt(width / 2^14), as in Gao et al."""
+    """Learning rates (> 0); `None`: `default_lr(width, d_in=..., steps=...)`: Gao et al.'s 2e-4 / sqrt(width / 2^14),
+    or 78 / (max(steps, 100) * sqrt(d_in)) where that is higher (short runs)."""
     seed: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, min_length=1)
     """Initialisation seeds: one SAE per seed (times every other axis), all trained on the same batches (whose order
     `TrainConfig.seed` decides), their variant names ending in `-s<seed>`; `None`: one SAE per combination, initialised
     from `TrainConfig.seed`, named as before seeds were a grid axis."""
+
+
+class TranscoderPair(StrictModel):
+    """One MLP that transcoders replace: every grid point trains a transcoder from `input` to `output`."""
+
+    input: str
+    """The MLP's input hook point, `blocks.L.hook_mlp_in` (what the MLP reads: `saelab.models.HOOK_KINDS`)."""
+    output: str
+    """The same MLP's output, `blocks.L.hook_mlp_out`."""
+    skip: bool = False
+    """A skip transcoder (Paulo et al. 2025): a linear skip `W_skip` added to the sparse output."""
+
+    @model_validator(mode="after")
+    def _one_mlp(self) -> TranscoderPair:
+        mlp_layer(self.input, self.output)  # a ConfigError naming the pair to give
+        return self
 
 
 class TrainConfig(StrictModel):
@@ -49,7 +67,11 @@ class TrainConfig(StrictModel):
     run: str
     """The run folder: the SAEs go to `RUN/saes/`."""
     hooks: list[str] | None = None
-    """Hook points to train on; `None` (or empty): every hook point of the store."""
+    """Hook points to train SAEs on; `None` (or empty): every hook point of the store, or none when `transcoders` are
+    given."""
+    transcoders: list[TranscoderPair] = []
+    """MLPs to train transcoders of (`{input: blocks.L.hook_mlp_in, output: blocks.L.hook_mlp_out, skip: false}`), each
+    at every grid point; saved under their input hook, as variants `transcoder-...` (`skiptranscoder-...`)."""
     grid: Grid = Grid()
     """The sweep grid."""
     sae: dict[str, Any] = {}
@@ -109,6 +131,16 @@ class TrainConfig(StrictModel):
         return batch_size
 
     @property
+    def total_steps(self) -> int:
+        """Training steps per SAE: `tokens // batch_size`."""
+        return self.tokens // self.batch_size
+
+    def peak_lr(self, width: int, *, d_in: int, lr: float | None = None) -> float:
+        """The peak learning rate of an SAE of `width` latents over `d_in` dimensions: `lr` as given (a `grid.lr`
+        entry), or `None`: `default_lr` for that width and `d_in` and this run's `total_steps`."""
+        return lr if lr is not None else default_lr(width, d_in=d_in, steps=self.total_steps)
+
+    @property
     def store_path(self) -> str:
         """The store to train on: `store`, or the run's own `activations.zarr`."""
         return self.store if self.store is not None else str(RunDir(self.run).store)
@@ -126,6 +158,8 @@ class TrainConfig(StrictModel):
             del identity["grid"]["seed"]
         if self.model is not None and is_local(self.model):
             identity["model"] = run.relative(self.model)
+        if not self.transcoders:  # as runs saved before transcoders existed record it, so that they resume
+            del identity["transcoders"]
         if self.whiten_store is None:  # as runs saved before `whiten_store` existed record it, so that they resume
             del identity["whiten_store"]
         else:
@@ -155,9 +189,35 @@ def saved_identity(saved: dict[str, Any], run: RunDir) -> dict[str, Any]:
     return upgraded
 
 
-def default_lr(width: int) -> float:
-    """Gao et al.'s learning-rate scaling with the dictionary width."""
-    return 2e-4 / math.sqrt(width / 2**14)
+SHORT_RUN_LR = 78.0
+"""`default_lr`'s floor is this over `steps * sqrt(d_in)`: on `saelab.toys.benchmark` (d_in 96, k 16) the best peak
+rate of a short run is near 8 / steps (122 steps: ~0.07, 100x Gao et al.'s rate at width 1536), and 8 * sqrt(96) is
+78."""
+
+SHORT_RUN_MIN_STEPS = 100
+"""Runs shorter than this get the floor of a run of this many steps (at 8 / steps a 30-step run at d_in 96 diverges)."""
+
+
+def default_lr(width: int, *, d_in: int | None = None, steps: int | None = None) -> float:
+    """The default peak learning rate of an SAE of `width` latents over `d_in` dimensions trained for `steps` steps:
+    Gao et al.'s rule 2e-4 / sqrt(width / 2^14) (sparsify's Adam default), raised to
+    `SHORT_RUN_LR / (max(steps, SHORT_RUN_MIN_STEPS) * sqrt(d_in))` where that is higher.
+
+    Gao et al. tuned their rule on long runs; at the budgets of a first experiment it learns almost nothing (the
+    sweep of `scripts/bench_sample_efficiency.py --gao-multiples`: 0% of the true directions recovered in 0.5M tokens
+    at 3x their rate, 45% at 100x). The floor keeps `lr * steps`, how far Adam can move the unit-norm decoder rows
+    in the run, at a value the sweep found good at every width and budget, and gives way to Gao et al.'s rule once
+    the run is long (at width 1536 and d_in 96 from about 12k steps, 50M tokens in batches of 4096). It falls with
+    `sqrt(d_in)`: Adam moves every weight by about `lr` a step and a unit-norm row's entries are about
+    `1 / sqrt(d_in)`. Measured at d_in 192 (1536 directions, width 3072, 1M tokens): 30x Gao's rate recovers 76%,
+    100x 51%, and this rule gives 50x. The sweep's data has Zipf-distributed firing rates, as language models'
+    features have, and rare features need the high rate; on data whose features all fire often it is too high (128
+    features in 32 dims, each firing 3% of the time: the best rate at 120 steps is ~0.02, the floor 0.14).
+    `steps=None` (or `d_in=None`): Gao et al.'s rule alone."""
+    gao = 2e-4 / math.sqrt(width / 2**14)
+    if steps is None or d_in is None:
+        return gao
+    return max(gao, SHORT_RUN_LR / (max(steps, SHORT_RUN_MIN_STEPS) * math.sqrt(d_in)))
 
 
 def lr_factor(step: int, total: int, *, warmup: int, decay_start: float) -> float:

@@ -25,12 +25,13 @@ from saelab import distributed
 from saelab.config import build
 from saelab.dictionaries import SAE, SAEConfig, train_step
 from saelab.dictionaries.preprocessing import WHITENING_ROWS, Whitening, pca_whitening, whitening_sample
-from saelab.errors import ConfigError, DistributedError, StoreError
+from saelab.dictionaries.transcoder import aligned_rows, transcoder_metrics
+from saelab.errors import ConfigError, DistributedError, StoreError, TrainError
 from saelab.models import load_model
 from saelab.run import RunDir
 from saelab.store import ActivationStore
 from saelab.train.checkpoint import check_checkpoint, load_checkpoint, save_checkpoint
-from saelab.train.config import TrainConfig, default_lr, lr_factor, saved_identity, variant_name
+from saelab.train.config import TrainConfig, TranscoderPair, lr_factor, saved_identity, variant_name
 from saelab.train.loggers import TrainLogger, make_logger
 from saelab.train.metrics import eval_tokens, reconstruction_metrics, spliced_metrics
 from saelab.train.result import TrainedSAE
@@ -68,6 +69,55 @@ class Member:
         """`hook/variant`, its name in checkpoints and loggers."""
         return f"{self.hook}/{self.variant}"
 
+    @property
+    def reads(self) -> list[str]:
+        """The hook points whose row-aligned rows each step gives it (`aligned_rows`): an SAE's `[hook]`, a
+        transcoder's `[input, output]`."""
+        cfg = self.sae.cfg
+        return [self.hook] if cfg.d_out is None else [self.hook, cfg.hook_name_out]
+
+    @classmethod
+    def create(
+        cls,
+        sae_cfg: SAEConfig,
+        *,
+        lr: float,
+        seed: int,
+        device: torch.device | str,
+        index: int = 0,
+        hook: str = "",
+        variant: str = "",
+    ) -> Member:
+        """A fresh SAE seeded by `seed` alone (so its start does not depend on which SAEs share its rank or its pass)
+        with its Adam optimiser at peak learning rate `lr`."""
+        torch.manual_seed(seed)
+        sae = SAE.from_config(sae_cfg, device=device)
+        opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), fused=True)
+        return cls(index=index, hook=hook, variant=variant, lr=lr, seed=seed, sae=sae, opt=opt)
+
+    def step(
+        self, x: torch.Tensor, y: torch.Tensor | None = None, *, factor: float, refresh: bool
+    ) -> dict[str, torch.Tensor]:
+        """One training step on its batch `x` (a transcoder's: to its outputs `y`; on the training device) at `factor`
+        times its peak learning rate,
+        refreshing AuxK's dead set first when `refresh` (the factor and refresh of `schedule`); bf16 autocast on CUDA.
+        Returns `train_step`'s detached metrics."""
+        if refresh:
+            self.sae.plan_aux()
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr * factor
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+            return train_step(self.sae, self.opt, x, y)
+
+
+def schedule(cfg: TrainConfig, step: int, *, start: int = 0) -> tuple[float, bool]:
+    """At training step `step` of a run that (re)started at `start`: the learning-rate factor (`lr_factor`) and
+    whether AuxK's dead set is refreshed before the step. The refresh (one device sync) happens only at fixed steps,
+    the start and every checkpoint included, so a resumed run refreshes exactly where an uninterrupted one did."""
+    factor = lr_factor(step, cfg.total_steps, warmup=cfg.warmup_steps, decay_start=cfg.decay_start)
+    ckpt_every = max(1, cfg.checkpoint_every // cfg.batch_size)
+    return factor, step == start or step % cfg.log_every == 0 or step % ckpt_every == 0
+
 
 class _Spec(NamedTuple):
     """One SAE of the config, before it is built."""
@@ -83,8 +133,10 @@ class _Spec(NamedTuple):
 
     @property
     def key(self) -> str:
-        """`hook/variant`, as `Member.key`."""
-        return f"{self.hook}/{variant_name(self.cfg.arch, self.cfg.k, self.cfg.d_sae, lr=self.lr, seed=self.seed)}"
+        """`hook/variant`, as `Member.key` (a transcoder's variant starts `transcoder-` or `skiptranscoder-`)."""
+        cfg = self.cfg
+        arch = cfg.arch if cfg.d_out is None else f"{'skip' if cfg.skip else ''}transcoder-{cfg.arch}"
+        return f"{self.hook}/{variant_name(arch, cfg.k, cfg.d_sae, lr=self.lr, seed=self.seed)}"
 
 
 class Trainer:
@@ -95,8 +147,11 @@ class Trainer:
         self.ranks = distributed.init()
         self.cfg, self.progress = cfg, progress and self.ranks.main
         self.store = ActivationStore.open(cfg.store_path)
-        self.hooks = cfg.hooks or self.store.hooks
-        missing = [h for h in self.hooks if h not in self.store.hooks]
+        self.hooks = cfg.hooks or ([] if cfg.transcoders else self.store.hooks)
+        pairs = [(t.input, t.output) for t in cfg.transcoders]
+        self.read_hooks = list(dict.fromkeys(self.hooks + [h for pair in pairs for h in pair]))
+        """Every hook point a batch holds: the SAEs' and the transcoders' inputs and outputs."""
+        missing = [h for h in self.read_hooks if h not in self.store.hooks]
         if missing:
             raise StoreError(f"hooks {missing} are not in store {cfg.store_path!r}; it has {self.store.hooks}")
         if self.store.n_tokens <= cfg.eval_rows + cfg.batch_size:
@@ -106,9 +161,10 @@ class Trainer:
             )
         self.device = distributed.local_device(cfg.device)
         self.train_rows = (0, self.store.n_tokens - cfg.eval_rows)
-        self.total_steps = cfg.tokens // cfg.batch_size
+        self.total_steps = cfg.total_steps
         self.run_dir = RunDir(cfg.run)
         self.specs = [self._spec(h, *combo) for h in self.hooks for combo in self._combos()]
+        self.specs += [self._spec(t.input, *combo, transcoder=t) for t in cfg.transcoders for combo in self._combos()]
         self.parallel = self._parallel(len(self.specs))
         rank, world = self.ranks.rank, self.ranks.world
         mine = range(rank, len(self.specs), world) if self.parallel == "members" else range(len(self.specs))
@@ -138,9 +194,23 @@ class Trainer:
         g = self.cfg.grid
         return list(itertools.product(g.arch, g.k, g.expansion, g.lr or [None], g.seed or [None]))
 
-    def _spec(self, hook: str, arch: str, k: int, expansion: int, lr: float | None, seed: int | None) -> _Spec:
+    def _spec(
+        self,
+        hook: str,
+        arch: str,
+        k: int,
+        expansion: int,
+        lr: float | None,
+        seed: int | None,
+        *,
+        transcoder: TranscoderPair | None = None,
+    ) -> _Spec:
         d_in = self.store.d(hook)
-        fields = dict(
+        fields: dict[str, Any] = {}
+        if transcoder is not None:
+            out = transcoder.output
+            fields = {"d_out": self.store.d(out), "skip": transcoder.skip, "hook_name_out": out}
+        fields |= dict(
             arch=arch,
             d_in=d_in,
             d_sae=expansion * d_in,
@@ -151,18 +221,15 @@ class Trainer:
             dataset=str(self.store.config.get("text", "")),
         )
         sae_cfg = build(SAEConfig, {**fields, **self.cfg.sae}, f"SAE config for {hook} ({arch}, k={k}, x{expansion})")
-        return _Spec(hook, sae_cfg, lr if lr is not None else default_lr(sae_cfg.d_sae), seed)
+        return _Spec(hook, sae_cfg, self.cfg.peak_lr(sae_cfg.d_sae, d_in=d_in, lr=lr), seed)
 
     def _member(self, index: int) -> Member:
         """SAE `index` of `specs`, seeded by its own seed alone, so its start does not depend on which SAEs share its
         rank (or its pass)."""
         hook, sae_cfg, lr, grid_seed = self.specs[index]
         seed = self.cfg.seed if grid_seed is None else grid_seed
-        torch.manual_seed(seed)
-        sae = SAE.from_config(sae_cfg, device=self.device)
-        opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), fused=True)
         variant = self.specs[index].key.removeprefix(f"{hook}/")
-        return Member(index=index, hook=hook, variant=variant, lr=lr, seed=seed, sae=sae, opt=opt)
+        return Member.create(sae_cfg, lr=lr, seed=seed, device=self.device, index=index, hook=hook, variant=variant)
 
     @property
     def writes(self) -> list[Member]:
@@ -178,7 +245,7 @@ class Trainer:
         for m in self.members:
             if m.sae.cfg.whiten:
                 m.sae.set_whitening(whitening[m.hook])
-            m.sae.init_from_sample(sample[m.hook].to(self.device))
+            m.sae.init_from_sample(*(rows.to(self.device) for rows in aligned_rows(sample, m.reads)))
 
     def _whitening(self) -> dict[str, Whitening]:
         """The PCA whitening of each hook point that an SAE here whitens (`sae.whiten`), from a sample of
@@ -199,21 +266,27 @@ class Trainer:
         # `hooks` is a list, so each batch is a dict (`ActivationStore.batches` has no overloads saying so).
         return cast(
             Iterator[dict[str, torch.Tensor]],
-            self.store.batches(self.hooks, batch_size, rows=self.train_rows, **kwargs),
+            self.store.batches(self.read_hooks, batch_size, rows=self.train_rows, **kwargs),
         )
 
     def _check_resume(self) -> None:
         """Refuse, before anything is written, a run folder whose SAEs were made by another config."""
         run = self.run_dir
-        check_checkpoint(run.checkpoint, self.members, keys=[s.key for s in self.specs], train_config=run.train_config)
+        diff = []
         if run.train_config.exists():
             old, new = saved_identity(json.loads(run.train_config.read_text()), run), self.cfg.identity()
-            if old != new:
-                diff = [k for k in old if old.get(k) != new.get(k)]
-                raise ConfigError(
-                    f"{run.saes_dir} holds SAEs trained with a different config (differs in {diff}); "
-                    f"set `run` to a new run directory or delete {run.saes_dir} to start over"
-                )
+            diff = [k for k in old if old.get(k) != new.get(k)]
+        try:
+            check_checkpoint(
+                run.checkpoint, self.members, keys=[s.key for s in self.specs], train_config=run.train_config
+            )
+        except TrainError as err:  # a config that differs names other SAEs too (a default lr depends on `tokens`)
+            raise (TrainError(f"{err}; the saved config differs in {diff}") if diff else err) from None
+        if diff:
+            raise ConfigError(
+                f"{run.saes_dir} holds SAEs trained with a different config (differs in {diff}); "
+                f"set `run` to a new run directory or delete {run.saes_dir} to start over"
+            )
 
     # ------------------------------------------------------------------- loop
 
@@ -232,7 +305,6 @@ class Trainer:
         logger = make_logger(self.cfg.logger, run.saes_dir) if self.ranks.main else None
         cfg = self.cfg
         ckpt_every = max(1, cfg.checkpoint_every // cfg.batch_size)
-        use_autocast = self.device.type == "cuda"
         batches = self._batches(cfg.batch_size, seed=cfg.seed, epochs=None, start_batch=start)
         bar = tqdm(total=self.total_steps, initial=start, unit="step", disable=not self.progress, desc="train")
         for m in self.members:
@@ -240,19 +312,11 @@ class Trainer:
         try:
             for step in range(start, self.total_steps):
                 batch = {h: x.to(self.device, non_blocking=True) for h, x in next(batches).items()}
-                factor = lr_factor(step, self.total_steps, warmup=cfg.warmup_steps, decay_start=cfg.decay_start)
-                # The dead set for AuxK is refreshed (one device sync) only at fixed steps, the start and
-                # every checkpoint included, so a resumed run refreshes exactly where an uninterrupted one did.
-                refresh = step == start or step % cfg.log_every == 0 or step % ckpt_every == 0
+                factor, refresh = schedule(cfg, step, start=start)
                 for m in self.members:
                     if m.stopped:
                         continue
-                    if refresh:
-                        m.sae.plan_aux()
-                    for group in m.opt.param_groups:
-                        group["lr"] = m.lr * factor
-                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
-                        metrics = train_step(m.sae, m.opt, batch[m.hook])
+                    metrics = m.step(*aligned_rows(batch, m.reads), factor=factor, refresh=refresh)
                     finite = torch.isfinite(metrics["loss"])
                     m.bad_step = torch.where((m.bad_step < 0) & ~finite, step, m.bad_step)
                     for k, v in metrics.items():
@@ -314,8 +378,12 @@ class Trainer:
             reconstruction, spliced = None, None
             if not m.stopped:
                 m.sae.eval()
-                reconstruction = reconstruction_metrics(m.sae, self.store.activations(m.hook, eval_rows))
-                if model is not None and tokens is not None:
+                held_out = [self.store.activations(h, eval_rows) for h in m.reads]
+                if m.sae.cfg.d_out is None:
+                    reconstruction = reconstruction_metrics(m.sae, held_out[0])
+                else:  # the FVU of its output; spliced metrics of transcoders are not computed here yet
+                    reconstruction = transcoder_metrics(m.sae, held_out[0], held_out[1])
+                if model is not None and tokens is not None and m.sae.cfg.d_out is None:
                     spliced = spliced_metrics(model, m.sae, m.hook, tokens=tokens)
                 m.sae.save(folder)
             result = TrainedSAE(

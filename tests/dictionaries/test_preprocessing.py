@@ -153,11 +153,11 @@ def test_whitened_masked_training_resumes_to_the_same_weights(stores, tmp_path, 
     step_calls = {"n": 0}
     real_step = trainer_module.train_step
 
-    def dies_at_step_25(sae, opt, x):  # two SAEs per step: the 50th call is step 25, after the checkpoint at 20
+    def dies_at_step_25(sae, opt, x, y=None):  # two SAEs per step: the 50th call is step 25, after the checkpoint at 20
         step_calls["n"] += 1
         if step_calls["n"] > 50:
             raise KeyboardInterrupt
-        return real_step(sae, opt, x)
+        return real_step(sae, opt, x, y)
 
     monkeypatch.setattr(trainer_module, "train_step", dies_at_step_25)
     with pytest.raises(KeyboardInterrupt):

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
+from typing import cast
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from saelab.dictionaries import SAEConfig
 from saelab.errors import ConfigError
-from saelab.toys.benchmark import batches, make_benchmark
+from saelab.importer import import_arrays
+from saelab.store import ActivationStore
+from saelab.toys.benchmark import DefaultsRun, batches, make_benchmark
+from saelab.train import Grid, TrainConfig, default_lr, train
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +74,28 @@ def test_the_dictionary_is_not_torchs_global_draw():
 def test_impossible_benchmarks_are_refused_with_the_fix(changes, message):
     with pytest.raises(ConfigError, match=message):
         make_benchmark(**changes)
+
+
+def test_defaults_run_trains_the_weights_saelab_train_saves(tmp_path):
+    """`DefaultsRun` is `saelab train`'s own per-step code: on the batches the trainer reads, from the same sample,
+    it ends with the weights `train` saves, bit for bit (the default learning rate, schedule and AuxK refreshes
+    included: 45 steps refresh at steps 0, 20 and 40)."""
+    data = make_benchmark(n_features=64, d=16, n_parents=4, children=2, seed=0)
+    store = str(tmp_path / "bench.zarr")
+    import_arrays({"h": data.sample(16_384, torch.Generator().manual_seed(0)).numpy()}, store, progress=False)
+    cfg = TrainConfig(
+        store=store, run=str(tmp_path / "run"), tokens=256 * 45, batch_size=256, eval_rows=1024, ce_contexts=0,
+        grid=Grid(k=[4], expansion=[4]),
+    )  # fmt: skip
+    (trained,) = train(cfg, progress=False)
+    rows = (0, 16_384 - cfg.eval_rows)
+    opened = ActivationStore.open(store)
+    sample = cast(torch.Tensor, next(opened.batches("h", 8192, seed=cfg.seed + 1, rows=rows)))
+    run = DefaultsRun(SAEConfig(d_in=16, d_sae=64, k=4), sample, cfg.total_steps, batch_size=256, seed=cfg.seed)
+    assert run.lr == trained.lr == default_lr(64, d_in=16, steps=45)
+    for batch in itertools.islice(opened.batches("h", 256, seed=cfg.seed, rows=rows, epochs=None), 45):
+        run.step(cast(torch.Tensor, batch))
+    run.sae.save(tmp_path / "bench_sae")
+    want = load_file(str(trained.path / "sae_weights.safetensors"))
+    got = load_file(str(tmp_path / "bench_sae" / "sae_weights.safetensors"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

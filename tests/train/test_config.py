@@ -124,3 +124,20 @@ def test_cli_refuses_the_wider_resume_in_one_line(run, tmp_path):
     result = CliRunner().invoke(app, ["train", str(wide), "--quiet"])
     assert result.exit_code == 2 and "checkpoint" in result.output and "Traceback" not in result.output
     assert _hashes(tmp_path) == before
+
+
+def test_default_lr_is_gaos_rule_with_a_short_run_floor():
+    from saelab.train.config import SHORT_RUN_LR, SHORT_RUN_MIN_STEPS, TrainConfig, default_lr
+
+    gao = 2e-4 / (1536 / 2**14) ** 0.5
+    assert default_lr(1536) == pytest.approx(gao, rel=1e-12)  # no step count: Gao et al.'s rule
+    floor = SHORT_RUN_LR / (122 * 96**0.5)
+    assert default_lr(1536, d_in=96, steps=122) == pytest.approx(floor, rel=1e-12)
+    assert 0.06 < floor < 0.07  # the sweep's best rate at d_in 96 and 122 steps, ~100x Gao's
+    assert default_lr(1536, d_in=384, steps=122) == pytest.approx(floor / 2, rel=1e-12)  # 4x d_in: half the rate
+    assert default_lr(1536, d_in=96, steps=100_000) == pytest.approx(gao, rel=1e-12)  # long runs: Gao's again
+    capped = default_lr(1536, d_in=96, steps=SHORT_RUN_MIN_STEPS)
+    assert default_lr(1536, d_in=96, steps=30) == capped  # very short runs: the rate of 100 steps
+    cfg = TrainConfig(run="r", tokens=4096 * 244, batch_size=4096)
+    assert cfg.peak_lr(1536, d_in=96) == default_lr(1536, d_in=96, steps=244)
+    assert cfg.peak_lr(1536, d_in=96, lr=1e-3) == 1e-3
