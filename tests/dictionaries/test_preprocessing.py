@@ -1,10 +1,11 @@
-"""PCA whitening (`saelab.dictionaries.preprocessing`): the statistics, the singular-covariance rule, the fold into
-saved weights (same codes on raw activations, in saelab and in SAELens), and whitening plus masking in a train config
-with a control store, checkpoints and resume."""
+"""PCA whitening (`saelab.dictionaries.preprocessing`): the statistics, the singular-covariance rule (on a sample, and
+on a training or control store through `train`), the fold into saved weights (same codes on raw activations, in saelab
+and in SAELens), and whitening plus masking in a train config with a control store, checkpoints and resume."""
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -185,3 +186,23 @@ def test_control_store_of_another_width_is_refused_before_anything_is_written(st
     assert not (tmp_path / "run" / "saes").exists()
     with pytest.raises(ValueError, match="`whiten_store` gives whitening statistics, but no SAE whitens"):
         _config(stores, tmp_path / "run", sae={"mask_fraction": 0.25})
+
+
+def test_a_singular_store_is_refused_before_anything_is_written(stores, tmp_path):
+    """Rows centred across their dimensions (what a post-LayerNorm residual stream holds, e.g. MiniLM's) have no
+    variance along the all-ones direction: as the training store, or as the control store, `train` names the store
+    and the fixes, and writes nothing."""
+    x = correlated(3000, seed=7)
+    paths = {name: str(tmp_path / f"{name}.zarr") for name in ("centred", "other_hook")}
+    import_arrays({"h0": (x - x.mean(1, keepdim=True)).numpy()}, paths["centred"], shard_rows=4096, progress=False)
+    import_arrays({"h1": x.numpy()}, paths["other_hook"], shard_rows=4096, progress=False)
+    fixes = r"whiten with a `whiten_store` that spans every direction.*`sae.whiten: false`"
+    as_training = dict(store=paths["centred"], whiten_store=None, eval_rows=512)
+    centred = re.escape(paths["centred"])
+    with pytest.raises(ConfigError, match=rf"'h0' in the training store '{centred}' is singular.*{fixes}"):
+        train(_config(stores, tmp_path / "run", **as_training), progress=False)
+    with pytest.raises(ConfigError, match=rf"'h0' in the control store '{centred}' is singular.*{fixes}"):
+        train(_config(stores, tmp_path / "run", whiten_store=paths["centred"]), progress=False)
+    with pytest.raises(StoreError, match=r"has no hook 'h0' \(it has \['h1'\]\); give a `whiten_store` harvested at"):
+        train(_config(stores, tmp_path / "run", whiten_store=paths["other_hook"]), progress=False)
+    assert not (tmp_path / "run" / "saes").exists()
