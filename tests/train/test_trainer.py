@@ -152,6 +152,30 @@ def test_bad_inputs_are_refused(store_path, tmp_path):
         train(TrainConfig(**config(store_path, tmp_path, hooks=["h0"], tokens=256 * 30)), progress=False)
 
 
+@pytest.mark.parametrize(
+    ("sae", "problem"),
+    [
+        (
+            {"matryoshka_prefixes": [8, 128]},
+            r"\(topk, k=4, x1\).*must end at the whole dictionary; give increasing "
+            r"widths ending at d_sae=32 \(e.g. \[4, 32\]\) or fractions of it",
+        ),
+        ({"matryoshka_sample": 64}, r"\(topk, k=4, x1\).*matryoshka_sample=64 exceeds d_sae=32; lower it"),
+        ({"mask_fraction": 1.0}, r"mask_fraction=1.0 is outside \(0, 1\); give the fraction of input dimensions"),
+        ({"mask_fraction": 0.01}, r"hides none or all of them; give a fraction between 0.0312 and 0.969"),
+    ],
+)
+def test_sae_options_that_do_not_fit_a_member_of_the_sweep_are_refused_before_anything_is_written(
+    store_path, tmp_path, sae, problem
+):
+    """`sae:` applies to every member of the grid (here widths 32 and 128 over d=32): one that does not fit is named,
+    with the fix, and the run folder is not created."""
+    grid = {"arch": ["topk"], "k": [4], "expansion": [1, 4]}
+    with pytest.raises(ConfigError, match=f"(?s){problem}"):  # the member on one line, its problem on the next
+        train(TrainConfig(**config(store_path, tmp_path / "run", hooks=["h0"], grid=grid, sae=sae)), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def _latest_step(out) -> int:
     try:
         return json.loads((out / "saes" / "checkpoint" / "latest.json").read_text())["step"]
