@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from saelab.ops import kernels
 from saelab.ops.kernels import Entries
 
 PARETO_POWER = 0.5
@@ -71,6 +72,9 @@ def band_entries(entries: Entries, inner: Sequence[int], n_rows: int) -> tuple[E
     lies in `[inner[j-1], inner[j])` (the last band: `[inner[-1], d_sae)`), in bags `[j * n_rows, (j + 1) * n_rows)`,
     rows still sorted inside each band; returns them and each band's entry count (its group size). The counts are
     read on the host: one device sync per step on a GPU."""
+    done = kernels.band_sort(entries, inner, n_rows)  # the CPU's one pass
+    if done is not None:
+        return done
     bounds = [0, *inner, None]
     # one pass per band keeps each band's entries in row order (a stable sort of all of them is ~5x slower on CPU)
     picks = [

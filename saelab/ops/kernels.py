@@ -136,6 +136,46 @@ def _counting_sort(lat, bag, acts, d_sae, n_chunks, order, starts, bag_sorted, a
             acts_sorted[p] = acts[e]
 
 
+def band_sort(entries: Entries, inner: Sequence[int], n_rows: int) -> tuple[Entries, list[int]] | None:
+    """`matryoshka.band_entries` on the CPU in one serial numba pass (a stable counting sort by band; ~20 small torch
+    ops otherwise, each a thread barrier that a busy machine stretches to milliseconds); None where the torch path
+    serves (other devices or dtypes, or `CPU_KERNELS` off)."""
+    vals, cols, rows = entries
+    if not (CPU_KERNELS and vals.device.type == "cpu" and vals.dtype in (torch.float32, torch.float64)):
+        return None
+    out = Entries(torch.empty_like(vals), torch.empty_like(cols), torch.empty_like(rows))
+    counts = np.zeros(len(inner) + 1, np.int64)
+    _band_sort(
+        vals.detach().numpy(),
+        cols.numpy(),
+        rows.numpy(),
+        np.asarray(inner, np.int64),
+        n_rows,
+        counts,
+        *(t.numpy() for t in out),
+    )
+    return out, counts.tolist()
+
+
+@njit(cache=True)
+def _band_sort(vals, cols, rows, inner, n_rows, counts, vals_out, cols_out, bags_out):
+    """Stable counting sort of the entries by band (`searchsorted(inner, col, "right")`), bag `band * n_rows + row`."""
+    n = cols.shape[0]
+    band = np.searchsorted(inner, cols, side="right")
+    for e in range(n):
+        counts[band[e]] += 1
+    pos = np.zeros(counts.shape[0], np.int64)
+    for j in range(1, counts.shape[0]):
+        pos[j] = pos[j - 1] + counts[j - 1]
+    for e in range(n):
+        j = band[e]
+        p = pos[j]
+        pos[j] = p + 1
+        vals_out[p] = vals[e]
+        cols_out[p] = cols[e]
+        bags_out[p] = rows[e] + j * n_rows
+
+
 class SparseAutoencode(torch.autograd.Function):
     """Decode selected encoder entries; gradients flow to the encoder and decoder.
 
@@ -152,19 +192,24 @@ class SparseAutoencode(torch.autograd.Function):
         if sum(group_sizes) != len(lat):
             raise ValueError(f"group_sizes {group_sizes} must add up to the {len(lat)} entries")
         acts = vals.relu()
-        outs, offsets, start = [], [], 0
+        offsets = bag_offsets(bag, len(group_sizes) * n_rows)  # every bag's start, all groups in one count
+        outs, start = [], 0
         # One call per group: embedding_bag splits bags evenly across threads, so one call over
         # 32-entry main bags and 192-entry AuxK bags would leave one thread most of the work.
         # Detached weights take the cheaper forward-only path (no bag bookkeeping for autograd).
         for g, size in enumerate(group_sizes):
             part = slice(start, start + size)
-            group_offsets = bag_offsets(bag[part] - g * n_rows, n_rows)
+            group_offsets = offsets[g * n_rows : (g + 1) * n_rows]
             outs.append(
-                F.embedding_bag(lat[part], W_dec.detach(), group_offsets, mode="sum", per_sample_weights=acts[part])
+                F.embedding_bag(
+                    lat[part],
+                    W_dec.detach(),
+                    group_offsets - start if start else group_offsets,
+                    mode="sum",
+                    per_sample_weights=acts[part],
+                )
             )
-            offsets.append(group_offsets + start)
             start += size
-        offsets = torch.cat(offsets)
         ctx.save_for_backward(x, b_dec, W_enc, W_dec, vals, lat, bag, offsets)
         return tuple(outs)
 

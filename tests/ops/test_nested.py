@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from saelab.dictionaries import matryoshka
 from saelab.ops import kernels
 
 B, D, M = 7, 5, 24
@@ -87,3 +88,21 @@ def test_dense_topk_decodes_match_autograd(n_groups):
     want_grads = torch.autograd.grad(torch.stack([(w * b).sum() for w, b in zip(weights, want)]).sum(), inputs)
     for name, a, b in zip(["x_in", "W_enc", "b_enc", "W_dec"], grads, want_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL, msg=name)
+
+
+@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["numba", "torch"])
+def test_band_entries_known_answer(cpu_kernels, monkeypatch):
+    """Entries regrouped into bands [0, 2), [2, 5), [5, d_sae), rows still in order inside each band, band j's bags
+    offset by j * n_rows; a band with no entries gets a count of 0."""
+    monkeypatch.setattr(kernels, "CPU_KERNELS", cpu_kernels)
+    vals = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7], dtype=torch.float64)
+    cols = torch.tensor([6, 1, 3, 0, 5, 2, 1])
+    rows = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    (got_vals, got_cols, got_bags), counts = matryoshka.band_entries(kernels.Entries(vals, cols, rows), [2, 5], 3)
+    assert counts == [3, 2, 2]
+    assert got_cols.tolist() == [1, 0, 1, 3, 2, 6, 5]
+    assert got_bags.tolist() == [0, 1, 2, 3, 5, 6, 7]
+    torch.testing.assert_close(got_vals, torch.tensor([0.2, 0.4, 0.7, 0.3, 0.6, 0.1, 0.5], dtype=torch.float64))
+    (_, _, bags), counts = matryoshka.band_entries(kernels.Entries(vals, cols, rows), [2, 4, 5], 3)
+    assert counts == [3, 2, 0, 2]
+    assert bags.tolist() == [0, 1, 2, 3, 5, 9, 10]
