@@ -80,8 +80,36 @@ def batch_topk_entries(pre: Tensor, k: int) -> Entries:
     """Top `k * batch` entries of the whole batch (BatchTopK), grouped by row."""
     n_rows, width = pre.shape
     vals, flat = flat_topk(pre.flatten(), k * n_rows)
+    if CPU_KERNELS and vals.device.type == "cpu" and vals.dtype in (torch.float32, torch.float64):
+        out = Entries(torch.empty_like(vals), torch.empty_like(flat), torch.empty_like(flat))
+        _sort_flat(vals.numpy(), flat.numpy(), width, n_rows, *(t.numpy() for t in out))
+        return out
     flat, order = flat.sort()
     return Entries(vals[order], flat % width, flat // width)
+
+
+@njit(cache=True)
+def _sort_flat(vals, flat, width, n_rows, vals_out, cols_out, rows_out):
+    """The distinct flat indices `flat` into `[n_rows, width]` sorted (`torch.sort`'s order, ~30x faster on one
+    thread): a counting sort by row, then an insertion sort of each row's few columns; `vals` follow."""
+    counts = np.zeros(n_rows + 1, np.int64)
+    for e in range(flat.shape[0]):
+        counts[flat[e] // width + 1] += 1
+    for r in range(n_rows):
+        counts[r + 1] += counts[r]
+    pos = counts[:-1].copy()
+    for e in range(flat.shape[0]):
+        r = flat[e] // width
+        p = pos[r]
+        pos[r] = p + 1
+        vals_out[p], cols_out[p], rows_out[p] = vals[e], flat[e] - r * width, r
+    for r in range(n_rows):
+        for p in range(counts[r] + 1, counts[r + 1]):
+            c, v, q = cols_out[p], vals_out[p], p
+            while q > counts[r] and cols_out[q - 1] > c:
+                cols_out[q], vals_out[q] = cols_out[q - 1], vals_out[q - 1]
+                q -= 1
+            cols_out[q], vals_out[q] = c, v
 
 
 CPU_KERNELS = True  # the numba counting sort for CPU tensors; tests switch it off (on this module) for the torch path

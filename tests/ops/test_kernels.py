@@ -136,6 +136,19 @@ def test_batch_topk_entries_known_answer():
     torch.testing.assert_close(vals, pre[rows, cols])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batch_topk_entries_are_the_row_major_sorted_top_entries(dtype):
+    """Uneven rows (one holds most of the batch's top entries, some none): exactly the `k * batch` largest, sorted by
+    (row, latent), on both paths."""
+    g = torch.Generator().manual_seed(0)
+    pre = torch.randn(37, 53, generator=g, dtype=dtype)
+    pre[5] += 3.0
+    vals, cols, rows = kernels.batch_topk_entries(pre, 4)
+    flat = pre.flatten().topk(4 * 37).indices.sort().values
+    assert torch.equal(rows * 53 + cols, flat)
+    assert torch.equal(vals, pre[rows, cols])
+
+
 def test_sparse_decode_matches_dense():
     g = torch.Generator().manual_seed(0)
     W_dec = torch.randn(M, D, generator=g)
