@@ -27,7 +27,7 @@ from saelab.models import (
     resolve_hooks,
 )
 from saelab.run import is_local, store_relative
-from saelab.store import ActivationStore, StoreWriter, open_group, saelab_meta, to_storage, zarr_group
+from saelab.store import TORCH_DTYPE, ActivationStore, StoreWriter, open_group, saelab_meta, to_storage, zarr_group
 from saelab.store.checksums import DamagedShard
 from saelab.store.writer import Written
 from saelab.text import ContextBatch, SpecialTokens, batch_contexts, iter_documents, pack_contexts
@@ -247,13 +247,20 @@ def _piece(cfg: HarvestConfig, model: Model, points: list[HookPoint], kept: _Kep
     """Run the model on a batch: the activations and metadata of its kept rows."""
     device, batch, keep = device_of(model), kept.contexts, kept.keep
     acts = capture(model, torch.from_numpy(batch.tokens).to(device), points)
-    keep_t = torch.from_numpy(keep).to(device)
+    keep_t = None if keep.all() else torch.from_numpy(keep).to(device)  # indexing copies rows: only to drop some
+
+    def kept_rows(p: HookPoint) -> torch.Tensor:
+        """The hook's kept rows in the store's dtype: a copy (never a view of the model's tensors), cast first so
+        that dropping rows moves half the bytes."""
+        x = acts[p.name].reshape(-1, p.d).to(TORCH_DTYPE[cfg.dtype], copy=True)
+        return x if keep_t is None else x[keep_t]
+
     return Piece(
         kept.batch,
         kept.start,
         kept.n,
         0,
-        {p.name: to_storage(acts[p.name].reshape(-1, p.d)[keep_t], cfg.dtype) for p in points},
+        {p.name: to_storage(kept_rows(p), cfg.dtype) for p in points},
         {
             "tokens": batch.tokens.reshape(-1)[keep].astype(np.int32),
             "doc_id": batch.doc_id.reshape(-1)[keep],

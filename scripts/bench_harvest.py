@@ -8,13 +8,14 @@ packing, forward, casting, the writer thread, Zarr shards), and the ratios harve
 Runs alternate (bare, harvest, bare, harvest, ...) and the best of each is kept, as this machine is noisy.
 It also prints the same ratios in process CPU time (every thread, torch's included): on a machine shared with
 other jobs the wall-clock ratio says little, and harvest and bare forward are both CPU-bound, so bare CPU / harvest
-CPU is what the wall-clock ratio would be on an idle one.
+CPU is what the wall-clock ratio would be on an idle one. The 1-minute load average before and after is printed with them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -93,6 +94,7 @@ def main() -> None:
         return time.perf_counter() - t, time.process_time() - cpu
 
     bare_to_layer()  # warm-up
+    start_load = os.getloadavg()[0]
     best = {"bare_to_layer": float("inf"), "bare_full": float("inf"), "harvest": float("inf")}
     best_cpu = dict(best)
     for _ in range(args.repeats):
@@ -100,6 +102,7 @@ def main() -> None:
             wall, cpu = timed(fn)
             best[name], best_cpu[name] = min(best[name], wall), min(best_cpu[name], cpu)
     tps = {k: n_tokens / v for k, v in best.items()}
+    load = [start_load, os.getloadavg()[0]]
     result = {
         "model": args.model,
         "hooks": HOOKS,
@@ -112,6 +115,7 @@ def main() -> None:
         "ratio_harvest_vs_bare_full": tps["harvest"] / tps["bare_full"],
         "cpu_s": best_cpu,
         "cpu_ratio_harvest_vs_bare_to_layer": best_cpu["bare_to_layer"] / best_cpu["harvest"],
+        "load_average": load,
     }
     print(
         f"{args.model}, {len(HOOKS)} hooks at layers 1-2, {args.dtype}, {n_tokens:,} tokens, {device}, {args.threads} threads"
@@ -121,6 +125,7 @@ def main() -> None:
     print(f"  harvest / bare forward to the same layer: {result['ratio_harvest_vs_bare_to_layer']:.3f}")
     print(f"  harvest / bare full forward:             {result['ratio_harvest_vs_bare_full']:.3f}")
     print(f"  the same in CPU time (bare / harvest):   {result['cpu_ratio_harvest_vs_bare_to_layer']:.3f}")
+    print(f"  load average (1 min) before and after:   {load[0]:.2f}, {load[1]:.2f}")
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump(result, f, indent=1)

@@ -31,6 +31,7 @@ from saelab.store.layout import (
     saelab_meta,
     zarr_group,
 )
+from saelab.store.shards import plain_chunk_rows, set_shards
 
 
 class RowSums(NamedTuple):
@@ -199,12 +200,14 @@ class StoreWriter:
         stop = start + len(a)
         if resize and arr.shape[0] != stop:
             arr.resize((stop, *arr.shape[1:]))
-        if _no_empty_chunks(a, shard_rows=r, chunk_rows=arr.chunks[0]):
-            arr = arr.with_config(
-                replace(arr.config, write_empty_chunks=True)
-            )  # skips Zarr's own scan for empty chunks: same bytes
-        arr[start:stop] = a
         stored = np.asarray(a, dtype=arr.dtype)  # the rows as Zarr will return them
+        chunk_rows = plain_chunk_rows(arr)
+        if not _no_empty_chunks(stored, shard_rows=r, chunk_rows=arr.chunks[0]):
+            arr[start:stop] = stored
+        elif chunk_rows is not None:
+            set_shards(arr, start, stored, chunk_rows=chunk_rows)  # Zarr's bytes, without its pipeline
+        else:  # skips Zarr's own scan for empty chunks: the same bytes
+            arr.with_config(replace(arr.config, write_empty_chunks=True))[start:stop] = stored
         return [(name, (start + first) // r, digest(stored[first : first + r])) for first in range(0, len(a), r)]
 
     def commit(self, rows_complete: int, complete: bool = False, **extra: Any) -> None:
