@@ -374,7 +374,11 @@ def dense_topk_decodes(
         picks, start = [], 0
         for n, (_, k) in zip(sizes, groups, strict=True):
             span = None if n == len(cols) else torch.arange(start, start + n, device=pre.device)
-            picks.append(topk_rows(pre.detach(), k, span)[1])
+            if k >= n:  # every latent of the group (a short band's few dead ones): its top k needs no search
+                span = torch.arange(n, device=pre.device) if span is None else span
+                picks.append(span.expand(pre.shape[0], n))
+            else:
+                picks.append(topk_rows(pre.detach(), k, span)[1])
             start += n
         idx = torch.cat(picks, 1) if len(picks) > 1 else picks[0]
     acts = torch.zeros_like(pre).scatter(1, idx, pre.gather(1, idx).relu())
