@@ -10,7 +10,7 @@ from saelab.harvest import harvest
 from saelab.models import Model
 from saelab.run import RunDir
 from saelab.store import ActivationStore
-from saelab.train import Grid, TrainConfig, train
+from saelab.train import Grid, TrainConfig, default_lr, train
 
 
 def small_store(
@@ -37,7 +37,9 @@ def small_store(
 
 def small_run(root: Path, model: str, hook: str, *, k: int, expansion: int = 2, analysed: bool) -> Path:
     """A run at `root/run`: 4k tokens of `model` (a spec `saelab.load_model` takes) at `hook` (`small_store`), one
-    TopK SAE (`k`, `expansion`) trained on 10k tokens, and its feature analysis when `analysed`."""
+    TopK SAE (`k`, `expansion`) trained on 10k tokens at Gao et al.'s rate (`default_lr(width)`: the rate the steering
+    and app tests that read particular latents of these runs were written against, not the short-run floor a 20-step
+    run gets by default), and its feature analysis when `analysed`."""
     run = root / "run"
     store = small_store(run, model, hook)
     train(
@@ -48,7 +50,7 @@ def small_run(root: Path, model: str, hook: str, *, k: int, expansion: int = 2, 
             batch_size=512,
             eval_rows=1024,
             warmup_steps=5,
-            grid=Grid(k=[k], expansion=[expansion]),
+            grid=Grid(k=[k], expansion=[expansion], lr=[default_lr(expansion * store.d(hook))]),
             device="cpu",
         ),
         progress=False,
