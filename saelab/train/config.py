@@ -195,7 +195,8 @@ rate is ~0.003-0.01 at 30 and 200 steps and 0.04 kills 85% of the latents; on th
 best is ~8 / steps. 20 is the real model's side of both: `lr * steps` 1 at d_in 384, 2 at d_in 96."""
 
 SHORT_RUN_MIN_STEPS = 100
-"""Runs shorter than this get the floor of a run of this many steps (at 8 / steps a 30-step run at d_in 96 diverges)."""
+"""Runs shorter than this get the floor of a run of this many steps (a 30-step run of the trainer tests' toy diverged
+at 8 / 30)."""
 
 
 def default_lr(width: int, *, d_in: int | None = None, steps: int | None = None) -> float:
