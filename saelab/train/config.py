@@ -135,6 +135,11 @@ class TrainConfig(StrictModel):
         """Training steps per SAE: `tokens // batch_size`."""
         return self.tokens // self.batch_size
 
+    @property
+    def checkpoint_steps(self) -> int:
+        """Steps between checkpoints: `checkpoint_every // batch_size`, at least 1."""
+        return max(1, self.checkpoint_every // self.batch_size)
+
     def peak_lr(self, width: int, *, d_in: int, lr: float | None = None) -> float:
         """The peak learning rate of an SAE of `width` latents over `d_in` dimensions: `lr` as given (a `grid.lr`
         entry), or `None`: `default_lr` for that width and `d_in` and this run's `total_steps`."""

@@ -115,8 +115,7 @@ def schedule(cfg: TrainConfig, step: int, *, start: int = 0) -> tuple[float, boo
     whether AuxK's dead set is refreshed before the step. The refresh (one device sync) happens only at fixed steps,
     the start and every checkpoint included, so a resumed run refreshes exactly where an uninterrupted one did."""
     factor = lr_factor(step, cfg.total_steps, warmup=cfg.warmup_steps, decay_start=cfg.decay_start)
-    ckpt_every = max(1, cfg.checkpoint_every // cfg.batch_size)
-    return factor, step == start or step % cfg.log_every == 0 or step % ckpt_every == 0
+    return factor, step == start or step % cfg.log_every == 0 or step % cfg.checkpoint_steps == 0
 
 
 class _Spec(NamedTuple):
@@ -304,7 +303,6 @@ class Trainer:
             run.train_config.write_text(json.dumps(self.cfg.identity(), indent=1))
         logger = make_logger(self.cfg.logger, run.saes_dir) if self.ranks.main else None
         cfg = self.cfg
-        ckpt_every = max(1, cfg.checkpoint_every // cfg.batch_size)
         batches = self._batches(cfg.batch_size, seed=cfg.seed, epochs=None, start_batch=start)
         bar = tqdm(total=self.total_steps, initial=start, unit="step", disable=not self.progress, desc="train")
         for m in self.members:
@@ -324,7 +322,7 @@ class Trainer:
                     m.window += 1
                 if (step + 1) % cfg.log_every == 0 or step + 1 == self.total_steps:
                     self._log(step + 1, bar, logger)
-                if (step + 1) % ckpt_every == 0 and step + 1 < self.total_steps:
+                if (step + 1) % cfg.checkpoint_steps == 0 and step + 1 < self.total_steps:
                     save_checkpoint(run.checkpoint, self.writes, step + 1)
                 bar.update(1)
         finally:
