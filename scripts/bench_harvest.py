@@ -5,7 +5,10 @@
 Prints tokens/s of (a) the bare forward pass stopped at the same layer as the harvest (the same
 compute, nothing stored), (b) the full bare forward pass, (c) `saelab.harvest` end to end (text
 packing, forward, casting, the writer thread, Zarr shards), and the ratios harvest / bare.
-Runs alternate (bare, harvest, bare, harvest, ...) and the best of each is kept, as this machine is noisy.
+Runs come in `--repeats` back-to-back pairs, bare first in even pairs and harvest first in odd ones (so a drift in the
+machine's speed does not favour either); the full forward runs once, after them. This machine's speed drifts by 10-20%
+over minutes (a first run is often the fastest), so the ratio printed first is the median over the pairs of
+bare / harvest; the ratio of the best of each is printed beside it.
 It also prints the same ratios in process CPU time (every thread, torch's included): on a machine shared with
 other jobs the wall-clock ratio says little, and harvest and bare forward are both CPU-bound, so bare CPU / harvest
 CPU is what the wall-clock ratio would be on an idle one. The 1-minute load average before and after is printed with them.
@@ -17,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from itertools import islice
@@ -38,7 +42,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--context-length", type=int, default=128)
     parser.add_argument("--dtype", default="float16")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5, help="(bare, harvest) pairs")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args()
@@ -76,12 +80,11 @@ def main() -> None:
         for tokens in batches:
             model(tokens, return_type=None)
 
+    scratch = tempfile.mkdtemp(prefix="bench_harvest_")
+
     def harvest_once() -> None:
-        out = tempfile.mkdtemp(prefix="bench_harvest_")
-        try:
-            harvest(cfg.model_copy(update={"out": out + "/s.zarr"}), model=model, progress=False)
-        finally:
-            shutil.rmtree(out)
+        """A harvest into a new store (each deleted after its timing: deleting is not part of a harvest)."""
+        harvest(cfg.model_copy(update={"out": f"{scratch}/s.zarr"}), model=model, progress=False)
 
     def timed(fn) -> tuple[float, float]:
         """Wall-clock and process CPU seconds of `fn()`."""
@@ -95,12 +98,20 @@ def main() -> None:
 
     bare_to_layer()  # warm-up
     start_load = os.getloadavg()[0]
-    best = {"bare_to_layer": float("inf"), "bare_full": float("inf"), "harvest": float("inf")}
-    best_cpu = dict(best)
-    for _ in range(args.repeats):
-        for name, fn in (("bare_to_layer", bare_to_layer), ("harvest", harvest_once), ("bare_full", bare_full)):
+    walls: dict[str, list[float]] = {"bare_to_layer": [], "harvest": []}
+    cpus: dict[str, list[float]] = {"bare_to_layer": [], "harvest": []}
+    for i in range(args.repeats):
+        pair = [("bare_to_layer", bare_to_layer), ("harvest", harvest_once)]
+        for name, fn in pair if i % 2 == 0 else pair[::-1]:
             wall, cpu = timed(fn)
-            best[name], best_cpu[name] = min(best[name], wall), min(best_cpu[name], cpu)
+            shutil.rmtree(f"{scratch}/s.zarr", ignore_errors=True)
+            walls[name].append(wall)
+            cpus[name].append(cpu)
+    shutil.rmtree(scratch)
+    full_wall, _ = timed(bare_full)
+    paired = [b / h for b, h in zip(walls["bare_to_layer"], walls["harvest"], strict=True)]
+    paired_cpu = [b / h for b, h in zip(cpus["bare_to_layer"], cpus["harvest"], strict=True)]
+    best = {name: min(v) for name, v in walls.items()} | {"bare_full": full_wall}
     tps = {k: n_tokens / v for k, v in best.items()}
     load = [start_load, os.getloadavg()[0]]
     result = {
@@ -111,10 +122,13 @@ def main() -> None:
         "device": str(device),
         "threads": args.threads,
         "tokens_per_s": tps,
-        "ratio_harvest_vs_bare_to_layer": tps["harvest"] / tps["bare_to_layer"],
+        "wall_s": walls,
+        "cpu_s": cpus,
+        "ratio_harvest_vs_bare_to_layer": statistics.median(paired),
+        "ratio_paired": paired,
+        "ratio_best_of_each": best["bare_to_layer"] / best["harvest"],
         "ratio_harvest_vs_bare_full": tps["harvest"] / tps["bare_full"],
-        "cpu_s": best_cpu,
-        "cpu_ratio_harvest_vs_bare_to_layer": best_cpu["bare_to_layer"] / best_cpu["harvest"],
+        "cpu_ratio_harvest_vs_bare_to_layer": statistics.median(paired_cpu),
         "load_average": load,
     }
     print(
@@ -122,9 +136,12 @@ def main() -> None:
     )
     for k, v in tps.items():
         print(f"  {k:<15} {v:>10,.0f} tokens/s")
-    print(f"  harvest / bare forward to the same layer: {result['ratio_harvest_vs_bare_to_layer']:.3f}")
+    print(
+        f"  harvest / bare forward to the same layer: {result['ratio_harvest_vs_bare_to_layer']:.3f} (median of "
+        f"{args.repeats} pairs, from {min(paired):.3f} to {max(paired):.3f}; best of each: {result['ratio_best_of_each']:.3f})"
+    )
     print(f"  harvest / bare full forward:             {result['ratio_harvest_vs_bare_full']:.3f}")
-    print(f"  the same in CPU time (bare / harvest):   {result['cpu_ratio_harvest_vs_bare_to_layer']:.3f}")
+    print(f"  the same in CPU time (median of pairs):  {result['cpu_ratio_harvest_vs_bare_to_layer']:.3f}")
     print(f"  load average (1 min) before and after:   {load[0]:.2f}, {load[1]:.2f}")
     if args.json_path:
         with open(args.json_path, "w") as f:
