@@ -235,10 +235,15 @@ class SAE(nn.Module):
         """`t` `[rows, d_in]` on the dimensions a masked batch takes its loss on (zero elsewhere); `t` unmasked."""
         return t if batch.masked is None else t * batch.masked.held_out
 
-    def batch_spread(self, rows: Tensor) -> Tensor:
-        """`spread` of `rows` computed on this rank's slice of a batch, over the whole batch (`global_spread` under
-        `split`)."""
-        return spread(rows) if self.split is None else global_spread(rows)
+    def residual_spread(self, residual: Tensor, sse: Tensor) -> Tensor:
+        """`spread` of a residual of this rank's slice of a batch, over the whole batch (`global_spread` under `split`),
+        given its squared norm `sse` (`|residual|^2`): on one rank `sse - n |mean|^2` in float64, one pass over the
+        rows where `spread` takes three. A residual's mean is small against its spread, so the difference loses no
+        precision that matters (`spread` itself sums in float32)."""
+        if self.split is not None:
+            return global_spread(residual)
+        mean = residual.mean(0, dtype=torch.float64)
+        return (sse.double() - residual.shape[0] * mean.dot(mean)).to(sse.dtype)
 
     @torch.no_grad()
     def plan_aux(self) -> None:

@@ -103,8 +103,8 @@ class TopKSAE(SAE):
             for group, aux_recon in zip(aux, aux_recons, strict=True):
                 residual = residuals[group.band]
                 aux_recon = self.held_out(batch, aux_recon)  # masking: the residual is on the held-out dims alone
-                auxk = auxk + group.scale * F.mse_loss(aux_recon, residual, reduction="sum") / self.batch_spread(
-                    residual
+                auxk = auxk + group.scale * F.mse_loss(aux_recon, residual, reduction="sum") / self.residual_spread(
+                    residual, sse[group.band].detach()
                 )
             recon_loss = fvus.mean()
             loss = recon_loss + cfg.aux_coef * auxk

@@ -246,7 +246,7 @@ class SparseAutoencode(torch.autograd.Function):
         x, b_dec, W_enc, W_dec, vals, lat, bag, offsets = ctx.saved_tensors
         n_rows, d_sae = x.shape[0], W_dec.shape[0]
         # [n_groups * B, d_out], row = bag
-        grad_out = torch.cat(grad_outs) if len(grad_outs) > 1 else next(iter(grad_outs))
+        grad_out = _stacked(grad_outs)
 
         # Group entries by latent once; every weight gradient row is then a bag.
         order, by_latent, bag_sorted, acts_sorted = group_by_latent(lat, bag, vals.relu(), d_sae=d_sae)
@@ -274,6 +274,23 @@ class SparseAutoencode(torch.autograd.Function):
             per_bag = F.embedding_bag(lat, W_enc.T.contiguous(), offsets, mode="sum", per_sample_weights=grad_pre)
             grad_x = per_bag.view(-1, n_rows, x.shape[1]).sum(0)
         return grad_x, grad_b_dec, grad_W_enc, grad_b_enc, grad_W_dec, None, None, None, None
+
+
+def _stacked(grads: Sequence[Tensor]) -> Tensor:
+    """The gradients `[B, d]` of `SparseAutoencode`'s outputs as one `[n * B, d]` table: the buffer they are
+    consecutive slices of when they are (`NestedSSE.backward` writes them so), else a copy of them joined."""
+    first = grads[0]
+    base = first._base
+    if len(grads) == 1:
+        return first
+    if (
+        base is not None
+        and base.is_contiguous()
+        and base.numel() == first.numel() * len(grads)
+        and all(g._base is base and g.data_ptr() == base.data_ptr() + i * g.nbytes for i, g in enumerate(grads))
+    ):
+        return base.view(-1, first.shape[-1])
+    return torch.cat(list(grads))
 
 
 def sparse_autoencode(
@@ -322,17 +339,18 @@ class NestedSSE(torch.autograd.Function):
         if grad_sse is None:
             return (None,) * (3 + len(residuals))
         coef = -2 * grad_sse
-        grads: list[Tensor] = []
-        acc = residuals[-1] * coef[-1]
-        for j in range(len(residuals) - 1, -1, -1):
-            if j < len(residuals) - 1:
-                acc = torch.addcmul(acc, residuals[j], coef[j])
-            grads.append(acc)
+        # Every decode's gradient in one buffer, in order: `SparseAutoencode.backward` reads them as one table.
+        grads = residuals[0].new_empty((len(residuals), *residuals[0].shape))
+        last = len(residuals) - 1
+        torch.mul(residuals[last], coef[last], out=grads[last])
+        for j in range(last - 1, -1, -1):
+            torch.addcmul(grads[j + 1], residuals[j], coef[j], out=grads[j])
+        acc = grads[0]
         grad_target = -acc if ctx.needs_input_grad[0] else None
         grad_base = None
         if ctx.needs_input_grad[1]:
             grad_base = acc.sum(0) if ctx.base_dims == 1 else acc
-        return grad_target, grad_base, None, *reversed(grads)
+        return grad_target, grad_base, None, *grads.unbind(0)
 
 
 class NestedResiduals(NamedTuple):

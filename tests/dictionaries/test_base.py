@@ -78,6 +78,17 @@ def test_geometric_median_known_answers():
     assert geometric_median(square, iters=200).tolist() == pytest.approx([0.2, 0.1], abs=1e-3)
 
 
+def test_residual_spread_is_the_spread_of_the_residual():
+    """AuxK's denominator from the residual's known squared norm equals the direct `spread`, offset mean and all."""
+    from saelab.dictionaries.batch import spread
+
+    residual = torch.randn(4096, 96, generator=torch.Generator().manual_seed(0)) + torch.linspace(-0.5, 0.5, 96)
+    sse = residual.square().sum()
+    got = make_sae("topk").residual_spread(residual, sse)
+    torch.testing.assert_close(got, spread(residual), rtol=1e-5, atol=0)
+    assert not torch.isclose(got, sse, rtol=1e-3)  # the mean's share is really taken off
+
+
 def test_init_from_sample_scales_and_centres():
     sae = SAE.from_config(SAEConfig(d_in=16, d_sae=64))
     x = torch.randn(2000, 16) * 7 + 30
