@@ -8,7 +8,7 @@ from saelab.dictionaries.base import SAE, DType, LossTerms, SAEConfig, geometric
 from saelab.dictionaries.crosscoder import CrossCoder, CrossCoderConfig
 from saelab.dictionaries.dense_family import JumpReLUSAE, ReLUSAE
 from saelab.dictionaries.icfl import ICFLSAE
-from saelab.dictionaries.registry import ARCHITECTURES, Arch, register, sae_class
+from saelab.dictionaries.registry import ARCHITECTURES, Arch, load_dictionary, register, sae_class
 from saelab.dictionaries.saelens import SAELENS_ARCH, SAELENS_FORMAT_VERSION, load_sae, saelens_cfg, save_sae
 from saelab.dictionaries.topk_family import BatchTopKSAE, TopKSAE
 
@@ -29,6 +29,7 @@ __all__ = [
     "SAEConfig",
     "TopKSAE",
     "geometric_median",
+    "load_dictionary",
     "load_sae",
     "register",
     "sae_class",

@@ -1,4 +1,5 @@
-"""Architecture name -> SAE class: `SAE.from_config(cfg)` builds the class registered for `cfg.arch`.
+"""Architecture name -> SAE class: `SAE.from_config(cfg)` builds the class registered for `cfg.arch`; `cfg.json`'s
+`kind` -> the class of another dictionary kind, which `load_dictionary` dispatches on.
 
 A new architecture is one module that defines its class (with `arch = "name"`) decorated with `@register`, and
 its name added to `Arch`, which configs are validated against.
@@ -6,12 +7,18 @@ its name added to `Arch`, which configs are validated against.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeVar, get_args
 
-from saelab.errors import ConfigError
+from saelab.errors import ConfigError, MissingError, SAELoadError
+from saelab.run import SAE_CONFIG
 
 if TYPE_CHECKING:
+    import torch
+
     from saelab.dictionaries.base import SAE
+    from saelab.dictionaries.crosscoder import CrossCoder
 
 Arch = Literal["topk", "batchtopk", "jumprelu", "relu", "icfl"]
 
@@ -53,3 +60,29 @@ def register_kind(cls: K) -> K:
         raise TypeError(f"kind {kind!r} is already registered by {KINDS[kind].__name__}")
     KINDS[kind] = cls
     return cls
+
+
+def load_dictionary(path: str | Path, device: torch.device | str | None = None) -> SAE | CrossCoder:
+    """The dictionary saved in the folder `path`, by the `kind` its `cfg.json` records: a kind of `KINDS` (a
+    crosscoder) by its class's `load`, anything else (saelab's and SAELens's SAEs and transcoders, which record no
+    kind) by `SAE.load`. `MissingError` if the folder has no `cfg.json`; `SAELoadError` naming what is wrong if it
+    cannot be read."""
+    from saelab.dictionaries.base import SAE  # the SAE family registers itself here
+
+    config = Path(path) / SAE_CONFIG
+    if not config.is_file():
+        raise MissingError(f"{path} has no {SAE_CONFIG}; give a folder that saelab or SAELens wrote a dictionary to")
+    try:
+        kind = json.loads(config.read_text()).get("kind")
+    except (ValueError, AttributeError) as err:
+        raise SAELoadError(
+            f"cannot read {config} ({type(err).__name__}: {err}); give a folder that saelab wrote"
+        ) from None
+    if kind is None:
+        return SAE.load(path, device)
+    if kind not in KINDS:
+        raise SAELoadError(
+            f"{config} records kind {kind!r}, which saelab does not know; it loads {', '.join(KINDS)} and SAEs "
+            "(no kind); give a folder that saelab wrote, or upgrade saelab"
+        )
+    return KINDS[kind].load(path, device)

@@ -55,6 +55,24 @@ class TranscoderPair(StrictModel):
         return self
 
 
+class CrossCoderSpec(StrictModel):
+    """One crosscoder: every grid point (`k`, `expansion`, `lr`, `seed`; not `arch`) trains one over `sources`."""
+
+    sources: list[str] = Field(min_length=2)
+    """The store's arrays it reads and writes, in order, all of one width: several hook points of one model
+    (`blocks.1.hook_resid_post`, `blocks.2.hook_resid_post`) or one hook point in several models
+    (`base/blocks.1.hook_resid_post`, `tuned/blocks.1.hook_resid_post`)."""
+    arch: Literal["topk", "batchtopk"] = "batchtopk"
+    """Its activation: `topk` (the k highest latents of each row) or `batchtopk` (Minder et al.'s choice)."""
+
+    @field_validator("sources")
+    @classmethod
+    def _distinct(cls, sources: list[str]) -> list[str]:
+        if len(set(sources)) != len(sources):
+            raise ValueError(f"sources {sources} name one array twice; give each source once")
+        return sources
+
+
 class TrainConfig(StrictModel):
     """What to train, on what, for how long."""
 
@@ -67,11 +85,15 @@ class TrainConfig(StrictModel):
     run: str
     """The run folder: the SAEs go to `RUN/saes/`."""
     hooks: list[str] | None = None
-    """Hook points to train SAEs on; `None` (or empty): every hook point of the store, or none when `transcoders` are
-    given."""
+    """Hook points to train SAEs on; `None` (or empty): every hook point of the store, or none when `transcoders` or
+    `crosscoders` are given."""
     transcoders: list[TranscoderPair] = []
     """MLPs to train transcoders of (`{input: blocks.L.hook_mlp_in, output: blocks.L.hook_mlp_out, skip: false}`), each
     at every grid point; saved under their input hook, as variants `transcoder-...` (`skiptranscoder-...`)."""
+    crosscoders: list[CrossCoderSpec] = []
+    """Crosscoders to train (`{sources: [a, b], arch: batchtopk}`), each at every grid point; saved under their first
+    source, as variants `crosscoder-<arch>-...`. The `sae` fields that a crosscoder has (`dead_tokens`, `aux_k`,
+    `aux_coef`, `threshold_lr`, `dtype`) apply to it too."""
     grid: Grid = Grid()
     """The sweep grid."""
     sae: dict[str, Any] = {}
@@ -165,6 +187,8 @@ class TrainConfig(StrictModel):
             identity["model"] = run.relative(self.model)
         if not self.transcoders:  # as runs saved before transcoders existed record it, so that they resume
             del identity["transcoders"]
+        if not self.crosscoders:  # as runs saved before crosscoders existed record it, so that they resume
+            del identity["crosscoders"]
         if self.whiten_store is None:  # as runs saved before `whiten_store` existed record it, so that they resume
             del identity["whiten_store"]
         else:

@@ -1,4 +1,5 @@
-"""Honest SAE metrics: reconstruction on held-out rows, and the model's loss with the SAE spliced in."""
+"""Honest SAE metrics: reconstruction on held-out rows (a crosscoder's per source), the model's loss with the SAE
+spliced in, and an encoder's sentence embedding with an MLP replaced by a transcoder."""
 
 from __future__ import annotations
 
@@ -10,11 +11,15 @@ import torch
 from torch import Tensor
 
 from saelab.config import TextConfig
-from saelab.dictionaries import SAE
-from saelab.models import device_of, is_encoder
+from saelab.dictionaries import SAE, CrossCoder
+from saelab.dictionaries.transcoder import splice_hooks
+from saelab.models import device_of, forward_to, is_encoder
 from saelab.text import SpecialTokens, iter_documents, pack_contexts
 
 DENSE_THRESHOLD = 0.1
+EXCLUSIVE_SHARE = 0.9
+"""A crosscoder latent is exclusive to a source when that source holds at least this share of its decoder norm
+(Minder et al.'s relative-norm cut of 0.1 / 0.9 for two sources)."""
 
 
 class ReconstructionMetrics(TypedDict):
@@ -32,6 +37,33 @@ class ReconstructionMetrics(TypedDict):
     """Fraction of latents that never fire on these rows."""
     dense_frac: float
     """Fraction of latents firing on more than 10% of these rows."""
+
+
+class CrossCoderMetrics(ReconstructionMetrics):
+    """A crosscoder's held-out metrics (`crosscoder_metrics`): `ReconstructionMetrics` over all its sources at once,
+    then per source, in the order of `sources`."""
+
+    sources: list[str]
+    """Its sources, in order."""
+    fvu_per_source: list[float]
+    """Each source's FVU."""
+    decoder_norm_share: list[float]
+    """Each source's mean share of a latent's decoder norm (the shares of a latent sum to 1)."""
+    exclusive_frac: list[float]
+    """The fraction of latents exclusive to each source (it holds at least `EXCLUSIVE_SHARE` of their decoder
+    norm)."""
+    shared_frac: float
+    """The fraction of latents exclusive to no source."""
+
+
+class EmbeddingMetrics(TypedDict):
+    """An encoder's sentence embeddings with an MLP replaced by a transcoder (`embedding_metrics`)."""
+
+    embedding_cos: float
+    """Mean cosine between each context's mean-pooled last hidden state as it is and with the transcoder's output
+    in place of the MLP's."""
+    embedding_cos_zero: float
+    """The same with the MLP's output zero-ablated: the baseline that `embedding_cos` should beat."""
 
 
 class SplicedMetrics(TypedDict):
@@ -86,6 +118,62 @@ def reconstruction_metrics(sae: SAE, x: Tensor, batch_size: int = 8192) -> Recon
         "dead_frac": float(sae.dead_mask().float().mean()),
         "dead_frac_eval": float((fires == 0).float().mean()),
         "dense_frac": float((density > DENSE_THRESHOLD).float().mean()),
+    }
+
+
+@torch.no_grad()
+def crosscoder_metrics(cc: CrossCoder, x: Tensor, batch_size: int = 8192) -> CrossCoderMetrics:
+    """`ReconstructionMetrics` of crosscoder `cc` on raw rows `x` `[n, S, d_in]` over all sources together (the FVU
+    of all of them: summed squared error over summed spread), each source's FVU, and the summary of its decoder
+    norms that model diffing reads (`CrossCoderMetrics`)."""
+    device = cc.W_enc.device
+    n, n_sources = len(x), cc.cfg.n_sources
+    sse = torch.zeros(n_sources, dtype=torch.float64, device=device)
+    fires = torch.zeros(cc.cfg.d_sae, device=device)
+    for start in range(0, n, batch_size):
+        xb = x[start : start + batch_size].to(device, torch.float32)
+        f = cc.encode(xb)
+        sse += (xb - cc.decode(f)).double().square().sum((0, 2))
+        fires += (f != 0).sum(0)
+    spread = (x.double() - x.double().mean(0)).square().sum((0, 2)).to(device)
+    share = cc.decoder_norms() / cc.decoder_norms().sum(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    exclusive = share >= EXCLUSIVE_SHARE
+    return {
+        "fvu": float(sse.sum() / spread.sum()),
+        "mse": float(sse.sum()) / x.numel(),
+        "l0": float(fires.sum()) / n,
+        "dead_frac": float(cc.dead_mask().float().mean()),
+        "dead_frac_eval": float((fires == 0).float().mean()),
+        "dense_frac": float((fires / n > DENSE_THRESHOLD).float().mean()),
+        "sources": list(cc.cfg.sources),
+        "fvu_per_source": (sse / spread).tolist(),
+        "decoder_norm_share": share.mean(0).tolist(),
+        "exclusive_frac": exclusive.float().mean(0).tolist(),
+        "shared_frac": float((~exclusive.any(1)).float().mean()),
+    }
+
+
+@torch.no_grad()
+def embedding_metrics(
+    model: Any, transcoder: SAE, *, input_hook: str, output_hook: str, tokens: Tensor
+) -> EmbeddingMetrics:
+    """The cosine between an encoder's sentence embeddings of `tokens` `[contexts, positions]` (the last layer's
+    output mean-pooled over the positions, as sentence-transformers pools MiniLM's; the contexts are packed, without
+    padding) as it is and with the MLP that reads `input_hook` (`blocks.L.hook_mlp_in`) and writes `output_hook`
+    (`blocks.L.hook_mlp_out`) replaced by `transcoder` (`splice_hooks`), and the same with that MLP zero-ablated."""
+    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+
+    def pooled(hooks: list[Any]) -> Tensor:
+        with model.hooks(fwd_hooks=hooks):
+            return forward_to(model, tokens, last).float().mean(1)
+
+    orig = pooled([])
+    spliced = pooled(splice_hooks(transcoder, input_hook=input_hook, output_hook=output_hook))
+    zero = pooled([(output_hook, lambda act, hook: torch.zeros_like(act))])
+    cos = torch.nn.functional.cosine_similarity
+    return {
+        "embedding_cos": float(cos(orig, spliced, dim=-1).mean()),
+        "embedding_cos_zero": float(cos(orig, zero, dim=-1).mean()),
     }
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from saelab.run import RunDir
-from saelab.train.metrics import ReconstructionMetrics, SplicedMetrics
+from saelab.train.metrics import EmbeddingMetrics, ReconstructionMetrics, SplicedMetrics
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,8 @@ class TrainedSAE:
     hook: str
     """The hook point it reads."""
     arch: str
-    """Its architecture (`topk`, `batchtopk`, `jumprelu`, `relu`)."""
+    """Its architecture (`topk`, `batchtopk`, `jumprelu`, `relu`; a crosscoder's `crosscoder-topk`,
+    `crosscoder-batchtopk`)."""
     k: int
     """Active latents per token (`batchtopk`: on average)."""
     width: int
@@ -36,9 +37,12 @@ class TrainedSAE:
     stopped: str | None = None
     """Why it was stopped (its loss became NaN/inf), or `None`; a stopped SAE is not saved and has no metrics."""
     reconstruction: ReconstructionMetrics | None = None
-    """Its held-out reconstruction metrics (`None` when it was stopped)."""
+    """Its held-out reconstruction metrics (a crosscoder's `CrossCoderMetrics`; `None` when it was stopped)."""
     spliced: SplicedMetrics | None = None
     """CE loss recovered and KL with it spliced into a decoder (`None`: no decoder run, or stopped)."""
+    embedding: EmbeddingMetrics | None = None
+    """A transcoder's: the encoder's sentence embeddings with it in place of the MLP (`None`: no encoder run, not a
+    transcoder, or stopped)."""
 
     @property
     def variant(self) -> str:
@@ -60,4 +64,4 @@ class TrainedSAE:
         }
         if self.stopped is not None:
             row["stopped"] = self.stopped
-        return row | dict(self.reconstruction or {}) | dict(self.spliced or {})
+        return row | dict(self.reconstruction or {}) | dict(self.spliced or {}) | dict(self.embedding or {})

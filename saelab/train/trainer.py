@@ -13,46 +13,62 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any, NamedTuple, cast
 
 import torch
+from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from saelab import distributed
-from saelab.config import build
-from saelab.dictionaries import SAE, SAEConfig, train_step
+from saelab.config import build, format_validation_error
+from saelab.dictionaries import SAE, CrossCoder, CrossCoderConfig, SAEConfig, train_step
+from saelab.dictionaries import crosscoder as crosscoders
 from saelab.dictionaries.preprocessing import WHITENING_ROWS, Whitening, pca_whitening, whitening_sample
 from saelab.dictionaries.transcoder import aligned_rows, transcoder_metrics
 from saelab.errors import ConfigError, DistributedError, StoreError, TrainError
-from saelab.models import load_model
+from saelab.models import is_encoder, load_model
 from saelab.run import RunDir
 from saelab.store import ActivationStore
 from saelab.train.checkpoint import check_checkpoint, load_checkpoint, save_checkpoint
-from saelab.train.config import TrainConfig, TranscoderPair, lr_factor, saved_identity, variant_name
+from saelab.train.config import (
+    CrossCoderSpec,
+    TrainConfig,
+    TranscoderPair,
+    lr_factor,
+    saved_identity,
+    variant_name,
+)
 from saelab.train.loggers import TrainLogger, make_logger
-from saelab.train.metrics import eval_tokens, reconstruction_metrics, spliced_metrics
+from saelab.train.metrics import (
+    crosscoder_metrics,
+    embedding_metrics,
+    eval_tokens,
+    reconstruction_metrics,
+    spliced_metrics,
+)
 from saelab.train.result import TrainedSAE
 
 
 @dataclass
 class Member:
-    """One SAE being trained, with its optimiser and running metrics."""
+    """One dictionary being trained (an SAE, a transcoder or a crosscoder), with its optimiser and running metrics."""
 
     index: int
     """Its place among the config's SAEs (hook points x grid), the order `train` returns them in."""
     hook: str
-    """The hook point it reads."""
+    """The hook point it reads (a crosscoder's folder name, `source_folder` of its first source)."""
     variant: str
     """Its folder name under the hook point's (`variant_name`)."""
     lr: float
     """Peak learning rate (the schedule scales it per step)."""
     seed: int
     """The seed of its initialisation (its `grid.seed`, or `TrainConfig.seed`)."""
-    sae: SAE
-    """The SAE."""
+    sae: SAE | CrossCoder
+    """The SAE (or transcoder, or crosscoder)."""
     opt: torch.optim.Adam
     """Its optimiser."""
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -72,14 +88,22 @@ class Member:
     @property
     def reads(self) -> list[str]:
         """The hook points whose row-aligned rows each step gives it (`aligned_rows`): an SAE's `[hook]`, a
-        transcoder's `[input, output]`."""
+        transcoder's `[input, output]`, a crosscoder's sources."""
+        if isinstance(self.sae, CrossCoder):
+            return self.sae.inputs
         cfg = self.sae.cfg
         return [self.hook] if cfg.d_out is None else [self.hook, cfg.hook_name_out]
+
+    def inputs(self, batch: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """What its `step` (and `init_from_sample`) takes from one store batch (hook -> rows): an SAE's `[x]`, a
+        transcoder's `[x, y]`, a crosscoder's `[x]` with its sources stacked `[rows, S, d_in]`."""
+        rows = aligned_rows(batch, self.reads)
+        return [torch.stack(rows, dim=1)] if isinstance(self.sae, CrossCoder) else rows
 
     @classmethod
     def create(
         cls,
-        sae_cfg: SAEConfig,
+        sae_cfg: SAEConfig | CrossCoderConfig,
         *,
         lr: float,
         seed: int,
@@ -88,25 +112,30 @@ class Member:
         hook: str = "",
         variant: str = "",
     ) -> Member:
-        """A fresh SAE seeded by `seed` alone (so its start does not depend on which SAEs share its rank or its pass)
-        with its Adam optimiser at peak learning rate `lr`."""
+        """A fresh SAE (a `CrossCoderConfig`: crosscoder) seeded by `seed` alone (so its start does not depend on
+        which SAEs share its rank or its pass) with its Adam optimiser at peak learning rate `lr`."""
         torch.manual_seed(seed)
-        sae = SAE.from_config(sae_cfg, device=device)
+        if isinstance(sae_cfg, CrossCoderConfig):
+            sae: SAE | CrossCoder = CrossCoder(sae_cfg, device=device)
+        else:
+            sae = SAE.from_config(sae_cfg, device=device)
         opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), fused=True)
         return cls(index=index, hook=hook, variant=variant, lr=lr, seed=seed, sae=sae, opt=opt)
 
     def step(
         self, x: torch.Tensor, y: torch.Tensor | None = None, *, factor: float, refresh: bool
     ) -> dict[str, torch.Tensor]:
-        """One training step on its batch `x` (a transcoder's: to its outputs `y`; on the training device) at `factor`
-        times its peak learning rate,
-        refreshing AuxK's dead set first when `refresh` (the factor and refresh of `schedule`); bf16 autocast on CUDA.
-        Returns `train_step`'s detached metrics."""
-        if refresh:
-            self.sae.plan_aux()
+        """One training step on its batch `x` (a transcoder's: to its outputs `y`; a crosscoder's: its sources stacked,
+        `inputs`; on the training device) at `factor` times its peak learning rate, refreshing an SAE's AuxK dead set
+        first when `refresh` (the factor and refresh of `schedule`); bf16 autocast on CUDA. Returns `train_step`'s
+        detached metrics."""
         for group in self.opt.param_groups:
             group["lr"] = self.lr * factor
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+            if isinstance(self.sae, CrossCoder):
+                return crosscoders.train_step(self.sae, self.opt, x)
+            if refresh:
+                self.sae.plan_aux()
             return train_step(self.sae, self.opt, x, y)
 
 
@@ -118,13 +147,20 @@ def schedule(cfg: TrainConfig, step: int, *, start: int = 0) -> tuple[float, boo
     return factor, step == start or step % cfg.log_every == 0 or step % cfg.checkpoint_steps == 0
 
 
+def source_folder(source: str) -> str:
+    """The folder under `RUN/saes/` of the crosscoders whose first source is `source`: the source with a model
+    alias's `/` written `__` (`base/blocks.1.hook_resid_post` -> `base__blocks.1.hook_resid_post`), since a run's
+    folder names are plain names."""
+    return source.replace("/", "__")
+
+
 class _Spec(NamedTuple):
     """One SAE of the config, before it is built."""
 
     hook: str
-    """The hook point it reads."""
-    cfg: SAEConfig
-    """Its `SAEConfig`."""
+    """The hook point it reads (a crosscoder's: `source_folder` of its first source)."""
+    cfg: SAEConfig | CrossCoderConfig
+    """Its `SAEConfig` (a crosscoder's `CrossCoderConfig`)."""
     lr: float
     """Its peak learning rate."""
     seed: int | None
@@ -132,9 +168,13 @@ class _Spec(NamedTuple):
 
     @property
     def key(self) -> str:
-        """`hook/variant`, as `Member.key` (a transcoder's variant starts `transcoder-` or `skiptranscoder-`)."""
+        """`hook/variant`, as `Member.key` (a transcoder's variant starts `transcoder-` or `skiptranscoder-`, a
+        crosscoder's `crosscoder-`)."""
         cfg = self.cfg
-        arch = cfg.arch if cfg.d_out is None else f"{'skip' if cfg.skip else ''}transcoder-{cfg.arch}"
+        if isinstance(cfg, CrossCoderConfig):
+            arch = f"crosscoder-{cfg.activation}"
+        else:
+            arch = cfg.arch if cfg.d_out is None else f"{'skip' if cfg.skip else ''}transcoder-{cfg.arch}"
         return f"{self.hook}/{variant_name(arch, cfg.k, cfg.d_sae, lr=self.lr, seed=self.seed)}"
 
 
@@ -146,10 +186,10 @@ class Trainer:
         self.ranks = distributed.init()
         self.cfg, self.progress = cfg, progress and self.ranks.main
         self.store = ActivationStore.open(cfg.store_path)
-        self.hooks = cfg.hooks or ([] if cfg.transcoders else self.store.hooks)
-        pairs = [(t.input, t.output) for t in cfg.transcoders]
+        self.hooks = cfg.hooks or ([] if cfg.transcoders or cfg.crosscoders else self.store.hooks)
+        pairs = [(t.input, t.output) for t in cfg.transcoders] + [tuple(c.sources) for c in cfg.crosscoders]
         self.read_hooks = list(dict.fromkeys(self.hooks + [h for pair in pairs for h in pair]))
-        """Every hook point a batch holds: the SAEs' and the transcoders' inputs and outputs."""
+        """Every hook point a batch holds: the SAEs', the transcoders' inputs and outputs, the crosscoders' sources."""
         missing = [h for h in self.read_hooks if h not in self.store.hooks]
         if missing:
             raise StoreError(f"hooks {missing} are not in store {cfg.store_path!r}; it has {self.store.hooks}")
@@ -164,13 +204,26 @@ class Trainer:
         self.run_dir = RunDir(cfg.run)
         self.specs = [self._spec(h, *combo) for h in self.hooks for combo in self._combos()]
         self.specs += [self._spec(t.input, *combo, transcoder=t) for t in cfg.transcoders for combo in self._combos()]
+        self.specs += [self._crosscoder_spec(c, *combo) for c in cfg.crosscoders for combo in self._crosscoder_combos()]
+        twice = [key for key, n in Counter(s.key for s in self.specs).items() if n > 1]
+        if twice:
+            raise ConfigError(
+                f"two crosscoders would be saved as {twice}: they start with the same source; put another of their "
+                "sources first in one of them"
+            )
         self.parallel = self._parallel(len(self.specs))
+        if self.parallel == "ddp" and self.ranks.many and cfg.crosscoders:
+            raise DistributedError(
+                "parallel: ddp does not split a crosscoder's batches across ranks; set parallel: members (with at "
+                f"least as many dictionaries as ranks, here {len(self.specs)}) or launch one process"
+            )
         rank, world = self.ranks.rank, self.ranks.world
         mine = range(rank, len(self.specs), world) if self.parallel == "members" else range(len(self.specs))
         self.members = [self._member(i) for i in mine]
         if self.parallel == "ddp" and self.ranks.many:  # every rank reads each whole batch and trains on its slice
             for m in self.members:
-                m.sae.split = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
+                if isinstance(m.sae, SAE):  # always: ddp was refused above with crosscoders
+                    m.sae.split = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
 
     def _parallel(self, n_saes: int) -> str:
         """`members` or `ddp`: `TrainConfig.parallel` resolved for `n_saes` SAEs on this launch's ranks."""
@@ -192,6 +245,34 @@ class Trainer:
     def _combos(self) -> list[tuple[str, int, int, float | None, int | None]]:
         g = self.cfg.grid
         return list(itertools.product(g.arch, g.k, g.expansion, g.lr or [None], g.seed or [None]))
+
+    def _crosscoder_combos(self) -> list[tuple[int, int, float | None, int | None]]:
+        g = self.cfg.grid
+        return list(itertools.product(g.k, g.expansion, g.lr or [None], g.seed or [None]))
+
+    def _crosscoder_spec(
+        self, spec: CrossCoderSpec, k: int, expansion: int, lr: float | None, seed: int | None
+    ) -> _Spec:
+        """The crosscoder of `spec` at one grid point; `ConfigError` if its sources differ in width."""
+        widths = {s: self.store.d(s) for s in spec.sources}
+        d_in = next(iter(widths.values()))
+        shared = {k: v for k, v in self.cfg.sae.items() if k in CrossCoderConfig.model_fields}
+        fields: dict[str, Any] = dict(
+            activation=spec.arch,
+            d_sae=expansion * d_in,
+            k=k,
+            model_name=self.store.model,
+            context_size=self.store.config.get("context_length"),
+            dataset=str(self.store.config.get("text", "")),
+        )
+        what = f"crosscoder config for {spec.sources} ({spec.arch}, k={k}, x{expansion})"
+        try:
+            cc_cfg = CrossCoderConfig.for_sources(widths, **(fields | shared))
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(err, what, CrossCoderConfig)) from None
+        # the floor of `default_lr` by the width it reads: the sources laid end to end
+        peak = self.cfg.peak_lr(cc_cfg.d_sae, d_in=d_in * len(widths), lr=lr)
+        return _Spec(source_folder(spec.sources[0]), cc_cfg, peak, seed)
 
     def _spec(
         self,
@@ -242,14 +323,14 @@ class Trainer:
         sample = next(self._batches(n, seed=self.cfg.seed + 1))
         whitening = self._whitening()
         for m in self.members:
-            if m.sae.cfg.whiten:
+            if isinstance(m.sae, SAE) and m.sae.cfg.whiten:
                 m.sae.set_whitening(whitening[m.hook])
-            m.sae.init_from_sample(*(rows.to(self.device) for rows in aligned_rows(sample, m.reads)))
+            m.sae.init_from_sample(*(rows.to(self.device) for rows in m.inputs(sample)))
 
     def _whitening(self) -> dict[str, Whitening]:
         """The PCA whitening of each hook point that an SAE here whitens (`sae.whiten`), from a sample of
         `whiten_store` or else of the training rows; `ConfigError`/`StoreError` naming the fix if it cannot be."""
-        rconds = {m.hook: m.sae.cfg.whiten_rcond for m in self.members if m.sae.cfg.whiten}
+        rconds = {m.hook: m.sae.cfg.whiten_rcond for m in self.members if isinstance(m.sae, SAE) and m.sae.cfg.whiten}
         if not rconds:
             return {}
         control = self.cfg.whiten_store
@@ -314,7 +395,7 @@ class Trainer:
                 for m in self.members:
                     if m.stopped:
                         continue
-                    metrics = m.step(*aligned_rows(batch, m.reads), factor=factor, refresh=refresh)
+                    metrics = m.step(*m.inputs(batch), factor=factor, refresh=refresh)
                     finite = torch.isfinite(metrics["loss"])
                     m.bad_step = torch.where((m.bad_step < 0) & ~finite, step, m.bad_step)
                     for k, v in metrics.items():
@@ -369,24 +450,30 @@ class Trainer:
         """Evaluate on held-out rows, save each SAE in SAELens layout with its metrics (each by the rank that writes
         it); every rank returns every SAE's result."""
         eval_rows = slice(self.train_rows[1], self.store.n_tokens)
-        model, tokens = self._ce_model() if self.writes else (None, None)
+        model, tokens = self._eval_model() if self.writes else (None, None)
         results: list[tuple[int, TrainedSAE]] = []
         for m in self.writes:
             folder = self.run_dir.sae(m.hook, m.variant)
-            reconstruction, spliced = None, None
+            reconstruction, spliced, embedding = None, None, None
+            sae = m.sae
             if not m.stopped:
-                m.sae.eval()
-                held_out = [self.store.activations(h, eval_rows) for h in m.reads]
-                if m.sae.cfg.d_out is None:
-                    reconstruction = reconstruction_metrics(m.sae, held_out[0])
-                else:  # the FVU of its output; spliced metrics of transcoders are not computed here yet
-                    reconstruction = transcoder_metrics(m.sae, held_out[0], held_out[1])
-                if model is not None and tokens is not None and m.sae.cfg.d_out is None:
-                    spliced = spliced_metrics(model, m.sae, m.hook, tokens=tokens)
-                m.sae.save(folder)
+                sae.eval()
+                held_out = m.inputs({h: self.store.activations(h, eval_rows) for h in m.reads})
+                if isinstance(sae, CrossCoder):  # FVU per source, decoder norms
+                    reconstruction = crosscoder_metrics(sae, held_out[0])
+                elif sae.cfg.d_out is None:
+                    reconstruction = reconstruction_metrics(sae, held_out[0])
+                    if model is not None and tokens is not None and not is_encoder(model):
+                        spliced = spliced_metrics(model, sae, m.hook, tokens=tokens)
+                else:  # the FVU of its output; on an encoder, the sentence embedding with the MLP replaced
+                    reconstruction = transcoder_metrics(sae, held_out[0], held_out[1])
+                    if model is not None and tokens is not None and is_encoder(model):
+                        hooks = {"input_hook": m.hook, "output_hook": sae.cfg.hook_name_out}
+                        embedding = embedding_metrics(model, sae, **hooks, tokens=tokens)
+                sae.save(folder)
             result = TrainedSAE(
                 hook=m.hook,
-                arch=m.sae.cfg.arch,
+                arch=f"crosscoder-{sae.cfg.activation}" if isinstance(sae, CrossCoder) else sae.cfg.arch,
                 k=m.sae.cfg.k,
                 width=m.sae.cfg.d_sae,
                 lr=m.lr,
@@ -397,15 +484,20 @@ class Trainer:
                 stopped=m.stopped,
                 reconstruction=reconstruction,
                 spliced=spliced,
+                embedding=embedding,
             )
             folder.mkdir(parents=True, exist_ok=True)
             self.run_dir.sae_metrics(m.hook, m.variant).write_text(json.dumps(result.row(), indent=1))
             results.append((m.index, result))
         return [r for _, r in sorted(sum(distributed.gather_objects(results), []), key=itemgetter(0))]
 
-    def _ce_model(self) -> tuple[Any, torch.Tensor | None]:
-        """The model and eval contexts for spliced metrics, when the store came from a decoder harvest."""
-        spec = self.cfg.model or (self.store.model_spec if self.store.meta.get("encoder") is False else None)
+    def _eval_model(self) -> tuple[Any, torch.Tensor | None]:
+        """The model and eval contexts for spliced metrics, when the store came from a decoder harvest, or for the
+        embedding metrics of the transcoders this rank writes, when it came from an encoder's."""
+        encoder = self.store.meta.get("encoder")
+        transcoders = any(isinstance(m.sae, SAE) and m.sae.cfg.d_out is not None for m in self.writes)
+        wanted = encoder is False or (encoder is True and transcoders)
+        spec = self.cfg.model or (self.store.model_spec if wanted else None)
         if not spec or spec == "none" or "text" not in self.store.config or self.cfg.ce_contexts <= 0:
             return None, None
         model = load_model(spec, device=str(self.device))
