@@ -13,7 +13,14 @@ SAELens's `use_matryoshka_aux_loss`) time saelab's Matryoshka TopK step against 
 width (goal: at most 1.25x), and saelab's Matryoshka BatchTopK against SAELens's `MatryoshkaBatchTopKTrainingSAE`
 on the same batches (goal: saelab at least 5x faster).
 
-    python scripts/bench_train.py [--json out.json] [--matryoshka-only]
+The transcoder rows (`--transcoders-only` runs them alone) time saelab's TopK transcoder step (`d_in -> d_out`, the
+SAE rows' shapes, `d_out = d_in`, to targets a fixed linear map of the inputs) against saelab's SAE step of the same
+shape (goal: at most 1.1x) and against sparsify's `SparseCoder(transcode=True)` step (goal: saelab at least 2x
+faster), and saelab's BatchTopK crosscoder step over two sources of `d_in` against its SAE step over the two
+concatenated (`2 * d_in`; the same products, so the crosscoder's overhead is its bookkeeping), all round-robin in
+one run.
+
+    python scripts/bench_train.py [--json out.json] [--matryoshka-only | --transcoders-only]
 """
 
 from collections.abc import Callable
@@ -28,21 +35,40 @@ from _bench import (  # scripts/ is on the path when run as a script
     write_json,
 )
 
-from saelab.dictionaries import SAE, SAEConfig, train_step
+from saelab.dictionaries import SAE, CrossCoder, CrossCoderConfig, SAEConfig, train_step
+from saelab.dictionaries import crosscoder as crosscoders
 from saelab.toys.synthetic import make_synthetic
 
 LR = 2e-4
 
 
-def saelab_step(x: torch.Tensor, d_sae: int, k: int, dead: torch.Tensor, **options: object) -> Callable[[], None]:
-    """saelab's `train_step`; `options` are further `SAEConfig` fields (`arch`, `matryoshka_prefixes`)."""
-    sae = SAE.from_config(SAEConfig.model_validate({"d_in": x.shape[1], "d_sae": d_sae, "k": k} | options))
-    sae.init_from_sample(x)
+def saelab_step(
+    x: torch.Tensor, d_sae: int, k: int, dead: torch.Tensor, y: torch.Tensor | None = None, **options: object
+) -> Callable[[], None]:
+    """saelab's `train_step` (to targets `y`: a transcoder's); `options` are further `SAEConfig` fields (`arch`,
+    `matryoshka_prefixes`)."""
+    shape = {"d_in": x.shape[1], "d_sae": d_sae, "k": k} | ({} if y is None else {"d_out": y.shape[1]})
+    sae = SAE.from_config(SAEConfig.model_validate(shape | options))
+    sae.init_from_sample(x, y)
     opt = torch.optim.Adam(sae.parameters(), lr=LR, fused=True)
 
     def step() -> None:
         sae.tokens_since_fired.masked_fill_(dead, sae.cfg.dead_tokens)
-        train_step(sae, opt, x)
+        train_step(sae, opt, x, y)
+
+    return step
+
+
+def crosscoder_step(x: torch.Tensor, d_sae: int, k: int, dead: torch.Tensor) -> Callable[[], None]:
+    """saelab's crosscoder `train_step` (BatchTopK) on sources `x` `[rows, S, d_in]`."""
+    cfg = CrossCoderConfig(sources=[f"s{i}" for i in range(x.shape[1])], d_in=x.shape[2], d_sae=d_sae, k=k)
+    cc = CrossCoder(cfg)
+    cc.init_from_sample(x)
+    opt = torch.optim.Adam(cc.parameters(), lr=LR, fused=True)
+
+    def step() -> None:
+        cc.tokens_since_fired.masked_fill_(dead, cfg.dead_tokens)
+        crosscoders.train_step(cc, opt, x)
 
     return step
 
@@ -114,6 +140,67 @@ def sparsify_step(x: torch.Tensor, d_sae: int, k: int, dead: torch.Tensor) -> Ca
     return step
 
 
+def sparsify_transcoder_step(
+    x: torch.Tensor, y: torch.Tensor, d_sae: int, k: int, dead: torch.Tensor
+) -> Callable[[], None]:
+    """sparsify's Trainer inner loop for one transcoder (`SparseCoder(transcode=True)`: no decoder normalisation)."""
+    from sparsify import SparseCoder, SparseCoderConfig  # pyright: ignore[reportMissingImports]  # the [bench] extra
+
+    sae = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=d_sae, k=k, transcode=True))
+    opt = torch.optim.Adam(sae.parameters(), lr=LR, fused=True)
+    since_fired = torch.zeros(d_sae, dtype=torch.long)
+    did_fire = torch.zeros(d_sae, dtype=torch.bool)
+
+    def step() -> None:
+        out = sae(x, y, dead_mask=dead)
+        (out.fvu + out.auxk_loss / 32).backward()
+        did_fire[out.latent_indices.flatten()] = True
+        opt.step()
+        opt.zero_grad()
+        since_fired.add_(x.shape[0])
+        since_fired[did_fire] = 0
+        did_fire.zero_()
+
+    return step
+
+
+def transcoder_rows(x: torch.Tensor, d_sae: int, k: int, *, warmup: int, repeats: int) -> dict[str, dict[str, float]]:
+    """The transcoder and crosscoder rows (see the module docstring), timed round-robin (`warmup` calls, then the
+    median of `repeats`), printed and returned by scenario."""
+    d = x.shape[1]
+    y = x @ (torch.randn(d, d, generator=torch.Generator().manual_seed(1)) / d**0.5)
+    sources = torch.stack([x, y], dim=1)  # two sources of width d, row-aligned
+    results: dict[str, dict[str, float]] = {}
+    for scenario, every in (("no dead", 0), ("1 in 20 dead", 20)):
+        dead = torch.zeros(d_sae, dtype=torch.bool)
+        if every:
+            dead[::every] = True
+        steps = {
+            "sae": saelab_step(x, d_sae, k, dead),
+            "transcoder": saelab_step(x, d_sae, k, dead, y),
+            "sparsify_transcoder": sparsify_transcoder_step(x, y, d_sae, k, dead),
+            "crosscoder_2src": crosscoder_step(sources, d_sae, k, dead),
+            "sae_concat_2src": saelab_step(sources.flatten(1), d_sae, k, dead, arch="batchtopk"),
+        }
+        sec = time_round_robin(steps, warmup, repeats)
+        res = {f"{name}_ms": 1e3 * t for name, t in sec.items()}
+        res |= {
+            "transcoder_over_sae": sec["transcoder"] / sec["sae"],
+            "speedup_vs_sparsify_transcoder": sec["sparsify_transcoder"] / sec["transcoder"],
+            "crosscoder_over_concat_sae": sec["crosscoder_2src"] / sec["sae_concat_2src"],
+        }
+        results[f"transcoder, {scenario}"] = res
+        print(f"\n[transcoder {d} -> {d}, crosscoder 2 x {d}; {scenario}]")
+        for name in steps:
+            print(f"  {name:20s} {res[f'{name}_ms']:8.1f} ms/step")
+        print(
+            f"  transcoder / SAE: {res['transcoder_over_sae']:.2f}x (goal <= 1.1); saelab transcoder "
+            f"{res['speedup_vs_sparsify_transcoder']:.2f}x faster than sparsify's (goal >= 2); crosscoder / SAE on "
+            f"the concatenation: {res['crosscoder_over_concat_sae']:.2f}x"
+        )
+    return results
+
+
 def matmul_only(x: torch.Tensor, d_sae: int) -> Callable[[], None]:
     """The encoder's dense forward product alone, as saelab issues it."""
     sae = SAE.from_config(SAEConfig(d_in=x.shape[1], d_sae=d_sae))
@@ -128,7 +215,9 @@ def matmul_only(x: torch.Tensor, d_sae: int) -> Callable[[], None]:
 
 def main() -> None:
     cli = parser(__doc__, d_in=384, d_sae=6144, k=32, batch=4096, threads=2, warmup=2, repeats=7)
-    cli.add_argument("--matryoshka-only", action="store_true", help="time the Matryoshka rows alone")
+    only = cli.add_mutually_exclusive_group()
+    only.add_argument("--matryoshka-only", action="store_true", help="time the Matryoshka rows alone")
+    only.add_argument("--transcoders-only", action="store_true", help="time the transcoder and crosscoder rows alone")
     args = cli.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -140,7 +229,8 @@ def main() -> None:
     )
 
     results: dict[str, dict[str, float]] = {}
-    plain = () if args.matryoshka_only else (("no dead", 0), ("half dead", 2), ("1 in 20 dead", 20))
+    some = args.matryoshka_only or args.transcoders_only
+    plain = () if some else (("no dead", 0), ("half dead", 2), ("1 in 20 dead", 20))
     for scenario, every in plain:
         dead = torch.zeros(args.d_sae, dtype=torch.bool)
         if every:
@@ -164,7 +254,7 @@ def main() -> None:
         )
 
     prefixes = [args.d_sae // 16, args.d_sae // 4, args.d_sae]
-    for scenario, every in (("no dead", 0), ("1 in 20 dead", 20)):
+    for scenario, every in () if args.transcoders_only else (("no dead", 0), ("1 in 20 dead", 20)):
         dead = torch.zeros(args.d_sae, dtype=torch.bool)
         if every:
             dead[::every] = True
@@ -191,6 +281,8 @@ def main() -> None:
             f"{res['speedup_vs_sae_lens_matryoshka']:.2f}x faster than SAELens's (goal >= 5)"
         )
 
+    if not args.matryoshka_only:
+        results |= transcoder_rows(x, args.d_sae, args.k, warmup=args.warmup, repeats=args.repeats)
     write_json(args.json, args, results)
 
 
