@@ -72,7 +72,8 @@ class PromptData(StrictModel):
 class CircuitConfig(StrictModel):
     """What `saelab circuit` computes: a circuit of `saes` in `model` for a task, written to
     `<run>/circuits/<name>.json`. Each SAE is given by its folder, or by its variant name in the run
-    (`<run>/saes/<hook>/<variant>`)."""
+    (`<run>/saes/<hook>/<variant>`). A transcoder replaces its MLP: key it by the MLP output it writes
+    (`blocks.L.hook_mlp_out: transcoder-...`); its nodes are its latents and the MLP output minus its own."""
 
     renamed: ClassVar[dict[str, str]] = {"out": "run"}
     name: str = Field(default="circuit", pattern=r"^[\w.-]+$")
@@ -126,10 +127,16 @@ def _in_run(run: RunDir, hook: str, given: str) -> Path | None:
 
 
 def sae_folders(cfg: CircuitConfig) -> dict[str, Path]:
-    """Each SAE's folder: the path given, or the run's SAE of that variant name; `MissingError` naming the ones
-    that are neither."""
+    """Each SAE's folder: the path given, or the run's SAE of that variant name (a transcoder's, keyed by its
+    `blocks.L.hook_mlp_out`, under `blocks.L.hook_mlp_in`); `MissingError` naming the ones that are neither."""
     run = RunDir(cfg.run)
-    folders = {h: Path(p) if Path(p).is_dir() else _in_run(run, h, p) for h, p in cfg.saes.items()}
+    folders = {
+        # a transcoder, keyed by the MLP output it writes, is saved under the MLP input it reads
+        h: Path(p)
+        if Path(p).is_dir()
+        else _in_run(run, h, p) or _in_run(run, h.replace("hook_mlp_out", "hook_mlp_in"), p)
+        for h, p in cfg.saes.items()
+    }
     missing = [cfg.saes[h] for h, f in folders.items() if f is None]
     if missing:
         known = ", ".join(f"{s.hook}/{s.variant}" for s in run.saes()) or "none"

@@ -16,6 +16,7 @@ from saelab.circuits.splice import (
     fit_replicas,
     node_masks,
     set_nodes,
+    splice,
     spliced_output,
 )
 from saelab.circuits.tasks import Task
@@ -27,14 +28,14 @@ def _reader(sae: SAE, grad: Nodes, mask: Tensor, reps: int, read: list[Tensor]) 
     """An edit that leaves its input alone and appends to `read` the downstream nodes of `mask` ([reps, 1, pos,
     d_sae + 1]), weighted by the metric's gradient `grad`, summed."""
 
-    def edit(x: Tensor) -> Tensor:
-        nodes = encode_nodes(sae, x)
+    def edit(x: Tensor, x_in: Tensor) -> Tensor:
+        nodes = encode_nodes(sae, x, x_in)
         f = nodes.f.view(reps, -1, *nodes.f.shape[1:]) * grad.f
         err = (nodes.err.view(reps, -1, *nodes.err.shape[1:]) * grad.err).sum(-1, keepdim=True)
         read.append((torch.cat([f, err], -1) * mask).sum())
         return x
 
-    return edit
+    return splice(sae, edit)
 
 
 def edge_effects(

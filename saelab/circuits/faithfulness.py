@@ -19,6 +19,8 @@ from saelab.circuits.splice import (
     encode_nodes,
     fit_replicas,
     metric_total,
+    output,
+    splice,
     spliced_output,
     where_nodes,
 )
@@ -51,11 +53,11 @@ class Faithfulness(Curves):
 def _ablation(sae: SAE, keep: Tensor, mean: Nodes, reps: int, batch: int) -> Edit:
     """An edit that keeps the nodes of `keep` ([reps, pos, d_sae + 1]) and sets the others to `mean`."""
 
-    def edit(x: Tensor) -> Tensor:
-        nodes = where_nodes(keep, encode_nodes(sae, x), mean, reps=reps, batch=batch)
-        return sae.decode(nodes.f) + nodes.err
+    def edit(x: Tensor, x_in: Tensor) -> Tensor:
+        nodes = where_nodes(keep, encode_nodes(sae, x, x_in), mean, reps=reps, batch=batch)
+        return output(sae, nodes.f, x_in) + nodes.err
 
-    return edit
+    return splice(sae, edit)
 
 
 @torch.no_grad()

@@ -25,7 +25,9 @@ from saelab.circuits.splice import (
     fit_replicas,
     metric_total,
     node_masks,
+    output,
     set_nodes,
+    splice,
     spliced_output,
     where_nodes,
 )
@@ -91,13 +93,14 @@ def node_effects(
 
 
 def _transparent(sae: SAE, leaves: Nodes) -> Edit:
-    """Value x, gradient to x (upstream nodes see downstream SAEs respond), and to this hook's nodes."""
+    """Value x, gradient to x (upstream nodes see downstream SAEs respond), and to this hook's nodes (a skip
+    transcoder's skip held at its input's value: upstream, its input reaches `x` through the real MLP already)."""
 
-    def edit(x: Tensor) -> Tensor:
-        y = sae.decode(leaves.f) + leaves.err
+    def edit(x: Tensor, x_in: Tensor) -> Tensor:
+        y = output(sae, leaves.f, x_in.detach()) + leaves.err
         return x + (y - y.detach())
 
-    return edit
+    return splice(sae, edit)
 
 
 def _atp_grads(model: Model, saes: dict[str, SAE], task: Task, clean: dict[str, Nodes]) -> dict[str, Nodes]:

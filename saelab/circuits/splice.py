@@ -19,22 +19,53 @@ if TYPE_CHECKING:
     from saelab.circuits.tasks import Task
 
 Baseline = Literal["patch", "zero", "mean"]
-Edit = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Splice:
+    """A dictionary's edit of the activation at the hook point it writes: `fn(x, x_in)`, where `x_in` is the
+    activation at `reads` in the same forward pass (a transcoder's input, `blocks.L.hook_mlp_in`, as the edit of
+    earlier hook points left it) or `x` itself (`reads` None: an SAE, which reads where it writes)."""
+
+    fn: Callable[[Tensor, Tensor], Tensor]
+    """The edit: the new activation (flattened over heads) from the old one and the dictionary's input."""
+    reads: str | None = None
+    """The hook point the dictionary reads, when it is not the one it writes."""
+
+
+Edit = Callable[[Tensor], Tensor] | Splice
+"""An edit of one hook point's activation: a plain function of it, or a dictionary's `Splice`."""
 T = TypeVar("T")
 CHUNK_ELEMENTS = 2**27  # node values held for one pass over replicas of the examples (0.5 GB in float32)
 
 
 def spliced_output(model: Model, tokens: Tensor, edits: dict[str, Edit]) -> Tensor:
-    """The model's output with `edits[hook](x) -> x'` applied (x flattened over heads): logits for decoders,
-    the last layer's residual stream (output embeddings) for encoders."""
+    """The model's output with `edits[hook](x) -> x'` applied (x flattened over heads; a `Splice` that reads another
+    hook point also gets the activation there): logits for decoders, the last layer's residual stream (output
+    embeddings) for encoders."""
+    inputs: dict[str, Tensor] = {}
 
     def wrap(edit: Edit) -> Callable[..., Tensor]:
         def hook(act: Tensor, hook: Any) -> Tensor:
-            return edit(flatten_heads(act).float()).to(act.dtype).reshape(act.shape)
+            x = flatten_heads(act).float()
+            if isinstance(edit, Splice):
+                if edit.reads is not None and edit.reads not in inputs:
+                    raise CircuitError(
+                        f"{edit.reads} did not run before {hook.name}: a transcoder reads its MLP's input"
+                    )
+                x_in = x if edit.reads is None else inputs[edit.reads]
+                return edit.fn(x, x_in).to(act.dtype).reshape(act.shape)
+            return edit(x).to(act.dtype).reshape(act.shape)
 
         return hook
 
-    with model.hooks(fwd_hooks=[(h, wrap(e)) for h, e in edits.items()]):
+    def keep(act: Tensor, hook: Any) -> None:
+        inputs[hook.name] = flatten_heads(act).float()
+
+    needed = {e.reads for e in edits.values() if isinstance(e, Splice) and e.reads is not None}
+    # the inputs are kept after any edit of their own hook point has run (hooks on a point run in this order)
+    fwd_hooks: list[tuple[str, Callable[..., Any]]] = [(h, wrap(e)) for h, e in edits.items()]
+    with model.hooks(fwd_hooks=[*fwd_hooks, *((h, keep) for h in sorted(needed))]):
         if not is_encoder(model):
             return model(tokens, return_type="logits")
         return forward_to(model, tokens, f"blocks.{model.cfg.n_layers - 1}.hook_resid_post")
@@ -73,37 +104,74 @@ class Nodes:
         return Nodes(self.f.detach().requires_grad_(), self.err.detach().requires_grad_())
 
 
-def encode_nodes(sae: SAE, x: Tensor) -> Nodes:
-    """The nodes of activation `x`: its latents and what the SAE misses."""
-    f = sae.encode(x)
-    return Nodes(f, x - sae.decode(f))
+def reads(sae: SAE) -> str | None:
+    """The model's hook point a transcoder reads (its MLP's input; a store's `alias/` prefix dropped); None for an
+    SAE, which reads the hook point it writes."""
+    return sae.cfg.hook_name.rpartition("/")[2] if sae.cfg.d_out is not None else None
+
+
+def output(sae: SAE, f: Tensor, x_in: Tensor) -> Tensor:
+    """What the dictionary writes for latents `f`: `dec(f)`, plus a skip transcoder's linear skip of its input
+    `x_in` (`SAE.forward` is `output(sae, sae.encode(x), x)`)."""
+    out = sae.decode(f)
+    if sae.W_skip is None:
+        return out
+    return out + (sae.prepare_input(x_in) @ sae.W_skip.T / sae.output_scale).view_as(out)
+
+
+def encode_nodes(sae: SAE, x: Tensor, x_in: Tensor | None = None) -> Nodes:
+    """The nodes of activation `x`: its latents and what the dictionary misses. A transcoder's latents come from its
+    input `x_in` and its error node is the MLP's output `x` minus the transcoder's."""
+    x_in = x if x_in is None else x_in
+    f = sae.encode(x_in)
+    return Nodes(f, x - output(sae, f, x_in))
+
+
+def splice(sae: SAE, fn: Callable[[Tensor, Tensor], Tensor]) -> Splice:
+    """`fn(x, x_in)` as the edit of the hook point `sae` writes, with `x_in` what it reads."""
+    return Splice(fn, reads(sae))
 
 
 def set_nodes(sae: SAE, value: Nodes) -> Edit:
-    """An edit that replaces the hook point's activation by `dec(f) + err` of the given nodes."""
-    return lambda x: sae.decode(value.f) + value.err
+    """An edit that replaces the hook point's activation by `dec(f) + err` of the given nodes (plus a skip
+    transcoder's skip of its input in this forward pass)."""
+    return splice(sae, lambda x, x_in: output(sae, value.f, x_in) + value.err)
 
 
 def check_saes(model: Model, saes: dict[str, SAE]) -> list[str]:
-    """The SAEs' hook points in the order the forward pass reaches them; `CircuitError` if one does not fit."""
+    """The dictionaries' hook points (each keyed by the one it writes: a transcoder by its MLP's output) in the
+    order the forward pass reaches them; `CircuitError` if one does not fit."""
     if not saes:
         raise CircuitError("no SAEs: give at least one {hook point: SAE}")
     points = sorted(resolve_hooks(model, list(saes)), key=lambda p: (p.layer, HOOK_KINDS.index(p.kind)))
     for point in points:
-        if saes[point.name].cfg.d_in != point.d:
+        sae = saes[point.name]
+        d_out = sae.cfg.d_out_resolved
+        if sae.cfg.d_out is not None:
+            source = reads(sae)
+            if sae.cfg.hook_name_out and sae.cfg.hook_name_out.rpartition("/")[2] != point.name:
+                raise CircuitError(
+                    f"the transcoder given for {point.name} writes {sae.cfg.hook_name_out}; key it by the hook point "
+                    "it writes (its MLP's output)"
+                )
+            if source not in model.hook_dict:
+                raise CircuitError(
+                    f"the transcoder for {point.name} reads {source!r}, which this model has no hook for"
+                )
+        if d_out != point.d:
             raise CircuitError(
-                f"the SAE for {point.name} reads d_in={saes[point.name].cfg.d_in}, but that hook point "
-                f"has width {point.d}; give an SAE trained on this model's {point.name}"
+                f"the SAE for {point.name} writes d={d_out}, but that hook point has width {point.d}; give an SAE "
+                f"trained on this model's {point.name}"
             )
     return [p.name for p in points]
 
 
 def _recorder(sae: SAE, hook: str, states: dict[str, Nodes]) -> Edit:
-    def edit(x: Tensor) -> Tensor:
-        states[hook] = encode_nodes(sae, x)
+    def edit(x: Tensor, x_in: Tensor) -> Tensor:
+        states[hook] = encode_nodes(sae, x, x_in)
         return x
 
-    return edit
+    return splice(sae, edit)
 
 
 @torch.no_grad()
