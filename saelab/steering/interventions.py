@@ -74,6 +74,11 @@ class Intervention:
 
     def __post_init__(self) -> None:
         check_coefficient(self.coefficient, self.scale)
+        if self.sae.cfg.d_out is not None and self.mode in ("clamp", "ablate"):
+            raise SteeringError(
+                f"mode {self.mode!r} re-encodes the activation it edits, but a transcoder's latents come from its MLP's "
+                "input, not the output it writes; steer a transcoder latent with add, orthogonal or cap"
+            )
 
     @property
     def value(self) -> float:
@@ -130,9 +135,10 @@ def check_interventions(model: Model, interventions: Sequence[Intervention], emb
     widths = {EMBEDDING: model.cfg.d_model} if embedding else {p.name: p.d for p in resolve_hooks(model, names)}
     for iv in interventions:
         cfg = iv.sae.cfg
-        if cfg.d_in != widths[iv.hook]:
+        if cfg.d_out_resolved != widths[iv.hook]:
             raise SteeringError(
-                f"the SAE reads d_in={cfg.d_in}, but {iv.hook} has width {widths[iv.hook]}; "
+                f"the {'transcoder writes d_out' if cfg.d_out is not None else 'SAE reads d_in'}={cfg.d_out_resolved}, "
+                f"but {iv.hook} has width {widths[iv.hook]}; "
                 f"give an SAE trained on this model's {iv.hook}"
             )
         if iv.mode not in MODES:

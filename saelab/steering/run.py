@@ -29,6 +29,14 @@ def sae_hook(path: str | Path, sae: SAE) -> str:
     return sae.cfg.hook_name or Path(path).resolve().parent.name
 
 
+def steered_hook(sae: SAE, reads: str) -> str:
+    """The hook point steering along `sae`'s latents edits: where its decoder writes. An SAE's is the one it reads
+    (`reads`); a transcoder's its MLP's output (`hook_name_out`, else `reads` with `hook_mlp_in` -> `hook_mlp_out`)."""
+    if sae.cfg.d_out is None:
+        return reads
+    return sae.cfg.hook_name_out or reads.replace("hook_mlp_in", "hook_mlp_out")
+
+
 def run_steering(cfg: SteerConfig, progress: bool = True) -> tuple[SteeringResult, Path]:
     """Load the model and SAE, steer at every coefficient, write the run's steering result `cfg.name`; return the
     result and its path."""
@@ -54,7 +62,7 @@ def run_steering(cfg: SteerConfig, progress: bool = True) -> tuple[SteeringResul
         raise SteeringError(f"latent {cfg.latent} does not exist: the SAE has latents 0 to {sae.cfg.d_sae - 1}")
     steered = (
         _search(cfg, model, sae, hook, progress) if is_encoder(model) else _generation(cfg, model, sae, hook, progress)
-    )
+    )  # `hook`: where the SAE reads (its analysis, its scale); the edit goes where it writes (`steered_hook`)
     return steered, steered.save(run.steering(cfg.name))
 
 
@@ -72,7 +80,8 @@ def _search(cfg: SteerConfig, model: Model, sae: SAE, hook: str, progress: bool)
         raise SteeringError(f"the corpus has {len(docs)} documents, fewer than k={cfg.k}; give more or lower k")
     corpus = embed(model, docs, progress=progress)
     scale, source = _scale(cfg, sae, hook, embeddings=corpus)
-    steered = [Intervention(hook, sae, [cfg.latent], cfg.mode, c, scale, cfg.scope) for c in cfg.coefficients]
+    edited = steered_hook(sae, hook)
+    steered = [Intervention(edited, sae, [cfg.latent], cfg.mode, c, scale, cfg.scope) for c in cfg.coefficients]
     fires = doc_latent_acts(model, sae, hook, texts=docs)[:, cfg.latent]
     rows = []
     for iv in tqdm(steered, desc="steered search", disable=not progress):
@@ -96,14 +105,14 @@ def _search(cfg: SteerConfig, model: Model, sae: SAE, hook: str, progress: bool)
             }
         )
     shown = {str(i): docs[i] for row in rows for q in row["queries"] for i, _ in q["before"] + q["after"]}
-    return SteeringResult(cfg.model_dump(mode="json"), hook, "search", scale, source, rows, documents=shown)
+    return SteeringResult(cfg.model_dump(mode="json"), edited, "search", scale, source, rows, documents=shown)
 
 
 def _generation(cfg: SteerConfig, model: Model, sae: SAE, hook: str, progress: bool) -> SteeringResult:
     if not cfg.prompts:
         raise SteeringError("this model is a decoder: give `prompts` to continue")
     scale, source = _scale(cfg, sae, hook)
-    iv = Intervention(hook, sae, [cfg.latent], cfg.mode, 0.0, scale, cfg.scope)
+    iv = Intervention(steered_hook(sae, hook), sae, [cfg.latent], cfg.mode, 0.0, scale, cfg.scope)
     options = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature}
     rows = sweep(model, iv, cfg.coefficients, cfg.prompts, seed=cfg.seed, progress=progress, **options)  # checks first
     unsteered = [
@@ -111,5 +120,11 @@ def _generation(cfg: SteerConfig, model: Model, sae: SAE, hook: str, progress: b
         for i, p in enumerate(cfg.prompts)
     ]
     return SteeringResult(
-        cfg.model_dump(mode="json"), hook, "generation", scale, source, [r.as_json() for r in rows], unsteered=unsteered
+        cfg.model_dump(mode="json"),
+        iv.hook,
+        "generation",
+        scale,
+        source,
+        [r.as_json() for r in rows],
+        unsteered=unsteered,
     )

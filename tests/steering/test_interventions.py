@@ -193,3 +193,31 @@ def test_an_edit_that_overflows_the_activations_is_refused_inside_the_pass(decod
     iv = Intervention(HOOK, damaged, [3], "add", 1000.0)
     with pytest.raises(SteeringError, match=f"activations at {HOOK} non-finite in the model's torch.float32"):
         st.generate(decoder, PROMPT, [iv], max_new_tokens=3)
+
+
+def test_a_transcoder_latent_steers_the_mlp_output_it_writes(decoder):
+    """Steering by a transcoder latent adds its decoder row where the transcoder writes (the MLP's output, which
+    `steered_hook` names); the modes that re-encode the edited activation are refused for it."""
+    from saelab.steering.run import steered_hook
+
+    d = decoder.cfg.d_model
+    torch.manual_seed(0)
+    tc = SAE.from_config(
+        SAEConfig(
+            d_in=d, d_sae=32, k=4, d_out=d, hook_name="blocks.0.hook_mlp_in", hook_name_out="blocks.0.hook_mlp_out"
+        )
+    ).eval()
+    hook = steered_hook(tc, "blocks.0.hook_mlp_in")
+    assert hook == "blocks.0.hook_mlp_out"
+    tokens = st.prompt_tokens(decoder, PROMPT)
+    x = st.hook_acts(decoder, tokens, hook)[0]
+    seen = []
+    with (
+        torch.no_grad(),
+        st.steer(decoder, [Intervention(hook, tc, [3], "add", 1.5, 2.0)], read=lambda h, a, p: seen.append(a[0])),
+    ):
+        decoder(tokens, return_type=None)
+    torch.testing.assert_close(seen[0] - x, (3.0 * tc.W_dec[3]).expand_as(x), atol=1e-5, rtol=1e-5)
+    for mode in ("clamp", "ablate"):
+        with pytest.raises(SteeringError, match="transcoder's latents come from its MLP's input"):
+            Intervention(hook, tc, [3], mode, 1.0)
