@@ -116,37 +116,15 @@ def saelens_loop(sae: Any, x: torch.Tensor, dead: torch.Tensor) -> Callable[[], 
     return step
 
 
-def sparsify_step(x: torch.Tensor, d_sae: int, k: int, dead: torch.Tensor) -> Callable[[], None]:
-    """sparsify's Trainer inner loop for one SparseCoder (fvu + auxk_alpha * auxk)."""
-    from sparsify import SparseCoder, SparseCoderConfig  # pyright: ignore[reportMissingImports]  # the [bench] extra
-
-    sae = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=d_sae, k=k))
-    opt = torch.optim.Adam(sae.parameters(), lr=LR, fused=True)
-    since_fired = torch.zeros(d_sae, dtype=torch.long)
-    did_fire = torch.zeros(d_sae, dtype=torch.bool)
-
-    def step() -> None:
-        out = sae(x, dead_mask=dead)
-        (out.fvu + out.auxk_loss / 32).backward()
-        did_fire[out.latent_indices.flatten()] = True
-        sae.remove_gradient_parallel_to_decoder_directions()
-        opt.step()
-        opt.zero_grad()
-        sae.set_decoder_norm_to_unit_norm()
-        since_fired.add_(x.shape[0])
-        since_fired[did_fire] = 0
-        did_fire.zero_()
-
-    return step
-
-
-def sparsify_transcoder_step(
-    x: torch.Tensor, y: torch.Tensor, d_sae: int, k: int, dead: torch.Tensor
+def sparsify_step(
+    x: torch.Tensor, d_sae: int, k: int, dead: torch.Tensor, y: torch.Tensor | None = None
 ) -> Callable[[], None]:
-    """sparsify's Trainer inner loop for one transcoder (`SparseCoder(transcode=True)`: no decoder normalisation)."""
+    """sparsify's Trainer inner loop for one SparseCoder (fvu + auxk_alpha * auxk); to targets `y`: a transcoder's
+    (`transcode=True`, whose decoder sparsify neither projects nor normalises)."""
     from sparsify import SparseCoder, SparseCoderConfig  # pyright: ignore[reportMissingImports]  # the [bench] extra
 
-    sae = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=d_sae, k=k, transcode=True))
+    transcode = y is not None
+    sae = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=d_sae, k=k, transcode=transcode))
     opt = torch.optim.Adam(sae.parameters(), lr=LR, fused=True)
     since_fired = torch.zeros(d_sae, dtype=torch.long)
     did_fire = torch.zeros(d_sae, dtype=torch.bool)
@@ -155,8 +133,12 @@ def sparsify_transcoder_step(
         out = sae(x, y, dead_mask=dead)
         (out.fvu + out.auxk_loss / 32).backward()
         did_fire[out.latent_indices.flatten()] = True
+        if not transcode:
+            sae.remove_gradient_parallel_to_decoder_directions()
         opt.step()
         opt.zero_grad()
+        if not transcode:
+            sae.set_decoder_norm_to_unit_norm()
         since_fired.add_(x.shape[0])
         since_fired[did_fire] = 0
         did_fire.zero_()
@@ -178,7 +160,7 @@ def transcoder_rows(x: torch.Tensor, d_sae: int, k: int, *, warmup: int, repeats
         steps = {
             "sae": saelab_step(x, d_sae, k, dead),
             "transcoder": saelab_step(x, d_sae, k, dead, y),
-            "sparsify_transcoder": sparsify_transcoder_step(x, y, d_sae, k, dead),
+            "sparsify_transcoder": sparsify_step(x, d_sae, k, dead, y),
             "crosscoder_2src": crosscoder_step(sources, d_sae, k, dead),
             "sae_concat_2src": saelab_step(sources.flatten(1), d_sae, k, dead, arch="batchtopk"),
         }
