@@ -30,6 +30,7 @@ from saelab.circuits import Circuit
 from saelab.dashboards.params import Params
 from saelab.errors import RunError
 from saelab.evals import BestMatches, best_matches, load_decoder
+from saelab.evals.diff_run import ModelDiffResult
 from saelab.run import SAE_CONFIG, SAE_WEIGHTS, RunDir, SaeEntry
 from saelab.store import ActivationStore
 
@@ -359,6 +360,31 @@ def load_absorption(run: str, hook: str | None, variant: str | None) -> Absorpti
             f"The run has no absorption result for {hook}/{variant}. It has: {', '.join(f'{h}/{v}' for h, v in keys)}."
         )
     return cached_result(AbsorptionResult.load, run_dir.absorption(*key))
+
+
+def model_diff_keys(run: str) -> list[tuple[str, str]]:
+    """(hook, variant) of every model diff of the run."""
+    return [(r.hook, r.variant) for r in RunDir(run).model_diffs()]
+
+
+def load_model_diff(run: str, hook: str | None, variant: str | None) -> ModelDiffResult:
+    """The model diff of crosscoder `hook`/`variant` (default: the first); `RunError` naming the command or the
+    diffs there are."""
+    run_dir = RunDir(run)
+    if hook and variant:
+        run_dir.model_diff(hook, variant)  # refuses names that are not plain names before anything is looked up
+    keys = model_diff_keys(run)
+    if not keys:
+        raise RunError(
+            f"No model diffs in the run {run}. Train a crosscoder over one hook point of two models "
+            f"(`crosscoders:` in the train config) and classify its latents with `saelab diff {run}`."
+        )
+    key = (hook or "", variant or "") if hook or variant else keys[0]
+    if key not in keys:
+        raise RunError(
+            f"The run has no model diff for {hook}/{variant}. It has: {', '.join(f'{h}/{v}' for h, v in keys)}."
+        )
+    return cached_result(ModelDiffResult.load, run_dir.model_diff(*key))
 
 
 # Names this module had before the live model runs moved to `saelab.dashboards.live` and the id parsing to

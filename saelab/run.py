@@ -10,6 +10,7 @@ RUN/
   absorption/<hook>/<variant>.json       absorption scores
   circuits/<name>.json                   sparse feature circuits
   steering/<name>.json                   steering runs
+  model_diff/<hook>/<variant>.json       a crosscoder's shared / exclusive latents (`saelab diff`)
 ```
 
 Later analyses (evals, feature families, attention heads) add their folders here. Library, CLI and app build
@@ -44,8 +45,9 @@ VOCAB = "vocab.json"
 ABSORPTION = "absorption"
 CIRCUITS = "circuits"
 STEERING = "steering"
+MODEL_DIFF = "model_diff"
 # Entries that make a folder a saelab run: it may be written into even when it is not empty.
-RUN_ENTRIES = (STORE, SAES, ANALYSIS, ABSORPTION, CIRCUITS, STEERING)
+RUN_ENTRIES = (STORE, SAES, ANALYSIS, ABSORPTION, CIRCUITS, STEERING, MODEL_DIFF)
 MAX_NAME = 200  # longest hook, variant or result name accepted, in UTF-8 bytes (file systems allow 255)
 
 
@@ -198,6 +200,14 @@ class RunDir:
     def absorption_results(self) -> list[ResultEntry]:
         """Every absorption result of the run, sorted by hook and variant."""
         return self._per_sae_results(ABSORPTION)
+
+    def model_diff(self, hook: str, variant: str) -> Path:
+        """The model diff (shared and exclusive latents) of crosscoder `hook`/`variant`."""
+        return self._per_sae(MODEL_DIFF, hook, variant)
+
+    def model_diffs(self) -> list[ResultEntry]:
+        """Every model diff of the run, sorted by hook and variant."""
+        return self._per_sae_results(MODEL_DIFF)
 
     def circuit(self, name: str) -> Path:
         """Circuit `name`."""

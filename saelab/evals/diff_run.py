@@ -1,0 +1,159 @@
+"""`saelab diff`: a run's crosscoder over the same hook point in two models, classified latent by latent (shared,
+exclusive to one model) on the store's held-out rows, and written to `RUN/model_diff/<hook>/<variant>.json` for the
+app's model-diff page. The classification is `saelab.evals.model_diff.model_diff`'s (decoder norms, then latent
+scaling); `enrichment` checks it against which documents a fine-tuned model was tuned on."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from saelab.dictionaries.crosscoder import CrossCoder
+from saelab.errors import ConfigError, RunError, StoreError
+from saelab.evals.model_diff import B_ONLY, CLASS_NAMES, model_diff
+from saelab.resultfile import JsonResult
+from saelab.run import RunDir
+from saelab.store import ActivationStore
+
+DIFF_ROWS = 16_384
+"""Rows the classification reads when the run records no `eval_rows` (its training config's held-out rows)."""
+CHUNK_ROWS = 4096
+"""Rows encoded at a time."""
+
+
+@dataclass
+class ModelDiffResult(JsonResult):
+    """A crosscoder's model diff: every latent's class and the evidence for it."""
+
+    what: ClassVar[str] = "model diff"
+    command: ClassVar[str] = "saelab diff RUN --sae HOOK/VARIANT"
+    error: ClassVar[type[Exception]] = RunError
+
+    hook: str
+    """The crosscoder's folder under `RUN/saes/` (its first source, a model alias's `/` written `__`)."""
+    variant: str
+    """Its variant name."""
+    sources: list[str]
+    """The two sources compared, A then B (`<alias>/<hook>`)."""
+    rows: list[int]
+    """The store rows `[start, stop)` it was computed on."""
+    delta_norm: list[float]
+    """Per latent, `|d_B| / (|d_A| + |d_B|)`."""
+    norm_class: list[str]
+    """Per latent, its class by decoder norms alone (`shared`, `a_only`, `b_only`)."""
+    scaling_class: list[str]
+    """Per latent, its class once latent scaling is read."""
+    nu_error: list[float | None]
+    """Per latent, latent scaling's error ratio (None: it never fired on the rows)."""
+    nu_recon: list[float | None]
+    """Per latent, latent scaling's reconstruction ratio."""
+    fired: list[int]
+    """Per latent, the rows it fired on."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """The settings that made it (`exclusive`, `nu_threshold`)."""
+
+    def counts(self, *, scaled: bool = True) -> dict[str, int]:
+        """How many latents each class has, by latent scaling (`scaled`) or by decoder norms alone."""
+        classes = self.scaling_class if scaled else self.norm_class
+        return {name: classes.count(name) for name in CLASS_NAMES}
+
+    def exclusive(self, side: str, *, scaled: bool = True) -> list[int]:
+        """The latents exclusive to `side` (`a_only` or `b_only`), most exclusive first."""
+        classes = self.scaling_class if scaled else self.norm_class
+        found = [j for j, name in enumerate(classes) if name == side]
+        return sorted(found, key=lambda j: self.delta_norm[j], reverse=side == CLASS_NAMES[B_ONLY])
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelDiffResult:
+        """The result from its parsed JSON."""
+        return ModelDiffResult(**data)
+
+
+def _batches(store: ActivationStore, sources: list[str], rows: tuple[int, int]) -> Iterator[Tensor]:
+    """Raw activations `[rows, S, d]` of every source over store rows `rows`, `CHUNK_ROWS` at a time."""
+    for start in range(rows[0], rows[1], CHUNK_ROWS):
+        part = slice(start, min(start + CHUNK_ROWS, rows[1]))
+        yield torch.stack([store.activations(s, part) for s in sources], 1)
+
+
+def _trained_on(run: RunDir) -> tuple[str, int]:
+    """The store the run's dictionaries were trained on and the rows held out at its end (`train_config.json`'s
+    `store` and `eval_rows`); without that file, the run's own store and `DIFF_ROWS`."""
+    if not run.train_config.is_file():
+        return str(run.store), DIFF_ROWS
+    saved = json.loads(run.train_config.read_text())
+    return run.resolve(saved.get("store") or str(run.store)), int(saved.get("eval_rows", DIFF_ROWS))
+
+
+def _nan_to_none(t: Tensor) -> list[float | None]:
+    return [None if np.isnan(v) else float(v) for v in t.tolist()]
+
+
+def diff_run(
+    run: str | Path,
+    hook: str,
+    variant: str,
+    *,
+    a: int = 0,
+    b: int = 1,
+    exclusive: float = 0.1,
+    nu_threshold: float = 0.3,
+) -> tuple[ModelDiffResult, Path]:
+    """Classify every latent of the run's crosscoder `hook`/`variant` over its sources `a` and `b` on the held-out
+    rows of the store it was trained on (the last `eval_rows`, as the training config records them) and write the
+    result into the run; returns it and its path."""
+    run_dir = RunDir(run)
+    folder = run_dir.find_sae(hook, variant).path
+    cc = CrossCoder.load(folder)
+    path, held_out = _trained_on(run_dir)
+    store = ActivationStore.open(path)
+    missing = [s for s in cc.cfg.sources if s not in store.hooks]
+    if missing:
+        raise StoreError(f"the store {path} has no {missing}, which the crosscoder reads; it has {store.hooks}")
+    rows = (store.n_tokens - min(held_out, store.n_tokens), store.n_tokens)
+    with torch.no_grad():
+        diff = model_diff(
+            cc, _batches(store, cc.cfg.sources, rows), a=a, b=b, exclusive=exclusive, nu_threshold=nu_threshold
+        )
+    result = ModelDiffResult(
+        hook=hook,
+        variant=variant,
+        sources=list(diff.sources),
+        rows=list(rows),
+        delta_norm=diff.delta_norm.tolist(),
+        norm_class=[CLASS_NAMES[int(c)] for c in diff.norm_class],
+        scaling_class=[CLASS_NAMES[int(c)] for c in diff.scaling_class],
+        nu_error=_nan_to_none(diff.nu_error),
+        nu_recon=_nan_to_none(diff.nu_recon),
+        fired=diff.fired.long().tolist(),
+        config={"exclusive": exclusive, "nu_threshold": nu_threshold, "a": a, "b": b},
+    )
+    return result, result.save(run_dir.model_diff(hook, variant))
+
+
+def enrichment(codes: Tensor, marked: Tensor, classes: list[str]) -> dict[str, float]:
+    """For each latent class (`classes[j]`: latent j's, e.g. `ModelDiffResult.scaling_class`), the mean firing rate
+    of its latents on the rows of `marked` (`[rows]` bool: say, tokens of the documents a model was fine-tuned on)
+    over their mean rate on the other rows; `codes` `[rows, d_sae]`. A class with no latents, or whose latents never
+    fire off the marked rows, gets NaN."""
+    if codes.shape[0] != marked.shape[0] or codes.shape[1] != len(classes):
+        raise ConfigError(
+            f"codes {tuple(codes.shape)} do not match {marked.shape[0]} row marks and {len(classes)} latent classes"
+        )
+    if marked.all() or not marked.any():
+        raise ConfigError("enrichment compares marked rows with the others: mark some rows, not all")
+    fires = (codes > 0).float()
+    on, off = fires[marked].mean(0), fires[~marked].mean(0)
+    out = {}
+    for name in CLASS_NAMES:
+        members = torch.tensor([c == name for c in classes])
+        rate_off = float(off[members].mean()) if members.any() else 0.0
+        out[name] = float(on[members].mean()) / rate_off if rate_off > 0 else float("nan")
+    return out
