@@ -342,24 +342,39 @@ def absorption_keys(run: str) -> list[tuple[str, str]]:
     return [(r.hook, r.variant) for r in RunDir(run).absorption_results()]
 
 
+def _per_sae_result(
+    key: tuple[str | None, str | None],
+    *,
+    keys: list[tuple[str, str]],
+    path: Callable[[str, str], Path],
+    load: Callable[[str], T],
+    what: str,
+    none: str,
+) -> T:
+    """The result of SAE `key` (hook, variant; default: the run's first) among the run's `keys`, at `path(hook,
+    variant)`, read by `load`; `RunError` saying `none` when the run has none, or naming the ones there are."""
+    hook, variant = key
+    if hook and variant:
+        path(hook, variant)  # refuses names that are not plain names before anything is looked up
+    if not keys:
+        raise RunError(none)
+    chosen = (hook or "", variant or "") if hook or variant else keys[0]
+    if chosen not in keys:
+        raise RunError(f"The run has no {what} for {hook}/{variant}. It has: {', '.join(f'{h}/{v}' for h, v in keys)}.")
+    return cached_result(load, path(*chosen))
+
+
 def load_absorption(run: str, hook: str | None, variant: str | None) -> AbsorptionResult:
     """The absorption result of `hook`/`variant` (default: the first); `RunError` naming the command or the
     results there are."""
-    run_dir = RunDir(run)
-    if hook and variant:
-        run_dir.absorption(hook, variant)  # refuses names that are not plain names before anything is looked up
-    keys = absorption_keys(run)
-    if not keys:
-        raise RunError(
-            f"No absorption results in the run {run}. Compute them with "
-            f"`saelab absorption CONFIG.yaml` (set `run: {run}`; see configs/absorption_minilm.yaml)."
-        )
-    key = (hook or "", variant or "") if hook or variant else keys[0]
-    if key not in keys:
-        raise RunError(
-            f"The run has no absorption result for {hook}/{variant}. It has: {', '.join(f'{h}/{v}' for h, v in keys)}."
-        )
-    return cached_result(AbsorptionResult.load, run_dir.absorption(*key))
+    none = (
+        f"No absorption results in the run {run}. Compute them with "
+        f"`saelab absorption CONFIG.yaml` (set `run: {run}`; see configs/absorption_minilm.yaml)."
+    )
+    keys, path = absorption_keys(run), RunDir(run).absorption
+    return _per_sae_result(
+        (hook, variant), keys=keys, path=path, load=AbsorptionResult.load, what="absorption result", none=none
+    )
 
 
 def model_diff_keys(run: str) -> list[tuple[str, str]]:
@@ -370,21 +385,14 @@ def model_diff_keys(run: str) -> list[tuple[str, str]]:
 def load_model_diff(run: str, hook: str | None, variant: str | None) -> ModelDiffResult:
     """The model diff of crosscoder `hook`/`variant` (default: the first); `RunError` naming the command or the
     diffs there are."""
-    run_dir = RunDir(run)
-    if hook and variant:
-        run_dir.model_diff(hook, variant)  # refuses names that are not plain names before anything is looked up
-    keys = model_diff_keys(run)
-    if not keys:
-        raise RunError(
-            f"No model diffs in the run {run}. Train a crosscoder over one hook point of two models "
-            f"(`crosscoders:` in the train config) and classify its latents with `saelab diff {run}`."
-        )
-    key = (hook or "", variant or "") if hook or variant else keys[0]
-    if key not in keys:
-        raise RunError(
-            f"The run has no model diff for {hook}/{variant}. It has: {', '.join(f'{h}/{v}' for h, v in keys)}."
-        )
-    return cached_result(ModelDiffResult.load, run_dir.model_diff(*key))
+    none = (
+        f"No model diffs in the run {run}. Train a crosscoder over one hook point of two models "
+        f"(`crosscoders:` in the train config) and classify its latents with `saelab diff {run}`."
+    )
+    keys, path = model_diff_keys(run), RunDir(run).model_diff
+    return _per_sae_result(
+        (hook, variant), keys=keys, path=path, load=ModelDiffResult.load, what="model diff", none=none
+    )
 
 
 # Names this module had before the live model runs moved to `saelab.dashboards.live` and the id parsing to
