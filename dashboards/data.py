@@ -31,7 +31,7 @@ from saelab.dashboards.params import Params
 from saelab.errors import RunError
 from saelab.evals import BestMatches, best_matches, load_decoder
 from saelab.evals.diff_run import ModelDiffResult
-from saelab.run import SAE_CONFIG, SAE_WEIGHTS, RunDir, SaeEntry
+from saelab.run import SAE_CONFIG, SAE_WEIGHTS, RunDir, SaeEntry, saved_kind
 from saelab.store import ActivationStore
 
 T = TypeVar("T")
@@ -136,6 +136,13 @@ def _read_sae(run: RunDir, entry: SaeEntry) -> SaeInfo:
 def _sae_from_files(entry: SaeEntry, files: tuple[Path, Path, Path], versions: tuple[Any, ...]) -> SaeInfo:
     """`_read_sae` of the SAE whose config, metrics and weights are `files`, at `versions` of them."""
     config, metrics_path, weights = files
+    if saved_kind(entry.path) == "crosscoder":
+        error = (
+            f"{entry.hook}/{entry.variant} is a crosscoder: the app has no feature pages for it yet; its shared and "
+            f"exclusive latents are on the Model diff page once `saelab diff RUN --sae {entry.hook}/{entry.variant}` "
+            "has classified them."
+        )
+        return SaeInfo(entry.hook, entry.variant, entry.path, "", {}, error)
     try:
         model = _model_name(config)
         metrics = _sae_file(metrics_path) if metrics_path.is_file() else {}

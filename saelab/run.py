@@ -25,6 +25,7 @@ outside are recorded absolute, and fsspec URLs (`memory://`, `s3://`) as given.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
@@ -122,6 +123,16 @@ def store_resolve(recorded: str, *, store: str | Path) -> str:
     if is_url(store) or not (recorded == ".." or recorded.startswith("../")):
         return recorded
     return os.path.normpath(Path(store) / recorded)
+
+
+def saved_kind(folder: str | Path) -> str:
+    """The kind of dictionary saved in `folder`, as its `cfg.json` records it (`crosscoder`), `sae` for the SAE
+    family (whose configs record none), or `""` when the file is missing or is not a JSON object."""
+    try:
+        config = json.loads((Path(folder) / SAE_CONFIG).read_text())
+    except (OSError, ValueError):
+        return ""
+    return str(config.get("kind") or "sae") if isinstance(config, dict) else ""
 
 
 class RunDir:

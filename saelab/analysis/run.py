@@ -21,7 +21,7 @@ from saelab.dictionaries import SAE
 from saelab.distributed import broadcast_object, init, local_device, wait_for_main
 from saelab.errors import ConfigError, MissingError, RunError, StoreError
 from saelab.models import Model, load_model
-from saelab.run import SAE_WEIGHTS, RunDir, absolute_path
+from saelab.run import SAE_WEIGHTS, RunDir, absolute_path, saved_kind
 from saelab.store import ActivationStore
 
 
@@ -177,11 +177,18 @@ def analyze(
     here = init()
     run = _run_of(run_dir, cfg)
     store = ActivationStore.open(str(run.store))
-    saes = run.saes()
+    crosscoders = [e for e in run.saes() if saved_kind(e.path) == "crosscoder"]
+    saes = [e for e in run.saes() if e not in crosscoders]
+    if crosscoders and here.main and progress:
+        print(
+            f"skipping {len(crosscoders)} crosscoder(s) ({', '.join(f'{e.hook}/{e.variant}' for e in crosscoders)}): "
+            f"their panels read several sources at once; classify their latents with `saelab diff {run.root}`"
+        )
     if not saes:
         raise RunError(
-            f"the run {run.root} has no trained SAEs (none under {run.saes_dir}); "
-            f"train some with `saelab train` and `run: {run.root}` in its config first"
+            f"the run {run.root} has no trained SAEs (none under {run.saes_dir}"
+            + (", only crosscoders, which `saelab diff` reads" if crosscoders else "")
+            + f"); train some with `saelab train` and `run: {run.root}` in its config first"
         )
     spec = store.model_spec
     model = load_model(spec, device=str(local_device(cfg.device))) if spec and here.main else None

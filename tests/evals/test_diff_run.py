@@ -14,7 +14,7 @@ from saelab.errors import ConfigError, RunError
 from saelab.evals.diff_run import ModelDiffResult, diff_run, enrichment
 from saelab.evals.model_diff import B_ONLY
 from saelab.importer import import_arrays
-from saelab.run import RunDir
+from saelab.run import RunDir, saved_kind
 from saelab.toys.model_diff import make_model_diff
 from saelab.train import TrainConfig, train
 
@@ -91,3 +91,14 @@ def test_a_missing_crosscoder_is_named(trained):
     run, _, _ = trained
     with pytest.raises(RunError, match="has no SAE h_a/crosscoder-nope"):
         diff_run(run, "h_a", "crosscoder-nope")
+
+
+def test_the_app_lists_a_crosscoder_with_where_its_latents_are(trained):
+    """The app's SAE list keeps a crosscoder, whose `cfg.json` says its kind, out of the SAE pages with a pointer to
+    the model-diff page, rather than calling it broken."""
+    from saelab.dashboards.data import list_saes
+
+    run, result, _ = trained
+    assert saved_kind(result.path) == "crosscoder"
+    (info,) = list_saes(str(run))
+    assert info.error is not None and "is a crosscoder" in info.error and "saelab diff" in info.error
