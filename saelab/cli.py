@@ -303,6 +303,35 @@ result_command(
 )
 
 
+@command("diff")
+def diff_cmd(
+    run: Path = typer.Argument(..., help="A run directory holding crosscoders over one hook point of two models."),
+    sae: Optional[str] = typer.Option(
+        None, "--sae", help="HOOK/VARIANT of one crosscoder (default: every crosscoder of the run)."
+    ),
+    exclusive: float = typer.Option(0.1, help="Relative decoder norm at or below which a latent is one model's."),
+    nu_threshold: float = typer.Option(0.3, help="Latent scaling ratio from which an exclusive latent is shared."),
+) -> None:
+    """Classify a crosscoder's latents as shared or exclusive to one model (decoder norms, then latent scaling) on
+    the held-out rows; results in RUN/model_diff, shown on the app's Model diff page."""
+    from saelab.evals.diff_run import diff_run
+    from saelab.run import RunDir, saved_kind
+
+    run_dir = RunDir(run)
+    if sae is not None:
+        hook, _, variant = sae.rpartition("/")
+        chosen = [(hook, variant)]
+    else:
+        chosen = [(e.hook, e.variant) for e in run_dir.saes() if saved_kind(e.path) == "crosscoder"]
+        if not chosen:
+            raise MissingError(
+                f"the run {run} has no crosscoders; train one with `crosscoders:` in a train config (`run: {run}`)"
+            )
+    for hook, variant in chosen:
+        result, path = diff_run(run, hook, variant, exclusive=exclusive, nu_threshold=nu_threshold)
+        typer.echo(f"{result.summary()}\nwrote {path}")
+
+
 @command()
 def quickstart(
     out: str = typer.Option("runs/quickstart", "--out", help="Run directory."),

@@ -70,6 +70,16 @@ class ModelDiffResult(JsonResult):
         found = [j for j, name in enumerate(classes) if name == side]
         return sorted(found, key=lambda j: self.delta_norm[j], reverse=side == CLASS_NAMES[B_ONLY])
 
+    def summary(self) -> str:
+        """One line: the crosscoder and its class counts after latent scaling (and by decoder norms alone)."""
+        scaled, by_norm = self.counts(), self.counts(scaled=False)
+        a, b = self.sources
+        return (
+            f"{self.hook}/{self.variant}: {scaled['shared']} shared, {scaled['a_only']} only in {a}, "
+            f"{scaled['b_only']} only in {b} (by decoder norms alone: {by_norm['shared']}, {by_norm['a_only']}, "
+            f"{by_norm['b_only']})"
+        )
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelDiffResult:
         """The result from its parsed JSON."""

@@ -102,3 +102,17 @@ def test_the_app_lists_a_crosscoder_with_where_its_latents_are(trained):
     assert saved_kind(result.path) == "crosscoder"
     (info,) = list_saes(str(run))
     assert info.error is not None and "is a crosscoder" in info.error and "saelab diff" in info.error
+
+
+def test_saelab_diff_classifies_every_crosscoder_of_the_run(trained, tmp_path):
+    from typer.testing import CliRunner
+
+    from saelab.cli import app
+
+    run, result, _ = trained
+    out = CliRunner().invoke(app, ["diff", str(run)])
+    assert out.exit_code == 0, out.output
+    assert f"{result.hook}/{result.path.name}: " in out.output and "only in h_b" in out.output
+    assert str(RunDir(run).model_diff(result.hook, result.path.name)) in out.output
+    empty = CliRunner().invoke(app, ["diff", str(tmp_path)])
+    assert empty.exit_code != 0 and "has no crosscoders" in empty.output
