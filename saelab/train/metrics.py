@@ -159,9 +159,8 @@ def embedding_metrics(
 ) -> EmbeddingMetrics:
     """The cosine between an encoder's sentence embeddings of `tokens` `[contexts, positions]` (the last layer's
     output mean-pooled over the positions, as sentence-transformers pools MiniLM's; the contexts are packed, without
-    padding) as it is and with the MLP that reads `input_hook` (saelab's `blocks.L.hook_mlp_in`, what the MLP reads,
-    as harvests record it) and writes `output_hook` (`blocks.L.hook_mlp_out`) replaced by `transcoder`
-    (`splice_hooks`), and the same with that MLP zero-ablated."""
+    padding) as it is and with the MLP that reads `input_hook` (`blocks.L.hook_mlp_in`) and writes `output_hook`
+    (`blocks.L.hook_mlp_out`) replaced by `transcoder` (`splice_hooks`), and the same with that MLP zero-ablated."""
     last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
 
     def pooled(hooks: list[Any]) -> Tensor:
@@ -169,7 +168,7 @@ def embedding_metrics(
             return forward_to(model, tokens, last).float().mean(1)
 
     orig = pooled([])
-    spliced = pooled(splice_hooks(transcoder, model, input_hook=input_hook, output_hook=output_hook))
+    spliced = pooled(splice_hooks(transcoder, input_hook=input_hook, output_hook=output_hook))
     zero = pooled([(output_hook, lambda act, hook: torch.zeros_like(act))])
     cos = torch.nn.functional.cosine_similarity
     return {
