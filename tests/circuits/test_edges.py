@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from saelab.circuits import aggregate, edge_effects, spliced_output
+from saelab.circuits.splice import Edit
 from tests.circuits.helpers import L0, L1, POS, SOURCE
 
 
@@ -25,7 +26,7 @@ def test_edges_are_the_direct_jacobian_times_the_upstream_change(model, saes, ta
     def latent_after(f, err):
         read = {}
         with torch.no_grad():
-            edits = {L0: lambda x: saes[L0].decode(f) + err, L1: lambda x: read.setdefault("x", x)}
+            edits: dict[str, Edit] = {L0: lambda x: saes[L0].decode(f) + err, L1: lambda x: read.setdefault("x", x)}
             spliced_output(model, task.tokens, edits)
             return saes[L1].encode(read["x"])[:, POS, latent]
 
