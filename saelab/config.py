@@ -59,14 +59,24 @@ class TextConfig(StrictModel):
         return self
 
 
+MODEL_ALIAS = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+
 class HarvestConfig(StrictModel):
     """Everything that decides what a harvest writes.
 
     Where the store goes: `run` (a run directory; the store is its `RunDir.store`) or `out` (a store path or
     fsspec URL of its own); give one.
+
+    Which model: `model` (one; its arrays are named by hook, `blocks.1.hook_resid_post`) or `models` (several, by
+    alias, run over the same tokens; their arrays are named `<alias>/<hook>`, `base/blocks.1.hook_resid_post`, row for
+    row aligned); give one. Every hook of `hooks` is harvested from every model.
     """
 
     model: str = Field(default="minilm", min_length=1)
+    """The model spec (what `saelab.models.load_model` takes); unused when `models` is given."""
+    models: dict[str, str] | None = None
+    """Alias -> model spec of each model to harvest over the same tokens; their tokenizers must be the same."""
     hooks: list[str]
     run: str | None = Field(default=None, min_length=1)
     out: str = Field(min_length=1)
@@ -96,6 +106,30 @@ class HarvestConfig(StrictModel):
         if not hooks:
             raise ValueError("give at least one hook point, e.g. blocks.0.hook_resid_post")
         return hooks
+
+    @model_validator(mode="after")
+    def _one_way_to_give_models(self) -> HarvestConfig:
+        if self.models is None:
+            return self
+        if "model" in self.model_fields_set:
+            raise ValueError("give `model` (one model) or `models` (aliases -> model specs), not both")
+        if not self.models:
+            raise ValueError("`models` is empty; give at least one `alias: model spec`, e.g. {base: minilm}")
+        bad = [a for a in self.models if not MODEL_ALIAS.match(a)]
+        if bad:
+            raise ValueError(
+                f"model aliases {bad} are not names: start with a letter, then letters, digits, `_` or `-` (they "
+                "name the store's arrays, `<alias>/<hook>`)"
+            )
+        empty = [a for a, spec in self.models.items() if not spec]
+        if empty:
+            raise ValueError(f"models {empty} have an empty spec; give a model spec such as `minilm` or a folder")
+        return self
+
+    @property
+    def model_specs(self) -> dict[str, str]:
+        """Alias -> spec of every model harvested: `models`, or `{"": model}` for one model (arrays named by hook)."""
+        return dict(self.models) if self.models is not None else {"": self.model}
 
     @model_validator(mode="after")
     def _chunks_divide_shards(self) -> HarvestConfig:

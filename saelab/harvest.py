@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import islice
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from saelab import distributed
 from saelab.config import HarvestConfig
-from saelab.errors import SaelabError, StoreError, TextSourceError
+from saelab.errors import ConfigError, SaelabError, StoreError, TextSourceError
 from saelab.harvest_shards import Finish, Piece, Shards, ShardWriter, put
 from saelab.models import (
     MINILM,
@@ -25,6 +25,7 @@ from saelab.models import (
     load_model,
     model_name,
     resolve_hooks,
+    tokenizer_of,
 )
 from saelab.run import is_local, store_relative
 from saelab.store import TORCH_DTYPE, ActivationStore, StoreWriter, open_group, saelab_meta, to_storage, zarr_group
@@ -34,6 +35,7 @@ from saelab.text import ContextBatch, SpecialTokens, batch_contexts, iter_docume
 
 IDENTITY_KEYS = (
     "model",
+    "models",
     "hooks",
     "text",
     "context_length",
@@ -45,12 +47,27 @@ IDENTITY_KEYS = (
     "chunk_rows",
     "compression",
 )
+"""The config keys that decide a store's content; a store records `model` for one model, `models` for several."""
+PROBE_TEXT = "Tokenizers differ on rare words: naïve façade, 3.14e-10, <b>HTML</b>, 東京, CamelCase_snake\tTAB"
+"""A text that models harvested together must turn into the same ids (it catches another casing or normalisation)."""
+
+
+def array_name(alias: str, hook: str) -> str:
+    """The name of a hook's arrays in a store: `hook` for one model (alias `""`), `<alias>/<hook>` for several
+    (`HarvestConfig.models`)."""
+    return f"{alias}/{hook}" if alias else hook
 
 
 def given_identity(cfg: HarvestConfig) -> dict:
     """The part of a config that decides the store's content (not where it goes or runs), paths as given (what
-    stores recorded before runs could move)."""
-    return cfg.model_dump(include=set(IDENTITY_KEYS), mode="json")
+    stores recorded before runs could move): `model` for one model, `models` for several."""
+    keys = {k for k in IDENTITY_KEYS if k != ("models" if cfg.models is None else "model")}
+    return cfg.model_dump(include=keys, mode="json")
+
+
+def _recorded_spec(spec: str, *, store: str) -> str:
+    """A model spec as the store records it: a local folder from the store's folder where it can, names as given."""
+    return store_relative(spec, store=store) if spec != MINILM and is_local(spec) else spec
 
 
 def identity(cfg: HarvestConfig) -> dict:
@@ -58,8 +75,10 @@ def identity(cfg: HarvestConfig) -> dict:
     own folder when it lies beside the store (`store_relative`: `../model` for a run's model), so the run can move;
     model names (`minilm`, `gpt2`), dataset names and URLs as given."""
     recorded = given_identity(cfg)
-    if cfg.model != MINILM and is_local(cfg.model):
-        recorded["model"] = store_relative(cfg.model, store=cfg.out)
+    if cfg.models is None:
+        recorded["model"] = _recorded_spec(cfg.model, store=cfg.out)
+    else:
+        recorded["models"] = {a: _recorded_spec(spec, store=cfg.out) for a, spec in cfg.models.items()}
     if cfg.text.source == "files" and cfg.text.path is not None and is_local(cfg.text.path):
         recorded["text"]["path"] = store_relative(cfg.text.path, store=cfg.out)
     return recorded
@@ -79,7 +98,14 @@ class _Kept:
         return int(self.keep.sum())
 
 
-def _open_writer(cfg: HarvestConfig, model: Model, hooks: dict[str, int], *, overwrite: bool) -> StoreWriter:
+def _models_name(models: Mapping[str, Model]) -> str:
+    """The models' short name: the model's for one, `alias=name, ...` for several."""
+    return ", ".join(f"{a}={model_name(m)}" if a else model_name(m) for a, m in models.items())
+
+
+def _open_writer(
+    cfg: HarvestConfig, models: Mapping[str, Model], hooks: dict[str, int], *, overwrite: bool
+) -> StoreWriter:
     """Resume a store made by the same config, refuse one made by another, or create a new one (replacing an
     existing store only with `overwrite`; a folder that is not a saelab store is never replaced)."""
     group = None
@@ -89,12 +115,14 @@ def _open_writer(cfg: HarvestConfig, model: Model, hooks: dict[str, int], *, ove
         except FileNotFoundError:  # nothing there, or a folder that is not a Zarr store: `create` checks it
             pass
     if group is None:
-        meta = {
+        meta: dict[str, Any] = {
             "config": identity(cfg),
-            "model_name": model_name(model),
-            "encoder": is_encoder(model),
+            "model_name": _models_name(models),
+            "encoder": is_encoder(next(iter(models.values()))),
             "resume": {"batch": 0, "rows": 0},
         }
+        if cfg.models is not None:
+            meta["models"] = {a: model_name(m) for a, m in models.items()}
         return StoreWriter.create(
             cfg.out,
             meta,
@@ -110,8 +138,8 @@ def _open_writer(cfg: HarvestConfig, model: Model, hooks: dict[str, int], *, ove
     old = saelab_meta(group, cfg.out).get("config", {})
     new, given = identity(cfg), given_identity(cfg)
     if old not in (new, given):  # a store written before runs could move records paths as given
-        changed = [k for k in IDENTITY_KEYS if old.get(k) not in (new[k], given[k])]
-        diff = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
+        changed = [k for k in IDENTITY_KEYS if old.get(k) not in (new.get(k), given.get(k))]
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
         raise StoreError(
             f"store {cfg.out!r} was made with a different config ({diff}); it is never appended to. "
             "Set `out` to a new path, or pass --overwrite (`overwrite=True`) to replace the store."
@@ -122,17 +150,27 @@ def _open_writer(cfg: HarvestConfig, model: Model, hooks: dict[str, int], *, ove
 
 
 def _open_and_check(
-    cfg: HarvestConfig, model: Model, points: list[HookPoint], *, overwrite: bool
+    cfg: HarvestConfig, models: Mapping[str, Model], points: Mapping[str, list[HookPoint]], *, overwrite: bool
 ) -> tuple[StoreWriter, list[DamagedShard]]:
     """`_open_writer`, and the shards of the committed rows that are missing or damaged."""
-    writer = _open_writer(cfg, model, {p.name: p.d for p in points}, overwrite=overwrite)
+    hooks = {array_name(a, p.name): p.d for a, ps in points.items() for p in ps}
+    writer = _open_writer(cfg, models, hooks, overwrite=overwrite)
     return writer, ActivationStore(writer.group, cfg.out, verify=False).check().damaged
 
 
 def harvest(
-    cfg: HarvestConfig, model: Model | None = None, progress: bool = True, *, overwrite: bool = False
+    cfg: HarvestConfig,
+    model: Model | Mapping[str, Model] | None = None,
+    progress: bool = True,
+    *,
+    overwrite: bool = False,
 ) -> ActivationStore:
     """Run the model over the text source and write the store at `cfg.out`; resumes an interrupted run.
+
+    `model`: the loaded model (`cfg.model` is loaded when None); for a config of several `models`, a dict alias ->
+    loaded model with every alias, or None. Several models run on the same batches, one after the other, and their
+    hooks' arrays (`<alias>/<hook>`) share the store's rows and metadata; their tokenizers must be the same
+    (`check_same_tokenizer`).
 
     A store at `cfg.out` made with another config is refused, and replaced only with `overwrite` (which also
     starts a store of the same config over); a non-empty folder that is not a saelab store is always refused.
@@ -149,19 +187,21 @@ def harvest(
     single process writes, byte for byte. A rerun with any number of ranks resumes it.
     """
     here = distributed.init()
-    model = model if model is not None else load_model(cfg.model, device=str(distributed.local_device(cfg.device)))
-    points = resolve_hooks(model, cfg.hooks)
-    if next(_batches(cfg, model), None) is None:
+    models = _models(cfg, model)
+    check_same_tokenizer(models)
+    points = {alias: resolve_hooks(m, cfg.hooks) for alias, m in models.items()}
+    reader = next(iter(models.values()))  # whose tokenizer packs the text (the same for all of them)
+    if next(_batches(cfg, reader), None) is None:
         raise TextSourceError(
             f"text source {cfg.text.model_dump(exclude_defaults=True) or 'embedded'} gave no complete context of "
             f"{cfg.context_length} tokens; give more text or a smaller context_length"
         )
     progress = progress and here.main
-    opened = _on_rank0(lambda: _open_and_check(cfg, model, points, overwrite=overwrite))
+    opened = _on_rank0(lambda: _open_and_check(cfg, models, points, overwrite=overwrite))
     writer = opened[0] if opened is not None else StoreWriter(open_group(cfg.out, mode="r+"))
     damaged = distributed.broadcast_object(opened[1] if opened is not None else [])
     if damaged:
-        _repair(writer, cfg, model, points, damaged, progress=progress)
+        _repair(writer, cfg, models, points, damaged, progress=progress)
     if writer.meta["complete"]:
         return ActivationStore.open(cfg.out)
     resume = writer.meta["resume"]
@@ -180,15 +220,15 @@ def harvest(
         unit="tok",
         unit_scale=True,
         disable=not progress,
-        desc=f"harvest {model_name(model)}",
+        desc=f"harvest {_models_name(models)}",
         smoothing=0.1,
     )
     try:
         stop = done
-        for kept in _kept_batches(cfg, model, first=(resume["batch"], resume["rows"])):
+        for kept in _kept_batches(cfg, reader, first=(resume["batch"], resume["rows"])):
             stop = kept.start + kept.n if cfg.max_tokens is None else min(kept.start + kept.n, cfg.max_tokens)
             if shards.touched(kept.start, stop):
-                put(shard_writer, _piece(cfg, model, points, kept).cut(0, stop - kept.start))
+                put(shard_writer, _piece(cfg, models, points, kept).cut(0, stop - kept.start))
             bar.update(max(stop, done) - max(kept.start, done))
             if stop == cfg.max_tokens:
                 break
@@ -203,6 +243,59 @@ def harvest(
         raise shard_writer.error
     distributed.barrier()  # every rank opens the store once rank 0 has completed it
     return ActivationStore.open(cfg.out)
+
+
+def _models(cfg: HarvestConfig, given: Model | Mapping[str, Model] | None) -> dict[str, Model]:
+    """Alias -> model of every model the config harvests (alias `""` for one model): those given, or loaded."""
+    specs = cfg.model_specs
+    if given is None:
+        device = str(distributed.local_device(cfg.device))
+        return {alias: load_model(spec, device=device) for alias, spec in specs.items()}
+    if not isinstance(given, Mapping):
+        if cfg.models is not None:
+            raise ConfigError(
+                f"the config harvests several models ({', '.join(cfg.models)}) but one model was given; pass a dict "
+                "alias -> loaded model with every alias, or none to load them from `models`"
+            )
+        return {"": given}
+    if cfg.models is None or set(given) != set(specs):
+        raise ConfigError(
+            f"the models given ({', '.join(sorted(given)) or 'none'}) are not the config's `models` "
+            f"({', '.join(sorted(cfg.models or {})) or 'one `model`'}); give one loaded model per alias of `models`"
+        )
+    return {alias: given[alias] for alias in specs}
+
+
+def check_same_tokenizer(models: Mapping[str, Model]) -> None:
+    """Refuse (`ConfigError`, naming both) models that would not read the same tokens from the same text.
+
+    Compared with the first model: the vocabulary (every token and its id), how contexts are framed (the
+    `SpecialTokens`: [CLS]/[SEP] or BOS/EOS ids, and every special id, which depend on encoder or decoder too), the
+    special tokens by role (`special_tokens_map`) and the ids of `PROBE_TEXT` (which a tokenizer with another casing or
+    normalisation but the same vocabulary changes)."""
+    if len(models) < 2:
+        return
+    (first, base), *rest = models.items()
+
+    def facts(model: Model) -> dict[str, Any]:
+        tok = tokenizer_of(model, ConfigError)
+        return {
+            "vocabulary": tok.get_vocab(),
+            "framing (special token ids, encoder or decoder)": SpecialTokens.for_tokenizer(tok, is_encoder(model)),
+            "special tokens": tok.special_tokens_map,
+            "ids of a sample text": tok(PROBE_TEXT, add_special_tokens=False)["input_ids"],
+        }
+
+    want = facts(base)
+    for alias, model in rest:
+        got = facts(model)
+        differ = [k for k in want if got[k] != want[k]]
+        if differ:
+            raise ConfigError(
+                f"models {first!r} ({model_name(base)}) and {alias!r} ({model_name(model)}) have different tokenizers "
+                f"(their {', '.join(differ)} differ), so they cannot be harvested over the same tokens; harvest "
+                "them into separate stores, or give models that share one tokenizer"
+            )
 
 
 T = TypeVar("T")
@@ -243,24 +336,27 @@ def _kept_batches(cfg: HarvestConfig, model: Model, *, first: tuple[int, int]) -
         rows += kept.n
 
 
-def _piece(cfg: HarvestConfig, model: Model, points: list[HookPoint], kept: _Kept) -> Piece:
-    """Run the model on a batch: the activations and metadata of its kept rows."""
-    device, batch, keep = device_of(model), kept.contexts, kept.keep
-    acts = capture(model, torch.from_numpy(batch.tokens).to(device), points)
-    keep_t = None if keep.all() else torch.from_numpy(keep).to(device)  # indexing copies rows: only to drop some
-
-    def kept_rows(p: HookPoint) -> torch.Tensor:
-        """The hook's kept rows in the store's dtype: a copy (never a view of the model's tensors), cast first so
-        that dropping rows moves half the bytes."""
-        x = acts[p.name].reshape(-1, p.d).to(TORCH_DTYPE[cfg.dtype], copy=True)
-        return x if keep_t is None else x[keep_t]
-
+def _piece(
+    cfg: HarvestConfig, models: Mapping[str, Model], points: Mapping[str, list[HookPoint]], kept: _Kept
+) -> Piece:
+    """Run each model on a batch: the activations (by array name) and metadata of its kept rows."""
+    batch, keep = kept.contexts, kept.keep
+    stored: dict[str, np.ndarray] = {}
+    for alias, model in models.items():
+        device = device_of(model)
+        acts = capture(model, torch.from_numpy(batch.tokens).to(device), points[alias])
+        keep_t = None if keep.all() else torch.from_numpy(keep).to(device)  # indexing copies rows: only to drop some
+        for p in points[alias]:
+            # The kept rows in the store's dtype: a copy (never a view of the model's tensors), cast first so that
+            # dropping rows moves half the bytes.
+            x = acts[p.name].reshape(-1, p.d).to(TORCH_DTYPE[cfg.dtype], copy=True)
+            stored[array_name(alias, p.name)] = to_storage(x if keep_t is None else x[keep_t], cfg.dtype)
     return Piece(
         kept.batch,
         kept.start,
         kept.n,
         0,
-        {p.name: to_storage(kept_rows(p), cfg.dtype) for p in points},
+        stored,
         {
             "tokens": batch.tokens.reshape(-1)[keep].astype(np.int32),
             "doc_id": batch.doc_id.reshape(-1)[keep],
@@ -273,8 +369,8 @@ def _piece(cfg: HarvestConfig, model: Model, points: list[HookPoint], kept: _Kep
 def _repair(
     writer: StoreWriter,
     cfg: HarvestConfig,
-    model: Model,
-    points: list[HookPoint],
+    models: Mapping[str, Model],
+    points: Mapping[str, list[HookPoint]],
     damaged: list[DamagedShard],
     *,
     progress: bool,
@@ -289,13 +385,13 @@ def _repair(
     held: dict[int, list[Piece]] = {s: [] for s in spans}
     written: list[Written] = []
     bar = tqdm(total=sum(b - a for a, b in spans.values()), unit="tok", disable=not progress, desc="repair shards")
-    for kept in _kept_batches(cfg, model, first=(0, 0)):
+    for kept in _kept_batches(cfg, next(iter(models.values())), first=(0, 0)):
         if not spans:
             break
         end = kept.start + kept.n
         if not any(lo < end and kept.start < hi for lo, hi in spans.values()):
             continue
-        piece = _piece(cfg, model, points, kept)
+        piece = _piece(cfg, models, points, kept)
         for s, (lo, hi) in list(spans.items()):
             if lo < end and piece.start < hi:
                 held[s].append(piece.cut(max(lo, piece.start) - piece.start, min(hi, end) - piece.start))

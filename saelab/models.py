@@ -5,13 +5,19 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.components.layer_norm import LayerNorm
+from transformer_lens.components.layer_norm_pre import LayerNormPre
+from transformer_lens.components.rms_norm import RMSNorm
+from transformer_lens.components.rms_norm_pre import RMSNormPre
 from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
 from saelab.errors import HookError, MissingError, ModelError, SaelabError
 
@@ -24,11 +30,29 @@ ENCODER_ARCHITECTURES = ("Bert", "Roberta", "XLMRoberta", "Electra", "DistilBert
 HOOK_KINDS = (
     "hook_resid_pre",
     "hook_resid_mid",
+    "hook_mlp_in",
     "hook_resid_post",
     "hook_mlp_out",
     "hook_attn_out",
     "attn.hook_z",
 )
+"""The kinds of hook point saelab harvests, `blocks.<L>.<kind>`; each is the TransformerLens hook of that name, except
+`hook_mlp_in`.
+
+`blocks.L.hook_mlp_in` is, in saelab, the normalised input that layer L's MLP actually reads, so that a transcoder
+from it to `blocks.L.hook_mlp_out` replaces the MLP exactly (`tests/test_harvest_models.py` runs each model's MLP on
+it and gets `hook_mlp_out` back). TransformerLens's hook of that name is another tensor, or none:
+- in a `HookedTransformer` (pre-LN decoders such as saelab's toys) it fires only with `cfg.use_hook_mlp_in` and holds
+  the residual stream *before* `ln2`; the MLP reads `ln2` of it, which no hook holds (`ln2.hook_normalized` comes
+  before `ln2`'s weight and bias), so saelab reads `ln2.hook_normalized` and applies them, in the forward pass's own
+  operations (the same bits);
+- in a `TransformerBridge` of a post-LN BERT (MiniLM) it never fires (gated off), nor does `mlp.hook_in`, as the BERT
+  layer calls its MLP's linears itself; the MLP reads `ln1.hook_out` (the normalised residual after attention, which
+  the bridge also calls `hook_attn_out`), and saelab reads it at `mlp.in.hook_in`, the input of the MLP's first linear.
+  There `hook_resid_mid` is `ln2.hook_in` (that output plus `hook_mlp_out`), not what the MLP reads.
+Models without a normalisation before the MLP (`normalization_type=None`, post-norm OLMo 2/3) read the residual stream
+itself (`hook_resid_mid`, `hook_resid_pre` with parallel attention and MLP); attention-only models have no MLP input.
+"""
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in HOOK_KINDS) + r")$")
 
 
@@ -183,14 +207,34 @@ def is_encoder(model: Model) -> bool:
     return str(arch).startswith(ENCODER_ARCHITECTURES)
 
 
+Read = Callable[[torch.Tensor], torch.Tensor]
+
+
 @dataclass(frozen=True)
 class HookPoint:
-    """A hook point we can store: its TransformerLens name, layer, kind and width."""
+    """A hook point we can store: its saelab name, layer, kind and width, and where the forward pass holds it."""
 
     name: str
+    """`blocks.<L>.<kind>` (a kind of `HOOK_KINDS`)."""
     layer: int
+    """The layer `L`."""
     kind: str
+    """The kind, a member of `HOOK_KINDS`."""
     d: int
+    """The width of its activations (`attn.hook_z` flattened over heads)."""
+    source: str = ""
+    """The TransformerLens hook that fires with it (`name` itself when empty)."""
+    read: Read | None = field(default=None, compare=False)
+    """What turns the activation at `source` into this one (None: it is this one)."""
+
+    @property
+    def hook(self) -> str:
+        """The TransformerLens hook to put a forward hook on to read it (`source`, or `name`)."""
+        return self.source or self.name
+
+    def value(self, act: torch.Tensor) -> torch.Tensor:
+        """Its activation, from the one at `hook` (`attn.hook_z` flattened over heads)."""
+        return flatten_heads(act if self.read is None else self.read(act))
 
 
 def _hook_width(model: Model, kind: str) -> int:
@@ -199,14 +243,47 @@ def _hook_width(model: Model, kind: str) -> int:
     return model.cfg.d_model
 
 
+def mlp_input(model: Model, layer: int) -> tuple[str, Read | None] | None:
+    """Where layer `layer`'s MLP input (`blocks.L.hook_mlp_in`, see `HOOK_KINDS`) is: the TransformerLens hook that
+    holds it, and what turns that hook's activation into it (None: nothing); None for a model whose layers have no
+    MLP, or one whose normalisation saelab does not know."""
+    if isinstance(model, TransformerBridge):
+        name = f"blocks.{layer}.mlp.in.hook_in"
+        return (name, None) if name in model.hook_dict else None
+    cfg = model.cfg
+    if cfg.attn_only:
+        return None
+    ln = model.blocks[layer].ln2
+    if isinstance(ln, torch.nn.Identity) or cfg.original_architecture in POST_NORM_ARCHITECTURES:
+        return f"blocks.{layer}.hook_resid_{'pre' if cfg.parallel_attn_mlp else 'mid'}", None
+    normalized = f"blocks.{layer}.ln2.hook_normalized"
+    if isinstance(ln, (LayerNormPre, RMSNormPre)):
+        return normalized, None
+    if isinstance(ln, LayerNorm):
+        return normalized, lambda x: x.to(cfg.dtype) * ln.w + ln.b  # LayerNorm.forward after the hook
+    if isinstance(ln, RMSNorm):
+        return normalized, lambda x: x.to(cfg.dtype) * ln.w
+    return None
+
+
+def _point(model: Model, layer: int, kind: str) -> HookPoint | None:
+    """The hook point `blocks.<layer>.<kind>` of the model, or None where it has none."""
+    name = f"blocks.{layer}.{kind}"
+    if not 0 <= layer < model.cfg.n_layers:
+        return None
+    if kind == "hook_mlp_in":
+        found = mlp_input(model, layer)
+        return None if found is None else HookPoint(name, layer, kind, _hook_width(model, kind), *found)
+    return HookPoint(name, layer, kind, _hook_width(model, kind)) if name in model.hook_dict else None
+
+
 def hook_points(model: Model) -> list[str]:
     """Every storable hook point of the model, in layer order."""
-    names = set(model.hook_dict)
     return [
         f"blocks.{layer}.{kind}"
         for layer in range(model.cfg.n_layers)
         for kind in HOOK_KINDS
-        if f"blocks.{layer}.{kind}" in names
+        if _point(model, layer, kind) is not None
     ]
 
 
@@ -216,7 +293,8 @@ def resolve_hooks(model: Model, names: list[str]) -> list[HookPoint]:
     points = []
     for name in names:
         match = _HOOK_RE.match(name)
-        if name not in valid or match is None:
+        point = _point(model, int(match.group(1)), match.group(2)) if match and name in valid else None
+        if point is None:
             close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
             hint = f" Closest: {', '.join(close)}." if close else ""
             raise HookError(
@@ -224,8 +302,7 @@ def resolve_hooks(model: Model, names: list[str]) -> list[HookPoint]:
                 f"blocks.<L>.<kind> with L in 0..{model.cfg.n_layers - 1} and kind one of "
                 f"{', '.join(HOOK_KINDS)}.{hint}"
             )
-        layer, kind = int(match.group(1)), match.group(2)
-        points.append(HookPoint(name, layer, kind, _hook_width(model, kind)))
+        points.append(point)
     if len(set(names)) != len(names):
         raise HookError(f"hook points listed twice: {sorted({n for n in names if names.count(n) > 1})}")
     return points
@@ -250,15 +327,19 @@ def forward_to(
 ) -> torch.Tensor:
     """The activation at `hook` [batch, pos, d] (flattened over heads), the forward pass stopped there.
 
+    `hook` is a TransformerLens hook name, or a saelab one (`blocks.L.hook_mlp_in` is the MLP's input, `HOOK_KINDS`).
     Hooks already on the model (e.g. edits in an enclosing `model.hooks`) apply; autograd follows the caller."""
     out: list[torch.Tensor] = []
+    match = _HOOK_RE.match(hook)
+    point = _point(model, int(match.group(1)), match.group(2)) if match else None
+    point = point or HookPoint(hook, -1, "", 0)
 
     def keep(act: torch.Tensor, hook: Any) -> None:
-        out.append(flatten_heads(act))
+        out.append(point.value(act))
         raise _StopForward
 
     mask = {} if attention_mask is None else {"attention_mask": attention_mask}
-    with model.hooks(fwd_hooks=[(hook, keep)]):
+    with model.hooks(fwd_hooks=[(point.hook, keep)]):
         try:
             model(tokens, return_type=None, **mask)
         except _StopForward:
@@ -273,20 +354,20 @@ def capture(model: Model, tokens: torch.Tensor, hooks: list[HookPoint]) -> dict[
     """Run the model on `tokens` [batch, seq] until every hook has fired; return `[batch, seq, d]` each.
 
     The forward pass stops as soon as the last requested hook has fired, so layers after it never run.
-    `attn.hook_z` is flattened over heads.
+    `attn.hook_z` is flattened over heads; `hook_mlp_in` is read where the model holds it (`HookPoint.source`).
     """
     captured: dict[str, torch.Tensor] = {}
 
-    def saver(name: str) -> Any:
+    def saver(point: HookPoint) -> Any:
         # Keyed by the requested name: the bridge fires aliased hooks under their canonical names.
         def save(act: torch.Tensor, hook: Any) -> None:
-            captured[name] = flatten_heads(act)
+            captured[point.name] = point.value(act)
             if len(captured) == len(hooks):
                 raise _StopForward
 
         return save
 
-    with model.hooks(fwd_hooks=[(h.name, saver(h.name)) for h in hooks]):
+    with model.hooks(fwd_hooks=[(h.hook, saver(h)) for h in hooks]):
         try:
             model(tokens, return_type=None)
         except _StopForward:

@@ -39,7 +39,8 @@ class ActivationStore:
         self.path = path
         self.meta = saelab_meta(group, path)  # read once: a store opened for reading does not change under it
         self.hooks: list[str] = list(self.meta["hooks"])
-        """The hook points it holds, in the order they were harvested."""
+        """The hook points it holds, in the order they were harvested: `<alias>/<hook>` where several models were
+        harvested together (`models`), their arrays `activations/<alias>/<hook>` (nested Zarr groups)."""
         self.n_tokens = int(self.meta["rows_complete"])
         """Rows that are complete (readable) in every array."""
         self.complete = bool(self.meta["complete"])
@@ -100,9 +101,22 @@ class ActivationStore:
     def model_spec(self) -> str | None:
         """The spec of the model that made the store, for `load_model` here: a local model folder found from where
         the store now is (the config records it from the store's folder, `store_resolve`), a model name as given;
-        `None` for an import (no model made it) or a store that records no model."""
+        `None` for an import (no model made it), a store that records no model, or one of several models
+        (`model_specs`)."""
         spec = self.config.get("model")
         return None if self.imported or not spec else store_resolve(str(spec), store=self.path)
+
+    @property
+    def models(self) -> dict[str, str]:
+        """Alias -> short model name of each model harvested together (`HarvestConfig.models`); empty for one model."""
+        return dict(self.meta.get("models", {}))
+
+    @property
+    def model_specs(self) -> dict[str, str]:
+        """Alias -> spec of each model harvested together, found from where the store now is as `model_spec` finds
+        it; empty for a store of one model."""
+        specs = self.config.get("models") or {}
+        return {alias: store_resolve(str(spec), store=self.path) for alias, spec in specs.items()}
 
     @property
     def text(self) -> dict[str, Any]:
@@ -328,9 +342,14 @@ class ActivationStore:
         """A human-readable description of the store."""
         m, c = self.meta, self.config
         text = {k: v for k, v in c.get("text", {}).items() if v is not None}
+        specs = c.get("models") or {}
+        models = [
+            f"{'models' if i == 0 else '':<13}{alias} = {self.models.get(alias, '?')} ({spec})"
+            for i, (alias, spec) in enumerate(specs.items())
+        ]
         lines = [
             f"store        {self.path}",
-            f"model        {self.model} ({c.get('model', '?')})",
+            *(models or [f"model        {self.model} ({c.get('model', '?')})"]),
             f"text         {text}",
             f"context      {c.get('context_length', '-')} tokens, special tokens dropped: {c.get('drop_special_tokens', '-')}",
             f"rows         {self.n_tokens:,} complete{'' if self.complete else ' (harvest not finished)'}",
@@ -340,6 +359,9 @@ class ActivationStore:
             else "checksums    none (the store was written before saelab recorded them)",
             "hooks:",
         ]
+        width = max([32, *map(len, self.hooks)])
         for h in self.hooks:
-            lines.append(f"  {h:<32} d={self.d(h):<6} mean norm {m['stats'][h].get('mean_norm', float('nan')):.3f}")
+            lines.append(
+                f"  {h:<{width}} d={self.d(h):<6} mean norm {m['stats'][h].get('mean_norm', float('nan')):.3f}"
+            )
         return "\n".join(lines)

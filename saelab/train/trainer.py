@@ -1,7 +1,9 @@
-"""Train many SAEs in one pass over an activation store: hook points x a sweep grid, sharing each batch.
+"""Train many SAEs in one pass over an activation store: hook points x a sweep grid, sharing each batch, with the
+config's transcoders and crosscoders at every grid point in the same pass.
 
 What a run writes (paths from `saelab.run.RunDir`): each SAE in SAELens layout with its `metrics.json` under
-`RUN/saes/<hook>/<variant>/`, the exact resume state in `RUN/saes/checkpoint/` (`saelab.train.checkpoint`) and
+`RUN/saes/<hook>/<variant>/` (a crosscoder under its first source's folder, `source_folder`, as `CrossCoder.save`
+writes it), the exact resume state in `RUN/saes/checkpoint/` (`saelab.train.checkpoint`) and
 the resolved config in `RUN/saes/train_config.json`.
 
 Under torchrun the ranks share the work as `TrainConfig.parallel` says (`members` or `ddp`); rank 0 shows the
@@ -510,7 +512,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> list[TrainedSAE]:
     Each has `hook`, `arch`, `k`, `width`, `lr`, `tokens` and `path` (its folder `RUN/saes/<hook>/<variant>/`).
     An SAE whose loss became NaN/inf has `stopped` (why) and no metrics; the others have `reconstruction`
     (`ReconstructionMetrics`: `fvu`, `mse`, `l0`, dead and dense fractions), and `spliced` (`SplicedMetrics`:
-    `ce_loss_score`, `kl_div_score`, ...) when a decoder model was run with the SAE spliced in.
+    `ce_loss_score`, `kl_div_score`, ...) when a decoder model was run with the SAE spliced in. A transcoder's
+    `reconstruction` is that of its output, and on an encoder's store (MiniLM) it has `embedding` (`EmbeddingMetrics`:
+    the pooled sentence embeddings' cosine with the MLP replaced by it); a crosscoder's is `CrossCoderMetrics` (FVU
+    per source, the sources' shares of the decoder norms).
     `TrainedSAE.row()` is the flat row that its `metrics.json` holds.
 
     Under torchrun (`torchrun --nproc-per-node N -m saelab train CONFIG`, or a script calling this) every rank calls
