@@ -277,6 +277,14 @@ def _point(model: Model, layer: int, kind: str) -> HookPoint | None:
     return HookPoint(name, layer, kind, _hook_width(model, kind)) if name in model.hook_dict else None
 
 
+def locate(model: Model, hook: str) -> HookPoint:
+    """Where the forward pass holds `hook`: a saelab hook point (`blocks.L.hook_mlp_in` read where the model holds the
+    MLP's input, `HOOK_KINDS`), else the TransformerLens hook of that name as it is (width 0: not looked up)."""
+    match = _HOOK_RE.match(hook)
+    point = _point(model, int(match.group(1)), match.group(2)) if match else None
+    return point or HookPoint(hook, -1, "", 0)
+
+
 def hook_points(model: Model) -> list[str]:
     """Every storable hook point of the model, in layer order."""
     return [
@@ -330,9 +338,7 @@ def forward_to(
     `hook` is a TransformerLens hook name, or a saelab one (`blocks.L.hook_mlp_in` is the MLP's input, `HOOK_KINDS`).
     Hooks already on the model (e.g. edits in an enclosing `model.hooks`) apply; autograd follows the caller."""
     out: list[torch.Tensor] = []
-    match = _HOOK_RE.match(hook)
-    point = _point(model, int(match.group(1)), match.group(2)) if match else None
-    point = point or HookPoint(hook, -1, "", 0)
+    point = locate(model, hook)
 
     def keep(act: torch.Tensor, hook: Any) -> None:
         out.append(point.value(act))

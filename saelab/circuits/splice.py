@@ -13,7 +13,7 @@ from torch import Tensor
 
 from saelab.dictionaries import SAE
 from saelab.errors import CircuitError
-from saelab.models import HOOK_KINDS, Model, flatten_heads, forward_to, is_encoder, resolve_hooks
+from saelab.models import HOOK_KINDS, HookPoint, Model, flatten_heads, forward_to, is_encoder, locate, resolve_hooks
 
 if TYPE_CHECKING:
     from saelab.circuits.tasks import Task
@@ -59,13 +59,18 @@ def spliced_output(model: Model, tokens: Tensor, edits: dict[str, Edit]) -> Tens
 
         return hook
 
-    def keep(act: Tensor, hook: Any) -> None:
-        inputs[hook.name] = flatten_heads(act).float()
+    def keeper(point: HookPoint) -> Callable[..., None]:
+        def keep(act: Tensor, hook: Any) -> None:
+            inputs[point.name] = point.value(act).float()
 
-    needed = {e.reads for e in edits.values() if isinstance(e, Splice) and e.reads is not None}
-    # the inputs are kept after any edit of their own hook point has run (hooks on a point run in this order)
+        return keep
+
+    needed = sorted({e.reads for e in edits.values() if isinstance(e, Splice) and e.reads is not None})
+    # the inputs are kept after any edit of their own hook point has run (hooks on a point run in this order); each
+    # is read where the model holds it (`locate`: a `hook_mlp_in` is what the MLP reads, as harvests store it)
     fwd_hooks: list[tuple[str, Callable[..., Any]]] = [(h, wrap(e)) for h, e in edits.items()]
-    with model.hooks(fwd_hooks=[*fwd_hooks, *((h, keep) for h in sorted(needed))]):
+    kept = [(p.hook, keeper(p)) for p in (locate(model, h) for h in needed)]
+    with model.hooks(fwd_hooks=[*fwd_hooks, *kept]):
         if not is_encoder(model):
             return model(tokens, return_type="logits")
         return forward_to(model, tokens, f"blocks.{model.cfg.n_layers - 1}.hook_resid_post")
@@ -154,7 +159,7 @@ def check_saes(model: Model, saes: dict[str, SAE]) -> list[str]:
                     f"the transcoder given for {point.name} writes {sae.cfg.hook_name_out}; key it by the hook point "
                     "it writes (its MLP's output)"
                 )
-            if source not in model.hook_dict:
+            if source is None or locate(model, source).hook not in model.hook_dict:
                 raise CircuitError(
                     f"the transcoder for {point.name} reads {source!r}, which this model has no hook for"
                 )

@@ -37,6 +37,7 @@ from saelab.dictionaries.base import SAE
 from saelab.errors import ConfigError, StoreError
 
 if TYPE_CHECKING:
+    from saelab.models import Model
     from saelab.train.metrics import ReconstructionMetrics
 
 SAELENS_TRANSCODER_ARCH = {
@@ -126,19 +127,25 @@ def transcoder_metrics(transcoder: SAE, x: Tensor, y: Tensor, batch_size: int = 
     }
 
 
-def splice_hooks(transcoder: SAE, *, input_hook: str, output_hook: str) -> list[tuple[str, Callable[..., Any]]]:
-    """TransformerLens forward hooks that replace an MLP by `transcoder`: the activation at `input_hook` (the MLP's
-    input, `blocks.L.hook_mlp_in`) is kept, and the one at `output_hook` (`blocks.L.hook_mlp_out`) is replaced by the
-    transcoder's output of it (`model.hooks(fwd_hooks=...)` or `run_with_hooks`)."""
+def splice_hooks(
+    transcoder: SAE, model: Model, *, input_hook: str, output_hook: str
+) -> list[tuple[str, Callable[..., Any]]]:
+    """TransformerLens forward hooks that replace an MLP of `model` by `transcoder`: the MLP's input (saelab's
+    `input_hook`, `blocks.L.hook_mlp_in`, read where the model holds it, as harvests read it: `saelab.models.locate`)
+    is kept, and the activation at `output_hook` (`blocks.L.hook_mlp_out`) is replaced by the transcoder's output of
+    it (`model.hooks(fwd_hooks=...)` or `run_with_hooks`)."""
+    from saelab.models import locate  # here: it imports TransformerLens, which only splicing needs
+
     mlp_layer(input_hook, output_hook)
+    point = locate(model, input_hook)
     kept: list[Tensor] = []
 
     def keep(act: Tensor, hook: Any) -> None:
-        kept[:] = [act]
+        kept[:] = [point.value(act)]
 
     def replace(act: Tensor, hook: Any) -> Tensor:
         if not kept:
             raise RuntimeError(f"{input_hook} did not fire before {output_hook}")
         return transcoder(kept.pop().float()).to(act.dtype).reshape(act.shape)
 
-    return [(input_hook, keep), (output_hook, replace)]
+    return [(point.hook, keep), (output_hook, replace)]

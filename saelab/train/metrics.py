@@ -168,7 +168,7 @@ def embedding_metrics(
             return forward_to(model, tokens, last).float().mean(1)
 
     orig = pooled([])
-    spliced = pooled(splice_hooks(transcoder, input_hook=input_hook, output_hook=output_hook))
+    spliced = pooled(splice_hooks(transcoder, model, input_hook=input_hook, output_hook=output_hook))
     zero = pooled([(output_hook, lambda act, hook: torch.zeros_like(act))])
     cos = torch.nn.functional.cosine_similarity
     return {

@@ -3,6 +3,8 @@ an error node, the MLP's output minus the transcoder's, on a tiny ReLU decoder w
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -11,23 +13,30 @@ from saelab.circuits.nodes import exact_patching, node_effects
 from saelab.circuits.splice import clean_states, set_nodes, spliced_output
 from saelab.dictionaries import SAE, SAEConfig
 from saelab.errors import CircuitError
-from saelab.models import load_model
+from saelab.models import forward_to, load_model
 from saelab.toys.synthetic import decoder_config
 
 LAYER = 0
-MLP_IN = f"blocks.{LAYER}.ln2.hook_normalized"  # what this decoder's MLP reads, before LN's weight and bias
+MLP_IN = f"blocks.{LAYER}.hook_mlp_in"  # saelab's: what the MLP reads, after ln2's weight and bias
 MLP_OUT = f"blocks.{LAYER}.hook_mlp_out"
 
 
 @pytest.fixture(scope="module")
 def relu_decoder(bpe_tokenizer):
+    """A tiny ReLU decoder whose `ln2` weights and biases are not 1 and 0 (as at initialisation), so that a transcoder
+    fed the normalised residual before them would be caught."""
     torch.manual_seed(0)
-    return load_model(decoder_config(len(bpe_tokenizer), act_fn="relu"), device="cpu", tokenizer=bpe_tokenizer)
+    model = load_model(decoder_config(len(bpe_tokenizer), act_fn="relu"), device="cpu", tokenizer=bpe_tokenizer)
+    with torch.no_grad():
+        for block in model.blocks:
+            ln: Any = block.ln2
+            ln.w.copy_(1 + 0.5 * torch.randn_like(ln.w))
+            ln.b.copy_(0.5 * torch.randn_like(ln.b))
+    return model
 
 
 def transcoder(model, *, exact: bool, skip: bool = False) -> SAE:
-    """A ReLU transcoder of layer 0's MLP: with `exact`, the MLP itself (its neurons as latents, LN's weight and bias
-    folded into the encoder); otherwise random weights (and a random skip with `skip`)."""
+    """A ReLU transcoder of layer 0's MLP: with `exact`, the MLP itself (its neurons as latents); otherwise random weights (and a random skip with `skip`)."""
     d, d_mlp = model.cfg.d_model, model.cfg.d_mlp
     cfg = SAEConfig(
         arch="relu",
@@ -44,8 +53,8 @@ def transcoder(model, *, exact: bool, skip: bool = False) -> SAE:
     block = model.blocks[LAYER]
     with torch.no_grad():
         if exact:
-            sae.W_enc.copy_(block.ln2.w[:, None] * block.mlp.W_in)
-            sae.b_enc.copy_(block.ln2.b @ block.mlp.W_in + block.mlp.b_in)
+            sae.W_enc.copy_(block.mlp.W_in)
+            sae.b_enc.copy_(block.mlp.b_in)
             sae.W_dec.copy_(block.mlp.W_out)
             sae.b_dec.copy_(block.mlp.b_out)
         elif skip:
@@ -73,9 +82,9 @@ def test_an_exact_transcoder_has_no_error_and_leaves_the_output_unchanged(relu_d
 def test_a_transcoders_error_node_is_the_mlp_output_minus_the_transcoders(relu_decoder, task, skip):
     tc = transcoder(relu_decoder, exact=False, skip=skip)
     clean = clean_states(relu_decoder, {MLP_OUT: tc}, task.tokens)[MLP_OUT]
-    _, cache = relu_decoder.run_with_cache(task.tokens, names_filter=[MLP_IN, MLP_OUT])
+    _, cache = relu_decoder.run_with_cache(task.tokens, names_filter=[MLP_OUT])
     with torch.no_grad():
-        expected = cache[MLP_OUT] - tc(cache[MLP_IN])
+        expected = cache[MLP_OUT] - tc(forward_to(relu_decoder, task.tokens, MLP_IN))
     torch.testing.assert_close(clean.err, expected, atol=1e-5, rtol=1e-5)
     assert expected.abs().max() > 0.1  # a random transcoder misses much: the error node carries it
     out = spliced_output(relu_decoder, task.tokens, {MLP_OUT: set_nodes(tc, clean)})
