@@ -311,6 +311,12 @@ def diff_cmd(
     ),
     exclusive: float = typer.Option(0.1, help="Relative decoder norm at or below which a latent is one model's."),
     nu_threshold: float = typer.Option(0.3, help="Latent scaling ratio from which an exclusive latent is shared."),
+    tuned_on: Optional[str] = typer.Option(
+        None,
+        "--tuned-on",
+        help="The embedded corpus's package the second model was fine-tuned on (`saelab finetune-minilm`): report "
+        "how much more each class fires on its documents.",
+    ),
 ) -> None:
     """Classify a crosscoder's latents as shared or exclusive to one model (decoder norms, then latent scaling) on
     the held-out rows; results in RUN/model_diff, shown on the app's Model diff page."""
@@ -328,8 +334,28 @@ def diff_cmd(
                 f"the run {run} has no crosscoders; train one with `crosscoders:` in a train config (`run: {run}`)"
             )
     for hook, variant in chosen:
-        result, path = diff_run(run, hook, variant, exclusive=exclusive, nu_threshold=nu_threshold)
+        result, path = diff_run(run, hook, variant, exclusive=exclusive, nu_threshold=nu_threshold, tuned_on=tuned_on)
         typer.echo(f"{result.summary()}\nwrote {path}")
+
+
+@command("finetune-minilm")
+def finetune_minilm_cmd(
+    out: Path = typer.Argument(..., help="A new folder for the fine-tuned copy (load it as `model: OUT`)."),
+    package: str = typer.Option("asyncio", "--package", help="The embedded corpus's package to fine-tune on."),
+    layer: int = typer.Option(3, "--layer", help="The encoder layer whose MLP trains."),
+    steps: int = typer.Option(60, "--steps", help="Steps of the MLP (after 40 of the new head alone)."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Fine-tune one MLP of a copy of MiniLM on one package's docstrings (about a minute on two cores), for an
+    offline model diff: harvest it beside the original (`models: {base: minilm, tuned: OUT}`), train a crosscoder
+    on both and run `saelab diff RUN --tuned-on PACKAGE`."""
+    import time
+
+    from saelab.toys.finetune import finetune_minilm
+
+    start = time.perf_counter()
+    finetune_minilm(out, documents=package, layer=layer, steps=steps, seed=seed)
+    typer.echo(f"fine-tuned layer {layer}'s MLP on {package!r} in {time.perf_counter() - start:.0f}s; wrote {out}")
 
 
 @command()

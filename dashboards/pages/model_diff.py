@@ -83,6 +83,14 @@ def exclusive_table(result: ModelDiffResult, side: str, info: SaeInfo | None) ->
     )
 
 
+def _enrichment(result: ModelDiffResult) -> str:
+    """Each class's firing rate on the tuned documents over elsewhere (`saelab diff --tuned-on`); "no latents" where
+    a class has none (or they never fire off those documents)."""
+    return ", ".join(
+        f"{name} {c.fmt(v)}x" if v is not None else f"{name} no latents" for name, v in result.enrichment.items()
+    )
+
+
 @c.guarded
 def layout(run: str, params: p.Params) -> Any:
     """A model diff of the run: class counts, the relative-norm histogram, each model's exclusive latents."""
@@ -106,6 +114,11 @@ def layout(run: str, params: p.Params) -> Any:
             c.stat(f"only {a}", f"{scaled['a_only']} ({by_norm['a_only']} by norm)"),
             c.stat(f"only {b}", f"{scaled['b_only']} ({by_norm['b_only']} by norm)"),
             c.stat("rows", f"{result.rows[0]:,} to {result.rows[1]:,}"),
+            *(
+                [c.stat(f"firing on {result.tuned_on}'s documents", _enrichment(result))]
+                if result.tuned_on is not None
+                else []
+            ),
         ],
         className="stats",
         id="diff-counts",

@@ -58,6 +58,12 @@ class ModelDiffResult(JsonResult):
     """Per latent, the rows it fired on."""
     config: dict[str, Any] = field(default_factory=dict)
     """The settings that made it (`exclusive`, `nu_threshold`)."""
+    tuned_on: str | None = None
+    """The package of the embedded corpus model B was fine-tuned on (`saelab diff --tuned-on`), or None."""
+    enrichment: dict[str, float | None] = field(default_factory=dict)
+    """With `tuned_on`: per class after latent scaling, the mean firing rate of its latents on the rows of the
+    tuned documents over their rate on the other rows, over every row of the store (`doc_enrichment`; None where
+    a class has no latents or they never fire off those rows)."""
 
     def counts(self, *, scaled: bool = True) -> dict[str, int]:
         """How many latents each class has, by latent scaling (`scaled`) or by decoder norms alone."""
@@ -78,6 +84,11 @@ class ModelDiffResult(JsonResult):
             f"{self.hook}/{self.variant}: {scaled['shared']} shared, {scaled['a_only']} only in {a}, "
             f"{scaled['b_only']} only in {b} (by decoder norms alone: {by_norm['shared']}, {by_norm['a_only']}, "
             f"{by_norm['b_only']})"
+            + "".join(
+                f"; on {self.tuned_on}'s documents {name} latents fire {v:.2f}x as often as elsewhere"
+                for name, v in self.enrichment.items()
+                if v is not None
+            )
         )
 
     @classmethod
@@ -115,10 +126,13 @@ def diff_run(
     b: int = 1,
     exclusive: float = 0.1,
     nu_threshold: float = 0.3,
+    tuned_on: str | None = None,
 ) -> tuple[ModelDiffResult, Path]:
     """Classify every latent of the run's crosscoder `hook`/`variant` over its sources `a` and `b` on the held-out
     rows of the store it was trained on (the last `eval_rows`, as the training config records them) and write the
-    result into the run; returns it and its path."""
+    result into the run; returns it and its path. `tuned_on`: the package of the embedded corpus that model B was
+    fine-tuned on (`saelab.toys.finetune`); the result then holds each class's enrichment on those documents
+    (`doc_enrichment`)."""
     run_dir = RunDir(run)
     folder = run_dir.find_sae(hook, variant).path
     cc = CrossCoder.load(folder)
@@ -145,14 +159,30 @@ def diff_run(
         fired=diff.fired.long().tolist(),
         config={"exclusive": exclusive, "nu_threshold": nu_threshold, "a": a, "b": b},
     )
+    if tuned_on is not None:
+        result.tuned_on = tuned_on
+        from saelab.toys.finetune import package_doc_ids
+
+        figures = doc_enrichment(cc, store, result.scaling_class, docs=package_doc_ids(tuned_on))
+        result.enrichment = {k: None if np.isnan(v) else v for k, v in figures.items()}
     return result, result.save(run_dir.model_diff(hook, variant))
+
+
+def class_enrichment(on: Tensor, off: Tensor, classes: list[str]) -> dict[str, float]:
+    """For each latent class, the mean of its latents' firing rates `on` (`[d_sae]`, on marked rows) over the mean of
+    their rates `off` (on the other rows); NaN for a class with no latents or whose latents never fire off."""
+    out = {}
+    for name in CLASS_NAMES:
+        members = torch.tensor([c == name for c in classes])
+        rate_off = float(off[members].mean()) if members.any() else 0.0
+        out[name] = float(on[members].mean()) / rate_off if rate_off > 0 else float("nan")
+    return out
 
 
 def enrichment(codes: Tensor, marked: Tensor, classes: list[str]) -> dict[str, float]:
     """For each latent class (`classes[j]`: latent j's, e.g. `ModelDiffResult.scaling_class`), the mean firing rate
     of its latents on the rows of `marked` (`[rows]` bool: say, tokens of the documents a model was fine-tuned on)
-    over their mean rate on the other rows; `codes` `[rows, d_sae]`. A class with no latents, or whose latents never
-    fire off the marked rows, gets NaN."""
+    over their mean rate on the other rows (`class_enrichment`); `codes` `[rows, d_sae]`."""
     if codes.shape[0] != marked.shape[0] or codes.shape[1] != len(classes):
         raise ConfigError(
             f"codes {tuple(codes.shape)} do not match {marked.shape[0]} row marks and {len(classes)} latent classes"
@@ -160,10 +190,29 @@ def enrichment(codes: Tensor, marked: Tensor, classes: list[str]) -> dict[str, f
     if marked.all() or not marked.any():
         raise ConfigError("enrichment compares marked rows with the others: mark some rows, not all")
     fires = (codes > 0).float()
-    on, off = fires[marked].mean(0), fires[~marked].mean(0)
-    out = {}
-    for name in CLASS_NAMES:
-        members = torch.tensor([c == name for c in classes])
-        rate_off = float(off[members].mean()) if members.any() else 0.0
-        out[name] = float(on[members].mean()) / rate_off if rate_off > 0 else float("nan")
-    return out
+    return class_enrichment(fires[marked].mean(0), fires[~marked].mean(0), classes)
+
+
+def doc_enrichment(cc: CrossCoder, store: ActivationStore, classes: list[str], *, docs: np.ndarray) -> dict[str, float]:
+    """`enrichment` of the latent classes on the rows of the store whose `doc_id` is one of `docs` (say, the documents
+    a model was fine-tuned on), over every row of the store: a fine-tune's documents can sit anywhere in the corpus,
+    the held-out rows only at its end. Firing counts are summed a chunk at a time, so no `[rows, d_sae]` array is
+    held."""
+    ids = np.asarray(docs)
+    on, off = torch.zeros(cc.cfg.d_sae), torch.zeros(cc.cfg.d_sae)
+    n_on = n_off = 0
+    with torch.no_grad():
+        for start, x in zip(
+            range(0, store.n_tokens, CHUNK_ROWS), _batches(store, cc.cfg.sources, (0, store.n_tokens)), strict=True
+        ):
+            marked = torch.from_numpy(np.isin(store.doc_ids(slice(start, start + len(x))), ids))
+            fires = (cc.encode(x) > 0).float()
+            on += fires[marked].sum(0)
+            off += fires[~marked].sum(0)
+            n_on, n_off = n_on + int(marked.sum()), n_off + int((~marked).sum())
+    if not n_on or not n_off:
+        raise ConfigError(
+            f"the store has {n_on} rows of the documents given and {n_off} others; enrichment needs both: harvest "
+            "enough of the corpus to reach them (`max_tokens`)"
+        )
+    return class_enrichment(on / n_on, off / n_off, classes)

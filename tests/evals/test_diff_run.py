@@ -4,17 +4,20 @@ and `enrichment` finds B-only latents firing where model B's own features are.""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from saelab.dictionaries import CrossCoder
 from saelab.errors import ConfigError, RunError
-from saelab.evals.diff_run import ModelDiffResult, diff_run, enrichment
+from saelab.evals.diff_run import ModelDiffResult, diff_run, doc_enrichment, enrichment
 from saelab.evals.model_diff import B_ONLY
 from saelab.importer import import_arrays
 from saelab.run import RunDir, saved_kind
+from saelab.store import ActivationStore
 from saelab.toys.model_diff import make_model_diff
 from saelab.train import TrainConfig, train
 
@@ -114,5 +117,30 @@ def test_saelab_diff_classifies_every_crosscoder_of_the_run(trained, tmp_path):
     assert out.exit_code == 0, out.output
     assert f"{result.hook}/{result.path.name}: " in out.output and "only in h_b" in out.output
     assert str(RunDir(run).model_diff(result.hook, result.path.name)) in out.output
+    tuned = CliRunner().invoke(app, ["diff", str(run), "--tuned-on", "asyncio"])  # doc ids 310-510 are rows here
+    assert tuned.exit_code == 0, tuned.output
+    assert "on asyncio's documents shared latents fire" in tuned.output
+    saved = ModelDiffResult.load(RunDir(run).model_diff(result.hook, result.path.name))
+    assert saved.tuned_on == "asyncio" and set(saved.enrichment) == {"shared", "a_only", "b_only"}
     empty = CliRunner().invoke(app, ["diff", str(tmp_path)])
     assert empty.exit_code != 0 and "has no crosscoders" in empty.output
+
+
+def test_doc_enrichment_over_the_whole_store_in_chunks(toy, trained):
+    """Known answer: rows (their `doc_id` is the row index in an imported store) where some B-only feature fires are
+    where B-only latents fire; the chunked count over every row equals `enrichment` on all the codes at once."""
+    run, result, sample = trained
+    diff, _ = diff_run(run, result.hook, result.path.name)
+    cc = CrossCoder.load(result.path)
+    store = ActivationStore.open(json.loads(RunDir(run).train_config.read_text())["store"])
+    marked = sample.fires[:, toy.kinds == B_ONLY].any(1)
+    figures = doc_enrichment(cc, store, diff.scaling_class, docs=marked.nonzero()[:, 0].numpy())
+    with torch.no_grad():
+        at_once = enrichment(
+            cc.encode(torch.stack([store.activations(h) for h in ("h_a", "h_b")], 1)), marked, diff.scaling_class
+        )
+    assert figures["b_only"] > 3
+    for name, value in at_once.items():
+        assert figures[name] == pytest.approx(value, rel=1e-5, nan_ok=True)
+    with pytest.raises(ConfigError, match="enrichment needs both"):
+        doc_enrichment(cc, store, diff.scaling_class, docs=np.array([-5]))

@@ -54,3 +54,12 @@ def test_a_run_without_model_diffs_names_the_command(tmp_path):
     (run / "model_diff").mkdir(parents=True)
     (message,) = errors(page(create_app(str(run)), "/model_diff"))
     assert "No model diffs" in message and f"saelab diff {run.resolve()}" in message
+
+
+def test_the_page_shows_the_enrichment_on_the_tuned_documents(tmp_path):
+    run = tmp_path / "run"
+    result = known()
+    result.tuned_on, result.enrichment = "asyncio", {"shared": 1.02, "a_only": None, "b_only": 3.5}
+    result.save(RunDir(run).model_diff(HOOK, VARIANT))
+    counts = text(_by_id(page(create_app(str(run)), "/model_diff", hook=HOOK, sae=VARIANT), "diff-counts"))
+    assert "firing on asyncio's documents shared 1.02x, a_only no latents, b_only 3.5x" in counts
