@@ -160,8 +160,15 @@ def diff_run(
         config={"exclusive": exclusive, "nu_threshold": nu_threshold, "a": a, "b": b},
     )
     if tuned_on is not None:
-        result.tuned_on = tuned_on
         from saelab.toys.finetune import package_doc_ids
+
+        if store.text.get("source") != "embedded":
+            raise ConfigError(
+                f"--tuned-on {tuned_on} marks documents of the embedded corpus, but the store {path} was made from "
+                f"{store.text.get('source', 'unknown')} text; harvest the embedded corpus (`text: {{source: "
+                "embedded}`) or compute `doc_enrichment` with the store's own document ids"
+            )
+        result.tuned_on = tuned_on
 
         figures = doc_enrichment(cc, store, result.scaling_class, docs=package_doc_ids(tuned_on))
         result.enrichment = {k: None if np.isnan(v) else v for k, v in figures.items()}

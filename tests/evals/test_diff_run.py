@@ -117,11 +117,8 @@ def test_saelab_diff_classifies_every_crosscoder_of_the_run(trained, tmp_path):
     assert out.exit_code == 0, out.output
     assert f"{result.hook}/{result.path.name}: " in out.output and "only in h_b" in out.output
     assert str(RunDir(run).model_diff(result.hook, result.path.name)) in out.output
-    tuned = CliRunner().invoke(app, ["diff", str(run), "--tuned-on", "asyncio"])  # doc ids 310-510 are rows here
-    assert tuned.exit_code == 0, tuned.output
-    assert "on asyncio's documents shared latents fire" in tuned.output
-    saved = ModelDiffResult.load(RunDir(run).model_diff(result.hook, result.path.name))
-    assert saved.tuned_on == "asyncio" and set(saved.enrichment) == {"shared", "a_only", "b_only"}
+    tuned = CliRunner().invoke(app, ["diff", str(run), "--tuned-on", "asyncio"])  # an import's doc ids are rows
+    assert tuned.exit_code == 2 and "marks documents of the embedded corpus" in tuned.output
     empty = CliRunner().invoke(app, ["diff", str(tmp_path)])
     assert empty.exit_code != 0 and "has no crosscoders" in empty.output
 
@@ -142,5 +139,7 @@ def test_doc_enrichment_over_the_whole_store_in_chunks(toy, trained):
     assert figures["b_only"] > 3
     for name, value in at_once.items():
         assert figures[name] == pytest.approx(value, rel=1e-5, nan_ok=True)
+    diff.tuned_on, diff.enrichment = "asyncio", {"shared": 1.0, "a_only": None, "b_only": figures["b_only"]}
+    assert f"on asyncio's documents b_only latents fire {figures['b_only']:.2f}x as often" in diff.summary()
     with pytest.raises(ConfigError, match="enrichment needs both"):
         doc_enrichment(cc, store, diff.scaling_class, docs=np.array([-5]))
