@@ -287,6 +287,11 @@ class Trainer:
         *,
         transcoder: TranscoderPair | None = None,
     ) -> _Spec:
+        if "/" in hook:  # found before training, not when its files are written
+            raise ConfigError(
+                f"SAEs and transcoders of one model of a multi-model store ({hook!r}) are not supported yet: only "
+                "crosscoders read `<alias>/<hook>` arrays; harvest that model alone for its SAEs and transcoders"
+            )
         d_in = self.store.d(hook)
         fields: dict[str, Any] = {}
         if transcoder is not None:

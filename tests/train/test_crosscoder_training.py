@@ -132,3 +132,14 @@ def test_spec_refuses_a_source_named_twice_and_folders_are_plain_names():
     with pytest.raises(ValueError, match="name one array twice"):
         TrainConfig.model_validate({"run": "r", "crosscoders": [{"sources": ["h", "h"]}]})
     assert source_folder("base/blocks.1.hook_resid_post") == "base__blocks.1.hook_resid_post"
+
+
+def test_an_sae_or_transcoder_of_one_model_of_a_multi_model_store_is_refused_before_training(toy, tmp_path):
+    x = toy.sample(4 * ROWS, torch.Generator().manual_seed(2)).x.numpy()
+    store, mlp_in, mlp_out = str(tmp_path / "two.zarr"), "base/blocks.0.hook_mlp_in", "base/blocks.0.hook_mlp_out"
+    import_arrays({mlp_in: x[:, 0], mlp_out: x[:, 1]}, store, shard_rows=4096, chunk_rows=1024, progress=False)
+    cc = {"crosscoders": [{"sources": [mlp_in, mlp_out]}], "eval_rows": ROWS}
+    for kw in ({"hooks": [mlp_out]}, {"hooks": [], "transcoders": [{"input": mlp_in, "output": mlp_out}]}):
+        with pytest.raises(ConfigError, match="'base/blocks.0.hook_mlp_.*not supported yet.*harvest that model alone"):
+            train(config(store, tmp_path / "run", **cc | kw), progress=False)
+        assert not (tmp_path / "run" / "saes").exists()
