@@ -57,13 +57,14 @@ class CrossCoderMetrics(ReconstructionMetrics):
 
 
 class EmbeddingMetrics(TypedDict):
-    """An encoder's sentence embeddings with an MLP replaced by a transcoder (`embedding_metrics`)."""
+    """An encoder's sentence embeddings with a dictionary spliced in (`embedding_metrics`): an MLP replaced by a
+    transcoder, or an activation by an SAE's reconstruction."""
 
     embedding_cos: float
-    """Mean cosine between each context's mean-pooled last hidden state as it is and with the transcoder's output
-    in place of the MLP's."""
+    """Mean cosine between each context's mean-pooled last hidden state as it is and with the dictionary's output
+    in place of the MLP's output (a transcoder) or of the activation it reconstructs (an SAE)."""
     embedding_cos_zero: float
-    """The same with the MLP's output zero-ablated: the baseline that `embedding_cos` should beat."""
+    """The same with that output or activation zero-ablated: the baseline that `embedding_cos` should beat."""
 
 
 class SplicedMetrics(TypedDict):
@@ -155,12 +156,14 @@ def crosscoder_metrics(cc: CrossCoder, x: Tensor, batch_size: int = 8192) -> Cro
 
 @torch.no_grad()
 def embedding_metrics(
-    model: Any, transcoder: SAE, *, input_hook: str, output_hook: str, tokens: Tensor
+    model: Any, dictionary: SAE, *, input_hook: str, output_hook: str, tokens: Tensor
 ) -> EmbeddingMetrics:
     """The cosine between an encoder's sentence embeddings of `tokens` `[contexts, positions]` (the last layer's
     output mean-pooled over the positions, as sentence-transformers pools MiniLM's; the contexts are packed, without
-    padding) as it is and with the MLP that reads `input_hook` (`blocks.L.hook_mlp_in`) and writes `output_hook`
-    (`blocks.L.hook_mlp_out`) replaced by `transcoder` (`splice_hooks`), and the same with that MLP zero-ablated."""
+    padding) as it is and with `dictionary` spliced in, and the same with the activation at `output_hook`
+    zero-ablated. A transcoder (`input_hook` is `blocks.L.hook_mlp_in`, `output_hook` `blocks.L.hook_mlp_out`)
+    replaces the MLP (`splice_hooks`); an SAE (`input_hook == output_hook`, its hook point) replaces the activation
+    there by its reconstruction, as `spliced_metrics` does on a decoder."""
     last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
 
     def pooled(hooks: list[Any]) -> Tensor:
@@ -168,8 +171,12 @@ def embedding_metrics(
             return forward_to(model, tokens, last).float().mean(1)
 
     orig = pooled([])
-    spliced = pooled(splice_hooks(transcoder, model, input_hook=input_hook, output_hook=output_hook))
-    zero = pooled([(output_hook, lambda act, hook: torch.zeros_like(act))])
+    if input_hook == output_hook:
+        splice = [(output_hook, _splice(dictionary))]
+    else:
+        splice = splice_hooks(dictionary, model, input_hook=input_hook, output_hook=output_hook)
+    spliced = pooled(splice)
+    zero = pooled([(output_hook, _splice(None))])
     cos = torch.nn.functional.cosine_similarity
     return {
         "embedding_cos": float(cos(orig, spliced, dim=-1).mean()),

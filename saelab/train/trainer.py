@@ -32,7 +32,7 @@ from saelab.dictionaries import crosscoder as crosscoders
 from saelab.dictionaries.preprocessing import WHITENING_ROWS, Whitening, pca_whitening, whitening_sample
 from saelab.dictionaries.transcoder import aligned_rows, transcoder_metrics
 from saelab.errors import ConfigError, DistributedError, StoreError, TrainError
-from saelab.models import is_encoder, load_model
+from saelab.models import is_encoder, load_model, locate
 from saelab.run import RunDir
 from saelab.store import ActivationStore
 from saelab.train.checkpoint import check_checkpoint, load_checkpoint, save_checkpoint
@@ -472,6 +472,9 @@ class Trainer:
                     reconstruction = reconstruction_metrics(sae, held_out[0])
                     if model is not None and tokens is not None and not is_encoder(model):
                         spliced = spliced_metrics(model, sae, m.hook, tokens=tokens)
+                    elif model is not None and tokens is not None and (point := locate(model, m.hook)).read is None:
+                        hooks = {"input_hook": point.hook, "output_hook": point.hook}  # where the model holds it
+                        embedding = embedding_metrics(model, sae, **hooks, tokens=tokens)
                 else:  # the FVU of its output; on an encoder, the sentence embedding with the MLP replaced
                     reconstruction = transcoder_metrics(sae, held_out[0], held_out[1])
                     if model is not None and tokens is not None and is_encoder(model):
@@ -517,9 +520,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> list[TrainedSAE]:
     Each has `hook`, `arch`, `k`, `width`, `lr`, `tokens` and `path` (its folder `RUN/saes/<hook>/<variant>/`).
     An SAE whose loss became NaN/inf has `stopped` (why) and no metrics; the others have `reconstruction`
     (`ReconstructionMetrics`: `fvu`, `mse`, `l0`, dead and dense fractions), and `spliced` (`SplicedMetrics`:
-    `ce_loss_score`, `kl_div_score`, ...) when a decoder model was run with the SAE spliced in. A transcoder's
-    `reconstruction` is that of its output, and on an encoder's store (MiniLM) it has `embedding` (`EmbeddingMetrics`:
-    the pooled sentence embeddings' cosine with the MLP replaced by it); a crosscoder's is `CrossCoderMetrics` (FVU
+    `ce_loss_score`, `kl_div_score`, ...) when a decoder model was run with the SAE spliced in, or `embedding`
+    (`EmbeddingMetrics`: the pooled sentence embeddings' cosine with its reconstruction in place of the activation) on
+    an encoder's store (MiniLM). A transcoder's `reconstruction` is that of its output, and on an encoder's store it
+    has `embedding` with the MLP replaced by it; a crosscoder's is `CrossCoderMetrics` (FVU
     per source, the sources' shares of the decoder norms).
     `TrainedSAE.row()` is the flat row that its `metrics.json` holds.
 
