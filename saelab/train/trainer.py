@@ -44,7 +44,6 @@ from saelab.train.config import (
     saved_identity,
     variant_name,
 )
-from saelab.train.optim import SCHEDULE_FREE, Optimizer, OptimizerName, eval_weights, make_optimizer
 from saelab.train.loggers import TrainLogger, make_logger
 from saelab.train.metrics import (
     crosscoder_metrics,
@@ -53,6 +52,7 @@ from saelab.train.metrics import (
     reconstruction_metrics,
     spliced_metrics,
 )
+from saelab.train.optim import SCHEDULE_FREE, Optimizer, OptimizerName, eval_weights, make_optimizer
 from saelab.train.result import TrainedSAE
 
 
