@@ -91,7 +91,7 @@ class SparsifyRun:
     """sparsify's `SparseCoder` with the default optimizer and the steps of its `Trainer.fit` for an FVU loss."""
 
     def __init__(self, d: int, width: int, k: int, *, seed: int):
-        from schedulefree import ScheduleFreeWrapper  # pyright: ignore[reportMissingImports]  # the [bench] extra
+        from schedulefree import ScheduleFreeWrapper
         from sparsify import SparseCoder, SparseCoderConfig  # pyright: ignore[reportMissingImports]  # the [bench] extra
         from sparsify.sign_sgd import SignSGD  # pyright: ignore[reportMissingImports]  # the [bench] extra
 
