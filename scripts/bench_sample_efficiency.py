@@ -33,7 +33,7 @@ import math
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from _bench import load_note, parser, write_json  # scripts/ is on the path when run as a script
@@ -157,7 +157,7 @@ def learners(
     for optimizer in args.optimizers or ([] if multiples else ["default"]):
         for scale in args.lr_scales:
             name = "saelab" if optimizer == "default" else f"saelab_{optimizer}"
-            chosen = TrainConfig.model_fields["optimizer"].default if optimizer == "default" else optimizer
+            chosen = cast(OptimizerName, TrainConfig(run="").optimizer if optimizer == "default" else optimizer)
             lrs[name + ("" if scale == 1 else f"_x{scale:g}")] = (chosen, None, scale)
 
     def run(budget: int, optimizer: OptimizerName, lr: float | None, scale: float) -> DefaultsRun:

@@ -44,7 +44,7 @@ def config(store_path, out, **kw) -> TrainConfig:
         grid={"arch": ["topk"], "k": [4], "expansion": [4]},
         sae={"dead_tokens": 5000},
     )
-    return TrainConfig(**(base | kw))
+    return TrainConfig.model_validate(base | kw)
 
 
 def test_schedule_free_rates_and_schedule():
