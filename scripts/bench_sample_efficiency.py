@@ -33,7 +33,7 @@ import math
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from _bench import load_note, parser, write_json  # scripts/ is on the path when run as a script
@@ -43,7 +43,8 @@ from saelab.dictionaries import SAEConfig
 from saelab.dictionaries.base import geometric_median
 from saelab.toys.benchmark import DefaultsRun, batches, make_benchmark
 from saelab.toys.synthetic import recovery
-from saelab.train.config import default_lr
+from saelab.train.config import TrainConfig, default_lr
+from saelab.train.optim import OptimizerName
 
 FULL = {"widths": [768, 1536, 3072], "budgets": [1_000_000, 2_000_000, 4_000_000], "seeds": [0, 1]}
 QUICK = {"widths": [384, 768, 1536], "budgets": [250_000, 500_000, 1_000_000], "seeds": [0, 1]}
@@ -90,7 +91,7 @@ class SparsifyRun:
     """sparsify's `SparseCoder` with the default optimizer and the steps of its `Trainer.fit` for an FVU loss."""
 
     def __init__(self, d: int, width: int, k: int, *, seed: int):
-        from schedulefree import ScheduleFreeWrapper  # pyright: ignore[reportMissingImports]  # the [bench] extra
+        from schedulefree import ScheduleFreeWrapper
         from sparsify import SparseCoder, SparseCoderConfig  # pyright: ignore[reportMissingImports]  # the [bench] extra
         from sparsify.sign_sgd import SignSGD  # pyright: ignore[reportMissingImports]  # the [bench] extra
 
@@ -150,14 +151,24 @@ def learners(
     libraries' single runs (and `--ablate`'s), for one width and seed."""
     cfg = SAEConfig(d_in=d, d_sae=width, k=args.k)
     multiples: list[float] = args.gao_multiples or []
-    lrs = {f"saelab_gao_x{m:g}": m * gao_lr(width) for m in multiples} if multiples else {"saelab": None}
-    ours = {
-        (name, budget): DefaultsRun(
-            cfg, sample, budget // args.batch_size, batch_size=args.batch_size, lr=lr, seed=seed
-        )
-        for name, lr in lrs.items()
-        for budget in args.budgets
-    }
+    lrs: dict[str, tuple[OptimizerName, float | None, float]] = {}  # name: optimizer, rate, scale of its default
+    if multiples:
+        lrs = {f"saelab_gao_x{m:g}": ("adam", m * gao_lr(width), 1.0) for m in multiples}
+    for optimizer in args.optimizers or ([] if multiples else ["default"]):
+        for scale in args.lr_scales:
+            name = "saelab" if optimizer == "default" else f"saelab_{optimizer}"
+            chosen = cast(OptimizerName, TrainConfig(run="").optimizer if optimizer == "default" else optimizer)
+            lrs[name + ("" if scale == 1 else f"_x{scale:g}")] = (chosen, None, scale)
+
+    def run(budget: int, optimizer: OptimizerName, lr: float | None, scale: float) -> DefaultsRun:
+        steps = budget // args.batch_size
+        if lr is None:
+            lr = scale * TrainConfig(run="", tokens=budget, batch_size=args.batch_size, optimizer=optimizer).peak_lr(
+                width, d_in=d
+            )
+        return DefaultsRun(cfg, sample, steps, batch_size=args.batch_size, lr=lr, optimizer=optimizer, seed=seed)
+
+    ours = {(name, budget): run(budget, *spec) for name, spec in lrs.items() for budget in args.budgets}
     others: dict[str, Learner] = {}
     if "sae_lens" in args.libraries:
         others["sae_lens"] = SAELensRun(
@@ -247,6 +258,13 @@ def main() -> None:
     cli.add_argument("--seeds", type=int, nargs="+")
     cli.add_argument("--ablate", action="store_true", help="also train one candidate cause at a time (one budget)")
     cli.add_argument("--gao-multiples", type=float, nargs="+", help="the learning-rate sweep (saelab alone)")
+    cli.add_argument(
+        "--optimizers",
+        nargs="+",
+        choices=["default", "adam", "signum_sf", "adamw_sf"],
+        help="saelab's runs: one per optimizer (`TrainConfig.optimizer`) at its default rate; default: `default`",
+    )
+    cli.add_argument("--lr-scales", type=float, nargs="+", default=[1.0], help="multiples of each one's default rate")
     cli.add_argument("--libraries", nargs="*", choices=["sae_lens", "sparsify"], help="default: both (none in a sweep)")
     args = cli.parse_args()
     for key, value in (QUICK if args.quick else FULL).items():

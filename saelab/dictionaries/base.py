@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -418,7 +418,15 @@ def sum_over_ranks(sae: SAE, metrics: dict[str, Tensor]) -> dict[str, Tensor]:
     return metrics | summed
 
 
-def train_step(sae: SAE, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor | None = None) -> dict[str, Tensor]:
+class StepOptimizer(Protocol):
+    """What `train_step` needs of an optimiser: a `torch.optim.Optimizer`, or a schedule-free wrapper around one."""
+
+    def step(self) -> object: ...
+
+    def zero_grad(self, set_to_none: bool = True) -> None: ...
+
+
+def train_step(sae: SAE, optimizer: StepOptimizer, x: Tensor, y: Tensor | None = None) -> dict[str, Tensor]:
     """One optimisation step on raw activations `x` (a transcoder's: to its outputs `y`): loss, backward,
     decoder-gradient projection, optimiser step, decoder renormalisation. Returns detached metrics.
 

@@ -42,7 +42,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from saelab.dictionaries.base import DType, geometric_median
+from saelab.dictionaries.base import DType, StepOptimizer, geometric_median
 from saelab.dictionaries.registry import register_kind
 from saelab.errors import ConfigError, MissingError, SAELoadError
 from saelab.ops import kernels
@@ -360,7 +360,7 @@ class CrossCoder(nn.Module):
         return cc.to(device) if device is not None else cc
 
 
-def train_step(cc: CrossCoder, optimizer: torch.optim.Optimizer, x: Tensor) -> dict[str, Tensor]:
+def train_step(cc: CrossCoder, optimizer: StepOptimizer, x: Tensor) -> dict[str, Tensor]:
     """One optimisation step on raw activations `x` `[rows, S, d_in]`: loss, backward, decoder-gradient projection,
     optimiser step, decoder renormalisation. Returns detached metrics."""
     loss, metrics = cc.training_loss(x)

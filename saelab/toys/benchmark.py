@@ -24,6 +24,7 @@ from saelab.dictionaries import SAEConfig
 from saelab.errors import ConfigError
 from saelab.toys.synthetic import SyntheticData
 from saelab.train.config import TrainConfig
+from saelab.train.optim import OptimizerName, eval_weights, train_weights
 from saelab.train.trainer import Member, schedule
 
 DATA_SEED = 0x5EED_0000
@@ -110,7 +111,7 @@ class DefaultsRun:
     for a run of `total_steps` batches of `batch_size` rows: `Member.create` (seeded initialisation, Adam), the peak
     learning rate `TrainConfig.peak_lr` resolves (`default_lr` for the width and step count unless `lr` is given),
     `init_from_sample`, and per step `schedule` (warmup, decay, AuxK's dead-set refreshes) and `Member.step`.
-    `warmup_steps` and `decay_start` override `TrainConfig`'s."""
+    `warmup_steps`, `decay_start` and `optimizer` override `TrainConfig`'s."""
 
     def __init__(
         self,
@@ -122,6 +123,7 @@ class DefaultsRun:
         lr: float | None = None,
         warmup_steps: int | None = None,
         decay_start: float | None = None,
+        optimizer: OptimizerName = "adam",
         seed: int = 0,
     ):
         changes = {"warmup_steps": warmup_steps, "decay_start": decay_start}
@@ -129,10 +131,15 @@ class DefaultsRun:
             run="",
             tokens=total_steps * batch_size,
             batch_size=batch_size,
+            optimizer=optimizer,
             **{key: value for key, value in changes.items() if value is not None},
         )
         self.member = Member.create(
-            cfg, lr=self.train_cfg.peak_lr(cfg.d_sae, d_in=cfg.d_in, lr=lr), seed=seed, device="cpu"
+            cfg,
+            lr=self.train_cfg.peak_lr(cfg.d_sae, d_in=cfg.d_in, lr=lr),
+            seed=seed,
+            device="cpu",
+            optimizer=optimizer,
         )
         self.sae = self.member.sae
         self.sae.init_from_sample(sample)
@@ -150,5 +157,8 @@ class DefaultsRun:
         self.steps += 1
 
     def directions(self) -> Tensor:
-        """The decoder rows `[d_sae, d_in]`."""
-        return self.sae.W_dec.detach()
+        """The decoder rows `[d_sae, d_in]` (a schedule-free optimiser's averaged ones, as `saelab train` saves)."""
+        eval_weights(self.member.opt)
+        rows = self.sae.W_dec.detach().clone()
+        train_weights(self.member.opt)
+        return rows

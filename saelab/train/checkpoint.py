@@ -2,8 +2,13 @@
 
 ```
 checkpoint/latest.json                          {"step": N, "folder": "step-N", "stopped": {KEY: reason}}
-checkpoint/step-<N>/<hook>/<variant>.safetensors   `sae.*` weights and `opt.<param>.*` Adam state
+checkpoint/step-<N>/<hook>/<variant>.safetensors   `sae.*` weights, `opt.<param>.*` optimiser state and
+                                                `group.<i>.<name>` its param groups' scalars (step counts, sums)
 ```
+
+A schedule-free optimiser's (`TrainConfig.optimizer`) `sae.*` weights are its averaged (eval-mode) ones, as the saved
+SAEs; a resume puts its training weights back from them and its `z` state, as the uninterrupted run does after
+writing the checkpoint, so the two continue from the same weights.
 
 A new step folder is written in full before `latest.json` points at it, so a run killed at any moment
 resumes from the last complete checkpoint. Under torchrun each SAE's file is written by the rank that writes its
@@ -26,11 +31,14 @@ from safetensors.torch import load_file, save_file
 
 from saelab import distributed
 from saelab.errors import TrainError
+from saelab.train.optim import eval_weights, train_weights
 
 if TYPE_CHECKING:
     from saelab.train.trainer import Member
 
 LATEST = "latest.json"
+DTYPES = {bool: torch.bool, int: torch.int64, float: torch.float64}
+"""How a param group's scalars are stored (exactly: a float64 holds a Python float)."""
 SUFFIX = ".safetensors"
 
 
@@ -86,12 +94,19 @@ def save_checkpoint(folder: Path, members: Sequence[Member], step: int) -> None:
     every rank has, point `latest.json` at it (rank 0)."""
     step_folder = folder / f"step-{step}"
     for m in members:
+        eval_weights(m.opt)  # a schedule-free optimiser's average: the weights a resume and the saved SAE start from
         tensors = {f"sae.{k}": v for k, v in m.sae.state_dict().items()}
-        for pid, state in m.opt.state_dict()["state"].items():
+        opt_state = m.opt.state_dict()
+        for pid, state in opt_state["state"].items():
             tensors |= {f"opt.{pid}.{k}": v for k, v in state.items()}
+        for i, group in enumerate(opt_state["param_groups"]):
+            tensors |= {
+                f"group.{i}.{k}": torch.tensor(v, dtype=DTYPES[type(v)]) for k, v in group.items() if type(v) in DTYPES
+            }
         path = step_folder / f"{m.key}{SUFFIX}"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+        train_weights(m.opt)
     stopped = {m.key: m.stopped for m in members if m.stopped}
     if distributed.ranks().many:  # also waits for every rank's files
         stopped = {key: why for part in distributed.gather_objects(stopped) for key, why in part.items()}
@@ -115,12 +130,17 @@ def load_checkpoint(folder: Path, members: Sequence[Member], device: torch.devic
     step_folder = folder / info["folder"]
     for m in members:
         tensors = load_file(str(step_folder / f"{m.key}{SUFFIX}"), device=str(device))
+        eval_weights(m.opt)  # a fresh optimiser's weights are the saved average: a schedule-free one is told so
         m.sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
         opt_state = m.opt.state_dict()
         for key, value in tensors.items():
             if key.startswith("opt."):
                 _, pid, name = key.split(".", 2)
                 opt_state["state"].setdefault(int(pid), {})[name] = value
+            elif key.startswith("group."):
+                _, i, name = key.split(".", 2)
+                opt_state["param_groups"][int(i)][name] = value.item()
         m.opt.load_state_dict(opt_state)
+        train_weights(m.opt)
         m.stopped = info["stopped"].get(m.key)
     return int(info["step"])

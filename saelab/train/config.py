@@ -16,6 +16,7 @@ from saelab.config import StrictModel
 from saelab.dictionaries import Arch
 from saelab.dictionaries.transcoder import mlp_layer
 from saelab.run import RunDir, is_local, is_url
+from saelab.train.optim import OptimizerName, signum_lr
 
 PositiveInt = Annotated[int, Field(gt=0)]
 LearningRate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -104,10 +105,16 @@ class TrainConfig(StrictModel):
     """Rows per step, shared by every SAE."""
     eval_rows: int = Field(default=16_384, gt=0)
     """Rows at the end of the store held out for the metrics."""
+    optimizer: OptimizerName = "adam"
+    """`adam`: Adam with warmup and a linear decay (`decay_start`); `signum_sf`: sparsify's default, sign descent in
+    a schedule-free wrapper (momentum 0.95; default rate 5e-3 / sqrt(width / 2^14)); `adamw_sf`: schedule-free AdamW
+    (default rate `default_lr`'s). Schedule-free ones warm up and do not decay, and what they save, checkpoint and
+    evaluate is their averaged (eval-mode) weights (`saelab.train.optim`)."""
     warmup_steps: int = Field(default=100, ge=0)
     """Steps of linear learning-rate warmup."""
     decay_start: float = Field(default=0.8, ge=0, le=1)
-    """Fraction of training after which the learning rate decays linearly to zero."""
+    """Fraction of training after which the learning rate decays linearly to zero (`adam`; schedule-free optimisers
+    do not decay)."""
     seed: int = Field(default=0, ge=0)
     """Seeds the batch order (and the sample that sets each SAE's input scale), and the SAEs' initialisation unless
     `grid.seed` gives each its own."""
@@ -164,8 +171,13 @@ class TrainConfig(StrictModel):
 
     def peak_lr(self, width: int, *, d_in: int, lr: float | None = None) -> float:
         """The peak learning rate of an SAE of `width` latents over `d_in` dimensions: `lr` as given (a `grid.lr`
-        entry), or `None`: `default_lr` for that width and `d_in` and this run's `total_steps`."""
-        return lr if lr is not None else default_lr(width, d_in=d_in, steps=self.total_steps)
+        entry), or `None`: `default_lr` for that width and `d_in` and this run's `total_steps` (`signum_sf`:
+        `signum_lr(width)`)."""
+        if lr is not None:
+            return lr
+        if self.optimizer == "signum_sf":
+            return signum_lr(width)
+        return default_lr(width, d_in=d_in, steps=self.total_steps)
 
     @property
     def store_path(self) -> str:
@@ -189,6 +201,8 @@ class TrainConfig(StrictModel):
             del identity["transcoders"]
         if not self.crosscoders:  # as runs saved before crosscoders existed record it, so that they resume
             del identity["crosscoders"]
+        if self.optimizer == "adam":  # as runs saved before `optimizer` existed record it, so that they resume
+            del identity["optimizer"]
         if self.whiten_store is None:  # as runs saved before `whiten_store` existed record it, so that they resume
             del identity["whiten_store"]
         else:

@@ -52,6 +52,7 @@ from saelab.train.metrics import (
     reconstruction_metrics,
     spliced_metrics,
 )
+from saelab.train.optim import SCHEDULE_FREE, Optimizer, OptimizerName, eval_weights, make_optimizer
 from saelab.train.result import TrainedSAE
 
 
@@ -71,8 +72,8 @@ class Member:
     """The seed of its initialisation (its `grid.seed`, or `TrainConfig.seed`)."""
     sae: SAE | CrossCoder
     """The SAE (or transcoder, or crosscoder)."""
-    opt: torch.optim.Adam
-    """Its optimiser."""
+    opt: Optimizer
+    """Its optimiser (`TrainConfig.optimizer`)."""
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     """Running sums of the step metrics since the last log (on the device: no sync per step)."""
     window: int = 0
@@ -113,15 +114,16 @@ class Member:
         index: int = 0,
         hook: str = "",
         variant: str = "",
+        optimizer: OptimizerName = "adam",
     ) -> Member:
         """A fresh SAE (a `CrossCoderConfig`: crosscoder) seeded by `seed` alone (so its start does not depend on
-        which SAEs share its rank or its pass) with its Adam optimiser at peak learning rate `lr`."""
+        which SAEs share its rank or its pass) with its `optimizer` (`make_optimizer`) at peak learning rate `lr`."""
         torch.manual_seed(seed)
         if isinstance(sae_cfg, CrossCoderConfig):
             sae: SAE | CrossCoder = CrossCoder(sae_cfg, device=device)
         else:
             sae = SAE.from_config(sae_cfg, device=device)
-        opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), fused=True)
+        opt = make_optimizer(optimizer, sae.parameters(), lr=lr)
         return cls(index=index, hook=hook, variant=variant, lr=lr, seed=seed, sae=sae, opt=opt)
 
     def step(
@@ -145,7 +147,8 @@ def schedule(cfg: TrainConfig, step: int, *, start: int = 0) -> tuple[float, boo
     """At training step `step` of a run that (re)started at `start`: the learning-rate factor (`lr_factor`) and
     whether AuxK's dead set is refreshed before the step. The refresh (one device sync) happens only at fixed steps,
     the start and every checkpoint included, so a resumed run refreshes exactly where an uninterrupted one did."""
-    factor = lr_factor(step, cfg.total_steps, warmup=cfg.warmup_steps, decay_start=cfg.decay_start)
+    decay_start = 1.0 if cfg.optimizer in SCHEDULE_FREE else cfg.decay_start  # the average replaces the decay
+    factor = lr_factor(step, cfg.total_steps, warmup=cfg.warmup_steps, decay_start=decay_start)
     return factor, step == start or step % cfg.log_every == 0 or step % cfg.checkpoint_steps == 0
 
 
@@ -316,7 +319,16 @@ class Trainer:
         hook, sae_cfg, lr, grid_seed = self.specs[index]
         seed = self.cfg.seed if grid_seed is None else grid_seed
         variant = self.specs[index].key.removeprefix(f"{hook}/")
-        return Member.create(sae_cfg, lr=lr, seed=seed, device=self.device, index=index, hook=hook, variant=variant)
+        return Member.create(
+            sae_cfg,
+            lr=lr,
+            seed=seed,
+            device=self.device,
+            index=index,
+            hook=hook,
+            variant=variant,
+            optimizer=self.cfg.optimizer,
+        )
 
     @property
     def writes(self) -> list[Member]:
@@ -465,6 +477,7 @@ class Trainer:
             sae = m.sae
             if not m.stopped:
                 sae.eval()
+                eval_weights(m.opt)  # a schedule-free optimiser's average is the SAE to evaluate and save
                 held_out = m.inputs({h: self.store.activations(h, eval_rows) for h in m.reads})
                 if isinstance(sae, CrossCoder):  # FVU per source, decoder norms
                     reconstruction = crosscoder_metrics(sae, held_out[0])
