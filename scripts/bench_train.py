@@ -23,6 +23,8 @@ one run.
     python scripts/bench_train.py [--json out.json] [--matryoshka-only | --transcoders-only]
 """
 
+import importlib.util
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -201,6 +203,9 @@ def main() -> None:
     only.add_argument("--matryoshka-only", action="store_true", help="time the Matryoshka rows alone")
     only.add_argument("--transcoders-only", action="store_true", help="time the transcoder and crosscoder rows alone")
     args = cli.parse_args()
+    for anchor in ("sae_lens", "sparsify"):  # the libraries the ratios are measured against
+        if importlib.util.find_spec(anchor) is None:
+            sys.exit(f"{anchor} is not installed: the anchors are in the [bench] extra, pip install -e '.[bench]'")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     data = make_synthetic(n_features=4 * args.d_sae, d=args.d_in, mean_active=2 * args.k, n_pairs=256)
