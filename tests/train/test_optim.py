@@ -13,6 +13,7 @@ from saelab.train import trainer as trainer_module
 from saelab.train.checkpoint import save_checkpoint
 from saelab.train.optim import SIGNUM_MOMENTUM, eval_weights, signum_lr, train_weights
 from saelab.train.trainer import schedule
+from tests.train.test_trainer import config as trainer_config
 
 D = 32
 
@@ -32,19 +33,8 @@ def store_path(data, tmp_path_factory):
 
 
 def config(store_path, out, **kw) -> TrainConfig:
-    base = dict(
-        store=store_path,
-        run=str(out),
-        tokens=256 * 120,
-        batch_size=256,
-        eval_rows=4096,
-        warmup_steps=10,
-        checkpoint_every=256 * 20,
-        log_every=10,
-        grid={"arch": ["topk"], "k": [4], "expansion": [4]},
-        sae={"dead_tokens": 5000},
-    )
-    return TrainConfig.model_validate(base | kw)
+    """`test_trainer`'s small run over this module's store, validated."""
+    return TrainConfig.model_validate(trainer_config(store_path, out, **kw))
 
 
 def test_schedule_free_rates_and_schedule():
