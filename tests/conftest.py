@@ -148,3 +148,13 @@ def two_model_run(decoder_dir, tuned_decoder_dir, tmp_path_factory):
         "device": "cpu",
     }
     return run, train(TrainConfig.model_validate(cfg), progress=False)
+
+
+@pytest.fixture(scope="session")
+def two_model_analysed(two_model_run):
+    """`two_model_run` with every dictionary analysed (`saelab.analysis.analyze`): the run, its `TrainedSAE`s and
+    the analyses' paths, in the same order."""
+    from saelab.analysis import AnalysisConfig, analyze
+
+    run, results = two_model_run
+    return run, results, analyze(str(run), AnalysisConfig(device="cpu", n_top=8, window=3), progress=False)
