@@ -82,6 +82,9 @@ def test_a_crosscoders_feature_page_shows_the_latents_model_diff_class(run):
     app = create_app(str(run))
     for index, shown in ((3, "model diff b_only (a_only by norm)"), (4, "model diff shared (shared by norm)")):
         assert shown in text(_by_id(page(app, "/feature", hook=hook, sae=variant, id=str(index)), "source-stats"))
+    exclusive = _by_id(page(app, "/model_diff", hook=hook, sae=variant), "diff-b_only")
+    links = [c["props"]["href"] for c in components(exclusive) if c["type"] == "Link"]
+    assert links == [f"/feature?hook={hook}&sae={variant}&id=3"]  # the model-diff page links its feature page
 
 
 def test_the_tuned_models_sae_has_feature_pages_and_its_run_page_links(run):
