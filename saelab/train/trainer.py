@@ -3,8 +3,8 @@ config's transcoders and crosscoders at every grid point in the same pass.
 
 What a run writes (paths from `saelab.run.RunDir`): each SAE in SAELens layout with its `metrics.json` under
 `RUN/saes/<hook>/<variant>/` (the folder of an array `<alias>/<hook>` of a multi-model store, and of a crosscoder's
-first source, is `array_folder`'s: `<alias>__<hook>`), the exact resume state in `RUN/saes/checkpoint/` (`saelab.train.checkpoint`) and
-the resolved config in `RUN/saes/train_config.json`.
+first source, is `array_folder`'s: `<alias>__<hook>`), the exact resume state in `RUN/saes/checkpoint/`
+(`saelab.train.checkpoint`) and the resolved config in `RUN/saes/train_config.json`.
 
 Under torchrun the ranks share the work as `TrainConfig.parallel` says (`members` or `ddp`); rank 0 shows the
 progress, logs and writes `train_config.json`, and each SAE's files are written by one rank: the one that trains it
