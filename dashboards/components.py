@@ -16,7 +16,7 @@ from dash.exceptions import PreventUpdate
 
 from saelab.dashboards.data import NO_ANALYSIS, SaeInfo, finite, list_saes, token_text
 from saelab.errors import SaelabError
-from saelab.plots import histogram_figure
+from saelab.plots import decoder_norms_figure, histogram_figure
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -196,6 +196,17 @@ def histogram(counts: np.ndarray, edges: np.ndarray) -> Element:
     )
 
 
+def decoder_norm_bars(sources: list[str], norms: np.ndarray) -> Element:
+    """A crosscoder latent's decoder norm per source as a bar chart (`saelab.plots.decoder_norms_figure`)."""
+    return element(
+        "Graph",
+        namespace=DCC,
+        figure=decoder_norms_figure(sources, norms),
+        config={"displayModeBar": False},
+        id="decoder-norms",
+    )
+
+
 def token_value_table(vocab: list[str], pairs: Sequence[tuple[int, float]], header: str) -> Element:
     body = [
         element(
@@ -267,7 +278,8 @@ def sae_dropdown(run: str, info: SaeInfo, component_id: str) -> dcc.Dropdown:
 
 def _browse(info: SaeInfo, store_model: str, analysis: str | None) -> Any:
     """An SAE's links into its features, search and prompt, or why they cannot be followed: the SAE cannot be
-    read, was trained on another model, its analysis is missing (`NO_ANALYSIS`) or cannot be read (`analysis`)."""
+    read, was trained on another model than `store_model` (the one that made its arrays, `made_by`), its analysis is
+    missing (`NO_ANALYSIS`) or cannot be read (`analysis`)."""
     prompt = dcc.Link("prompt", href=page_url("prompt", hook=info.hook, sae=info.variant))
     if info.error is not None:
         return html.Span(info.error, className="row-error")
@@ -289,11 +301,11 @@ def _browse(info: SaeInfo, store_model: str, analysis: str | None) -> Any:
 
 
 def metrics_table(
-    run_saes: list[SaeInfo], store_model: str, analyses: Mapping[tuple[str, str], str | None]
+    run_saes: list[SaeInfo], made_by: Mapping[tuple[str, str], str], analyses: Mapping[tuple[str, str], str | None]
 ) -> html.Table:
-    """One row per SAE: its training metrics and links into its features; `analyses` holds, per (hook, variant),
-    why its features cannot be browsed (`saelab.dashboards.data.analysis_problem`; None: they can). A broken SAE's
-    row shows its error."""
+    """One row per SAE: its training metrics and links into its features; `made_by` holds, per (hook, variant), the
+    model that made the arrays it reads (`saelab.dashboards.data.made_by`), and `analyses` why its features cannot
+    be browsed (`saelab.dashboards.data.analysis_problem`; None: they can). A broken SAE's row shows its error."""
     cols = [("fvu", "FVU"), ("l0", "L0"), ("dead_frac", "dead"), ("dense_frac", "dense"), ("ce_loss_score", "CE score")]
     head = html.Tr(
         [
@@ -309,7 +321,7 @@ def metrics_table(
     rows = []
     for s in run_saes:
         m = s.metrics
-        browse = _browse(s, store_model, analyses.get((s.hook, s.variant)))
+        browse = _browse(s, made_by.get((s.hook, s.variant), ""), analyses.get((s.hook, s.variant)))
         rows.append(
             html.Tr(
                 [

@@ -31,7 +31,7 @@ from saelab.dashboards.params import Params
 from saelab.errors import RunError
 from saelab.evals import BestMatches, best_matches, load_decoder
 from saelab.evals.diff_run import ModelDiffResult
-from saelab.run import SAE_CONFIG, SAE_WEIGHTS, RunDir, SaeEntry, saved_kind
+from saelab.run import SAE_CONFIG, SAE_WEIGHTS, RunDir, SaeEntry, array_folder, saved_kind
 from saelab.store import ActivationStore
 
 T = TypeVar("T")
@@ -56,6 +56,16 @@ class SaeInfo:
     error: str | None = None
     """Why it cannot be used, naming the file and the fix (an unreadable `cfg.json` or `metrics.json`, missing or
     damaged weights); None when it can. Its overview row and every page of it show this instead."""
+    kind: str = "sae"
+    """`sae` (the SAE family, transcoders included) or `crosscoder` (`saelab.run.saved_kind`)."""
+    reads: tuple[str, ...] = ()
+    """The store's arrays it reads: an SAE's (`<alias>/<hook>` for one model of a store of several, saved under
+    `<alias>__<hook>`), a transcoder's input, a crosscoder's sources; empty when it cannot be read."""
+
+    @property
+    def array(self) -> str:
+        """The store's array it reads (a crosscoder's first source)."""
+        return self.reads[0] if self.reads else self.hook
 
 
 def open_store(run: str) -> ActivationStore:
@@ -95,13 +105,24 @@ def _sae_file(path: Path) -> dict[str, Any]:
     return value
 
 
-def _model_name(config: Path) -> str:
-    """The model an SAE's `cfg.json` says it was trained on (saelab's and SAELens's keys), or ""."""
-    meta = _sae_file(config).get("metadata") or {}
+def _model_and_reads(config: Path, folder: str) -> tuple[str, tuple[str, ...]]:
+    """The model a dictionary's `cfg.json` says it was trained on (saelab's and SAELens's keys; a crosscoder's
+    config), or "", and the store arrays it reads (`SaeInfo.reads`) for a dictionary saved under `RUN/saes/<folder>/`:
+    an SAE's `hook_name` where the folder is named for it (`array_folder`), else the folder's name."""
+    raw = _sae_file(config)
+    if raw.get("kind") == "crosscoder":
+        own = raw.get("crosscoder_config")
+        if not isinstance(own, dict) or not isinstance(own.get("sources"), list):
+            raise ValueError(f"its {config} is not laid out as `CrossCoder.save` writes it")
+        return str(own.get("model_name") or ""), tuple(str(s) for s in own["sources"])
+    meta = raw.get("metadata") or {}
     own = (meta.get("saelab_config") or {}) if isinstance(meta, dict) else None
     if not isinstance(own, dict):
         raise ValueError(f"the `metadata` of its {config} is not laid out as saelab and SAELens write it")
-    return str(own.get("model_name") or meta.get("model_name") or "")
+    hook_name = str(own.get("hook_name") or meta.get("hook_name") or "")
+    return str(own.get("model_name") or meta.get("model_name") or ""), (
+        hook_name if hook_name and array_folder(hook_name) == folder else folder,
+    )
 
 
 def _check_weights(weights: Path) -> None:
@@ -136,15 +157,9 @@ def _read_sae(run: RunDir, entry: SaeEntry) -> SaeInfo:
 def _sae_from_files(entry: SaeEntry, files: tuple[Path, Path, Path], versions: tuple[Any, ...]) -> SaeInfo:
     """`_read_sae` of the SAE whose config, metrics and weights are `files`, at `versions` of them."""
     config, metrics_path, weights = files
-    if saved_kind(entry.path) == "crosscoder":
-        error = (
-            f"{entry.hook}/{entry.variant} is a crosscoder: the app has no feature pages for it yet; its shared and "
-            f"exclusive latents are on the Model diff page once `saelab diff RUN --sae {entry.hook}/{entry.variant}` "
-            "has classified them."
-        )
-        return SaeInfo(entry.hook, entry.variant, entry.path, "", {}, error)
+    kind = "crosscoder" if saved_kind(entry.path) == "crosscoder" else "sae"
     try:
-        model = _model_name(config)
+        model, reads = _model_and_reads(config, entry.hook)
         metrics = _sae_file(metrics_path) if metrics_path.is_file() else {}
         _check_weights(weights)
     except ValueError as err:
@@ -152,8 +167,8 @@ def _sae_from_files(entry: SaeEntry, files: tuple[Path, Path, Path], versions: t
             f"The SAE {entry.hook}/{entry.variant} cannot be used: {err}. Copy its folder {entry.path} again from "
             "where it came, or train it again with `saelab train`; removing the folder hides it from the app."
         )
-        return SaeInfo(entry.hook, entry.variant, entry.path, "", {}, error)
-    return SaeInfo(entry.hook, entry.variant, entry.path, model, metrics)
+        return SaeInfo(entry.hook, entry.variant, entry.path, "", {}, error, kind)
+    return SaeInfo(entry.hook, entry.variant, entry.path, model, metrics, kind=kind, reads=reads)
 
 
 def list_saes(run: str) -> list[SaeInfo]:
@@ -186,11 +201,11 @@ def default_sae(run: str) -> SaeInfo:
     """The SAE a page shows when its URL names none: the first usable SAE trained on the run's own model (any
     usable SAE if none is), preferring one whose feature analysis can be read; `RunError` with the first SAE's
     problem when none can be used."""
-    saes, model = list_saes(run), open_store(run).model
+    saes = list_saes(run)
     usable = [s for s in saes if s.error is None]
     if not usable:
         raise RunError(f"None of the run's {len(saes)} SAEs can be used. {saes[0].error}")
-    own = [s for s in usable if s.model_name in ("", model)] or usable
+    own = [s for s in usable if s.model_name in ("", made_by(run, s))] or usable
     return next((s for s in own if analysis_problem(run, s) is None), own[0])
 
 
@@ -201,9 +216,17 @@ def chosen_sae(run: str, params: Params) -> SaeInfo:
     return default_sae(run)
 
 
+def made_by(run: str, info: SaeInfo) -> str:
+    """The short name of the model that made the arrays the SAE reads, as the run's store records it: an
+    `<alias>/<hook>` array's alias's (`ActivationStore.model_of`), the store's `model` for a crosscoder and for a
+    store of one model."""
+    store = open_store(run)
+    return store.model if info.kind == "crosscoder" else store.model_of(info.array)
+
+
 def check_model(run: str, info: SaeInfo) -> None:
-    """Refuse an SAE trained on another model than the one that made the run's activations."""
-    store_model = open_store(run).model
+    """Refuse an SAE trained on another model than the one that made the run's activations it reads."""
+    store_model = made_by(run, info)
     if info.model_name and store_model and info.model_name != store_model:
         raise RunError(
             f"SAE {info.hook}/{info.variant} was trained on model {info.model_name!r}, but this run's "
@@ -226,14 +249,18 @@ class LatentMatch:
 
 def same_latent(run: str, info: SaeInfo, index: int) -> list[LatentMatch]:
     """Latent `index` of SAE `info`'s nearest latent in every other usable SAE of the run that reads the same hook
-    point, trained on the same model, into the same space (other seeds, widths, architectures), in the run's order.
+    point, trained on the same model, into the same space (other seeds, widths, architectures; a crosscoder's: the
+    other crosscoders starting with its first source), in the run's order.
 
     Each pair of SAEs is matched once per process and version of their weights files (`saelab.evals.best_matches`
     over all the latents of `info`, in blocks), so a page costs one lookup per other SAE after the first."""
     others = [
         s
         for s in list_saes(run)
-        if s.hook == info.hook and s.variant != info.variant and s.error is None and s.model_name == info.model_name
+        if s.hook == info.hook
+        and s.variant != info.variant
+        and s.error is None
+        and (s.model_name, s.kind) == (info.model_name, info.kind)
     ]
     found = []
     for other in others:
@@ -247,8 +274,9 @@ def same_latent(run: str, info: SaeInfo, index: int) -> list[LatentMatch]:
 @lru_cache(maxsize=64)
 def _pair_matches(mine: Path, theirs: Path, versions: tuple[Any, ...]) -> BestMatches | None:
     """Each latent of the SAE whose weights are `mine` matched in the one whose weights are `theirs`, at `versions`
-    of the two files; None when their decoders write spaces of other sizes (e.g. a transcoder's output)."""
-    a, b = load_decoder(mine.parent), load_decoder(theirs.parent)
+    of the two files (a crosscoder's decoder rows: its sources' laid end to end); None when their decoders write
+    spaces of other sizes (e.g. a transcoder's output, or an SAE's and a crosscoder's)."""
+    a, b = load_decoder(mine.parent).flatten(1), load_decoder(theirs.parent).flatten(1)  # a crosscoder's sources
     return best_matches(a, b) if a.shape[1] == b.shape[1] else None
 
 
@@ -400,6 +428,15 @@ def load_model_diff(run: str, hook: str | None, variant: str | None) -> ModelDif
     return _per_sae_result(
         (hook, variant), keys=keys, path=path, load=ModelDiffResult.load, what="model diff", none=none
     )
+
+
+def model_diff_of(run: str, info: SaeInfo) -> ModelDiffResult | None:
+    """The model diff that `saelab diff` wrote for the crosscoder `info` (once per version of its file), or None when
+    it has not run for it (or `info` is not a crosscoder)."""
+    path = RunDir(run).model_diff(info.hook, info.variant)
+    if info.kind != "crosscoder" or not path.is_file():
+        return None
+    return cached_result(ModelDiffResult.load, path)
 
 
 # Names this module had before the live model runs moved to `saelab.dashboards.live` and the id parsing to

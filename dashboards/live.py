@@ -32,6 +32,7 @@ from saelab.dashboards.data import SaeInfo, check_model, feature_store, open_sto
 from saelab.dictionaries import SAE
 from saelab.errors import RequestError, RunError
 from saelab.models import Model, capture, device_of, is_encoder, load_model, resolve_hooks, tokenizer_of
+from saelab.store import split_array
 from saelab.text import SpecialTokens
 
 COPIES = 2  # copies of the run's model that requests run at the same time (see the module docstring)
@@ -94,21 +95,24 @@ def _load_model(spec: str) -> ModelPool:
     return ModelPool(load_model(spec, device="cpu"), COPIES)
 
 
-def run_model(run: str) -> Model:
-    """The model that made the run's activations (for its config and tokenizer: run it inside `live_model`)."""
-    return _model_pool(run).model
+def run_model(run: str, array: str = "") -> Model:
+    """The model that made the run's activations (for its config and tokenizer: run it inside `live_model`): the one
+    whose activations the store's array `array` holds (`ActivationStore.spec_of`: in a store of several models, an
+    `<alias>/<hook>` array's alias's; any of them for `""`)."""
+    return _model_pool(run, array).model
 
 
 @contextmanager
-def live_model(run: str) -> Iterator[Model]:
-    """The run's model for this request alone, while the block runs (`ModelPool.turn`)."""
-    with _model_pool(run).turn() as model:
+def live_model(run: str, array: str = "") -> Iterator[Model]:
+    """The run's model (`run_model`'s for `array`) for this request alone, while the block runs (`ModelPool.turn`)."""
+    with _model_pool(run, array).turn() as model:
         yield model
 
 
-def _model_pool(run: str) -> ModelPool:
-    """The copies of the model that made the run's activations, from the spec in the store's harvest config."""
-    spec = open_store(run).model_spec
+def _model_pool(run: str, array: str) -> ModelPool:
+    """The copies of the model that made the run's array `array`, from the spec in the store's harvest config."""
+    store = open_store(run)
+    spec = store.spec_of(array) if array else next(iter(store.model_specs.values()), store.model_spec)
     if not spec:
         raise RunError(
             "The activation store does not record which model made it (it was imported, not harvested), "
@@ -118,6 +122,17 @@ def _model_pool(run: str) -> ModelPool:
         return _load_model(str(spec))
     except Exception as err:
         raise RunError(f"Cannot load the run's model {spec!r} ({type(err).__name__}: {err}).") from None
+
+
+def one_model(info: SaeInfo, what: str) -> tuple[str, str]:
+    """The store's array the SAE reads and the model's own hook point of it (`split_array`), for the `what` (a page
+    that runs the model live); `RequestError` for a crosscoder, which reads several arrays at once."""
+    if info.kind == "crosscoder":
+        raise RequestError(
+            f"{info.hook}/{info.variant} is a crosscoder: it reads {', '.join(info.reads)} at once, and the {what} "
+            "runs one model at one hook point. Browse its feature pages, or pick an SAE of one of those arrays."
+        )
+    return info.array, split_array(info.array)[1]
 
 
 class TokenMatch(NamedTuple):
@@ -171,7 +186,7 @@ def search_token(run: str, info: SaeInfo, text: str) -> list[TokenMatch]:
         raise RequestError("Type a token or some text to search for.")
     fs = feature_store(run, info)
     try:
-        ids = framed(run_model(run), text, "search text").body
+        ids = framed(run_model(run, info.array), text, "search text").body
     except RunError:
         ids = [i for i, s in enumerate(fs.vocab) if s.strip() == text.strip()]
     if not ids:
@@ -197,10 +212,11 @@ def prompt_latents(run: str, info: SaeInfo, text: str, *, top: int = 5) -> list[
     if not text.strip():
         raise RequestError("The prompt is empty: type some text to see which latents fire on it.")
     check_model(run, info)
-    with live_model(run) as model:
+    array, hook = one_model(info, "prompt")
+    with live_model(run, array) as model:
         prompt = framed(model, text, "prompt")
-        (point,) = resolve_hooks(model, [info.hook])
-        acts = capture(model, prompt.tokens, [point])[info.hook][0]
+        (point,) = resolve_hooks(model, [hook])
+        acts = capture(model, prompt.tokens, [point])[hook][0]
     body_acts = acts[prompt.start : prompt.start + len(prompt.body)].float().cpu()
     with torch.inference_mode():
         f = load_sae(str(info.path)).encode(body_acts)

@@ -50,6 +50,28 @@ def histogram_figure(counts: np.ndarray, edges: np.ndarray) -> Figure:
     }
 
 
+def decoder_norms_figure(sources: list[str], norms: np.ndarray) -> Figure:
+    """A crosscoder latent's decoder norm in each of its `sources` (`norms [S]`, normalised units; they sum to 1) as a
+    bar chart."""
+    return {
+        "data": [
+            {
+                "type": "bar",
+                "x": list(sources),
+                "y": norms.tolist(),
+                "marker": {"color": f"rgb({HIGHLIGHT})"},
+                "hovertemplate": "%{x}: %{y:.3f}<extra></extra>",
+            }
+        ],
+        "layout": {
+            "height": 220,
+            "margin": {"l": 48, "r": 8, "t": 8, "b": 60},
+            "yaxis": {"title": {"text": "decoder norm"}, "range": [0, 1]},
+            "template": "plotly_white",
+        },
+    }
+
+
 # ------------------------------------------------------------------------------------------------ circuits
 class CircuitFigure(NamedTuple):
     """A circuit's graph as `graph_figure` draws it."""

@@ -125,6 +125,13 @@ def store_resolve(recorded: str, *, store: str | Path) -> str:
     return os.path.normpath(Path(store) / recorded)
 
 
+def array_folder(array: str) -> str:
+    """The folder under `RUN/saes/` (and `analysis/`, `model_diff/`, ...) of the dictionaries that read the store's
+    array `array` (a crosscoder's: its first source): the array's name with a model alias's `/` written `__`
+    (`tuned/blocks.3.hook_mlp_out` -> `tuned__blocks.3.hook_mlp_out`), since a run's folder names are plain names."""
+    return array.replace("/", "__")
+
+
 def saved_kind(folder: str | Path) -> str:
     """The kind of dictionary saved in `folder`, as its `cfg.json` records it (`crosscoder`), `sae` for the SAE
     family (whose configs record none), or `""` when the file is missing or is not a JSON object."""

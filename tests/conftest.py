@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from itertools import islice
 
@@ -103,3 +104,57 @@ def induction_run(tmp_path_factory):
     from saelab.toys import induction_run as make_run
 
     return make_run(tmp_path_factory.mktemp("induction") / "run", progress=False)
+
+
+TWO_MODEL_HOOKS = ["blocks.0.hook_mlp_in", "blocks.0.hook_mlp_out"]
+
+
+@pytest.fixture(scope="session")
+def tuned_decoder_dir(decoder, tmp_path_factory):
+    """The tiny decoder with layer 0's MLP drawn again (at the same scale): another model with the same tokenizer,
+    whose `blocks.0.hook_mlp_in` is the tiny decoder's and whose `blocks.0.hook_mlp_out` is not."""
+    tuned = copy.deepcopy(decoder)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in tuned.blocks[0].mlp.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * p.std())
+    return str(save_model(tuned, tmp_path_factory.mktemp("models") / "tuned-decoder"))
+
+
+@pytest.fixture(scope="session")
+def two_model_run(decoder_dir, tuned_decoder_dir, tmp_path_factory):
+    """A run over a store of two models (`base`: the tiny decoder, `tuned`: `tuned_decoder_dir`; 4,096 tokens at
+    `TWO_MODEL_HOOKS`) and its dictionaries, trained in one pass: a TopK SAE on `tuned/blocks.0.hook_mlp_out`, a
+    transcoder of the tuned model's layer-0 MLP and a crosscoder over that MLP's output in both models. The run's
+    folder and the `TrainedSAE`s, in that order."""
+    from saelab.toys.runs import small_models_store
+    from saelab.train import TrainConfig, train
+
+    run = tmp_path_factory.mktemp("two-models") / "run"
+    store = small_models_store(run, {"base": decoder_dir, "tuned": tuned_decoder_dir}, TWO_MODEL_HOOKS)
+    tuned_in, tuned_out = (f"tuned/{h}" for h in TWO_MODEL_HOOKS)
+    cfg = {
+        "store": store.path,
+        "run": str(run),
+        "hooks": [tuned_out],
+        "transcoders": [{"input": tuned_in, "output": tuned_out}],
+        "crosscoders": [{"sources": [f"base/{TWO_MODEL_HOOKS[1]}", tuned_out], "arch": "topk"}],
+        "tokens": 512 * 40,
+        "batch_size": 512,
+        "eval_rows": 1024,
+        "warmup_steps": 5,
+        "ce_contexts": 4,
+        "grid": {"arch": ["topk"], "k": [8], "expansion": [2], "lr": [3e-3]},
+        "device": "cpu",
+    }
+    return run, train(TrainConfig.model_validate(cfg), progress=False)
+
+
+@pytest.fixture(scope="session")
+def two_model_analysed(two_model_run):
+    """`two_model_run` with every dictionary analysed (`saelab.analysis.analyze`): the run, its `TrainedSAE`s and
+    the analyses' paths, in the same order."""
+    from saelab.analysis import AnalysisConfig, analyze
+
+    run, results = two_model_run
+    return run, results, analyze(str(run), AnalysisConfig(device="cpu", n_top=8, window=3), progress=False)

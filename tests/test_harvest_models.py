@@ -153,3 +153,21 @@ def test_two_model_harvest_resumes_to_the_store_of_an_uninterrupted_one(decoder,
     with pytest.raises(StoreError, match=r"different config \(model: None -> 'minilm', models: "):
         harvest(small_cfg(tmp_path / "resumed.zarr", hooks=cfg("x").hooks), model=decoder, progress=False)
     assert ActivationStore.open(str(tmp_path / "resumed.zarr")).complete
+
+
+def test_each_arrays_model_is_its_aliass(two_model_run, decoder_dir, tuned_decoder_dir, tmp_path):
+    """`spec_of` / `model_of`: the model that made an array `<alias>/<hook>` is its alias's; an alias the store does
+    not record is refused naming the ones it does; an import records no model."""
+    from saelab.importer import import_arrays
+    from saelab.run import RunDir
+
+    run, _ = two_model_run
+    store = ActivationStore.open(str(RunDir(run).store))
+    assert store.spec_of("base/blocks.0.hook_mlp_out") == decoder_dir
+    assert store.spec_of("tuned/blocks.0.hook_mlp_in") == tuned_decoder_dir
+    assert store.model_of("tuned/blocks.0.hook_mlp_in") == store.models["tuned"] != store.model
+    with pytest.raises(StoreError, match=r"records no model 'other'.*it has \['base', 'tuned'\]"):
+        store.spec_of("other/blocks.0.hook_mlp_in")
+    imported = str(tmp_path / "imported.zarr")
+    import_arrays({"a/h": np.zeros((8, 2), np.float32)}, imported, shard_rows=8, chunk_rows=8, progress=False)
+    assert ActivationStore.open(imported).spec_of("a/h") is None

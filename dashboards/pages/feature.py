@@ -1,6 +1,8 @@
 """The feature page (`/feature?hook=H&sae=VARIANT&id=N`): everything the analysis knows about one latent (stats,
 examples across the activation range, histogram, logit effects, decoder neighbours, co-occurring latents, and the
-same latent in the run's other SAEs over the hook point).
+same latent in the run's other SAEs over the hook point). A crosscoder's latent also shows its decoder norm in each
+source, its relative norm (two sources) and its class where `saelab diff` has classified the crosscoder's latents,
+and its logit effects per source.
 
 The page is built of `components.element`s, the JSON form Dash sends, never of Dash component objects: with ~700
 pieces a page, that is most of the server's time per page saved (`scripts/bench_app.py` measures it)."""
@@ -11,7 +13,15 @@ from typing import Any
 
 from saelab.dashboards import components as c
 from saelab.dashboards.components import Element, element
-from saelab.dashboards.data import SaeInfo, check_model, feature_store, sae_info, same_latent, valid_ids
+from saelab.dashboards.data import (
+    SaeInfo,
+    check_model,
+    feature_store,
+    model_diff_of,
+    sae_info,
+    same_latent,
+    valid_ids,
+)
 from saelab.dashboards.examples import context_tokens, examples
 from saelab.dashboards.params import Params, feature_id, name
 
@@ -47,7 +57,7 @@ def feature_page(run: str, hook: str | None, variant: str | None, raw_id: str | 
         None,
         nav,
         element("H2", f"Feature #{index}", style={"margin": "0 0 2px"}),
-        element("Div", f"{info.hook} · {info.variant} · {fs.n_features:,} latents", className="muted"),
+        element("Div", f"{_reads(info)} · {info.variant} · {fs.n_features:,} latents", className="muted"),
         element(
             "Div",
             [
@@ -97,8 +107,9 @@ def feature_page(run: str, hook: str | None, variant: str | None, raw_id: str | 
     )
     left = [c.card_element("Top activations", top), c.card_element("Examples across the activation range", *bins)]
     right = [
+        *([_sources_card(run, info, index, f)] if "decoder_norms" in f else []),
         c.card_element("Activation histogram", c.histogram(f["hist_counts"], f["hist_edges"])),
-        _logit_card(fs.attrs.get("logit_kind", "unembedding"), fs.vocab, f),
+        _logit_card(fs.attrs.get("logit_kind", "unembedding"), fs.vocab, f, info.reads),
         c.card_element("Decoder neighbours", c.chips(info, valid_ids(f["neighbour_ids"], f["neighbour_cos"]), "cos")),
         c.card_element("Same latent in the other SAEs", _same_latent(run, info, index), id="same-latent"),
         c.card_element("Co-occurring latents", _cooc(info, f)),
@@ -107,7 +118,34 @@ def feature_page(run: str, hook: str | None, variant: str | None, raw_id: str | 
     return element("Div", [header, grid], id="feature-page")
 
 
-def _logit_card(kind: str, vocab: list[str], f: dict[str, Any]) -> Element:
+def _reads(info: SaeInfo) -> str:
+    """What the dictionary reads: its folder's hook point, a crosscoder's sources."""
+    return " + ".join(info.reads) if info.kind == "crosscoder" else info.array
+
+
+def _sources_card(run: str, info: SaeInfo, index: int, f: dict[str, Any]) -> Element:
+    """A crosscoder latent's decoder norm in each source, its relative norm, and its class by `saelab diff`."""
+    stats = []
+    if "relative_norm" in f:
+        stats.append(c.stat_element(f"relative norm ({info.reads[1]})", f"{f['relative_norm']:.3f}"))
+    diff = model_diff_of(run, info)
+    if diff is not None and index < len(diff.scaling_class):
+        by_norm = diff.norm_class[index]
+        stats.append(c.stat_element("model diff", f"{diff.scaling_class[index]} ({by_norm} by norm)"))
+    elif info.reads and len(info.reads) == 2:
+        stats.append(
+            c.stat_element("model diff", f"not classified: run `saelab diff RUN --sae {info.hook}/{info.variant}`")
+        )
+    return c.card_element(
+        "Decoder norm per source",
+        element("Div", stats, className="stats", id="source-stats"),
+        c.decoder_norm_bars(list(info.reads), f["decoder_norms"]),
+        id="sources",
+    )
+
+
+def _logit_card(kind: str, vocab: list[str], f: dict[str, Any], sources: tuple[str, ...]) -> Element:
+    """The latent's logit effects (a crosscoder's: through each source's model, one pair of tables per source)."""
     if "logit_top_ids" not in f:
         missing = "Not computed: the run's store records no model to take them from."
         return c.card_element("Logit effects", element("Div", missing, className="muted"), id="logit-effects")
@@ -115,10 +153,18 @@ def _logit_card(kind: str, vocab: list[str], f: dict[str, Any]) -> Element:
         title, high, low = "Logit effects (decoder direction · unembedding)", "promoted", "suppressed"
     else:
         title, high, low = "Token embeddings by cosine with the decoder direction", "closest", "most opposite"
-    top = c.token_value_table(vocab, valid_ids(f["logit_top_ids"], f["logit_top_vals"]), high)
-    bottom = c.token_value_table(vocab, valid_ids(f["logit_bottom_ids"], f["logit_bottom_vals"]), low)
-    style = {"display": "grid", "gridTemplateColumns": "1fr 1fr", "gap": "12px"}
-    return c.card_element(title, element("Div", [top, bottom], style=style), id="logit-effects")
+    panels = ("logit_top_ids", "logit_top_vals", "logit_bottom_ids", "logit_bottom_vals")
+    per_source = f["logit_top_ids"].ndim == 2  # a crosscoder's `[S, n]`
+    parts = []
+    for s in range(len(f["logit_top_ids"]) if per_source else 1):
+        top_ids, top_vals, bottom_ids, bottom_vals = (f[name][s] if per_source else f[name] for name in panels)
+        top = c.token_value_table(vocab, valid_ids(top_ids, top_vals), high)
+        bottom = c.token_value_table(vocab, valid_ids(bottom_ids, bottom_vals), low)
+        style = {"display": "grid", "gridTemplateColumns": "1fr 1fr", "gap": "12px"}
+        if per_source:
+            parts.append(element("H4", sources[s] if s < len(sources) else f"source {s}"))
+        parts.append(element("Div", [top, bottom], style=style))
+    return c.card_element(title, *parts, id="logit-effects")
 
 
 def _cooc(info: SaeInfo, f: dict[str, Any]) -> Element:

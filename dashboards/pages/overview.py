@@ -9,7 +9,7 @@ from typing import Any
 from dash import dcc, html
 
 from saelab.dashboards import components as c
-from saelab.dashboards.data import analysis_problem, list_saes, open_store
+from saelab.dashboards.data import analysis_problem, list_saes, made_by, open_store
 from saelab.dashboards.params import Params
 from saelab.run import RunDir
 from saelab.train.sweep import pareto_figure, read_results
@@ -36,7 +36,7 @@ def layout(run: str, params: Params) -> Any:
                         [
                             html.Td(h),
                             html.Td(str(store.d(h)), className="num"),
-                            html.Td(str(sum(s.hook == h for s in saes)), className="num"),
+                            html.Td(str(sum(h in (s.reads or (s.hook,)) for s in saes)), className="num"),
                         ]
                     )
                     for h in store.hooks
@@ -61,7 +61,7 @@ def layout(run: str, params: Params) -> Any:
             html.Div(run, className="muted", style={"marginTop": "8px"}),
         ),
         c.card("Hook points", hooks),
-        c.card("SAEs", c.metrics_table(saes, store.model, analyses)),
+        c.card("SAEs", c.metrics_table(saes, {(s.hook, s.variant): made_by(run, s) for s in saes}, analyses)),
     ]
     results = RunDir(run).sweep_table
     if results.is_file():

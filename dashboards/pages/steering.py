@@ -18,9 +18,10 @@ from saelab.config import TextConfig
 from saelab.dashboards import components as c
 from saelab.dashboards import params as p
 from saelab.dashboards.data import SaeInfo, check_model, chosen_sae, open_store
-from saelab.dashboards.live import framed, live_model, load_sae, run_model
+from saelab.dashboards.live import framed, live_model, load_sae, one_model, run_model
 from saelab.errors import RunError
 from saelab.models import is_encoder
+from saelab.store import split_array
 from saelab.text import iter_documents
 
 TITLE = "Steering"
@@ -34,8 +35,9 @@ SCOPES: tuple[ScopeName, ...] = ("all", "prompt", "generated")
 
 
 @lru_cache(maxsize=2)
-def _corpus(run: str) -> tuple[list[str], torch.Tensor]:
-    """The first documents of the run's text source and their sentence embeddings (once per process)."""
+def _corpus(run: str, array: str) -> tuple[list[str], torch.Tensor]:
+    """The first documents of the run's text source and their sentence embeddings by the model that made the store's
+    array `array` (once per process)."""
     text = open_store(run).text  # its file found from where the run is now (runs move)
     try:
         docs = list(itertools.islice(iter_documents(TextConfig(**text)), CORPUS_DOCUMENTS))
@@ -45,24 +47,26 @@ def _corpus(run: str) -> tuple[list[str], torch.Tensor]:
         ) from None
     if len(docs) < 10:
         raise RunError(f"The run's text source has {len(docs)} documents; semantic search needs at least 10.")
-    with live_model(run) as model:
+    with live_model(run, array) as model:
         return docs, st.embed(model, docs, max_length=128)
 
 
 @lru_cache(maxsize=4)
-def _doc_acts(run: str, hook: str, path: str) -> torch.Tensor:
-    docs, _ = _corpus(run)
-    with live_model(run) as model:
-        return st.doc_latent_acts(model, load_sae(path), hook, texts=docs, max_length=128)
+def _doc_acts(run: str, array: str, path: str) -> torch.Tensor:
+    """The latents of the SAE at `path` (of the store's array `array`) on each corpus document."""
+    docs, _ = _corpus(run, array)
+    with live_model(run, array) as model:
+        return st.doc_latent_acts(model, load_sae(path), split_array(array)[1], texts=docs, max_length=128)
 
 
 @lru_cache(maxsize=64)
-def _scale(run: str, path: str, hook: str, latent: int) -> tuple[float, str]:
-    return st.run_scale(run, path, load_sae(path), latent=latent, hook=hook)
+def _scale(run: str, path: str, array: str, latent: int) -> tuple[float, str]:
+    return st.run_scale(run, path, load_sae(path), latent=latent, hook=array)
 
 
 def _request(run: str, info: SaeInfo, params: p.Params) -> st.Intervention:
     """The intervention the URL asks for; `RequestError` (or `SteeringError`) naming what is wrong with it."""
+    array, hook = one_model(info, "steering page")
     sae = load_sae(str(info.path))
     latent = p.feature_id(params.get("latent", "0"), sae.cfg.d_sae)
     mode: st.Mode = p.choice(params.get("mode"), "steering mode", MODES, default="add", listing="Modes")
@@ -70,11 +74,11 @@ def _request(run: str, info: SaeInfo, params: p.Params) -> st.Intervention:
     coefficient = p.number(
         params.get("coef"), "coefficient", default=4.0, low=-p.MAX_COEFFICIENT, high=p.MAX_COEFFICIENT
     )
-    scale, _ = _scale(run, str(info.path), info.hook, latent)
+    scale, _ = _scale(run, str(info.path), array, latent)
     iv = st.Intervention(
-        hook=info.hook, sae=sae, latents=[latent], mode=mode, coefficient=coefficient, scale=scale, scope=scope
+        hook=hook, sae=sae, latents=[latent], mode=mode, coefficient=coefficient, scale=scale, scope=scope
     )
-    st.check_interventions(run_model(run), [iv], embedding=info.hook == st.EMBEDDING)
+    st.check_interventions(run_model(run, array), [iv], embedding=hook == st.EMBEDDING)
     return iv
 
 
@@ -136,7 +140,7 @@ def layout(run: str, params: p.Params) -> Any:
     """Pick an SAE, a latent, a mode and a coefficient; see generations or search results with and without it."""
     info = chosen_sae(run, params)
     check_model(run, info)
-    encoder = is_encoder(run_model(run))
+    encoder = is_encoder(run_model(run, one_model(info, "steering page")[0]))
     results = None
     if "text" in params:
         text = p.text(params["text"], "query" if encoder else "prompt")
@@ -169,7 +173,7 @@ def _stats(iv: st.Intervention, source: str, extra: list[tuple[str, str]]) -> ht
 def generation_results(run: str, info: SaeInfo, iv: st.Intervention, text: str) -> Any:
     """The prompt's continuation without and with the intervention, and what it changed: `MAX_NEW_TOKENS` new
     tokens, or as many as the model's context leaves after the prompt."""
-    with live_model(run) as model:
+    with live_model(run, info.array) as model:
         n = framed(model, text, "prompt", keep=1).tokens.shape[1]
         new = min(MAX_NEW_TOKENS, st.new_token_budget(model, n))
         tokens = st.generate(model, text, [iv], max_new_tokens=new)
@@ -181,7 +185,7 @@ def generation_results(run: str, info: SaeInfo, iv: st.Intervention, text: str) 
     def column(title: str, body: str, testid: str) -> html.Div:
         return c.card(title, html.Div([html.B(text), html.Span(body)], className="context", id=testid))
 
-    _, source = _scale(run, str(info.path), info.hook, iv.latents[0])
+    _, source = _scale(run, str(info.path), info.array, iv.latents[0])
     stats = _stats(
         iv,
         source,
@@ -211,10 +215,10 @@ def generation_results(run: str, info: SaeInfo, iv: st.Intervention, text: str) 
 @c.guarded
 def search_results(run: str, info: SaeInfo, iv: st.Intervention, query: str) -> Any:
     """The query's nearest documents of the run's corpus before and after steering its embedding."""
-    with live_model(run) as model:
+    with live_model(run, info.array) as model:
         framed(model, query, "query", context=QUERY_TOKENS)
-        docs, corpus = _corpus(run)
-        acts = _doc_acts(run, info.hook, str(info.path))[:, iv.latents[0]]
+        docs, corpus = _corpus(run, info.array)
+        acts = _doc_acts(run, info.array, str(info.path))[:, iv.latents[0]]
         found = st.search(model, query, corpus, [iv], k=10)
 
     def table(pairs: list[tuple[int, float]], changed: set[int], testid: str) -> html.Table:
@@ -244,7 +248,7 @@ def search_results(run: str, info: SaeInfo, iv: st.Intervention, query: str) -> 
         return html.Table([html.Thead(head), html.Tbody(rows)], className="tbl", id=testid)
 
     mean = lambda pairs: float(acts[[i for i, _ in pairs]].mean())  # noqa: E731
-    _, source = _scale(run, str(info.path), info.hook, iv.latents[0])
+    _, source = _scale(run, str(info.path), info.array, iv.latents[0])
     stats = _stats(
         iv,
         source,

@@ -19,7 +19,8 @@ from saelab.absorption.vocab import Word, labelled_vocabulary, load_label_table
 from saelab.dictionaries import SAE
 from saelab.errors import AbsorptionError, MissingError
 from saelab.models import Model, device_of, load_model, tokenizer_of
-from saelab.run import RunDir
+from saelab.run import RunDir, array_folder, saved_kind
+from saelab.store import split_array
 
 
 class SavedResult(NamedTuple):
@@ -38,14 +39,15 @@ def result_path(run: str | Path, hook: str, variant: str) -> Path:
 
 
 def _sae_folders(cfg: AbsorptionConfig) -> list[Path]:
-    """The SAE folders to measure, checked to exist: `cfg.saes`, or every SAE of the run."""
+    """The SAE folders to measure, checked to exist: `cfg.saes`, or every SAE of the run (not its crosscoders, which
+    read several hook points or models at once)."""
     if cfg.saes:
         missing = [p for p in cfg.saes if not Path(p).is_dir()]
         if missing:
             raise MissingError(f"no SAE folder {missing}; give folders with cfg.json and sae_weights.safetensors")
         return [Path(p) for p in cfg.saes]
     run = RunDir(cfg.run)
-    folders = [entry.path for entry in run.saes()]
+    folders = [entry.path for entry in run.saes() if saved_kind(entry.path) != "crosscoder"]
     if not folders:
         raise AbsorptionError(f"no SAEs under {run.saes_dir}; train some (`saelab train`) or list `saes:`")
     return folders
@@ -72,18 +74,27 @@ def _load_sae(path: Path, device: torch.device) -> SAE:
 
 
 def run_absorption(cfg: AbsorptionConfig, progress: bool = True) -> list[SavedResult]:
-    """Load the model and SAEs; for each hook point train the probe once, then score every SAE there."""
+    """Load the model and SAEs; for each hook point train the probe once, then score every SAE there. SAEs of one
+    model of a multi-model store (`<alias>/<hook>`) are probed at the model's own hook point, in `model` (give that
+    alias's spec), and written under `array_folder`'s folder."""
     folders = _check_inputs(cfg)
     run = RunDir(cfg.run).prepare()
     model = load_model(cfg.model, device=cfg.device)
     device = device_of(model)
     saes = [(p, _load_sae(p, device)) for p in folders]
+    aliases = sorted({split_array(sae.cfg.hook_name)[0] for _, sae in saes})
+    if len(aliases) > 1:
+        raise AbsorptionError(
+            f"the SAEs read the activations of several models of the run's store ({', '.join(aliases)}), and "
+            f"absorption probes one, `model` ({cfg.model}); list the `saes` of one model and set `model` to its spec"
+        )
     table = load_label_table(cfg.labels) if cfg.labels else None
     style = PromptStyle.for_model(model, cfg.template, cfg.icl_examples)
     task = "first_letter" if table is None else Path(str(cfg.labels)).stem
     vocab = labelled_vocabulary(tokenizer_of(model, AbsorptionError), table) if cfg.integrated_gradients else []
     out = []
-    for hook in sorted({sae.cfg.hook_name for _, sae in saes}):
+    for array in sorted({sae.cfg.hook_name for _, sae in saes}):
+        hook = split_array(array)[1]  # an SAE of one model of a store of several reads `<alias>/<hook>`
         data = probe_data(
             model,
             hook,
@@ -95,7 +106,7 @@ def run_absorption(cfg: AbsorptionConfig, progress: bool = True) -> list[SavedRe
             s=cfg.settings,
             progress=progress,
         )
-        for path, sae in [(p, sae) for p, sae in saes if sae.cfg.hook_name == hook]:
+        for path, sae in [(p, sae) for p, sae in saes if sae.cfg.hook_name == array]:
             result = absorption_result(
                 sae,
                 data,
@@ -110,7 +121,7 @@ def run_absorption(cfg: AbsorptionConfig, progress: bool = True) -> list[SavedRe
             result.config = cfg.model_dump(mode="json")
             if cfg.integrated_gradients:
                 _add_ig(model, sae, data=data, result=result, style=style, cfg=cfg, vocab=vocab)
-            out.append(SavedResult(result, result.save(run.absorption(hook, path.name))))
+            out.append(SavedResult(result, result.save(run.absorption(array_folder(array), path.name))))
     return out
 
 

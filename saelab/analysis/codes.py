@@ -11,7 +11,7 @@ Under `torchrun` the rows are split across ranks in whole batches (`rank_rows`),
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from saelab.dictionaries import SAE
+from saelab.dictionaries import SAE, CrossCoder
 from saelab.distributed import Ranks, gather_objects, ranks
 from saelab.ops.topk import topk_rows
 from saelab.store import ActivationStore, prefetch
@@ -60,8 +60,8 @@ class QuantileSamples(NamedTuple):
 
 def sparse_codes(
     store: ActivationStore,
-    sae: SAE,
-    hook: str,
+    sae: SAE | CrossCoder,
+    hook: str | Sequence[str],
     *,
     n_rows: int,
     batch_size: int,
@@ -69,17 +69,23 @@ def sparse_codes(
     start: int = 0,
     progress: bool = True,
 ) -> SparseCode:
-    """Encode rows [start, n_rows) once, in batches of `batch_size` from `start`; every nonzero (row, latent, value),
-    sorted by (row, latent), with store row numbers."""
+    """Encode rows [start, n_rows) of the array `hook` (a crosscoder's: of its sources, `[rows, S, d]`, the arrays
+    `hook` in the order of `CrossCoder.inputs`) once, in batches of `batch_size` from `start`; every nonzero (row,
+    latent, value), sorted by (row, latent), with store row numbers."""
+    arrays = [hook] if isinstance(hook, str) else list(hook)
 
     def read() -> Iterator[tuple[int, torch.Tensor]]:
         for first in range(start, n_rows, batch_size):
-            yield first, store.activations(hook, slice(first, min(first + batch_size, n_rows)))
+            rows = slice(first, min(first + batch_size, n_rows))
+            x = [store.activations(a, rows) for a in arrays]
+            yield first, x[0] if isinstance(hook, str) else torch.stack(x, dim=1)
 
     rows, feats, vals = [np.zeros(0, np.int64)], [np.zeros(0, np.int32)], [np.zeros(0, np.float32)]
     with (
         torch.no_grad(),
-        tqdm(total=n_rows - start, unit="tok", unit_scale=True, disable=not progress, desc=f"encode {hook}") as bar,
+        tqdm(
+            total=n_rows - start, unit="tok", unit_scale=True, disable=not progress, desc=f"encode {arrays[0]}"
+        ) as bar,
     ):
         for first, x in prefetch(read(), 2):
             r, c, v = encode_sparse(sae, x.to(device))
@@ -118,11 +124,11 @@ def gather_code(code: SparseCode) -> SparseCode:
     return SparseCode(*parts)
 
 
-def encode_sparse(sae: SAE, x: torch.Tensor) -> SparseBatch:
-    """(row, latent, value) of the nonzero latents of `x`, sorted by (row, latent).
+def encode_sparse(sae: SAE | CrossCoder, x: torch.Tensor) -> SparseBatch:
+    """(row, latent, value) of the nonzero latents of `x` (a crosscoder's: `[rows, S, d_in]`), sorted by (row, latent).
 
     TopK SAEs are encoded straight from the top-k of the pre-activations, never densely."""
-    if sae.cfg.arch == "topk":
+    if isinstance(sae, SAE) and sae.cfg.arch == "topk":
         vals, idx = topk_rows(sae.pre_acts(sae.prepare_input(x)), sae.cfg.k)
         idx, order = idx.sort(dim=1)
         vals = vals.gather(1, order).relu() / sae.input_scale

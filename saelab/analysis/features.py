@@ -228,7 +228,8 @@ class FeatureStore:
     def search_token(self, token_id: int) -> list[int]:
         """Latents whose top examples or top logit effects contain the token, most matches first."""
         hits = (self.column(TOKEN_IDS) == token_id).sum(1)
-        if "logit_top_ids" in self._arrays:
-            hits = hits + (self.column("logit_top_ids") == token_id).sum(1)
+        if "logit_top_ids" in self._arrays:  # `[d_sae, n]`, a crosscoder's `[d_sae, S, n]`
+            logits = self.column("logit_top_ids")
+            hits = hits + (logits == token_id).reshape(len(logits), -1).sum(1)
         found = np.flatnonzero(hits)
         return found[np.argsort(-hits[found], kind="stable")].tolist()

@@ -7,7 +7,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 
-from saelab.dictionaries import SAE
+from saelab.dictionaries import SAE, CrossCoder
 from saelab.models import Model, is_encoder
 
 
@@ -26,9 +26,14 @@ class LogitEffects(NamedTuple):
     """The smallest effects (float32)."""
 
 
-def residual_directions(model: Model, sae: SAE, hook: str) -> torch.Tensor:
-    """Decoder rows as residual-stream directions (`attn.hook_z` rows go through `W_O`)."""
-    w = sae.W_dec.detach().float().cpu()
+def residual_directions(model: Model, sae: SAE | CrossCoder, hook: str, *, source: int = 0) -> torch.Tensor:
+    """Decoder rows as residual-stream directions of `model` at its hook point `hook` (`attn.hook_z` rows go through
+    `W_O`); a crosscoder's rows of its source `source`, in the raw units of its activations (its input scale undone,
+    as `CrossCoder.decode` does)."""
+    if isinstance(sae, CrossCoder):
+        w = (sae.W_dec.detach()[:, source] / sae.input_scale[source]).float().cpu()
+    else:
+        w = sae.W_dec.detach().float().cpu()
     if hook.endswith("attn.hook_z"):
         layer = int(hook.split(".")[1])
         W_O = model.blocks[layer].attn.W_O.detach().float().cpu()  # [n_heads, d_head, d_model]
@@ -66,9 +71,10 @@ def logit_effects(model: Model, dirs: torch.Tensor, n: int, *, block: int = 1024
     )
 
 
-def decoder_neighbours(sae: SAE, n: int, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest latents by decoder cosine over the whole dictionary (excluding the latent itself): ids, cosines."""
-    w = sae.W_dec.detach().float()
+def decoder_neighbours(sae: SAE | CrossCoder, n: int, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest latents by decoder cosine over the whole dictionary (excluding the latent itself): ids, cosines. A
+    crosscoder's decoder rows are its sources' laid end to end (`[d_sae, S * d_in]`)."""
+    w = sae.W_dec.detach().float().flatten(1)
     w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-8)
     ids, cos = [], []
     for i in range(0, len(w), block):

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -17,31 +19,37 @@ from saelab.analysis.codes import _Codes, contexts, gather_code, rank_rows, spar
 from saelab.analysis.config import AnalysisConfig
 from saelab.analysis.features import FeatureStore, vocab_strings, write_feature_store
 from saelab.analysis.panels import decoder_neighbours, logit_effects, residual_directions
-from saelab.dictionaries import SAE
+from saelab.dictionaries import SAE, CrossCoder, load_dictionary
 from saelab.distributed import broadcast_object, init, local_device, wait_for_main
 from saelab.errors import ConfigError, MissingError, RunError, StoreError
 from saelab.models import Model, load_model
-from saelab.run import SAE_WEIGHTS, RunDir, absolute_path, saved_kind
-from saelab.store import ActivationStore
+from saelab.run import SAE_WEIGHTS, RunDir, absolute_path
+from saelab.store import ActivationStore, split_array
 
 
 def analyze_sae(
     store: ActivationStore,
-    sae: SAE,
+    sae: SAE | CrossCoder,
     hook: str,
     *,
     out: str | Path,
     cfg: AnalysisConfig = AnalysisConfig(),
-    model: Model | None = None,
+    model: Model | Mapping[str, Model | None] | None = None,
     run: RunDir | None = None,
     progress: bool = True,
 ) -> FeatureStore:
     """Compute every panel for every latent of `sae` over `store` and write them to `out`.
 
-    The logit effects need the `model`; without it they are left out (`logit_kind` is `none`). `run` is the run
-    that `out` belongs to: the store's path is recorded relative to it (`RunDir.relative`), so the run can move
-    (without `run`: absolute). Under `torchrun` every rank encodes its share of the rows and rank 0 writes `out`
-    (the `model` is needed there only); every rank returns the analysis once it is written."""
+    `hook` is the store's array an SAE reads (`<alias>/<hook>` in a store of several models); a crosscoder reads its
+    sources (`CrossCoder.inputs`, stacked `[rows, S, d]`), and its analysis adds each latent's decoder norm in every
+    source (`decoder_norms [d_sae, S]`, and with two sources `relative_norm`, `|d_B| / (|d_A| + |d_B|)`).
+
+    The logit effects need the `model` (or array -> model: a crosscoder's sources each through its own, a
+    crosscoder's logit panels `[d_sae, S, n]`); without it (or one of a crosscoder's sources' models) they are left
+    out (`logit_kind` is `none`). `run` is the run that `out` belongs to: the store's path is recorded relative to it
+    (`RunDir.relative`), so the run can move (without `run`: absolute). Under `torchrun` every rank encodes its share
+    of the rows and rank 0 writes `out` (the `model` is needed there only); every rank returns the analysis once it
+    is written."""
     _write_panels(store, sae, hook, out=out, cfg=cfg, model=model, run=run, progress=progress)
     wait_for_main()  # rank 0 has written `out`
     return FeatureStore.open(out)
@@ -49,12 +57,12 @@ def analyze_sae(
 
 def _write_panels(
     store: ActivationStore,
-    sae: SAE,
+    sae: SAE | CrossCoder,
     hook: str,
     *,
     out: str | Path,
     cfg: AnalysisConfig,
-    model: Model | None,
+    model: Model | Mapping[str, Model | None] | None,
     run: RunDir | None,
     progress: bool,
 ) -> None:
@@ -69,10 +77,11 @@ def _write_panels(
     sae = sae.to(device).eval()
     mine = rank_rows(n_rows, cfg.batch_size, here)
     began = time.perf_counter()
+    reads = sae.inputs if isinstance(sae, CrossCoder) else [hook]
     code = sparse_codes(
         store,
         sae,
-        hook,
+        reads if isinstance(sae, CrossCoder) else hook,
         start=mine.start,
         n_rows=mine.stop,
         batch_size=cfg.batch_size,
@@ -123,18 +132,28 @@ def _write_panels(
         "cooc_ids": co_ids,
         "cooc_jaccard": co_jac,
     }
+    if isinstance(sae, CrossCoder):
+        norms = sae.decoder_norms().float().cpu().numpy()
+        arrays["decoder_norms"] = norms
+        if sae.cfg.n_sources == 2:
+            arrays["relative_norm"] = (norms[:, 1] / np.maximum(norms.sum(1), 1e-12)).astype(np.float32)
+    models = {a: model.get(a) if isinstance(model, Mapping) else model for a in reads}
     logit_kind = "none"
-    if model is not None:
-        logits = logit_effects(model, residual_directions(model, sae, hook), cfg.n_logits)
-        logit_kind = logits.kind
-        arrays |= {
-            "logit_top_ids": logits.top_ids,
-            "logit_top_vals": logits.top_vals,
-            "logit_bottom_ids": logits.bottom_ids,
-            "logit_bottom_vals": logits.bottom_vals,
-        }
+    if all(m is not None for m in models.values()):
+        effects = [
+            logit_effects(m, residual_directions(m, sae, split_array(a)[1], source=s), cfg.n_logits)
+            for s, (a, m) in enumerate(models.items())
+            if m is not None
+        ]
+        logit_kind = effects[0].kind
+        stacked = [np.stack(panel, axis=1) for panel in zip(*(e[1:] for e in effects))]
+        panels = stacked if isinstance(sae, CrossCoder) else [p[:, 0] for p in stacked]
+        names = ("logit_top_ids", "logit_top_vals", "logit_bottom_ids", "logit_bottom_vals")
+        arrays |= dict(zip(names, panels))
     attrs = {
         "hook": hook,
+        "reads": reads,
+        "kind": "crosscoder" if isinstance(sae, CrossCoder) else "sae",
         "variant": Path(str(out)).name.removesuffix(".zarr"),
         "store": absolute_path(store.path) if run is None else run.relative(store.path),
         "model": store.model,
@@ -144,6 +163,47 @@ def _write_panels(
         **cfg.model_dump(mode="json", exclude={"run"}),  # where the run is, is where the analysis is
     }
     write_feature_store(out, arrays, attrs)
+
+
+def _array(store: ActivationStore, folder: str, sae: SAE | CrossCoder) -> str:
+    """The store's array that the dictionary saved under `RUN/saes/<folder>/` reads: the folder's own name where the
+    store has it (a store of one model), else the array its config names (`hook_name`: an SAE of `<alias>/<hook>`,
+    saved under `<alias>__<hook>`; a crosscoder's first source); `RunError` naming the fix when the store has
+    neither."""
+    if folder in store.hooks:
+        return folder
+    named = sae.cfg.sources[0] if isinstance(sae, CrossCoder) else sae.cfg.hook_name
+    if named in store.hooks:
+        return named
+    raise RunError(
+        f"the dictionary under {folder}/ reads {named or folder!r}, which the run's store {store.path} does not hold "
+        f"(it has {store.hooks}); analyse it on the store it was trained on, or move it out of the run"
+    )
+
+
+class _Models:
+    """The models of a run's store for the logit effects, each loaded once, when first asked for."""
+
+    def __init__(self, store: ActivationStore, *, device: str) -> None:
+        self.store, self.device = store, device
+        self._loaded: dict[str, Model] = {}
+
+    def get(self, array: str) -> Model | None:
+        """The model whose activations the store's array `array` holds (`ActivationStore.spec_of`); None when the
+        store records none (an import)."""
+        return self._load(self.store.spec_of(array))
+
+    def tokenizer(self) -> Any:
+        """The tokenizer of the store's models (models harvested together share theirs); None without a model."""
+        model = self._load(next(iter(self.store.model_specs.values()), self.store.model_spec))
+        return None if model is None else model.tokenizer
+
+    def _load(self, spec: str | None) -> Model | None:
+        if not spec:
+            return None
+        if spec not in self._loaded:
+            self._loaded[spec] = load_model(spec, device=self.device)
+        return self._loaded[spec]
 
 
 def _run_of(run_dir: str | Path | None, cfg: AnalysisConfig) -> RunDir:
@@ -167,7 +227,10 @@ def analyze(
     progress: bool = True,
     skip_existing: bool = False,
 ) -> list[Path]:
-    """Analyse every SAE of a run on the run's activation store; return the analysis stores.
+    """Analyse every dictionary of a run (SAEs, transcoders, crosscoders) on the run's activation store; return the
+    analysis stores. A dictionary of an array `<alias>/<hook>` of a store of several models (saved under
+    `<alias>__<hook>`) reads that array, and its logit effects go through that alias's model; a crosscoder reads all
+    its sources, each through its own model.
 
     The run is `run_dir`, or else `cfg.run` (a YAML config names it there); naming two different ones is a
     `ConfigError`. With `skip_existing`, an SAE whose analysis is newer than its weights is not analysed again.
@@ -177,38 +240,34 @@ def analyze(
     here = init()
     run = _run_of(run_dir, cfg)
     store = ActivationStore.open(str(run.store))
-    crosscoders = [e for e in run.saes() if saved_kind(e.path) == "crosscoder"]
-    saes = [e for e in run.saes() if e not in crosscoders]
-    if crosscoders and here.main and progress:
-        print(
-            f"skipping {len(crosscoders)} crosscoder(s) ({', '.join(f'{e.hook}/{e.variant}' for e in crosscoders)}): "
-            f"their panels read several sources at once; classify their latents with `saelab diff {run.root}`"
-        )
+    saes = run.saes()
     if not saes:
         raise RunError(
-            f"the run {run.root} has no trained SAEs (none under {run.saes_dir}"
-            + (", only crosscoders, which `saelab diff` reads" if crosscoders else "")
-            + f"); train some with `saelab train` and `run: {run.root}` in its config first"
+            f"the run {run.root} has no trained SAEs (none under {run.saes_dir}); train some with `saelab train` and "
+            f"`run: {run.root}` in its config first"
         )
-    spec = store.model_spec
-    model = load_model(spec, device=str(local_device(cfg.device))) if spec and here.main else None
+    models = _Models(store, device=str(local_device(cfg.device))) if here.main else None
     written, due = [run.analysis(entry.hook, entry.variant) for entry in saes], []
     if here.main:
         run.analysis_dir.mkdir(exist_ok=True)
-        if model is not None:
-            run.vocab.write_text(json.dumps(vocab_strings(model.tokenizer)))
+        tokenizer = models.tokenizer() if models is not None else None
+        if tokenizer is not None:
+            run.vocab.write_text(json.dumps(vocab_strings(tokenizer)))
         for entry, out in zip(saes, written):
             meta, weights = out / "zarr.json", entry.path / SAE_WEIGHTS
             due.append(not (skip_existing and meta.exists() and meta.stat().st_mtime >= weights.stat().st_mtime))
     for entry, out, todo in zip(saes, written, broadcast_object(due)):
         if todo:
-            sae = SAE.load(entry.path)
-            if sae.signed_codes:  # every panel here ranks non-negative activations
+            sae = load_dictionary(entry.path)
+            if isinstance(sae, SAE) and sae.signed_codes:  # every panel here ranks non-negative activations
                 raise RunError(
                     f"{entry.path} is a {sae.cfg.arch} dictionary, whose codes are signed, and the feature analysis "
                     f"reads non-negative activations only; analyse the run's other SAEs (move this one out of "
                     f"{run.saes_dir}) or compare it with `saelab.dictionaries.icfl.selectivity`"
                 )
-            _write_panels(store, sae, entry.hook, out=out, cfg=cfg, model=model, run=run, progress=progress)
+            array = _array(store, entry.hook, sae)
+            reads = sae.inputs if isinstance(sae, CrossCoder) else [array]
+            by_array = {a: models.get(a) for a in reads} if models is not None else None
+            _write_panels(store, sae, array, out=out, cfg=cfg, model=by_array, run=run, progress=progress)
     wait_for_main()  # rank 0 has written every analysis
     return written

@@ -11,7 +11,7 @@ from torch import Tensor
 from saelab.analysis import FeatureStore
 from saelab.dictionaries import SAE
 from saelab.errors import SteeringError
-from saelab.run import RunDir
+from saelab.run import RunDir, array_folder
 from saelab.store import ActivationStore
 
 MEASURE_ROWS = 16384  # rows of the run's activations a scale is measured on
@@ -60,9 +60,10 @@ def run_scale(
     embeddings: Tensor | None = None,
 ) -> tuple[float, str]:
     """`typical_max_act` for a run's SAE: the run's feature analysis when it has one, else measured on (up to
-    `MEASURE_ROWS` rows of) the run's activations at `hook`, or on `embeddings` for an SAE of sentence embeddings."""
+    `MEASURE_ROWS` rows of) the run's activations at `hook` (the store's array: `<alias>/<hook>` for one model of
+    several, whose SAEs are under `array_folder`'s folder), or on `embeddings` for an SAE of sentence embeddings."""
     run_dir = RunDir(run)
-    analysis = run_dir.analysis(hook, Path(sae_path).name)
+    analysis = run_dir.analysis(array_folder(hook), Path(sae_path).name)
     if analysis.is_dir():
         return typical_max_act(sae, latent, FeatureStore.open(analysis).column("max_act"))
     if run_dir.store.is_dir():

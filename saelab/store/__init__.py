@@ -22,6 +22,7 @@ from saelab.store.layout import (
     node_array,
     open_group,
     saelab_meta,
+    split_array,
     to_storage,
     zarr_group,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "open_group",
     "prefetch",
     "saelab_meta",
+    "split_array",
     "to_storage",
     "zarr_group",
 ]

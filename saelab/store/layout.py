@@ -17,6 +17,13 @@ STORAGE_DTYPE = {"float16": "float16", "float32": "float32", "bfloat16": "uint16
 TORCH_DTYPE = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def split_array(name: str) -> tuple[str, str]:
+    """The model alias and the model's own hook point of a store's array `name`: `("tuned", "blocks.3.hook_mlp_out")`
+    for `tuned/blocks.3.hook_mlp_out` (several models harvested together), `("", name)` for a store of one model."""
+    alias, _, hook = name.rpartition("/")
+    return alias, hook
+
+
 def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
     """Cast activations to the store's dtype as a numpy array (bfloat16 as its uint16 bits)."""
     x = x.to(TORCH_DTYPE[dtype])

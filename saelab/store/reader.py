@@ -18,7 +18,7 @@ import zarr
 from saelab.errors import StoreError
 from saelab.run import RunDir, store_resolve
 from saelab.store.checksums import DamagedShard, StoreCheck, digest, recorded, shard_exists
-from saelab.store.layout import META_ARRAYS, from_storage, node_array, open_group, saelab_meta
+from saelab.store.layout import META_ARRAYS, from_storage, node_array, open_group, saelab_meta, split_array
 from saelab.store.prefetch import prefetch
 
 READ_ERRORS = (ValueError, RuntimeError, OSError)  # what Zarr and its codecs raise on a shard they cannot decode
@@ -117,6 +117,28 @@ class ActivationStore:
         it; empty for a store of one model."""
         specs = self.config.get("models") or {}
         return {alias: store_resolve(str(spec), store=self.path) for alias, spec in specs.items()}
+
+    def spec_of(self, array: str) -> str | None:
+        """The spec of the model whose activations the array `array` holds, for `load_model` here: that alias's
+        (`model_specs`) for `<alias>/<hook>` of several models, `model_spec` for a store of one model; `StoreError`
+        for an alias the store does not record."""
+        alias, _ = split_array(array)
+        if not alias:
+            return self.model_spec
+        specs = self.model_specs
+        if alias not in specs:
+            if self.imported:  # an import records no models
+                return None
+            raise StoreError(
+                f"store {self.path!r} records no model {alias!r} (the alias of {array!r}); it has {sorted(specs)}"
+            )
+        return specs[alias]
+
+    def model_of(self, array: str) -> str:
+        """The short name of the model whose activations the array `array` holds: its alias's (`models`) for
+        `<alias>/<hook>`, else the store's `model`."""
+        alias, _ = split_array(array)
+        return self.models.get(alias, self.model) if alias else self.model
 
     @property
     def text(self) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""`small_run`: a whole run in seconds (harvest, one TopK SAE, its analysis), for tests, benchmarks and demos."""
+"""`small_run`: a whole run in seconds (harvest, one TopK SAE, its analysis), for tests, benchmarks and demos;
+`small_models_store`: the store of several models harvested together over the same tokens."""
 
 from __future__ import annotations
 
@@ -31,6 +32,27 @@ def small_store(
             device="cpu",
         ),
         model=loaded,
+        progress=False,
+    )
+
+
+def small_models_store(
+    run: Path, models: dict[str, str], hooks: list[str], *, tokens: int = 4096, context_length: int = 32
+) -> ActivationStore:
+    """The store of run `run` harvested from several `models` (alias -> spec) together: `tokens` rows of each at
+    every hook point of `hooks` (arrays `<alias>/<hook>`) on the embedded corpus, in contexts of `context_length`."""
+    return harvest(
+        HarvestConfig(
+            models=models,
+            hooks=hooks,
+            out=str(RunDir(run).store),
+            context_length=context_length,
+            batch_size=32,
+            max_tokens=tokens,
+            shard_rows=4096,
+            chunk_rows=1024,
+            device="cpu",
+        ),
         progress=False,
     )
 

@@ -2,9 +2,9 @@
 config's transcoders and crosscoders at every grid point in the same pass.
 
 What a run writes (paths from `saelab.run.RunDir`): each SAE in SAELens layout with its `metrics.json` under
-`RUN/saes/<hook>/<variant>/` (a crosscoder under its first source's folder, `source_folder`, as `CrossCoder.save`
-writes it), the exact resume state in `RUN/saes/checkpoint/` (`saelab.train.checkpoint`) and
-the resolved config in `RUN/saes/train_config.json`.
+`RUN/saes/<hook>/<variant>/` (the folder of an array `<alias>/<hook>` of a multi-model store, and of a crosscoder's
+first source, is `array_folder`'s: `<alias>__<hook>`), the exact resume state in `RUN/saes/checkpoint/`
+(`saelab.train.checkpoint`) and the resolved config in `RUN/saes/train_config.json`.
 
 Under torchrun the ranks share the work as `TrainConfig.parallel` says (`members` or `ddp`); rank 0 shows the
 progress, logs and writes `train_config.json`, and each SAE's files are written by one rank: the one that trains it
@@ -33,8 +33,8 @@ from saelab.dictionaries.preprocessing import WHITENING_ROWS, Whitening, pca_whi
 from saelab.dictionaries.transcoder import aligned_rows, transcoder_metrics
 from saelab.errors import ConfigError, DistributedError, StoreError, TrainError
 from saelab.models import is_encoder, load_model, locate
-from saelab.run import RunDir
-from saelab.store import ActivationStore
+from saelab.run import RunDir, array_folder
+from saelab.store import ActivationStore, split_array
 from saelab.train.checkpoint import check_checkpoint, load_checkpoint, save_checkpoint
 from saelab.train.config import (
     CrossCoderSpec,
@@ -63,7 +63,7 @@ class Member:
     index: int
     """Its place among the config's SAEs (hook points x grid), the order `train` returns them in."""
     hook: str
-    """The hook point it reads (a crosscoder's folder name, `source_folder` of its first source)."""
+    """Its folder under `RUN/saes/`: `array_folder` of the array it reads (a crosscoder's: of its first source)."""
     variant: str
     """Its folder name under the hook point's (`variant_name`)."""
     lr: float
@@ -90,12 +90,12 @@ class Member:
 
     @property
     def reads(self) -> list[str]:
-        """The hook points whose row-aligned rows each step gives it (`aligned_rows`): an SAE's `[hook]`, a
-        transcoder's `[input, output]`, a crosscoder's sources."""
+        """The store's arrays whose row-aligned rows each step gives it (`aligned_rows`): an SAE's `[hook_name]`, a
+        transcoder's `[hook_name, hook_name_out]`, a crosscoder's sources."""
         if isinstance(self.sae, CrossCoder):
             return self.sae.inputs
         cfg = self.sae.cfg
-        return [self.hook] if cfg.d_out is None else [self.hook, cfg.hook_name_out]
+        return [cfg.hook_name] if cfg.d_out is None else [cfg.hook_name, cfg.hook_name_out]
 
     def inputs(self, batch: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         """What its `step` (and `init_from_sample`) takes from one store batch (hook -> rows): an SAE's `[x]`, a
@@ -152,18 +152,11 @@ def schedule(cfg: TrainConfig, step: int, *, start: int = 0) -> tuple[float, boo
     return factor, step == start or step % cfg.log_every == 0 or step % cfg.checkpoint_steps == 0
 
 
-def source_folder(source: str) -> str:
-    """The folder under `RUN/saes/` of the crosscoders whose first source is `source`: the source with a model
-    alias's `/` written `__` (`base/blocks.1.hook_resid_post` -> `base__blocks.1.hook_resid_post`), since a run's
-    folder names are plain names."""
-    return source.replace("/", "__")
-
-
 class _Spec(NamedTuple):
     """One SAE of the config, before it is built."""
 
     hook: str
-    """The hook point it reads (a crosscoder's: `source_folder` of its first source)."""
+    """Its folder under `RUN/saes/`: `array_folder` of the array it reads (a crosscoder's: of its first source)."""
     cfg: SAEConfig | CrossCoderConfig
     """Its `SAEConfig` (a crosscoder's `CrossCoderConfig`)."""
     lr: float
@@ -215,6 +208,13 @@ class Trainer:
             raise ConfigError(
                 f"two crosscoders would be saved as {twice}: they start with the same source; put another of their "
                 "sources first in one of them"
+            )
+        aliased = [s.cfg.hook_name for s in self.specs if isinstance(s.cfg, SAEConfig) and "/" in s.cfg.hook_name]
+        if aliased and cfg.model not in (None, "none"):
+            raise ConfigError(
+                f"`model: {cfg.model}` names one model, but {aliased} are arrays of a store of several models, each "
+                f"evaluated on its own model as the store records it ({self.store.model_specs}); leave `model` unset "
+                "(or set it to none to skip those metrics)"
             )
         self.parallel = self._parallel(len(self.specs))
         if self.parallel == "ddp" and self.ranks.many and cfg.crosscoders:
@@ -277,7 +277,7 @@ class Trainer:
             raise ConfigError(format_validation_error(err, what, CrossCoderConfig)) from None
         # the floor of `default_lr` by the width it reads: the sources laid end to end
         peak = self.cfg.peak_lr(cc_cfg.d_sae, d_in=d_in * len(widths), lr=lr)
-        return _Spec(source_folder(spec.sources[0]), cc_cfg, peak, seed)
+        return _Spec(array_folder(spec.sources[0]), cc_cfg, peak, seed)
 
     def _spec(
         self,
@@ -290,11 +290,8 @@ class Trainer:
         *,
         transcoder: TranscoderPair | None = None,
     ) -> _Spec:
-        if "/" in hook:  # found before training, not when its files are written
-            raise ConfigError(
-                f"SAEs and transcoders of one model of a multi-model store ({hook!r}) are not supported yet: only "
-                "crosscoders read `<alias>/<hook>` arrays; harvest that model alone for its SAEs and transcoders"
-            )
+        """The SAE over the array `hook` (`<alias>/<hook>` in a store of several models) at one grid point, or the
+        `transcoder` from it (`TranscoderPair` has checked that its input and output are of one model)."""
         d_in = self.store.d(hook)
         fields: dict[str, Any] = {}
         if transcoder is not None:
@@ -306,12 +303,12 @@ class Trainer:
             d_sae=expansion * d_in,
             k=k,
             hook_name=hook,
-            model_name=self.store.model,
+            model_name=self.store.model_of(hook),
             context_size=self.store.config.get("context_length"),
             dataset=str(self.store.config.get("text", "")),
         )
         sae_cfg = build(SAEConfig, {**fields, **self.cfg.sae}, f"SAE config for {hook} ({arch}, k={k}, x{expansion})")
-        return _Spec(hook, sae_cfg, self.cfg.peak_lr(sae_cfg.d_sae, d_in=d_in, lr=lr), seed)
+        return _Spec(array_folder(hook), sae_cfg, self.cfg.peak_lr(sae_cfg.d_sae, d_in=d_in, lr=lr), seed)
 
     def _member(self, index: int) -> Member:
         """SAE `index` of `specs`, seeded by its own seed alone, so its start does not depend on which SAEs share its
@@ -343,13 +340,15 @@ class Trainer:
         whitening = self._whitening()
         for m in self.members:
             if isinstance(m.sae, SAE) and m.sae.cfg.whiten:
-                m.sae.set_whitening(whitening[m.hook])
+                m.sae.set_whitening(whitening[m.reads[0]])
             m.sae.init_from_sample(*(rows.to(self.device) for rows in m.inputs(sample)))
 
     def _whitening(self) -> dict[str, Whitening]:
         """The PCA whitening of each hook point that an SAE here whitens (`sae.whiten`), from a sample of
         `whiten_store` or else of the training rows; `ConfigError`/`StoreError` naming the fix if it cannot be."""
-        rconds = {m.hook: m.sae.cfg.whiten_rcond for m in self.members if isinstance(m.sae, SAE) and m.sae.cfg.whiten}
+        rconds = {
+            m.reads[0]: m.sae.cfg.whiten_rcond for m in self.members if isinstance(m.sae, SAE) and m.sae.cfg.whiten
+        }
         if not rconds:
             return {}
         control = self.cfg.whiten_store
@@ -469,7 +468,7 @@ class Trainer:
         """Evaluate on held-out rows, save each SAE in SAELens layout with its metrics (each by the rank that writes
         it); every rank returns every SAE's result."""
         eval_rows = slice(self.train_rows[1], self.store.n_tokens)
-        model, tokens = self._eval_model() if self.writes else (None, None)
+        models, tokens = self._eval_models() if self.writes else ({}, None)
         results: list[tuple[int, TrainedSAE]] = []
         for m in self.writes:
             folder = self.run_dir.sae(m.hook, m.variant)
@@ -479,19 +478,21 @@ class Trainer:
                 sae.eval()
                 eval_weights(m.opt)  # a schedule-free optimiser's average is the SAE to evaluate and save
                 held_out = m.inputs({h: self.store.activations(h, eval_rows) for h in m.reads})
+                alias, hook = split_array(m.reads[0])  # the model that made the array, and its own hook point
+                model = models.get(alias)
                 if isinstance(sae, CrossCoder):  # FVU per source, decoder norms
                     reconstruction = crosscoder_metrics(sae, held_out[0])
                 elif sae.cfg.d_out is None:
                     reconstruction = reconstruction_metrics(sae, held_out[0])
                     if model is not None and tokens is not None and not is_encoder(model):
-                        spliced = spliced_metrics(model, sae, m.hook, tokens=tokens)
-                    elif model is not None and tokens is not None and (point := locate(model, m.hook)).read is None:
+                        spliced = spliced_metrics(model, sae, hook, tokens=tokens)
+                    elif model is not None and tokens is not None and (point := locate(model, hook)).read is None:
                         hooks = {"input_hook": point.hook, "output_hook": point.hook}  # where the model holds it
                         embedding = embedding_metrics(model, sae, **hooks, tokens=tokens)
                 else:  # the FVU of its output; on an encoder, the sentence embedding with the MLP replaced
                     reconstruction = transcoder_metrics(sae, held_out[0], held_out[1])
                     if model is not None and tokens is not None and is_encoder(model):
-                        hooks = {"input_hook": m.hook, "output_hook": sae.cfg.hook_name_out}
+                        hooks = {"input_hook": hook, "output_hook": split_array(sae.cfg.hook_name_out)[1]}
                         embedding = embedding_metrics(model, sae, **hooks, tokens=tokens)
                 sae.save(folder)
             result = TrainedSAE(
@@ -514,17 +515,27 @@ class Trainer:
             results.append((m.index, result))
         return [r for _, r in sorted(sum(distributed.gather_objects(results), []), key=itemgetter(0))]
 
-    def _eval_model(self) -> tuple[Any, torch.Tensor | None]:
-        """The model and eval contexts for spliced metrics, when the store came from a decoder harvest, or for the
-        embedding metrics of the transcoders this rank writes, when it came from an encoder's."""
+    def _eval_models(self) -> tuple[dict[str, Any], torch.Tensor | None]:
+        """Alias -> model (`""`: a store of one model) of the SAEs and transcoders this rank writes, and the eval
+        contexts, for the spliced metrics when the store came from a decoder harvest, or for the embedding metrics of
+        the transcoders when it came from an encoder's. An `<alias>/<hook>` array's model is its alias's in the
+        store's metadata (`ActivationStore.spec_of`); a store of one model's is `TrainConfig.model`, or the store's."""
         encoder = self.store.meta.get("encoder")
-        transcoders = any(isinstance(m.sae, SAE) and m.sae.cfg.d_out is not None for m in self.writes)
+        saes = [m for m in self.writes if isinstance(m.sae, SAE)]
+        transcoders = any(isinstance(m.sae, SAE) and m.sae.cfg.d_out is not None for m in saes)
         wanted = encoder is False or (encoder is True and transcoders)
-        spec = self.cfg.model or (self.store.model_spec if wanted else None)
-        if not spec or spec == "none" or "text" not in self.store.config or self.cfg.ce_contexts <= 0:
-            return None, None
-        model = load_model(spec, device=str(self.device))
-        return model, eval_tokens(self.store.config | {"text": self.store.text}, model, self.cfg.ce_contexts)
+        if self.cfg.model == "none" or "text" not in self.store.config or self.cfg.ce_contexts <= 0:
+            return {}, None
+        specs: dict[str, str | None] = {}
+        for m in saes:
+            alias, _ = split_array(m.reads[0])
+            given = self.cfg.model if not alias else None  # `Trainer` refuses `model` with an aliased array
+            specs[alias] = given or (self.store.spec_of(m.reads[0]) if wanted else None)
+        models = {alias: load_model(spec, device=str(self.device)) for alias, spec in specs.items() if spec}
+        if not models:
+            return {}, None
+        first = next(iter(models.values()))  # the models of one store share their tokenizer
+        return models, eval_tokens(self.store.config | {"text": self.store.text}, first, self.cfg.ce_contexts)
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> list[TrainedSAE]:

@@ -96,15 +96,15 @@ def test_a_missing_crosscoder_is_named(trained):
         diff_run(run, "h_a", "crosscoder-nope")
 
 
-def test_the_app_lists_a_crosscoder_with_where_its_latents_are(trained):
-    """The app's SAE list keeps a crosscoder, whose `cfg.json` says its kind, out of the SAE pages with a pointer to
-    the model-diff page, rather than calling it broken."""
+def test_the_app_lists_a_crosscoder_as_usable_with_its_sources(trained):
+    """The app's SAE list keeps a crosscoder, whose `cfg.json` says its kind, as usable (its feature pages are
+    `saelab analyze`'s), reading its sources."""
     from saelab.dashboards.data import list_saes
 
     run, result, _ = trained
     assert saved_kind(result.path) == "crosscoder"
     (info,) = list_saes(str(run))
-    assert info.error is not None and "is a crosscoder" in info.error and "saelab diff" in info.error
+    assert info.error is None and info.kind == "crosscoder" and info.reads == ("h_a", "h_b")
 
 
 def test_saelab_diff_classifies_every_crosscoder_of_the_run(trained, tmp_path):

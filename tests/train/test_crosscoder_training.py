@@ -16,9 +16,9 @@ from saelab.dictionaries import CrossCoder, load_dictionary
 from saelab.errors import ConfigError
 from saelab.evals.model_diff import A_ONLY, B_ONLY, SHARED, auroc, model_diff
 from saelab.importer import import_arrays
+from saelab.run import array_folder
 from saelab.toys.model_diff import make_model_diff
 from saelab.train import TrainConfig, train
-from saelab.train.trainer import source_folder
 
 trainer_module = importlib.import_module("saelab.train.trainer")  # `saelab.train` is also a function's name
 D = 32
@@ -131,15 +131,4 @@ def test_crosscoders_saved_under_one_folder_are_refused(store_path, tmp_path):
 def test_spec_refuses_a_source_named_twice_and_folders_are_plain_names():
     with pytest.raises(ValueError, match="name one array twice"):
         TrainConfig.model_validate({"run": "r", "crosscoders": [{"sources": ["h", "h"]}]})
-    assert source_folder("base/blocks.1.hook_resid_post") == "base__blocks.1.hook_resid_post"
-
-
-def test_an_sae_or_transcoder_of_one_model_of_a_multi_model_store_is_refused_before_training(toy, tmp_path):
-    x = toy.sample(4 * ROWS, torch.Generator().manual_seed(2)).x.numpy()
-    store, mlp_in, mlp_out = str(tmp_path / "two.zarr"), "base/blocks.0.hook_mlp_in", "base/blocks.0.hook_mlp_out"
-    import_arrays({mlp_in: x[:, 0], mlp_out: x[:, 1]}, store, shard_rows=4096, chunk_rows=1024, progress=False)
-    cc = {"crosscoders": [{"sources": [mlp_in, mlp_out]}], "eval_rows": ROWS}
-    for kw in ({"hooks": [mlp_out]}, {"hooks": [], "transcoders": [{"input": mlp_in, "output": mlp_out}]}):
-        with pytest.raises(ConfigError, match="'base/blocks.0.hook_mlp_.*not supported yet.*harvest that model alone"):
-            train(config(store, tmp_path / "run", **cc | kw), progress=False)
-        assert not (tmp_path / "run" / "saes").exists()
+    assert array_folder("base/blocks.1.hook_resid_post") == "base__blocks.1.hook_resid_post"

@@ -90,9 +90,9 @@ def test_the_form_opens_a_shareable_url(driver, servers, decoder_run):
 
 @pytest.mark.browser
 def test_encoder_page_shows_the_querys_neighbours_before_and_after(driver, servers, encoder_run, tmp_path):
-    docs, corpus = page._corpus(str(encoder_run))
-    model = run_model(str(encoder_run))
     iv, source = expected(encoder_run, 7, "add", 6.0)
+    docs, corpus = page._corpus(str(encoder_run), iv.hook)  # a store of one model: the array is the hook point
+    model = run_model(str(encoder_run))
     assert source == "measured"
     found = st.search(model, QUERY, corpus, [iv], k=10)
     assert found.entered
