@@ -15,15 +15,20 @@ from saelab.heads.composition import (
     composition_scores,
     mode_scores,
 )
+from saelab.heads.dfa import Attribution, attention_layer, direct_feature_attribution, encoder_map
 
 __all__ = [
     "MODES",
+    "Attribution",
     "Channel",
     "CompositionScores",
     "Head",
     "HeadPair",
     "Mode",
+    "attention_layer",
     "channel",
     "composition_scores",
+    "direct_feature_attribution",
+    "encoder_map",
     "mode_scores",
 ]
