@@ -206,7 +206,7 @@ def _svd(A: Tensor, B: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def channel(
-    model: HookedTransformer, writer: Head | tuple[int, int], reader: Head | tuple[int, int], mode: Mode = "K"
+    model: HookedTransformer, writer: Head | tuple[int, int], reader: Head | tuple[int, int], *, mode: Mode = "K"
 ) -> Channel:
     """The communication channel from `writer`'s output into `reader`'s query, key or value input (`mode`): the
     SVD of the writer's `W_OV` and the reader's matrix, each pair of components' composition score and its share
@@ -229,9 +229,9 @@ def channel(
         writer=w,
         reader=r,
         score=float(total.sqrt() / (s_w.norm() * r_norm)),
-        writer_singular_values=s_w.float(),
-        reader_singular_values=s_r.float(),
-        component_scores=((cosines**2 * s_r[None, :] ** 2).sum(1).sqrt() / r_norm).float(),
-        pair_scores=cosines.abs().float(),
-        energy=(terms / total).float(),
+        writer_singular_values=s_w.float().cpu(),
+        reader_singular_values=s_r.float().cpu(),
+        component_scores=((cosines**2 * s_r[None, :] ** 2).sum(1).sqrt() / r_norm).float().cpu(),
+        pair_scores=cosines.abs().float().cpu(),
+        energy=(terms / total).float().cpu(),
     )

@@ -121,8 +121,8 @@ def direct_feature_attribution(
     model: HookedTransformer,
     sae: SAE,
     tokens: Tensor,
-    latents: list[int] | Tensor | None = None,
     *,
+    latents: list[int] | Tensor | None = None,
     hook: str | None = None,
 ) -> Attribution:
     """Each of `latents`' (all the dictionary's when `None`) pre-activation on `tokens` `[batch, pos]` split into its

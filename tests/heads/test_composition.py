@@ -46,7 +46,7 @@ def test_top_pairs_on_a_multihead_model_are_sorted_and_cross_layers(multihead):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_channel_decomposes_the_composition_exactly(model, mode):
-    c = channel(model, (0, 0), (1, 0), mode)
+    c = channel(model, (0, 0), (1, 0), mode=mode)
     assert c.score == pytest.approx(float(mode_scores(model, mode)[0, 0, 1, 0]), rel=1e-5)
     assert float(c.energy.sum()) == pytest.approx(1.0, abs=1e-6) and c.share(32) == pytest.approx(1.0, abs=1e-6)
     assert bool((c.writer_singular_values[:-1] >= c.writer_singular_values[1:]).all())
@@ -68,9 +68,9 @@ def test_a_rank_one_reader_takes_the_whole_channel_through_its_one_direction(mul
     d = torch.randn(planted.cfg.d_model, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         planted.blocks[2].attn.W_K[1] = torch.outer(d, torch.randn(planted.cfg.d_head))
-    c = channel(planted, (0, 3), (2, 1), "K")
+    c = channel(planted, (0, 3), (2, 1), mode="K")
     assert c.share(planted.cfg.d_head, 1) == pytest.approx(1.0, abs=1e-5)
-    assert channel(multihead, (0, 3), (2, 1), "K").share(planted.cfg.d_head, 1) < 0.5  # unplanted: spread out
+    assert channel(multihead, (0, 3), (2, 1), mode="K").share(planted.cfg.d_head, 1) < 0.5  # unplanted: spread out
     _, s, v = torch.linalg.svd(planted.OV[0, 3].AB.double())
     rank = planted.cfg.d_head
     expected = (s[:rank] ** 2 * (v[:rank] @ (d.double() / d.norm())) ** 2).float()

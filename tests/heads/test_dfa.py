@@ -39,6 +39,24 @@ def test_induction_latents_read_the_induction_head_at_the_token_after_the_earlie
     assert overall >= 0.8 and float((firing >= 0.8).float().mean()) >= 0.8, (overall, firing)
 
 
+def test_latents_of_each_head_read_their_head_at_its_source(two_heads, two_heads_sae):
+    """Layer 1 of `two_heads` holds the induction head (0) and a previous-token head (1): the latents whose decoder
+    lives in one head's block put their attribution on that head, at that head's source position (the previous-token
+    head's less sharply: it gives the previous position 0.59 of its attention here, the current one most of the rest)."""
+    attribution = direct_feature_attribution(two_heads, two_heads_sae, repeated_tokens(16, LENGTH, seed=3))
+    decoder = two_heads_sae.W_dec.detach().reshape(-1, 2, two_heads.cfg.d_head).pow(2).sum(-1)
+    second = torch.arange(LENGTH + 1, 2 * LENGTH + 1)
+    for head, offset, least in ((0, LENGTH - 1, 0.8), (1, 1, 0.7)):
+        latents = decoder[:, head] / decoder.sum(1) > 0.9
+        fires = (attribution.acts[:, second][..., latents] > 0).float()  # [batch, dest, latent]
+        per_head = attribution.per_head[:, second][..., latents].abs()  # [batch, dest, head, latent]
+        per_source = attribution.per_source[:, second, :, head][..., latents]  # [batch, dest, src, latent]
+        on_source = per_source[:, torch.arange(LENGTH), second - offset].abs()
+        head_share = float((per_head[:, :, head] * fires).sum() / (per_head.sum(2) * fires).sum())
+        source_share = float((on_source * fires).sum() / (per_source.abs().sum(2) * fires).sum())
+        assert fires.sum() > 40 and head_share >= 0.8 and source_share >= least, (head, head_share, source_share)
+
+
 def test_previous_token_latents_read_the_previous_position(model, induction_run):
     (entry,) = [s for s in RunDir(induction_run).saes() if s.hook == "blocks.0.attn.hook_z"]
     attribution = direct_feature_attribution(model, SAE.load(entry.path).eval(), repeated_tokens(16, LENGTH, seed=4))
