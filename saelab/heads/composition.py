@@ -7,8 +7,9 @@ later reader head's query (Q: `W_QK = W_Q W_K^T`), key (K: `W_QK^T`) or value (V
 `HookedTransformer.all_composition_scores` (`utils.composition_scores`; the same transposes, zero where the reader's
 layer is not after the writer's; like it, it reads the raw weights, so rotary positions and LayerNorm scales are not
 part of `W_QK`), and equals it within float32 rounding (`tests/heads/test_composition.py`). The norms are taken
-through `d_head x d_head` Gram matrices, `||A M D||_F^2 = tr(M^T (A^T A) M (D D^T))`, so every pair of a large model
-costs `d_head^3`, not `d_model^3`.
+through `d_head x d_head` Gram matrices, `||A M D||_F^2 = tr(M^T (A^T A) M (D D^T))`, one reader layer at a time, so
+every pair of a large model costs `d_head^3`, not `d_model^3`. Grouped-query models are read through TransformerLens's
+`W_K` and `W_V`, which repeat each key/value head over the query heads that share it.
 
 Communication channels (Merullo et al. 2024, "Talking Heads: Understanding Inter-layer Communication in Transformer
 Language Models"): the writer's `W_OV = sum_i s_i u_i v_i^T` and the reader's `R = sum_j s'_j u'_j v'_j^T` (SVD); the
@@ -93,14 +94,15 @@ def mode_scores(model: HookedTransformer, mode: Mode) -> Tensor:
     C, D = _factors(model, mode)  # the reader's R = C D
     gram_a, _, ov_norm = _gram_norms(A, B)
     _, gram_d, r_norm = _gram_norms(C, D)
-    middle = torch.einsum("lhdm,kgme->lhkgde", B, C)  # M = B_w C_r [d_head, d_head] for every pair
-    left = torch.einsum("lhde,lhkgef->lhkgdf", gram_a, middle)  # (A^T A) M
-    right = torch.einsum("lhkgde,kgef->lhkgdf", middle, gram_d)  # M (D D^T)
-    product = (left * right).sum((-1, -2)).clamp(min=0).sqrt()  # ||A M D||_F
-    scores = product / ov_norm[:, :, None, None] / r_norm[None, None]
-    layers = torch.arange(model.cfg.n_layers, device=scores.device)
-    later = layers[:, None, None, None] < layers[None, None, :, None]
-    return torch.where(later, scores, torch.zeros_like(scores)).float().cpu()
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    scores = torch.zeros(n_layers, n_heads, n_layers, n_heads, dtype=torch.float64, device=A.device)
+    for reader in range(1, n_layers):  # one reader layer at a time: [writers, heads, d_head, d_head] in memory
+        middle = torch.einsum("lhdm,gme->lhgde", B[:reader], C[reader])  # M = B_w C_r for every earlier writer
+        left = torch.einsum("lhde,lhgef->lhgdf", gram_a[:reader], middle)  # (A^T A) M
+        right = torch.einsum("lhgde,gef->lhgdf", middle, gram_d[reader])  # M (D D^T)
+        product = (left * right).sum((-1, -2)).clamp(min=0).sqrt()  # ||A M D||_F
+        scores[:reader, :, reader] = product / ov_norm[:reader, :, None] / r_norm[reader][None, None]
+    return scores.float().cpu()
 
 
 @dataclass

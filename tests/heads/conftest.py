@@ -71,3 +71,10 @@ def two_heads_sae(two_heads):
     for _ in range(600):
         train_step(sae, optimizer, z[torch.randint(0, len(z), (512,), generator=rows)])
     return sae.eval()
+
+
+@pytest.fixture(scope="package")
+def grouped_query(multihead):
+    """`multihead` with grouped-query attention: its four query heads share two key/value heads."""
+    cfg = HookedTransformerConfig(**(multihead.cfg.to_dict() | {"n_key_value_heads": 2}))
+    return HookedTransformer(cfg, move_to_device=False).eval()

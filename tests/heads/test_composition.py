@@ -31,6 +31,10 @@ def test_scores_equal_transformer_lens_on_a_multihead_model(multihead):
     assert_scores_equal_transformer_lens(multihead)
 
 
+def test_scores_equal_transformer_lens_on_a_grouped_query_model(grouped_query):
+    assert_scores_equal_transformer_lens(grouped_query)
+
+
 def test_k_composition_from_the_previous_token_head_into_the_induction_head_is_the_top_pair(model):
     top = composition_scores(model).top_pairs(3)
     assert [p.mode for p in top] == ["K", "Q", "V"]

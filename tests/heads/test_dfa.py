@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from saelab.circuits import repeated_tokens
 from saelab.dictionaries import SAE, SAEConfig
@@ -85,15 +84,17 @@ def random_sae(
 
 
 @pytest.mark.parametrize(
-    ("kv_heads", "arch", "whiten", "d_out"),
-    [(None, "topk", False, None), (None, "jumprelu", True, None), (2, "relu", False, None), (None, "topk", False, 48)],
+    ("which", "arch", "whiten", "d_out"),
+    [
+        ("multihead", "topk", False, None),
+        ("multihead", "jumprelu", True, None),
+        ("grouped_query", "relu", False, None),
+        ("multihead", "topk", False, 48),
+    ],
     ids=["topk", "jumprelu-whitened", "grouped-query", "skip-transcoder"],
 )
-def test_the_terms_add_up_to_the_pre_activation(multihead, kv_heads, arch, whiten, d_out):
-    model = multihead
-    if kv_heads is not None:  # grouped-query attention: four query heads share two key/value heads
-        cfg = HookedTransformerConfig(**(multihead.cfg.to_dict() | {"n_key_value_heads": kv_heads}))
-        model = HookedTransformer(cfg, move_to_device=False).eval()
+def test_the_terms_add_up_to_the_pre_activation(request, which, arch, whiten, d_out):
+    model = request.getfixturevalue(which)
     sae = random_sae(model.cfg.n_heads * model.cfg.d_head, arch=arch, whiten=whiten, d_out=d_out)
     tokens = torch.randint(0, model.cfg.d_vocab, (3, 12), generator=torch.Generator().manual_seed(1))
     attribution = direct_feature_attribution(model, sae, tokens, latents=[3, 0, 17])
