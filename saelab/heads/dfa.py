@@ -143,22 +143,23 @@ def direct_feature_attribution(
     tokens = tokens.to(device_of(model))
     cache = _attention(model, tokens, layer)
     W, b = encoder_map(sae)
-    W = W[:, index.to(W.device)].reshape(n_heads, d_head, -1)  # the head blocks of the encoder's rows
-    b = b[index.to(b.device)]
+    columns = index.to(W.device)
+    W = W[:, columns].reshape(n_heads, d_head, -1)  # the head blocks of the encoder's rows
     v = cache["v"].repeat_interleave(n_heads // cache["v"].shape[2], dim=2).to(W)  # grouped-query: shared kv heads
     z = cache["z"].to(W)
-    value_terms = torch.einsum("bshd,hdn->bshn", v, W)  # v_h[src] . W[h-block]
-    per_source = torch.einsum("bhqs,bshn->bqshn", cache["pattern"].to(W), value_terms)
     with torch.no_grad():
-        pre = sae.pre_acts(sae.prepare_input(z.flatten(2)))[:, index.to(W.device)].view(*tokens.shape, -1)
-        acts = sae.encode(z.flatten(2))[..., index.to(W.device)]
+        value_terms = torch.einsum("bshd,hdn->bshn", v, W)  # v_h[src] . W[h-block]
+        per_source = torch.einsum("bhqs,bshn->bqshn", cache["pattern"].to(W), value_terms)
+        pre = sae.pre_acts(sae.prepare_input(z.flatten(2)))[:, columns].view(*tokens.shape, -1)
+        acts = sae.encode(z.flatten(2))[..., columns]
+        per_head = torch.einsum("bqhd,hdn->bqhn", z, W)
     return Attribution(
         hook=hook,
         latents=index,
         tokens=tokens.cpu(),
         pre_acts=pre.cpu(),
         acts=acts.cpu(),
-        bias=b.cpu(),
-        per_head=torch.einsum("bqhd,hdn->bqhn", z, W).cpu(),
+        bias=b[columns].cpu(),
+        per_head=per_head.cpu(),
         per_source=per_source.cpu(),
     )
