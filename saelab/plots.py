@@ -7,7 +7,8 @@ figure; `dcc.Graph(figure=...)` takes it as it is, and a notebook shows it with 
 - `graph_figure`, `curve_figure`: a sparse feature circuit's graph and its faithfulness curve;
 - `absorption_sweep_figure`: absorption against L0 or width over a run's SAEs;
 - `composition_figure`, `channel_figure`: composition scores between attention heads, and one channel's energy per
-  pair of singular components.
+  pair of singular components;
+- `dfa_figure`: one latent's direct feature attribution over destination and source positions.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 if TYPE_CHECKING:
     from saelab.absorption import AbsorptionResult
     from saelab.circuits import Circuit, Node
-    from saelab.heads import Channel, CompositionScores, Mode
+    from saelab.heads import Attribution, Channel, CompositionScores, Mode
 
 Figure = dict[str, Any]
 HIGHLIGHT = "255, 140, 0"  # RGB of activation highlights (the app's token shading uses it too)
@@ -259,8 +260,16 @@ def absorption_sweep_figure(results: list[AbsorptionResult], x: Literal["l0", "w
 
 
 # --------------------------------------------------------------------------------------------------- heads
-def _heatmap(z: list[list[float]], x: list[str], y: list[str], *, title: str, colorbar: str) -> Figure:
-    """A heatmap of `z` (rows `y`, columns `x`), the first row at the top."""
+def _heatmap(
+    z: list[list[float]],
+    x: list[str],
+    y: list[str],
+    *,
+    title: str,
+    colorbar: str,
+    axes: tuple[str, str] = ("reader", "writer"),
+) -> Figure:
+    """A heatmap of `z` (rows `y`, columns `x`, the axes titled `axes`: x, then y), the first row at the top."""
     return {
         "data": [{"type": "heatmap", "z": z, "x": x, "y": y, "colorscale": "Viridis", "colorbar": {"title": colorbar}}],
         "layout": {
@@ -268,8 +277,8 @@ def _heatmap(z: list[list[float]], x: list[str], y: list[str], *, title: str, co
             "margin": {"l": 64, "r": 8, "t": 36, "b": 56},
             "template": "plotly_white",
             "title": {"text": title},
-            "xaxis": {"title": {"text": "reader"}, "type": "category"},
-            "yaxis": {"title": {"text": "writer"}, "type": "category", "autorange": "reversed"},
+            "xaxis": {"title": {"text": axes[0]}, "type": "category"},
+            "yaxis": {"title": {"text": axes[1]}, "type": "category", "autorange": "reversed"},
         },
     }
 
@@ -292,4 +301,21 @@ def channel_figure(channel: Channel, rank: int = 8) -> Figure:
         [f"{channel.writer.label}.{i}" for i in range(len(energy))],
         title=f"{channel.mode}-composition {channel.writer.label} -> {channel.reader.label}: share per component pair",
         colorbar="share",
+    )
+
+
+def dfa_figure(attribution: Attribution, latent: int, example: int = 0, tokens: list[str] | None = None) -> Figure:
+    """Latent `latent`'s (an index into `attribution.latents`) direct feature attribution on input row `example`: the
+    term of each source position (columns) in its pre-activation at each destination position (rows), summed over
+    the heads; `tokens` label the positions (their indices when `None`)."""
+    terms = attribution.by_source()[example, :, :, latent]
+    labels = tokens or [str(p) for p in range(terms.shape[0])]
+    name = int(attribution.latents[latent])
+    return _heatmap(
+        terms.tolist(),
+        labels,
+        labels,
+        title=f"latent {name} of {attribution.hook}: attribution by source position",
+        colorbar="term",
+        axes=("source position", "destination position"),
     )

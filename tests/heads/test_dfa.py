@@ -12,6 +12,7 @@ from saelab.circuits import repeated_tokens
 from saelab.dictionaries import SAE, SAEConfig
 from saelab.errors import HeadsError
 from saelab.heads import Attribution, direct_feature_attribution
+from saelab.plots import dfa_figure
 from saelab.run import RunDir
 
 LENGTH = 10
@@ -31,6 +32,11 @@ def test_induction_latents_read_the_induction_head_at_the_token_after_the_earlie
     tokens = repeated_tokens(16, LENGTH, seed=3)  # BOS + R + R: position p > LENGTH repeats position p - LENGTH
     attribution = direct_feature_attribution(model, induction_sae, tokens)
     second = torch.arange(LENGTH + 1, 2 * LENGTH + 1)
+    figure = dfa_figure(attribution, int(attribution.acts[0, 15].argmax()))
+    assert (
+        len(figure["data"][0]["z"]) == 2 * LENGTH + 1
+        and figure["layout"]["xaxis"]["title"]["text"] == "source position"
+    )
     head_share = attribution.per_head[:, second, 0].abs().sum() / attribution.per_head[:, second].abs().sum()
     assert float(head_share) >= 0.8  # the layer's one head is the induction head
     overall, per_latent = source_share(attribution, LENGTH - 1, second)
