@@ -121,10 +121,12 @@ class CompositionScores(JsonResult):
 
     @property
     def n_layers(self) -> int:
+        """The model's number of layers."""
         return self.scores["K"].shape[0]
 
     @property
     def n_heads(self) -> int:
+        """The model's number of heads per layer."""
         return self.scores["K"].shape[1]
 
     @property
