@@ -2,7 +2,7 @@
 
 The stable public API: the pipeline (harvest, import, train) and the entry point of every analysis. Each stage
 also has its own package (`saelab.dictionaries`, `saelab.train`, `saelab.analysis`, `saelab.absorption`,
-`saelab.circuits`, `saelab.steering`) with the rest of its API.
+`saelab.circuits`, `saelab.heads`, `saelab.steering`) with the rest of its API.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from saelab.config import HarvestConfig, TextConfig, load_config
 from saelab.dictionaries import SAE, SAEConfig, train_step
 from saelab.errors import SaelabError
 from saelab.harvest import harvest
+from saelab.heads import CompositionScores, composition_scores, direct_feature_attribution
 from saelab.importer import import_arrays
 from saelab.models import hook_points, load_model, save_model
 from saelab.run import RunDir
@@ -30,6 +31,7 @@ __all__ = [
     "AnalysisConfig",
     "Circuit",
     "CircuitConfig",
+    "CompositionScores",
     "FeatureStore",
     "HarvestConfig",
     "Intervention",
@@ -43,6 +45,8 @@ __all__ = [
     "TrainConfig",
     "TrainedSAE",
     "analyze",
+    "composition_scores",
+    "direct_feature_attribution",
     "find_circuit",
     "harvest",
     "hook_points",

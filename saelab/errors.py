@@ -78,3 +78,8 @@ class RequestError(SaelabError, ValueError):
 
 class DistributedError(SaelabError, RuntimeError):
     """A run on several ranks that cannot go on as asked (ranks that disagree, a resume with another rank count)."""
+
+
+class HeadsError(SaelabError, ValueError):
+    """An attention-head analysis that cannot be computed: a dictionary on a hook that is not `attn.hook_z`, a head
+    out of range, a composition mode that does not exist."""

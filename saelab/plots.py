@@ -5,7 +5,10 @@ figure; `dcc.Graph(figure=...)` takes it as it is, and a notebook shows it with 
 
 - `histogram_figure`: a latent's activation histogram (the feature page);
 - `graph_figure`, `curve_figure`: a sparse feature circuit's graph and its faithfulness curve;
-- `absorption_sweep_figure`: absorption against L0 or width over a run's SAEs.
+- `absorption_sweep_figure`: absorption against L0 or width over a run's SAEs;
+- `composition_figure`, `channel_figure`: composition scores between attention heads, and one channel's energy per
+  pair of singular components;
+- `dfa_figure`: one latent's direct feature attribution over destination and source positions.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 if TYPE_CHECKING:
     from saelab.absorption import AbsorptionResult
     from saelab.circuits import Circuit, Node
+    from saelab.heads import Attribution, Channel, CompositionScores, Mode
 
 Figure = dict[str, Any]
 HIGHLIGHT = "255, 140, 0"  # RGB of activation highlights (the app's token shading uses it too)
@@ -274,4 +278,66 @@ def absorption_sweep_figure(results: list[AbsorptionResult], x: Literal["l0", "w
             "type": "linear" if x == "l0" else "log",
         },
         yaxis={"title": {"text": "mean over scored labels"}, "rangemode": "tozero"},
+    )
+
+
+# --------------------------------------------------------------------------------------------------- heads
+def _heatmap(
+    z: list[list[float]],
+    x: list[str],
+    y: list[str],
+    *,
+    title: str,
+    colorbar: str,
+    axes: tuple[str, str] = ("reader", "writer"),
+) -> Figure:
+    """A heatmap of `z` (rows `y`, columns `x`, the axes titled `axes`: x, then y), the first row at the top."""
+    return {
+        "data": [{"type": "heatmap", "z": z, "x": x, "y": y, "colorscale": "Viridis", "colorbar": {"title": colorbar}}],
+        "layout": {
+            "height": 140 + 18 * len(y),
+            "margin": {"l": 64, "r": 8, "t": 36, "b": 56},
+            "template": "plotly_white",
+            "title": {"text": title},
+            "xaxis": {"title": {"text": axes[0]}, "type": "category"},
+            "yaxis": {"title": {"text": axes[1]}, "type": "category", "autorange": "reversed"},
+        },
+    }
+
+
+def composition_figure(scores: CompositionScores, mode: Mode) -> Figure:
+    """The `mode` composition score of every writer head (rows) into every reader head (columns)."""
+    labels = scores.labels
+    return _heatmap(
+        scores.matrix(mode).tolist(), labels, labels, title=f"{mode}-composition ({scores.model})", colorbar="score"
+    )
+
+
+def channel_figure(channel: Channel, rank: int = 8) -> Figure:
+    """A channel's share of the composition carried by each pair of the top `rank` writer (rows) and reader (columns)
+    singular components."""
+    energy = channel.energy[:rank, :rank].tolist()
+    return _heatmap(
+        energy,
+        [f"{channel.reader.label}.{j}" for j in range(len(energy[0]))],
+        [f"{channel.writer.label}.{i}" for i in range(len(energy))],
+        title=f"{channel.mode}-composition {channel.writer.label} -> {channel.reader.label}: share per component pair",
+        colorbar="share",
+    )
+
+
+def dfa_figure(attribution: Attribution, latent: int, example: int = 0, tokens: list[str] | None = None) -> Figure:
+    """Latent `latent`'s (an index into `attribution.latents`) direct feature attribution on input row `example`: the
+    term of each source position (columns) in its pre-activation at each destination position (rows), summed over
+    the heads; `tokens` label the positions (their indices when `None`)."""
+    terms = attribution.by_source()[example, :, :, latent]
+    labels = tokens or [str(p) for p in range(terms.shape[0])]
+    name = int(attribution.latents[latent])
+    return _heatmap(
+        terms.tolist(),
+        labels,
+        labels,
+        title=f"latent {name} of {attribution.hook}: attribution by source position",
+        colorbar="term",
+        axes=("source position", "destination position"),
     )

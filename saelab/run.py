@@ -47,8 +47,9 @@ ABSORPTION = "absorption"
 CIRCUITS = "circuits"
 STEERING = "steering"
 MODEL_DIFF = "model_diff"
+HEADS = "heads"
 # Entries that make a folder a saelab run: it may be written into even when it is not empty.
-RUN_ENTRIES = (STORE, SAES, ANALYSIS, ABSORPTION, CIRCUITS, STEERING, MODEL_DIFF)
+RUN_ENTRIES = (STORE, SAES, ANALYSIS, ABSORPTION, CIRCUITS, STEERING, MODEL_DIFF, HEADS)
 MAX_NAME = 200  # longest hook, variant or result name accepted, in UTF-8 bytes (file systems allow 255)
 
 
@@ -242,6 +243,10 @@ class RunDir:
     def steering_runs(self) -> list[str]:
         """The names of the run's steering runs, sorted."""
         return self._names(STEERING)
+
+    def heads(self, name: str) -> Path:
+        """Attention-head result `name` (composition scores, direct feature attribution)."""
+        return self._named(HEADS, name, "heads result name")
 
     def _per_sae(self, folder: str, hook: str, variant: str) -> Path:
         return self.root / folder / check_name(hook, "hook point") / f"{check_name(variant, 'SAE variant')}.json"

@@ -1,0 +1,34 @@
+"""Attention-head analyses: composition between heads from their weights (`composition`: Elhage et al. 2021's Q-, K-
+and V-composition scores and Merullo et al. 2024's SVD channels) and direct feature attribution of SAE latents on
+`attn.hook_z` to heads and source positions (`dfa`: Kissane et al. 2024)."""
+
+from __future__ import annotations
+
+from saelab.heads.composition import (
+    MODES,
+    Channel,
+    CompositionScores,
+    Head,
+    HeadPair,
+    Mode,
+    channel,
+    composition_scores,
+    mode_scores,
+)
+from saelab.heads.dfa import Attribution, attention_layer, direct_feature_attribution, encoder_map
+
+__all__ = [
+    "MODES",
+    "Attribution",
+    "Channel",
+    "CompositionScores",
+    "Head",
+    "HeadPair",
+    "Mode",
+    "attention_layer",
+    "channel",
+    "composition_scores",
+    "direct_feature_attribution",
+    "encoder_map",
+    "mode_scores",
+]
