@@ -1,5 +1,5 @@
 """Evaluations of trained dictionaries: `matching` (cross-dictionary matching of latents by decoder cosine: nearest,
-Hungarian 1:1, 1:n splits)."""
+Hungarian 1:1, 1:n splits) and `sparse_probing` (k-sparse probes on the latents against the raw dimensions)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,31 @@ from saelab.evals.matching import (
     one_to_one,
     splits,
 )
+from saelab.evals.sparse_probing import (
+    KProbe,
+    LabelProbes,
+    ProbingTask,
+    SparseProbingConfig,
+    SparseProbingResult,
+    TaskProbes,
+    code_literal_task,
+    package_task,
+    sparse_probing,
+    token_label_task,
+)
 
 __all__ = [
     "BestMatches",
+    "KProbe",
+    "LabelProbes",
+    "ProbingTask",
+    "SparseProbingConfig",
+    "SparseProbingResult",
+    "TaskProbes",
+    "code_literal_task",
+    "package_task",
+    "sparse_probing",
+    "token_label_task",
     "Nearest",
     "OneToOne",
     "Splits",
