@@ -1,8 +1,10 @@
 """Evaluations of trained dictionaries: `matching` (cross-dictionary matching of latents by decoder cosine: nearest,
-Hungarian 1:1, 1:n splits) and `sparse_probing` (k-sparse probes on the latents against the raw dimensions)."""
+Hungarian 1:1, 1:n splits), `sparse_probing` (k-sparse probes on the latents against the raw dimensions) and
+`hedging` (Chanin et al.'s hedging rate, per latent and per SAE)."""
 
 from __future__ import annotations
 
+from saelab.evals.hedging import Hedging, HedgingPair, extended_copy, hedging, train_hedging_pair
 from saelab.evals.matching import (
     BestMatches,
     Nearest,
@@ -30,6 +32,11 @@ from saelab.evals.sparse_probing import (
 
 __all__ = [
     "BestMatches",
+    "Hedging",
+    "HedgingPair",
+    "extended_copy",
+    "hedging",
+    "train_hedging_pair",
     "KProbe",
     "LabelProbes",
     "ProbingTask",
