@@ -223,6 +223,10 @@ class SparseProbingResult(JsonResult):
     config: dict[str, Any] = field(default_factory=dict)
     """The settings that made it (`SparseProbingConfig`'s fields, and the rows read)."""
 
+    def summary(self) -> str:
+        """The dictionary and each task's line (`TaskProbes.summary`)."""
+        return f"{self.hook}/{self.variant}: " + "; ".join(t.summary() for t in self.tasks)
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SparseProbingResult:
         """The result from its parsed JSON."""
