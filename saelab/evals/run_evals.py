@@ -5,6 +5,8 @@
   store: the package of each docstring (document level; stores of the embedded corpus) and code literals (token
   level; needs the model's vocabulary, from `RUN/analysis/vocab.json` or the model's tokenizer). A task the rows
   cannot support (too few documents of a package, no backtick token) is left out, with the reason in `skipped`.
+  `labels` adds a token-level task of your own, a table token -> class in the absorption eval's format
+  (`saelab.absorption.vocab.load_label_table`: JSON object or `token,class` CSV); it must fit the rows.
 - `hedging`: Chanin et al.'s protocol with the run's dictionary as the initial SAE: a control copy and a copy with
   `new_latents` more latents (a quarter of the width by default) are each trained `hedging_steps` further steps on
   the same batches of the store's rows, and `saelab.evals.hedging.hedging` compares them. SAEs only (a transcoder's
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from saelab.absorption.vocab import load_label_table
 from saelab.dictionaries import SAE
 from saelab.errors import ConfigError, RunError
 from saelab.evals.hedging import hedging, train_hedging_pair
@@ -33,6 +36,7 @@ from saelab.evals.sparse_probing import (
     code_literal_task,
     package_task,
     sparse_probing,
+    token_label_task,
 )
 from saelab.resultfile import JsonResult
 from saelab.run import RunDir, saved_kind
@@ -66,6 +70,9 @@ class EvalSettings:
     """Hedging: the Adam learning rate of those steps."""
     seed: int = 0
     """Seeds the hedging batches, the new latents and the random baselines."""
+    labels: str | None = None
+    """A label table (JSON or CSV, token text -> class, the absorption eval's format) for a token-level task of
+    your own, `labels`, beside the built-in ones; None: the built-in tasks alone."""
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.only if name not in EVALS]
@@ -148,6 +155,13 @@ def _tasks(run: RunDir, store: ActivationStore, rows: EvalRows, settings: EvalSe
             tasks.append(code_literal_task(rows.tokens, rows.docs, strings))
         except ConfigError as err:
             skipped["code_literal"] = str(err)
+    if settings.labels is not None:
+        if strings is None:
+            raise RunError(
+                f"labels {settings.labels} name tokens by their text, but the run has no vocabulary (no "
+                "analysis/vocab.json, and the store names no model); run `saelab analyze` on a harvested run first"
+            )
+        tasks.append(token_label_task(rows.tokens, strings, load_label_table(settings.labels), name="labels"))
     return tasks, skipped
 
 
@@ -176,6 +190,8 @@ def probe_sae(
         try:
             probed.append(sparse_probing(rows.x, rows.docs, task, encode=sae.encode, config=settings.probing))
         except ConfigError as err:
+            if task.name == "labels":  # the user's own: a label the rows cannot probe is an error to fix
+                raise
             skipped[task.name] = str(err)
     if not probed:
         raise RunError(

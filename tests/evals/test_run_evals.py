@@ -3,13 +3,19 @@ errors naming the fix."""
 
 from __future__ import annotations
 
+import json
+from collections import Counter
+
 import pytest
 from typer.testing import CliRunner
 
+from saelab.analysis.features import vocab_strings
 from saelab.cli import app
 from saelab.evals.run_evals import HedgingResult
 from saelab.evals.sparse_probing import SparseProbingResult
+from saelab.models import load_model, tokenizer_of
 from saelab.run import RunDir
+from saelab.store import ActivationStore
 from saelab.toys.runs import small_store
 from saelab.train import Grid, TrainConfig, default_lr, train
 
@@ -79,3 +85,22 @@ def test_eval_errors_name_the_fix(tiny_run, tmp_path):
     assert "Traceback" not in result.output
     result = runner.invoke(app, ["eval", str(tmp_path)])
     assert result.exit_code == 2 and "has no SAEs to evaluate" in result.output
+
+
+def test_eval_probes_labels_of_your_own(tiny_run, tmp_path):
+    """A token -> class table (the absorption eval's format) becomes a token-level task; one that names no token
+    of the rows is refused with the fix."""
+    store = ActivationStore.open(str(tiny_run.store))
+    strings = vocab_strings(tokenizer_of(load_model(store.model_spec or "", device="cpu")))
+    common = [strings[t] for t, _ in Counter(store.tokens().tolist()).most_common(10)]
+    table = tmp_path / "labels.json"
+    table.write_text(json.dumps({s: "ab"[i % 2] for i, s in enumerate(common)}))
+    result = runner.invoke(app, ["eval", str(tiny_run.root), "--only", "sparse_probing", "--labels", str(table)])
+    assert result.exit_code == 0, result.output
+    (sae,) = tiny_run.saes()
+    probing = SparseProbingResult.load(tiny_run.eval_result(sae.hook, sae.variant, "sparse_probing"))
+    mine = probing.tasks[-1]
+    assert (mine.task, mine.level, [lab.label for lab in mine.labels]) == ("labels", "token", ["a", "b"])
+    table.write_text(json.dumps({"no such token here": "a", "nor this one": "b"}))
+    result = runner.invoke(app, ["eval", str(tiny_run.root), "--only", "sparse_probing", "--labels", str(table)])
+    assert result.exit_code == 2 and "give labels that name tokens of the text" in result.output
