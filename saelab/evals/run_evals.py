@@ -8,7 +8,8 @@
   `labels` adds a token-level task of your own, a table token -> class in the absorption eval's format
   (`saelab.absorption.vocab.load_label_table`: JSON object or `token,class` CSV); it must fit the rows.
 - `hedging`: Chanin et al.'s protocol with the run's dictionary as the initial SAE: a control copy and a copy with
-  `new_latents` more latents (a quarter of the width by default) are each trained `hedging_steps` further steps on
+  `new_latents` more latents (`d_in / 16` by default: their span must leave most of the space out, or a random
+  subspace of their dimension catches as much of any change as theirs does) are each trained `hedging_steps` further steps on
   the same batches of the store's rows, and `saelab.evals.hedging.hedging` compares them. SAEs only (a transcoder's
   steps would need its output hook's rows too).
 
@@ -61,7 +62,7 @@ class EvalSettings:
     min_documents: int = 20
     """The package task takes packages with at least this many documents among the rows."""
     new_latents: int | None = None
-    """Hedging: latents the extended SAE adds (None: a quarter of the width, at least 1)."""
+    """Hedging: latents the extended SAE adds, fewer than the input width (None: `d_in // 16`, at least 1)."""
     hedging_steps: int = 200
     """Hedging: steps each of the control and the extended SAE trains on."""
     hedging_batch: int = 1024
@@ -205,7 +206,12 @@ def probe_sae(
 
 def hedge_sae(sae: SAE, rows: EvalRows, *, hook: str, variant: str, settings: EvalSettings) -> HedgingResult:
     """The hedging protocol on `sae` over the rows (see the module's docstring)."""
-    new = settings.new_latents or max(1, sae.cfg.d_sae // 4)
+    new = settings.new_latents or max(1, sae.cfg.d_in // 16)
+    if new >= sae.cfg.d_in:
+        raise ConfigError(
+            f"{new} new latents span all {sae.cfg.d_in} input dimensions, so every change lies in their span; give "
+            f"fewer than {sae.cfg.d_in} (new_latents), e.g. {max(1, sae.cfg.d_in // 16)}"
+        )
     g = torch.Generator().manual_seed(settings.seed)
     picks = torch.randint(len(rows.x), (settings.hedging_steps, settings.hedging_batch), generator=g)
     pair = train_hedging_pair(

@@ -61,7 +61,7 @@ def test_eval_writes_sparse_probing_and_hedging(tiny_run):
             assert [len(p.features) for p in label.raw] == [1, 2, 5, 10, 20]
     assert probing.config["rows"] == [0, 16_384] and probing.config["skipped"] == {}
     hedge = HedgingResult.load(tiny_run.eval_result(sae.hook, sae.variant, "hedging"))
-    assert len(hedge.per_latent) == 128 and hedge.config["new_latents"] == 32 and 0 <= hedge.rate <= 1
+    assert len(hedge.per_latent) == 128 and hedge.config["new_latents"] == 4 and 0 <= hedge.rate <= 1
     assert "hedging rate" in result.output and "wrote" in result.output
 
 
