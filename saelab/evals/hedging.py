@@ -38,10 +38,10 @@ class Hedging:
     """How much a dictionary's latents hedge, from its control and extended versions."""
 
     rate: float
-    """The SAE's hedging rate, `max(0, (proj - baseline) / (1 - baseline))` on means over latents (the reference's
-    `hedging_rate`; 0: no hedging, 1: every latent's change lies in the new latents' span)."""
+    """The SAE's hedging rate, `(proj - baseline) / (1 - baseline)` on means over latents, clipped to [0, 1] (the
+    reference's `hedging_rate`; 0: no hedging, 1: every latent's change lies in the new latents' span)."""
     per_latent: Tensor
-    """`[width]`: each latent's rate, the same formula on its own projection and baseline."""
+    """`[width]`: each latent's rate, the same formula on its own projection and baseline, clipped the same way."""
     delta_proj: Tensor
     """`[width]`: the norm of each latent's decoder change projected onto the new latents' span."""
     baseline_proj: Tensor
@@ -73,7 +73,9 @@ def _projection_norms(delta: Tensor, vectors: Tensor) -> Tensor:
 
 
 def _rate(proj: Tensor, baseline: Tensor) -> Tensor:
-    return ((proj - baseline) / (1 - baseline)).clamp_min(0)
+    """`(proj - baseline) / (1 - baseline)` clipped to [0, 1] (a latent that moved by more than its own norm, whose
+    random baseline reaches 1, would divide by zero or less; the reference clips at 0 alone)."""
+    return ((proj - baseline) / (1 - baseline).clamp_min(1e-6)).clamp(0, 1)
 
 
 def hedging(

@@ -68,12 +68,12 @@ def test_eval_writes_sparse_probing_and_hedging(tiny_run):
 def test_eval_is_deterministic(tiny_run):
     """The same command twice writes the same bytes (seeded splits, samples, batches and new latents)."""
     (sae,) = tiny_run.saes()
-    path = tiny_run.eval_result(sae.hook, sae.variant, "hedging")
+    paths = [tiny_run.eval_result(sae.hook, sae.variant, name) for name in ("sparse_probing", "hedging")]
     outputs = []
     for _ in range(2):
-        result = runner.invoke(app, ["eval", str(tiny_run.root), "--only", "hedging", "--hedging-steps", "10"])
+        result = runner.invoke(app, ["eval", str(tiny_run.root), "--hedging-steps", "10"])
         assert result.exit_code == 0, result.output
-        outputs.append(path.read_bytes())
+        outputs.append([path.read_bytes() for path in paths])
     assert outputs[0] == outputs[1]
 
 

@@ -16,6 +16,8 @@ from saelab.evals.sparse_probing import (
     code_literal_task,
     corpus_packages,
     fit_logistic,
+    k_sparse_probes,
+    mean_difference_order,
     package_task,
     sparse_probing,
     token_label_task,
@@ -80,6 +82,18 @@ def test_document_level_pools_each_document(planted):
     assert label.latents[0].features == [0] and label.latents[0].f1 >= 0.95
     assert label.raw[0].f1 <= label.latents[0].f1 - 0.1
     assert label.n_test + label.n_train <= len(ids)
+
+
+def test_selection_reads_the_size_of_the_mean_difference_not_its_sign():
+    """SAEBench ranks features by `|mean(pos) - mean(neg)|`: a feature lower on the positives is chosen first."""
+    y = np.arange(200) % 2 == 0
+    x = torch.zeros(200, 3)
+    x[:, 0] = torch.from_numpy(~y).float() * 3  # -3 on the positives, relative to the negatives
+    x[:, 1] = torch.from_numpy(y).float()  # +1
+    x[:, 2] = torch.linspace(0, 1, 200)
+    assert mean_difference_order(x, y).tolist() == [0, 1, 2]
+    probes = k_sparse_probes(x[:100], y[:100], x[100:], test_y=y[100:], config=SparseProbingConfig(k_values=(1,)))
+    assert probes[0].features == [0] and probes[0].accuracy == 1.0
 
 
 def test_fit_logistic_matches_sklearn():
