@@ -9,7 +9,8 @@ It follows SAEBench's `sparse_probing` eval (github.com/adamkarvonen/SAEBench, `
 - selection by mean difference: the `k` features with the largest `|mean(positives) - mean(negatives)|` on the
   training set (`get_top_k_mean_diff_mask`), for the latents and for the raw dimensions alike;
 - an L2 logistic regression on those `k` features alone, unstandardised, as sklearn's `LogisticRegression(C=1)`
-  fits it (`train_sklearn_probe`); test accuracy, and here also the positive class's F1;
+  fits it (`train_sklearn_probe`); test accuracy, and here also the positive class's F1 and the accuracy's 95%
+  Wilson interval (SAEBench reports none);
 - document level: token activations, and the codes of each token, mean-pooled over each document
   (`create_meaned_model_activations`, `get_sae_meaned_activations`).
 
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -128,6 +130,10 @@ class KProbe(NamedTuple):
     """Its accuracy on the balanced test set (chance: 0.5)."""
     f1: float
     """Its F1 on the positive class of the test set."""
+    accuracy_low: float
+    """The lower end of the accuracy's 95% Wilson score interval over the test units (`wilson_interval`)."""
+    accuracy_high: float
+    """Its upper end: with the small test sets of document tasks (tens of documents) the interval is wide."""
 
 
 @dataclass
@@ -294,8 +300,21 @@ def k_sparse_probes(
             feats = order[:k]
             w, b = fit_logistic(train_x[:, feats], torch.from_numpy(train_y), c=config.c, max_iter=config.max_iter)
             pred = ((test_x[:, feats].double() @ w + b) > 0).numpy()
-            out.append(KProbe(k, feats.tolist(), float((pred == test_y).mean()), f1(test_y, pred)))
+            correct = int((pred == test_y).sum())
+            low, high = wilson_interval(correct, len(test_y))
+            out.append(KProbe(k, feats.tolist(), correct / len(test_y), f1(test_y, pred), low, high))
     return out
+
+
+def wilson_interval(successes: int, n: int, *, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval of a proportion `successes / n` (95% at the default `z`): unlike the normal
+    approximation it stays inside [0, 1] and is not empty at 0 or `n` successes."""
+    if n <= 0:
+        raise ConfigError("a proportion needs at least one trial; give n >= 1")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 # ------------------------------------------------------------------------------------ the whole eval

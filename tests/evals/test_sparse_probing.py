@@ -21,6 +21,7 @@ from saelab.evals.sparse_probing import (
     package_task,
     sparse_probing,
     token_label_task,
+    wilson_interval,
 )
 
 
@@ -60,6 +61,7 @@ def test_the_planted_latent_is_found_at_k1_and_the_raw_dimensions_fall_short(pla
     k1 = label.latents[0]
     assert (k1.k, k1.features) == (1, [0])
     assert k1.f1 >= 0.95 and k1.accuracy >= 0.95
+    assert k1.accuracy_low <= k1.accuracy <= k1.accuracy_high and k1.accuracy_high - k1.accuracy_low < 0.05
     raw1 = label.raw[0]
     assert raw1.f1 <= k1.f1 - 0.2 and raw1.accuracy <= 0.8
     assert label.raw[-1].k == 20 and label.raw[-1].accuracy > raw1.accuracy  # more dimensions recover more of it
@@ -94,6 +96,14 @@ def test_selection_reads_the_size_of_the_mean_difference_not_its_sign():
     assert mean_difference_order(x, y).tolist() == [0, 1, 2]
     probes = k_sparse_probes(x[:100], y[:100], x[100:], test_y=y[100:], config=SparseProbingConfig(k_values=(1,)))
     assert probes[0].features == [0] and probes[0].accuracy == 1.0
+
+
+def test_wilson_interval():
+    """Known values (Wilson 1927; e.g. 8 of 10: 0.490 to 0.943) and the ends: inside [0, 1], not empty."""
+    low, high = wilson_interval(8, 10)
+    assert (low, high) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    low, high = wilson_interval(20, 20)
+    assert high == 1.0 and low == pytest.approx(0.8389, abs=1e-4)
 
 
 def test_fit_logistic_matches_sklearn():
