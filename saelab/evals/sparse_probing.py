@@ -19,7 +19,9 @@ sum of log-losses + `||w||^2 / (2 C)` with the intercept unpenalised, so no skle
 deterministic); negatives come from the rest of the units at random, not evenly from each other class (a binary
 label set has no other classes); the split into train and test is by document, at both levels, so no document's
 tokens are on both sides; `k` runs over (1, 2, 5, 10, 20) (SAEBench: 1, 2, 5); and there is a token level, where
-every labelled token is a unit (SAEBench probes documents only).
+every labelled token is a unit (SAEBench probes documents only). The probes on every feature (`full_probes`) are the
+same L2 logistic regression; SAEBench fits those with Adam (100 epochs, learning rate 1e-2, no penalty) and keeps
+the epoch of best test accuracy, which reads the test set.
 
 Built-in tasks from the embedded corpus (docstrings of the standard library), both with labels that come from where
 the text is, never from a model:
@@ -84,6 +86,9 @@ class SparseProbingConfig:
     """L-BFGS iterations of each logistic regression."""
     seed: int = 42
     """Seeds the split and the balanced sampling (SAEBench's `random_seed`)."""
+    full_probes: bool = True
+    """Also fit the same logistic regression on every feature, the ceiling the sparse probes approach (SAEBench's
+    `llm_test_accuracy` and `sae_test_accuracy`)."""
 
     def __post_init__(self) -> None:
         if not self.k_values or min(self.k_values) < 1:
@@ -150,6 +155,10 @@ class LabelProbes:
     """One probe per `k` on the dictionary's latents."""
     raw: list[KProbe]
     """One probe per `k` on the raw activation dimensions: the baseline."""
+    latents_all: KProbe | None = None
+    """The probe on every latent (`k`: their number; `features` left empty), with `full_probes`."""
+    raw_all: KProbe | None = None
+    """The probe on every raw dimension, with `full_probes`."""
 
 
 @dataclass
@@ -174,9 +183,18 @@ class TaskProbes:
         """The `k`s probed."""
         return [p.k for p in self.labels[0].latents] if self.labels else []
 
+    def mean_all(self, *, raw: bool = False) -> float | None:
+        """The mean over labels of the accuracy of the probes on every latent (or every raw dimension); None
+        without them (`full_probes` off)."""
+        probes = [lab.raw_all if raw else lab.latents_all for lab in self.labels]
+        return float(np.mean([p.accuracy for p in probes if p is not None])) if all(probes) else None
+
     def summary(self) -> str:
-        """One line: each `k`'s mean test accuracy on the latents and on the raw dimensions."""
+        """One line: each `k`'s mean test accuracy on the latents and on the raw dimensions (and on all of them)."""
         cells = ", ".join(f"k={k} {self.mean(k):.3f} (raw {self.mean(k, raw=True):.3f})" for k in self.k_values())
+        every, every_raw = self.mean_all(), self.mean_all(raw=True)
+        if every is not None and every_raw is not None:
+            cells += f", all {every:.3f} (raw {every_raw:.3f})"
         return f"{self.task} ({self.level}, {len(self.labels)} labels): accuracy {cells}"
 
     @staticmethod
@@ -189,6 +207,7 @@ class TaskProbes:
                 lab["n_test"],
                 [KProbe(**p) for p in lab["latents"]],
                 [KProbe(**p) for p in lab["raw"]],
+                *(None if lab.get(key) is None else KProbe(**lab[key]) for key in ("latents_all", "raw_all")),
             )
             for lab in data["labels"]
         ]
@@ -206,6 +225,8 @@ class TaskProbes:
                     "n_test": lab.n_test,
                     "latents": [p._asdict() for p in lab.latents],
                     "raw": [p._asdict() for p in lab.raw],
+                    "latents_all": None if lab.latents_all is None else lab.latents_all._asdict(),
+                    "raw_all": None if lab.raw_all is None else lab.raw_all._asdict(),
                 }
                 for lab in self.labels
             ],
@@ -294,16 +315,32 @@ def k_sparse_probes(
     """One probe per `k` of `config.k_values`: the `k` features of largest mean difference on the training set,
     then a logistic regression on them alone, scored on the test set."""
     order = mean_difference_order(train_x, train_y)
-    out = []
     with single_thread():
-        for k in config.k_values:
-            feats = order[:k]
-            w, b = fit_logistic(train_x[:, feats], torch.from_numpy(train_y), c=config.c, max_iter=config.max_iter)
-            pred = ((test_x[:, feats].double() @ w + b) > 0).numpy()
-            correct = int((pred == test_y).sum())
-            low, high = wilson_interval(correct, len(test_y))
-            out.append(KProbe(k, feats.tolist(), correct / len(test_y), f1(test_y, pred), low, high))
-    return out
+        return [
+            fitted_probe(train_x, train_y, test_x, test_y=test_y, features=order[:k], config=config)._replace(k=k)
+            for k in config.k_values
+        ]
+
+
+def fitted_probe(
+    train_x: Tensor,
+    train_y: np.ndarray,
+    test_x: Tensor,
+    *,
+    test_y: np.ndarray,
+    features: Tensor | None,
+    config: SparseProbingConfig = SparseProbingConfig(),
+) -> KProbe:
+    """The logistic regression on `features` of `train_x` (None: every one, recorded as `features=[]`), scored on
+    `test_x`."""
+    if features is not None:
+        train_x, test_x = train_x[:, features], test_x[:, features]
+    w, b = fit_logistic(train_x, torch.from_numpy(train_y), c=config.c, max_iter=config.max_iter)
+    pred = ((test_x.double() @ w + b) > 0).numpy()
+    correct = int((pred == test_y).sum())
+    low, high = wilson_interval(correct, len(test_y))
+    chosen = [] if features is None else features.tolist()
+    return KProbe(train_x.shape[1], chosen, correct / len(test_y), f1(test_y, pred), low, high)
 
 
 def wilson_interval(successes: int, n: int, *, z: float = 1.959964) -> tuple[float, float]:
@@ -427,11 +464,25 @@ def sparse_probing(
     for label, split in splits.items():
         marks = task.labels[label]
         train, test = position[split.train], position[split.test]
-        probes = [
+        latents, raws = (
             k_sparse_probes(feats[train], marks[split.train], feats[test], test_y=marks[split.test], config=config)
             for feats in (codes, raw)
-        ]
-        labels.append(LabelProbes(label, len(train), len(test), *probes))
+        )
+        full: list[KProbe | None] = [None, None]
+        if config.full_probes:
+            with single_thread():
+                full = [
+                    fitted_probe(
+                        feats[train],
+                        marks[split.train],
+                        feats[test],
+                        test_y=marks[split.test],
+                        features=None,
+                        config=config,
+                    )
+                    for feats in (codes, raw)
+                ]
+        labels.append(LabelProbes(label, len(train), len(test), latents, raws, full[0], full[1]))
     return TaskProbes(task.name, task.level, labels)
 
 

@@ -59,6 +59,8 @@ def test_eval_writes_sparse_probing_and_hedging(tiny_run):
             assert label.n_train >= 8 and label.n_test >= 8
             assert all(0 <= p.accuracy <= 1 and 0 <= p.f1 <= 1 for p in label.latents + label.raw)
             assert [len(p.features) for p in label.raw] == [1, 2, 5, 10, 20]
+            assert label.latents_all is not None and label.raw_all is not None
+            assert (label.latents_all.k, label.raw_all.k) == (128, 64)
     assert probing.config["rows"] == [0, 16_384] and probing.config["skipped"] == {}
     hedge = HedgingResult.load(tiny_run.eval_result(sae.hook, sae.variant, "hedging"))
     assert len(hedge.per_latent) == 128 and hedge.config["new_latents"] == 4 and 0 <= hedge.rate <= 1

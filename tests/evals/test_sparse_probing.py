@@ -65,6 +65,8 @@ def test_the_planted_latent_is_found_at_k1_and_the_raw_dimensions_fall_short(pla
     raw1 = label.raw[0]
     assert raw1.f1 <= k1.f1 - 0.2 and raw1.accuracy <= 0.8
     assert label.raw[-1].k == 20 and label.raw[-1].accuracy > raw1.accuracy  # more dimensions recover more of it
+    assert label.raw_all is not None and label.raw_all.k == 128  # the feature is linear in the raw space: all
+    assert label.raw_all.accuracy >= 0.95  # 128 dimensions find it, it is only spread out
     assert label.n_train <= 4000 and label.n_test <= 1000 and label.n_train % 2 == 0
     assert out.k_values() == [1, 2, 5, 10, 20]
 
