@@ -10,8 +10,9 @@
 - `hedging`: Chanin et al.'s protocol with the run's dictionary as the initial SAE: a control copy and a copy with
   `new_latents` more latents (`d_in / 16` by default: their span must leave most of the space out, or a random
   subspace of their dimension catches as much of any change as theirs does) are each trained `hedging_steps` further steps on
-  the same batches of the store's rows, and `saelab.evals.hedging.hedging` compares them. SAEs only (a transcoder's
-  steps would need its output hook's rows too).
+  the same batches of the store's rows, and `saelab.evals.hedging.hedging` compares them. Plain SAEs only: a
+  transcoder's steps would need its output hook's rows too, new latents would change a Matryoshka SAE's prefixes,
+  and ICFL's codes are signed; those are listed in `EvalsDone.skipped`.
 
 Crosscoders are left out of both (they read several sources; `saelab diff` reads them).
 """
@@ -253,6 +254,17 @@ class EvalsDone(NamedTuple):
     """A line for each eval left out of a dictionary, with the reason."""
 
 
+def _cannot_hedge(sae: SAE) -> str:
+    """Why the hedging protocol cannot take `sae` (empty when it can)."""
+    if sae.cfg.d_out is not None:
+        return "it is a transcoder, whose steps need its output hook's rows"
+    if sae.signed_codes:
+        return f"its codes are signed ({sae.cfg.arch})"
+    if sae.cfg.matryoshka_prefixes or sae.cfg.matryoshka_sample:
+        return "it is a Matryoshka SAE, whose prefixes new latents would change"
+    return ""
+
+
 def run_evals(
     run: str | Path, *, settings: EvalSettings = EvalSettings(), saes: list[tuple[str, str]] | None = None
 ) -> EvalsDone:
@@ -287,8 +299,7 @@ def run_evals(
                 result: SparseProbingResult | HedgingResult = probe_sae(
                     run_dir, sae, store, rows, hook=entry.hook, variant=entry.variant, settings=settings
                 )
-            elif sae.cfg.d_out is not None or sae.signed_codes:
-                why = "a transcoder, whose steps need its output rows" if sae.cfg.d_out else "its codes are signed"
+            elif why := _cannot_hedge(sae):
                 skipped.append(f"hedging of {entry.hook}/{entry.variant}: {why}")
                 continue
             else:

@@ -4,6 +4,7 @@ errors naming the fix."""
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 
 import pytest
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 
 from saelab.analysis.features import vocab_strings
 from saelab.cli import app
+from saelab.dictionaries import SAE, SAEConfig
 from saelab.evals.run_evals import HedgingResult
 from saelab.evals.sparse_probing import SparseProbingResult
 from saelab.models import load_model, tokenizer_of
@@ -106,3 +108,17 @@ def test_eval_probes_labels_of_your_own(tiny_run, tmp_path):
     table.write_text(json.dumps({"no such token here": "a", "nor this one": "b"}))
     result = runner.invoke(app, ["eval", str(tiny_run.root), "--only", "sparse_probing", "--labels", str(table)])
     assert result.exit_code == 2 and "give labels that name tokens of the text" in result.output
+
+
+def test_hedging_skips_what_it_cannot_extend_and_says_so(tiny_run, tmp_path):
+    """A Matryoshka SAE beside the plain one: the plain one is hedged, the Matryoshka one listed as skipped."""
+    run = RunDir(shutil.copytree(tiny_run.root, tmp_path / "run"))
+    SAE.from_config(SAEConfig(arch="topk", d_in=64, d_sae=32, k=4, matryoshka_prefixes=[8, 32])).save(
+        run.sae(HOOK, "matryoshka")
+    )
+    result = runner.invoke(app, ["eval", str(run.root), "--only", "hedging", "--hedging-steps", "5"])
+    assert result.exit_code == 0, result.output
+    assert f"skipped hedging of {HOOK}/matryoshka: it is a Matryoshka SAE" in result.output
+    assert run.eval_results(HOOK, "matryoshka") == []
+    (plain,) = [e for e in run.saes() if e.variant != "matryoshka"]
+    assert "hedging" in run.eval_results(plain.hook, plain.variant)
