@@ -19,6 +19,7 @@ Crosscoders are left out of both (they read several sources; `saelab diff` reads
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -138,8 +139,20 @@ class EvalRows:
     """Each row's token id."""
 
 
-def _tasks(run: RunDir, store: ActivationStore, rows: EvalRows, settings: EvalSettings) -> tuple[list, dict[str, str]]:
-    """The built-in probing tasks these rows support, and the reason for each one left out."""
+class Tasks(NamedTuple):
+    """The probing tasks some rows support, shared by every SAE of their hook."""
+
+    tasks: list[ProbingTask]
+    """The tasks to probe."""
+    skipped: dict[str, str]
+    """The reason for each built-in task left out."""
+
+
+def probing_tasks(
+    store: ActivationStore, rows: EvalRows, strings: list[str] | None, *, settings: EvalSettings
+) -> Tasks:
+    """The built-in probing tasks these rows of `store` support (and `settings.labels`'s), and the reason for each
+    one left out; `strings[t]` is token `t`'s text (None: no vocabulary, so no token-level tasks)."""
     tasks: list[ProbingTask] = []
     skipped: dict[str, str] = {}
     if store.text.get("source") == "embedded":
@@ -149,7 +162,6 @@ def _tasks(run: RunDir, store: ActivationStore, rows: EvalRows, settings: EvalSe
             skipped["package"] = str(err)
     else:
         skipped["package"] = f"the store holds {store.text.get('source', 'unknown')} text, not the embedded corpus"
-    strings = _vocabulary(run, store)
     if strings is None:
         skipped["code_literal"] = "no vocabulary: the run has no analysis/vocab.json and the store names no model"
     else:
@@ -164,13 +176,11 @@ def _tasks(run: RunDir, store: ActivationStore, rows: EvalRows, settings: EvalSe
                 "analysis/vocab.json, and the store names no model); run `saelab analyze` on a harvested run first"
             )
         tasks.append(token_label_task(rows.tokens, strings, load_label_table(settings.labels), name="labels"))
-    return tasks, skipped
+    return Tasks(tasks, skipped)
 
 
-def _vocabulary(run: RunDir, store: ActivationStore) -> list[str] | None:
+def vocabulary(run: RunDir, store: ActivationStore) -> list[str] | None:
     """Each token's text: the run's `analysis/vocab.json`, else decoded by the store's model's tokenizer."""
-    import json
-
     if run.vocab.is_file():
         return json.loads(run.vocab.read_text())
     spec = store.model_spec
@@ -183,12 +193,12 @@ def _vocabulary(run: RunDir, store: ActivationStore) -> list[str] | None:
 
 
 def probe_sae(
-    run: RunDir, sae: SAE, store: ActivationStore, rows: EvalRows, *, hook: str, variant: str, settings: EvalSettings
+    sae: SAE, rows: EvalRows, tasks: Tasks, *, hook: str, variant: str, settings: EvalSettings
 ) -> SparseProbingResult:
-    """Sparse probing of `sae` on the built-in tasks the rows support."""
-    tasks, skipped = _tasks(run, store, rows, settings)
+    """Sparse probing of `sae` on `tasks` over the rows; a built-in task the rows cannot probe joins `skipped`."""
+    skipped = dict(tasks.skipped)
     probed = []
-    for task in tasks:
+    for task in tasks.tasks:
         try:
             probed.append(sparse_probing(rows.x, rows.docs, task, encode=sae.encode, config=settings.probing))
         except ConfigError as err:
@@ -197,7 +207,7 @@ def probe_sae(
             skipped[task.name] = str(err)
     if not probed:
         raise RunError(
-            f"no probing task fits the {len(rows.x)} rows read from {store.path} ("
+            f"no probing task fits the {len(rows.x)} rows read ("
             + "; ".join(f"{k}: {v}" for k, v in skipped.items())
             + "); harvest more of the embedded corpus or raise max_rows"
         )
@@ -283,21 +293,22 @@ def run_evals(
     store = ActivationStore.open(str(run_dir.store))
     out: list[tuple[SparseProbingResult | HedgingResult, Path]] = []
     skipped: list[str] = []
-    cache: dict[str, EvalRows] = {}
+    cache: dict[str, tuple[EvalRows, Tasks | None]] = {}
+    probing = "sparse_probing" in settings.only
+    strings = vocabulary(run_dir, store) if probing else None
     for entry in entries:
         if entry.hook not in store.hooks:
             raise RunError(f"the store {store.path} has no hook {entry.hook}, which {entry.variant} reads")
         if entry.hook not in cache:
             part = slice(0, min(settings.max_rows, store.n_tokens))
-            cache[entry.hook] = EvalRows(
-                store.activations(entry.hook, part).float(), store.doc_ids(part), store.tokens(part)
-            )
-        rows = cache[entry.hook]
+            rows = EvalRows(store.activations(entry.hook, part).float(), store.doc_ids(part), store.tokens(part))
+            cache[entry.hook] = rows, probing_tasks(store, rows, strings, settings=settings) if probing else None
+        rows, tasks = cache[entry.hook]
         sae = SAE.load(entry.path).eval()
         for name in settings.only:
-            if name == "sparse_probing":
+            if name == "sparse_probing" and tasks is not None:
                 result: SparseProbingResult | HedgingResult = probe_sae(
-                    run_dir, sae, store, rows, hook=entry.hook, variant=entry.variant, settings=settings
+                    sae, rows, tasks, hook=entry.hook, variant=entry.variant, settings=settings
                 )
             elif why := _cannot_hedge(sae):
                 skipped.append(f"hedging of {entry.hook}/{entry.variant}: {why}")
