@@ -116,12 +116,29 @@ class ProbingTask:
             raise ConfigError(f"task {self.name!r}: level {self.level!r} must be 'token' or 'document'")
         if not self.labels:
             raise ConfigError(f"task {self.name!r} has no labels; give at least one")
+        self.labels = {
+            label: as_marks(marks, f"task {self.name!r}: label {label!r}") for label, marks in self.labels.items()
+        }
         for label, marks in self.labels.items():
             if marks.shape != self.units.shape:
                 raise ConfigError(
                     f"task {self.name!r}: label {label!r} marks {marks.shape[0] if marks.ndim else 0} units, but the "
                     f"task has {len(self.units)}; give one bool per unit"
                 )
+
+
+def as_marks(marks: np.ndarray, what: str) -> np.ndarray:
+    """`marks` as a bool array: bools as they are, 0/1 numbers converted; anything else is refused (a class index
+    would otherwise be read as a row index)."""
+    marks = np.asarray(marks)
+    if marks.dtype == bool:
+        return marks
+    values = np.unique(marks)
+    if marks.dtype.kind not in "iuf" or not set(values.tolist()) <= {0, 1}:
+        raise ConfigError(
+            f"{what} must mark each unit True or False (or 1 or 0), not {values[:5].tolist()}; give one-vs-rest bools"
+        )
+    return marks.astype(bool)
 
 
 class KProbe(NamedTuple):
@@ -314,6 +331,7 @@ def k_sparse_probes(
 ) -> list[KProbe]:
     """One probe per `k` of `config.k_values`: the `k` features of largest mean difference on the training set,
     then a logistic regression on them alone, scored on the test set."""
+    train_y, test_y = as_marks(train_y, "train_y"), as_marks(test_y, "test_y")
     order = mean_difference_order(train_x, train_y)
     with single_thread():
         return [

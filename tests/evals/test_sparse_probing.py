@@ -160,6 +160,14 @@ def test_a_label_too_rare_to_probe_is_refused(planted):
         sparse_probing(planted.x, planted.docs, task, encode=planted.sae.encode)
 
 
+def test_labels_are_bools_or_zero_one(planted):
+    """0/1 labels are read as bools; class indices are refused, not read as row indices."""
+    task = ProbingTask("ints", "token", np.arange(10), {"a": np.array([0, 1] * 5)})
+    assert task.labels["a"].dtype == bool and task.labels["a"].sum() == 5
+    with pytest.raises(ConfigError, match="must mark each unit True or False"):
+        ProbingTask("classes", "token", np.arange(10), {"a": np.arange(10) % 3})
+
+
 def test_result_round_trips_through_json(planted, tmp_path):
     task = ProbingTask("planted", "token", np.arange(2000), {"f1": planted.codes[:2000, 1].numpy() > 0})
     out = sparse_probing(
