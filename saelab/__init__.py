@@ -2,7 +2,7 @@
 
 The stable public API: the pipeline (harvest, import, train) and the entry point of every analysis. Each stage
 also has its own package (`saelab.dictionaries`, `saelab.train`, `saelab.analysis`, `saelab.absorption`,
-`saelab.circuits`, `saelab.heads`, `saelab.steering`) with the rest of its API.
+`saelab.circuits`, `saelab.heads`, `saelab.steering`, `saelab.evals`) with the rest of its API.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from saelab.circuits import Circuit, CircuitConfig, find_circuit, run_circuit
 from saelab.config import HarvestConfig, TextConfig, load_config
 from saelab.dictionaries import SAE, SAEConfig, train_step
 from saelab.errors import SaelabError
+from saelab.evals.run_evals import EvalSettings, run_evals
 from saelab.harvest import harvest
 from saelab.heads import CompositionScores, composition_scores, direct_feature_attribution
 from saelab.importer import import_arrays
@@ -32,6 +33,7 @@ __all__ = [
     "Circuit",
     "CircuitConfig",
     "CompositionScores",
+    "EvalSettings",
     "FeatureStore",
     "HarvestConfig",
     "Intervention",
@@ -55,6 +57,7 @@ __all__ = [
     "load_model",
     "run_absorption",
     "run_circuit",
+    "run_evals",
     "run_steering",
     "save_model",
     "train",

@@ -338,6 +338,38 @@ def diff_cmd(
         typer.echo(f"{result.summary()}\nwrote {path}")
 
 
+@command("eval")
+def eval_cmd(
+    run: Path = typer.Argument(..., help="A run directory with trained SAEs."),
+    only: str = typer.Option(
+        "sparse_probing,hedging", "--only", help="The evals to run, comma-separated: sparse_probing, hedging."
+    ),
+    sae: Optional[str] = typer.Option(None, "--sae", help="HOOK/VARIANT of one SAE (default: every SAE of the run)."),
+    max_rows: int = typer.Option(65_536, "--max-rows", help="The store rows the evals read, from the first."),
+    hedging_steps: int = typer.Option(200, "--hedging-steps", help="Steps of the hedging protocol's two SAEs."),
+    labels: Optional[Path] = typer.Option(
+        None, "--labels", help="A token -> class table (JSON or token,class CSV) to probe as well, one-vs-rest."
+    ),
+) -> None:
+    """Evaluate a run's SAEs: k-sparse probing on the embedded corpus's tasks against the raw dimensions, and
+    feature hedging (Chanin et al.'s protocol); results in RUN/evals/HOOK/VARIANT/EVAL.json."""
+    from saelab.evals.run_evals import EvalSettings, run_evals
+
+    names = tuple(name.strip() for name in only.split(",") if name.strip())
+    settings = EvalSettings(
+        only=names, max_rows=max_rows, hedging_steps=hedging_steps, labels=None if labels is None else str(labels)
+    )
+    chosen = None
+    if sae is not None:
+        hook, _, variant = sae.rpartition("/")
+        chosen = [(hook, variant)]
+    done = run_evals(run, settings=settings, saes=chosen)
+    for result, path in done.written:
+        typer.echo(f"{result.summary()}\nwrote {path}")
+    for line in done.skipped:
+        typer.secho(f"skipped {line}", fg=typer.colors.YELLOW, err=True)
+
+
 @command("finetune-minilm")
 def finetune_minilm_cmd(
     out: Path = typer.Argument(..., help="A new folder for the fine-tuned copy (load it as `model: OUT`)."),

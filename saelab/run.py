@@ -11,6 +11,7 @@ RUN/
   circuits/<name>.json                   sparse feature circuits
   steering/<name>.json                   steering runs
   model_diff/<hook>/<variant>.json       a crosscoder's shared / exclusive latents (`saelab diff`)
+  evals/<hook>/<variant>/<eval>.json     a dictionary's eval results (`saelab eval`: sparse probing, hedging)
 ```
 
 Later analyses (evals, feature families, attention heads) add their folders here. Library, CLI and app build
@@ -48,8 +49,9 @@ CIRCUITS = "circuits"
 STEERING = "steering"
 MODEL_DIFF = "model_diff"
 HEADS = "heads"
+EVALS = "evals"
 # Entries that make a folder a saelab run: it may be written into even when it is not empty.
-RUN_ENTRIES = (STORE, SAES, ANALYSIS, ABSORPTION, CIRCUITS, STEERING, MODEL_DIFF, HEADS)
+RUN_ENTRIES = (STORE, SAES, ANALYSIS, ABSORPTION, CIRCUITS, STEERING, MODEL_DIFF, HEADS, EVALS)
 MAX_NAME = 200  # longest hook, variant or result name accepted, in UTF-8 bytes (file systems allow 255)
 
 
@@ -227,6 +229,16 @@ class RunDir:
     def model_diffs(self) -> list[ResultEntry]:
         """Every model diff of the run, sorted by hook and variant."""
         return self._per_sae_results(MODEL_DIFF)
+
+    def eval_result(self, hook: str, variant: str, name: str) -> Path:
+        """Eval `name`'s result (`sparse_probing`, `hedging`) for dictionary `hook`/`variant`."""
+        folder = self.root / EVALS / check_name(hook, "hook point") / check_name(variant, "SAE variant")
+        return folder / f"{check_name(name, 'eval name')}.json"
+
+    def eval_results(self, hook: str, variant: str) -> list[str]:
+        """The names of the evals with a result for dictionary `hook`/`variant`, sorted."""
+        folder = self.root / EVALS / check_name(hook, "hook point") / check_name(variant, "SAE variant")
+        return sorted(p.stem for p in folder.glob("*.json"))
 
     def circuit(self, name: str) -> Path:
         """Circuit `name`."""

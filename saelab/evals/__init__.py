@@ -1,8 +1,10 @@
 """Evaluations of trained dictionaries: `matching` (cross-dictionary matching of latents by decoder cosine: nearest,
-Hungarian 1:1, 1:n splits)."""
+Hungarian 1:1, 1:n splits), `sparse_probing` (k-sparse probes on the latents against the raw dimensions) and
+`hedging` (Chanin et al.'s hedging rate, per latent and per SAE)."""
 
 from __future__ import annotations
 
+from saelab.evals.hedging import Hedging, HedgingPair, extended_copy, hedging, train_hedging_pair
 from saelab.evals.matching import (
     BestMatches,
     Nearest,
@@ -15,9 +17,36 @@ from saelab.evals.matching import (
     one_to_one,
     splits,
 )
+from saelab.evals.sparse_probing import (
+    KProbe,
+    LabelProbes,
+    ProbingTask,
+    SparseProbingConfig,
+    SparseProbingResult,
+    TaskProbes,
+    code_literal_task,
+    package_task,
+    sparse_probing,
+    token_label_task,
+)
 
 __all__ = [
     "BestMatches",
+    "Hedging",
+    "HedgingPair",
+    "extended_copy",
+    "hedging",
+    "train_hedging_pair",
+    "KProbe",
+    "LabelProbes",
+    "ProbingTask",
+    "SparseProbingConfig",
+    "SparseProbingResult",
+    "TaskProbes",
+    "code_literal_task",
+    "package_task",
+    "sparse_probing",
+    "token_label_task",
     "Nearest",
     "OneToOne",
     "Splits",

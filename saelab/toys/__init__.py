@@ -4,7 +4,8 @@
   `induction_run`, a whole run over it;
 - `saelab.toys.synthetic`: activations built from a known overcomplete dictionary (`make_synthetic`) and how
   much of it an SAE recovers;
-- `saelab.toys.planted`: activations with a planted feature hierarchy, for feature absorption.
+- `saelab.toys.planted`: activations with a planted feature hierarchy, for feature absorption;
+- `saelab.toys.hedging`: parent/child features that a too-narrow SAE hedges (`parent_child`).
 """
 
 from __future__ import annotations
