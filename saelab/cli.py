@@ -375,19 +375,30 @@ def finetune_minilm_cmd(
     out: Path = typer.Argument(..., help="A new folder for the fine-tuned copy (load it as `model: OUT`)."),
     package: str = typer.Option("asyncio", "--package", help="The embedded corpus's package to fine-tune on."),
     layer: int = typer.Option(3, "--layer", help="The encoder layer whose MLP trains."),
-    steps: int = typer.Option(60, "--steps", help="Steps of the MLP (after 40 of the new head alone)."),
+    objective: str = typer.Option(
+        "topic",
+        "--objective",
+        help="topic: a frozen random readout of the MLP's output must tell the package's tokens from the rest (a "
+        "new, known direction); mlm: masked-LM on the package's docstrings.",
+    ),
+    steps: int | None = typer.Option(None, "--steps", help="Steps of the MLP (default: the objective's)."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """Fine-tune one MLP of a copy of MiniLM on one package's docstrings (about a minute on two cores), for an
+    """Fine-tune one MLP of a copy of MiniLM on one package's docstrings (under a minute on two idle cores), for an
     offline model diff: harvest it beside the original (`models: {base: minilm, tuned: OUT}`), train a crosscoder
     on both and run `saelab diff RUN --tuned-on PACKAGE`."""
     import time
 
     from saelab.toys.finetune import finetune_minilm
 
+    if objective not in ("topic", "mlm"):
+        raise ConfigError(f"--objective {objective!r} is not one of topic, mlm")
     start = time.perf_counter()
-    finetune_minilm(out, documents=package, layer=layer, steps=steps, seed=seed)
-    typer.echo(f"fine-tuned layer {layer}'s MLP on {package!r} in {time.perf_counter() - start:.0f}s; wrote {out}")
+    finetune_minilm(out, documents=package, layer=layer, objective=objective, steps=steps, seed=seed)
+    typer.echo(
+        f"fine-tuned layer {layer}'s MLP on {package!r} ({objective}) in {time.perf_counter() - start:.0f}s; "
+        f"wrote {out}"
+    )
 
 
 @command()

