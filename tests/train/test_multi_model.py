@@ -29,7 +29,7 @@ def test_the_dictionaries_are_saved_under_their_arrays_folders(two_model_run):
     run, results = two_model_run
     assert [(r.hook, r.arch) for r in results] == [
         ("tuned__blocks.0.hook_mlp_out", "topk"),
-        ("tuned__blocks.0.hook_mlp_in", "topk"),
+        ("tuned__blocks.0.hook_mlp_in", "transcoder-topk"),
         ("base__blocks.0.hook_mlp_out", "crosscoder-topk"),
     ]
     sae, transcoder, cc = (load_dictionary(r.path) for r in results)
