@@ -9,16 +9,27 @@ model's predictions by as much as an error of its FVU is predicted to (the brack
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import torch
 
 from saelab.config import HarvestConfig
+from saelab.dashboards.components import fmt, metrics_table
+from saelab.dashboards.data import list_saes
 from saelab.dictionaries import SAE
 from saelab.errors import ConfigError
 from saelab.harvest import harvest
 from saelab.models import forward_to, load_model
-from saelab.train import TrainConfig, eval_tokens, read_results, spliced_metrics, train, write_sweep_outputs
+from saelab.train import (
+    TrainConfig,
+    eval_tokens,
+    pareto_figure,
+    read_results,
+    spliced_metrics,
+    train,
+    write_sweep_outputs,
+)
 from tests.conftest import exact_transcoder
 
 SPLICED = ("ce_orig", "ce_sae", "ce_zero", "ce_loss_score", "kl_sae", "kl_zero", "kl_div_score")
@@ -88,8 +99,8 @@ def test_a_transcoder_without_its_output_hook_is_refused(relu_decoder, tokens):
 @pytest.fixture(scope="module")
 def decoder_run(trained_decoder_dir, tmp_path_factory):
     """A store of the trained tiny decoder's layer-0 MLP (20k tokens) and, trained on it in one pass (40 steps), a
-    TopK transcoder, a skip transcoder and a TopK SAE on the MLP's output. The run folder, the decoder, the store's
-    config and the `TrainedSAE`s by `arch`."""
+    TopK transcoder, a skip transcoder, a TopK SAE on the MLP's output and a BatchTopK crosscoder of the MLP's input
+    and output. The run folder, the decoder, the store's config and the `TrainedSAE`s by `arch`."""
     mlp_in, mlp_out = mlp_hooks(0)
     tmp = tmp_path_factory.mktemp("tc-spliced")
     cfg = HarvestConfig(
@@ -105,16 +116,17 @@ def decoder_run(trained_decoder_dir, tmp_path_factory):
     store = harvest(cfg, progress=False)
     train_cfg = dict(store=store.path, run=str(tmp / "run"), tokens=256 * 40, batch_size=256, eval_rows=2048)
     pair = {"input": mlp_in, "output": mlp_out}
-    train_cfg |= dict(transcoders=[pair, pair | {"skip": True}])
+    train_cfg |= dict(transcoders=[pair, pair | {"skip": True}], crosscoders=[{"sources": [mlp_in, mlp_out]}])
     train_cfg |= dict(hooks=[mlp_out], grid={"k": [8], "expansion": [4]}, ce_contexts=CE_CONTEXTS, device="cpu")
     results = {r.arch: r for r in train(TrainConfig.model_validate(train_cfg), progress=False)}
     return tmp / "run", load_model(trained_decoder_dir, device="cpu"), store.config, results
 
 
 def test_the_trainer_writes_a_transcoders_spliced_metrics_into_metrics_json(decoder_run):
-    run, _, _, results = decoder_run
-    assert sorted(results) == ["skiptranscoder-topk", "topk", "transcoder-topk"]
-    for r in results.values():
+    _, _, _, results = decoder_run
+    assert sorted(results) == ["crosscoder-batchtopk", "skiptranscoder-topk", "topk", "transcoder-topk"]
+    assert results["crosscoder-batchtopk"].spliced is None  # it writes two hook points: no one activation to replace
+    for r in (results[arch] for arch in ("skiptranscoder-topk", "topk", "transcoder-topk")):
         metrics = json.loads((r.path / "metrics.json").read_text())
         assert r.spliced is not None and {k: metrics[k] for k in SPLICED} == r.spliced, r.arch
         assert metrics["ce_zero"] > metrics["ce_sae"] > metrics["ce_orig"], r.arch
@@ -124,20 +136,47 @@ def test_the_trainer_writes_a_transcoders_spliced_metrics_into_metrics_json(deco
     assert max(ce_zero) - min(ce_zero) < 1e-6
 
 
-def test_a_sweeps_table_and_pareto_plot_hold_the_transcoders_beside_the_sae(decoder_run, tmp_path):
-    """`results.csv` carries each transcoder's CE and KL scores as the SAE's, and the Pareto plot draws the
-    transcoders (filed under the hook point they read) as series of their own."""
+def test_a_sweeps_table_and_pareto_plot_hold_the_transcoders_and_the_crosscoder_beside_the_sae(decoder_run, tmp_path):
+    """`results.csv` (what `saelab sweep` writes from the `TrainedSAE` rows) carries each transcoder's CE and KL scores
+    as the SAE's and every dictionary's FVU and L0, and the Pareto plot draws the transcoders and the crosscoder (all
+    filed under the hook point they read first, the SAE's input) as series of their own."""
     _, _, _, results = decoder_run
     table, plot = write_sweep_outputs([r.row() for r in results.values()], tmp_path)
     rows = {r["arch"]: r for r in read_results(table)}
+    assert sorted(rows) == sorted(results)
     for arch, r in results.items():
-        assert r.spliced is not None
-        assert float(rows[arch]["ce_loss_score"]) == pytest.approx(r.spliced["ce_loss_score"], rel=1e-6)
-        assert float(rows[arch]["kl_div_score"]) == pytest.approx(r.spliced["kl_div_score"], rel=1e-6)
-    html = plot.read_text()
-    for name in ("blocks.0.hook_mlp_in transcoder-topk w256", "blocks.0.hook_mlp_in skiptranscoder-topk w256"):
-        assert name in html
-    assert "blocks.0.hook_mlp_out topk w256" in html
+        assert r.reconstruction is not None
+        assert float(rows[arch]["fvu"]) == pytest.approx(r.reconstruction["fvu"], rel=1e-6)
+        assert float(rows[arch]["l0"]) == pytest.approx(r.reconstruction["l0"], rel=1e-6)
+        if r.spliced is not None:
+            assert float(rows[arch]["ce_loss_score"]) == pytest.approx(r.spliced["ce_loss_score"], rel=1e-6)
+            assert float(rows[arch]["kl_div_score"]) == pytest.approx(r.spliced["kl_div_score"], rel=1e-6)
+    assert rows["crosscoder-batchtopk"]["ce_loss_score"] == ""
+    names = {trace["name"] for trace in pareto_figure(read_results(table)).to_dict()["data"]}
+    assert names == {
+        "blocks.0.hook_mlp_in transcoder-topk w256",
+        "blocks.0.hook_mlp_in skiptranscoder-topk w256",
+        "blocks.0.hook_mlp_in crosscoder-batchtopk w256",
+        "blocks.0.hook_mlp_out topk w256",
+    }
+    assert all(name in plot.read_text() for name in names)
+
+
+def test_the_apps_run_page_shows_a_transcoders_ce_score(decoder_run):
+    """The overview page's table of the run's dictionaries (`metrics_table`) shows each transcoder's architecture and
+    CE score from its `metrics.json`, as the SAE's."""
+    run, _, _, results = decoder_run
+    saes = list_saes(str(run))
+    table = metrics_table(saes, {}, {(s.hook, s.variant): None for s in saes})
+    parts: Any = table.children
+    head, body = parts
+    columns = [str(cell.children) for cell in head.children.children]
+    ce, arch_column = columns.index("CE score"), columns.index("arch")
+    shown = {str(row.children[arch_column].children): [str(c.children) for c in row.children] for row in body.children}
+    for arch in ("transcoder-topk", "skiptranscoder-topk", "topk"):
+        spliced = results[arch].spliced
+        assert spliced is not None and shown[arch][ce] == fmt(spliced["ce_loss_score"]), shown[arch]
+    assert shown["crosscoder-batchtopk"][ce] == ""
 
 
 @pytest.mark.parametrize("arch", ["transcoder-topk", "skiptranscoder-topk"])
