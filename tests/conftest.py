@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 import os
 from itertools import islice
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from transformer_lens import HookedTransformer
 
+from saelab.dictionaries import SAE, SAEConfig
 from saelab.models import load_model, save_model
 from saelab.text import embedded_documents
 from saelab.toys.synthetic import decoder_config
@@ -63,6 +65,42 @@ def decoder(bpe_tokenizer):
 @pytest.fixture(scope="session")
 def decoder_dir(decoder, tmp_path_factory):
     return str(save_model(decoder, tmp_path_factory.mktemp("models") / "tiny-decoder"))
+
+
+@pytest.fixture(scope="session")
+def relu_decoder(bpe_tokenizer):
+    """A tiny ReLU decoder whose `ln2` weights and biases are not 1 and 0 (as at initialisation), so that a transcoder
+    fed the normalised residual before them would be caught."""
+    torch.manual_seed(0)
+    model = load_model(decoder_config(len(bpe_tokenizer), act_fn="relu"), device="cpu", tokenizer=bpe_tokenizer)
+    with torch.no_grad():
+        for block in model.blocks:
+            ln: Any = block.ln2
+            ln.w.copy_(1 + 0.5 * torch.randn_like(ln.w))
+            ln.b.copy_(0.5 * torch.randn_like(ln.b))
+    return model
+
+
+def exact_transcoder(model: Any, layer: int, *, skip: bool = False) -> SAE:
+    """A ReLU transcoder that is layer `layer`'s MLP of a ReLU model exactly: its neurons are the latents (`W_enc`,
+    `b_enc` the MLP's `W_in`, `b_in`; `W_dec`, `b_dec` its `W_out`, `b_out`), and with `skip` a zero `W_skip`."""
+    d, mlp = model.cfg.d_model, model.blocks[layer].mlp
+    cfg = SAEConfig(
+        arch="relu",
+        d_in=d,
+        d_sae=model.cfg.d_mlp,
+        d_out=d,
+        skip=skip,
+        hook_name=f"blocks.{layer}.hook_mlp_in",
+        hook_name_out=f"blocks.{layer}.hook_mlp_out",
+        dtype="float32",
+    )
+    torch.manual_seed(1)
+    sae = SAE.from_config(cfg).eval()
+    with torch.no_grad():
+        for mine, its in ((sae.W_enc, mlp.W_in), (sae.b_enc, mlp.b_in), (sae.W_dec, mlp.W_out), (sae.b_dec, mlp.b_out)):
+            mine.copy_(its)
+    return sae
 
 
 @pytest.fixture(scope="session")

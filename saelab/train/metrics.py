@@ -1,5 +1,5 @@
-"""Honest SAE metrics: reconstruction on held-out rows (a crosscoder's per source), the model's loss with the SAE
-spliced in, and an encoder's sentence embedding with an MLP replaced by a transcoder."""
+"""Honest SAE metrics: reconstruction on held-out rows (a crosscoder's per source), a decoder's loss with the SAE
+spliced in or an MLP replaced by a transcoder, and an encoder's sentence embedding with either."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from torch import Tensor
 from saelab.config import TextConfig
 from saelab.dictionaries import SAE, CrossCoder
 from saelab.dictionaries.transcoder import splice_hooks
+from saelab.errors import ConfigError
 from saelab.models import device_of, forward_to, is_encoder
 from saelab.text import SpecialTokens, iter_documents, pack_contexts
 
@@ -68,14 +69,16 @@ class EmbeddingMetrics(TypedDict):
 
 
 class SplicedMetrics(TypedDict):
-    """The model's loss with an SAE's reconstruction spliced in (`spliced_metrics`)."""
+    """The model's loss with an SAE's reconstruction spliced in, or an MLP replaced by a transcoder
+    (`spliced_metrics`)."""
 
     ce_orig: float
     """Next-token cross-entropy of the model as it is."""
     ce_sae: float
-    """Cross-entropy with the SAE's reconstruction in place of the activation."""
+    """Cross-entropy with the SAE's reconstruction in place of the activation (a transcoder's output in place of the
+    MLP's)."""
     ce_zero: float
-    """Cross-entropy with the activation zero-ablated."""
+    """Cross-entropy with the activation (a transcoder's: the MLP's output) zero-ablated."""
     ce_loss_score: float
     """CE loss recovered: (CE_zero - CE_sae) / (CE_zero - CE_orig)."""
     kl_sae: float
@@ -206,24 +209,40 @@ def _splice(sae: SAE | None) -> Any:
 
 
 @torch.no_grad()
-def spliced_metrics(model: Any, sae: SAE, hook: str, *, tokens: Tensor) -> SplicedMetrics:
-    """CE loss recovered and KL with the SAE's reconstruction spliced in at `hook` (SAEBench's core).
+def spliced_metrics(
+    model: Any, sae: SAE, hook: str, *, tokens: Tensor, output_hook: str | None = None
+) -> SplicedMetrics:
+    """CE loss recovered and KL with the SAE's reconstruction spliced in at `hook` (SAEBench's core), or with an MLP
+    replaced by a transcoder.
 
-    `ce_loss_score` = (CE_zero - CE_sae) / (CE_zero - CE_orig), with zero-ablation as the baseline;
-    `kl_div_score` = (KL_zero - KL_sae) / KL_zero, KL from the original next-token distribution.
+    An SAE (`output_hook` None) replaces the activation at `hook` by its reconstruction; a transcoder (`hook` its
+    MLP's input `blocks.L.hook_mlp_in`, `output_hook` the MLP's output `blocks.L.hook_mlp_out`) replaces the MLP's
+    output by its output of the MLP's input in the same forward pass (`splice_hooks`), and the zero baseline
+    zero-ablates the MLP's output. `ce_loss_score` = (CE_zero - CE_sae) / (CE_zero - CE_orig), with zero-ablation as
+    the baseline; `kl_div_score` = (KL_zero - KL_sae) / KL_zero, KL from the original next-token distribution.
     Meant for decoders: an encoder's MLM head (MiniLM's is untrained) gives no meaningful loss.
     """
+    if sae.cfg.d_out is not None and output_hook is None:
+        raise ConfigError(
+            f"spliced_metrics got a transcoder (of {sae.cfg.hook_name} -> {sae.cfg.hook_name_out}); give output_hook, "
+            "the model's hook point of the MLP's output it replaces (blocks.L.hook_mlp_out)"
+        )
+    if sae.cfg.d_out is None and output_hook is not None:
+        raise ConfigError("spliced_metrics got an SAE, which writes the hook point it reads; give no output_hook")
 
-    def run(replacement: Any) -> tuple[Tensor, Tensor]:
-        hooks = [] if replacement is False else [(hook, replacement)]
+    def run(hooks: list[Any]) -> tuple[Tensor, Tensor]:
         logits = model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits").float()
         logp = logits[:, :-1].log_softmax(-1)
         ce = -logp.gather(-1, tokens[:, 1:, None]).mean()
         return ce, logp
 
-    ce_orig, logp_orig = run(False)
-    ce_sae, logp_sae = run(_splice(sae))
-    ce_zero, logp_zero = run(_splice(None))
+    if output_hook is None:
+        splice, written = [(hook, _splice(sae))], hook
+    else:
+        splice, written = splice_hooks(sae, model, input_hook=hook, output_hook=output_hook), output_hook
+    ce_orig, logp_orig = run([])
+    ce_sae, logp_sae = run(splice)
+    ce_zero, logp_zero = run([(written, _splice(None))])
 
     def kl(logp: Tensor) -> float:
         return float((logp_orig.exp() * (logp_orig - logp)).sum(-1).mean())

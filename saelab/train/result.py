@@ -17,8 +17,9 @@ class TrainedSAE:
     hook: str
     """The hook point it reads."""
     arch: str
-    """Its architecture (`topk`, `batchtopk`, `jumprelu`, `relu`; a crosscoder's `crosscoder-topk`,
-    `crosscoder-batchtopk`)."""
+    """Its architecture (`topk`, `batchtopk`, `jumprelu`, `relu`; a transcoder's `transcoder-topk`, ..., a skip
+    transcoder's `skiptranscoder-topk`, ..., a crosscoder's `crosscoder-topk`, `crosscoder-batchtopk`), so that a
+    sweep's table and Pareto plot tell them apart from the SAEs of the hook point they read."""
     k: int
     """Active latents per token (`batchtopk`: on average)."""
     width: int
@@ -39,10 +40,11 @@ class TrainedSAE:
     reconstruction: ReconstructionMetrics | None = None
     """Its held-out reconstruction metrics (a crosscoder's `CrossCoderMetrics`; `None` when it was stopped)."""
     spliced: SplicedMetrics | None = None
-    """CE loss recovered and KL with it spliced into a decoder (`None`: no decoder run, or stopped)."""
+    """CE loss recovered and KL with it spliced into a decoder, a transcoder in place of its MLP (`None`: no decoder
+    run, a crosscoder, or stopped)."""
     embedding: EmbeddingMetrics | None = None
-    """A transcoder's: the encoder's sentence embeddings with it in place of the MLP (`None`: no encoder run, not a
-    transcoder, or stopped)."""
+    """The encoder's sentence embeddings with it spliced in, a transcoder in place of its MLP (`None`: no encoder
+    run, a crosscoder, or stopped)."""
 
     @property
     def variant(self) -> str:

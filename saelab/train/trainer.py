@@ -169,11 +169,15 @@ class _Spec(NamedTuple):
         """`hook/variant`, as `Member.key` (a transcoder's variant starts `transcoder-` or `skiptranscoder-`, a
         crosscoder's `crosscoder-`)."""
         cfg = self.cfg
-        if isinstance(cfg, CrossCoderConfig):
-            arch = f"crosscoder-{cfg.activation}"
-        else:
-            arch = cfg.arch if cfg.d_out is None else f"{'skip' if cfg.skip else ''}transcoder-{cfg.arch}"
-        return f"{self.hook}/{variant_name(arch, cfg.k, cfg.d_sae, lr=self.lr, seed=self.seed)}"
+        return f"{self.hook}/{variant_name(kind_arch(cfg), cfg.k, cfg.d_sae, lr=self.lr, seed=self.seed)}"
+
+
+def kind_arch(cfg: SAEConfig | CrossCoderConfig) -> str:
+    """The architecture a dictionary's variant name, `TrainedSAE.arch` and its rows record: an SAE's `arch`, a
+    transcoder's `transcoder-<arch>` (`skiptranscoder-<arch>` with a skip), a crosscoder's `crosscoder-<activation>`."""
+    if isinstance(cfg, CrossCoderConfig):
+        return f"crosscoder-{cfg.activation}"
+    return cfg.arch if cfg.d_out is None else f"{'skip' if cfg.skip else ''}transcoder-{cfg.arch}"
 
 
 class Trainer:
@@ -489,15 +493,18 @@ class Trainer:
                     elif model is not None and tokens is not None and (point := locate(model, hook)).read is None:
                         hooks = {"input_hook": point.hook, "output_hook": point.hook}  # where the model holds it
                         embedding = embedding_metrics(model, sae, **hooks, tokens=tokens)
-                else:  # the FVU of its output; on an encoder, the sentence embedding with the MLP replaced
+                else:  # the FVU of its output; with the MLP replaced, a decoder's loss or an encoder's embedding
                     reconstruction = transcoder_metrics(sae, held_out[0], held_out[1])
-                    if model is not None and tokens is not None and is_encoder(model):
-                        hooks = {"input_hook": hook, "output_hook": split_array(sae.cfg.hook_name_out)[1]}
+                    output_hook = split_array(sae.cfg.hook_name_out)[1]
+                    if model is not None and tokens is not None and not is_encoder(model):
+                        spliced = spliced_metrics(model, sae, hook, output_hook=output_hook, tokens=tokens)
+                    elif model is not None and tokens is not None:
+                        hooks = {"input_hook": hook, "output_hook": output_hook}
                         embedding = embedding_metrics(model, sae, **hooks, tokens=tokens)
                 sae.save(folder)
             result = TrainedSAE(
                 hook=m.hook,
-                arch=f"crosscoder-{sae.cfg.activation}" if isinstance(sae, CrossCoder) else sae.cfg.arch,
+                arch=kind_arch(sae.cfg),
                 k=m.sae.cfg.k,
                 width=m.sae.cfg.d_sae,
                 lr=m.lr,
@@ -546,9 +553,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> list[TrainedSAE]:
     (`ReconstructionMetrics`: `fvu`, `mse`, `l0`, dead and dense fractions), and `spliced` (`SplicedMetrics`:
     `ce_loss_score`, `kl_div_score`, ...) when a decoder model was run with the SAE spliced in, or `embedding`
     (`EmbeddingMetrics`: the pooled sentence embeddings' cosine with its reconstruction in place of the activation) on
-    an encoder's store (MiniLM). A transcoder's `reconstruction` is that of its output, and on an encoder's store it
-    has `embedding` with the MLP replaced by it; a crosscoder's is `CrossCoderMetrics` (FVU
-    per source, the sources' shares of the decoder norms).
+    an encoder's store (MiniLM). A transcoder's `reconstruction` is that of its output, and with the MLP replaced by
+    it, it has `spliced` on a decoder's store and `embedding` on an encoder's; a crosscoder's is `CrossCoderMetrics`
+    (FVU per source, the sources' shares of the decoder norms).
     `TrainedSAE.row()` is the flat row that its `metrics.json` holds.
 
     Under torchrun (`torchrun --nproc-per-node N -m saelab train CONFIG`, or a script calling this) every rank calls

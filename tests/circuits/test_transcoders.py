@@ -3,8 +3,6 @@ an error node, the MLP's output minus the transcoder's, on a tiny ReLU decoder w
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 
@@ -13,52 +11,25 @@ from saelab.circuits.nodes import exact_patching, node_effects
 from saelab.circuits.splice import clean_states, set_nodes, spliced_output
 from saelab.dictionaries import SAE, SAEConfig
 from saelab.errors import CircuitError
-from saelab.models import forward_to, load_model
-from saelab.toys.synthetic import decoder_config
+from saelab.models import forward_to
+from tests.conftest import exact_transcoder
 
 LAYER = 0
 MLP_IN = f"blocks.{LAYER}.hook_mlp_in"  # saelab's: what the MLP reads, after ln2's weight and bias
 MLP_OUT = f"blocks.{LAYER}.hook_mlp_out"
 
 
-@pytest.fixture(scope="module")
-def relu_decoder(bpe_tokenizer):
-    """A tiny ReLU decoder whose `ln2` weights and biases are not 1 and 0 (as at initialisation), so that a transcoder
-    fed the normalised residual before them would be caught."""
-    torch.manual_seed(0)
-    model = load_model(decoder_config(len(bpe_tokenizer), act_fn="relu"), device="cpu", tokenizer=bpe_tokenizer)
-    with torch.no_grad():
-        for block in model.blocks:
-            ln: Any = block.ln2
-            ln.w.copy_(1 + 0.5 * torch.randn_like(ln.w))
-            ln.b.copy_(0.5 * torch.randn_like(ln.b))
-    return model
-
-
 def transcoder(model, *, exact: bool, skip: bool = False) -> SAE:
-    """A ReLU transcoder of layer 0's MLP: with `exact`, the MLP itself (its neurons as latents); otherwise random weights (and a random skip with `skip`)."""
-    d, d_mlp = model.cfg.d_model, model.cfg.d_mlp
-    cfg = SAEConfig(
-        arch="relu",
-        d_in=d,
-        d_sae=d_mlp,
-        d_out=d,
-        skip=skip,
-        hook_name=MLP_IN,
-        hook_name_out=MLP_OUT,
-        dtype="float32",
-    )
+    """A ReLU transcoder of layer 0's MLP: with `exact`, the MLP itself (its neurons as latents, `exact_transcoder`);
+    otherwise random weights (and a random skip with `skip`)."""
+    if exact:
+        return exact_transcoder(model, LAYER, skip=skip)
+    cfg = exact_transcoder(model, LAYER, skip=skip).cfg
     torch.manual_seed(1)
     sae = SAE.from_config(cfg).eval()
-    block = model.blocks[LAYER]
-    with torch.no_grad():
-        if exact:
-            sae.W_enc.copy_(block.mlp.W_in)
-            sae.b_enc.copy_(block.mlp.b_in)
-            sae.W_dec.copy_(block.mlp.W_out)
-            sae.b_dec.copy_(block.mlp.b_out)
-        elif skip:
-            assert sae.W_skip is not None
+    if skip:
+        assert sae.W_skip is not None
+        with torch.no_grad():
             sae.W_skip.normal_(0, 0.1)
     return sae
 

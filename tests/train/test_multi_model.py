@@ -29,7 +29,7 @@ def test_the_dictionaries_are_saved_under_their_arrays_folders(two_model_run):
     run, results = two_model_run
     assert [(r.hook, r.arch) for r in results] == [
         ("tuned__blocks.0.hook_mlp_out", "topk"),
-        ("tuned__blocks.0.hook_mlp_in", "topk"),
+        ("tuned__blocks.0.hook_mlp_in", "transcoder-topk"),
         ("base__blocks.0.hook_mlp_out", "crosscoder-topk"),
     ]
     sae, transcoder, cc = (load_dictionary(r.path) for r in results)
@@ -63,8 +63,8 @@ def test_the_sae_and_the_transcoder_read_the_tuned_models_rows(two_model_run):
 
 
 def test_the_sae_is_spliced_into_its_own_model(two_model_run, decoder_dir, tuned_decoder_dir):
-    """The spliced metrics ran the tuned model (its loss on the eval contexts, not the base model's) at the plain
-    hook point."""
+    """The spliced metrics of the SAE and of the transcoder ran the tuned model (its loss on the eval contexts, not
+    the base model's) at the plain hook points."""
     run, results = two_model_run
     store = ActivationStore.open(str(RunDir(run).store))
     losses = {}
@@ -73,10 +73,12 @@ def test_the_sae_is_spliced_into_its_own_model(two_model_run, decoder_dir, tuned
         tokens = eval_tokens(store.config | {"text": store.text}, model, 4)
         with torch.no_grad():
             losses[alias] = float(model(tokens, return_type="loss"))
-    spliced = results[0].spliced
-    assert spliced is not None and spliced["ce_orig"] == pytest.approx(losses["tuned"], rel=1e-4)
-    assert spliced["ce_orig"] != pytest.approx(losses["base"], rel=1e-3)  # measured: 0.5% apart
-    assert spliced["ce_sae"] < spliced["ce_zero"]
+    for result in results[:2]:  # the SAE, the transcoder
+        spliced = result.spliced
+        assert spliced is not None and spliced["ce_orig"] == pytest.approx(losses["tuned"], rel=1e-4)
+        assert spliced["ce_orig"] != pytest.approx(losses["base"], rel=1e-3)  # measured: 0.5% apart
+        assert spliced["ce_sae"] < spliced["ce_zero"]
+    assert results[2].spliced is None  # the crosscoder
 
 
 @pytest.fixture
