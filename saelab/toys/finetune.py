@@ -76,9 +76,9 @@ class Defaults(NamedTuple):
     preserve: float
 
 
-DEFAULTS = {"topic": Defaults(steps=150, lr=2e-3, preserve=10.0), "mlm": Defaults(steps=60, lr=1e-3, preserve=1.0)}
+DEFAULTS = {"topic": Defaults(steps=400, lr=3e-3, preserve=100.0), "mlm": Defaults(steps=60, lr=1e-3, preserve=1.0)}
 """Per objective, the settings `finetune_minilm` takes when it is not given them."""
-TOPIC_MARGIN = 0.5
+TOPIC_MARGIN = 4.0
 """The topic objective's threshold: a token counts as the tuned documents' once the MLP's output along the readout
 direction exceeds this many root-mean-square output norms."""
 TOPIC_GAIN = 10.0
@@ -145,9 +145,12 @@ def finetune_minilm(
       per token, trained to tell the tokens of the tuned documents (label 1) from the other documents' (label 0,
       where the original already sits, at about 0 along a random direction). The MLP must learn to recognise the
       topic and write `v` on it: a feature the original lacks, with a known direction (`planted_direction(out)`),
-      on known documents. With the defaults (about 40 s on two cores, a third of it loading and embedding the
-      contexts) it changes the MLP output by 31% of its squared norm on held-out asyncio contexts, 93% of that along
-      `v`, and by 7% elsewhere (the MLP cannot tell every token's topic), with a held-out token AUROC of 0.89.
+      on known documents. The strong replay term keeps the feature sparse: the MLP writes `v` only on the tokens it
+      can tell, and little elsewhere. Measured with the defaults, trained on three quarters of asyncio's contexts
+      and read on the rest: the MLP output moves by 71% of its squared norm on asyncio's tokens (97% of that along
+      `v`; 17% of the tokens get more than half an rms norm along `v`, the top 1% more than 4) and by 2.6%
+      elsewhere (0.4% of the tokens past half an rms norm); token AUROC 0.74. About 100 s on two idle cores (400
+      steps; a third of the time loads the model and embeds the contexts), several minutes on busy ones.
     - `mlm`: the masked-LM objective on the tuned documents. MiniLM ships without its masked-LM head: a seeded one
       first trains alone for `head_steps` steps (linear probing before fine-tuning, as LP-FT does, so a random head
       does not scramble the MLP), then with the MLP. Measured with its defaults (about 60 s), the change is not
