@@ -7,7 +7,14 @@ import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
-SMALL = {"SAELAB_NB_TOKENS": "20000", "SAELAB_NB_TRAIN_TOKENS": "60000"}
+SMALL = {
+    "SAELAB_NB_TOKENS": "20000",
+    "SAELAB_NB_TRAIN_TOKENS": "60000",
+    # 06's model diff: enough tokens to reach the fine-tuned documents (asyncio's, from about 30k tokens in)
+    "SAELAB_NB_DIFF_TOKENS": "50000",
+    "SAELAB_NB_DIFF_TRAIN_TOKENS": "100000",
+    "SAELAB_NB_FINETUNE_STEPS": "40",
+}
 # The kernel computes on one thread (torch's OpenMP and numba's pool, whose start would reset OpenMP's count): the
 # other pytest worker holds the second core, and two threads each on two busy cores wait on each other, ten times
 # slower on these small models (measured: 04_circuits' induction model 755 s on two threads, 83 s on one).
