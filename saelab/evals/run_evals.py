@@ -41,6 +41,7 @@ from saelab.evals.sparse_probing import (
     sparse_probing,
     token_label_task,
 )
+from saelab.evals.table import write_run_by_config
 from saelab.resultfile import JsonResult
 from saelab.run import RunDir, saved_kind
 from saelab.store import ActivationStore
@@ -262,6 +263,8 @@ class EvalsDone(NamedTuple):
     """Each result and its file."""
     skipped: list[str]
     """A line for each eval left out of a dictionary, with the reason."""
+    by_config: Path
+    """`RUN/results_by_config.csv`, rewritten with every eval's headline across seeds (`saelab.evals.table`)."""
 
 
 def _cannot_hedge(sae: SAE) -> str:
@@ -316,4 +319,4 @@ def run_evals(
             else:
                 result = hedge_sae(sae, rows, hook=entry.hook, variant=entry.variant, settings=settings)
             out.append((result, result.save(run_dir.eval_result(entry.hook, entry.variant, name))))
-    return EvalsDone(out, skipped)
+    return EvalsDone(out, skipped, write_run_by_config(run_dir.root))
