@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from saelab.errors import RunError, SaelabError
-from saelab.evals.intervals import ConfigGroup, group_by_config, number, write_by_config
+from saelab.evals.intervals import ConfigGroup, group_by_config, write_by_config
 from saelab.evals.sparse_probing import SparseProbingResult
 from saelab.resultfile import read_json
 from saelab.run import RunDir, saved_kind
@@ -162,8 +162,3 @@ def pareto_front(xs: Sequence[float], ys: Sequence[float], *, lower_is_better: b
             front.append(i)
             best = sign * ys[i]
     return front
-
-
-def value_of(row: dict[str, Any], name: str) -> float | None:
-    """A row's number `name` (a core metric or a headline) as a finite float, or None."""
-    return number(row.get(name))
