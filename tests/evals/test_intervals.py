@@ -9,7 +9,8 @@ import pytest
 
 from saelab.evals.intervals import ONE_SEED, group_by_config, t_interval, write_by_config
 from saelab.evals.table import pareto_front
-from saelab.train.sweep import read_results
+from saelab.run import RunDir
+from saelab.train.sweep import read_results, write_sweep_outputs
 
 
 def test_t_interval_matches_a_hand_computation():
@@ -56,3 +57,12 @@ def test_pareto_front_keeps_the_undominated_points():
     xs, ys = [1.0, 2.0, 3.0, 4.0], [0.5, 0.4, 0.8, 0.7]
     assert pareto_front(xs, ys, lower_is_better=False) == [0, 2]
     assert pareto_front(xs, ys, lower_is_better=True) == [0, 1]
+
+
+def test_a_sweep_writes_results_by_config_beside_results_csv(tmp_path):
+    base = {"hook": "h", "arch": "topk", "k": 8, "width": 64, "lr": 1e-3, "tokens": 100, "l0": 8.0}
+    rows = [base | {"seed": s, "fvu": 0.1 * (s + 1), "path": f"saes/h/v{s}"} for s in range(3)]
+    write_sweep_outputs(rows, tmp_path / "run")
+    (config,) = read_results(RunDir(tmp_path / "run").sweep_by_config)
+    assert (config["n_seeds"], config["seeds"], float(config["fvu_mean"])) == ("3", "0;1;2", pytest.approx(0.2))
+    assert float(config["fvu_high"]) == pytest.approx(0.2 + 4.302652729911275 * 0.1 / math.sqrt(3))
