@@ -32,6 +32,7 @@ from saelab.errors import RunError
 from saelab.evals import BestMatches, best_matches, load_decoder
 from saelab.evals.diff_run import ModelDiffResult
 from saelab.evals.families import FamiliesResult
+from saelab.evals.run_evals import HedgingResult
 from saelab.run import SAE_CONFIG, SAE_WEIGHTS, RunDir, SaeEntry, array_folder, saved_kind
 from saelab.store import ActivationStore
 
@@ -466,6 +467,18 @@ def families_of(run: str, info: SaeInfo) -> FamiliesResult | None:
     has not run for it."""
     path = RunDir(run).eval_result(info.hook, info.variant, "families")
     return cached_result(FamiliesResult.load, path) if path.is_file() else None
+
+
+def hedging_of(run: str, info: SaeInfo) -> HedgingResult | None:
+    """The hedging result `saelab eval` wrote for the SAE `info` (once per version of the file), or None."""
+    path = RunDir(run).eval_result(info.hook, info.variant, "hedging")
+    return cached_result(HedgingResult.load, path) if path.is_file() else None
+
+
+def absorption_of(run: str, info: SaeInfo) -> AbsorptionResult | None:
+    """The absorption result `saelab absorption` wrote for the SAE `info` (once per version of the file), or None."""
+    path = RunDir(run).absorption(info.hook, info.variant)
+    return cached_result(AbsorptionResult.load, path) if path.is_file() else None
 
 
 # Names this module had before the live model runs moved to `saelab.dashboards.live` and the id parsing to

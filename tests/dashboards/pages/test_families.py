@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 from selenium.webdriver.common.by import By
 
+from saelab.absorption import AbsorptionResult
+from saelab.absorption.scoring import Case, LabelScore
 from saelab.dashboards.pages import families as page
 from saelab.evals.families import FamiliesResult
-from saelab.evals.run_evals import EvalSettings, run_evals
+from saelab.evals.run_evals import EvalSettings, HedgingResult, run_evals
 from saelab.run import RunDir
 from tests.dashboards.helpers import Server, screenshot, visit, wait_for, wait_text
 
@@ -56,6 +58,35 @@ def test_page_lists_families_and_a_parent_opens_its_feature_page_with_its_childr
     ).click()
     wait_text(driver, "#page", f"Feature #{largest.children[0]}")
     assert f"#{largest.parent} contains" in wait_for(driver, "#family-links").text
+
+
+@pytest.mark.browser
+def test_the_family_card_shows_the_latents_hedging_and_absorption_evidence(driver, families_server, decoder_run, found):
+    run = RunDir(decoder_run)
+    width = len(found.counts)
+    parent, child = found.families[0].parent, found.families[0].children[0]
+    per = [0.0] * width
+    per[parent] = 0.375
+    HedgingResult(found.hook, found.variant, 0.125, per, per, per, [0.5] * width, 0.01).save(
+        run.eval_result(found.hook, found.variant, "hedging")
+    )
+    case = Case("ab", 1.0, [0.0], [[float(child), 1.0, 0.5, 0.5]], [], 0.9, False)
+    label = LabelScore("a", 0.9, [parent], [0.9], 10, 5, 0.5, 0.1, 1, True, [case])
+    AbsorptionResult(
+        found.hook, found.variant, "", "m", "first_letter", width, 8.0, [label], 0.5, 0.1, 1.0, 1, False
+    ).save(run.absorption(found.hook, found.variant))
+    try:
+        visit(
+            driver, f"{families_server}/feature?hook={found.hook}&sae={found.variant}&id={parent}", "#latent-evidence"
+        )
+        text = driver.find_element(By.CSS_SELECTOR, "#latent-evidence").text
+        assert "hedging rate 0.375 (the SAE's 0.125; decoder cosine to the control 0.50)" in text
+        assert "the split latent of 'a'" in text
+        visit(driver, f"{families_server}/feature?hook={found.hook}&sae={found.variant}&id={child}", "#latent-evidence")
+        assert "absorbs cases of 'a'" in driver.find_element(By.CSS_SELECTOR, "#latent-evidence").text
+    finally:
+        run.eval_result(found.hook, found.variant, "hedging").unlink()
+        run.absorption(found.hook, found.variant).unlink()
 
 
 @pytest.mark.browser
