@@ -84,8 +84,8 @@ def _hedging(data: dict[str, Any]) -> dict[str, Headline]:
 
 
 def _families(data: dict[str, Any]) -> dict[str, Headline]:
-    families = sorted(data["families"], key=lambda f: -len(f["children"]))
-    return {"families": Headline(float(len(data["links"])), [int(f["parent"]) for f in families[:SHOWN_LATENTS]])}
+    families = data["families"][:SHOWN_LATENTS]  # largest (most latents below it) first, as the result holds them
+    return {"families": Headline(float(len(data["links"])), [int(f["parent"]) for f in families])}
 
 
 READERS = {
