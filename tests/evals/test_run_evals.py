@@ -136,3 +136,13 @@ def test_hedging_skips_what_it_cannot_extend_and_says_so(tiny_run, tmp_path):
     assert run.eval_results(HOOK, "matryoshka") == []
     (plain,) = [e for e in run.saes() if e.variant != "matryoshka"]
     assert "hedging" in run.eval_results(plain.hook, plain.variant)
+
+
+def test_families_skip_signed_codes_and_say_so(tiny_run, tmp_path):
+    """An ICFL SAE (signed codes, where "fires" has no sign to read) beside the plain one: listed as skipped."""
+    run = RunDir(shutil.copytree(tiny_run.root, tmp_path / "run"))
+    SAE.from_config(SAEConfig(arch="icfl", d_in=64, d_sae=32, k=5)).save(run.sae(HOOK, "icfl"))
+    result = runner.invoke(app, ["eval", str(run.root), "--only", "families", "--max-rows", "4096"])
+    assert result.exit_code == 0, result.output
+    assert f"skipped families of {HOOK}/icfl: its codes are signed (icfl)" in result.output
+    assert run.eval_results(HOOK, "icfl") == []
