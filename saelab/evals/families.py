@@ -140,10 +140,9 @@ def feature_families(
         )
     joint = co.joint.numpy()
     n = np.diag(joint).copy()
-    i, j = np.triu_indices(len(n), k=1)
+    counted = n >= min_count
+    i, j = np.nonzero(np.triu(joint > 0, k=1) & counted[:, None] & counted[None, :])  # pairs that ever co-fire
     both = joint[i, j]
-    keep = (both > 0) & (n[i] >= min_count) & (n[j] >= min_count)
-    i, j, both = i[keep], j[keep], both[keep]
     containment = both / np.minimum(n[i], n[j])
     lift = both * co.rows / (n[i] * n[j])
     keep = (containment >= min_containment) & (lift >= min_lift)
