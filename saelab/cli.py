@@ -371,6 +371,7 @@ def eval_cmd(
         typer.echo(f"{result.summary()}\nwrote {path}")
     for line in done.skipped:
         typer.secho(f"skipped {line}", fg=typer.colors.YELLOW, err=True)
+    typer.echo(f"each config across seeds (means, 95% t-intervals): {done.by_config}")
 
 
 @command("finetune-minilm")

@@ -80,7 +80,7 @@ def test_eval_families_streams_the_store_and_fills_results_by_config(tiny_run):
     assert all(link.containment >= 0.1 and link.lift >= 2 for link in families.links)
     table = tiny_run.sweep_by_config.read_text().splitlines()
     assert "families_mean" in table[0] and table[1].count(",") == table[0].count(",")
-    assert "parent->child links" in result.output
+    assert "parent->child links" in result.output and "results_by_config.csv" in result.output
 
 
 def test_eval_is_deterministic(tiny_run):
