@@ -76,7 +76,7 @@ def config_table(groups: list[ConfigGroup], names: list[str]) -> html.Div:
         rows.append(
             html.Tr(
                 [
-                    *[html.Td(g.config[k]) for k in keys],
+                    *[html.Td(c.fmt(g.config[k]) if k == "lr" else g.config[k]) for k in keys],
                     html.Td(str(n) if n > 1 else ONE_SEED, className="num"),
                     *[_interval_cell(g, m) for m in CORE if m != "width"],
                     *[_interval_cell(g, m) for m in names],
