@@ -31,6 +31,8 @@ from saelab.dashboards.params import Params
 from saelab.errors import RunError
 from saelab.evals import BestMatches, best_matches, load_decoder
 from saelab.evals.diff_run import ModelDiffResult
+from saelab.evals.families import FamiliesResult
+from saelab.evals.run_evals import HedgingResult
 from saelab.run import SAE_CONFIG, SAE_WEIGHTS, RunDir, SaeEntry, array_folder, saved_kind
 from saelab.store import ActivationStore
 
@@ -437,6 +439,46 @@ def model_diff_of(run: str, info: SaeInfo) -> ModelDiffResult | None:
     if info.kind != "crosscoder" or not path.is_file():
         return None
     return cached_result(ModelDiffResult.load, path)
+
+
+def families_keys(run: str) -> list[tuple[str, str]]:
+    """(hook, variant) of every SAE of the run with a feature-families result (`saelab eval --only families`)."""
+    run_dir = RunDir(run)
+    return [(e.hook, e.variant) for e in run_dir.saes() if run_dir.eval_result(e.hook, e.variant, "families").is_file()]
+
+
+def load_families(run: str, hook: str | None, variant: str | None) -> FamiliesResult:
+    """The feature families of `hook`/`variant` (default: the first); `RunError` naming the command or the results
+    there are."""
+    none = f"No feature families in the run {run}. Compute them with `saelab eval {run} --only families`."
+    run_dir = RunDir(run)
+    return _per_sae_result(
+        (hook, variant),
+        keys=families_keys(run),
+        path=lambda h, v: run_dir.eval_result(h, v, "families"),
+        load=FamiliesResult.load,
+        what="feature families",
+        none=none,
+    )
+
+
+def families_of(run: str, info: SaeInfo) -> FamiliesResult | None:
+    """The feature families `saelab eval` wrote for the SAE `info` (once per version of the file), or None when it
+    has not run for it."""
+    path = RunDir(run).eval_result(info.hook, info.variant, "families")
+    return cached_result(FamiliesResult.load, path) if path.is_file() else None
+
+
+def hedging_of(run: str, info: SaeInfo) -> HedgingResult | None:
+    """The hedging result `saelab eval` wrote for the SAE `info` (once per version of the file), or None."""
+    path = RunDir(run).eval_result(info.hook, info.variant, "hedging")
+    return cached_result(HedgingResult.load, path) if path.is_file() else None
+
+
+def absorption_of(run: str, info: SaeInfo) -> AbsorptionResult | None:
+    """The absorption result `saelab absorption` wrote for the SAE `info` (once per version of the file), or None."""
+    path = RunDir(run).absorption(info.hook, info.variant)
+    return cached_result(AbsorptionResult.load, path) if path.is_file() else None
 
 
 # Names this module had before the live model runs moved to `saelab.dashboards.live` and the id parsing to

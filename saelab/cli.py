@@ -342,7 +342,9 @@ def diff_cmd(
 def eval_cmd(
     run: Path = typer.Argument(..., help="A run directory with trained SAEs."),
     only: str = typer.Option(
-        "sparse_probing,hedging", "--only", help="The evals to run, comma-separated: sparse_probing, hedging."
+        "sparse_probing,hedging,families",
+        "--only",
+        help="The evals to run, comma-separated: sparse_probing, hedging, families.",
     ),
     sae: Optional[str] = typer.Option(None, "--sae", help="HOOK/VARIANT of one SAE (default: every SAE of the run)."),
     max_rows: int = typer.Option(65_536, "--max-rows", help="The store rows the evals read, from the first."),
@@ -352,7 +354,8 @@ def eval_cmd(
     ),
 ) -> None:
     """Evaluate a run's SAEs: k-sparse probing on the embedded corpus's tasks against the raw dimensions, and
-    feature hedging (Chanin et al.'s protocol); results in RUN/evals/HOOK/VARIANT/EVAL.json."""
+    feature hedging (Chanin et al.'s protocol), feature families (O'Neill et al.'s co-occurrence hierarchy); results in
+    RUN/evals/HOOK/VARIANT/EVAL.json, headlines across seeds in RUN/results_by_config.csv."""
     from saelab.evals.run_evals import EvalSettings, run_evals
 
     names = tuple(name.strip() for name in only.split(",") if name.strip())
@@ -368,6 +371,7 @@ def eval_cmd(
         typer.echo(f"{result.summary()}\nwrote {path}")
     for line in done.skipped:
         typer.secho(f"skipped {line}", fg=typer.colors.YELLOW, err=True)
+    typer.echo(f"each config across seeds (means, 95% t-intervals): {done.by_config}")
 
 
 @command("finetune-minilm")

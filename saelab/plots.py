@@ -6,6 +6,8 @@ figure; `dcc.Graph(figure=...)` takes it as it is, and a notebook shows it with 
 - `histogram_figure`: a latent's activation histogram (the feature page);
 - `graph_figure`, `curve_figure`: a sparse feature circuit's graph and its faithfulness curve;
 - `absorption_sweep_figure`: absorption against L0 or width over a run's SAEs;
+- `eval_front_figure`: an eval's headline against L0 or width over a run's configs, with seed intervals and the
+  Pareto front;
 - `composition_figure`, `channel_figure`: composition scores between attention heads, and one channel's energy per
   pair of singular components;
 - `dfa_figure`: one latent's direct feature attribution over destination and source positions.
@@ -21,6 +23,7 @@ import numpy as np
 if TYPE_CHECKING:
     from saelab.absorption import AbsorptionResult
     from saelab.circuits import Circuit, Node
+    from saelab.evals.intervals import ConfigGroup
     from saelab.heads import Attribution, Channel, CompositionScores, Mode
 
 Figure = dict[str, Any]
@@ -278,6 +281,63 @@ def absorption_sweep_figure(results: list[AbsorptionResult], x: Literal["l0", "w
             "type": "linear" if x == "l0" else "log",
         },
         yaxis={"title": {"text": "mean over scored labels"}, "rangemode": "tozero"},
+    )
+
+
+# --------------------------------------------------------------------------------------------------- evals
+def eval_front_figure(groups: list[ConfigGroup], metric: str, x: Literal["l0", "width"]) -> Figure:
+    """`metric`'s mean over seeds of each config (`saelab.evals.table.by_config`) against its mean `x`: configs of
+    several seeds with their t-interval as error bars, those of one seed without (a trace of their own, named so),
+    and the Pareto front through the means (`saelab.evals.table.pareto_front`)."""
+    from saelab.evals.intervals import ONE_SEED
+    from saelab.evals.table import LOWER_IS_BETTER, pareto_front
+
+    points = [g for g in groups if metric in g.intervals and x in g.intervals]
+    data: list[dict[str, Any]] = []
+    for name, members in (
+        ("across seeds (95% t-interval)", [g for g in points if g.intervals[metric].n > 1]),
+        (ONE_SEED, [g for g in points if g.intervals[metric].n == 1]),
+    ):
+        if not members:
+            continue
+        ivs = [g.intervals[metric] for g in members]
+        trace: dict[str, Any] = {
+            "type": "scatter",
+            "mode": "markers",
+            "name": name,
+            "x": [g.intervals[x].mean for g in members],
+            "y": [iv.mean for iv in ivs],
+            "text": [f"{g.config['hook']} {g.config['arch']} k={g.config['k']} w={g.config['width']}" for g in members],
+            "hovertemplate": "%{text}<br>%{x:.4g}: %{y:.4g}<extra>" + name + "</extra>",
+            "marker": {"size": 10},
+        }
+        if name != ONE_SEED:
+            trace["error_y"] = {
+                "type": "data",
+                "symmetric": False,
+                "array": [iv.high - iv.mean for iv in ivs if iv.high is not None],
+                "arrayminus": [iv.mean - iv.low for iv in ivs if iv.low is not None],
+            }
+        data.append(trace)
+    xs, ys = [g.intervals[x].mean for g in points], [g.intervals[metric].mean for g in points]
+    front = pareto_front(xs, ys, lower_is_better=metric in LOWER_IS_BETTER)
+    if len(front) > 1:
+        data.append(
+            {
+                "type": "scatter",
+                "mode": "lines",
+                "name": "Pareto front",
+                "x": [xs[i] for i in front],
+                "y": [ys[i] for i in front],
+                "line": {"dash": "dot", "color": "#888"},
+                "hoverinfo": "skip",
+            }
+        )
+    return _chart(
+        data,
+        height=300,
+        xaxis={"title": {"text": "L0" if x == "l0" else "width (latents)"}, "type": "linear" if x == "l0" else "log"},
+        yaxis={"title": {"text": metric}},
     )
 
 

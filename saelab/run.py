@@ -6,6 +6,7 @@ RUN/
   saes/<hook>/<variant>/                 a dictionary: cfg.json, sae_weights.safetensors, metrics.json
   saes/checkpoint/  saes/train_config.json   training state (resume) and the config that made it
   results.csv  pareto.html               a sweep's table and Pareto plot
+  results_by_config.csv                  its configs across seeds: means and t-intervals (`saelab.evals.intervals`)
   analysis/<hook>/<variant>.zarr         feature panels (`saelab analyze`); analysis/vocab.json
   absorption/<hook>/<variant>.json       absorption scores
   circuits/<name>.json                   sparse feature circuits
@@ -42,6 +43,7 @@ SAE_WEIGHTS = "sae_weights.safetensors"
 SAE_METRICS = "metrics.json"
 SWEEP_TABLE = "results.csv"
 SWEEP_PLOT = "pareto.html"
+SWEEP_BY_CONFIG = "results_by_config.csv"
 ANALYSIS = "analysis"
 VOCAB = "vocab.json"
 ABSORPTION = "absorption"
@@ -162,6 +164,9 @@ class RunDir:
         self.sweep_table = self.root / SWEEP_TABLE
         """A sweep's results table; `sweep_plot` is its Pareto plot (FVU against L0)."""
         self.sweep_plot = self.root / SWEEP_PLOT
+        self.sweep_by_config = self.root / SWEEP_BY_CONFIG
+        """One row per config of the sweep (every setting but the seed): each metric's mean and t-interval over the
+        seeds (`saelab.evals.intervals.write_by_config`)."""
         self.analysis_dir = self.root / ANALYSIS
         """Feature analyses; `vocab` holds the display strings of the run model's tokens."""
         self.vocab = self.analysis_dir / VOCAB

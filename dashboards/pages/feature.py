@@ -1,6 +1,8 @@
 """The feature page (`/feature?hook=H&sae=VARIANT&id=N`): everything the analysis knows about one latent (stats,
-examples across the activation range, histogram, logit effects, decoder neighbours, co-occurring latents, and the
-same latent in the run's other SAEs over the hook point). A crosscoder's latent also shows its decoder norm in each
+examples across the activation range, histogram, logit effects, decoder neighbours, co-occurring latents, its feature
+family (parents and children, where `saelab eval --only families` has run) with the hedging and absorption evidence
+for the latent (where `saelab eval` and `saelab absorption` have run), and the same latent in the run's other
+SAEs over the hook point). A crosscoder's latent also shows its decoder norm in each
 source, its relative norm (two sources) and its class where `saelab diff` has classified the crosscoder's latents,
 and its logit effects per source.
 
@@ -15,8 +17,11 @@ from saelab.dashboards import components as c
 from saelab.dashboards.components import Element, element
 from saelab.dashboards.data import (
     SaeInfo,
+    absorption_of,
     check_model,
+    families_of,
     feature_store,
+    hedging_of,
     model_diff_of,
     sae_info,
     same_latent,
@@ -113,6 +118,7 @@ def feature_page(run: str, hook: str | None, variant: str | None, raw_id: str | 
         c.card_element("Decoder neighbours", c.chips(info, valid_ids(f["neighbour_ids"], f["neighbour_cos"]), "cos")),
         c.card_element("Same latent in the other SAEs", _same_latent(run, info, index), id="same-latent"),
         c.card_element("Co-occurring latents", _cooc(info, f)),
+        c.card_element("Feature family", _family(run, info, index), _evidence(run, info, index), id="family"),
     ]
     grid = element("Div", [element("Div", left), element("Div", right)], className="grid")
     return element("Div", [header, grid], id="feature-page")
@@ -172,6 +178,59 @@ def _cooc(info: SaeInfo, f: dict[str, Any]) -> Element:
     if not pairs:
         return element("Div", "This latent fires too rarely for co-occurrence statistics.", className="muted")
     return c.chips(info, pairs, "J")
+
+
+def _family(run: str, info: SaeInfo, index: int) -> Element:
+    """The latent's parents and children in the SAE's feature families (`saelab.evals.families`), each linked with
+    its containment (the share of the child's rows where the parent fires too)."""
+    found = families_of(run, info)
+    if found is None:
+        return element(
+            "Div",
+            f"Not computed: run `saelab eval RUN --only families --sae {info.hook}/{info.variant}`.",
+            className="muted",
+        )
+    parents = [(link.parent, link.containment) for link in found.parents_of(index)]
+    children = [(link.child, link.containment) for link in found.children_of(index)]
+    family = c.page_url("families", hook=info.hook, sae=info.variant)
+    return element(
+        "Div",
+        [
+            element("H4", "parent"),
+            c.chips(info, parents, "contains") if parents else element("Div", "none (a root)", className="muted"),
+            element("H4", f"children ({len(children)})"),
+            c.chips(info, children, "in") if children else element("Div", "none", className="muted"),
+            element("Link", "all families of this SAE", namespace=c.DCC, href=family),
+        ],
+        id="family-links",
+    )
+
+
+def _evidence(run: str, info: SaeInfo, index: int) -> Element:
+    """The latent's hedging rate (and its decoder's cosine to the control's) and the absorption labels it splits or
+    absorbs, from the run's results for the SAE; what has not been computed is left out."""
+    lines = []
+    hedge = hedging_of(run, info)
+    if hedge is not None and index < len(hedge.per_latent):
+        lines.append(
+            f"hedging rate {hedge.per_latent[index]:.3f} (the SAE's {hedge.rate:.3f}; decoder cosine to the control "
+            f"{hedge.cosine[index]:.2f})"
+        )
+    absorbed = absorption_of(run, info)
+    if absorbed is not None:
+        splits = [lab.label for lab in absorbed.labels if index in lab.split_latents]
+        absorbs = [
+            lab.label
+            for lab in absorbed.labels
+            if any(int(a[0]) == index for case in lab.cases for a in (case.absorbers or []))
+        ]
+        if splits:
+            lines.append(f"absorption: the split latent of {', '.join(map(repr, splits))}")
+        if absorbs:
+            lines.append(f"absorption: absorbs cases of {', '.join(map(repr, absorbs))}")
+        if not splits and not absorbs:
+            lines.append(f"absorption: no part in the {len(absorbed.labels)} labels of {absorbed.task!r}")
+    return element("Div", [element("Div", line) for line in lines], className="muted", id="latent-evidence")
 
 
 def _same_latent(run: str, info: SaeInfo, index: int) -> Element:

@@ -1,10 +1,23 @@
 """Evaluations of trained dictionaries: `matching` (cross-dictionary matching of latents by decoder cosine: nearest,
 Hungarian 1:1, 1:n splits), `sparse_probing` (k-sparse probes on the latents against the raw dimensions) and
-`hedging` (Chanin et al.'s hedging rate, per latent and per SAE)."""
+`hedging` (Chanin et al.'s hedging rate, per latent and per SAE), `families` (O'Neill et al.'s co-occurrence hierarchy:
+parent -> child links and feature families), `intervals` (t-intervals across seeds, grouped by config) and `table`
+(the run's dictionaries x evals, as the app's Evals page shows them)."""
 
 from __future__ import annotations
 
+from saelab.evals.families import (
+    CoOccurrence,
+    Families,
+    FamiliesResult,
+    Family,
+    FamilyThresholds,
+    Link,
+    cooccurrence,
+    feature_families,
+)
 from saelab.evals.hedging import Hedging, HedgingPair, extended_copy, hedging, train_hedging_pair
+from saelab.evals.intervals import ConfigGroup, Interval, group_by_config, t_interval, write_by_config
 from saelab.evals.matching import (
     BestMatches,
     Nearest,
@@ -31,6 +44,19 @@ from saelab.evals.sparse_probing import (
 )
 
 __all__ = [
+    "CoOccurrence",
+    "ConfigGroup",
+    "Families",
+    "FamiliesResult",
+    "Family",
+    "FamilyThresholds",
+    "Interval",
+    "Link",
+    "cooccurrence",
+    "feature_families",
+    "group_by_config",
+    "t_interval",
+    "write_by_config",
     "BestMatches",
     "Hedging",
     "HedgingPair",

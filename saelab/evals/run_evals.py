@@ -14,7 +14,11 @@
   transcoder's steps would need its output hook's rows too, new latents would change a Matryoshka SAE's prefixes,
   and ICFL's codes are signed; those are listed in `EvalsDone.skipped`.
 
-Crosscoders are left out of both (they read several sources; `saelab diff` reads them).
+- `families`: the co-occurrence of the dictionary's latents over the first `max_rows` rows, streamed from the store
+  in blocks through its encoder, and the parent -> child links and families of `saelab.evals.families` (thresholds
+  `EvalSettings.families`). Dictionaries with signed codes (ICFL) are skipped: "fires" is a positive code.
+
+Crosscoders are left out of all three (they read several sources; `saelab diff` reads them).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from torch import Tensor
 from saelab.absorption.vocab import load_label_table
 from saelab.dictionaries import SAE
 from saelab.errors import ConfigError, RunError
+from saelab.evals.families import FamiliesResult, FamilyThresholds, cooccurrence, families_result
 from saelab.evals.hedging import hedging, train_hedging_pair
 from saelab.evals.sparse_probing import (
     ProbingTask,
@@ -41,11 +46,12 @@ from saelab.evals.sparse_probing import (
     sparse_probing,
     token_label_task,
 )
+from saelab.evals.table import write_run_by_config
 from saelab.resultfile import JsonResult
 from saelab.run import RunDir, saved_kind
 from saelab.store import ActivationStore
 
-EVALS = ("sparse_probing", "hedging")
+EVALS = ("sparse_probing", "hedging", "families")
 """The evals `saelab eval` runs, in order."""
 
 
@@ -71,6 +77,8 @@ class EvalSettings:
     """Hedging: rows per step, drawn from the rows read."""
     hedging_lr: float = 1e-3
     """Hedging: the Adam learning rate of those steps."""
+    families: FamilyThresholds = FamilyThresholds()
+    """Families: what makes a pair of latents a parent -> child link."""
     seed: int = 0
     """Seeds the hedging batches, the new latents and the random baselines."""
     labels: str | None = None
@@ -255,13 +263,39 @@ def hedge_sae(sae: SAE, rows: EvalRows, *, hook: str, variant: str, settings: Ev
     )
 
 
+FAMILY_BLOCK = 4096
+"""Store rows encoded at a time for the families' co-occurrence."""
+
+
+def families_sae(
+    sae: SAE, store: ActivationStore, *, hook: str, variant: str, settings: EvalSettings
+) -> FamiliesResult:
+    """The feature families of `sae` over the store's first `settings.max_rows` rows of `hook`, streamed in blocks of
+    `FAMILY_BLOCK` rows through its encoder."""
+    end = min(settings.max_rows, store.n_tokens)
+
+    def blocks():
+        with torch.no_grad():
+            for start in range(0, end, FAMILY_BLOCK):
+                yield sae.encode(store.activations(hook, slice(start, min(start + FAMILY_BLOCK, end))).float())
+
+    result = families_result(cooccurrence(blocks()), hook=hook, variant=variant, thresholds=settings.families)
+    result.config["rows"] = [0, end]
+    return result
+
+
+Result = SparseProbingResult | HedgingResult | FamiliesResult
+
+
 class EvalsDone(NamedTuple):
     """What `run_evals` wrote, and what it left out."""
 
-    written: list[tuple[SparseProbingResult | HedgingResult, Path]]
+    written: list[tuple[Result, Path]]
     """Each result and its file."""
     skipped: list[str]
     """A line for each eval left out of a dictionary, with the reason."""
+    by_config: Path
+    """`RUN/results_by_config.csv`, rewritten with every eval's headline across seeds (`saelab.evals.table`)."""
 
 
 def _cannot_hedge(sae: SAE) -> str:
@@ -291,7 +325,7 @@ def run_evals(
     if not entries:
         raise RunError(f"the run {run_dir.root} has no SAEs to evaluate; train some with `saelab train` first")
     store = ActivationStore.open(str(run_dir.store))
-    out: list[tuple[SparseProbingResult | HedgingResult, Path]] = []
+    out: list[tuple[Result, Path]] = []
     skipped: list[str] = []
     cache: dict[str, tuple[EvalRows, Tasks | None]] = {}
     probing = "sparse_probing" in settings.only
@@ -307,13 +341,16 @@ def run_evals(
         sae = SAE.load(entry.path).eval()
         for name in settings.only:
             if name == "sparse_probing" and tasks is not None:
-                result: SparseProbingResult | HedgingResult = probe_sae(
-                    sae, rows, tasks, hook=entry.hook, variant=entry.variant, settings=settings
-                )
+                result: Result = probe_sae(sae, rows, tasks, hook=entry.hook, variant=entry.variant, settings=settings)
+            elif name == "families" and sae.signed_codes:
+                skipped.append(f"families of {entry.hook}/{entry.variant}: its codes are signed ({sae.cfg.arch})")
+                continue
+            elif name == "families":
+                result = families_sae(sae, store, hook=entry.hook, variant=entry.variant, settings=settings)
             elif why := _cannot_hedge(sae):
                 skipped.append(f"hedging of {entry.hook}/{entry.variant}: {why}")
                 continue
             else:
                 result = hedge_sae(sae, rows, hook=entry.hook, variant=entry.variant, settings=settings)
             out.append((result, result.save(run_dir.eval_result(entry.hook, entry.variant, name))))
-    return EvalsDone(out, skipped)
+    return EvalsDone(out, skipped, write_run_by_config(run_dir.root))

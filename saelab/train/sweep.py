@@ -1,4 +1,5 @@
-"""Sweep outputs: a results table (CSV) and a Pareto figure (FVU against L0) as HTML."""
+"""Sweep outputs: a results table (CSV), the same grouped by config across seeds with t-intervals
+(`results_by_config.csv`, `saelab.evals.intervals`) and a Pareto figure (FVU against L0) as HTML."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 import plotly.graph_objects as go
 
+from saelab.evals.intervals import group_by_config, write_by_config
 from saelab.run import RunDir
 
 COLUMNS = [
@@ -30,6 +32,8 @@ COLUMNS = [
     "stopped",
     "path",
 ]
+METRICS = ["fvu", "mse", "l0", "dead_frac", "dead_frac_eval", "dense_frac", "ce_loss_score", "kl_div_score"]
+"""The core metrics of `COLUMNS`, whose means and intervals across seeds `results_by_config.csv` holds."""
 
 
 def write_results(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
@@ -86,9 +90,11 @@ def _label(row: Mapping[str, Any]) -> str:
 
 
 def write_sweep_outputs(rows: Sequence[Mapping[str, Any]], out: str | Path) -> tuple[Path, Path]:
-    """Write the results table and the Pareto plot of `rows` (`TrainedSAE.row()`s, or `metrics.json`s) into run
-    directory `out`; return their paths in that order."""
+    """Write the results table, its configs across seeds (`results_by_config.csv`: `METRICS`' means and t-intervals)
+    and the Pareto plot of `rows` (`TrainedSAE.row()`s, or `metrics.json`s) into run directory `out`; return the
+    table's and the plot's paths."""
     run = RunDir(out).prepare()
     table = write_results(rows, run.sweep_table)
+    write_by_config(group_by_config(rows, METRICS), run.sweep_by_config, metrics=METRICS)
     pareto_figure(rows).write_html(str(run.sweep_plot), include_plotlyjs="cdn")
     return table, run.sweep_plot

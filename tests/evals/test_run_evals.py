@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from saelab.analysis.features import vocab_strings
 from saelab.cli import app
 from saelab.dictionaries import SAE, SAEConfig
+from saelab.evals.families import FamiliesResult
 from saelab.evals.run_evals import HedgingResult
 from saelab.evals.sparse_probing import SparseProbingResult
 from saelab.models import load_model, tokenizer_of
@@ -51,7 +52,7 @@ def test_eval_writes_sparse_probing_and_hedging(tiny_run):
     result = runner.invoke(app, ["eval", str(tiny_run.root), "--hedging-steps", "20"])
     assert result.exit_code == 0, result.output
     (sae,) = tiny_run.saes()
-    assert tiny_run.eval_results(sae.hook, sae.variant) == ["hedging", "sparse_probing"]
+    assert tiny_run.eval_results(sae.hook, sae.variant) == ["families", "hedging", "sparse_probing"]
     probing = SparseProbingResult.load(tiny_run.eval_result(sae.hook, sae.variant, "sparse_probing"))
     assert [t.task for t in probing.tasks] == ["package", "code_literal"]
     assert [t.level for t in probing.tasks] == ["document", "token"]
@@ -67,6 +68,19 @@ def test_eval_writes_sparse_probing_and_hedging(tiny_run):
     hedge = HedgingResult.load(tiny_run.eval_result(sae.hook, sae.variant, "hedging"))
     assert len(hedge.per_latent) == 128 and hedge.config["new_latents"] == 4 and 0 <= hedge.rate <= 1
     assert "hedging rate" in result.output and "wrote" in result.output
+
+
+def test_eval_families_streams_the_store_and_fills_results_by_config(tiny_run):
+    result = runner.invoke(app, ["eval", str(tiny_run.root), "--only", "families", "--max-rows", "10000"])
+    assert result.exit_code == 0, result.output
+    (sae,) = tiny_run.saes()
+    families = FamiliesResult.load(tiny_run.eval_result(sae.hook, sae.variant, "families"))
+    assert families.rows == 10_000 and families.config["rows"] == [0, 10_000] and len(families.counts) == 128
+    assert sum(families.counts) == pytest.approx(8 * 10_000, rel=0.01)  # TopK k 8: eight latents fire per row
+    assert all(link.containment >= 0.1 and link.lift >= 2 for link in families.links)
+    table = tiny_run.sweep_by_config.read_text().splitlines()
+    assert "families_mean" in table[0] and table[1].count(",") == table[0].count(",")
+    assert "parent->child links" in result.output and "results_by_config.csv" in result.output
 
 
 def test_eval_is_deterministic(tiny_run):
@@ -122,3 +136,13 @@ def test_hedging_skips_what_it_cannot_extend_and_says_so(tiny_run, tmp_path):
     assert run.eval_results(HOOK, "matryoshka") == []
     (plain,) = [e for e in run.saes() if e.variant != "matryoshka"]
     assert "hedging" in run.eval_results(plain.hook, plain.variant)
+
+
+def test_families_skip_signed_codes_and_say_so(tiny_run, tmp_path):
+    """An ICFL SAE (signed codes, where "fires" has no sign to read) beside the plain one: listed as skipped."""
+    run = RunDir(shutil.copytree(tiny_run.root, tmp_path / "run"))
+    SAE.from_config(SAEConfig(arch="icfl", d_in=64, d_sae=32, k=5)).save(run.sae(HOOK, "icfl"))
+    result = runner.invoke(app, ["eval", str(run.root), "--only", "families", "--max-rows", "4096"])
+    assert result.exit_code == 0, result.output
+    assert f"skipped families of {HOOK}/icfl: its codes are signed (icfl)" in result.output
+    assert run.eval_results(HOOK, "icfl") == []
