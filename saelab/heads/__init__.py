@@ -15,17 +15,26 @@ from saelab.heads.composition import (
     composition_scores,
     mode_scores,
 )
-from saelab.heads.dfa import Attribution, attention_layer, direct_feature_attribution, encoder_map
+from saelab.heads.dfa import (
+    Attribution,
+    ExampleAttribution,
+    attention_layer,
+    attribution_at,
+    direct_feature_attribution,
+    encoder_map,
+)
 
 __all__ = [
     "MODES",
     "Attribution",
+    "ExampleAttribution",
     "Channel",
     "CompositionScores",
     "Head",
     "HeadPair",
     "Mode",
     "attention_layer",
+    "attribution_at",
     "channel",
     "composition_scores",
     "direct_feature_attribution",

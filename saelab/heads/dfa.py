@@ -117,6 +117,60 @@ def _attention(model: HookedTransformer, tokens: Tensor, layer: int) -> dict[str
     return out
 
 
+@dataclass
+class ExampleAttribution:
+    """Direct feature attribution of one latent at one destination position of each of `m` examples
+    (`attribution_at`): the numbers of `Attribution` that a feature page shows."""
+
+    per_head: Tensor
+    """`[m, n_heads]`: each head's term in the latent's pre-activation at the example's position
+    (`Attribution.per_head[b, dest, :, latent]`)."""
+    by_source: Tensor
+    """`[m, pos]`: each source position's term, summed over the heads (`Attribution.by_source()[b, dest, :, latent]`)."""
+
+
+def attribution_at(
+    model: HookedTransformer,
+    sae: SAE,
+    tokens: Tensor,
+    *,
+    rows: Tensor,
+    dests: Tensor,
+    latents: Tensor,
+    hook: str | None = None,
+) -> ExampleAttribution:
+    """`direct_feature_attribution` of latent `latents[i]` at position `dests[i]` of input row `rows[i]` of `tokens`
+    `[batch, pos]` only, for each example `i` (`ExampleAttribution`): one forward pass for all of them, and
+    `m x pos x n_heads` numbers instead of `batch x pos^2 x n_heads x n` (the feature pass's top examples)."""
+    hook = hook or sae.cfg.hook_name
+    layer = _check_input(model, sae, hook)
+    n_heads, d_head = model.cfg.n_heads, model.cfg.d_head
+    cache = _attention(model, tokens.to(device_of(model)), layer)
+    W, _ = encoder_map(sae)
+    W = W[:, latents.to(W.device)].reshape(n_heads, d_head, -1)  # [h, d, m]: each example's latent's column
+    b, q = rows.to(W.device), dests.to(W.device)
+    v = cache["v"].repeat_interleave(n_heads // cache["v"].shape[2], dim=2).to(W)[b]  # [m, src, h, d]
+    with torch.no_grad():
+        value_terms = torch.einsum("mshd,hdm->msh", v, W)
+        pattern = cache["pattern"].to(W)[b, :, q]  # [m, h, src]
+        by_source = torch.einsum("mhs,msh->ms", pattern, value_terms)
+        per_head = torch.einsum("mhd,hdm->mh", cache["z"].to(W)[b, q], W)
+    return ExampleAttribution(per_head=per_head.cpu(), by_source=by_source.cpu())
+
+
+def _check_input(model: HookedTransformer, sae: SAE, hook: str) -> int:
+    """The attention layer `sae` reads at `hook` (`attention_layer`); `HeadsError` when its input is not that
+    layer's `hook_z` of `model`."""
+    layer = attention_layer(hook)
+    n_heads, d_head = model.cfg.n_heads, model.cfg.d_head
+    if sae.cfg.d_in != n_heads * d_head:
+        raise HeadsError(
+            f"the dictionary reads {sae.cfg.d_in} numbers, but {hook} holds n_heads x d_head = {n_heads} x {d_head}; "
+            "is it this model's dictionary?"
+        )
+    return layer
+
+
 def direct_feature_attribution(
     model: HookedTransformer,
     sae: SAE,
@@ -130,13 +184,8 @@ def direct_feature_attribution(
     algebra). `sae` reads `hook` (its `cfg.hook_name` when `None`), which must be `blocks.L.attn.hook_z`. The
     per-source tensor holds `batch x pos^2 x n_heads x len(latents)` numbers: pick the latents for long inputs."""
     hook = hook or sae.cfg.hook_name
-    layer = attention_layer(hook)
+    layer = _check_input(model, sae, hook)
     n_heads, d_head = model.cfg.n_heads, model.cfg.d_head
-    if sae.cfg.d_in != n_heads * d_head:
-        raise HeadsError(
-            f"the dictionary reads {sae.cfg.d_in} numbers, but {hook} holds n_heads x d_head = {n_heads} x {d_head}; "
-            "is it this model's dictionary?"
-        )
     index = torch.arange(sae.cfg.d_sae) if latents is None else torch.as_tensor(latents, dtype=torch.long).flatten()
     if index.numel() and not (0 <= int(index.min()) and int(index.max()) < sae.cfg.d_sae):
         raise HeadsError(f"latents must lie in [0, {sae.cfg.d_sae}), got {index.tolist()}")
