@@ -1,0 +1,78 @@
+"""Attention heads in the app, over the induction run (`induction_run` fixture): the feature page's direct feature
+attribution card of a latent on `attn.hook_z` (its numbers are `direct_feature_attribution`'s; the chart and the
+source-token highlighting render in headless Chromium)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from selenium.webdriver.common.by import By
+from transformer_lens import HookedTransformer
+
+from saelab.analysis import FeatureStore
+from saelab.dashboards.pages.feature import DFA_EXAMPLES, feature_page
+from saelab.dictionaries import SAE
+from saelab.heads import direct_feature_attribution
+from saelab.models import load_model
+from saelab.run import RunDir
+from saelab.store import ActivationStore
+from tests.dashboards.helpers import Server, alpha, components, visit, wait_for
+
+HOOK = "blocks.1.attn.hook_z"
+
+
+@pytest.fixture(scope="module")
+def entry(induction_run):
+    return next(s for s in RunDir(induction_run).saes() if s.hook == HOOK)
+
+
+@pytest.fixture(scope="module")
+def latent(induction_run, entry) -> int:
+    """The latent that fires most often."""
+    return int(np.argmax(FeatureStore.open(RunDir(induction_run).analysis(HOOK, entry.variant)).column("count")))
+
+
+@pytest.fixture(scope="module")
+def server(induction_run):
+    srv = Server(induction_run)
+    yield srv.url
+    srv.close()
+
+
+def by_id(page, name: str) -> dict:
+    (found,) = [node for node in components(page) if node["props"].get("id") == name]
+    return found
+
+
+def test_the_dfa_card_shows_direct_feature_attribution_of_the_top_example(induction_run, entry, latent):
+    page = feature_page(str(induction_run), HOOK, entry.variant, str(latent))
+    figure = by_id(page, "dfa-heads")["props"]["figure"]
+    run = RunDir(induction_run)
+    store = ActivationStore.open(str(run.store))
+    f = FeatureStore.open(run.analysis(HOOK, entry.variant)).feature(latent)
+    row = int(f["top_rows"][0])
+    ctx = store.contexts(slice(0, store.n_tokens))
+    tokens = torch.from_numpy(store.tokens(np.flatnonzero(ctx == ctx[row])).astype(np.int64))[None]
+    dest = int(store.positions([row])[0])
+    model = load_model(str(induction_run / "model"), device="cpu")
+    assert isinstance(model, HookedTransformer)  # a saved saelab model
+    found = direct_feature_attribution(model, SAE.load(entry.path).eval(), tokens, latents=[latent])
+    assert figure["data"][0]["x"] == ["L1H0"]
+    assert figure["data"][0]["y"] == pytest.approx(found.per_head[0, dest, :, 0].tolist(), rel=1e-5)
+    assert figure["data"][1]["y"] == pytest.approx(f["dfa_heads"][f["top_rows"] >= 0].mean(0).tolist(), rel=1e-5)
+
+
+@pytest.mark.browser
+def test_the_dfa_chart_and_the_source_highlighting_render(driver, server, entry, latent, induction_run):
+    visit(driver, f"{server}/feature?hook={HOOK}&sae={entry.variant}&id={latent}", "#feature-page")
+    wait_for(driver, "#dfa-heads .main-svg")
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#dfa-heads .barlayer .point")) == 2  # one head, two bars
+    rows = driver.find_elements(By.CSS_SELECTOR, "[data-testid=dfa-sources] .example")
+    assert len(rows) == DFA_EXAMPLES
+    shaded = rows[0].find_elements(By.CSS_SELECTOR, ".tok")
+    assert all("attribution" in t.get_attribute("title") for t in shaded)
+    sources = FeatureStore.open(RunDir(induction_run).analysis(HOOK, entry.variant)).feature(latent)["dfa_sources"]
+    strongest = max(shaded, key=alpha)
+    assert alpha(strongest) == pytest.approx(0.9, abs=0.01)  # the strongest source of the five examples: full shade
+    assert strongest.get_attribute("title").endswith(f"attribution {sources[0][np.abs(sources[0]).argmax()]:.3f}")
