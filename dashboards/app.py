@@ -10,6 +10,7 @@ Pages are addressed by their URL, so any view can be shared:
     /steering?hook=H&sae=VARIANT&latent=N&mode=add&coef=4&text=TEXT   steer with a latent: generations or search
     /absorption?hook=H&sae=VARIANT&label=L    feature absorption (`saelab absorption`): labels, cases, sweep
     /model_diff?hook=H&sae=VARIANT            a crosscoder's shared and exclusive latents (`saelab diff`)
+    /heads?hook=H&sae=VARIANT                 attention heads: composition scores (`saelab heads`), latents by head
 
 Every page is built server-side by its module's `layout(run, params)`; forms navigate to the URL of their result.
 A `SaelabError` anywhere shows as an error box in the page; a callback request whose body does not name one of
@@ -33,7 +34,17 @@ from dash import Dash, Input, Output, dcc, html
 
 from saelab.dashboards import components as c
 from saelab.dashboards import params as p
-from saelab.dashboards.pages import absorption, circuits, feature, model_diff, overview, prompt, search, steering
+from saelab.dashboards.pages import (
+    absorption,
+    circuits,
+    feature,
+    heads,
+    model_diff,
+    overview,
+    prompt,
+    search,
+    steering,
+)
 
 PAGES: dict[str, ModuleType] = {
     "/": overview,
@@ -44,6 +55,7 @@ PAGES: dict[str, ModuleType] = {
     "/steering": steering,
     "/absorption": absorption,
     "/model_diff": model_diff,
+    "/heads": heads,
 }
 """The app's pages by path: each module has `TITLE`, `NAV` (whether the nav links to it), `layout(run, params)`,
 and `register(app, run)` when it has callbacks."""

@@ -1,6 +1,7 @@
 """Attention heads in the app, over the induction run (`induction_run` fixture): the feature page's direct feature
 attribution card of a latent on `attn.hook_z` (its numbers are `direct_feature_attribution`'s; the chart and the
-source-token highlighting render in headless Chromium)."""
+source-token highlighting render in headless Chromium), and the Heads page (composition heatmaps, top pairs, the
+per-head census; a dictionary that is not on `attn.hook_z` is refused, naming the fix)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from selenium.webdriver.common.by import By
 from transformer_lens import HookedTransformer
 
 from saelab.analysis import FeatureStore
+from saelab.dashboards.pages import heads as heads_page
 from saelab.dashboards.pages.feature import DFA_EXAMPLES, feature_page
 from saelab.dictionaries import SAE
 from saelab.heads import direct_feature_attribution
+from saelab.heads.run import composition_run
 from saelab.models import load_model
 from saelab.run import RunDir
 from saelab.store import ActivationStore
@@ -34,7 +37,13 @@ def latent(induction_run, entry) -> int:
 
 
 @pytest.fixture(scope="module")
-def server(induction_run):
+def written(induction_run):
+    """`saelab heads RUN`'s results, in the run."""
+    return composition_run(induction_run)
+
+
+@pytest.fixture(scope="module")
+def server(induction_run, written):
     srv = Server(induction_run)
     yield srv.url
     srv.close()
@@ -76,3 +85,24 @@ def test_the_dfa_chart_and_the_source_highlighting_render(driver, server, entry,
     strongest = max(shaded, key=alpha)
     assert alpha(strongest) == pytest.approx(0.9, abs=0.01)  # the strongest source of the five examples: full shade
     assert strongest.get_attribute("title").endswith(f"attribution {sources[0][np.abs(sources[0]).argmax()]:.3f}")
+
+
+@pytest.mark.browser
+def test_the_heads_page_shows_composition_heatmaps_top_pairs_and_the_census(driver, server, written):
+    visit(driver, f"{server}/heads", "#heads-page")
+    for mode in "QKV":
+        wait_for(driver, f"#composition-{mode} .main-svg")
+        assert driver.find_elements(By.CSS_SELECTOR, f"#composition-{mode} .heatmaplayer image")
+    rows = driver.find_elements(By.CSS_SELECTOR, "#top-pairs tbody tr")
+    pairs = written.scores.top_pairs(heads_page.TOP_PAIRS)
+    assert [r.find_elements(By.TAG_NAME, "td")[0].text for r in rows] == [p.mode for p in pairs] == ["K", "Q", "V"]
+    assert rows[0].find_elements(By.TAG_NAME, "td")[3].text == f"{pairs[0].score:.3f}"
+    census = driver.find_elements(By.CSS_SELECTOR, "[data-testid=census]")
+    assert len(census) == 2 and "L1H0" in census[1].text and "blocks.1.attn.hook_z" in census[1].text
+
+
+def test_the_heads_page_refuses_a_dictionary_that_is_not_on_attn_hook_z(induction_run, written):
+    page = heads_page.layout(str(induction_run), {"hook": "blocks.0.hook_resid_post", "sae": "topk"})
+    shown = str(page.children)  # the error box (`components.error_box`)
+    assert page.className == "error"
+    assert "not attention heads" in shown and "blocks.1.attn.hook_z/" in shown and "train one there" in shown
