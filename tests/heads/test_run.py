@@ -25,7 +25,10 @@ def test_composition_run_writes_the_scores_and_the_channels_of_the_top_pairs(mod
     for mode, scores in composition_scores(model).scores.items():
         torch.testing.assert_close(saved.scores[mode], scores)
     channels = Channels.load(written.channels_path).channels
-    assert [(c.mode, c.writer.label, c.reader.label) for c in channels] == [("K", "L0H0", "L1H0"), ("Q", "L0H0", "L1H0")]
+    assert [(c.mode, c.writer.label, c.reader.label) for c in channels] == [
+        ("K", "L0H0", "L1H0"),
+        ("Q", "L0H0", "L1H0"),
+    ]
     torch.testing.assert_close(channels[0].energy, channel(model, (0, 0), (1, 0), mode="K").energy)
 
 
