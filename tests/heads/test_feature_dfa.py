@@ -8,10 +8,15 @@ import pytest
 import torch
 
 from saelab.analysis import FeatureStore
+from saelab.analysis.dfa import dfa_panels
+from saelab.config import HarvestConfig
 from saelab.dictionaries import SAE
+from saelab.harvest import harvest
 from saelab.heads import direct_feature_attribution
 from saelab.run import RunDir
 from saelab.store import ActivationStore
+
+HOOK = "blocks.1.attn.hook_z"
 
 
 @pytest.mark.parametrize("layer", [0, 1])
@@ -43,3 +48,27 @@ def test_dfa_panels_equal_direct_feature_attribution_on_each_top_example(model, 
             torch.testing.assert_close(torch.from_numpy(f["dfa_sources"][slot]), want)
             checked += 1
     assert checked == 18
+
+
+def test_dfa_panels_put_back_the_framing_a_harvest_dropped(model, induction_sae, induction_run, tmp_path):
+    """A store of the same text without its special tokens (`drop_special_tokens`, the default: BOS and the document
+    separator are not stored) gets the same DFA panels: the contexts are rebuilt with their framing."""
+    run = RunDir(induction_run)
+    full = ActivationStore.open(str(run.store))
+    cfg = HarvestConfig(**(full.config | {"out": str(tmp_path / "dropped.zarr"), "drop_special_tokens": True}))
+    cfg.model, cfg.text.path = str(induction_run / "model"), str(induction_run / "induction.txt")
+    cfg.max_tokens = 128 * 20  # 128 contexts of 22 tokens, 20 of them stored
+    dropped = harvest(cfg, progress=False)
+    assert dropped.n_tokens == 128 * 20 and set(dropped.positions(slice(0, 40)).tolist()) == set(range(1, 21))
+    top_rows = np.full((induction_sae.cfg.d_sae, 3), -1)
+    top_rows[:4] = [[5, 30, 2000], [19, 21, 1], [0, 400, 777], [2559, 1234, 20]]  # store rows of the dropped store
+    panels = dfa_panels(dropped, induction_sae, model, hook=HOOK, top_rows=top_rows, window=3)
+    for latent, slot in np.argwhere(top_rows >= 0).tolist():
+        row = int(top_rows[latent, slot])
+        context, dest = int(dropped.contexts([row])[0]), int(dropped.positions([row])[0])
+        tokens = torch.from_numpy(full.tokens(slice(22 * context, 22 * context + 22)).astype(np.int64))[None]
+        assert int(full.contexts([22 * context])[0]) == context
+        found = direct_feature_attribution(model, induction_sae, tokens, latents=[latent])
+        torch.testing.assert_close(torch.from_numpy(panels.heads[latent, slot]), found.per_head[0, dest, :, 0])
+        want = [float(found.by_source()[0, dest, p, 0]) if 1 <= p <= 20 else 0.0 for p in range(dest - 3, dest + 4)]
+        assert panels.sources[latent, slot].tolist() == pytest.approx(want, rel=1e-5, abs=1e-6)
