@@ -9,9 +9,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from saelab.circuits import repeated_tokens
 from saelab.cli import app
 from saelab.errors import HeadsError
-from saelab.heads import Channels, CompositionScores, channel, composition_scores, head_census
+from saelab.heads import (
+    Channels,
+    CompositionScores,
+    channel,
+    composition_scores,
+    direct_feature_attribution,
+    head_census,
+)
 from saelab.heads.run import attention_saes, census, composition_run
 from saelab.run import RunDir
 
@@ -66,3 +74,24 @@ def test_the_cli_prints_the_census_and_refuses_a_dictionary_that_is_not_on_attn_
     refused = runner.invoke(app, ["heads", str(induction_run), "--sae", "blocks.1.hook_resid_post/topk"])
     assert refused.exit_code == 2 and "not attention heads" in refused.output and f"{hook}/{variant}" in refused.output
     assert "Traceback" not in refused.output
+
+
+def test_the_census_of_two_heads_gives_each_latent_the_head_its_decoder_lives_in(two_heads, two_heads_sae):
+    """Layer 1 of `two_heads` holds the induction head and a previous-token head: the census of the SAE on its
+    `hook_z`, from each latent's top 20 examples' per-head DFA, puts the latents whose decoder lives in one head's
+    block on that head (measured: all 60 of the induction head's and all 12 of the copy's; 76 latents on the
+    induction head, 18 on the copy, none mixed, 34 without a firing on these 16 sequences)."""
+    found = direct_feature_attribution(two_heads, two_heads_sae, repeated_tokens(16, 10, seed=3))
+    acts = found.acts.flatten(0, 1)  # [example, latent]
+    per_head = found.per_head.flatten(0, 1)  # [example, head, latent]
+    top = acts.topk(20, dim=0)  # each latent's top 20 positions
+    dfa_heads = per_head[top.indices, :, torch.arange(acts.shape[1])].transpose(0, 1).numpy()  # [latent, 20, head]
+    top_rows = torch.where(top.values.T > 0, top.indices.T, -1).numpy()
+    census_found = head_census(dfa_heads, top_rows, hook="blocks.1.attn.hook_z")
+    decoder = two_heads_sae.W_dec.detach().reshape(-1, 2, two_heads.cfg.d_head).pow(2).sum(-1)
+    block = decoder / decoder.sum(1, keepdim=True)
+    for head in (0, 1):
+        lives = ((block[:, head] > 0.9) & torch.from_numpy(top_rows[:, 0] >= 0)).numpy()
+        agree = float((census_found.head_of[lives] == head).mean())
+        assert lives.sum() >= 10 and agree >= 0.9, (head, int(lives.sum()), agree)
+    assert sum(census_found.counts) + census_found.mixed + census_found.dead == two_heads_sae.cfg.d_sae
