@@ -139,7 +139,7 @@ def _dfa_card(info: SaeInfo, attrs: dict[str, Any], f: dict[str, Any], tokens: C
     their term (orange adds to the latent, blue takes away). No card for other dictionaries; the reason, for one on
     `attn.hook_z` whose analysis has no DFA panels."""
     if "dfa_heads" not in f:
-        reason = attrs.get("dfa")
+        reason = attrs.get("dfa_status")
         if not HOOK_Z.fullmatch(split_array(info.array)[1]):
             return []
         why = f"Not computed: {reason}." if reason else "Not computed: run `saelab analyze` again to add it."

@@ -168,7 +168,7 @@ def _write_panels(
         "n_tokens": n_rows,
         "d_sae": d_sae,
         "logit_kind": logit_kind,
-        "dfa": dfa or "computed",
+        "dfa_status": dfa or "computed",
         **cfg.model_dump(mode="json", exclude={"run"}),  # where the run is, is where the analysis is
     }
     write_feature_store(out, arrays, attrs)
@@ -176,7 +176,7 @@ def _write_panels(
 
 def _dfa_problem(sae: SAE | CrossCoder, model: Model | None, hook: str, cfg: AnalysisConfig) -> str | None:
     """Why the DFA panels (`saelab.analysis.dfa`) are not computed for `sae` on the array `hook`, or None when they
-    are; the analysis records it (`dfa`) and the feature page shows it."""
+    are; the analysis records it (`dfa_status`) and the feature page shows it."""
     if isinstance(sae, CrossCoder) or not HOOK_Z.fullmatch(split_array(hook)[1]):
         return "not an attention dictionary: DFA needs one on `blocks.L.attn.hook_z`"
     if not cfg.dfa:

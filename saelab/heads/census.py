@@ -79,7 +79,7 @@ def census_of(fs: FeatureStore, *, threshold: float = 0.5) -> HeadCensus:
     hook = array.rsplit("/", 1)[-1]
     attention_layer(hook)
     if not fs.has("dfa_heads"):
-        why = fs.attrs.get("dfa") or "the analysis is older than the DFA panels"
+        why = fs.attrs.get("dfa_status") or "the analysis is older than the DFA panels"
         raise HeadsError(
             f"the analysis {fs.path} has no DFA panels ({why}); run `saelab analyze {fs.run.root}` again "
             "(with the run's model recorded in its store)"

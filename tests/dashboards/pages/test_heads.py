@@ -5,13 +5,15 @@ per-head census; a dictionary that is not on `attn.hook_z` is refused, naming th
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
 from selenium.webdriver.common.by import By
 from transformer_lens import HookedTransformer
 
-from saelab.analysis import FeatureStore
+from saelab.analysis import AnalysisConfig, FeatureStore, analyze
 from saelab.dashboards.pages import heads as heads_page
 from saelab.dashboards.pages.feature import DFA_EXAMPLES, feature_page
 from saelab.dictionaries import SAE
@@ -106,3 +108,11 @@ def test_the_heads_page_refuses_a_dictionary_that_is_not_on_attn_hook_z(inductio
     shown = str(page.children)  # the error box (`components.error_box`)
     assert page.className == "error"
     assert "not attention heads" in shown and "blocks.1.attn.hook_z/" in shown and "train one there" in shown
+
+
+def test_the_dfa_card_says_why_an_analysis_has_no_dfa_panels(induction_run, entry, latent, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(induction_run, run, ignore=shutil.ignore_patterns("circuits", "steering", "heads"))
+    analyze(run, AnalysisConfig(dfa=False), progress=False)
+    card = by_id(feature_page(str(run), HOOK, entry.variant, str(latent)), "dfa")
+    assert "Not computed: turned off (`dfa: false` in the analysis config)" in str(card)
