@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from saelab.dashboards import components as c
 from saelab.dashboards import params as p
 from saelab.dashboards.components import Element, element
-from saelab.dashboards.data import cached_result
+from saelab.dashboards.data import cached_result, sae_info
 from saelab.heads import MODES, Channels, CompositionScores, HeadCensus
 from saelab.heads.run import attention_saes, census, result_names
 from saelab.plots import composition_figure
@@ -32,7 +34,7 @@ def layout(run: str, params: p.Params) -> Any:
         chosen = [(p.name(hook, "hook point") or "", p.name(variant, "SAE variant") or "")]
     else:
         chosen = attention_saes(run)
-    censuses = [_census_card(hook, variant, census(run, hook, variant)) for hook, variant in chosen]
+    censuses = [_census_card(run, hook, variant, census(run, hook, variant)) for hook, variant in chosen]
     if not censuses:
         censuses = [
             c.card_element(
@@ -92,24 +94,32 @@ def _composition_card(run: str, alias: str | None) -> Element:
     )
 
 
-def _census_card(hook: str, variant: str, found: HeadCensus) -> Element:
-    """One dictionary's latents by head."""
+SHOWN_LATENTS = 8
+"""Latents of each head linked from the census."""
+
+
+def _census_card(run: str, hook: str, variant: str, found: HeadCensus) -> Element:
+    """One dictionary's latents by head, with links to the first `SHOWN_LATENTS` latents of each."""
+    info = sae_info(run, hook, variant)
     live = sum(found.counts) + found.mixed
-    rows = [
-        element(
-            "Tr",
-            [
-                element("Td", label),
-                element("Td", f"{n:,}", className="num"),
-                element("Td", f"{n / live:.0%}" if live else "", className="num"),
-            ],
+    groups = [*((h.label, n, h.head) for h, n in zip(found.heads, found.counts)), ("mixed", found.mixed, -1)]
+    rows = []
+    for label, n, head in groups:
+        latents = np.flatnonzero(found.head_of == head) if head >= 0 else _mixed(found)
+        links = [c.link_element(info, i) for i in latents[:SHOWN_LATENTS].tolist()]
+        rows.append(
+            element(
+                "Tr",
+                [
+                    element("Td", label),
+                    element("Td", f"{n:,}", className="num"),
+                    element("Td", f"{n / live:.0%}" if live else "", className="num"),
+                    element("Td", element("Span", links, className="chips")),
+                ],
+            )
         )
-        for label, n in [*((h.label, n) for h, n in zip(found.heads, found.counts)), ("mixed", found.mixed)]
-    ]
-    head = element(
-        "Tr",
-        [element("Th", "head"), element("Th", "latents", className="num"), element("Th", "of live", className="num")],
-    )
+    names = [("head", None), ("latents", "num"), ("of live", "num"), ("first latents", None)]
+    head_row = element("Tr", [element("Th", name, className=cls) for name, cls in names])
     note = (
         f"Latents with more than {found.threshold:.0%} of their direct feature attribution (summed over their top "
         f"examples) on one head; mixed: no such head. {found.dead:,} dead latents are not counted."
@@ -117,6 +127,11 @@ def _census_card(hook: str, variant: str, found: HeadCensus) -> Element:
     return c.card_element(
         f"Latents by head: {hook}/{variant}",
         element("Div", note, className="muted"),
-        element("Table", [element("Thead", head), element("Tbody", rows)], className="tbl"),
+        element("Table", [element("Thead", head_row), element("Tbody", rows)], className="tbl"),
         **c.data(testid="census"),
     )
+
+
+def _mixed(found: HeadCensus) -> np.ndarray:
+    """The latents of no head that fired (the census's `mixed`)."""
+    return np.flatnonzero((found.head_of < 0) & ~found.dead_latents)

@@ -37,6 +37,8 @@ class HeadCensus:
     """Latents without top examples."""
     head_of: np.ndarray
     """`[d_sae]`: each latent's head, -1 for a mixed or dead latent."""
+    dead_latents: np.ndarray
+    """`[d_sae]` bool: the latents without top examples."""
     threshold: float
     """The share of a latent's attribution that makes it its head's."""
 
@@ -68,6 +70,7 @@ def head_census(dfa_heads: np.ndarray, top_rows: np.ndarray, *, hook: str, thres
         mixed=int((~dead & ~owned).sum()),
         dead=int(dead.sum()),
         head_of=head_of,
+        dead_latents=dead,
         threshold=threshold,
     )
 

@@ -56,6 +56,7 @@ def test_the_census_counts_latents_by_the_head_that_carries_most_of_their_attrib
     rows = np.array([[0, 1], [2, -1], [3, 4], [-1, -1], [5, -1]])
     found = head_census(heads, rows, hook="blocks.3.attn.hook_z")
     assert found.counts == [1, 2] and found.mixed == 1 and found.dead == 1
+    assert found.dead_latents.tolist() == [False, False, False, True, False]
     assert found.head_of.tolist() == [1, 0, -1, -1, 1] and [h.label for h in found.heads] == ["L3H0", "L3H1"]
     with pytest.raises(HeadsError, match=r"\[0.5, 1\)"):
         head_census(heads, rows, hook="blocks.3.attn.hook_z", threshold=0.3)

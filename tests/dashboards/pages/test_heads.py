@@ -101,6 +101,10 @@ def test_the_heads_page_shows_composition_heatmaps_top_pairs_and_the_census(driv
     assert rows[0].find_elements(By.TAG_NAME, "td")[3].text == f"{pairs[0].score:.3f}"
     census = driver.find_elements(By.CSS_SELECTOR, "[data-testid=census]")
     assert len(census) == 2 and "L1H0" in census[1].text and "blocks.1.attn.hook_z" in census[1].text
+    links = census[1].find_elements(By.CSS_SELECTOR, "a")
+    assert len(links) == heads_page.SHOWN_LATENTS and "/feature?hook=blocks.1.attn.hook_z" in links[0].get_attribute(
+        "href"
+    )
 
 
 def test_the_heads_page_refuses_a_dictionary_that_is_not_on_attn_hook_z(induction_run, written):
