@@ -22,7 +22,7 @@ from transformer_lens import HookedTransformer
 
 from saelab.dictionaries import SAE
 from saelab.errors import StoreError
-from saelab.heads import attribution_at
+from saelab.heads import attribution_at, encoder_map
 from saelab.models import is_encoder
 from saelab.store import ActivationStore
 from saelab.text import SpecialTokens
@@ -38,7 +38,8 @@ class DfaPanels(NamedTuple):
     """`[d_sae, n_top, n_heads]`: each head's term in the latent's pre-activation at the example (0 for padding)."""
     sources: np.ndarray
     """`[d_sae, n_top, 2 * window + 1]`: each source token's term (summed over the heads), for the tokens of the
-    example's context window (`top_tokens`); 0 outside the context, and for sources the window does not show."""
+    example's context window (`top_tokens`), 0 outside the context; the sources outside the window are not kept
+    (with the window's, they add up to the heads' total)."""
 
 
 class _Contexts(NamedTuple):
@@ -106,6 +107,7 @@ def dfa_panels(
     inside &= held.ids[safe] == held.ids[rows][:, None]
     src = np.where(inside, held.positions[safe], 0).astype(np.int64)
     dest = held.positions[rows].astype(np.int64)
+    encoder = encoder_map(sae)  # once: it costs a d_in x d_in x d_sae product
     for start in range(0, len(contexts), CONTEXTS_PER_PASS):
         items = np.flatnonzero((which >= start) & (which < start + CONTEXTS_PER_PASS))
         tokens = torch.from_numpy(_model_input(held, model, spans[start : start + CONTEXTS_PER_PASS], length))
@@ -117,6 +119,7 @@ def dfa_panels(
             dests=torch.from_numpy(dest[items]),
             latents=torch.from_numpy(latent[items].astype(np.int64)),
             hook=hook,
+            encoder=encoder,
         )
         heads[latent[items], slot[items]] = found.per_head.numpy()
         shown = np.take_along_axis(found.by_source.numpy(), src[items], axis=1)

@@ -129,6 +129,11 @@ class ExampleAttribution:
     """`[m, pos]`: each source position's term, summed over the heads (`Attribution.by_source()[b, dest, :, latent]`)."""
 
 
+EXAMPLES_PER_STEP = 256
+"""Examples `attribution_at` gathers values for at a time (bounds its memory at `EXAMPLES_PER_STEP x pos x n_heads x
+d_head` numbers)."""
+
+
 def attribution_at(
     model: HookedTransformer,
     sae: SAE,
@@ -138,24 +143,32 @@ def attribution_at(
     dests: Tensor,
     latents: Tensor,
     hook: str | None = None,
+    encoder: tuple[Tensor, Tensor] | None = None,
 ) -> ExampleAttribution:
     """`direct_feature_attribution` of latent `latents[i]` at position `dests[i]` of input row `rows[i]` of `tokens`
     `[batch, pos]` only, for each example `i` (`ExampleAttribution`): one forward pass for all of them, and
-    `m x pos x n_heads` numbers instead of `batch x pos^2 x n_heads x n` (the feature pass's top examples)."""
+    `m x pos x n_heads` numbers instead of `batch x pos^2 x n_heads x n` (the feature pass's top examples).
+    `encoder` is the dictionary's `encoder_map`, where the caller has it (computed here otherwise)."""
     hook = hook or sae.cfg.hook_name
     layer = _check_input(model, sae, hook)
     n_heads, d_head = model.cfg.n_heads, model.cfg.d_head
     cache = _attention(model, tokens.to(device_of(model)), layer)
-    W, _ = encoder_map(sae)
-    W = W[:, latents.to(W.device)].reshape(n_heads, d_head, -1)  # [h, d, m]: each example's latent's column
-    b, q = rows.to(W.device), dests.to(W.device)
-    v = cache["v"].repeat_interleave(n_heads // cache["v"].shape[2], dim=2).to(W)[b]  # [m, src, h, d]
-    with torch.no_grad():
-        value_terms = torch.einsum("mshd,hdm->msh", v, W)
-        pattern = cache["pattern"].to(W)[b, :, q]  # [m, h, src]
-        by_source = torch.einsum("mhs,msh->ms", pattern, value_terms)
-        per_head = torch.einsum("mhd,hdm->mh", cache["z"].to(W)[b, q], W)
-    return ExampleAttribution(per_head=per_head.cpu(), by_source=by_source.cpu())
+    W_all, _ = encoder if encoder is not None else encoder_map(sae)
+    v_all = cache["v"].repeat_interleave(n_heads // cache["v"].shape[2], dim=2).to(W_all)  # grouped-query: shared kv
+    pattern_all, z_all = cache["pattern"].to(W_all), cache["z"].to(W_all)
+    per_head, by_source = [], []
+    for step in range(0, len(latents), EXAMPLES_PER_STEP):
+        pick = slice(step, step + EXAMPLES_PER_STEP)
+        W = W_all[:, latents[pick].to(W_all.device)].reshape(n_heads, d_head, -1)  # [h, d, m]: each example's column
+        b, q = rows[pick].to(W.device), dests[pick].to(W.device)
+        with torch.no_grad():
+            value_terms = torch.einsum("mshd,hdm->msh", v_all[b], W)  # v_h[src] . W[h-block]
+            by_source.append(torch.einsum("mhs,msh->ms", pattern_all[b, :, q], value_terms).cpu())
+            per_head.append(torch.einsum("mhd,hdm->mh", z_all[b, q], W).cpu())
+    return ExampleAttribution(
+        per_head=torch.cat(per_head) if per_head else torch.zeros(0, n_heads),
+        by_source=torch.cat(by_source) if by_source else torch.zeros(0, tokens.shape[1]),
+    )
 
 
 def _check_input(model: HookedTransformer, sae: SAE, hook: str) -> int:
