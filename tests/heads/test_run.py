@@ -68,8 +68,11 @@ def test_every_live_latent_of_the_induction_run_reads_its_layers_one_head(induct
         assert found.mixed == 0 and found.dead < 64 and found.counts[0] + found.dead == 128, (hook, found)
 
 
-def test_the_cli_prints_the_census_and_refuses_a_dictionary_that_is_not_on_attn_hook_z(induction_run):
+def test_the_cli_prints_the_top_pairs_and_the_census_and_refuses_a_dictionary_that_is_not_on_attn_hook_z(induction_run):
     hook, variant = attention_saes(induction_run)[1]
+    every = runner.invoke(app, ["heads", str(induction_run), "--top", "1"])
+    assert every.exit_code == 0 and "K L0H0 -> L1H0  score 0.266" in every.output, every.output
+    assert every.output.count("latents by head") == 2 and "composition.json" in every.output
     done = runner.invoke(app, ["heads", str(induction_run), "--sae", f"{hook}/{variant}"])
     assert done.exit_code == 0 and "latents by head L1H0" in done.output, done.output
     refused = runner.invoke(app, ["heads", str(induction_run), "--sae", "blocks.1.hook_resid_post/topk"])
