@@ -12,6 +12,7 @@ Pages are addressed by their URL, so any view can be shared:
     /model_diff?hook=H&sae=VARIANT            a crosscoder's shared and exclusive latents (`saelab diff`)
     /evals                                    every dictionary x eval (`saelab eval`), across seeds, Pareto fronts
     /families?hook=H&sae=VARIANT              an SAE's feature families: parents and children (`saelab eval`)
+    /heads?hook=H&sae=VARIANT                 attention heads: composition scores (`saelab heads`), latents by head
 
 Every page is built server-side by its module's `layout(run, params)`; forms navigate to the URL of their result.
 A `SaelabError` anywhere shows as an error box in the page; a callback request whose body does not name one of
@@ -41,6 +42,7 @@ from saelab.dashboards.pages import (
     evals,
     families,
     feature,
+    heads,
     model_diff,
     overview,
     prompt,
@@ -59,6 +61,7 @@ PAGES: dict[str, ModuleType] = {
     "/model_diff": model_diff,
     "/evals": evals,
     "/families": families,
+    "/heads": heads,
 }
 """The app's pages by path: each module has `TITLE`, `NAV` (whether the nav links to it), `layout(run, params)`,
 and `register(app, run)` when it has callbacks."""

@@ -11,7 +11,7 @@ import numpy as np
 from saelab.analysis import FeatureStore
 from saelab.dashboards.components import Element, data, element
 from saelab.dashboards.data import context_vocab, token_text
-from saelab.plots import HIGHLIGHT
+from saelab.plots import HIGHLIGHT, NEGATIVE
 
 
 def _display(token: str) -> str:
@@ -29,12 +29,12 @@ class Piece(NamedTuple):
     shown: str
     """The rest of it, in the shaded span."""
     title: str
-    """The start of the shaded span's hover text (the token's `repr`)."""
+    """The start of the shaded span's hover text (the token's `repr`), before the value's label."""
 
 
 def _piece(text: str) -> Piece:
     stripped = text.lstrip(" ")
-    return Piece(_display(text), text[: len(text) - len(stripped)], _display(stripped), f"{text!r}  activation ")
+    return Piece(_display(text), text[: len(text) - len(stripped)], _display(stripped), f"{text!r}  ")
 
 
 class ContextTokens:
@@ -77,23 +77,24 @@ class Example(NamedTuple):
     """The positions shown shaded: where the latent is on, and the example's own token."""
 
 
-def _context(tokens: ContextTokens, example: Example, *, centre: int, scale: float) -> Element:
-    """One example's tokens (an `html.Span` as an `element`): the shaded ones in spans shaded by the latent's
-    activation, which shows on hover, the example's own token (at `centre`) outlined, and the runs of tokens between
-    them as plain text (fewer components)."""
+def _context(tokens: ContextTokens, example: Example, *, centre: int, scale: float, label: str) -> Element:
+    """One example's tokens (an `html.Span` as an `element`): the shaded ones in spans shaded by their value's size
+    (`HIGHLIGHT` for a positive value, `NEGATIVE` for a negative one), which shows on hover after `label`, the
+    example's own token (at `centre`) outlined, and the runs of tokens between them as plain text (fewer
+    components)."""
     spans: list[Element | str] = []
     start = 0
     for pos in example.shaded:
         piece, act = tokens[example.ids[pos]], example.acts[pos]
         if text := "".join(example.quiet[start:pos]) + piece.lead:  # a word's leading space stays unshaded
             spans.append(text)
-        alpha = max(min(act / scale, 1.0), 0.0) if scale > 0 else 0.0
+        alpha = min(abs(act) / scale, 1.0) if scale > 0 else 0.0
         spans.append(
             element(
                 "Span",
                 piece.shown,
-                title=f"{piece.title}{act:.3f}",
-                style={"backgroundColor": f"rgba({HIGHLIGHT}, {0.1 + 0.8 * alpha:.2f})"},
+                title=f"{piece.title}{label} {act:.3f}",
+                style={"backgroundColor": f"rgba({HIGHLIGHT if act >= 0 else NEGATIVE}, {0.1 + 0.8 * alpha:.2f})"},
                 className="tok centre" if pos == centre else "tok",
             )
         )
@@ -112,11 +113,13 @@ def examples(
     centre: int,
     scale: float,
     testid: str,
+    label: str = "activation",
 ) -> Element:
-    """Rows of examples (`ids` and `token_acts` `[example, position]`), strongest first: activation, highlighted
-    context; padding rows (no token) are skipped."""
+    """Rows of examples (`ids` and `token_acts` `[example, position]`), strongest first: activation, context
+    highlighted by `token_acts` (the latent's activation on each token, or, `label`led otherwise, any signed value
+    such as each source token's attribution); padding rows (no token) are skipped."""
     real = ids >= 0
-    on = np.nonzero(real & ((token_acts > 0) | (np.arange(ids.shape[1]) == centre)))
+    on = np.nonzero(real & ((token_acts != 0) | (np.arange(ids.shape[1]) == centre)))
     shaded: list[list[int]] = [[] for _ in ids]
     for i, pos in zip(on[0].tolist(), on[1].tolist()):
         shaded[i].append(pos)
@@ -127,7 +130,7 @@ def examples(
             "Div",
             [
                 element("Span", f"{values[i]:.2f}", className="act"),
-                _context(tokens, each[i], centre=centre, scale=scale),
+                _context(tokens, each[i], centre=centre, scale=scale, label=label),
             ],
             className="example",
         )

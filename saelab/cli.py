@@ -374,6 +374,42 @@ def eval_cmd(
     typer.echo(f"each config across seeds (means, 95% t-intervals): {done.by_config}")
 
 
+@command("heads")
+def heads_cmd(
+    run: Path = typer.Argument(..., help="A run directory."),
+    sae: Optional[str] = typer.Option(
+        None,
+        "--sae",
+        help="HOOK/VARIANT of one dictionary on blocks.L.attn.hook_z: its per-head census only (default: the "
+        "composition scores and channels, and the census of every attn.hook_z dictionary of the run).",
+    ),
+    model: Optional[str] = typer.Option(None, "--model", help="The alias of one model of a store of several."),
+    top: int = typer.Option(10, min=1, help="Composing pairs of heads whose channels are decomposed."),
+    threshold: float = typer.Option(0.5, help="Share of a latent's DFA that makes it its head's, in the census."),
+) -> None:
+    """Attention heads of the run: Q/K/V composition scores of every pair of heads of its model and the SVD channels
+    of the top pairs (RUN/heads/composition.json, channels.json), and for each dictionary on attn.hook_z how many of
+    its latents have most of their direct feature attribution on each head (from its feature analysis); shown on
+    the app's Heads page."""
+    from saelab.heads.run import attention_saes, census, composition_run
+
+    if sae is None:
+        written = composition_run(run, alias=model, top=top)
+        typer.echo(f"wrote {written.scores_path}\nwrote {written.channels_path}")
+        for pair, found in zip(written.scores.top_pairs(top), written.channels.channels):
+            typer.echo(
+                f"{pair.mode} {pair.writer.label} -> {pair.reader.label}  score {pair.score:.3f}  "
+                f"top-1 component pair {found.share(1, 1):.0%}, top-4 x top-4 {found.share(4, 4):.0%}"
+            )
+    hook, _, variant = (sae or "").rpartition("/")
+    if sae is not None and not (hook and variant):
+        raise ConfigError(f"--sae takes HOOK/VARIANT, e.g. blocks.1.attn.hook_z/topk-k2-w128, not {sae!r}")
+    for h, v in [(hook, variant)] if sae is not None else attention_saes(run):
+        found = census(run, h, v, threshold=threshold)
+        heads = ", ".join(f"{head.label} {n}" for head, n in zip(found.heads, found.counts))
+        typer.echo(f"{h}/{v}: latents by head {heads}; mixed {found.mixed}, dead {found.dead}")
+
+
 @command("finetune-minilm")
 def finetune_minilm_cmd(
     out: Path = typer.Argument(..., help="A new folder for the fine-tuned copy (load it as `model: OUT`)."),

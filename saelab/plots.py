@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 Figure = dict[str, Any]
 HIGHLIGHT = "255, 140, 0"  # RGB of activation highlights (the app's token shading uses it too)
+NEGATIVE = "37, 99, 235"  # RGB of negative values where the app shades signed ones (DFA's source tokens)
 SPREAD = 0.38  # circuit nodes sharing a hook point and position are stacked within ± this of the hook's row
 EDGE_WIDTHS = (1.0, 2.5, 4.5)  # circuit edges are drawn in three widths by |weight|
 
@@ -401,3 +402,31 @@ def dfa_figure(attribution: Attribution, latent: int, example: int = 0, tokens: 
         colorbar="term",
         axes=("source position", "destination position"),
     )
+
+
+def dfa_heads_figure(heads: list[str], top: np.ndarray, mean: np.ndarray) -> Figure:
+    """A latent's direct feature attribution to each of `heads` (labels) as a bar chart: its top example's term of
+    each head (`top [n_heads]`) next to the mean over its top examples (`mean [n_heads]`)."""
+    bars = [("top example", top, f"rgb({HIGHLIGHT})"), ("mean over top examples", mean, "rgb(160, 160, 160)")]
+    return {
+        "data": [
+            {
+                "type": "bar",
+                "name": name,
+                "x": list(heads),
+                "y": values.tolist(),
+                "marker": {"color": colour},
+                "hovertemplate": "%{x}: %{y:.3f}<extra>" + name + "</extra>",
+            }
+            for name, values, colour in bars
+        ],
+        "layout": {
+            "height": 240,
+            "margin": {"l": 48, "r": 8, "t": 8, "b": 44},
+            "barmode": "group",
+            "xaxis": {"title": {"text": "head"}, "type": "category"},
+            "yaxis": {"title": {"text": "term in the pre-activation"}},
+            "legend": {"orientation": "h", "y": -0.35},
+            "template": "plotly_white",
+        },
+    }

@@ -13,6 +13,8 @@ from saelab.analysis import FeatureStore
 from saelab.circuits import Circuit, CircuitConfig, run_circuit
 from saelab.dashboards import data
 from saelab.dashboards.app import render
+from saelab.heads import CompositionScores
+from saelab.heads.run import composition_run
 from saelab.run import RunDir
 from saelab.steering import SteerConfig, SteeringResult, run_steering
 from saelab.store import ActivationStore
@@ -33,7 +35,12 @@ def _page(run: RunDir, path: str, **params: str) -> str:
 def test_every_result_is_written_and_found_through_rundir_and_the_app(induction_run, tmp_path):
     run = RunDir(tmp_path / "run")
     shutil.copytree(induction_run, run.root)  # the session's run stays as the other tests expect it
-    for folder in (run.circuit("x").parent, run.steering("x").parent, run.absorption(HOOKS[0], "x").parent.parent):
+    for folder in (
+        run.circuit("x").parent,
+        run.steering("x").parent,
+        run.absorption(HOOKS[0], "x").parent.parent,
+        run.heads("x").parent,
+    ):
         shutil.rmtree(folder, ignore_errors=True)  # results other tests wrote into the session's run
 
     # The stages before the analyses: a store, one SAE per hook point with metrics, their feature analyses.
@@ -103,5 +110,12 @@ def test_every_result_is_written_and_found_through_rundir_and_the_app(induction_
     assert "found" in _page(run, "/circuits", name="found")
     assert variant in _page(run, "/absorption", hook=HOOKS[0], sae=variant)
     assert variant in _page(run, "/feature", hook=saes[0].hook, sae=variant, id="0")
+
+    # Attention heads: `saelab heads RUN`'s composition scores and channels, found by the app's Heads page.
+    heads = composition_run(run.root)
+    assert (heads.scores_path, heads.channels_path) == (run.heads("composition"), run.heads("channels"))
+    assert CompositionScores.load(run.heads("composition")).top_pairs(1) == heads.scores.top_pairs(1)
+    shown = _page(run, "/heads")
+    assert "top-pairs" in shown and all(f"{s.hook}/{s.variant}" in shown for s in saes)
     overview = _page(run, "/")
     assert all(s.variant in overview for s in saes)

@@ -2,7 +2,8 @@
 examples across the activation range, histogram, logit effects, decoder neighbours, co-occurring latents, its feature
 family (parents and children, where `saelab eval --only families` has run) with the hedging and absorption evidence
 for the latent (where `saelab eval` and `saelab absorption` have run), and the same latent in the run's other
-SAEs over the hook point). A crosscoder's latent also shows its decoder norm in each
+SAEs over the hook point). A latent of a dictionary on `attn.hook_z` also shows the direct feature attribution of
+its top examples to the heads and to the source tokens. A crosscoder's latent also shows its decoder norm in each
 source, its relative norm (two sources) and its class where `saelab diff` has classified the crosscoder's latents,
 and its logit effects per source.
 
@@ -12,6 +13,8 @@ pieces a page, that is most of the server's time per page saved (`scripts/bench_
 from __future__ import annotations
 
 from typing import Any
+
+import numpy as np
 
 from saelab.dashboards import components as c
 from saelab.dashboards.components import Element, element
@@ -27,8 +30,12 @@ from saelab.dashboards.data import (
     same_latent,
     valid_ids,
 )
-from saelab.dashboards.examples import context_tokens, examples
+from saelab.dashboards.examples import ContextTokens, context_tokens, examples
 from saelab.dashboards.params import Params, feature_id, name
+from saelab.heads import Head, attention_layer
+from saelab.heads.dfa import HOOK_Z
+from saelab.plots import dfa_heads_figure
+from saelab.store import split_array
 
 TITLE = "Feature"
 NAV = False  # reached from the other pages' links, not from the nav
@@ -110,7 +117,11 @@ def feature_page(run: str, hook: str | None, variant: str | None, raw_id: str | 
         scale=scale,
         testid="top-examples",
     )
-    left = [c.card_element("Top activations", top), c.card_element("Examples across the activation range", *bins)]
+    left = [
+        c.card_element("Top activations", top),
+        *_dfa_card(info, fs.attrs, f, tokens, centre),
+        c.card_element("Examples across the activation range", *bins),
+    ]
     right = [
         *([_sources_card(run, info, index, f)] if "decoder_norms" in f else []),
         c.card_element("Activation histogram", c.histogram(f["hist_counts"], f["hist_edges"])),
@@ -122,6 +133,58 @@ def feature_page(run: str, hook: str | None, variant: str | None, raw_id: str | 
     ]
     grid = element("Div", [element("Div", left), element("Div", right)], className="grid")
     return element("Div", [header, grid], id="feature-page")
+
+
+DFA_EXAMPLES = 5
+"""Top examples whose source tokens the DFA card highlights."""
+
+
+def _dfa_card(info: SaeInfo, attrs: dict[str, Any], f: dict[str, Any], tokens: ContextTokens, centre: int) -> list:
+    """The latent's direct feature attribution (`saelab.analysis.dfa`), for a dictionary on `attn.hook_z`: each head's
+    term at the top example and on average over the top examples, and the top examples' source tokens shaded by
+    their term (orange adds to the latent, blue takes away). No card for other dictionaries; the reason, for one on
+    `attn.hook_z` whose analysis has no DFA panels."""
+    if "dfa_heads" not in f:
+        reason = attrs.get("dfa_status")
+        if not HOOK_Z.fullmatch(split_array(info.array)[1]):
+            return []
+        why = f"Not computed: {reason}." if reason else "Not computed: run `saelab analyze` again to add it."
+        return [c.card_element("Direct feature attribution", element("Div", why, className="muted"), id="dfa")]
+    layer = attention_layer(split_array(info.array)[1])
+    heads, sources, real = f["dfa_heads"], f["dfa_sources"], f["top_rows"] >= 0
+    labels = [Head(layer, h).label for h in range(heads.shape[1])]
+    mean = heads[real].mean(0) if real.any() else np.zeros(heads.shape[1], np.float32)
+    shown = slice(0, DFA_EXAMPLES)
+    scale = float(np.abs(sources[shown]).max()) or 1.0
+    highlighted = examples(
+        tokens,
+        f["top_acts"][shown],
+        f["top_tokens"][shown],
+        token_acts=sources[shown],
+        centre=centre,
+        scale=scale,
+        testid="dfa-sources",
+        label="attribution",
+    )
+    note = (
+        "Each head's term in the latent's pre-activation at the example's token (outlined), and each source token's "
+        "term at it, summed over the heads (orange adds, blue takes away)."
+    )
+    return [
+        c.card_element(
+            "Direct feature attribution",
+            element("Div", note, className="muted"),
+            element(
+                "Graph",
+                namespace=c.DCC,
+                figure=dfa_heads_figure(labels, heads[0], mean),
+                config={"displayModeBar": False},
+                id="dfa-heads",
+            ),
+            highlighted,
+            id="dfa",
+        )
+    ]
 
 
 def _reads(info: SaeInfo) -> str:

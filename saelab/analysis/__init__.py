@@ -2,7 +2,8 @@
 
 The pass (`codes`) encodes every stored row once and keeps the sparse code (row, latent, value) of each
 nonzero activation; every panel is computed exactly from that code, without reading the activations again.
-The dictionary panels (`panels`) come from the weights alone. `run` drives both for one SAE or for every SAE
+The dictionary panels (`panels`) come from the weights alone; for a dictionary on `attn.hook_z`, `dfa` runs the
+model on the top examples' contexts for their direct feature attribution to the heads and source tokens. `run` drives both for one SAE or for every SAE
 of a run, and `features` writes and reads the result: `RunDir.analysis(hook, variant)`, one array per
 panel, shaped `[d_sae, ...]` and chunked by feature so the app reads one feature at a time.
 """

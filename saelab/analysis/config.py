@@ -34,6 +34,11 @@ class AnalysisConfig(StrictModel):
     """Latents firing on fewer than this fraction of rows get no co-occurrence neighbours."""
     cooc_max_latents: int = Field(default=2048, gt=0)
     """At most this many (the most frequent) latents take part in co-occurrence."""
+    dfa: bool = True
+    """Direct feature attribution of each latent's top examples to the heads and source tokens (`dfa_heads`,
+    `dfa_sources`), for dictionaries on `blocks.L.attn.hook_z` whose model the store records; it runs the model up to
+    that layer once per context holding a top example (at most `d_sae x n_top` contexts: for large dictionaries of
+    large models, about the cost of harvesting that many contexts)."""
     batch_size: int = Field(default=4096, gt=0)
     """Rows encoded per batch."""
     max_tokens: int | None = Field(default=None, gt=0)

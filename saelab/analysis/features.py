@@ -217,6 +217,10 @@ class FeatureStore:
                     raise FileNotFoundError(f"its chunk {key} is missing")
         return np.asarray(await array.async_array.getitem(rows))
 
+    def has(self, name: str) -> bool:
+        """Whether the analysis has panel `name` (e.g. `dfa_heads`, only for dictionaries on `attn.hook_z`)."""
+        return name in self._arrays
+
     def column(self, name: str) -> np.ndarray:
         """Panel `name` of every latent, `[d_sae, ...]` (e.g. `max_act`, `density`); `StoreError` if there is none
         or it is damaged."""

@@ -14,14 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from transformer_lens import HookedTransformer
 
 from saelab.analysis.codes import _Codes, contexts, gather_code, rank_rows, sparse_codes
 from saelab.analysis.config import AnalysisConfig
+from saelab.analysis.dfa import dfa_panels
 from saelab.analysis.features import FeatureStore, vocab_strings, write_feature_store
 from saelab.analysis.panels import decoder_neighbours, logit_effects, residual_directions
 from saelab.dictionaries import SAE, CrossCoder, load_dictionary
 from saelab.distributed import broadcast_object, init, local_device, wait_for_main
 from saelab.errors import ConfigError, MissingError, RunError, StoreError
+from saelab.heads.dfa import HOOK_Z
 from saelab.models import Model, load_model
 from saelab.run import SAE_WEIGHTS, RunDir, absolute_path
 from saelab.store import ActivationStore, split_array
@@ -138,6 +141,11 @@ def _write_panels(
         if sae.cfg.n_sources == 2:
             arrays["relative_norm"] = (norms[:, 1] / np.maximum(norms.sum(1), 1e-12)).astype(np.float32)
     models = {a: model.get(a) if isinstance(model, Mapping) else model for a in reads}
+    own = models.get(hook)
+    dfa = _dfa_problem(sae, own, hook, cfg)
+    if dfa is None and isinstance(sae, SAE) and isinstance(own, HookedTransformer):
+        panels = dfa_panels(store, sae, own, hook=split_array(hook)[1], top_rows=top_rows, window=cfg.window)
+        arrays |= {"dfa_heads": panels.heads, "dfa_sources": panels.sources}
     logit_kind = "none"
     if all(m is not None for m in models.values()):
         effects = [
@@ -160,9 +168,27 @@ def _write_panels(
         "n_tokens": n_rows,
         "d_sae": d_sae,
         "logit_kind": logit_kind,
+        "dfa_status": dfa or "computed",
         **cfg.model_dump(mode="json", exclude={"run"}),  # where the run is, is where the analysis is
     }
     write_feature_store(out, arrays, attrs)
+
+
+def _dfa_problem(sae: SAE | CrossCoder, model: Model | None, hook: str, cfg: AnalysisConfig) -> str | None:
+    """Why the DFA panels (`saelab.analysis.dfa`) are not computed for `sae` on the array `hook`, or None when they
+    are; the analysis records it (`dfa_status`) and the feature page shows it."""
+    if isinstance(sae, CrossCoder) or not HOOK_Z.fullmatch(split_array(hook)[1]):
+        return "not an attention dictionary: DFA needs one on `blocks.L.attn.hook_z`"
+    if not cfg.dfa:
+        return "turned off (`dfa: false` in the analysis config)"
+    if model is None:
+        return "the run's store records no model to run"
+    if not isinstance(model, HookedTransformer):
+        return (
+            f"the model is a {type(model).__name__}; DFA reads the attention of a TransformerLens HookedTransformer "
+            "(a pretrained name or a saved saelab model)"
+        )
+    return None
 
 
 def _array(store: ActivationStore, folder: str, sae: SAE | CrossCoder) -> str:

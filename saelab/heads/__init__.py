@@ -4,9 +4,11 @@ and V-composition scores and Merullo et al. 2024's SVD channels) and direct feat
 
 from __future__ import annotations
 
+from saelab.heads.census import HeadCensus, census_of, head_census
 from saelab.heads.composition import (
     MODES,
     Channel,
+    Channels,
     CompositionScores,
     Head,
     HeadPair,
@@ -14,21 +16,36 @@ from saelab.heads.composition import (
     channel,
     composition_scores,
     mode_scores,
+    top_channels,
 )
-from saelab.heads.dfa import Attribution, attention_layer, direct_feature_attribution, encoder_map
+from saelab.heads.dfa import (
+    Attribution,
+    ExampleAttribution,
+    attention_layer,
+    attribution_at,
+    direct_feature_attribution,
+    encoder_map,
+)
 
 __all__ = [
     "MODES",
     "Attribution",
+    "ExampleAttribution",
     "Channel",
+    "Channels",
     "CompositionScores",
     "Head",
+    "HeadCensus",
     "HeadPair",
     "Mode",
     "attention_layer",
+    "attribution_at",
+    "census_of",
     "channel",
     "composition_scores",
     "direct_feature_attribution",
     "encoder_map",
+    "head_census",
     "mode_scores",
+    "top_channels",
 ]

@@ -239,3 +239,55 @@ def channel(
         pair_scores=cosines.abs().float().cpu(),
         energy=(terms / total).float().cpu(),
     )
+
+
+def _channel_json(c: Channel) -> dict[str, Any]:
+    return {
+        "mode": c.mode,
+        "writer": list(c.writer),
+        "reader": list(c.reader),
+        "score": c.score,
+        **{name: getattr(c, name).tolist() for name in _CHANNEL_TENSORS},
+    }
+
+
+_CHANNEL_TENSORS = ("writer_singular_values", "reader_singular_values", "component_scores", "pair_scores", "energy")
+
+
+@dataclass
+class Channels(JsonResult):
+    """The communication channels (`channel`) of a model's top composing pairs of heads (`top_channels`)."""
+
+    what: ClassVar[str] = "channels result"
+    command: ClassVar[str] = "saelab heads RUN"
+    error: ClassVar[type[Exception]] = HeadsError
+
+    model: str
+    """The model's `cfg.model_name`."""
+    channels: list[Channel]
+    """One per pair, highest composition score first."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "channels": [_channel_json(c) for c in self.channels]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Channels:
+        channels = [
+            Channel(
+                mode=_check_mode(c["mode"]),
+                writer=Head(*c["writer"]),
+                reader=Head(*c["reader"]),
+                score=float(c["score"]),
+                **{name: torch.tensor(c[name], dtype=torch.float32) for name in _CHANNEL_TENSORS},
+            )
+            for c in data["channels"]
+        ]
+        return cls(str(data["model"]), channels)
+
+
+def top_channels(model: HookedTransformer, scores: CompositionScores, n: int = 10) -> Channels:
+    """The channels of the `n` highest-scoring pairs of `scores` (`CompositionScores.top_pairs`), of `model`."""
+    return Channels(
+        model.cfg.model_name,
+        [channel(model, p.writer, p.reader, mode=p.mode) for p in scores.top_pairs(n)],
+    )

@@ -117,6 +117,73 @@ def _attention(model: HookedTransformer, tokens: Tensor, layer: int) -> dict[str
     return out
 
 
+@dataclass
+class ExampleAttribution:
+    """Direct feature attribution of one latent at one destination position of each of `m` examples
+    (`attribution_at`): the numbers of `Attribution` that a feature page shows."""
+
+    per_head: Tensor
+    """`[m, n_heads]`: each head's term in the latent's pre-activation at the example's position
+    (`Attribution.per_head[b, dest, :, latent]`)."""
+    by_source: Tensor
+    """`[m, pos]`: each source position's term, summed over the heads (`Attribution.by_source()[b, dest, :, latent]`)."""
+
+
+EXAMPLES_PER_STEP = 256
+"""Examples `attribution_at` gathers values for at a time (bounds its memory at `EXAMPLES_PER_STEP x pos x n_heads x
+d_head` numbers)."""
+
+
+def attribution_at(
+    model: HookedTransformer,
+    sae: SAE,
+    tokens: Tensor,
+    *,
+    rows: Tensor,
+    dests: Tensor,
+    latents: Tensor,
+    hook: str | None = None,
+    encoder: tuple[Tensor, Tensor] | None = None,
+) -> ExampleAttribution:
+    """`direct_feature_attribution` of latent `latents[i]` at position `dests[i]` of input row `rows[i]` of `tokens`
+    `[batch, pos]` only, for each example `i` (`ExampleAttribution`): one forward pass for all of them, and
+    `m x pos x n_heads` numbers instead of `batch x pos^2 x n_heads x n` (the feature pass's top examples).
+    `encoder` is the dictionary's `encoder_map`, where the caller has it (computed here otherwise)."""
+    hook = hook or sae.cfg.hook_name
+    layer = _check_input(model, sae, hook)
+    n_heads, d_head = model.cfg.n_heads, model.cfg.d_head
+    cache = _attention(model, tokens.to(device_of(model)), layer)
+    W_all, _ = encoder if encoder is not None else encoder_map(sae)
+    v_all = cache["v"].repeat_interleave(n_heads // cache["v"].shape[2], dim=2).to(W_all)  # grouped-query: shared kv
+    pattern_all, z_all = cache["pattern"].to(W_all), cache["z"].to(W_all)
+    per_head, by_source = [], []
+    for step in range(0, len(latents), EXAMPLES_PER_STEP):
+        pick = slice(step, step + EXAMPLES_PER_STEP)
+        W = W_all[:, latents[pick].to(W_all.device)].reshape(n_heads, d_head, -1)  # [h, d, m]: each example's column
+        b, q = rows[pick].to(W.device), dests[pick].to(W.device)
+        with torch.no_grad():
+            value_terms = torch.einsum("mshd,hdm->msh", v_all[b], W)  # v_h[src] . W[h-block]
+            by_source.append(torch.einsum("mhs,msh->ms", pattern_all[b, :, q], value_terms).cpu())
+            per_head.append(torch.einsum("mhd,hdm->mh", z_all[b, q], W).cpu())
+    return ExampleAttribution(
+        per_head=torch.cat(per_head) if per_head else torch.zeros(0, n_heads),
+        by_source=torch.cat(by_source) if by_source else torch.zeros(0, tokens.shape[1]),
+    )
+
+
+def _check_input(model: HookedTransformer, sae: SAE, hook: str) -> int:
+    """The attention layer `sae` reads at `hook` (`attention_layer`); `HeadsError` when its input is not that
+    layer's `hook_z` of `model`."""
+    layer = attention_layer(hook)
+    n_heads, d_head = model.cfg.n_heads, model.cfg.d_head
+    if sae.cfg.d_in != n_heads * d_head:
+        raise HeadsError(
+            f"the dictionary reads {sae.cfg.d_in} numbers, but {hook} holds n_heads x d_head = {n_heads} x {d_head}; "
+            "is it this model's dictionary?"
+        )
+    return layer
+
+
 def direct_feature_attribution(
     model: HookedTransformer,
     sae: SAE,
@@ -130,13 +197,8 @@ def direct_feature_attribution(
     algebra). `sae` reads `hook` (its `cfg.hook_name` when `None`), which must be `blocks.L.attn.hook_z`. The
     per-source tensor holds `batch x pos^2 x n_heads x len(latents)` numbers: pick the latents for long inputs."""
     hook = hook or sae.cfg.hook_name
-    layer = attention_layer(hook)
+    layer = _check_input(model, sae, hook)
     n_heads, d_head = model.cfg.n_heads, model.cfg.d_head
-    if sae.cfg.d_in != n_heads * d_head:
-        raise HeadsError(
-            f"the dictionary reads {sae.cfg.d_in} numbers, but {hook} holds n_heads x d_head = {n_heads} x {d_head}; "
-            "is it this model's dictionary?"
-        )
     index = torch.arange(sae.cfg.d_sae) if latents is None else torch.as_tensor(latents, dtype=torch.long).flatten()
     if index.numel() and not (0 <= int(index.min()) and int(index.max()) < sae.cfg.d_sae):
         raise HeadsError(f"latents must lie in [0, {sae.cfg.d_sae}), got {index.tolist()}")

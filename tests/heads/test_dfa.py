@@ -11,7 +11,7 @@ from torch import Tensor
 from saelab.circuits import repeated_tokens
 from saelab.dictionaries import SAE, SAEConfig
 from saelab.errors import HeadsError
-from saelab.heads import Attribution, direct_feature_attribution
+from saelab.heads import Attribution, attribution_at, direct_feature_attribution
 from saelab.plots import dfa_figure
 from saelab.run import RunDir
 
@@ -113,6 +113,24 @@ def test_the_terms_add_up_to_the_pre_activation(request, which, arch, whiten, d_
     torch.testing.assert_close(attribution.acts, sae.encode(z).detach()[..., [3, 0, 17]])
     assert attribution.per_source.shape == (3, 12, 12, 4, 3) and attribution.layer == 1
     assert float(attribution.per_source[:, 2, 3:].abs().max()) == 0.0  # causal: nothing from later positions
+
+
+@pytest.mark.parametrize("which", ["multihead", "grouped_query"])
+def test_attribution_at_picks_the_numbers_of_direct_feature_attribution(request, which):
+    """The feature pass's per-example DFA (`attribution_at`: one latent at one position of one row per example) is
+    `direct_feature_attribution`'s at those indices, grouped-query models too."""
+    model = request.getfixturevalue(which)
+    sae = random_sae(model.cfg.n_heads * model.cfg.d_head, arch="jumprelu", whiten=True)
+    tokens = torch.randint(0, model.cfg.d_vocab, (3, 12), generator=torch.Generator().manual_seed(2))
+    rows, dests, latents = (
+        torch.tensor([0, 2, 2, 1, 0]),
+        torch.tensor([11, 0, 5, 7, 3]),
+        torch.tensor([4, 4, 39, 0, 17]),
+    )
+    found = attribution_at(model, sae, tokens, rows=rows, dests=dests, latents=latents)
+    whole = direct_feature_attribution(model, sae, tokens)
+    torch.testing.assert_close(found.per_head, whole.per_head[rows, dests, :, latents])
+    torch.testing.assert_close(found.by_source, whole.by_source()[rows, dests, :, latents])
 
 
 def test_a_dictionary_not_on_hook_z_is_refused_with_the_fix(multihead):
