@@ -370,6 +370,40 @@ def eval_cmd(
         typer.secho(f"skipped {line}", fg=typer.colors.YELLOW, err=True)
 
 
+@command("bench-synth")
+def bench_synth_cmd(
+    arch: str = typer.Option("topk", "--arch", help="Architectures to score, comma-separated (topk, relu, ...)."),
+    width: str = typer.Option("1.0", "--width", help="Widths in latents per true feature, comma-separated."),
+    k: int = typer.Option(4, "--k", help="Active latents per row (TopK kinds)."),
+    steps: int = typer.Option(400, "--steps", help="Training steps per SAE (0: score the random initialisation)."),
+    lr: float = typer.Option(3e-3, "--lr", help="Adam's learning rate."),
+    seeds: str = typer.Option("0,1,2", "--seeds", help="Seeds, comma-separated."),
+    generators: Optional[str] = typer.Option(None, "--generators", help="Generators, comma-separated (default all)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write every row's scores here as JSON."),
+    figure: Optional[Path] = typer.Option(None, "--figure", help="Write the figure here (.html, else plotly JSON)."),
+) -> None:
+    """Score SAE architectures and widths on the fixed synthetic suite with known features (SynthSAEBench's MCC,
+    uniqueness and F1, recovery at cosine thresholds, absorption on the hierarchy): one table, one figure."""
+    from saelab.evals.synth_bench import bench_synth, setting_grid, write_bench
+
+    def split(text: str) -> list[str]:
+        return [part.strip() for part in text.split(",") if part.strip()]
+
+    try:
+        widths, seed_list = [float(w) for w in split(width)], [int(s) for s in split(seeds)]
+    except ValueError as err:
+        raise ConfigError(f"--width takes numbers and --seeds integers, comma-separated: {err}") from None
+    bench = bench_synth(
+        setting_grid(split(arch), widths, k=k, steps=steps, lr=lr),
+        seeds=seed_list,
+        generators=None if generators is None else split(generators),
+        progress=lambda line: typer.echo(line, err=True),
+    )
+    typer.echo(bench.table())
+    for path in write_bench(bench, json_path=json_path, figure_path=figure):
+        typer.echo(f"wrote {path}")
+
+
 @command("finetune-minilm")
 def finetune_minilm_cmd(
     out: Path = typer.Argument(..., help="A new folder for the fine-tuned copy (load it as `model: OUT`)."),
