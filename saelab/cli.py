@@ -342,7 +342,9 @@ def diff_cmd(
 def eval_cmd(
     run: Path = typer.Argument(..., help="A run directory with trained SAEs."),
     only: str = typer.Option(
-        "sparse_probing,hedging", "--only", help="The evals to run, comma-separated: sparse_probing, hedging."
+        "sparse_probing,hedging",
+        "--only",
+        help="The evals to run, comma-separated: sparse_probing, hedging, labels (after `saelab analyze`).",
     ),
     sae: Optional[str] = typer.Option(None, "--sae", help="HOOK/VARIANT of one SAE (default: every SAE of the run)."),
     max_rows: int = typer.Option(65_536, "--max-rows", help="The store rows the evals read, from the first."),
@@ -350,14 +352,31 @@ def eval_cmd(
     labels: Optional[Path] = typer.Option(
         None, "--labels", help="A token -> class table (JSON or token,class CSV) to probe as well, one-vs-rest."
     ),
+    label_latents: int = typer.Option(64, "--label-latents", help="Labels: latents to score (the first that fired)."),
+    llm_url: Optional[str] = typer.Option(
+        None,
+        "--llm-url",
+        help="Labels: an OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1) for an LLM explainer.",
+    ),
+    llm_model: str = typer.Option("default", "--llm-model", help="Labels: the model name the endpoint serves."),
+    llm_key_env: Optional[str] = typer.Option(
+        None, "--llm-key-env", help="Labels: the environment variable holding the endpoint's API key, if it needs one."
+    ),
 ) -> None:
-    """Evaluate a run's SAEs: k-sparse probing on the embedded corpus's tasks against the raw dimensions, and
-    feature hedging (Chanin et al.'s protocol); results in RUN/evals/HOOK/VARIANT/EVAL.json."""
+    """Evaluate a run's SAEs: k-sparse probing on the embedded corpus's tasks against the raw dimensions, feature
+    hedging (Chanin et al.'s protocol) and, with `--only labels`, the MiniLM detection AUROC of each latent's label
+    (and an LLM's explanations with --llm-url); results in RUN/evals/HOOK/VARIANT/EVAL.json."""
+    from saelab.evals.endpoint import Endpoint
     from saelab.evals.run_evals import EvalSettings, run_evals
 
     names = tuple(name.strip() for name in only.split(",") if name.strip())
     settings = EvalSettings(
-        only=names, max_rows=max_rows, hedging_steps=hedging_steps, labels=None if labels is None else str(labels)
+        only=names,
+        max_rows=max_rows,
+        hedging_steps=hedging_steps,
+        labels=None if labels is None else str(labels),
+        label_latents=label_latents,
+        endpoint=None if llm_url is None else Endpoint(llm_url, llm_model, api_key_env=llm_key_env),
     )
     chosen = None
     if sae is not None:

@@ -114,6 +114,15 @@ def contrastive_labels(
     return Labels(_decode_key(label_keys), scores)
 
 
+def context_windows(tokens: np.ndarray, context: np.ndarray, rows: np.ndarray, *, window: int) -> np.ndarray:
+    """The analysis pass's `top_tokens` layout for `rows [n]` of a store's `tokens`/`context`: `[n, 2 window + 1]`,
+    the row's token in the middle, -1 outside its context."""
+    around = rows[:, None] + np.arange(-window, window + 1)
+    safe = np.clip(around, 0, len(tokens) - 1)
+    inside = (around >= 0) & (around < len(tokens)) & (context[safe] == context[rows][:, None])
+    return np.where(inside, tokens[safe], -1)
+
+
 def join_pieces(ids: Sequence[int], vocab: Sequence[str]) -> str:
     """Token ids as text: WordPiece vocabularies (`##` continuations, as MiniLM's) get a space before each word,
     others (byte-level BPE, whose pieces carry their own spaces) are concatenated."""

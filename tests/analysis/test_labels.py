@@ -12,6 +12,7 @@ from saelab.analysis.features import vocab_strings
 from saelab.analysis.labels import (
     auroc,
     background_counts,
+    context_windows,
     contrastive_labels,
     detection_aurocs,
     join_pieces,
@@ -36,11 +37,7 @@ def corpus(minilm):
 
 
 def windows(tokens: np.ndarray, context: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """The analysis pass's `top_tokens` layout: +-WINDOW tokens around each row inside its context, -1 outside."""
-    around = rows[:, None] + np.arange(-WINDOW, WINDOW + 1)
-    safe = np.clip(around, 0, len(tokens) - 1)
-    inside = (around >= 0) & (around < len(tokens)) & (context[safe] == context[rows][:, None])
-    return np.where(inside, tokens[safe], -1)
+    return context_windows(tokens, context, rows, window=WINDOW)
 
 
 def test_planted_token_latent_is_labelled_by_its_token_and_detected(minilm, corpus):
