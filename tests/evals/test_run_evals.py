@@ -149,7 +149,8 @@ def test_labels_eval_scores_labels_and_survives_an_endpoint_that_does_not_answer
     settings = EvalSettings(only=("sparse_probing", "labels"), label_latents=8, label_negatives=20, endpoint=endpoint)
     done = run_evals(run.root, settings=settings)
     (sae,) = run.saes()
-    assert run.eval_results(sae.hook, sae.variant) == ["labels", "sparse_probing"]
+    assert {"labels", "sparse_probing"} <= set(run.eval_results(sae.hook, sae.variant))
+    assert {type(r).__name__ for r, _ in done.written} == {"LabelsResult", "SparseProbingResult"}
     labels = LabelsResult.load(run.eval_result(sae.hook, sae.variant, "labels"))
     assert len(labels.latents) == len(labels.auroc) == 8 and all(0 <= a <= 1 for a in labels.auroc)
     assert labels.llm_explanations is None and all(labels.labels)
