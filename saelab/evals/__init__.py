@@ -1,9 +1,11 @@
 """Evaluations of trained dictionaries: `matching` (cross-dictionary matching of latents by decoder cosine: nearest,
 Hungarian 1:1, 1:n splits), `sparse_probing` (k-sparse probes on the latents against the raw dimensions) and
-`hedging` (Chanin et al.'s hedging rate, per latent and per SAE)."""
+`hedging` (Chanin et al.'s hedging rate, per latent and per SAE), `synth_bench` (the versioned synthetic suite of
+`saelab bench-synth`) and `endpoint` (an optional OpenAI-compatible LLM explainer and detection scorer)."""
 
 from __future__ import annotations
 
+from saelab.evals.endpoint import Endpoint, EndpointError, detect, explain
 from saelab.evals.hedging import Hedging, HedgingPair, extended_copy, hedging, train_hedging_pair
 from saelab.evals.matching import (
     BestMatches,
@@ -29,8 +31,20 @@ from saelab.evals.sparse_probing import (
     sparse_probing,
     token_label_task,
 )
+from saelab.evals.synth_bench import SUITE, SUITE_VERSION, BenchSetting, SynthBench, SynthScores, bench_synth, score_sae
 
 __all__ = [
+    "SUITE",
+    "SUITE_VERSION",
+    "BenchSetting",
+    "Endpoint",
+    "EndpointError",
+    "SynthBench",
+    "SynthScores",
+    "bench_synth",
+    "detect",
+    "explain",
+    "score_sae",
     "BestMatches",
     "Hedging",
     "HedgingPair",
