@@ -398,11 +398,15 @@ def bench_synth_cmd(
     lr: float = typer.Option(3e-3, "--lr", help="Adam's learning rate."),
     seeds: str = typer.Option("0,1,2", "--seeds", help="Seeds, comma-separated."),
     generators: Optional[str] = typer.Option(None, "--generators", help="Generators, comma-separated (default all)."),
+    hedging_steps: int = typer.Option(
+        0, "--hedging-steps", help="Also measure hedging on the correlated pairs, with this many steps (0: not)."
+    ),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every row's scores here as JSON."),
     figure: Optional[Path] = typer.Option(None, "--figure", help="Write the figure here (.html, else plotly JSON)."),
 ) -> None:
     """Score SAE architectures and widths on the fixed synthetic suite with known features (SynthSAEBench's MCC,
-    uniqueness and F1, recovery at cosine thresholds, absorption on the hierarchy): one table, one figure."""
+    uniqueness and F1, recovery at cosine thresholds, absorption on the hierarchy, hedging with --hedging-steps): one
+    table, one figure."""
     from saelab.evals.synth_bench import bench_synth, setting_grid, write_bench
 
     def split(text: str) -> list[str]:
@@ -416,6 +420,7 @@ def bench_synth_cmd(
         setting_grid(split(arch), widths, k=k, steps=steps, lr=lr),
         seeds=seed_list,
         generators=None if generators is None else split(generators),
+        hedging_steps=hedging_steps,
         progress=lambda line: typer.echo(line, err=True),
     )
     typer.echo(bench.table())

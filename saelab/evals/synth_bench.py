@@ -15,8 +15,11 @@ saelab adds **recovery** at cosine thresholds (the fraction of true features tha
 `|cosine| >= t`, `saelab.toys.synthetic.recovery`'s measure), explained variance and L0 on held-out rows, and on the
 hierarchy generator **absorption** (Chanin et al., "A is for Absorption"): each parent feature's latent (its best
 decoder match) should fire whenever the parent does; the absorption rate is the fraction of rows where the parent
-fires with one of its children and the parent's latent stays off, the mean over parents. Hedging
-(`saelab.evals.hedging`) needs a second, extended training per SAE, twice this suite's cost, so it is not run here.
+fires with one of its children and the parent's latent stays off, the mean over parents. **Hedging**
+(`saelab.evals.hedging`, Chanin et al.'s protocol) needs two more trainings per SAE, so it runs only when asked
+(`hedging_steps > 0`) and only on the correlated-pairs generator, where a latent short of room for a follower hedges:
+the trained SAE is the initial one, a control copy and one with `HEDGING_NEW_LATENTS` more latents train
+`hedging_steps` further steps on the same batches, and the rate compares their decoder changes.
 
 MCC rewards a too-narrow SAE whose few latents all match well (it averages over the matched pairs); read it beside
 recovery, which counts the true features found. The suite (`SUITE`, version `SUITE_VERSION`) is part of the output:
@@ -40,11 +43,17 @@ from torch import Tensor
 from saelab.dictionaries import SAE, SAEConfig, train_step
 from saelab.dictionaries.registry import Arch
 from saelab.errors import ConfigError
+from saelab.evals.hedging import hedging, train_hedging_pair
 from saelab.toys.benchmark import DATA_SEED, HierarchicalData, batches, make_benchmark
 from saelab.toys.synthetic import SyntheticData, make_synthetic
 
 SUITE_VERSION = "synth-bench-1"
 """The version of `SUITE`, recorded in every result; any change to a generator's parameters bumps it."""
+
+HEDGING_GENERATOR = "correlated-pairs"
+"""The generator on which hedging is measured."""
+HEDGING_NEW_LATENTS = 4
+"""Latents the hedging protocol's extended SAE adds (few against the 32 input dimensions, as the protocol needs)."""
 
 THRESHOLDS = (0.7, 0.8, 0.9)
 """The cosines at which recovery is counted."""
@@ -151,6 +160,8 @@ class SynthScores:
     """Latents that never fired on the held-out rows."""
     absorption: float | None
     """The hierarchy generator's absorption rate (see the module docstring); None on the others."""
+    hedging: float | None = None
+    """The hedging rate on the correlated-pairs generator when asked for (`hedging_steps`); None otherwise."""
 
 
 @torch.no_grad()
@@ -225,6 +236,16 @@ def setting_grid(
     ]
 
 
+def hedging_rate(sae: SAE, data: SyntheticData, *, setting: BenchSetting, steps: int, seed: int) -> float:
+    """Chanin et al.'s hedging rate of the trained `sae`: a control copy and one with `HEDGING_NEW_LATENTS` more
+    latents train `steps` further steps on the same fresh batches of `data` (`train_hedging_pair`)."""
+    fresh = list(batches(data, steps, setting.batch_size, seed=seed + 7919))  # not the training batches
+    pair = train_hedging_pair(
+        sae, lambda step: fresh[step], new_latents=HEDGING_NEW_LATENTS, steps=steps, lr=setting.lr, seed=seed
+    )
+    return hedging(pair.control, pair.extended, seed=seed).rate
+
+
 class SynthRow(NamedTuple):
     """One setting on one generator and seed."""
 
@@ -238,7 +259,7 @@ class SynthRow(NamedTuple):
     """What it scored."""
 
 
-METRICS = ("recovery@0.9", "mcc", "uniqueness", "f1", "explained_variance", "l0", "absorption")
+METRICS = ("recovery@0.9", "mcc", "uniqueness", "f1", "explained_variance", "l0", "absorption", "hedging")
 """The table's columns, means over seeds (`recovery@T` reads `recovery[T]`)."""
 
 
@@ -326,9 +347,11 @@ def bench_synth(
     seeds: Iterable[int] = (0, 1, 2),
     generators: Sequence[str] | None = None,
     eval_rows: int = 8192,
+    hedging_steps: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> SynthBench:
-    """Train and score every setting on every generator of `SUITE` (or those named in `generators`) and seed."""
+    """Train and score every setting on every generator of `SUITE` (or those named in `generators`) and seed;
+    `hedging_steps > 0` adds the hedging rate on the correlated-pairs generator (see the module docstring)."""
     if not settings:
         raise ConfigError("bench_synth needs at least one setting; give e.g. BenchSetting('topk')")
     names = [s.name for s in settings]
@@ -347,7 +370,10 @@ def bench_synth(
             data = known[gen].build(seed)
             for setting in settings:
                 sae = train_setting(setting, data, seed=seed)
-                bench.rows.append(SynthRow(setting.name, gen, seed, score_sae(sae, data, rows=eval_rows, seed=seed)))
+                scores = score_sae(sae, data, rows=eval_rows, seed=seed)
+                if hedging_steps > 0 and gen == HEDGING_GENERATOR and not sae.signed_codes:
+                    scores.hedging = hedging_rate(sae, data, setting=setting, steps=hedging_steps, seed=seed)
+                bench.rows.append(SynthRow(setting.name, gen, seed, scores))
                 if progress is not None:
                     progress(f"{setting.name} on {gen}, seed {seed}")
     bench.seconds = time.perf_counter() - start

@@ -93,3 +93,12 @@ def test_cli_writes_table_json_and_figure(tmp_path):
     assert (tmp_path / "b.html").stat().st_size > 1000
     bad = CliRunner().invoke(app, ["bench-synth", "--arch", "nope", "--seeds", "0"])
     assert bad.exit_code == 2 and "choose among" in bad.output
+
+
+def test_hedging_on_request_on_the_correlated_pairs_alone():
+    settings = [BenchSetting("narrow", width=0.5, steps=60, batch_size=256)]
+    bench = bench_synth(
+        settings, seeds=(0,), generators=["correlated-pairs", "noise"], eval_rows=1024, hedging_steps=20
+    )
+    pairs, noise = bench.values("narrow", "correlated-pairs", "hedging"), bench.values("narrow", "noise", "hedging")
+    assert len(pairs) == 1 and 0 <= pairs[0] <= 1 and noise == []
