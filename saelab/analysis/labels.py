@@ -93,12 +93,15 @@ def contrastive_labels(
     latent = np.broadcast_to(np.arange(d_sae)[:, None, None], keys.shape)
     ok = keys >= 0
     pairs, fg = np.unique(np.stack([latent[ok], keys[ok]], 1), axis=0, return_counts=True)
-    n_f = np.bincount(pairs[:, 0], weights=np.where(pairs[:, 1] < 2**31, fg, 0), minlength=d_sae)[pairs[:, 0]]
+    is_bi = pairs[:, 1] >= 2**31
+    totals = np.stack([np.bincount(pairs[:, 0], weights=fg * (is_bi == b), minlength=d_sae) for b in (False, True)])
+    n_f = totals[is_bi.astype(int), pairs[:, 0]]  # the latent's count of n-grams of the same length
     where = np.clip(np.searchsorted(bg_keys, pairs[:, 1]), 0, len(bg_keys) - 1)
     y_b = np.where(bg_keys[where] == pairs[:, 1], bg_counts[where], 0).astype(np.float64)
-    is_bi = pairs[:, 1] >= 2**31
-    n_b = np.where(is_bi, bg_counts[bg_keys >= 2**31].sum(), bg_counts[bg_keys < 2**31].sum()).astype(np.float64)
-    a_w = prior * (y_b + 0.5) / (n_b + 0.5 * len(bg_keys))  # add-half smoothing: a token the background lacks
+    bg_bi = bg_keys >= 2**31
+    n_b = np.where(is_bi, bg_counts[bg_bi].sum(), bg_counts[~bg_bi].sum()).astype(np.float64)
+    kinds = np.where(is_bi, bg_bi.sum(), (~bg_bi).sum())  # distinct background n-grams of the same length
+    a_w = prior * (y_b + 0.5) / (n_b + 0.5 * kinds)  # add-half smoothing: an n-gram the background lacks
     y_f = fg.astype(np.float64)
     delta = np.log((y_f + a_w) / (n_f + prior - y_f - a_w)) - np.log((y_b + a_w) / (n_b + prior - y_b - a_w))
     z = delta / np.sqrt(1 / (y_f + a_w) + 1 / (y_b + a_w))
