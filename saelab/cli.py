@@ -344,7 +344,7 @@ def eval_cmd(
     only: str = typer.Option(
         "sparse_probing,hedging,families",
         "--only",
-        help="The evals to run, comma-separated: sparse_probing, hedging, families.",
+        help="The evals to run, comma-separated: sparse_probing, hedging, families, labels (after `saelab analyze`).",
     ),
     sae: Optional[str] = typer.Option(None, "--sae", help="HOOK/VARIANT of one SAE (default: every SAE of the run)."),
     max_rows: int = typer.Option(65_536, "--max-rows", help="The store rows the evals read, from the first."),
@@ -352,15 +352,32 @@ def eval_cmd(
     labels: Optional[Path] = typer.Option(
         None, "--labels", help="A token -> class table (JSON or token,class CSV) to probe as well, one-vs-rest."
     ),
+    label_latents: int = typer.Option(64, "--label-latents", help="Labels: latents to score (the first that fired)."),
+    llm_url: Optional[str] = typer.Option(
+        None,
+        "--llm-url",
+        help="Labels: an OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1) for an LLM explainer.",
+    ),
+    llm_model: str = typer.Option("default", "--llm-model", help="Labels: the model name the endpoint serves."),
+    llm_key_env: Optional[str] = typer.Option(
+        None, "--llm-key-env", help="Labels: the environment variable holding the endpoint's API key, if it needs one."
+    ),
 ) -> None:
-    """Evaluate a run's SAEs: k-sparse probing on the embedded corpus's tasks against the raw dimensions, and
-    feature hedging (Chanin et al.'s protocol), feature families (O'Neill et al.'s co-occurrence hierarchy); results in
-    RUN/evals/HOOK/VARIANT/EVAL.json, headlines across seeds in RUN/results_by_config.csv."""
+    """Evaluate a run's SAEs: k-sparse probing on the embedded corpus's tasks against the raw dimensions, feature
+    hedging (Chanin et al.'s protocol), feature families (O'Neill et al.'s co-occurrence hierarchy) and, with
+    `--only labels`, the MiniLM detection AUROC of each latent's label (and an LLM's explanations with --llm-url);
+    results in RUN/evals/HOOK/VARIANT/EVAL.json, headlines across seeds in RUN/results_by_config.csv."""
+    from saelab.evals.endpoint import Endpoint
     from saelab.evals.run_evals import EvalSettings, run_evals
 
     names = tuple(name.strip() for name in only.split(",") if name.strip())
     settings = EvalSettings(
-        only=names, max_rows=max_rows, hedging_steps=hedging_steps, labels=None if labels is None else str(labels)
+        only=names,
+        max_rows=max_rows,
+        hedging_steps=hedging_steps,
+        labels=None if labels is None else str(labels),
+        label_latents=label_latents,
+        endpoint=None if llm_url is None else Endpoint(llm_url, llm_model, api_key_env=llm_key_env),
     )
     chosen = None
     if sae is not None:
@@ -408,6 +425,45 @@ def heads_cmd(
         found = census(run, h, v, threshold=threshold)
         heads = ", ".join(f"{head.label} {n}" for head, n in zip(found.heads, found.counts))
         typer.echo(f"{h}/{v}: latents by head {heads}; mixed {found.mixed}, dead {found.dead}")
+
+
+@command("bench-synth")
+def bench_synth_cmd(
+    arch: str = typer.Option("topk", "--arch", help="Architectures to score, comma-separated (topk, relu, ...)."),
+    width: str = typer.Option("1.0", "--width", help="Widths in latents per true feature, comma-separated."),
+    k: int = typer.Option(4, "--k", help="Active latents per row (TopK kinds)."),
+    steps: int = typer.Option(400, "--steps", help="Training steps per SAE (0: score the random initialisation)."),
+    lr: float = typer.Option(3e-3, "--lr", help="Adam's learning rate."),
+    seeds: str = typer.Option("0,1,2", "--seeds", help="Seeds, comma-separated."),
+    generators: Optional[str] = typer.Option(None, "--generators", help="Generators, comma-separated (default all)."),
+    hedging_steps: int = typer.Option(
+        0, "--hedging-steps", help="Also measure hedging on the correlated pairs, with this many steps (0: not)."
+    ),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write every row's scores here as JSON."),
+    figure: Optional[Path] = typer.Option(None, "--figure", help="Write the figure here (.html, else plotly JSON)."),
+) -> None:
+    """Score SAE architectures and widths on the fixed synthetic suite with known features (SynthSAEBench's MCC,
+    uniqueness and F1, recovery at cosine thresholds, absorption on the hierarchy, hedging with --hedging-steps): one
+    table, one figure."""
+    from saelab.evals.synth_bench import bench_synth, setting_grid, write_bench
+
+    def split(text: str) -> list[str]:
+        return [part.strip() for part in text.split(",") if part.strip()]
+
+    try:
+        widths, seed_list = [float(w) for w in split(width)], [int(s) for s in split(seeds)]
+    except ValueError as err:
+        raise ConfigError(f"--width takes numbers and --seeds integers, comma-separated: {err}") from None
+    bench = bench_synth(
+        setting_grid(split(arch), widths, k=k, steps=steps, lr=lr),
+        seeds=seed_list,
+        generators=None if generators is None else split(generators),
+        hedging_steps=hedging_steps,
+        progress=lambda line: typer.echo(line, err=True),
+    )
+    typer.echo(bench.table())
+    for path in write_bench(bench, json_path=json_path, figure_path=figure):
+        typer.echo(f"wrote {path}")
 
 
 @command("finetune-minilm")

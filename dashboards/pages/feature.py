@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from saelab.analysis.labels import label_text
 from saelab.dashboards import components as c
 from saelab.dashboards.components import Element, element
 from saelab.dashboards.data import (
@@ -70,6 +71,7 @@ def feature_page(run: str, hook: str | None, variant: str | None, raw_id: str | 
         nav,
         element("H2", f"Feature #{index}", style={"margin": "0 0 2px"}),
         element("Div", f"{_reads(info)} · {info.variant} · {fs.n_features:,} latents", className="muted"),
+        _label_element(fs.vocab, f),
         element(
             "Div",
             [
@@ -313,3 +315,19 @@ def _same_latent(run: str, info: SaeInfo, index: int) -> Element:
     ]
     head = element("Tr", [element("Th", "SAE · latent"), element("Th", "cos", className="num")])
     return element("Table", [element("Thead", head), element("Tbody", body)], className="tbl")
+
+
+def _label_element(vocab: list[str], f: dict[str, Any]) -> Element | None:
+    """The latent's contrastive label (its distinctive n-grams with their log-odds z-scores); None for an analysis
+    written before labels."""
+    if "label_tokens" not in f:
+        return None
+    text = label_text(f["label_tokens"], vocab, scores=f["label_scores"]) or "none (never fired)"
+    return element(
+        "Div",
+        [element("B", "label: "), text],
+        title="distinctive tokens and bigrams of the top contexts against the analysed text: log-odds with an "
+        "informative Dirichlet prior (Monroe et al. 2008), z-scored",
+        className="muted",
+        id="feature-label",
+    )

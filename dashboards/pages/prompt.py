@@ -1,5 +1,5 @@
 """The prompt page (`/prompt?hook=H&sae=VARIANT&text=TEXT`): the model and the SAE run live on a prompt, and each
-token's strongest latents are listed."""
+token's strongest latents are listed, each with its contrastive label (`saelab.analysis.labels`)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from typing import Any
 from dash import Dash, Input, State, dcc, html
 from dash.exceptions import PreventUpdate
 
+from saelab.analysis.features import FeatureStore
+from saelab.analysis.labels import label_text
 from saelab.dashboards import components as c
 from saelab.dashboards import params as p
-from saelab.dashboards.data import SaeInfo, chosen_sae
+from saelab.dashboards.data import SaeInfo, chosen_sae, feature_store
 from saelab.dashboards.live import prompt_latents
 
 TITLE = "Prompt"
@@ -59,11 +61,12 @@ def layout(run: str, params: p.Params) -> Any:
 def prompt_results(run: str, info: SaeInfo, text: str, *, top: int) -> Any:
     """Each token of `text` with its `top` strongest latents."""
     rows = prompt_latents(run, info, text, top=top)
+    fs = feature_store(run, info)
     body = [
         html.Tr(
             [
                 html.Td(html.Code(repr(r.token))),
-                html.Td(c.latent_chips(info, r.latents, "") if r.latents else html.Span("none", className="muted")),
+                html.Td(_labelled_chips(info, fs, r.latents) if r.latents else html.Span("none", className="muted")),
             ]
         )
         for r in rows
@@ -75,6 +78,21 @@ def prompt_results(run: str, info: SaeInfo, text: str, *, top: int) -> Any:
             className="tbl",
         ),
     )
+
+
+def _labelled_chips(info: SaeInfo, fs: FeatureStore, pairs: list[tuple[int, float]]) -> html.Div:
+    """Links to the latents' pages, each with its contrastive label's first n-gram (where the analysis has labels)
+    and its activation."""
+    links = []
+    for i, v in pairs:
+        f = fs.feature(i)
+        label = label_text(f["label_tokens"][:1], fs.vocab) if "label_tokens" in f else ""
+        links.append(
+            c.element(
+                "Span", c.link_element(info, i, " ".join(filter(None, [f"#{i}", label, f"{v:.2f}"]))), className="chip"
+            )
+        )
+    return html.Div(links, className="chips")  # pyright: ignore[reportArgumentType]  (`element`s)
 
 
 def register(app: Dash, run: str) -> None:

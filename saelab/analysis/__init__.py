@@ -13,6 +13,7 @@ from __future__ import annotations
 from saelab.analysis.codes import QuantileSamples, SparseBatch, SparseCode, contexts, encode_sparse, sparse_codes
 from saelab.analysis.config import AnalysisConfig
 from saelab.analysis.features import FEATURE_CHUNK, FeatureStore, vocab_strings, write_feature_store
+from saelab.analysis.labels import Labels, contrastive_labels, detection_aurocs, label_text
 from saelab.analysis.panels import LogitEffects, decoder_neighbours, logit_effects, residual_directions
 from saelab.analysis.run import analyze, analyze_sae
 
@@ -20,6 +21,10 @@ __all__ = [
     "FEATURE_CHUNK",
     "AnalysisConfig",
     "FeatureStore",
+    "Labels",
+    "contrastive_labels",
+    "detection_aurocs",
+    "label_text",
     "LogitEffects",
     "QuantileSamples",
     "SparseBatch",

@@ -24,6 +24,8 @@ class AnalysisConfig(StrictModel):
     """Quantile bins of each latent's nonzero activations."""
     quantile_examples: int = Field(default=5, gt=0)
     """Examples sampled from inside each quantile bin."""
+    n_labels: int = Field(default=3, gt=0)
+    """N-grams kept in each latent's contrastive label (`saelab.analysis.labels`)."""
     hist_bins: int = Field(default=30, gt=0)
     """Bins of the activation histogram."""
     n_logits: int = Field(default=10, gt=0)

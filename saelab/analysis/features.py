@@ -230,8 +230,13 @@ class FeatureStore:
         return self._read({name: array}, slice(0, array.shape[0]))[name]
 
     def search_token(self, token_id: int) -> list[int]:
-        """Latents whose top examples or top logit effects contain the token, most matches first."""
-        hits = (self.column(TOKEN_IDS) == token_id).sum(1)
+        """Latents whose label, top examples or top logit effects contain the token, most matches first (a label's
+        n-gram counts as many matches as the latent has top examples: labels are what distinguishes a latent)."""
+        top = self.column(TOKEN_IDS)
+        hits = (top == token_id).sum(1)
+        if "label_tokens" in self._arrays:  # `[d_sae, n_labels, 2]`
+            labelled = (self.column("label_tokens") == token_id).any(2).sum(1)
+            hits = hits + labelled * top.shape[1]
         if "logit_top_ids" in self._arrays:  # `[d_sae, n]`, a crosscoder's `[d_sae, S, n]`
             logits = self.column("logit_top_ids")
             hits = hits + (logits == token_id).reshape(len(logits), -1).sum(1)

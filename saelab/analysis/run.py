@@ -20,6 +20,7 @@ from saelab.analysis.codes import _Codes, contexts, gather_code, rank_rows, spar
 from saelab.analysis.config import AnalysisConfig
 from saelab.analysis.dfa import dfa_panels
 from saelab.analysis.features import FeatureStore, vocab_strings, write_feature_store
+from saelab.analysis.labels import background_counts, contrastive_labels
 from saelab.analysis.panels import decoder_neighbours, logit_effects, residual_directions
 from saelab.dictionaries import SAE, CrossCoder, load_dictionary
 from saelab.distributed import broadcast_object, init, local_device, wait_for_main
@@ -111,6 +112,7 @@ def _write_panels(
     quantiles = codes.quantile_samples(cfg.quantile_bins, cfg.quantile_examples, cfg.seed)
     top_tok, top_tok_acts = contexts(codes, tokens, ctx, rows=top_rows, window=cfg.window)
     q_tok, q_tok_acts = contexts(codes, tokens, ctx, rows=quantiles.rows, window=cfg.window)
+    labels = contrastive_labels(top_tok, background_counts(tokens, ctx), n_labels=cfg.n_labels)
     hist, hist_edges = codes.histograms(cfg.hist_bins, max_act)
     nb_ids, nb_cos = decoder_neighbours(sae, cfg.n_neighbours)
     co_ids, co_jac = codes.cooccurrence(n_rows, cfg.cooc_min_density, cfg.cooc_max_latents, cfg.n_neighbours)
@@ -123,6 +125,8 @@ def _write_panels(
         "top_acts": top_acts,
         "top_tokens": top_tok,
         "top_token_acts": top_tok_acts,
+        "label_tokens": labels.tokens,
+        "label_scores": labels.scores,
         "quantile_edges": quantiles.edges,
         "quantile_rows": quantiles.rows,
         "quantile_acts": quantiles.acts,

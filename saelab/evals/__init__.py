@@ -1,11 +1,13 @@
 """Evaluations of trained dictionaries: `matching` (cross-dictionary matching of latents by decoder cosine: nearest,
 Hungarian 1:1, 1:n splits), `sparse_probing` (k-sparse probes on the latents against the raw dimensions) and
 `hedging` (Chanin et al.'s hedging rate, per latent and per SAE), `families` (O'Neill et al.'s co-occurrence hierarchy:
-parent -> child links and feature families), `intervals` (t-intervals across seeds, grouped by config) and `table`
-(the run's dictionaries x evals, as the app's Evals page shows them)."""
+parent -> child links and feature families), `intervals` (t-intervals across seeds, grouped by config), `table`
+(the run's dictionaries x evals, as the app's Evals page shows them), `synth_bench` (the versioned synthetic suite of
+`saelab bench-synth`) and `endpoint` (an optional OpenAI-compatible LLM explainer and detection scorer)."""
 
 from __future__ import annotations
 
+from saelab.evals.endpoint import Endpoint, EndpointError, detect, explain
 from saelab.evals.families import (
     CoOccurrence,
     Families,
@@ -42,6 +44,7 @@ from saelab.evals.sparse_probing import (
     sparse_probing,
     token_label_task,
 )
+from saelab.evals.synth_bench import SUITE, SUITE_VERSION, BenchSetting, SynthBench, SynthScores, bench_synth, score_sae
 
 __all__ = [
     "CoOccurrence",
@@ -57,6 +60,17 @@ __all__ = [
     "group_by_config",
     "t_interval",
     "write_by_config",
+    "SUITE",
+    "SUITE_VERSION",
+    "BenchSetting",
+    "Endpoint",
+    "EndpointError",
+    "SynthBench",
+    "SynthScores",
+    "bench_synth",
+    "detect",
+    "explain",
+    "score_sae",
     "BestMatches",
     "Hedging",
     "HedgingPair",

@@ -13,12 +13,16 @@
   the same batches of the store's rows, and `saelab.evals.hedging.hedging` compares them. Plain SAEs only: a
   transcoder's steps would need its output hook's rows too, new latents would change a Matryoshka SAE's prefixes,
   and ICFL's codes are signed; those are listed in `EvalsDone.skipped`.
-
 - `families`: the co-occurrence of the dictionary's latents over the first `max_rows` rows, streamed from the store
   in blocks through its encoder, and the parent -> child links and families of `saelab.evals.families` (thresholds
   `EvalSettings.families`). Dictionaries with signed codes (ICFL) are skipped: "fires" is a positive code.
+- `labels`: the embedding-detection score of each latent's contrastive label (`saelab.analysis.labels`, written by
+  `saelab analyze`): for the first `label_latents` latents that fired, the AUROC of MiniLM's cosine between the label
+  and the latent's top contexts against `label_negatives` random contexts of the rows read. With an `endpoint`
+  (`saelab.evals.endpoint`), an LLM also explains each of them and scores its explanation by detection; an endpoint
+  that does not answer leaves the MiniLM scores written and the LLM part listed in `EvalsDone.skipped`.
 
-Crosscoders are left out of all three (they read several sources; `saelab diff` reads them).
+Crosscoders are left out of all of them (they read several sources; `saelab diff` reads them).
 """
 
 from __future__ import annotations
@@ -33,8 +37,11 @@ import torch
 from torch import Tensor
 
 from saelab.absorption.vocab import load_label_table
+from saelab.analysis.features import FeatureStore
+from saelab.analysis.labels import context_windows, detection_aurocs, join_pieces, label_query, label_text
 from saelab.dictionaries import SAE
 from saelab.errors import ConfigError, RunError
+from saelab.evals.endpoint import Endpoint, EndpointError, detect, explain
 from saelab.evals.families import FamiliesResult, FamilyThresholds, cooccurrence, families_result
 from saelab.evals.hedging import hedging, train_hedging_pair
 from saelab.evals.sparse_probing import (
@@ -47,19 +54,22 @@ from saelab.evals.sparse_probing import (
     token_label_task,
 )
 from saelab.evals.table import write_run_by_config
+from saelab.models import MINILM, Model, load_model
 from saelab.resultfile import JsonResult
 from saelab.run import RunDir, saved_kind
 from saelab.store import ActivationStore
 
-EVALS = ("sparse_probing", "hedging", "families")
-"""The evals `saelab eval` runs, in order."""
+EVALS = ("sparse_probing", "hedging", "families", "labels")
+"""The evals `saelab eval` knows, in order."""
+DEFAULT_EVALS = ("sparse_probing", "hedging", "families")
+"""The evals it runs unless told otherwise (`labels` needs `saelab analyze` to have run, and loads MiniLM)."""
 
 
 @dataclass(frozen=True)
 class EvalSettings:
     """What `saelab eval` reads and how it runs each eval."""
 
-    only: tuple[str, ...] = EVALS
+    only: tuple[str, ...] = DEFAULT_EVALS
     """The evals to run (names of `EVALS`)."""
     max_rows: int = 65_536
     """The store rows the evals read, from the first."""
@@ -84,6 +94,13 @@ class EvalSettings:
     labels: str | None = None
     """A label table (JSON or CSV, token text -> class, the absorption eval's format) for a token-level task of
     your own, `labels`, beside the built-in ones; None: the built-in tasks alone."""
+
+    label_latents: int = 64
+    """Labels: how many latents to score (the first that fired, by id)."""
+    label_negatives: int = 50
+    """Labels: random contexts each label must tell from its latent's top contexts."""
+    endpoint: Endpoint | None = None
+    """Labels: an OpenAI-compatible endpoint for the LLM explainer and detection scorer (None: MiniLM alone)."""
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.only if name not in EVALS]
@@ -136,6 +153,45 @@ class HedgingResult(JsonResult):
 
 
 @dataclass
+class LabelsResult(JsonResult):
+    """How well each scored latent's contrastive label picks out where it fires, as `saelab eval` writes it."""
+
+    what: ClassVar[str] = "labels result"
+    command: ClassVar[str] = "saelab eval RUN --only labels"
+    error: ClassVar[type[Exception]] = RunError
+
+    hook: str
+    """The dictionary's hook point."""
+    variant: str
+    """Its variant name."""
+    latents: list[int]
+    """The latents scored."""
+    labels: list[str]
+    """Each one's label, as the feature page shows it."""
+    auroc: list[float]
+    """Each one's MiniLM embedding-detection AUROC (0.5: the label says nothing)."""
+    llm_explanations: list[str] | None = None
+    """The LLM's explanation of each (None: no endpoint, or it did not answer)."""
+    llm_detection: list[float] | None = None
+    """The balanced accuracy of the LLM's detection with its explanation."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """The settings that made it."""
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LabelsResult:
+        """The result from its parsed JSON."""
+        return LabelsResult(**data)
+
+    def summary(self) -> str:
+        """One line: the mean AUROC (and the LLM's mean detection accuracy)."""
+        llm = f"; LLM detection {np.mean(self.llm_detection):.3f}" if self.llm_detection else ""
+        return (
+            f"{self.hook}/{self.variant}: label AUROC {np.mean(self.auroc):.3f} over {len(self.latents)} latents "
+            f"(MiniLM embedding detection){llm}"
+        )
+
+
+@dataclass
 class EvalRows:
     """The store rows the evals read."""
 
@@ -145,6 +201,8 @@ class EvalRows:
     """Each row's document."""
     tokens: np.ndarray
     """Each row's token id."""
+    contexts: np.ndarray
+    """Each row's context."""
 
 
 class Tasks(NamedTuple):
@@ -284,7 +342,76 @@ def families_sae(
     return result
 
 
-Result = SparseProbingResult | HedgingResult | FamiliesResult
+Result = SparseProbingResult | HedgingResult | FamiliesResult | LabelsResult
+
+
+def score_labels(
+    run: RunDir,
+    rows: EvalRows,
+    *,
+    hook: str,
+    variant: str,
+    settings: EvalSettings,
+    model: Model,
+    skipped: list[str],
+) -> LabelsResult:
+    """The labels eval of one SAE (see the module's docstring); an endpoint that fails appends its reason to
+    `skipped` and leaves the MiniLM scores."""
+    fs = FeatureStore.open(run.analysis(hook, variant))
+    vocab = fs.vocab
+    fs.column("label_tokens")  # an analysis written before labels: `StoreError` saying to run `saelab analyze` again
+    if not vocab:
+        raise RunError(f"the run {run.root} has no analysis/vocab.json; run `saelab analyze {run.root}` first")
+    counts = fs.column("count")
+    latents = np.flatnonzero(counts > 0)[: settings.label_latents]
+    if len(latents) == 0:
+        raise RunError(f"no latent of {hook}/{variant} fired on the analysed rows: there is no label to score")
+    window = int(fs.attrs.get("window", 10))
+    rng = np.random.default_rng(settings.seed)
+    picks = rng.choice(len(rows.tokens), min(settings.label_negatives, len(rows.tokens)), replace=False)
+    negatives = [
+        join_pieces(w[w >= 0].tolist(), vocab)
+        for w in context_windows(rows.tokens, rows.contexts, picks, window=window)
+    ]
+    features = [fs.feature(int(i)) for i in latents]
+    positives = [[join_pieces(w[w >= 0].tolist(), vocab) for w in f["top_tokens"][f["top_acts"] > 0]] for f in features]
+    queries = [label_query(f["label_tokens"], vocab) for f in features]
+    aurocs = detection_aurocs(model, queries, positives, negatives)
+    result = LabelsResult(
+        hook,
+        variant,
+        latents.tolist(),
+        [label_text(f["label_tokens"], vocab, scores=f["label_scores"]) for f in features],
+        aurocs.tolist(),
+        config={
+            "latents": settings.label_latents,
+            "negatives": len(negatives),
+            "seed": settings.seed,
+            "scorer": "all-MiniLM-L6-v2 embedding detection (AUROC)",
+            "rows": [0, len(rows.tokens)],
+            "endpoint": None if settings.endpoint is None else asdict(settings.endpoint),
+        },
+    )
+    if settings.endpoint is not None:
+        try:
+            marked = [[_marked(w, vocab) for w in f["top_tokens"][f["top_acts"] > 0]] for f in features]
+            explanations = [explain(settings.endpoint, m) for m in marked]
+            result.llm_detection = [
+                detect(settings.endpoint, e, p, negatives, seed=settings.seed)
+                for e, p in zip(explanations, positives, strict=True)
+            ]
+            result.llm_explanations = explanations
+        except EndpointError as err:
+            skipped.append(f"labels (LLM explainer) of {hook}/{variant}: {err}")
+    return result
+
+
+def _marked(window: np.ndarray, vocab: list[str]) -> str:
+    """A top context as text with its own (middle) token marked `<<like this>>`."""
+    mid = len(window) // 2
+    left = join_pieces(window[:mid][window[:mid] >= 0].tolist(), vocab)
+    right = join_pieces(window[mid + 1 :][window[mid + 1 :] >= 0].tolist(), vocab)
+    return f"{left} <<{join_pieces([int(window[mid])], vocab)}>> {right}".strip()
 
 
 class EvalsDone(NamedTuple):
@@ -329,24 +456,43 @@ def run_evals(
     skipped: list[str] = []
     cache: dict[str, tuple[EvalRows, Tasks | None]] = {}
     probing = "sparse_probing" in settings.only
+    scorer: Model | None = None
     strings = vocabulary(run_dir, store) if probing else None
     for entry in entries:
         if entry.hook not in store.hooks:
             raise RunError(f"the store {store.path} has no hook {entry.hook}, which {entry.variant} reads")
         if entry.hook not in cache:
             part = slice(0, min(settings.max_rows, store.n_tokens))
-            rows = EvalRows(store.activations(entry.hook, part).float(), store.doc_ids(part), store.tokens(part))
+            rows = EvalRows(
+                store.activations(entry.hook, part).float(),
+                store.doc_ids(part),
+                store.tokens(part),
+                store.contexts(part),
+            )
             cache[entry.hook] = rows, probing_tasks(store, rows, strings, settings=settings) if probing else None
         rows, tasks = cache[entry.hook]
         sae = SAE.load(entry.path).eval()
         for name in settings.only:
+            result: Result
             if name == "sparse_probing" and tasks is not None:
-                result: Result = probe_sae(sae, rows, tasks, hook=entry.hook, variant=entry.variant, settings=settings)
+                result = probe_sae(sae, rows, tasks, hook=entry.hook, variant=entry.variant, settings=settings)
             elif name == "families" and sae.signed_codes:
                 skipped.append(f"families of {entry.hook}/{entry.variant}: its codes are signed ({sae.cfg.arch})")
                 continue
             elif name == "families":
                 result = families_sae(sae, store, hook=entry.hook, variant=entry.variant, settings=settings)
+            elif name == "labels":
+                if scorer is None:
+                    scorer = load_model(MINILM, device="cpu")
+                result = score_labels(
+                    run_dir,
+                    rows,
+                    hook=entry.hook,
+                    variant=entry.variant,
+                    settings=settings,
+                    model=scorer,
+                    skipped=skipped,
+                )
             elif why := _cannot_hedge(sae):
                 skipped.append(f"hedging of {entry.hook}/{entry.variant}: {why}")
                 continue

@@ -12,7 +12,7 @@ whose shape is all that matters: the tests' tiny decoder, and the benchmarks' la
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,15 @@ from torch import Tensor
 from transformer_lens import HookedTransformerConfig
 
 from saelab.errors import ConfigError
+
+
+class LabelledSample(NamedTuple):
+    """Activations with the true features that fired on each row."""
+
+    x: Tensor
+    """`[n, d]` activations."""
+    fires: Tensor
+    """`[n, n_features]` bool: which true features fired on each row."""
 
 
 @dataclass
@@ -56,11 +65,16 @@ class SyntheticData:
 
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
         """Activations `[n, d]`, built sparsely from the active (token, feature) pairs."""
-        rows, feats = self.sample_fires(n, generator).nonzero(as_tuple=True)
+        return self.sample_labelled(n, generator).x
+
+    def sample_labelled(self, n: int, generator: torch.Generator) -> LabelledSample:
+        """`sample`'s activations (the same ones for the same generator state) with the features that fired."""
+        fires = self.sample_fires(n, generator)
+        rows, feats = fires.nonzero(as_tuple=True)
         magnitudes = (torch.randn(len(feats), generator=generator) * self.magnitude_sigma).exp()
         offsets = torch.searchsorted(rows, torch.arange(n))
         x = F.embedding_bag(feats, self.directions, offsets, mode="sum", per_sample_weights=magnitudes)
-        return x + self.bias + self.noise * torch.randn(x.shape, generator=generator)
+        return LabelledSample(x + self.bias + self.noise * torch.randn(x.shape, generator=generator), fires)
 
 
 def make_synthetic(

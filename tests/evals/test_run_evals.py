@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from saelab.analysis.features import vocab_strings
 from saelab.cli import app
 from saelab.dictionaries import SAE, SAEConfig
+from saelab.errors import SaelabError
 from saelab.evals.families import FamiliesResult
 from saelab.evals.run_evals import HedgingResult
 from saelab.evals.sparse_probing import SparseProbingResult
@@ -146,3 +147,36 @@ def test_families_skip_signed_codes_and_say_so(tiny_run, tmp_path):
     assert result.exit_code == 0, result.output
     assert f"skipped families of {HOOK}/icfl: its codes are signed (icfl)" in result.output
     assert run.eval_results(HOOK, "icfl") == []
+
+
+def closed_port() -> int:
+    """A local port with nothing listening (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_labels_eval_scores_labels_and_survives_an_endpoint_that_does_not_answer(tiny_run, tmp_path, minilm):
+    """`--only labels` after `saelab analyze`: a MiniLM AUROC per latent; an LLM endpoint on a closed port is a clear
+    line in `skipped`, the labels' MiniLM scores and the other evals are still written."""
+    from saelab.analysis import AnalysisConfig, analyze
+    from saelab.evals.endpoint import Endpoint
+    from saelab.evals.run_evals import EvalSettings, LabelsResult, run_evals
+
+    run = RunDir(shutil.copytree(tiny_run.root, tmp_path / "run"))
+    with pytest.raises(SaelabError, match="saelab analyze"):
+        run_evals(run.root, settings=EvalSettings(only=("labels",)))
+    analyze(run.root, AnalysisConfig(n_top=8, window=4, max_tokens=4096), progress=False)
+    endpoint = Endpoint(f"http://127.0.0.1:{closed_port()}/v1", "any", timeout=5)
+    settings = EvalSettings(only=("sparse_probing", "labels"), label_latents=8, label_negatives=20, endpoint=endpoint)
+    done = run_evals(run.root, settings=settings)
+    (sae,) = run.saes()
+    assert {"labels", "sparse_probing"} <= set(run.eval_results(sae.hook, sae.variant))
+    assert {type(r).__name__ for r, _ in done.written} == {"LabelsResult", "SparseProbingResult"}
+    labels = LabelsResult.load(run.eval_result(sae.hook, sae.variant, "labels"))
+    assert len(labels.latents) == len(labels.auroc) == 8 and all(0 <= a <= 1 for a in labels.auroc)
+    assert labels.llm_explanations is None and all(labels.labels)
+    (line,) = done.skipped
+    assert "does not answer" in line and "start the server" in line
