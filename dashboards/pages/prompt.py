@@ -14,6 +14,7 @@ from saelab.dashboards import components as c
 from saelab.dashboards import params as p
 from saelab.dashboards.data import SaeInfo, chosen_sae, feature_store
 from saelab.dashboards.live import prompt_latents
+from saelab.errors import SaelabError
 
 TITLE = "Prompt"
 NAV = True
@@ -61,32 +62,41 @@ def layout(run: str, params: p.Params) -> Any:
 def prompt_results(run: str, info: SaeInfo, text: str, *, top: int) -> Any:
     """Each token of `text` with its `top` strongest latents."""
     rows = prompt_latents(run, info, text, top=top)
-    fs = feature_store(run, info)
+    labels, unlabelled = _labels(feature_store(run, info))
     body = [
         html.Tr(
             [
                 html.Td(html.Code(repr(r.token))),
-                html.Td(_labelled_chips(info, fs, r.latents) if r.latents else html.Span("none", className="muted")),
+                html.Td(
+                    _labelled_chips(info, labels, r.latents) if r.latents else html.Span("none", className="muted")
+                ),
             ]
         )
         for r in rows
     ]
-    return c.card(
-        f"Top latents per token ({info.hook} · {info.variant})",
-        html.Table(
-            [html.Thead(html.Tr([html.Th("token"), html.Th("latents (activation)")])), html.Tbody(body)],
-            className="tbl",
-        ),
+    table = html.Table(
+        [html.Thead(html.Tr([html.Th("token"), html.Th("latents (activation)")])), html.Tbody(body)], className="tbl"
     )
+    note = [] if unlabelled is None else [html.P(unlabelled, className="muted")]
+    return c.card(f"Top latents per token ({info.hook} · {info.variant})", html.Div([*note, table]))
 
 
-def _labelled_chips(info: SaeInfo, fs: FeatureStore, pairs: list[tuple[int, float]]) -> html.Div:
+def _labels(fs: FeatureStore) -> tuple[list[str] | None, str | None]:
+    """Each latent's contrastive label's first n-gram, or None and why not (an analysis written before labels, or
+    one whose labels cannot be read: the latents are shown all the same, and their feature pages show the damage)."""
+    try:
+        tokens = fs.column("label_tokens")
+    except SaelabError as err:
+        return None, f"labels not shown: {err}"
+    return [label_text(t[:1], fs.vocab) for t in tokens], None
+
+
+def _labelled_chips(info: SaeInfo, labels: list[str] | None, pairs: list[tuple[int, float]]) -> html.Div:
     """Links to the latents' pages, each with its contrastive label's first n-gram (where the analysis has labels)
     and its activation."""
     links = []
     for i, v in pairs:
-        f = fs.feature(i)
-        label = label_text(f["label_tokens"][:1], fs.vocab) if "label_tokens" in f else ""
+        label = "" if labels is None else labels[i]
         links.append(
             c.element(
                 "Span", c.link_element(info, i, " ".join(filter(None, [f"#{i}", label, f"{v:.2f}"]))), className="chip"

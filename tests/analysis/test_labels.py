@@ -96,7 +96,7 @@ def test_feature_page_and_prompt_chips_show_the_label(run):
 
     from saelab.dashboards.data import feature_store, sae_info
     from saelab.dashboards.pages.feature import feature_page
-    from saelab.dashboards.pages.prompt import _labelled_chips
+    from saelab.dashboards.pages.prompt import _labelled_chips, _labels
 
     analyze(run, AnalysisConfig(n_top=8, window=3), progress=False)
     info = sae_info(
@@ -108,5 +108,7 @@ def test_feature_page_and_prompt_chips_show_the_label(run):
     label = label_text(f["label_tokens"], fs.vocab, scores=f["label_scores"])
     page = json.dumps(feature_page(str(run), info.hook, info.variant, str(busiest)), default=str)
     assert "feature-label" in page and json.dumps(label)[1:-1] in page
-    chips = json.dumps(_labelled_chips(info, fs, [(busiest, 1.0)]).to_plotly_json(), default=str)
+    labels, unlabelled = _labels(fs)
+    assert unlabelled is None
+    chips = json.dumps(_labelled_chips(info, labels, [(busiest, 1.0)]).to_plotly_json(), default=str)
     assert json.dumps(label_text(f["label_tokens"][:1], fs.vocab))[1:-1] in chips
