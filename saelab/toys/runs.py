@@ -14,26 +14,27 @@ from saelab.store import ActivationStore
 from saelab.train import Grid, TrainConfig, default_lr, train
 
 
+def _small_config(run: Path, hooks: list[str], *, tokens: int, context_length: int) -> dict[str, object]:
+    """The harvest settings every small store shares: `tokens` rows at `hooks` on the embedded corpus, on the CPU."""
+    return {
+        "hooks": hooks,
+        "out": str(RunDir(run).store),
+        "context_length": context_length,
+        "batch_size": 32,
+        "max_tokens": tokens,
+        "shard_rows": 4096,
+        "chunk_rows": 1024,
+        "device": "cpu",
+    }
+
+
 def small_store(
     run: Path, model: str, hook: str, *, tokens: int = 4096, context_length: int = 32, loaded: Model | None = None
 ) -> ActivationStore:
     """The store of run `run`: `tokens` rows of `model` at `hook` on the embedded corpus, in contexts of
     `context_length` (`loaded`: the model already loaded, to skip loading it again)."""
-    return harvest(
-        HarvestConfig(
-            model=model,
-            hooks=[hook],
-            out=str(RunDir(run).store),
-            context_length=context_length,
-            batch_size=32,
-            max_tokens=tokens,
-            shard_rows=4096,
-            chunk_rows=1024,
-            device="cpu",
-        ),
-        model=loaded,
-        progress=False,
-    )
+    settings = _small_config(run, [hook], tokens=tokens, context_length=context_length)
+    return harvest(HarvestConfig.model_validate(settings | {"model": model}), model=loaded, progress=False)
 
 
 def small_models_store(
@@ -41,20 +42,8 @@ def small_models_store(
 ) -> ActivationStore:
     """The store of run `run` harvested from several `models` (alias -> spec) together: `tokens` rows of each at
     every hook point of `hooks` (arrays `<alias>/<hook>`) on the embedded corpus, in contexts of `context_length`."""
-    return harvest(
-        HarvestConfig(
-            models=models,
-            hooks=hooks,
-            out=str(RunDir(run).store),
-            context_length=context_length,
-            batch_size=32,
-            max_tokens=tokens,
-            shard_rows=4096,
-            chunk_rows=1024,
-            device="cpu",
-        ),
-        progress=False,
-    )
+    settings = _small_config(run, hooks, tokens=tokens, context_length=context_length)
+    return harvest(HarvestConfig.model_validate(settings | {"models": models}), progress=False)
 
 
 def small_run(root: Path, model: str, hook: str, *, k: int, expansion: int = 2, analysed: bool) -> Path:
