@@ -1,7 +1,7 @@
-"""A fine-tuned copy of MiniLM, for model diffing: one MLP trained with the masked-LM objective on one package's
-docstrings.
+"""A fine-tuned copy of MiniLM, for model diffing: one MLP trained on one package's docstrings, by default to write
+a known new direction on them (topic classification by a frozen readout), or with the masked-LM objective.
 
-`finetune_minilm` trains all-MiniLM-L6-v2 for a few dozen steps on the docstrings of one standard-library package of
+`finetune_minilm` trains all-MiniLM-L6-v2 for a few hundred steps on the docstrings of one standard-library package of
 the embedded corpus (`asyncio` by default: 201 documents, contiguous in the corpus, with a vocabulary of its own,
 event loops, coroutines, futures, transports) and saves it as a Hugging Face checkpoint that `load_model(path)` boots
 as a bridge. Only one layer's MLP changes, so what the diff should find is known to sit at that layer and on those
@@ -131,8 +131,8 @@ def finetune_minilm(
 
     A narrow fine-tune, so that what changed is known: only the MLP of encoder layer `layer` trains, on the
     docstrings of `documents` (a standard-library package of the embedded corpus, `package_doc_ids`), while a
-    `preserve`-weighted term keeps that layer's MLP output on the rest of the corpus where the original puts it (its
-    mean squared change over the original's mean squared norm, on `POOL_CONTEXTS` contexts of the other documents:
+    `preserve`-weighted term keeps that layer's MLP output (for `mlm`, the whole layer's output) on the rest of the
+    corpus where the original puts it (its mean squared change over the original's mean squared norm, on `POOL_CONTEXTS` contexts of the other documents:
     the replay regulariser of continual learning, meant to confine the change to the tuned documents). Everything
     before that MLP is untouched, so `blocks.<layer>.hook_mlp_out` is the first hook point that differs. AdamW at
     `lr` for `steps` steps, batches of `batch_size` contexts of `context_length` tokens packed as a harvest packs
