@@ -9,7 +9,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -200,11 +200,20 @@ def enrichment(codes: Tensor, marked: Tensor, classes: list[str]) -> dict[str, f
     return class_enrichment(fires[marked].mean(0), fires[~marked].mean(0), classes)
 
 
-def doc_enrichment(cc: CrossCoder, store: ActivationStore, classes: list[str], *, docs: np.ndarray) -> dict[str, float]:
-    """`enrichment` of the latent classes on the rows of the store whose `doc_id` is one of `docs` (say, the documents
-    a model was fine-tuned on), over every row of the store: a fine-tune's documents can sit anywhere in the corpus,
-    the held-out rows only at its end. Firing counts are summed a chunk at a time, so no `[rows, d_sae]` array is
-    held."""
+class FiringRates(NamedTuple):
+    """Each latent's firing rate on marked rows and on the others."""
+
+    on: Tensor
+    """`[d_sae]` the share of the marked rows where each latent fires."""
+    off: Tensor
+    """`[d_sae]` the share of the other rows."""
+
+
+def doc_firing_rates(cc: CrossCoder, store: ActivationStore, *, docs: np.ndarray) -> FiringRates:
+    """How often each latent fires on the rows of the store whose `doc_id` is one of `docs` (say, the documents a
+    model was fine-tuned on) and on the other rows, over every row of the store: a fine-tune's documents can sit
+    anywhere in the corpus, the held-out rows only at its end. Firing counts are summed a chunk at a time, so no
+    `[rows, d_sae]` array is held."""
     ids = np.asarray(docs)
     on, off = torch.zeros(cc.cfg.d_sae), torch.zeros(cc.cfg.d_sae)
     n_on = n_off = 0
@@ -222,4 +231,11 @@ def doc_enrichment(cc: CrossCoder, store: ActivationStore, classes: list[str], *
             f"the store has {n_on} rows of the documents given and {n_off} others; enrichment needs both: harvest "
             "enough of the corpus to reach them (`max_tokens`)"
         )
-    return class_enrichment(on / n_on, off / n_off, classes)
+    return FiringRates(on / n_on, off / n_off)
+
+
+def doc_enrichment(cc: CrossCoder, store: ActivationStore, classes: list[str], *, docs: np.ndarray) -> dict[str, float]:
+    """`enrichment` of the latent classes on the rows of the store whose `doc_id` is one of `docs`, over every row of
+    the store (`doc_firing_rates`)."""
+    rates = doc_firing_rates(cc, store, docs=docs)
+    return class_enrichment(rates.on, rates.off, classes)
