@@ -3,7 +3,9 @@ Hungarian 1:1, 1:n splits), `sparse_probing` (k-sparse probes on the latents aga
 `hedging` (Chanin et al.'s hedging rate, per latent and per SAE), `families` (O'Neill et al.'s co-occurrence hierarchy:
 parent -> child links and feature families), `intervals` (t-intervals across seeds, grouped by config), `table`
 (the run's dictionaries x evals, as the app's Evals page shows them), `synth_bench` (the versioned synthetic suite of
-`saelab bench-synth`) and `endpoint` (an optional OpenAI-compatible LLM explainer and detection scorer)."""
+`saelab bench-synth`), `endpoint` (an optional OpenAI-compatible LLM explainer and detection scorer) and `supervised`
+(Makelov et al.'s supervised feature dictionaries, and an SAE scored against one on approximation, control and
+interpretability)."""
 
 from __future__ import annotations
 
@@ -43,6 +45,19 @@ from saelab.evals.sparse_probing import (
     package_task,
     sparse_probing,
     token_label_task,
+)
+from saelab.evals.supervised import (
+    Approximation,
+    AttributeLabels,
+    Control,
+    Counterfactuals,
+    LatentF1,
+    SupervisedDictionary,
+    SupervisedEval,
+    SupervisedTask,
+    attribute_labels,
+    evaluate_supervised,
+    supervised_dictionary,
 )
 from saelab.evals.synth_bench import SUITE, SUITE_VERSION, BenchSetting, SynthBench, SynthScores, bench_synth, score_sae
 
@@ -96,4 +111,15 @@ __all__ = [
     "nearest",
     "one_to_one",
     "splits",
+    "Approximation",
+    "AttributeLabels",
+    "Control",
+    "Counterfactuals",
+    "LatentF1",
+    "SupervisedDictionary",
+    "SupervisedEval",
+    "SupervisedTask",
+    "attribute_labels",
+    "evaluate_supervised",
+    "supervised_dictionary",
 ]

@@ -27,6 +27,11 @@ The axes, each as the reference computes it:
   `|fires & has v| / |fires|`, recall `|fires & has v| / |has v|` and their F1 (`sae_interp.py`,
   `get_feature_scores`), and the best latent of each value.
 
+Where the model is affine in the site's activation after it (the planted toy's readout; the attention-only induction
+model, whose head output reaches the logits through `W_O` and the unembedding alone), `LD(a - a_hat + E[a]) =
+LD(a) - LD(a_hat) + LD(E[a])`, so necessity equals sufficiency (while `LD(a_hat)` lies between the two); they part
+where nonlinear layers (LayerNorm, MLPs, later attention) read the site.
+
 Where it differs: the paper picks attributes per activation site and sometimes joint attributes (`(io, io_pos)`); here
 each attribute is one label column (give a joint attribute as its own column of combined values). The reference also
 offers least-squares codes (`get_mse_codes`) and F1-guided SAE edits (`get_edit_using_f1_scores`); these are left out.

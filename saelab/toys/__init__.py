@@ -5,7 +5,9 @@
 - `saelab.toys.synthetic`: activations built from a known overcomplete dictionary (`make_synthetic`) and how
   much of it an SAE recovers;
 - `saelab.toys.planted`: activations with a planted feature hierarchy, for feature absorption;
-- `saelab.toys.hedging`: parent/child features that a too-narrow SAE hedges (`parent_child`).
+- `saelab.toys.hedging`: parent/child features that a too-narrow SAE hedges (`parent_child`);
+- `saelab.toys.attributes`: tasks with known attributes for the supervised-dictionary eval (planted attributes and a
+  linear readout; the induction model's head output).
 """
 
 from __future__ import annotations

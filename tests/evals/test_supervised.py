@@ -178,6 +178,10 @@ def test_induction_edit_changes_the_copied_token(induction, induction_run):
     # the run's SAE on the same site, on the same edits
     sae = SAE.load(sae_folder(induction_run, INDUCTION_SITE)).eval()
     scored = evaluate_supervised(held, sae, [cf._replace(rows=cf.rows - test[0])], dictionary=sup, n_exchange=2)
-    print(scored.summary())
-    assert 0 <= scored.sae_control[0].accuracy <= 1 and 0 <= scored.sae_approximation.sufficiency <= 1.1
+    # measured: sufficiency 0.997, edits 0.986 (moved 0.959), best-latent F1 0.78 on `copied` and 0.32 on `current`:
+    # the run's TopK SAE (k 2, 128 latents) gives latents to the tokens the head copies, not to the current token
+    assert 0.9 <= scored.sae_approximation.sufficiency <= 1.05
+    assert scored.sae_control[0].accuracy >= 0.8
+    copied, current = scored.interpretability
+    assert copied.mean_f1 > current.mean_f1 + 0.2
     assert scored.supervised_control[0].accuracy == pytest.approx(sup_edit.accuracy)
