@@ -111,7 +111,8 @@ def test_trained_sae_is_scored_on_the_same_axes(scored, planted, fitted, held_ou
     assert 0.5 <= sae_control.accuracy <= sup_control.accuracy
     assert all(0.7 <= lf.mean_f1 <= 1.0 for lf in scored.interpretability)
     assert "control of a0" in scored.summary()
-    # an untrained SAE of the same shape (measured best-latent F1 0.53 to 0.60): every axis drops
+    # an untrained SAE of the same shape (measured: best-latent F1 0.53 to 0.60, sufficiency 0.17, edits 0.014):
+    # every axis drops
     task, cf = held_out
     raw = evaluate_supervised(task, toy_sae(planted, steps=0), [cf], dictionary=fitted, n_exchange=2)
     assert max(lf.mean_f1 for lf in raw.interpretability) < 0.7
@@ -123,13 +124,13 @@ def test_oracle_sae_scores_like_the_supervised_dictionary(planted, fitted, held_
     task, cf = held_out
     sae = oracle_sae(planted)
     result = evaluate_supervised(task, sae, [cf], dictionary=fitted, n_exchange=2)
-    assert all(f >= 0.95 for lf in result.interpretability for f in lf.f1)  # each value's own latent
-    assert result.sae_approximation.sufficiency >= 0.9
-    assert result.sae_control[0].accuracy >= 0.9
+    assert all(f >= 0.95 for lf in result.interpretability for f in lf.f1)  # measured 1.0: each value's own latent
+    assert result.sae_approximation.sufficiency >= 0.9  # measured 1.05 (codes slightly above 1 from cross terms)
+    assert result.sae_control[0].accuracy >= 0.9  # measured 0.955 with 2 latents exchanged
     # removing a0's latent alone leaves no a0 vector, adding the new one alone leaves two: either is a coin flip for
     # the readout; the paper's greedy edit needs one latent out and one in
     one = control(task, cf, edit_sae(sae, task.x[cf.rows], cf.x, n_exchange=1))
-    assert one.accuracy < 0.8, one
+    assert one.accuracy < 0.8, one  # measured 0.527
 
 
 def test_latent_f1_of_a_perfect_latent():
