@@ -39,6 +39,8 @@ from saelab.dictionaries.base import SAE
 from saelab.errors import CircuitError, ConfigError
 
 FLOAT_BYTES = 4
+CONTRACT_BLOCK = 1024
+"""Source columns contracted with a batch's gradients at a time."""
 
 
 @dataclass
@@ -282,15 +284,15 @@ class _Frozen:
         self.n_pos = len(tokens)
 
     def attention_blocks(self, layer: int, block: int) -> Iterator[tuple[slice, Tensor]]:
-        """The frozen pattern `[heads, block, n_pos]` of each block of query positions, one block at a time."""
+        """The frozen pattern `[heads, block, keys]` of each block of query positions, one block at a time (the keys
+        up to the block's last query: causal)."""
         lay, n = self.layers[layer], self.n_pos
         scale = float(self.model.blocks[layer].attn.attn_scale)
         for start in range(0, n, block):
             rows = slice(start, min(start + block, n))
-            scores = torch.einsum("qhd,khd->hqk", lay.q[rows], lay.k) / scale
-            keys = torch.arange(n)[None, :]
-            scores = scores.masked_fill(keys > torch.arange(rows.start, rows.stop)[:, None], float("-inf"))
-            yield rows, scores.softmax(-1)
+            scores = torch.einsum("qhd,khd->hqk", lay.q[rows], lay.k[: rows.stop]) / scale
+            future = torch.arange(rows.stop)[None, :] > torch.arange(rows.start, rows.stop)[:, None]
+            yield rows, scores.masked_fill(future, float("-inf")).softmax(-1)
 
 
 @dataclass
@@ -336,7 +338,7 @@ def _backward(
 
     def contract(grad: Tensor, layer: int) -> None:
         cols = (sources.layer == layer).nonzero()[:, 0]
-        for chunk in cols.split(4096):
+        for chunk in cols.split(CONTRACT_BLOCK):
             rows[:, chunk] = torch.einsum("bcd,cd->bc", grad[:, sources.pos[chunk]], sources.vec[chunk])
 
     logits = targets.layer == cfg.n_layers
@@ -360,7 +362,8 @@ def _backward(
         g_z = torch.einsum("bnd,hed->bnhe", g, attn.W_O.detach())
         g_v = torch.zeros_like(g_z)
         for q_rows, pattern in frozen.attention_blocks(layer, query_block):
-            g_v += torch.einsum("hqk,bqhe->bkhe", pattern, g_z[:, q_rows])
+            if g_z[:, q_rows].any():  # targets early in the prompt leave later queries without gradient
+                g_v[:, : q_rows.stop] += torch.einsum("hqk,bqhe->bkhe", pattern, g_z[:, q_rows])
         w1, centre1 = _norm_parts(block.ln1)
         if split is not None and head_edges is not None:
             e_row, e_col = head_edges
@@ -481,17 +484,19 @@ def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: 
 
 def estimate_memory_mb(model: Any, n_pos: int, n_active: int, cfg: GraphConfig) -> float:
     """The MiB a graph of `n_pos` positions with `n_active` active latents needs beyond the model: the cached prompt
-    state (queries, keys, inputs, errors per layer), the edge matrix (visited latents and logits x sources), one
-    backward batch's gradients and one block of attention pattern. Linear in `n_pos` for a fixed
-    `max_feature_nodes`."""
+    state (queries, keys, inputs, errors per layer, the source vectors), the edge matrix (visited latents and logits x
+    sources, and its normalised copy while ranking), one backward batch's gradients and temporaries, one block of
+    attention pattern, and the clean forward pass's attention scores and pattern (one layer, batch 1: the only term in
+    `n_pos` squared, and transient). Linear in `n_pos` for a fixed `max_feature_nodes` apart from that last term."""
     mc = model.cfg
     n_rows = min(cfg.max_feature_nodes or n_active, n_active) + cfg.max_n_logits
     n_cols = n_active + (mc.n_layers + 1) * n_pos
-    cache = mc.n_layers * n_pos * (2 * mc.n_heads * mc.d_head + 3 * mc.d_model) + n_active * (mc.d_model + 4)
-    edges = 2 * n_rows * n_cols  # the matrix and its normalised copy while ranking
-    batch = cfg.batch_size * n_pos * (4 * mc.d_model + 2 * mc.n_heads * mc.d_head)
+    cache = mc.n_layers * n_pos * (2 * mc.n_heads * mc.d_head + 3 * mc.d_model) + n_cols * (mc.d_model + 3)
+    edges = 2 * n_rows * n_cols
+    batch = cfg.batch_size * (n_pos * (4 * mc.d_model + 3 * mc.n_heads * mc.d_head) + 2 * CONTRACT_BLOCK * mc.d_model)
     pattern = 3 * mc.n_heads * min(cfg.query_block, n_pos) * n_pos
-    return (cache + edges + batch + pattern) * FLOAT_BYTES / 2**20
+    forward = 2 * mc.n_heads * n_pos**2
+    return (cache + edges + batch + pattern + forward) * FLOAT_BYTES / 2**20
 
 
 def _sources(frozen: _Frozen, keep: Tensor) -> _Sources:
