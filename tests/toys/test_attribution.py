@@ -11,8 +11,7 @@ from saelab.toys.attribution import KNOWN_HEAD, A, B, mlp_graph_toy, mlp_transco
 def test_the_toy_predicts_b_after_a_through_its_known_head():
     toy = mlp_graph_toy(n_pos=12, a_pos=5)
     logits, cache = toy.model.run_with_cache(toy.tokens[None])
-    assert isinstance(logits, torch.Tensor)
-    assert logits[0, -1].softmax(-1)[B] > 0.95
+    assert torch.as_tensor(logits)[0, -1].softmax(-1)[B] > 0.95
     layer, head = KNOWN_HEAD
     assert cache[f"blocks.{layer}.attn.hook_pattern"][0, head, -1, toy.a_pos] > 0.99
     without = toy.tokens.clone()
