@@ -13,6 +13,7 @@ Pages are addressed by their URL, so any view can be shared:
     /evals                                    every dictionary x eval (`saelab eval`), across seeds, Pareto fronts
     /families?hook=H&sae=VARIANT              an SAE's feature families: parents and children (`saelab eval`)
     /heads?hook=H&sae=VARIANT                 attention heads: composition scores (`saelab heads`), latents by head
+    /graph?name=NAME                          an attribution graph over transcoders (`saelab graph`), edges by head
 
 Every page is built server-side by its module's `layout(run, params)`; forms navigate to the URL of their result.
 A `SaelabError` anywhere shows as an error box in the page; a callback request whose body does not name one of
@@ -42,6 +43,7 @@ from saelab.dashboards.pages import (
     evals,
     families,
     feature,
+    graph,
     heads,
     model_diff,
     overview,
@@ -62,6 +64,7 @@ PAGES: dict[str, ModuleType] = {
     "/evals": evals,
     "/families": families,
     "/heads": heads,
+    "/graph": graph,
 }
 """The app's pages by path: each module has `TITLE`, `NAV` (whether the nav links to it), `layout(run, params)`,
 and `register(app, run)` when it has callbacks."""

@@ -427,6 +427,30 @@ def heads_cmd(
         typer.echo(f"{h}/{v}: latents by head {heads}; mixed {found.mixed}, dead {found.dead}")
 
 
+@command("graph")
+def graph_cmd(
+    run: Path = typer.Argument(..., help="A run directory with a transcoder per MLP (saes/blocks.L.hook_mlp_in/...)."),
+    prompt: str = typer.Option(..., "--prompt", help="The prompt whose next token the graph explains."),
+    name: str = typer.Option("graph", "--name", help="Written to RUN/graphs/NAME.json."),
+    model: Optional[str] = typer.Option(None, "--model", help="The model (default: the run's model/ folder)."),
+    variant: Optional[str] = typer.Option(None, "--variant", help="The transcoders' variant, when there are several."),
+    max_feature_nodes: Optional[int] = typer.Option(None, min=1, help="The most latents visited (default: all)."),
+    budget_mb: float = typer.Option(4096.0, "--budget-mb", help="Refuse a graph whose memory estimate exceeds this."),
+) -> None:
+    """An attribution graph over the run's transcoders (circuit-tracer's method), pruned by influence, with the
+    heads that carry each edge; shown on the app's Graph page."""
+    from saelab.circuits.attribution_graph import GraphConfig
+    from saelab.circuits.graph_file import GraphFile, graph_run
+
+    cfg = GraphConfig(max_feature_nodes=max_feature_nodes, memory_budget_mb=budget_mb)
+    path = graph_run(run, prompt, model=model, name=name, variant=variant, cfg=cfg)
+    found = GraphFile.load(path)
+    typer.echo(
+        f"wrote {path}: {len(found.nodes)} nodes, {len(found.edges)} edges kept; "
+        f"replacement {found.replacement:.3f}, completeness {found.completeness:.3f}"
+    )
+
+
 @command("bench-synth")
 def bench_synth_cmd(
     arch: str = typer.Option("topk", "--arch", help="Architectures to score, comma-separated (topk, relu, ...)."),

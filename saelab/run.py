@@ -10,6 +10,7 @@ RUN/
   analysis/<hook>/<variant>.zarr         feature panels (`saelab analyze`); analysis/vocab.json
   absorption/<hook>/<variant>.json       absorption scores
   circuits/<name>.json                   sparse feature circuits
+  graphs/<name>.json                     attribution graphs over transcoders (`saelab graph`)
   steering/<name>.json                   steering runs
   model_diff/<hook>/<variant>.json       a crosscoder's shared / exclusive latents (`saelab diff`)
   evals/<hook>/<variant>/<eval>.json     a dictionary's eval results (`saelab eval`: sparse probing, hedging)
@@ -52,8 +53,9 @@ STEERING = "steering"
 MODEL_DIFF = "model_diff"
 HEADS = "heads"
 EVALS = "evals"
+GRAPHS = "graphs"
 # Entries that make a folder a saelab run: it may be written into even when it is not empty.
-RUN_ENTRIES = (STORE, SAES, ANALYSIS, ABSORPTION, CIRCUITS, STEERING, MODEL_DIFF, HEADS, EVALS)
+RUN_ENTRIES = (STORE, SAES, ANALYSIS, ABSORPTION, CIRCUITS, STEERING, MODEL_DIFF, HEADS, EVALS, GRAPHS)
 MAX_NAME = 200  # longest hook, variant or result name accepted, in UTF-8 bytes (file systems allow 255)
 
 
@@ -252,6 +254,14 @@ class RunDir:
     def circuits(self) -> list[str]:
         """The names of the run's circuits, sorted."""
         return self._names(CIRCUITS)
+
+    def graph(self, name: str) -> Path:
+        """Attribution graph `name`."""
+        return self._named(GRAPHS, name, "graph name")
+
+    def graphs(self) -> list[str]:
+        """The names of the run's attribution graphs, sorted."""
+        return self._names(GRAPHS)
 
     def steering(self, name: str) -> Path:
         """Steering run `name`."""

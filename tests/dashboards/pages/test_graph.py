@@ -1,0 +1,67 @@
+"""The graph page over a run holding the MLP toy's attribution graph (`saelab graph`): its scores, the layer x
+position figure and the table of edges with the head that carries each, in headless Chromium; a run without graphs
+gets an error naming the command that computes one."""
+
+from __future__ import annotations
+
+import json
+
+import plotly.utils
+import pytest
+from selenium.webdriver.common.by import By
+
+from saelab.circuits.graph_file import GraphFile, graph_run
+from saelab.dashboards.pages import graph as graph_page
+from saelab.models import save_model
+from saelab.run import RunDir
+from saelab.toys.attribution import mlp_graph_model, mlp_transcoder
+from saelab.toys.induction import induction_tokenizer
+from tests.dashboards.helpers import Server, errors, text, visit, wait_for
+
+
+@pytest.fixture(scope="module")
+def graph_run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("graph_page")
+    model = mlp_graph_model(tokenizer=induction_tokenizer(root / "tok"))
+    save_model(model, root / "model")
+    for layer in range(2):
+        mlp_transcoder(model, layer, noise=0.01).save(RunDir(root).sae(f"blocks.{layer}.hook_mlp_in", "exact"))
+    graph_run(root, "CDADCEC", name="toy")
+    return root
+
+
+def rendered(component) -> dict:
+    """A layout as the browser receives it (JSON, parsed)."""
+    return json.loads(json.dumps(component, cls=plotly.utils.PlotlyJSONEncoder))
+
+
+@pytest.fixture(scope="module")
+def server(graph_run_dir):
+    srv = Server(graph_run_dir)
+    yield srv.url
+    srv.close()
+
+
+def test_the_graph_layout_lists_the_known_edge_with_its_head(graph_run_dir):
+    page = rendered(graph_page.layout(str(graph_run_dir), {"name": "toy"}))
+    shown = text(page)
+    found = GraphFile.load(RunDir(graph_run_dir).graph("toy"))
+    assert f"{found.replacement:.3f}" in shown
+    assert "L0/0@3" in shown and "L1.H0 100%" in shown
+
+
+def test_a_run_without_graphs_names_the_command(tmp_path):
+    (tmp_path / "saes").mkdir()
+    assert any("saelab graph" in e for e in errors(rendered(graph_page.layout(str(tmp_path), {}))))
+
+
+@pytest.mark.browser
+def test_the_graph_page_draws_the_graph_and_its_edges(driver, server):
+    visit(driver, f"{server}/graph?name=toy", "#graph-page")
+    wait_for(driver, "#graph-figure .main-svg")
+    assert driver.find_elements(By.CSS_SELECTOR, "#graph-figure .scatterlayer .trace")
+    rows = driver.find_elements(By.CSS_SELECTOR, "#graph-edges tbody tr")
+    cells = [[td.text for td in r.find_elements(By.TAG_NAME, "td")] for r in rows]
+    assert ["L0/0@3", "L1/0@7"] in [row[:2] for row in cells]
+    known = next(row for row in cells if row[:2] == ["L0/0@3", "L1/0@7"])
+    assert known[3].startswith("L1.H0")
