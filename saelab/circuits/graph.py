@@ -99,10 +99,24 @@ class Circuit(JsonResult):
         """A few lines for the terminal: size, metric values, the faithfulness curve."""
         metric = ", ".join(f"{k} {v:.4g}" for k, v in self.metric.items())
         curve = ", ".join(f"{n}: {f:.2f}" for n, f in zip(self.curves["n"], self.curves["faithfulness"]))
-        return (
-            f"circuit {self.name}: {len(self.nodes)} nodes, {len(self.edges)} edges over {', '.join(self.hooks)}\n"
-            f"metric: {metric}\nfaithfulness by node count: {curve}"
-        )
+        lines = [
+            f"circuit {self.name}: {len(self.nodes)} nodes, {len(self.edges)} edges over {', '.join(self.hooks)}",
+            f"metric: {metric}",
+            f"faithfulness by node count: {curve}",
+        ]
+        if self.held_out is not None:
+            held = ", ".join(f"{n}: {f:.2f}" for n, f in zip(self.held_out["n"], self.held_out["faithfulness"]))
+            lines.append(f"held out ({self.held_out['examples']} examples): {held}")
+        if self.grouped is not None:
+            g = self.grouped
+            found = g.found_on["faithfulness"][g.found_on["n"].index(len(g.nodes))]
+            where = f"faithfulness {found:.2f} found on"
+            if g.held_out is not None:
+                where += f", {g.held_out['faithfulness'][g.held_out['n'].index(len(g.nodes))]:.2f} held out"
+            lines.append(f"grouped ({g.grouping}): {len(g.nodes)} group nodes, {where}")
+        if self.silent:
+            lines.append(f"{self.silent} nodes with an effect never fire on the clean examples (not counted)")
+        return "\n".join(lines)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Circuit:

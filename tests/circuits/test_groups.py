@@ -8,13 +8,17 @@ import dataclasses
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from saelab.circuits import Circuit, CircuitError, Task, find_circuit, induction_task
 from saelab.circuits.groups import ERR, fires, grouped_circuit, grouping
 from saelab.circuits.spread import at_size
+from saelab.cli import app as cli
 from saelab.evals.families import Families, Family
+from saelab.run import RunDir
 from saelab.toys.induction import INDUCTION_HOOKS
 from tests.circuits.helpers import L0, L1, LENGTH, POS, SOURCE
+from tests.circuits.test_config import write_config
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +107,21 @@ def test_held_out_examples_must_fit_and_results_round_trip(model, saes, task, tr
     path = transfer.save(tmp_path / "c.json")
     assert Circuit.load(path) == transfer
     assert torch.tensor(transfer.grouped.found_on["faithfulness_ci"]).shape[1] == 2  # pyright: ignore[reportOptionalMemberAccess]
+
+
+def test_the_cli_reports_held_out_and_grouped_figures(induction_run, tmp_path):
+    config = write_config(
+        tmp_path / "c.yaml",
+        induction_run,
+        name="cli-transfer",
+        data={"task": "induction", "examples": 8, "length": LENGTH, "held_out": 16},
+        group_latents="head",
+        group_positions="role",
+    )
+    result = CliRunner().invoke(cli, ["circuit", str(config), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "held out (16 examples)" in result.output and "grouped (head x role)" in result.output
+    saved = Circuit.load(RunDir(induction_run).circuit("cli-transfer"))
+    assert saved.held_out is not None and saved.grouped is not None and saved.grouped.held_out is not None
+    held = saved.grouped.held_out
+    assert held["faithfulness"][at_size(held, len(saved.grouped.nodes))] >= 0.8
