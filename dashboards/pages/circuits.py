@@ -11,6 +11,7 @@ from dash import Dash, Input, Output, State, dcc, html
 from dash.exceptions import PreventUpdate
 
 from saelab.circuits import Circuit
+from saelab.circuits.spread import Spread
 from saelab.dashboards import components as c
 from saelab.dashboards import params as p
 from saelab.dashboards.data import circuit_names, load_circuit, sae_info
@@ -46,6 +47,63 @@ def _slider(component_id: str, top: float) -> dcc.Slider:
 
 def _count(nodes: int, edges: int, circuit: Circuit) -> str:
     return f"showing {nodes} of {len(circuit.nodes)} nodes and {edges} of {len(circuit.edges)} edges"
+
+
+def _spread_row(label: str, spread: Spread, size: int) -> html.Tr:
+    """One row of the transfer table: `spread` at the largest measured size up to `size`."""
+    i = max((k for k, n in enumerate(spread["n"]) if n <= size), key=lambda k: spread["n"][k], default=0)
+    low, high = spread["faithfulness_ci"][i]
+    lo, hi = spread["faithfulness_range"][i]
+    c_low, c_high = spread["completeness_ci"][i]
+    cells = [
+        str(spread["examples"]),
+        str(spread["n"][i]),
+        c.fmt(spread["faithfulness"][i]),
+        f"[{c.fmt(low)}, {c.fmt(high)}]",
+        f"{c.fmt(lo)} to {c.fmt(hi)}",
+        f"{c.fmt(spread['completeness'][i])} [{c.fmt(c_low)}, {c.fmt(c_high)}]",
+    ]
+    return html.Tr([html.Td(label), *[html.Td(x, className="num") for x in cells]])
+
+
+def transfer_table(circuit: Circuit) -> html.Div:
+    """Faithfulness where the circuit was found and on held-out examples, for its latents and for its grouped
+    circuit, with 95% bootstrap intervals and per-example ranges."""
+    rows = []
+    if circuit.found_on is not None:
+        rows.append(_spread_row("latents, found on", circuit.found_on, len(circuit.nodes)))
+    if circuit.held_out is not None:
+        rows.append(_spread_row("latents, held out", circuit.held_out, len(circuit.nodes)))
+    grouped = circuit.grouped
+    if grouped is not None:
+        rows.append(_spread_row(f"grouped ({grouped.grouping}), found on", grouped.found_on, len(grouped.nodes)))
+        if grouped.held_out is not None:
+            rows.append(_spread_row(f"grouped ({grouped.grouping}), held out", grouped.held_out, len(grouped.nodes)))
+    if not rows:
+        return html.Div(
+            "This circuit was saved without per-example spread; compute it again with `saelab circuit` to see it.",
+            className="muted",
+            id="circuit-transfer",
+        )
+    head = html.Tr(
+        [html.Th("circuit")]
+        + [
+            html.Th(t, className="num")
+            for t in ("examples", "nodes", "faithfulness", "95% CI", "per example", "completeness [95% CI]")
+        ]
+    )
+    notes = f"{circuit.silent} nodes with an effect never fire on the clean examples and are not counted."
+    if circuit.agreement:
+        notes += " Agreement with exact patching: " + "; ".join(
+            f"{k} Pearson {a.pearson:.3f}, Spearman {a.spearman:.3f}" for k, a in circuit.agreement.items()
+        )
+    return html.Div(
+        [
+            html.Table([html.Thead(head), html.Tbody(rows)], className="tbl", id="circuit-transfer-table"),
+            html.Div(notes, className="muted"),
+        ],
+        id="circuit-transfer",
+    )
 
 
 @c.guarded
@@ -117,6 +175,18 @@ def layout(run: str, params: p.Params) -> Any:
             c.card(None, picker, stats),
             dcc.Store(id="circuit-name", data=circuit.name),
             html.Div([html.Div(graph), html.Div(curve)], className="grid"),
+            c.card(
+                "Found on and held out",
+                transfer_table(circuit),
+                html.Div(
+                    "Faithfulness of the circuit on the examples it was found on and on held-out ones (its nodes "
+                    "kept at the same positions), at its size: the figure over all examples, a bootstrap 95% "
+                    "interval over resampled examples, and the lowest and highest per-example figure. Latents "
+                    "that are specific to the found-on tokens do not transfer; grouped nodes (every latent that "
+                    "one head writes at one position or role) can.",
+                    className="muted",
+                ),
+            ),
         ],
         id="circuits-page",
     )

@@ -16,7 +16,12 @@ reference text's).
   no other SAE hook point lies between), at the clean input (`atp`) or averaged along the same line
   as the node effects (`ig`).
 - Faithfulness of the top-n nodes: `(m(C) - m(empty)) / (m(M) - m(empty))`, every node outside C
-  mean-ablated; completeness ablates C itself.
+  mean-ablated; completeness ablates C itself. Both are measured on the examples the circuit was found on and on
+  held-out ones, with bootstrap intervals and per-example ranges (`spread`); nodes that never fire on the clean
+  examples are not circuit nodes.
+- Group nodes (`groups`): latents grouped by head (direct feature attribution), by feature family, and positions
+  by the task's roles, so that a circuit carries over to fresh examples; `agreement` compares the effect
+  estimates with exact patching (Pearson and Spearman).
 
 Modules: `tasks` (what a circuit explains: `Task`, metrics, `induction_task`, `prompt_task`), `splice`
 (spliced forward passes, `Nodes`, clean and baseline states), `nodes` (node effects, `exact_patching`),
@@ -34,10 +39,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from saelab.circuits.agreement import Agreement, effect_agreement, estimate_agreement
 from saelab.circuits.config import CircuitConfig, InductionData, PromptData, run_circuit, sae_folders
 from saelab.circuits.edges import edge_effects
 from saelab.circuits.faithfulness import Curves, Faithfulness, faithfulness_curve
 from saelab.circuits.graph import Circuit, Edge, Node, find_circuit
+from saelab.circuits.groups import GroupedCircuit, Grouping, GroupNode, grouped_circuit, grouping
 from saelab.circuits.nodes import Aggregation, Method, NodeEffects, NodeKey, aggregate, exact_patching, node_effects
 from saelab.circuits.splice import (
     CHUNK_ELEMENTS,
@@ -48,6 +55,7 @@ from saelab.circuits.splice import (
     encode_nodes,
     spliced_output,
 )
+from saelab.circuits.spread import Spread, spread_curve
 from saelab.circuits.tasks import (
     Metric,
     Prompt,
@@ -84,6 +92,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "CHUNK_ELEMENTS",
+    "Agreement",
     "Aggregation",
     "Baseline",
     "Circuit",
@@ -92,6 +101,9 @@ __all__ = [
     "Curves",
     "Edge",
     "Faithfulness",
+    "GroupNode",
+    "GroupedCircuit",
+    "Grouping",
     "InductionData",
     "Method",
     "Metric",
@@ -101,15 +113,20 @@ __all__ = [
     "Nodes",
     "Prompt",
     "PromptData",
+    "Spread",
     "Task",
     "aggregate",
     "baseline_states",
     "clean_states",
     "edge_effects",
+    "effect_agreement",
     "encode_nodes",
+    "estimate_agreement",
     "exact_patching",
     "faithfulness_curve",
     "find_circuit",
+    "grouped_circuit",
+    "grouping",
     "induction_task",
     "node_effects",
     "prompt_task",
@@ -118,5 +135,6 @@ __all__ = [
     "sae_folders",
     "similarity_metric",
     "spliced_output",
+    "spread_curve",
     "token_metric",
 ]

@@ -13,6 +13,7 @@ from typing import Annotated, ClassVar, Literal, Union
 from pydantic import Field, model_validator
 
 from saelab.circuits.graph import Circuit, find_circuit
+from saelab.circuits.groups import PositionGroups, grouping
 from saelab.circuits.nodes import Aggregation, Method
 from saelab.circuits.splice import Baseline
 from saelab.circuits.tasks import MetricName, Prompt, induction_task, prompt_task
@@ -31,6 +32,8 @@ class InductionData(StrictModel):
     length: int = Field(default=10, ge=2)
     position: int | None = Field(default=None, ge=0)
     seed: int = 0
+    held_out: int = Field(default=64, ge=0)
+    """Fresh sequences (seed `seed + 1`) on which the circuit's faithfulness is measured too; 0 for none."""
 
 
 class PromptData(StrictModel):
@@ -39,6 +42,8 @@ class PromptData(StrictModel):
     task: Literal["prompts"] = "prompts"
     prompts: list[Prompt] = []
     file: str | None = None
+    held_out: list[Prompt] = []
+    """Prompts kept apart (same token length) on which the circuit's faithfulness is measured too."""
 
     @model_validator(mode="after")
     def _one_source(self) -> PromptData:
@@ -90,6 +95,15 @@ class CircuitConfig(StrictModel):
     edge_threshold: float = Field(default=0.02, ge=0)
     max_nodes: int = Field(default=100, ge=1)
     curve_sizes: list[Annotated[int, Field(ge=0)]] | None = None
+    group_latents: Literal["node", "head"] | None = None
+    """Also find a circuit of group nodes, latents grouped by head (or kept one by one); None for none. Families
+    need `saelab.circuits.groups.grouping(..., families=...)` in Python."""
+    group_positions: PositionGroups = "position"
+    """How the grouped circuit merges positions: one by one, by the task's roles, or all together."""
+    max_groups: int = Field(default=32, ge=1)
+    """The grouped circuit's most group nodes."""
+    check_estimates: bool = False
+    """Report attribution patching's and integrated gradients' agreement with exact patching."""
     device: str = "auto"
 
     @model_validator(mode="after")
@@ -113,6 +127,8 @@ FIND_OPTIONS = (
     "max_nodes",
     "curve_sizes",
     "name",
+    "max_groups",
+    "check_estimates",
 )
 """The `CircuitConfig` keys that `find_circuit` takes as options of the same name."""
 
@@ -159,11 +175,22 @@ def run_circuit(cfg: CircuitConfig, progress: bool = True) -> tuple[Circuit, Pat
         data, metric = cfg.data, cfg.metric
         assert metric in ("logit", "loss")  # the config's validator refuses the others for this task
         task = induction_task(model, data.examples, data.length, position=data.position, seed=data.seed, metric=metric)
+        held_out = None
+        if data.held_out:
+            held_out = induction_task(
+                model, data.held_out, data.length, position=data.position, seed=data.seed + 1, metric=metric
+            )
     else:
         task = prompt_task(model, prompts, cfg.metric)
+        held_out = prompt_task(model, cfg.data.held_out, cfg.metric) if cfg.data.held_out else None
+    groups = None
+    if cfg.group_latents is not None:
+        groups = grouping(model, saes, task, latents=cfg.group_latents, positions=cfg.group_positions)
     run.prepare()
     options = {key: getattr(cfg, key) for key in FIND_OPTIONS}
     paths = {h: run.relative(f) for h, f in folders.items()}
-    circuit = find_circuit(model, saes, task, **options, sae_paths=paths, progress=progress)
+    circuit = find_circuit(
+        model, saes, task, **options, sae_paths=paths, held_out=held_out, groups=groups, progress=progress
+    )
     circuit.config = cfg.model_dump(mode="json")
     return circuit, circuit.save(run.circuit(cfg.name))

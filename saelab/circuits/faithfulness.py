@@ -61,6 +61,36 @@ def _ablation(sae: SAE, keep: Tensor, mean: Nodes, reps: int, batch: int) -> Edi
 
 
 @torch.no_grad()
+def ablated_metrics(
+    model: Model, saes: dict[str, SAE], task: Task, *, keeps: Sequence[dict[str, Tensor]], chunk: int = 16
+) -> Tensor:
+    """Each example's metric `[len(keeps), batch]` with the nodes of `keeps[k]` (per hook point a mask
+    `[pos, d_sae + 1]`, or `[1, d_sae + 1]` for every position) running normally and every other node set to its
+    mean over the examples (per position)."""
+    hooks = check_saes(model, saes)
+    clean = clean_states(model, saes, task.tokens)
+    means = {h: s.mean() for h, s in clean.items()}
+    batch = len(task.tokens)
+    rows: list[Tensor] = []
+    for group in chunks(list(keeps), fit_replicas(chunk, task, saes)):
+        edits = {h: _ablation(saes[h], torch.stack([k[h] for k in group]), means[h], len(group), batch) for h in hooks}
+        rows.append(metric_total(model, task, edits, len(group)).view(len(group), -1))
+    return torch.cat(rows) if rows else torch.zeros(0, batch)
+
+
+def check_scale(m_full: float, m_empty: float) -> float:
+    """`m_full - m_empty`, the scale of faithfulness; `CircuitError` when mean-ablating every node leaves the
+    metric unchanged."""
+    scale = m_full - m_empty
+    if abs(scale) < 1e-6 * max(1.0, abs(m_full)):
+        raise CircuitError(
+            "mean-ablating every node leaves the metric unchanged, so faithfulness is undefined; "
+            "choose a metric that these hook points matter for"
+        )
+    return scale
+
+
+@torch.no_grad()
 def faithfulness_curve(
     model: Model,
     saes: dict[str, SAE],
@@ -78,10 +108,8 @@ def faithfulness_curve(
     normally: faithfulness = (m(C) - m(empty)) / (m(M) - m(empty)), with M the whole model and `empty` every
     node ablated. Completeness ablates C's own nodes and keeps the rest: (m(M without C) - m(empty)) / (...)."""
     hooks = check_saes(model, saes)
-    clean = clean_states(model, saes, task.tokens)
-    means = {h: s.mean() for h, s in clean.items()}
-    batch = len(task.tokens)
-    shapes = {h: (1 if aggregation == "sum" else s.f.shape[1], s.f.shape[2] + 1) for h, s in clean.items()}
+    n_pos = 1 if aggregation == "sum" else task.tokens.shape[1]
+    shapes = {h: (n_pos, saes[h].cfg.d_sae + 1) for h in hooks}
     m_full = float(task.metric(spliced_output(model, task.tokens, {})).mean())
 
     def keep_first(n: int) -> dict[str, Tensor]:
@@ -91,24 +119,12 @@ def faithfulness_curve(
         return keep
 
     def run(keeps: list[dict[str, Tensor]]) -> list[float]:
-        values: list[float] = []
-        for group in chunks(keeps, fit_replicas(chunk, task, saes)):
-            edits = {
-                h: _ablation(saes[h], torch.stack([k[h] for k in group]), means[h], len(group), batch) for h in hooks
-            }
-            m = metric_total(model, task, edits, len(group))
-            values += m.view(len(group), -1).mean(1).tolist()
-        return values
+        return ablated_metrics(model, saes, task, keeps=keeps, chunk=chunk).mean(1).tolist()
 
     kept = [keep_first(n) for n in sizes]
     m_empty, *m_circuit = run([keep_first(0)] + kept)
     m_without = run([{h: ~k[h] for h in hooks} for k in kept])
-    scale = m_full - m_empty
-    if abs(scale) < 1e-6 * max(1.0, abs(m_full)):
-        raise CircuitError(
-            "mean-ablating every node leaves the metric unchanged, so faithfulness is undefined; "
-            "choose a metric that these hook points matter for"
-        )
+    scale = check_scale(m_full, m_empty)
     return Faithfulness(
         n=list(sizes),
         faithfulness=[(m - m_empty) / scale for m in m_circuit],

@@ -37,6 +37,9 @@ class Task:
     """The patch input [batch, pos], the `patch` baseline."""
     labels: list[str] = field(default_factory=list)
     """The token at each position of the first example."""
+    roles: list[str] = field(default_factory=list)
+    """The role of each position, the same in every example (e.g. `current token`), for grouping nodes by
+    position role (`saelab.circuits.groups`); empty when the task names none."""
 
 
 def token_metric(
@@ -108,7 +111,21 @@ def induction_task(
     device = device_of(model)
     pos = torch.full((n,), position, device=device)
     task_metric = token_metric(metric, pos, tokens[:, position + 1].to(device))
-    return Task(tokens.to(device), task_metric, patch.to(device), _labels(model, tokens[0]))
+    roles = induction_roles(length, position)
+    return Task(tokens.to(device), task_metric, patch.to(device), _labels(model, tokens[0]), roles)
+
+
+def induction_roles(length: int, position: int) -> list[str]:
+    """The role of each position of BOS + R + R read at `position`: `BOS`, `earlier occurrence` (the first copy of
+    the current token), `after earlier occurrence` (where induction attends: its previous token is the current
+    one), `current token` (where the metric reads), and the rest of the `first copy`, `second copy` or `after the
+    metric`."""
+    roles = ["BOS"] + ["first copy"] * length + ["second copy"] * length
+    roles[position + 1 :] = ["after the metric"] * (2 * length - position)
+    roles[position - length] = "earlier occurrence"
+    roles[position - length + 1] = "after earlier occurrence"
+    roles[position] = "current token"
+    return roles
 
 
 # -------------------------------------------------------------------------------------------- prompts
