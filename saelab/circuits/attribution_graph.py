@@ -76,6 +76,19 @@ class ActiveLatents(NamedTuple):
     """`[n]` its activation."""
 
 
+class KeptEdge(NamedTuple):
+    """One edge of a pruned graph."""
+
+    source: int
+    """Source node."""
+    target: int
+    """Target node (a latent or a logit)."""
+    weight: float
+    """Its direct effect."""
+    heads: dict[str, float]
+    """The part of `weight` each head carries (`L{layer}.H{head}`), and `resid` for the part that passes no head."""
+
+
 @dataclass
 class AttributionGraph:
     """An attribution graph of one prompt. Nodes are numbered `[latents (n_features), errors (n_layers x n_pos, layer
@@ -159,6 +172,18 @@ class AttributionGraph:
         if node < self.n_features:
             return node
         return self.n_features + node - logit0 if node >= logit0 else None
+
+    def kept_edges(self, min_share: float = 0.01) -> list[KeptEdge]:
+        """The edges pruning keeps, each with the heads that carry at least `min_share` of it (and `resid`, the part
+        that passes no head)."""
+        logit0 = self.n_nodes - len(self.logit_tokens)
+        edges = []
+        for (row, col), split in zip(self.edge_mask.nonzero().tolist(), self.head_split.tolist(), strict=True):
+            target = row if row < self.n_features else logit0 + row - self.n_features
+            weight = float(self.adjacency[row, col])
+            heads = {h: v for h, v in zip(self.head_names, split, strict=True) if abs(v) >= min_share * abs(weight)}
+            edges.append(KeptEdge(col, target, weight, heads))
+        return edges
 
 
 def _bounds(graph: AttributionGraph) -> dict[str, tuple[int, int]]:

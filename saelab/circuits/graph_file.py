@@ -102,12 +102,7 @@ def graph_file(graph: AttributionGraph, *, name: str, prompt: str, token_strs: l
     for i in graph.node_mask.nonzero()[:, 0].tolist():
         layer, pos = graph.node_layer_pos(i)
         nodes.append(GraphNode(i, graph.node_kind(i), graph.node_label(i), layer, pos, float(influence[i])))
-    edges = []
-    for (row, col), split in zip(graph.edge_mask.nonzero().tolist(), graph.head_split.tolist(), strict=True):
-        target = row if row < graph.n_features else logit0 + row - graph.n_features
-        weight = float(graph.adjacency[row, col])
-        heads = {h: v for h, v in zip(graph.head_names, split, strict=True) if abs(v) >= 0.01 * abs(weight)}
-        edges.append(GraphEdge(col, target, weight, heads))
+    edges = [GraphEdge(*edge) for edge in graph.kept_edges()]
     scores = graph_scores(graph)
     return GraphFile(name, prompt, token_strs, graph.n_layers, scores.replacement, scores.completeness, nodes, edges)
 
