@@ -196,3 +196,11 @@ def two_model_analysed(two_model_run):
 
     run, results = two_model_run
     return run, results, analyze(str(run), AnalysisConfig(device="cpu", n_top=8, window=3), progress=False)
+
+
+@pytest.fixture(scope="session")
+def ioi_model(tmp_path_factory):
+    """The IOI toy (saelab.toys.ioi), trained to 0.95 IO accuracy (about 15 s)."""
+    from saelab.toys.ioi import train_ioi_model
+
+    return train_ioi_model(tmp_path_factory.mktemp("ioi") / "model", progress=False)

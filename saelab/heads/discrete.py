@@ -74,7 +74,9 @@ class DiscreteConfig:
 def check_lengths(positive: Tensor, negative: Tensor) -> None:
     """`HeadsError` unless the positive and negative prompts are token ids of one shape `[n, pos]`."""
     if positive.ndim != 2 or negative.ndim != 2:
-        raise HeadsError(f"give prompts as token ids [n, pos], not shapes {list(positive.shape)}, {list(negative.shape)}")
+        raise HeadsError(
+            f"give prompts as token ids [n, pos], not shapes {list(positive.shape)}, {list(negative.shape)}"
+        )
     if positive.shape[1] != negative.shape[1]:
         raise HeadsError(
             f"positive prompts are {positive.shape[1]} tokens long and negative ones {negative.shape[1]}; the codes "
@@ -240,7 +242,8 @@ class HeadCircuit(JsonResult):
 def _correlations(a: Tensor, b: Tensor) -> tuple[float, float]:
     if a.std() == 0 or b.std() == 0:
         return float("nan"), float("nan")
-    return float(stats.pearsonr(a.numpy(), b.numpy())[0]), float(stats.spearmanr(a.numpy(), b.numpy())[0])
+    ranks = [torch.from_numpy(stats.rankdata(v.numpy())) for v in (a, b)]  # ties share their mean rank
+    return float(torch.corrcoef(torch.stack([a, b]))[0, 1]), float(torch.corrcoef(torch.stack(ranks))[0, 1])
 
 
 def head_circuit(model: HookedTransformer, task: Task, config: DiscreteConfig | None = None) -> HeadCircuit:
@@ -257,7 +260,9 @@ def head_circuit(model: HookedTransformer, task: Task, config: DiscreteConfig | 
     patching_seconds = time.perf_counter() - start
     labels = [Head(layer, h).label for layer in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
     top = float(scores.max())
-    chosen = sorted((i for i in range(len(labels)) if top > 0 and scores[i] >= config.threshold * top), key=lambda i: -scores[i])
+    chosen = sorted(
+        (i for i in range(len(labels)) if top > 0 and scores[i] >= config.threshold * top), key=lambda i: -scores[i]
+    )
     pearson, spearman = _correlations(scores.double(), effects.double())
     return HeadCircuit(
         model=model.cfg.model_name,
