@@ -92,7 +92,8 @@ def check_lengths(positive: Tensor, negative: Tensor) -> None:
 
 def head_outputs(model: HookedTransformer, tokens: Tensor, position: Literal["mean", "last"] = "mean") -> Tensor:
     """Every head's output written into the residual stream, `hook_z @ W_O`, averaged over the positions of each
-    prompt or at its last one: `[n, n_layers * n_heads, d_model]`, layer-major."""
+    prompt or at its last one: `[n, n_layers * n_heads, d_model]`, layer-major, on the CPU (where the small SAE
+    trains)."""
     hooks = [f"blocks.{layer}.attn.hook_z" for layer in range(model.cfg.n_layers)]
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=hooks)
@@ -101,7 +102,7 @@ def head_outputs(model: HookedTransformer, tokens: Tensor, position: Literal["me
             z = cache[hook]  # [n, pos, head, d_head]
             z = z.mean(1) if position == "mean" else z[:, -1]
             per_layer.append(torch.einsum("nhd,hdm->nhm", z, model.blocks[layer].attn.W_O))
-    return torch.cat(per_layer, 1).float()
+    return torch.cat(per_layer, 1).float().cpu()
 
 
 def _unit(w: Tensor) -> Tensor:
@@ -157,7 +158,7 @@ def discrete_scores(
     of the same length (`HeadsError` naming both lengths otherwise)."""
     config = config or DiscreteConfig()
     check_lengths(positive, negative)
-    x = head_outputs(model, torch.cat([positive, negative]), config.position)
+    x = head_outputs(model, torch.cat([positive, negative]).to(model.cfg.device), config.position)
     with torch.random.fork_rng():
         codes = train_codes(x, config)
     return positive_only(codes, len(positive), normalise=config.normalise)
@@ -253,7 +254,7 @@ def head_circuit(model: HookedTransformer, task: Task, config: DiscreteConfig | 
     if task.patch is None:
         raise HeadsError("the discrete-code method needs negative prompts: give every prompt a `patch` text")
     start = time.perf_counter()
-    scores = discrete_scores(model, task.tokens.cpu(), task.patch.cpu(), config)
+    scores = discrete_scores(model, task.tokens, task.patch, config)
     discrete_seconds = time.perf_counter() - start
     start = time.perf_counter()
     effects = patching_effects(model, task)

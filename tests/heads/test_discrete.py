@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
+from typer.testing import CliRunner
 
 from saelab.circuits import induction_task
 from saelab.circuits.tasks import Prompt
+from saelab.cli import app
 from saelab.errors import HeadsError
 from saelab.heads.discrete import (
     DiscreteConfig,
@@ -18,6 +21,10 @@ from saelab.heads.discrete import (
     head_circuit,
     positive_only,
 )
+from saelab.run import RunDir
+from saelab.toys.ioi import ioi_prompts, ioi_texts
+
+runner = CliRunner()
 
 
 def test_positive_only_counts_the_codes_a_head_takes_on_positive_prompts_alone():
@@ -66,3 +73,25 @@ def test_negative_prompts_of_another_length_are_refused_naming_both_lengths(ioi_
         contrast_task(ioi_model, bad)
     with pytest.raises(HeadsError, match="positive prompts are 9 tokens long and negative ones 10"):
         discrete_scores(ioi_model, task.tokens, torch.zeros(1, 10, dtype=torch.long))
+
+
+def test_the_cli_writes_the_head_circuit_of_a_config_into_the_run(ioi_dir, tmp_path):
+    """`saelab heads CONFIG` on IOI prompts: both rankings, their times and their agreement, in the run's heads
+    folder and on the terminal; a config whose negative prompt is longer is refused in one line."""
+    prompts = [
+        {"clean": t.clean, "patch": t.patch, "target": t.target, "distractor": t.distractor}
+        for t in ioi_texts(ioi_prompts(12, seed=4))
+    ]
+    config = {"model": str(ioi_dir), "run": str(tmp_path / "run"), "name": "ioi", "prompts": prompts, "steps": 100}
+    path = tmp_path / "heads.yaml"
+    path.write_text(yaml.safe_dump(config))
+    done = runner.invoke(app, ["heads", str(path)])
+    assert done.exit_code == 0, done.output
+    found = HeadCircuit.load(RunDir(tmp_path / "run").heads("ioi"))
+    assert found.n_prompts == 12 and len(found.heads) == 6 and found.config["steps"] == 100
+    assert f"Pearson {found.pearson:.3f}" in done.output and found.patching_ranking()[0] in ("L0H0", "L1H0")
+    assert "patching (" in done.output and "discrete codes (" in done.output
+    config["prompts"][0]["patch"] += "x"
+    path.write_text(yaml.safe_dump(config))
+    refused = runner.invoke(app, ["heads", str(path)])
+    assert refused.exit_code == 2 and "tokenizes to 9 tokens" in refused.output and "Traceback" not in refused.output
