@@ -58,3 +58,18 @@ def run_head_circuit(cfg: HeadCircuitConfig) -> tuple[HeadCircuit, Path]:
     run = RunDir(cfg.run)
     run.prepare()
     return found, found.save(run.heads(cfg.name))
+
+
+def head_circuits(run_dir: str | Path) -> list[Path]:
+    """The head circuits written into the run (`RUN/heads/*.json` files of `HeadCircuit`s), by name."""
+    import json
+
+    folder = RunDir(run_dir).heads("x").parent
+    found = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            if "discrete_seconds" in json.loads(path.read_text()):
+                found.append(path)
+        except ValueError:  # not JSON: not a head circuit (the heads page reports the others' errors)
+            continue
+    return found
