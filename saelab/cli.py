@@ -393,7 +393,11 @@ def eval_cmd(
 
 @command("heads")
 def heads_cmd(
-    run: Path = typer.Argument(..., help="A run directory."),
+    run: Path = typer.Argument(
+        ...,
+        metavar="RUN|CONFIG",
+        help="A run directory, or a head-circuit config (YAML: model, run, prompts with their negatives as `patch`).",
+    ),
     sae: Optional[str] = typer.Option(
         None,
         "--sae",
@@ -407,9 +411,22 @@ def heads_cmd(
     """Attention heads of the run: Q/K/V composition scores of every pair of heads of its model and the SVD channels
     of the top pairs (RUN/heads/composition.json, channels.json), and for each dictionary on attn.hook_z how many of
     its latents have most of their direct feature attribution on each head (from its feature analysis); shown on
-    the app's Heads page."""
+    the app's Heads page. Given a CONFIG file instead: the task's head circuit by discrete codes (O'Neill & Bui 2024)
+    next to activation patching, both timed, written to RUN/heads/NAME.json."""
     from saelab.heads.run import attention_saes, census, composition_run
 
+    if run.is_file():
+        from saelab.config import load_config
+        from saelab.heads.config import HeadCircuitConfig, run_head_circuit
+
+        found, path = run_head_circuit(load_config(run, HeadCircuitConfig))
+        typer.echo(f"wrote {path}")
+        typer.echo(
+            f"discrete codes ({found.discrete_seconds:.2f} s): {', '.join(found.ranking())}; circuit {found.circuit}"
+        )
+        typer.echo(f"patching ({found.patching_seconds:.2f} s): {', '.join(found.patching_ranking())}")
+        typer.echo(f"agreement: Pearson {found.pearson:.3f}, Spearman {found.spearman:.3f}")
+        return
     if sae is None:
         written = composition_run(run, alias=model, top=top)
         typer.echo(f"wrote {written.scores_path}\nwrote {written.channels_path}")

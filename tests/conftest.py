@@ -196,3 +196,21 @@ def two_model_analysed(two_model_run):
 
     run, results = two_model_run
     return run, results, analyze(str(run), AnalysisConfig(device="cpu", n_top=8, window=3), progress=False)
+
+
+@pytest.fixture(scope="session")
+def ioi_dir(tmp_path_factory):
+    """The folder of the IOI toy (saelab.toys.ioi), trained to 0.95 IO accuracy (about 15 s)."""
+    from saelab.toys.ioi import train_ioi_model
+
+    folder = tmp_path_factory.mktemp("ioi") / "model"
+    train_ioi_model(folder, progress=False)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def ioi_model(ioi_dir):
+    """The IOI toy, loaded from `ioi_dir`."""
+    from saelab.models import load_model
+
+    return load_model(str(ioi_dir), device="cpu")

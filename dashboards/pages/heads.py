@@ -15,6 +15,8 @@ from saelab.dashboards import params as p
 from saelab.dashboards.components import Element, element
 from saelab.dashboards.data import cached_result, sae_info
 from saelab.heads import MODES, Channels, CompositionScores, HeadCensus
+from saelab.heads.config import head_circuits
+from saelab.heads.discrete import HeadCircuit
 from saelab.heads.run import attention_saes, census, result_names
 from saelab.plots import composition_figure
 from saelab.run import RunDir
@@ -43,7 +45,42 @@ def layout(run: str, params: p.Params) -> Any:
                 id="census",
             )
         ]
-    return element("Div", [element("H2", "Attention heads"), _composition_card(run, alias), *censuses], id="heads-page")
+    circuits = [_circuit_card(path) for path in head_circuits(run)]
+    return element(
+        "Div", [element("H2", "Attention heads"), _composition_card(run, alias), *circuits, *censuses], id="heads-page"
+    )
+
+
+def _circuit_card(path: Any) -> Element:
+    """One head circuit (`saelab heads CONFIG`): each head's discrete-code score and patching drop, the runtimes
+    and the agreement of the two."""
+    found = cached_result(HeadCircuit.load, path)
+    order = sorted(range(len(found.heads)), key=lambda i: -found.scores[i])
+    rows = [
+        element(
+            "Tr",
+            [
+                element("Td", found.heads[i]),
+                element("Td", f"{found.scores[i]:g}", className="num"),
+                element("Td", f"{found.effects[i]:.3f}", className="num"),
+                element("Td", "yes" if found.heads[i] in found.circuit else ""),
+            ],
+        )
+        for i in order
+    ]
+    names = [("head", None), ("positive-only codes", "num"), ("patching drop", "num"), ("in circuit", None)]
+    head_row = element("Tr", [element("Th", name, className=cls) for name, cls in names])
+    summary = (
+        f"{found.n_prompts} positive and {found.n_prompts} negative prompts. Discrete codes (O'Neill & Bui 2024) "
+        f"{found.discrete_seconds:.2f} s, activation patching {found.patching_seconds:.2f} s; agreement Pearson "
+        f"{found.pearson:.3f}, Spearman {found.spearman:.3f}."
+    )
+    return c.card_element(
+        f"Head circuit: {path.stem} ({found.model})",
+        element("Div", summary, className="muted"),
+        element("Table", [element("Thead", head_row), element("Tbody", rows)], className="tbl"),
+        **c.data(testid="head-circuit"),
+    )
 
 
 def _composition_card(run: str, alias: str | None) -> Element:

@@ -2,6 +2,8 @@
 
 - `saelab.toys.induction`: a two-layer attention-only decoder that does induction (its circuit is known) and
   `induction_run`, a whole run over it;
+- `saelab.toys.ioi`: an indirect-object-identification toy whose trained heads are named (S2-finder, name mover) next
+  to frozen random distractor heads, with positive and negative prompts of one length;
 - `saelab.toys.synthetic`: activations built from a known overcomplete dictionary (`make_synthetic`) and how
   much of it an SAE recovers;
 - `saelab.toys.planted`: activations with a planted feature hierarchy, for feature absorption;

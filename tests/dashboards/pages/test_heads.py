@@ -14,10 +14,12 @@ from selenium.webdriver.common.by import By
 from transformer_lens import HookedTransformer
 
 from saelab.analysis import AnalysisConfig, FeatureStore, analyze
+from saelab.circuits import induction_task
 from saelab.dashboards.pages import heads as heads_page
 from saelab.dashboards.pages.feature import DFA_EXAMPLES, feature_page
 from saelab.dictionaries import SAE
 from saelab.heads import direct_feature_attribution
+from saelab.heads.discrete import DiscreteConfig, head_circuit
 from saelab.heads.run import composition_run
 from saelab.models import load_model
 from saelab.run import RunDir
@@ -36,6 +38,13 @@ def entry(induction_run):
 def latent(induction_run, entry) -> int:
     """The latent that fires most often."""
     return int(np.argmax(FeatureStore.open(RunDir(induction_run).analysis(HOOK, entry.variant)).column("count")))
+
+
+@pytest.fixture(scope="module")
+def model(induction_run) -> HookedTransformer:
+    found = load_model(str(induction_run / "model"), device="cpu")
+    assert isinstance(found, HookedTransformer)  # a saved saelab model
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +129,20 @@ def test_the_dfa_card_says_why_an_analysis_has_no_dfa_panels(induction_run, entr
     analyze(run, AnalysisConfig(dfa=False), progress=False)
     card = by_id(feature_page(str(run), HOOK, entry.variant, str(latent)), "dfa")
     assert "Not computed: turned off (`dfa: false` in the analysis config)" in str(card)
+
+
+@pytest.mark.browser
+def test_the_heads_page_shows_a_head_circuit_with_runtimes_and_agreement(driver, server, model, induction_run):
+    """A head circuit written into the run (`saelab heads CONFIG`'s result) shows as a ranking table with both
+    methods' runtimes and their agreement."""
+    found = head_circuit(model, induction_task(model, n=8, length=10, seed=3), DiscreteConfig(steps=50))
+    found.save(RunDir(induction_run).heads("induction_heads"))
+    visit(driver, f"{server}/heads", "#heads-page")
+    (card,) = driver.find_elements(By.CSS_SELECTOR, "[data-testid=head-circuit]")
+    rows = card.find_elements(By.CSS_SELECTOR, "tbody tr")
+    assert [r.find_elements(By.TAG_NAME, "td")[0].text for r in rows] == found.ranking()
+    assert (
+        rows[0].find_elements(By.TAG_NAME, "td")[2].text
+        == f"{found.effects[found.heads.index(found.ranking()[0])]:.3f}"
+    )
+    assert f"Pearson {found.pearson:.3f}" in card.text and f"patching {found.patching_seconds:.2f} s" in card.text
