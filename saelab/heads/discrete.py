@@ -25,11 +25,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
-from scipy import stats
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from saelab.absorption.probes import single_thread
+from saelab.circuits.agreement import agreement
 from saelab.circuits.tasks import MetricName, Prompt, Task, prompt_task
 from saelab.errors import HeadsError
 from saelab.heads.composition import Head
@@ -240,13 +240,6 @@ class HeadCircuit(JsonResult):
         return [self.heads[i] for i in sorted(range(len(self.heads)), key=lambda i: -self.effects[i])]
 
 
-def _correlations(a: Tensor, b: Tensor) -> tuple[float, float]:
-    if a.std() == 0 or b.std() == 0:
-        return float("nan"), float("nan")
-    ranks = [torch.from_numpy(stats.rankdata(v.numpy())) for v in (a, b)]  # ties share their mean rank
-    return float(torch.corrcoef(torch.stack([a, b]))[0, 1]), float(torch.corrcoef(torch.stack(ranks))[0, 1])
-
-
 def head_circuit(model: HookedTransformer, task: Task, config: DiscreteConfig | None = None) -> HeadCircuit:
     """The discrete-code scores of every head on the task's positive (`task.tokens`) and negative (`task.patch`)
     prompts and the patching drops of the same heads, each timed, with their agreement."""
@@ -264,7 +257,8 @@ def head_circuit(model: HookedTransformer, task: Task, config: DiscreteConfig | 
     chosen = sorted(
         (i for i in range(len(labels)) if top > 0 and scores[i] >= config.threshold * top), key=lambda i: -scores[i]
     )
-    pearson, spearman = _correlations(scores.double(), effects.double())
+    constant = bool(scores.std() == 0 or effects.std() == 0)  # then no correlation is defined
+    pearson, spearman = (float("nan"), float("nan")) if constant else agreement(scores, effects)
     return HeadCircuit(
         model=model.cfg.model_name,
         heads=labels,
