@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import saelab
 import saelab.toys.finetune as ft
 from saelab.dictionaries.crosscoder import CrossCoder
 from saelab.evals.diff_run import diff_run, doc_firing_rates
+from saelab.store import ActivationStore
 from saelab.train import TrainConfig, train
 
 HOOK = "blocks.3.hook_mlp_out"
@@ -63,20 +65,27 @@ def main() -> None:
         "k": args.k,
         "expansion": args.expansion,
     }
-    run = root / ("run-" + hashlib.sha1(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:10])
-    store = saelab.harvest(
-        saelab.HarvestConfig.model_validate(
-            {
-                "models": {"base": "minilm", "tuned": str(copy)},
-                "hooks": [HOOK],
-                "run": str(run),
-                "max_tokens": args.tokens,
-                "context_length": 128,
-                "drop_special_tokens": True,
-            }
-        ),
-        progress=False,
+    harvested = root / (
+        "store-" + hashlib.sha1(json.dumps(tune | {"tokens": args.tokens}, sort_keys=True).encode()).hexdigest()[:10]
     )
+    if not (harvested / "done").is_file():
+        shutil.rmtree(harvested, ignore_errors=True)
+        saelab.harvest(
+            saelab.HarvestConfig.model_validate(
+                {
+                    "models": {"base": "minilm", "tuned": str(copy)},
+                    "hooks": [HOOK],
+                    "out": str(harvested / "store"),
+                    "max_tokens": args.tokens,
+                    "context_length": 128,
+                    "drop_special_tokens": True,
+                }
+            ),
+            progress=False,
+        )
+        (harvested / "done").touch()
+    store = ActivationStore.open(str(harvested / "store"))
+    run = root / ("run-" + hashlib.sha1(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:10])
     docs = ft.package_doc_ids("asyncio")
     marked = torch.from_numpy(np.isin(store.doc_ids(), docs))
     base_x = store.activations(f"base/{HOOK}").float()
@@ -96,6 +105,7 @@ def main() -> None:
         TrainConfig.model_validate(
             {
                 "run": str(run),
+                "store": str(harvested / "store"),
                 "crosscoders": [{"sources": sources, "arch": "batchtopk"}],
                 "grid": {"k": [args.k], "expansion": [args.expansion]},
                 "tokens": args.train_tokens,
