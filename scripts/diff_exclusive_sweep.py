@@ -40,7 +40,6 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--preserve", type=float, default=100.0)
     p.add_argument("--margin", type=float, default=ft.TOPIC_MARGIN)
-    p.add_argument("--gain", type=float, default=ft.TOPIC_GAIN)
     p.add_argument("--tokens", type=int, default=120_000, help="tokens harvested per model")
     p.add_argument("--train-tokens", type=int, default=600_000)
     p.add_argument("--k", type=int, default=32)
@@ -50,12 +49,11 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     t0 = time.time()
-    ft.TOPIC_MARGIN, ft.TOPIC_GAIN = args.margin, args.gain
-    tune = {"steps": args.steps, "lr": args.lr, "preserve": args.preserve, "margin": args.margin, "gain": args.gain}
+    tune = {"steps": args.steps, "lr": args.lr, "preserve": args.preserve, "margin": args.margin, "gain": ft.TOPIC_GAIN}
     root = Path(args.root)
     copy = root / ("ft-" + hashlib.sha1(json.dumps(tune, sort_keys=True).encode()).hexdigest()[:10])
     if not (copy / ft.RECORD).is_file():
-        ft.finetune_minilm(copy, steps=args.steps, lr=args.lr, preserve=args.preserve)
+        ft.finetune_minilm(copy, steps=args.steps, lr=args.lr, preserve=args.preserve, margin=args.margin)
     t_ft = time.time() - t0
     v = ft.planted_direction(copy)
     assert v is not None
