@@ -6,7 +6,8 @@ BatchTopK crosscoder on the pair and classifies its latents (`saelab diff`'s `di
 one JSON line to `--log`: the number of latents exclusive to the tuned copy by relative decoder norm
 `|d_B| / (|d_A| + |d_B|) >= 0.9`, by Minder et al.'s `Delta_norm = ((|d_B| - |d_A|) / max(|d_A|, |d_B|) + 1) / 2
 >= 0.9`, and after latent scaling; and for the ten most tuned-leaning latents their relative norm, the cosine of
-their tuned decoder with the planted direction `v`, and how much more often they fire on asyncio's rows.
+their tuned decoder with the planted direction `v`, how much more often they fire on asyncio's rows, and the lengths
+of their tuned decoder's part along `v` and off it over their base decoder's.
 
     python scripts/diff_exclusive_sweep.py --margin 12 --preserve 100 --log scripts/diff_exclusive_log.jsonl
 """
@@ -121,6 +122,8 @@ def main() -> None:
     delta_norm = ((norms[:, 1] - norms[:, 0]) / norms.max(1).values + 1) / 2
     cos_v = torch.nn.functional.cosine_similarity(cc.W_dec[:, 1].detach(), v[None], dim=1)
     alive = (on + off) > 0
+    tuned_dec = cc.W_dec[:, 1].detach()  # the tuned decoder's part along v and off it, against the base decoder
+    along_v, base_norm = tuned_dec @ v, cc.W_dec[:, 0].detach().norm(dim=1).clamp_min(1e-12)
 
     def latents(mask: torch.Tensor) -> list[dict[str, float]]:
         rows = [
@@ -131,6 +134,8 @@ def main() -> None:
                 "on": round(float(on[j]), 4),
                 "off": round(float(off[j]), 5),
                 "enrich": round(float(on[j] / off[j].clamp_min(1e-9)), 1),
+                "v_part_over_base": round(float(along_v[j].abs() / base_norm[j]), 2),
+                "off_v_over_base": round(float((tuned_dec[j] - along_v[j] * v).norm() / base_norm[j]), 2),
             }
             for j in mask.nonzero().flatten().tolist()
         ]
