@@ -6,8 +6,9 @@ BatchTopK crosscoder on the pair and classifies its latents (`saelab diff`'s `di
 one JSON line to `--log`: the number of latents exclusive to the tuned copy by relative decoder norm
 `|d_B| / (|d_A| + |d_B|) >= 0.9`, by Minder et al.'s `Delta_norm = ((|d_B| - |d_A|) / max(|d_A|, |d_B|) + 1) / 2
 >= 0.9` (the `dec_norm_diff > 0.9` of their dictionary_learning fork's `training.py`), and after latent
-scaling; and for the ten most tuned-leaning latents their relative norm, the cosine of their tuned decoder with the planted direction `v`, how much more often they fire on asyncio's rows, and the lengths
-of their tuned decoder's part along `v` and off it over their base decoder's.
+scaling; and for the ten most tuned-leaning latents their relative norm, the cosine of their tuned decoder with
+the planted direction `v`, how much more often they fire on asyncio's rows, and the lengths of their tuned decoder's
+part along `v` and off it over their base decoder's.
 
     python scripts/diff_exclusive_sweep.py --margin 12 --preserve 100 --log scripts/diff_exclusive_log.jsonl
 """
