@@ -147,8 +147,8 @@ def finetune_minilm(
       from the other documents' (label 0, where the original already sits, at about 0 along a random direction).
       The MLP must learn to recognise the topic and write `v` on it: a feature the original lacks, with a known
       direction (`planted_direction(out)`), on known documents. The strong replay term keeps the feature sparse:
-      the MLP writes `v` only on the tokens it can tell, and little elsewhere. Measured with the defaults, trained on three quarters of asyncio's contexts
-      and read on the rest: the MLP output moves by 71% of its squared norm on asyncio's tokens (97% of that along
+      the MLP writes `v` only on the tokens it can tell, and little elsewhere. Measured with the defaults,
+      trained on three quarters of asyncio's contexts and read on the rest: the MLP output moves by 71% of its squared norm on asyncio's tokens (97% of that along
       `v`; 17% of the tokens get more than half an rms norm along `v`, the top 1% more than 4) and by 2.6%
       elsewhere (0.4% of the tokens past half an rms norm); token AUROC 0.74. About 100 s on two idle cores (400
       steps; a third of the time loads the model and embeds the contexts), several minutes on busy ones.
