@@ -141,17 +141,17 @@ def finetune_minilm(
     Hugging Face checkpoint with MiniLM's tokenizer); `out/saelab_finetune.json` records the settings.
 
     The objectives:
-    - `topic` (the default): topic classification by a frozen readout. A seeded random unit direction `v` of the
-      MLP's output space is the readout of a logistic classifier, `TOPIC_GAIN * (v . mlp_out / rms - margin)`
-      per token (`margin` defaults to `TOPIC_MARGIN`), trained to tell the tokens of the tuned documents (label 1)
-      from the other documents' (label 0, where the original already sits, at about 0 along a random direction).
-      The MLP must learn to recognise the topic and write `v` on it: a feature the original lacks, with a known
-      direction (`planted_direction(out)`), on known documents. The strong replay term keeps the feature sparse:
-      the MLP writes `v` only on the tokens it can tell, and little elsewhere. Measured with the defaults,
-      trained on three quarters of asyncio's contexts and read on the rest: the MLP output moves by 71% of its squared norm on asyncio's tokens (97% of that along
-      `v`; 17% of the tokens get more than half an rms norm along `v`, the top 1% more than 4) and by 2.6%
-      elsewhere (0.4% of the tokens past half an rms norm); token AUROC 0.74. About 100 s on two idle cores (400
-      steps; a third of the time loads the model and embeds the contexts), several minutes on busy ones.
+    - `topic` (the default): topic classification by a frozen readout. A seeded random unit direction `v` of the MLP's
+      output space is the readout of a logistic classifier, `TOPIC_GAIN * (v . mlp_out / rms - margin)` per token
+      (`margin` defaults to `TOPIC_MARGIN`), trained to tell the tokens of the tuned documents (label 1) from the other
+      documents' (label 0, where the original already sits, at about 0 along a random direction). The MLP must learn to
+      recognise the topic and write `v` on it: a feature the original lacks, with a known direction
+      (`planted_direction(out)`), on known documents. The strong replay term keeps the feature sparse: the MLP writes
+      `v` only on the tokens it can tell, and little elsewhere. Measured with the defaults, trained on three quarters of
+      asyncio's contexts and read on the rest: the MLP output moves by 71% of its squared norm on asyncio's tokens (97%
+      of that along `v`; 17% of the tokens get more than half an rms norm along `v`, the top 1% more than 4) and by 2.6%
+      elsewhere (0.4% of the tokens past half an rms norm); token AUROC 0.74. About 100 s on two idle cores (400 steps;
+      a third of the time loads the model and embeds the contexts), several minutes on busy ones.
     - `mlm`: the masked-LM objective on the tuned documents. MiniLM ships without its masked-LM head: a seeded one
       first trains alone for `head_steps` steps (linear probing before fine-tuning, as LP-FT does, so a random head
       does not scramble the MLP), then with the MLP. Measured with its defaults (about 60 s), the change is not
