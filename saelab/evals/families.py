@@ -179,6 +179,22 @@ def feature_families(
     return Families(links, families)
 
 
+class FamilySizes(NamedTuple):
+    """What a dictionary's families amount to: how many, how large, and how much of the dictionary they hold (the
+    spanning forest links nearly every live latent to something, so its number of links says little)."""
+
+    families: int
+    """Parents with at least `min_children` children."""
+    members: int
+    """Latents in a family: the parents and everything below them."""
+    live: int
+    """Latents that fire on at least `min_count` rows (those the forest could link)."""
+    median_children: float
+    """The median number of children of a family (0 without families)."""
+    largest: int
+    """The most latents below one parent (0 without families)."""
+
+
 @dataclass
 class FamiliesResult(JsonResult):
     """A dictionary's feature families, as `saelab eval --only families` writes them."""
@@ -234,6 +250,19 @@ class FamiliesResult(JsonResult):
     def children_of(self, latent: int) -> list[Link]:
         """The links down from `latent` (its children), by containment, highest first."""
         return sorted((link for link in self.links if link.parent == latent), key=lambda link: -link.containment)
+
+    def sizes(self) -> FamilySizes:
+        """How many families, how large, and how many of the live latents they hold."""
+        members = {f.parent for f in self.families} | {i for f in self.families for i in f.descendants}
+        live = sum(n >= int(self.config.get("min_count", 5)) for n in self.counts)
+        children = [len(f.children) for f in self.families]
+        return FamilySizes(
+            len(self.families),
+            len(members),
+            live,
+            float(np.median(children)) if children else 0.0,
+            max((len(f.descendants) for f in self.families), default=0),
+        )
 
     def summary(self) -> str:
         """One line: links, families, the largest."""
