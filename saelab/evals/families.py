@@ -56,6 +56,10 @@ class FamilyThresholds:
     """A family's parent has at least this many children."""
 
 
+SPARSE_BELOW = 0.05
+"""`cooccurrence` multiplies a block's firing as a sparse matrix when fewer than this share of its entries fire."""
+
+
 class CoOccurrence(NamedTuple):
     """How often latents fire, alone and together, over some rows."""
 
@@ -67,13 +71,16 @@ class CoOccurrence(NamedTuple):
 
 def cooccurrence(blocks: Iterable[Tensor], *, fire_above: float = 0.0) -> CoOccurrence:
     """The co-occurrence of the latents over a stream of code blocks `[rows, d_sae]`: a latent fires on a row where its
-    code is above `fire_above`. Each block adds `F^T F` (`F` its 0/1 firing), exact in float32 for blocks under 2^24
-    rows, accumulated in float64."""
+    code is above `fire_above`. Each block adds `F^T F` (`F` its 0/1 firing; `F^T` sparse where under `SPARSE_BELOW`
+    of it fires), exact in float32 for blocks under 2^24 rows, accumulated in float64."""
     joint: Tensor | None = None
     rows = 0
     for codes in blocks:
         fired = (codes.detach() > fire_above).float()
-        part = (fired.T @ fired).double().cpu()
+        if fired.mean() < SPARSE_BELOW:  # a TopK SAE's codes: `nnz x d_sae` multiply-adds instead of `rows x d_sae^2`
+            part = torch.sparse.mm(fired.T.to_sparse(), fired).double().cpu()
+        else:
+            part = (fired.T @ fired).double().cpu()
         joint = part if joint is None else joint + part
         rows += len(codes)
     if joint is None or rows == 0:

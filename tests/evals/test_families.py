@@ -49,6 +49,15 @@ def test_planted_hierarchy_is_recovered_with_few_spurious_links():
     assert sizes == (N_PARENTS, N_PARENTS * (1 + N_CHILDREN), codes.shape[1], N_CHILDREN, N_CHILDREN)
 
 
+def test_sparse_and_dense_products_count_the_same():
+    """Planted codes fire on about 4% of entries (the sparse product); with the parents' 10% repeated, over 5%
+    (the dense one): both count exactly `F^T F`."""
+    codes, _ = planted_codes(3000)
+    for block in (codes, codes[:, :N_PARENTS].repeat(1, 4)):
+        fired = (block > 0).double()
+        assert torch.equal(cooccurrence([block]).joint, fired.T @ fired)
+
+
 def test_the_papers_threshold_alone_links_latents_by_chance():
     codes, truth = planted_codes()
     found = feature_families(cooccurrence([codes]), min_lift=0.0001)  # containment >= 0.1 alone, as the paper
