@@ -59,15 +59,23 @@ def layout(run: str, params: p.Params) -> Any:
         className="chips",
     )
     config = result.config
+    sizes = result.sizes()
     stats = html.Div(
         [
-            c.stat("families", str(len(result.families))),
-            c.stat("parent->child links", str(len(result.links))),
-            c.stat("rows", f"{result.rows:,}"),
-            c.stat("latents", f"{len(result.counts):,}"),
+            c.stat("families", f"{sizes.families:,}"),
+            c.stat("latents in a family", f"{sizes.members:,} of {sizes.live:,} live"),
+            c.stat("children per family", f"median {sizes.median_children:g}"),
+            c.stat("largest family", f"{sizes.largest:,} below its parent"),
         ],
         className="stats",
         style={"marginTop": "10px"},
+        id="families-headline",
+    )
+    forest = html.Div(
+        f"The forest these families are read from: {len(result.links):,} parent->child links over "
+        f"{result.rows:,} rows and {len(result.counts):,} latents (it links nearly every live latent to "
+        "another, so the families, not the links, are the finding).",
+        className="muted",
     )
     explain = html.Div(
         "A child's firing lies inside its parent's: the parent fires on at least "
@@ -81,7 +89,7 @@ def layout(run: str, params: p.Params) -> Any:
     return html.Div(
         [
             html.H2(f"Feature families: {result.hook}/{result.variant}"),
-            c.card(None, picker, stats),
+            c.card(None, picker, stats, forest),
             c.card(f"Families{shown}", explain, family_table(result)),
         ],
         id="families-page",

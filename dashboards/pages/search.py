@@ -1,4 +1,5 @@
-"""The search page (`/search?hook=H&sae=VARIANT&q=TEXT`): find latents by token, or open one by its id."""
+"""The search page (`/search?hook=H&sae=VARIANT&q=TEXT`): find latents by token or by their contrastive label
+(`saelab.analysis.labels`), or open one by its id."""
 
 from __future__ import annotations
 
@@ -7,13 +8,16 @@ from typing import Any
 from dash import Dash, Input, State, dcc, html
 from dash.exceptions import PreventUpdate
 
+from saelab.analysis.labels import label_text, search_labels
 from saelab.dashboards import components as c
 from saelab.dashboards import params as p
-from saelab.dashboards.data import SaeInfo, check_model, chosen_sae
+from saelab.dashboards.data import SaeInfo, check_model, chosen_sae, feature_store
 from saelab.dashboards.live import search_token
+from saelab.errors import SaelabError
 
 TITLE = "Find features"
 NAV = True
+MAX_LABELLED = 100  # latents listed by label (the best matching first)
 
 
 @c.guarded
@@ -36,17 +40,36 @@ def layout(run: str, params: p.Params) -> Any:
                     id="search-token",
                     type="text",
                     value=params.get("q", ""),
-                    placeholder="a token or some text, e.g. return",
+                    placeholder="a token, some text or a label's words, e.g. return",
                     className="field",
                 ),
-                html.Button("Search by token", id="search-token-go", className="go"),
+                html.Button("Search by token and label", id="search-token-go", className="go"),
             ],
             className="form",
         ),
         html.Div(id="search-error"),
     )
-    results = token_results(run, info, p.text(params["q"], "search text")) if "q" in params else None
+    text = p.text(params["q"], "search text") if "q" in params else None
+    results = None if text is None else [token_results(run, info, text), label_results(run, info, text)]
     return html.Div([html.H2("Find features"), form, html.Div(results, id="search-results")])
+
+
+@c.guarded
+def label_results(run: str, info: SaeInfo, text: str) -> Any:
+    """The latents whose contrastive label holds `text` as whole words, each with its label, best score first."""
+    fs = feature_store(run, info)
+    try:
+        tokens, scores = fs.column("label_tokens"), fs.column("label_scores")
+    except SaelabError as err:
+        return c.card("Latents by label", html.P(f"labels not searched: {err}", className="muted"), id="label-results")
+    found = search_labels(tokens, scores, fs.vocab, text) if text.strip() else []
+    chips = [
+        html.Span(c.feature_link(info, i, f"#{i} {label_text(tokens[i], fs.vocab)}"), className="chip")
+        for i in found[:MAX_LABELLED]
+    ]
+    shown = f" (the best {MAX_LABELLED} of {len(found)})" if len(found) > MAX_LABELLED else f" ({len(found)})"
+    body = html.Span(chips, className="chips") if chips else html.P(f"no label holds {text!r}", className="muted")
+    return c.card(f"Latents by label{shown}", body, id="label-results")
 
 
 @c.guarded

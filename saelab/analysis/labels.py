@@ -126,10 +126,16 @@ def context_windows(tokens: np.ndarray, context: np.ndarray, rows: np.ndarray, *
     return np.where(inside, tokens[safe], -1)
 
 
-def join_pieces(ids: Sequence[int], vocab: Sequence[str]) -> str:
-    """Token ids as text: WordPiece vocabularies (`##` continuations, as MiniLM's) get a space before each word,
-    others (byte-level BPE, whose pieces carry their own spaces) are concatenated."""
-    wordpiece = any(v.startswith("##") for v in vocab[:5000])
+def is_wordpiece(vocab: Sequence[str]) -> bool:
+    """Whether `vocab` is WordPiece's (`##` continuations, as MiniLM's) rather than byte-level BPE's."""
+    return any(v.startswith("##") for v in vocab[:5000])
+
+
+def join_pieces(ids: Sequence[int], vocab: Sequence[str], *, wordpiece: bool | None = None) -> str:
+    """Token ids as text: WordPiece vocabularies get a space before each word, others (byte-level BPE, whose pieces
+    carry their own spaces) are concatenated; `wordpiece`: `is_wordpiece(vocab)`, given when joining many."""
+    if wordpiece is None:
+        wordpiece = is_wordpiece(vocab)
     out = ""
     for t in ids:
         piece = vocab[t] if 0 <= t < len(vocab) else f"<{t}>"
@@ -149,6 +155,27 @@ def label_text(tokens: np.ndarray, vocab: Sequence[str], *, scores: np.ndarray |
         if ids:
             parts.append(repr(join_pieces(ids, vocab)) + (f" {scores[i]:.1f}" if scores is not None else ""))
     return " | ".join(parts)
+
+
+def search_labels(tokens: np.ndarray, scores: np.ndarray, vocab: Sequence[str], text: str) -> list[int]:
+    """The latents whose label (`Labels.tokens [d_sae, n_labels, 2]`, `Labels.scores`) has an n-gram holding `text`
+    as whole words (case and spacing ignored: `value` finds `'absolute value'`, `val` does not), best matching
+    n-gram's score first (ties: the lower id)."""
+    query = " ".join(text.lower().split())
+    if not query:
+        raise ConfigError("the label search text is empty; type a word of a label, e.g. return")
+    padded, wordpiece = f" {query} ", is_wordpiece(vocab)
+    texts: dict[tuple[int, int], bool] = {}
+    best: dict[int, float] = {}
+    for latent, slot in zip(*np.nonzero((tokens >= 0).any(2)), strict=True):
+        gram = (int(tokens[latent, slot, 0]), int(tokens[latent, slot, 1]))
+        if gram not in texts:
+            words = join_pieces([t for t in gram if t >= 0], vocab, wordpiece=wordpiece).lower().split()
+            texts[gram] = padded in f" {' '.join(words)} "
+        if texts[gram]:
+            score = float(scores[latent, slot])
+            best[int(latent)] = max(best.get(int(latent), -np.inf), score if np.isfinite(score) else -np.inf)
+    return sorted(best, key=lambda i: (-best[i], i))
 
 
 def label_query(tokens: np.ndarray, vocab: Sequence[str]) -> str:

@@ -56,6 +56,10 @@ class FamilyThresholds:
     """A family's parent has at least this many children."""
 
 
+SPARSE_BELOW = 0.05
+"""`cooccurrence` multiplies a block's firing as a sparse matrix when fewer than this share of its entries fire."""
+
+
 class CoOccurrence(NamedTuple):
     """How often latents fire, alone and together, over some rows."""
 
@@ -67,13 +71,16 @@ class CoOccurrence(NamedTuple):
 
 def cooccurrence(blocks: Iterable[Tensor], *, fire_above: float = 0.0) -> CoOccurrence:
     """The co-occurrence of the latents over a stream of code blocks `[rows, d_sae]`: a latent fires on a row where its
-    code is above `fire_above`. Each block adds `F^T F` (`F` its 0/1 firing), exact in float32 for blocks under 2^24
-    rows, accumulated in float64."""
+    code is above `fire_above`. Each block adds `F^T F` (`F` its 0/1 firing; `F^T` sparse where under `SPARSE_BELOW`
+    of it fires), exact in float32 for blocks under 2^24 rows, accumulated in float64."""
     joint: Tensor | None = None
     rows = 0
     for codes in blocks:
         fired = (codes.detach() > fire_above).float()
-        part = (fired.T @ fired).double().cpu()
+        if fired.mean() < SPARSE_BELOW:  # a TopK SAE's codes: `nnz x d_sae` multiply-adds instead of `rows x d_sae^2`
+            part = torch.sparse.mm(fired.T.to_sparse(), fired).double().cpu()
+        else:
+            part = (fired.T @ fired).double().cpu()
         joint = part if joint is None else joint + part
         rows += len(codes)
     if joint is None or rows == 0:
@@ -179,6 +186,22 @@ def feature_families(
     return Families(links, families)
 
 
+class FamilySizes(NamedTuple):
+    """What a dictionary's families amount to: how many, how large, and how much of the dictionary they hold (the
+    spanning forest links nearly every live latent to something, so its number of links says little)."""
+
+    families: int
+    """Parents with at least `min_children` children."""
+    members: int
+    """Latents in a family: the parents and everything below them."""
+    live: int
+    """Latents that fire on at least `min_count` rows (those the forest could link)."""
+    median_children: float
+    """The median number of children of a family (0 without families)."""
+    largest: int
+    """The most latents below one parent (0 without families)."""
+
+
 @dataclass
 class FamiliesResult(JsonResult):
     """A dictionary's feature families, as `saelab eval --only families` writes them."""
@@ -234,6 +257,19 @@ class FamiliesResult(JsonResult):
     def children_of(self, latent: int) -> list[Link]:
         """The links down from `latent` (its children), by containment, highest first."""
         return sorted((link for link in self.links if link.parent == latent), key=lambda link: -link.containment)
+
+    def sizes(self) -> FamilySizes:
+        """How many families, how large, and how many of the live latents they hold."""
+        members = {f.parent for f in self.families} | {i for f in self.families for i in f.descendants}
+        live = sum(n >= int(self.config.get("min_count", 5)) for n in self.counts)
+        children = [len(f.children) for f in self.families]
+        return FamilySizes(
+            len(self.families),
+            len(members),
+            live,
+            float(np.median(children)) if children else 0.0,
+            max((len(f.descendants) for f in self.families), default=0),
+        )
 
     def summary(self) -> str:
         """One line: links, families, the largest."""

@@ -18,6 +18,7 @@ from saelab.analysis.labels import (
     join_pieces,
     label_query,
     label_text,
+    search_labels,
 )
 from saelab.errors import ConfigError
 from saelab.models import tokenizer_of
@@ -70,6 +71,23 @@ def test_log_odds_follow_monroe_et_al():
     delta = np.log((10 + a) / (10 + 100 - 10 - a)) - np.log((1 + a) / (1000 + 100 - 1 - a))
     assert labels.scores[0, 0] == pytest.approx(delta / np.sqrt(1 / (10 + a) + 1 / (1 + a)), rel=1e-5)
     assert labels.tokens[0, 0].tolist() == [1, -1] and np.isnan(labels.scores[0, 1])
+
+
+def test_label_search_matches_whole_words_best_score_first():
+    """Latent 0: 'absolute value' 3.0; latent 1: 'value' 5.0 and 'x' 1.0; latent 2: 'values' (a WordPiece
+    continuation: not the word 'value'); latent 3: no label."""
+    vocab = ["[PAD]", "absolute", "value", "x", "##s"]
+    tokens = np.full((4, 2, 2), -1)
+    scores = np.full((4, 2), np.nan)
+    tokens[0, 0], scores[0, 0] = [1, 2], 3.0
+    tokens[1, 0], scores[1, 0], tokens[1, 1], scores[1, 1] = [2, -1], 5.0, [3, -1], 1.0
+    tokens[2, 0], scores[2, 0] = [2, 4], 9.0
+    assert search_labels(tokens, scores, vocab, "value") == [1, 0]
+    assert search_labels(tokens, scores, vocab, "  Absolute   VALUE ") == [0]
+    assert search_labels(tokens, scores, vocab, "values") == [2]
+    assert search_labels(tokens, scores, vocab, "val") == [] and search_labels(tokens, scores, vocab, "x") == [1]
+    with pytest.raises(ConfigError, match="empty"):
+        search_labels(tokens, scores, vocab, " ")
 
 
 def test_bad_input():

@@ -45,6 +45,17 @@ def test_planted_hierarchy_is_recovered_with_few_spurious_links():
     assert recall >= 0.9 and spurious <= 0.1, (recall, spurious)
     assert {f.parent for f in found.families} == set(range(N_PARENTS))
     assert all(sorted(f.children) == [N_PARENTS + f.parent * N_CHILDREN + c for c in range(4)] for f in found.families)
+    sizes = families_result(co, hook="h", variant="v").sizes()  # 8 families of 4, 40 of the 56 live latents in one
+    assert sizes == (N_PARENTS, N_PARENTS * (1 + N_CHILDREN), codes.shape[1], N_CHILDREN, N_CHILDREN)
+
+
+def test_sparse_and_dense_products_count_the_same():
+    """Planted codes fire on about 4% of entries (the sparse product); with the parents' 10% repeated, over 5%
+    (the dense one): both count exactly `F^T F`."""
+    codes, _ = planted_codes(3000)
+    for block in (codes, codes[:, :N_PARENTS].repeat(1, 4)):
+        fired = (block > 0).double()
+        assert torch.equal(cooccurrence([block]).joint, fired.T @ fired)
 
 
 def test_the_papers_threshold_alone_links_latents_by_chance():

@@ -3,6 +3,7 @@ run (`decoder_run`) with its SAE's feature families computed by `saelab eval --o
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from selenium.webdriver.common.by import By
 
@@ -40,6 +41,17 @@ def test_page_lists_families_and_a_parent_opens_its_feature_page_with_its_childr
     driver, families_server, found, tmp_path
 ):
     visit(driver, f"{families_server}/families", "#families-table")
+    members = {f.parent for f in found.families} | {i for f in found.families for i in f.descendants}
+    live = sum(n >= 5 for n in found.counts)
+    children = sorted(len(f.children) for f in found.families)
+    values = [v.text for v in driver.find_elements(By.CSS_SELECTOR, "#families-headline .value")]
+    assert values == [
+        str(len(found.families)),
+        f"{len(members)} of {live} live",
+        f"median {float(np.median(children)):g}",
+        f"{len(found.families[0].descendants)} below its parent",
+    ]
+    assert 0 < len(members) < live  # families hold part of the dictionary; the forest's links reach nearly all of it
     rows = driver.find_elements(By.CSS_SELECTOR, "#families-table tr")
     assert len(rows) == 1 + min(len(found.families), page.MAX_FAMILIES)
     largest = found.families[0]

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from selenium.webdriver.common.by import By
 
 from saelab.analysis import AnalysisConfig, analyze
+from saelab.analysis.labels import label_text
 from saelab.dashboards.data import context_vocab, feature_store, list_saes
 from saelab.dashboards.pages.feature import feature_page
 from saelab.run import SAE_WEIGHTS, RunDir
@@ -110,6 +111,8 @@ def test_feature_page_shows_every_panel_with_highlighted_tokens(driver, server, 
     f = fs.feature(busy)
     visit(driver, feature_url(server, sae, busy), "#feature-page")
     assert driver.find_element(By.CSS_SELECTOR, "h2").text == f"Feature #{busy}"
+    label = label_text(f["label_tokens"], fs.vocab, scores=f["label_scores"])
+    assert label.startswith("'") and driver.find_element(By.CSS_SELECTOR, "#feature-label").text == f"label: {label}"
     top = driver.find_elements(By.CSS_SELECTOR, "[data-testid=top-examples] .example")
     assert len(top) == int((f["top_rows"] >= 0).sum()) > 0
     centre = top[0].find_element(By.CSS_SELECTOR, ".tok.centre")
