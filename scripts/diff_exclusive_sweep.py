@@ -42,6 +42,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--preserve", type=float, default=100.0)
     p.add_argument("--margin", type=float, default=ft.TOPIC_MARGIN)
+    p.add_argument("--neurons", type=int, default=None, help="train only this many dedicated MLP neurons")
     p.add_argument("--tokens", type=int, default=120_000, help="tokens harvested per model")
     p.add_argument("--train-tokens", type=int, default=600_000)
     p.add_argument("--k", type=int, default=32)
@@ -52,10 +53,13 @@ def main() -> None:
     torch.set_num_threads(1)
     t0 = time.time()
     tune = {"steps": args.steps, "lr": args.lr, "preserve": args.preserve, "margin": args.margin, "gain": ft.TOPIC_GAIN}
+    tune |= {"neurons": args.neurons} if args.neurons is not None else {}
     root = Path(args.root)
     copy = root / ("ft-" + hashlib.sha1(json.dumps(tune, sort_keys=True).encode()).hexdigest()[:10])
     if not (copy / ft.RECORD).is_file():
-        ft.finetune_minilm(copy, steps=args.steps, lr=args.lr, preserve=args.preserve, margin=args.margin)
+        ft.finetune_minilm(
+            copy, steps=args.steps, lr=args.lr, preserve=args.preserve, margin=args.margin, neurons=args.neurons
+        )
     t_ft = time.time() - t0
     v = ft.planted_direction(copy)
     assert v is not None

@@ -113,6 +113,38 @@ def _mlp_inputs(model: Any, contexts: torch.Tensor, layer: int) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+class _Frozen(NamedTuple):
+    """The MLP's weights outside its dedicated neurons, put back after each step (AdamW's decay moves them too)."""
+
+    params: list[torch.Tensor]
+    originals: list[torch.Tensor]
+    masks: list[torch.Tensor]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for p, original, mask in zip(self.params, self.originals, self.masks, strict=True):
+                p.copy_(torch.where(mask, p, original))
+
+
+def _dedicate(mlp: Any, inputs: torch.Tensor, n: int) -> _Frozen:
+    """Dedicate `n` of the MLP's neurons to the new feature: the `n` that contribute least to its output on `inputs`
+    (mean activation times the norm of their output column) lose their output columns (zeroed, so what they wrote is
+    gone and what they write after training is the new feature alone), and only their input rows, biases and output
+    columns train."""
+    dense_in, dense_out = mlp.intermediate.dense, mlp.output.dense
+    if not 1 <= n <= dense_in.out_features:
+        raise ConfigError(f"neurons={n} must be between 1 and the MLP's width {dense_in.out_features}")
+    with torch.no_grad():
+        use = mlp.intermediate(inputs).abs().mean(0) * dense_out.weight.norm(dim=0)
+        chosen = torch.zeros(dense_in.out_features, dtype=torch.bool)
+        chosen[use.argsort()[:n]] = True
+        dense_out.weight[:, chosen] = 0.0
+    params = [dense_in.weight, dense_in.bias, dense_out.weight, dense_out.bias]
+    masks = [chosen[:, None].expand_as(params[0]), chosen, chosen[None, :].expand_as(params[2])]
+    masks.append(torch.zeros_like(params[3], dtype=torch.bool))
+    return _Frozen(params, [p.detach().clone() for p in params], masks)
+
+
 def finetune_minilm(
     out: str | Path,
     *,
@@ -123,6 +155,7 @@ def finetune_minilm(
     lr: float | None = None,
     preserve: float | None = None,
     margin: float = TOPIC_MARGIN,
+    neurons: int | None = None,
     head_steps: int = 40,
     batch_size: int = 16,
     context_length: int = 64,
@@ -169,6 +202,8 @@ def finetune_minilm(
     steps = defaults.steps if steps is None else steps
     lr = defaults.lr if lr is None else lr
     preserve = defaults.preserve if preserve is None else preserve
+    if neurons is not None and (objective != "topic" or neurons < 1):
+        raise ConfigError(f"neurons={neurons} needs objective='topic' and at least 1 neuron, or None for the whole MLP")
     if steps < 1 or head_steps < 0 or batch_size < 1 or context_length < 3 or lr <= 0 or preserve < 0 or margin <= 0:
         raise ConfigError(
             f"steps ({steps}), batch_size ({batch_size}), lr ({lr}) and margin ({margin}) must be positive, head_steps "
@@ -206,6 +241,7 @@ def finetune_minilm(
     replayed = ~torch.isin(pool, special_ids) if topic else torch.ones(pool.shape, dtype=torch.bool)
     scale = pool_out[replayed].pow(2).sum(-1).mean()
     trained = [*mlp.intermediate.parameters(), *mlp.output.dense.parameters()]
+    keep = _dedicate(mlp, pool_in[replayed], neurons) if neurons is not None else None
     for p in model.parameters():
         p.requires_grad_(False)
     direction = (  # drawn for the topic objective alone, so the masked-LM one's random stream is as it was
@@ -264,6 +300,8 @@ def finetune_minilm(
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
+            if keep is not None:
+                keep.restore()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
@@ -271,6 +309,7 @@ def finetune_minilm(
     settings |= {
         "preserve": preserve,
         "margin": margin,
+        "neurons": neurons,
         "batch_size": batch_size,
         "context_length": context_length,
         "seed": seed,
