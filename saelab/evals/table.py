@@ -8,8 +8,8 @@ Headlines (`Headline.name`):
 - `probing:<task>`: the mean over the task's labels of the test accuracy of the 1-sparse probe on the latents;
   its latents are each label's probe latent (the latent that best separates the label by itself).
 - `hedging`: the SAE's hedging rate; its latents are the five with the highest per-latent rate.
-- `families`: the number of parent->child links (`saelab.evals.families`); its latents are the parents of the
-  largest families.
+- `families`: the number of families (`saelab.evals.families`; not the number of links, since the spanning forest
+  links nearly every live latent); its latents are the parents of the largest families.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def _hedging(data: dict[str, Any]) -> dict[str, Headline]:
 
 def _families(data: dict[str, Any]) -> dict[str, Headline]:
     families = data["families"][:SHOWN_LATENTS]  # largest (most latents below it) first, as the result holds them
-    return {"families": Headline(float(len(data["links"])), [int(f["parent"]) for f in families])}
+    return {"families": Headline(float(len(data["families"])), [int(f["parent"]) for f in families])}
 
 
 READERS = {
