@@ -519,9 +519,12 @@ def finetune_minilm_cmd(
         "new, known direction); mlm: masked-LM on the package's docstrings.",
     ),
     steps: int | None = typer.Option(None, "--steps", help="Steps of the MLP (default: the objective's)."),
+    neurons: int | None = typer.Option(
+        None, "--neurons", help="topic: MLP neurons dedicated to the new feature (default 16; 0: the whole MLP trains)."
+    ),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """Fine-tune one MLP of a copy of MiniLM on one package's docstrings (under a minute on two idle cores), for an
+    """Fine-tune one MLP of a copy of MiniLM on one package's docstrings (a few minutes on two cores), for an
     offline model diff: harvest it beside the original (`models: {base: minilm, tuned: OUT}`), train a crosscoder
     on both and run `saelab diff RUN --tuned-on PACKAGE`."""
     import time
@@ -531,7 +534,7 @@ def finetune_minilm_cmd(
     if objective not in ("topic", "mlm"):
         raise ConfigError(f"--objective {objective!r} is not one of topic, mlm")
     start = time.perf_counter()
-    finetune_minilm(out, documents=package, layer=layer, objective=objective, steps=steps, seed=seed)
+    finetune_minilm(out, documents=package, layer=layer, objective=objective, steps=steps, neurons=neurons, seed=seed)
     typer.echo(
         f"fine-tuned layer {layer}'s MLP on {package!r} ({objective}) in {time.perf_counter() - start:.0f}s; "
         f"wrote {out}"

@@ -38,11 +38,12 @@ HOOK = "blocks.3.hook_mlp_out"
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default="/tmp/diffx", help="where the copies and runs go")
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--preserve", type=float, default=100.0)
+    topic = ft.DEFAULTS["topic"]
+    p.add_argument("--steps", type=int, default=topic.steps)
+    p.add_argument("--lr", type=float, default=topic.lr)
+    p.add_argument("--preserve", type=float, default=topic.preserve)
     p.add_argument("--margin", type=float, default=ft.TOPIC_MARGIN)
-    p.add_argument("--neurons", type=int, default=None, help="train only this many dedicated MLP neurons")
+    p.add_argument("--neurons", type=int, default=topic.neurons, help="dedicated MLP neurons (0: the whole MLP)")
     p.add_argument("--tokens", type=int, default=120_000, help="tokens harvested per model")
     p.add_argument("--train-tokens", type=int, default=600_000)
     p.add_argument("--k", type=int, default=32)
@@ -53,7 +54,7 @@ def main() -> None:
     torch.set_num_threads(1)
     t0 = time.time()
     tune = {"steps": args.steps, "lr": args.lr, "preserve": args.preserve, "margin": args.margin, "gain": ft.TOPIC_GAIN}
-    tune |= {"neurons": args.neurons} if args.neurons is not None else {}
+    tune |= {"neurons": args.neurons} if args.neurons else {}  # the log's runs without it trained the whole MLP
     root = Path(args.root)
     copy = root / ("ft-" + hashlib.sha1(json.dumps(tune, sort_keys=True).encode()).hexdigest()[:10])
     if not (copy / ft.RECORD).is_file():

