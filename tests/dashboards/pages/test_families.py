@@ -123,7 +123,7 @@ def test_evals_page_of_a_trained_run_of_one_seed_links_the_largest_family_and_sh
     (row,) = driver.find_elements(By.CSS_SELECTOR, "#evals-table tr")[1:]
     assert "1 of 1 configs were trained with one seed" in driver.find_element(By.CSS_SELECTOR, "#seed-note").text
     assert driver.find_elements(By.CSS_SELECTOR, "#configs .interval") == []
-    row.find_element(By.LINK_TEXT, str(len(found.links))).click()
+    row.find_element(By.LINK_TEXT, str(len(found.families))).click()  # the headline: how many families
     wait_text(driver, "#page", f"Feature #{found.families[0].parent}")
     by_config = RunDir(decoder_run).sweep_by_config.read_text().splitlines()
     assert by_config[1].split(",")[6] == "1" and "families_low" in by_config[0]  # n_seeds 1, no interval
