@@ -13,6 +13,7 @@ the latents), with optional noise on their decoders so that the error nodes carr
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, NamedTuple, cast
 
 import torch
@@ -20,6 +21,9 @@ from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from saelab.dictionaries import SAE, SAEConfig
+from saelab.models import save_model
+from saelab.run import RunDir
+from saelab.toys.induction import induction_tokenizer
 
 A, B, C = 0, 1, 2
 BOS = 64
@@ -103,3 +107,13 @@ def mlp_graph_toy(n_pos: int = 8, a_pos: int = 2, *, noise: float = 0.0, seed: i
     tcs = [mlp_transcoder(model, layer, noise=noise, seed=seed) for layer in range(2)]
     path = [f"tok {A}@{a_pos}", f"L0/0@{a_pos}", f"L1/0@{n_pos - 1}", f"logit {B}"]
     return MLPGraphToy(model, tcs, tokens, a_pos, path)
+
+
+def mlp_graph_run(root: Path, *, noise: float = 0.01) -> Path:
+    """A run folder at `root` holding the toy's model (`root/model`, with the induction toy's tokenizer) and its two
+    transcoders (`blocks.{layer}.hook_mlp_in`, named `exact`, decoder noise `noise`), ready for `saelab graph`."""
+    model = mlp_graph_model(tokenizer=induction_tokenizer(root / "tok"))
+    save_model(model, root / "model")
+    for layer in range(2):
+        mlp_transcoder(model, layer, noise=noise).save(RunDir(root).sae(f"blocks.{layer}.hook_mlp_in", "exact"))
+    return root

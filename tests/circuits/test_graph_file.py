@@ -10,17 +10,13 @@ from saelab.circuits.graph_file import GraphFile
 from saelab.cli import app
 from saelab.models import save_model
 from saelab.run import RunDir
-from saelab.toys.attribution import A, B, mlp_graph_model, mlp_transcoder
+from saelab.toys.attribution import A, B, mlp_graph_model, mlp_graph_run
 from saelab.toys.induction import induction_tokenizer
 
 
 @pytest.fixture(scope="module")
 def graph_run_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("graph_run")
-    model = mlp_graph_model(tokenizer=induction_tokenizer(root / "tok"))
-    save_model(model, root / "model")
-    for layer in range(2):
-        mlp_transcoder(model, layer, noise=0.01).save(RunDir(root).sae(f"blocks.{layer}.hook_mlp_in", "exact"))
+    root = mlp_graph_run(tmp_path_factory.mktemp("graph_run"))
     return root
 
 

@@ -12,20 +12,14 @@ from selenium.webdriver.common.by import By
 
 from saelab.circuits.graph_file import GraphFile, graph_run
 from saelab.dashboards.pages import graph as graph_page
-from saelab.models import save_model
 from saelab.run import RunDir
-from saelab.toys.attribution import mlp_graph_model, mlp_transcoder
-from saelab.toys.induction import induction_tokenizer
+from saelab.toys.attribution import mlp_graph_run
 from tests.dashboards.helpers import Server, errors, text, visit, wait_for
 
 
 @pytest.fixture(scope="module")
 def graph_run_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("graph_page")
-    model = mlp_graph_model(tokenizer=induction_tokenizer(root / "tok"))
-    save_model(model, root / "model")
-    for layer in range(2):
-        mlp_transcoder(model, layer, noise=0.01).save(RunDir(root).sae(f"blocks.{layer}.hook_mlp_in", "exact"))
+    root = mlp_graph_run(tmp_path_factory.mktemp("graph_page"))
     graph_run(root, "CDADCEC", name="toy")
     return root
 
