@@ -42,11 +42,13 @@ from torch import Tensor
 from saelab.dictionaries import SAEConfig
 from saelab.dictionaries.base import geometric_median
 from saelab.toys.benchmark import DefaultsRun, batches, make_benchmark
-from saelab.toys.synthetic import recovery
 from saelab.train.config import TrainConfig, default_lr
 from saelab.train.optim import OptimizerName
 
 FULL = {"widths": [768, 1536, 3072], "budgets": [1_000_000, 2_000_000, 4_000_000], "seeds": [0, 1]}
+KINDS = ("flat", "parents", "children")
+"""The kinds of true direction scored apart (`HierarchicalData.kinds`): children fire only with a parent, so a TopK
+SAE absorbs them (Chanin et al.); flat ones are outside the hierarchy."""
 QUICK = {"widths": [384, 768, 1536], "budgets": [250_000, 500_000, 1_000_000], "seeds": [0, 1]}
 
 
@@ -59,17 +61,26 @@ class Learner(Protocol):
 
 
 class SAELensRun:
-    """SAELens's `TopKTrainingSAE` trained by its `SAETrainer` one batch at a time (`SAETrainer.step`, as `fit`)."""
+    """SAELens's `TopKTrainingSAE` (its `MatryoshkaBatchTopKTrainingSAE` when `changes` give `matryoshka_widths`)
+    trained by its `SAETrainer` one batch at a time (`SAETrainer.step`, as `fit`)."""
 
     def __init__(
         self, d: int, width: int, k: int, *, tokens: int, batch_size: int, lr: float, seed: int, **changes: Any
     ):
         from sae_lens.config import LoggingConfig, SAETrainerConfig
+        from sae_lens.saes.matryoshka_batchtopk_sae import (
+            MatryoshkaBatchTopKTrainingSAE,
+            MatryoshkaBatchTopKTrainingSAEConfig,
+        )
         from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
         from sae_lens.training.sae_trainer import SAETrainer
 
         torch.manual_seed(seed)
-        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=width, k=k, device="cpu", dtype="float32", **changes))
+        shape = {"d_in": d, "d_sae": width, "k": k, "device": "cpu", "dtype": "float32"}
+        if "matryoshka_widths" in changes:  # SAELens's one Matryoshka: BatchTopK
+            sae = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(**shape, **changes))
+        else:
+            sae = TopKTrainingSAE(TopKTrainingSAEConfig(**shape, **changes))
         cfg = SAETrainerConfig(
             total_training_samples=tokens,
             train_batch_size_samples=batch_size,
@@ -147,33 +158,39 @@ def ablations(args: Any, cfg: SAEConfig, sample: Tensor, seed: int) -> dict[str,
 def learners(
     args: Any, d: int, width: int, sample: Tensor, seed: int
 ) -> tuple[dict[tuple[str, int], DefaultsRun], dict[str, Learner]]:
-    """saelab's runs by name and budget (`saelab`: its defaults; or one per `--gao-multiples` entry), and the other
-    libraries' single runs (and `--ablate`'s), for one width and seed."""
+    """saelab's runs by name and budget (`saelab`: its defaults; or one per `--gao-multiples` entry; with
+    `--matryoshka`, `saelab_matryoshka` too), and the other libraries' single runs (and `--ablate`'s), for one width
+    and seed."""
     cfg = SAEConfig(d_in=d, d_sae=width, k=args.k)
     multiples: list[float] = args.gao_multiples or []
-    lrs: dict[str, tuple[OptimizerName, float | None, float]] = {}  # name: optimizer, rate, scale of its default
+    lrs: dict[str, tuple[SAEConfig, OptimizerName, float | None, float]] = {}  # name: SAE, optimizer, rate, scale
     if multiples:
-        lrs = {f"saelab_gao_x{m:g}": ("adam", m * gao_lr(width), 1.0) for m in multiples}
+        lrs = {f"saelab_gao_x{m:g}": (cfg, "adam", m * gao_lr(width), 1.0) for m in multiples}
     for optimizer in args.optimizers or ([] if multiples else ["default"]):
         for scale in args.lr_scales:
             name = "saelab" if optimizer == "default" else f"saelab_{optimizer}"
             chosen = cast(OptimizerName, TrainConfig(run="").optimizer if optimizer == "default" else optimizer)
-            lrs[name + ("" if scale == 1 else f"_x{scale:g}")] = (chosen, None, scale)
+            lrs[name + ("" if scale == 1 else f"_x{scale:g}")] = (cfg, chosen, None, scale)
+    matryoshka = SAEConfig(d_in=d, d_sae=width, k=args.k, arch="batchtopk", matryoshka_prefixes=args.matryoshka)
+    if args.matryoshka:
+        lrs["saelab_matryoshka"] = (matryoshka, TrainConfig(run="").optimizer, None, 1.0)
 
-    def run(budget: int, optimizer: OptimizerName, lr: float | None, scale: float) -> DefaultsRun:
+    def run(budget: int, sae: SAEConfig, optimizer: OptimizerName, lr: float | None, scale: float) -> DefaultsRun:
         steps = budget // args.batch_size
         if lr is None:
             lr = scale * TrainConfig(run="", tokens=budget, batch_size=args.batch_size, optimizer=optimizer).peak_lr(
                 width, d_in=d
             )
-        return DefaultsRun(cfg, sample, steps, batch_size=args.batch_size, lr=lr, optimizer=optimizer, seed=seed)
+        return DefaultsRun(sae, sample, steps, batch_size=args.batch_size, lr=lr, optimizer=optimizer, seed=seed)
 
     ours = {(name, budget): run(budget, *spec) for name, spec in lrs.items() for budget in args.budgets}
     others: dict[str, Learner] = {}
+    lens = {"tokens": max(args.budgets), "batch_size": args.batch_size, "lr": gao_lr(width), "seed": seed}
     if "sae_lens" in args.libraries:
-        others["sae_lens"] = SAELensRun(
-            d, width, args.k, tokens=max(args.budgets), batch_size=args.batch_size, lr=gao_lr(width), seed=seed
-        )
+        others["sae_lens"] = SAELensRun(d, width, args.k, **lens)
+        if args.matryoshka:
+            widths = matryoshka.matryoshka_prefixes
+            others["sae_lens_matryoshka"] = SAELensRun(d, width, args.k, matryoshka_widths=widths, **lens)
     if "sparsify" in args.libraries:
         others["sparsify"] = SparsifyRun(d, width, args.k, seed=seed)
     return ours, others | (ablations(args, cfg, sample, seed) if args.ablate else {})
@@ -203,48 +220,61 @@ def run_part(args: Any, seed: int, widths: list[int]) -> list[dict[str, Any]]:
                     continue
                 scored = {name: run for (name, b), run in ours.items() if b == budget} | others
                 for library, run in scored.items():
-                    rec = recovery(data.directions, run.directions())
-                    rows.append({"seed": seed, "width": width, "budget": budget, "library": library, "recovery": rec})
-                    print(f"  seed {seed} width {width:5d} {budget / 1e6:5.2f}M tokens {library:9s} {rec:6.1%}")
+                    rec = data.recovery_by_kind(run.directions())
+                    row = {"seed": seed, "width": width, "budget": budget, "library": library}
+                    rows.append(row | {"recovery": rec["all"]} | {kind: rec[kind] for kind in KINDS})
+                    kinds = ", ".join(f"{kind} {rec[kind]:6.1%}" for kind in KINDS)
+                    print(
+                        f"  seed {seed} width {width:5d} {budget / 1e6:5.2f}M {library:9s} {rec['all']:6.1%} ({kinds})"
+                    )
     for (width, library), s in seconds.items():
         print(f"  seed {seed} width {width:5d} {library:9s} {s:7.1f} s of steps")
     return rows
 
 
-def table(rows: list[dict[str, Any]], args: Any) -> dict[str, dict[str, float]]:
-    """Mean recovery over the seeds per width x budget x library, printed as a table and returned."""
+def table(rows: list[dict[str, Any]], args: Any, key: str = "recovery") -> dict[str, dict[str, float]]:
+    """Mean of `key` (`recovery`, or one of `KINDS`) over the seeds per width x budget x library, printed as a table
+    and returned."""
     means: dict[str, dict[str, float]] = {}
     libraries = list(dict.fromkeys(row["library"] for row in rows))
-    print(f"\nrecovery at cosine >= 0.9 (mean of seeds {args.seeds}), k={args.k}, batch {args.batch_size}")
+    what = "of all the true directions" if key == "recovery" else f"of the {key} directions"
+    print(f"\nrecovery {what} at cosine >= 0.9 (mean of seeds {args.seeds}), k={args.k}, batch {args.batch_size}")
     print("| width | tokens | " + " | ".join(libraries) + " |")
     print("| --- | --- | " + " | ".join("---" for _ in libraries) + " |")
     for width in args.widths:
         for budget in args.budgets:
             cell = {}
             for library in libraries:
-                got = [
-                    r["recovery"] for r in rows if (r["width"], r["budget"], r["library"]) == (width, budget, library)
-                ]
+                got = [r[key] for r in rows if (r["width"], r["budget"], r["library"]) == (width, budget, library)]
                 cell[library] = sum(got) / len(got)
             means[f"w{width}/{budget}"] = cell
             print(f"| {width} | {budget / 1e6:g}M | " + " | ".join(f"{cell[lib]:.1%}" for lib in libraries) + " |")
     return means
 
 
-def targets(means: dict[str, dict[str, float]], args: Any) -> dict[str, dict[str, Any]]:
-    """Issue 15's targets per width, on the mean recoveries: saelab >= SAELens at every budget, and saelab >= 90% at
-    the smallest budget where SAELens reaches 50% (`None` where SAELens never does). Printed and returned."""
+def targets(
+    means: dict[str, dict[str, float]],
+    args: Any,
+    values: dict[str, dict[str, float]] | None = None,
+    kind: str = "all",
+) -> dict[str, dict[str, Any]]:
+    """Issue 15's targets per width and saelab entry (`saelab`, and `saelab_matryoshka` with `--matryoshka`), on the
+    mean recoveries `values` of `kind`'s directions (default: `means`, all of them): the entry >= SAELens's TopK at
+    every budget, and >= 90% at the smallest budget where SAELens's TopK recovers 50% of all the directions (`means`;
+    `None` where it never does). Printed and returned."""
     out: dict[str, dict[str, Any]] = {}
+    values = means if values is None else values
     for width in args.widths:
-        cells = [means[f"w{width}/{budget}"] for budget in args.budgets]
-        if not all("saelab" in cell and "sae_lens" in cell for cell in cells):
-            continue
-        at_least = all(cell["saelab"] >= cell["sae_lens"] for cell in cells)
-        half = next((b for b, cell in zip(args.budgets, cells, strict=True) if cell["sae_lens"] >= 0.5), None)
-        there = None if half is None else means[f"w{width}/{half}"]["saelab"]
-        out[f"w{width}"] = {"saelab_at_least_sae_lens": at_least, "sae_lens_half_budget": half, "saelab_there": there}
-        where = "SAELens never reaches 50%" if there is None else f"saelab {there:.1%} where SAELens first >= 50%"
-        print(f"width {width}: saelab >= SAELens at every budget: {at_least}; {where}")
+        half = next((b for b in args.budgets if means[f"w{width}/{b}"].get("sae_lens", 0.0) >= 0.5), None)
+        cells = [values[f"w{width}/{budget}"] for budget in args.budgets]
+        for entry in ("saelab", "saelab_matryoshka"):
+            if not all(entry in cell and "sae_lens" in cell for cell in cells):
+                continue
+            at_least = all(cell[entry] >= cell["sae_lens"] for cell in cells)
+            there = None if half is None else values[f"w{width}/{half}"][entry]
+            out[f"w{width}/{entry}"] = {"at_least_sae_lens": at_least, "sae_lens_half_budget": half, "there": there}
+            where = "SAELens never reaches 50%" if there is None else f"{there:.1%} where SAELens first >= 50%"
+            print(f"width {width}, {kind} directions: {entry} >= SAELens at every budget: {at_least}; {where}")
     return out
 
 
@@ -265,6 +295,13 @@ def main() -> None:
         help="saelab's runs: one per optimizer (`TrainConfig.optimizer`) at its default rate; default: `default`",
     )
     cli.add_argument("--lr-scales", type=float, nargs="+", default=[1.0], help="multiples of each one's default rate")
+    cli.add_argument(
+        "--matryoshka",
+        type=float,
+        nargs="+",
+        help="also train saelab's and SAELens's Matryoshka BatchTopK with these prefix widths (counts or fractions "
+        "of the width, the last = the width), e.g. 0.0625 0.25 1",
+    )
     cli.add_argument("--libraries", nargs="*", choices=["sae_lens", "sparsify"], help="default: both (none in a sweep)")
     args = cli.parse_args()
     for key, value in (QUICK if args.quick else FULL).items():
@@ -290,10 +327,14 @@ def main() -> None:
             done = [pool.submit(run_part, args, seed, widths) for seed, widths in parts]
             rows = [row for part in done for row in part.result()]
     means = table(rows, args)
-    met = targets(means, args)
+    by_kind = {kind: table(rows, args, kind) for kind in KINDS}
+    met = targets(means, args) | {
+        f"{kind}/{key}": value for kind in KINDS for key, value in targets(means, args, by_kind[kind], kind).items()
+    }
     elapsed = time.perf_counter() - start
     print(f"{elapsed:.0f} s in all; {load_note()}")
-    write_json(args.json, args, {"rows": rows, "mean_recovery": means, "targets": met, "seconds": elapsed})
+    results = {"rows": rows, "mean_recovery": means, "mean_recovery_by_kind": by_kind, "targets": met}
+    write_json(args.json, args, results | {"seconds": elapsed})
 
 
 if __name__ == "__main__":

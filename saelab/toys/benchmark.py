@@ -22,7 +22,7 @@ from torch import Tensor
 
 from saelab.dictionaries import SAEConfig
 from saelab.errors import ConfigError
-from saelab.toys.synthetic import SyntheticData
+from saelab.toys.synthetic import SyntheticData, max_cosines
 from saelab.train.config import TrainConfig
 from saelab.train.optim import OptimizerName, eval_weights, train_weights
 from saelab.train.trainer import Member, schedule
@@ -51,6 +51,22 @@ class HierarchicalData(SyntheticData):
         which = torch.randint(self.children.shape[1], (len(rows),), generator=generator)
         fires[rows, self.children[parent, which]] = True
         return fires
+
+    def kinds(self) -> dict[str, Tensor]:
+        """Boolean masks `[n_features]` of the three kinds of feature: `flat` (roots outside the hierarchy),
+        `parents` and `children` (which fire only with their parent: the ones a TopK SAE absorbs)."""
+        parents = torch.zeros(self.n_features, dtype=torch.bool)
+        parents[self.parents] = True
+        children = torch.zeros(self.n_features, dtype=torch.bool)
+        children[self.children.flatten()] = True
+        return {"flat": ~(parents | children), "parents": parents, "children": children}
+
+    def recovery_by_kind(self, learned_dirs: Tensor, threshold: float = 0.9) -> dict[str, float]:
+        """`recovery` of all the true directions (`all`) and of each kind of `kinds` alone, by decoder rows
+        `[m, d]`."""
+        found = max_cosines(self.directions, learned_dirs.to(self.directions.dtype)) >= threshold
+        masks = {"all": torch.ones_like(found)} | self.kinds()
+        return {kind: found[mask].float().mean().item() for kind, mask in masks.items()}
 
 
 def make_benchmark(

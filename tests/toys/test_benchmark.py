@@ -47,6 +47,22 @@ def test_roots_fire_at_their_zipf_rates(bench):
     assert (measured - rates).abs().max().item() < 0.0125
 
 
+def test_recovery_by_kind_scores_flat_parent_and_child_directions_apart(bench):
+    """The true dictionary recovers every kind; a dictionary that absorbed each child into its parent (rows parent
+    + child, cosine 1/sqrt(2) with both for near-orthogonal directions) recovers the flat and parent directions and
+    no child."""
+    data, _ = bench
+    kinds = data.kinds()
+    assert [int(mask.sum()) for mask in kinds.values()] == [192 - 8 - 24, 8, 24]
+    assert not (kinds["flat"] & kinds["parents"]).any() and not (kinds["flat"] & kinds["children"]).any()
+    assert data.recovery_by_kind(data.directions) == {"all": 1.0, "flat": 1.0, "parents": 1.0, "children": 1.0}
+    absorbed = data.directions[data.parents][:, None] + data.directions[data.children]  # [parents, children, d]
+    rows = torch.cat([data.directions[kinds["flat"] | kinds["parents"]], absorbed.flatten(0, 1)])
+    got = data.recovery_by_kind(rows)
+    assert (got["flat"], got["parents"], got["children"]) == (1.0, 1.0, 0.0)
+    assert got["all"] == pytest.approx((192 - 24) / 192)
+
+
 def test_batches_are_the_same_on_every_call_and_differ_between_seeds(bench):
     data, _ = bench
     first, again = list(batches(data, 2, 64, seed=3)), list(batches(data, 2, 64, seed=3))
