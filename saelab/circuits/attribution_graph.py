@@ -553,6 +553,11 @@ def _encoder_targets(frozen: _Frozen, idx: Tensor) -> _Targets:
     return _Targets(idx[:, 0], idx[:, 1], vec)
 
 
+def by_layer(transcoders: Mapping[int, SAE] | Sequence[SAE]) -> dict[int, SAE]:
+    """Transcoders keyed by the layer whose MLP they replace (a sequence: one per layer, in order)."""
+    return dict(enumerate(transcoders)) if isinstance(transcoders, Sequence) else dict(transcoders)
+
+
 def attribute(
     model: Any, transcoders: Mapping[int, SAE] | Sequence[SAE], tokens: Tensor, cfg: GraphConfig | None = None
 ) -> AttributionGraph:
@@ -561,7 +566,7 @@ def attribute(
     `cfg`'s thresholds, with the head split of its kept edges. `CircuitError` before anything runs when the memory
     estimate exceeds `cfg.memory_budget_mb`."""
     cfg = cfg or GraphConfig()
-    tcs = dict(enumerate(transcoders)) if isinstance(transcoders, Sequence) else dict(transcoders)
+    tcs = by_layer(transcoders)
     _check(model, tcs)
     tokens = tokens.reshape(-1).cpu()
     if len(tokens) > model.cfg.n_ctx:

@@ -4,7 +4,7 @@ relative to the whole model and to everything ablated."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypedDict
+from typing import Literal, TypedDict
 
 import torch
 from torch import Tensor
@@ -29,6 +29,10 @@ from saelab.dictionaries import SAE
 from saelab.errors import CircuitError
 from saelab.models import Model
 
+Ablation = Literal["mean", "zero"]
+"""What a node outside a circuit is set to: its mean over the examples (per position; Marks et al.) or zero
+(circuit-tracer's ablation of a transcoder latent)."""
+
 
 class Curves(TypedDict):
     """Faithfulness and completeness by circuit size (the `curves` of a `Circuit`)."""
@@ -50,6 +54,10 @@ class Faithfulness(Curves):
     """The metric with every node mean-ablated, m(empty)."""
 
 
+def _zero(states: Nodes) -> Nodes:
+    return Nodes(torch.zeros_like(states.f[:1]), torch.zeros_like(states.err[:1]))
+
+
 def _ablation(sae: SAE, keep: Tensor, mean: Nodes, reps: int, batch: int) -> Edit:
     """An edit that keeps the nodes of `keep` ([reps, pos, d_sae + 1]) and sets the others to `mean`."""
 
@@ -62,14 +70,21 @@ def _ablation(sae: SAE, keep: Tensor, mean: Nodes, reps: int, batch: int) -> Edi
 
 @torch.no_grad()
 def ablated_metrics(
-    model: Model, saes: dict[str, SAE], task: Task, *, keeps: Sequence[dict[str, Tensor]], chunk: int = 16
+    model: Model,
+    saes: dict[str, SAE],
+    task: Task,
+    *,
+    keeps: Sequence[dict[str, Tensor]],
+    chunk: int = 16,
+    ablation: Ablation = "mean",
 ) -> Tensor:
     """Each example's metric `[len(keeps), batch]` with the nodes of `keeps[k]` (per hook point a mask
     `[pos, d_sae + 1]`, or `[1, d_sae + 1]` for every position) running normally and every other node set to its
-    mean over the examples (per position)."""
+    mean over the examples (per position; `ablation` "mean") or to zero ("zero": a latent off, an error node
+    removed)."""
     hooks = check_saes(model, saes)
     clean = clean_states(model, saes, task.tokens)
-    means = {h: s.mean() for h, s in clean.items()}
+    means = {h: s.mean() if ablation == "mean" else _zero(s) for h, s in clean.items()}
     batch = len(task.tokens)
     rows: list[Tensor] = []
     for group in chunks(list(keeps), fit_replicas(chunk, task, saes)):
@@ -79,12 +94,12 @@ def ablated_metrics(
 
 
 def check_scale(m_full: float, m_empty: float) -> float:
-    """`m_full - m_empty`, the scale of faithfulness; `CircuitError` when mean-ablating every node leaves the
-    metric unchanged."""
+    """`m_full - m_empty`, the scale of faithfulness; `CircuitError` when ablating every node leaves the metric
+    unchanged."""
     scale = m_full - m_empty
     if abs(scale) < 1e-6 * max(1.0, abs(m_full)):
         raise CircuitError(
-            "mean-ablating every node leaves the metric unchanged, so faithfulness is undefined; "
+            "ablating every node leaves the metric unchanged, so faithfulness is undefined; "
             "choose a metric that these hook points matter for"
         )
     return scale

@@ -98,11 +98,18 @@ def mlp_transcoder(model: HookedTransformer, layer: int, *, noise: float = 0.0, 
     return sae
 
 
+def mlp_graph_prompts(n: int, *, n_pos: int = 8, a_pos: int = 2, seed: int = 0) -> Tensor:
+    """`[n, n_pos]` prompts of the toy's task: BOS, then random fillers with `A` at `a_pos` (held-out prompts for a
+    graph found on one of them)."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(C, C + 3, (n, n_pos), generator=gen)
+    tokens[:, 0], tokens[:, a_pos] = BOS, A
+    return tokens
+
+
 def mlp_graph_toy(n_pos: int = 8, a_pos: int = 2, *, noise: float = 0.0, seed: int = 0) -> MLPGraphToy:
     """The toy on a prompt of `n_pos` tokens (BOS, then random fillers with `A` at `a_pos`)."""
-    gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(C, C + 3, (n_pos,), generator=gen)
-    tokens[0], tokens[a_pos] = BOS, A
+    tokens = mlp_graph_prompts(1, n_pos=n_pos, a_pos=a_pos, seed=seed)[0]
     model = mlp_graph_model(max(64, n_pos))
     tcs = [mlp_transcoder(model, layer, noise=noise, seed=seed) for layer in range(2)]
     path = [f"tok {A}@{a_pos}", f"L0/0@{a_pos}", f"L1/0@{n_pos - 1}", f"logit {B}"]
