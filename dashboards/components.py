@@ -14,6 +14,7 @@ import numpy as np
 from dash import Input, Output, State, dcc, html
 from dash.exceptions import PreventUpdate
 
+from saelab.circuits.spread import Spread
 from saelab.dashboards.data import NO_ANALYSIS, SaeInfo, finite, list_saes, token_text
 from saelab.errors import SaelabError
 from saelab.plots import decoder_norms_figure, histogram_figure
@@ -146,6 +147,29 @@ def fmt(x: Any) -> str:
     """A number for a table cell: 4 significant digits, blank when missing."""
     value = finite(x)
     return "" if value is None else f"{value:.4g}"
+
+
+def spread_row(label: str, spread: Spread, size: int) -> html.Tr:
+    """A row of a faithfulness table (`spread_head`): `spread` at the largest measured size up to `size`."""
+    i = max((k for k, n in enumerate(spread["n"]) if n <= size), key=lambda k: spread["n"][k], default=0)
+    low, high = spread["faithfulness_ci"][i]
+    lo, hi = spread["faithfulness_range"][i]
+    c_low, c_high = spread["completeness_ci"][i]
+    cells = [
+        str(spread["examples"]),
+        str(spread["n"][i]),
+        fmt(spread["faithfulness"][i]),
+        f"[{fmt(low)}, {fmt(high)}]",
+        f"{fmt(lo)} to {fmt(hi)}",
+        f"{fmt(spread['completeness'][i])} [{fmt(c_low)}, {fmt(c_high)}]",
+    ]
+    return html.Tr([html.Td(label), *[html.Td(x, className="num") for x in cells]])
+
+
+def spread_head(first: str) -> html.Tr:
+    """The header of a faithfulness table whose rows are `spread_row`s, `first` naming its first column."""
+    columns = ("examples", "nodes", "faithfulness", "95% CI", "per example", "completeness [95% CI]")
+    return html.Tr([html.Th(first), *[html.Th(t, className="num") for t in columns]])
 
 
 Element = dict[str, Any]

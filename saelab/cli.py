@@ -453,19 +453,39 @@ def graph_cmd(
     variant: Optional[str] = typer.Option(None, "--variant", help="The transcoders' variant, when there are several."),
     max_feature_nodes: Optional[int] = typer.Option(None, min=1, help="The most latents visited (default: all)."),
     budget_mb: float = typer.Option(4096.0, "--budget-mb", help="Refuse a graph whose memory estimate exceeds this."),
+    held_out: list[str] = typer.Option(
+        [], "--held-out", help="A held-out prompt of the same task (repeat it); the graph's faithfulness there."
+    ),
+    granularity: str = typer.Option(
+        "position", "--granularity", help="Held-out nodes kept by position, or by feature (at every position)."
+    ),
 ) -> None:
     """An attribution graph over the run's transcoders (circuit-tracer's method), pruned by influence, with the
-    heads that carry each edge; shown on the app's Graph page."""
+    heads that carry each edge and its faithfulness by intervention on the prompt and the held-out prompts; shown on
+    the app's Graph page."""
     from saelab.circuits.attribution_graph import GraphConfig
+    from saelab.circuits.graph_faithfulness import GRANULARITIES, GraphCheckConfig
     from saelab.circuits.graph_file import GraphFile, graph_run
 
+    if granularity not in GRANULARITIES:
+        raise ConfigError(f"--granularity is one of {', '.join(GRANULARITIES)}, not {granularity!r}")
     cfg = GraphConfig(max_feature_nodes=max_feature_nodes, memory_budget_mb=budget_mb)
-    path = graph_run(run, prompt, model=model, name=name, variant=variant, cfg=cfg)
+    check = GraphCheckConfig(granularity=granularity)
+    path = graph_run(run, prompt, model=model, name=name, variant=variant, cfg=cfg, held_out=held_out, check=check)
     found = GraphFile.load(path)
     typer.echo(
         f"wrote {path}: {len(found.nodes)} nodes, {len(found.edges)} edges kept; "
         f"replacement {found.replacement:.3f}, completeness {found.completeness:.3f}"
     )
+    checked = found.faithfulness
+    assert checked is not None  # graph_run measures it
+    for where, spread in (("on the prompt", checked.found_on), (f"on {len(held_out)} held-out", checked.held_out)):
+        if spread is not None:
+            low, high = spread["faithfulness_ci"][0]
+            typer.echo(
+                f"faithfulness {where}: {spread['faithfulness'][0]:.3f} [{low:.3f}, {high:.3f}], "
+                f"completeness {spread['completeness'][0]:.3f}, {spread['n'][0]} nodes"
+            )
 
 
 @command("bench-synth")

@@ -11,7 +11,6 @@ from dash import Dash, Input, Output, State, dcc, html
 from dash.exceptions import PreventUpdate
 
 from saelab.circuits import Circuit
-from saelab.circuits.spread import Spread
 from saelab.dashboards import components as c
 from saelab.dashboards import params as p
 from saelab.dashboards.data import circuit_names, load_circuit, sae_info
@@ -49,49 +48,26 @@ def _count(nodes: int, edges: int, circuit: Circuit) -> str:
     return f"showing {nodes} of {len(circuit.nodes)} nodes and {edges} of {len(circuit.edges)} edges"
 
 
-def _spread_row(label: str, spread: Spread, size: int) -> html.Tr:
-    """One row of the transfer table: `spread` at the largest measured size up to `size`."""
-    i = max((k for k, n in enumerate(spread["n"]) if n <= size), key=lambda k: spread["n"][k], default=0)
-    low, high = spread["faithfulness_ci"][i]
-    lo, hi = spread["faithfulness_range"][i]
-    c_low, c_high = spread["completeness_ci"][i]
-    cells = [
-        str(spread["examples"]),
-        str(spread["n"][i]),
-        c.fmt(spread["faithfulness"][i]),
-        f"[{c.fmt(low)}, {c.fmt(high)}]",
-        f"{c.fmt(lo)} to {c.fmt(hi)}",
-        f"{c.fmt(spread['completeness'][i])} [{c.fmt(c_low)}, {c.fmt(c_high)}]",
-    ]
-    return html.Tr([html.Td(label), *[html.Td(x, className="num") for x in cells]])
-
-
 def transfer_table(circuit: Circuit) -> html.Div:
     """Faithfulness where the circuit was found and on held-out examples, for its latents and for its grouped
     circuit, with 95% bootstrap intervals and per-example ranges."""
     rows = []
     if circuit.found_on is not None:
-        rows.append(_spread_row("latents, found on", circuit.found_on, len(circuit.nodes)))
+        rows.append(c.spread_row("latents, found on", circuit.found_on, len(circuit.nodes)))
     if circuit.held_out is not None:
-        rows.append(_spread_row("latents, held out", circuit.held_out, len(circuit.nodes)))
+        rows.append(c.spread_row("latents, held out", circuit.held_out, len(circuit.nodes)))
     grouped = circuit.grouped
     if grouped is not None:
-        rows.append(_spread_row(f"grouped ({grouped.grouping}), found on", grouped.found_on, len(grouped.nodes)))
+        rows.append(c.spread_row(f"grouped ({grouped.grouping}), found on", grouped.found_on, len(grouped.nodes)))
         if grouped.held_out is not None:
-            rows.append(_spread_row(f"grouped ({grouped.grouping}), held out", grouped.held_out, len(grouped.nodes)))
+            rows.append(c.spread_row(f"grouped ({grouped.grouping}), held out", grouped.held_out, len(grouped.nodes)))
     if not rows:
         return html.Div(
             "This circuit was saved without per-example spread; compute it again with `saelab circuit` to see it.",
             className="muted",
             id="circuit-transfer",
         )
-    head = html.Tr(
-        [html.Th("circuit")]
-        + [
-            html.Th(t, className="num")
-            for t in ("examples", "nodes", "faithfulness", "95% CI", "per example", "completeness [95% CI]")
-        ]
-    )
+    head = c.spread_head("circuit")
     notes = f"{circuit.silent} nodes with an effect never fire on the clean examples and are not counted."
     if circuit.agreement:
         notes += " Agreement with exact patching: " + "; ".join(

@@ -1,6 +1,7 @@
 """The graph page (`/graph?name=NAME`): an attribution graph that `saelab graph` wrote into the run, drawn as a layer x
 position graph (tokens at the bottom, logits at the top), edges coloured by sign with their width by weight, and a
-table of the kept edges with the heads that carry them (`saelab.circuits.attribution_graph`)."""
+table of the kept edges with the heads that carry them (`saelab.circuits.attribution_graph`), and the graph's
+faithfulness by intervention on its prompt and on held-out prompts (`saelab.circuits.graph_faithfulness`)."""
 
 from __future__ import annotations
 
@@ -63,6 +64,36 @@ def _heads(heads: dict[str, float], weight: float) -> str:
     return ", ".join(f"{h} {v / weight:.0%}" for h, v in shares) if weight else ""
 
 
+def faithfulness_card(found: GraphFile) -> html.Div:
+    """The graph's faithfulness and completeness on its prompt and on the held-out prompts, with 95% bootstrap
+    intervals and per-example ranges; a note for a file written before saelab measured them."""
+    checked = found.faithfulness
+    if checked is None:
+        body: list[Any] = [
+            html.Div(
+                "This graph was saved without its faithfulness; compute it again with `saelab graph` to see it.",
+                className="muted",
+            )
+        ]
+    else:
+        rows = [c.spread_row("on its prompt", checked.found_on, checked.found_on["n"][0])]
+        if checked.held_out is not None:
+            rows.append(c.spread_row("held out", checked.held_out, checked.held_out["n"][0]))
+        metric = f"logit {checked.target}" + ("" if checked.distractor is None else f" - logit {checked.distractor}")
+        silent = checked.found_on_silent + checked.held_out_silent
+        note = (
+            f"The graph's latent and error nodes kept, every other one zero-ablated in the replacement model; metric "
+            f"{metric} at the last position; nodes kept by {checked.granularity}. "
+            + (f"{silent} nodes that never fire on a set are not counted there. " if silent else "")
+            + ("" if checked.held_out is not None else "No held-out prompts: give them with `saelab graph --held-out`.")
+        )
+        body = [
+            html.Table([html.Thead(c.spread_head("prompts")), html.Tbody(rows)], className="tbl"),
+            html.Div(note, className="muted"),
+        ]
+    return c.card("Faithfulness", *body, id="graph-faithfulness")
+
+
 @c.guarded
 def layout(run: str, params: p.Params) -> Any:
     """A graph of the run: picker, scores, the layer x position graph, the edges with their heads."""
@@ -111,6 +142,7 @@ def layout(run: str, params: p.Params) -> Any:
         [
             html.H2(f"Attribution graph: {found.name}"),
             c.card(None, picker, html.Div(f"prompt: {found.prompt}", className="muted"), stats),
+            faithfulness_card(found),
             c.card(
                 "Layer x position",
                 dcc.Graph(figure=graph_figure(found), id="graph-figure", config={"displayModeBar": False}),

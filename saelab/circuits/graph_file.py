@@ -1,17 +1,23 @@
 """Attribution graphs in a run: `graph_run` loads the run's model and its transcoders (one per layer, read from
 `saes/blocks.L.hook_mlp_in/<variant>/`), builds the graph of a prompt (`saelab.circuits.attribution_graph`) and
-writes its pruned subgraph to `RUN/graphs/<name>.json` (`RunDir.graph`); `GraphFile` is what the file holds and what
-the app's graph page reads."""
+writes its pruned subgraph to `RUN/graphs/<name>.json` (`RunDir.graph`) with its faithfulness and completeness by
+intervention, on its prompt and on held-out prompts (`saelab.circuits.graph_faithfulness`); `GraphFile` is what the
+file holds and what the app's graph page reads."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from saelab.circuits.attribution_graph import AttributionGraph, GraphConfig, attribute, graph_scores, node_influence
-from saelab.errors import MissingError, RunError
+from saelab.circuits.graph_faithfulness import GraphCheckConfig, GraphFaithfulness, graph_faithfulness
+from saelab.errors import CircuitError, MissingError, RunError
 from saelab.run import RunDir
 
 
@@ -70,12 +76,18 @@ class GraphFile:
     """The kept edges."""
     config: dict[str, Any] = field(default_factory=dict)
     """The `GraphConfig`, model and transcoders that made it."""
+    faithfulness: GraphFaithfulness | None = None
+    """Its circuit's faithfulness and completeness by zero-ablation in the replacement model, on its prompt and on
+    the held-out prompts (`None` in a file written before saelab measured it)."""
+    held_out: list[str] = field(default_factory=list)
+    """The held-out prompts it was measured on."""
 
     def save(self, path: str | Path) -> Path:
         """Write it as JSON at `path`."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=1))
+        data = asdict(self) | {"faithfulness": None if self.faithfulness is None else self.faithfulness._asdict()}
+        path.write_text(json.dumps(data, indent=1))
         return path
 
     @staticmethod
@@ -88,6 +100,8 @@ class GraphFile:
             data = json.loads(path.read_text())
             data["nodes"] = [GraphNode(**n) for n in data["nodes"]]
             data["edges"] = [GraphEdge(**e) for e in data["edges"]]
+            if data.get("faithfulness") is not None:
+                data["faithfulness"] = GraphFaithfulness(**data["faithfulness"])
             return GraphFile(**data)
         except (ValueError, TypeError, KeyError) as err:
             raise RunError(f"{path} is not a saelab attribution graph ({err}); compute it again") from None
@@ -125,6 +139,26 @@ def run_transcoders(run: RunDir, n_layers: int, variant: str | None) -> dict[int
     return found
 
 
+def held_out_tokens(lm: Any, prompts: Sequence[str], n_pos: int, *, by_position: bool) -> Tensor | None:
+    """The held-out prompts as token ids `[n, pos]` (BOS prepended; `None` for none); `CircuitError` naming the
+    lengths when they differ from one another, or, `by_position`, from the graph's `n_pos`."""
+    if not prompts:
+        return None
+    rows = [lm.to_tokens(text)[0].cpu() for text in prompts]
+    lengths = sorted({len(r) for r in rows})
+    if len(lengths) > 1:
+        raise CircuitError(
+            f"the held-out prompts tokenize to {len(lengths)} lengths ({', '.join(map(str, lengths))} tokens); "
+            "give prompts of one length"
+        )
+    if by_position and lengths[0] != n_pos:
+        raise CircuitError(
+            f"the held-out prompts are {lengths[0]} tokens long and the graph's prompt {n_pos}; nodes are kept by "
+            "position, so give prompts of the prompt's length (or --granularity feature)"
+        )
+    return torch.stack(rows)
+
+
 def graph_run(
     run: str | Path,
     prompt: str,
@@ -133,9 +167,13 @@ def graph_run(
     name: str = "graph",
     variant: str | None = None,
     cfg: GraphConfig | None = None,
+    held_out: Sequence[str] = (),
+    check: GraphCheckConfig | None = None,
 ) -> Path:
-    """The attribution graph of `prompt` (BOS prepended) over the run's transcoders, written to
-    `RUN/graphs/<name>.json`; `model` defaults to the run's `model/` folder."""
+    """The attribution graph of `prompt` (BOS prepended) over the run's transcoders, with its faithfulness on the
+    prompt and on the `held_out` prompts (measured as `check` says), written to `RUN/graphs/<name>.json`; `model`
+    defaults to the run's `model/` folder. `CircuitError` before the graph is built for held-out prompts that
+    tokenize to different lengths, or, with nodes kept by position, to another length than `prompt`."""
     from saelab.dictionaries import SAE
     from saelab.models import load_model
 
@@ -149,8 +187,12 @@ def graph_run(
     folders = run_transcoders(run_dir, lm.cfg.n_layers, variant)
     tcs = {layer: SAE.load(f, device="cpu").eval() for layer, f in folders.items()}
     tokens = lm.to_tokens(prompt)[0].cpu()
+    check = check or GraphCheckConfig()
+    others = held_out_tokens(lm, held_out, len(tokens), by_position=check.granularity == "position")
     graph = attribute(lm, tcs, tokens, cfg)
     out = graph_file(graph, name=name, prompt=prompt, token_strs=[str(t) for t in lm.to_str_tokens(tokens)])
+    out.faithfulness = graph_faithfulness(lm, tcs, graph, others, cfg=check)
+    out.held_out = list(held_out)
     out.config = asdict(cfg) | {
         "model": model_path,
         "transcoders": {k: run_dir.relative(v) for k, v in folders.items()},

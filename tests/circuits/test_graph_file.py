@@ -1,5 +1,5 @@
 """`saelab graph RUN --prompt ...`: the toy's model and transcoders in a run, its graph written through `RunDir` and
-read back."""
+read back, with its faithfulness on the prompt and on held-out prompts."""
 
 from __future__ import annotations
 
@@ -33,6 +33,44 @@ def test_the_graph_command_writes_the_known_path_into_the_run(graph_run_dir):
     assert found.replacement >= 0.9
     assert found.token_strs[3] == "A"
     assert found.config["transcoders"]["0"].startswith("saes/")
+    assert found.faithfulness is not None and found.faithfulness.held_out is None  # no held-out prompts given
+    assert found.faithfulness.found_on["faithfulness"][0] > 0.95
+
+
+HELD_OUT = ["CEAECDC", "DDACCED", "ECAEEDD", "CCADDCE"]
+"""Prompts of the toy's task with A where the graph's prompt has it (position 3 after BOS), other fillers."""
+
+
+def test_the_graph_command_measures_the_graph_on_held_out_prompts(graph_run_dir):
+    args = ["graph", str(graph_run_dir), "--prompt", "CDADCEC", "--name", "held"]
+    result = CliRunner().invoke(app, [*args, *[x for h in HELD_OUT for x in ("--held-out", h)]])
+    assert result.exit_code == 0, result.output
+    assert "faithfulness on 4 held-out" in result.output
+    found = GraphFile.load(RunDir(graph_run_dir).graph("held"))
+    checked = found.faithfulness
+    assert checked is not None and checked.target == B and checked.granularity == "position"
+    assert found.held_out == HELD_OUT
+    held = checked.held_out
+    assert held is not None and held["examples"] == 4 and checked.held_out_silent == 0
+    assert held["faithfulness"][0] > 0.95 and held["faithfulness_range"][0][0] > 0.95  # the known path, every prompt
+    moved = ["CEEACDC", "DDCACED"]  # A one position later: the path's latents, kept by feature, still carry B
+    result = CliRunner().invoke(
+        app, [*args[:-1], "moved", *[x for h in moved for x in ("--held-out", h)], "--granularity", "feature"]
+    )
+    assert result.exit_code == 0, result.output
+    checked = GraphFile.load(RunDir(graph_run_dir).graph("moved")).faithfulness
+    assert checked is not None and checked.held_out is not None and checked.held_out["faithfulness"][0] > 0.95
+
+
+def test_held_out_prompts_of_other_lengths_are_refused_before_the_graph_is_built(graph_run_dir):
+    args = ["graph", str(graph_run_dir), "--prompt", "CDADCEC", "--name", "bad"]
+    result = CliRunner().invoke(app, [*args, "--held-out", "CEAECD"])
+    assert result.exit_code == 2 and "7 tokens long and the graph's prompt 8" in result.output
+    result = CliRunner().invoke(app, [*args, "--held-out", "CEAECDC", "--held-out", "CEA", "--granularity", "feature"])
+    assert result.exit_code == 2 and "2 lengths (4, 8 tokens)" in result.output
+    result = CliRunner().invoke(app, [*args, "--held-out", "CEAECDC", "--granularity", "layer"])
+    assert result.exit_code == 2 and "--granularity is one of position, feature" in result.output
+    assert not RunDir(graph_run_dir).graph("bad").exists()  # nothing written
 
 
 def test_the_graph_command_refuses_a_run_without_transcoders_and_a_prompt_over_the_budget(graph_run_dir, tmp_path):
