@@ -25,7 +25,7 @@ lint: $(VENV_STAMP)
 	.venv/bin/basedpyright --pythonpath $(PY)
 
 test: $(VENV_STAMP) browser
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 quickstart: $(VENV_STAMP)
 	.venv/bin/saelab quickstart

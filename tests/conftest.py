@@ -27,7 +27,8 @@ LONGEST_FIRST = ("tests/test_notebooks.py",)  # minutes in one file: started fir
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the longest files first, so that `pytest -n 2 --dist loadfile` (`make test`) ends both workers together."""
+    """Run the longest files first, so that `pytest -n 2 --dist loadfile --no-loadscope-reorder` (`make test`; xdist's
+    reorder would sort the files by their number of tests instead) ends both workers together."""
     items.sort(key=lambda item: not item.nodeid.startswith(LONGEST_FIRST))  # a stable sort: the rest keep their order
 
 
