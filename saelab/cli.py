@@ -424,6 +424,9 @@ def heads_cmd(
         typer.echo(
             f"discrete codes ({found.discrete_seconds:.2f} s): {', '.join(found.ranking())}; circuit {found.circuit}"
         )
+        if found.p_values:
+            chance = ", ".join(f"{head} {p:.3f}" for head, p in zip(found.heads, found.p_values))
+            typer.echo(f"p-value of each score against chance (label swaps): {chance}")
         typer.echo(f"patching ({found.patching_seconds:.2f} s): {', '.join(found.patching_ranking())}")
         typer.echo(f"agreement: Pearson {found.pearson:.3f}, Spearman {found.spearman:.3f}")
         return

@@ -62,18 +62,26 @@ def _circuit_card(path: Any) -> Element:
             [
                 element("Td", found.heads[i]),
                 element("Td", f"{found.scores[i]:g}", className="num"),
+                element("Td", f"{found.p_values[i]:.3f}" if found.p_values else "", className="num"),
                 element("Td", f"{found.effects[i]:.3f}", className="num"),
                 element("Td", "yes" if found.heads[i] in found.circuit else ""),
             ],
         )
         for i in order
     ]
-    names = [("head", None), ("positive-only codes", "num"), ("patching drop", "num"), ("in circuit", None)]
+    names = [
+        ("head", None),
+        ("positive-only codes", "num"),
+        ("p vs chance", "num"),
+        ("patching drop", "num"),
+        ("in circuit", None),
+    ]
     head_row = element("Tr", [element("Th", name, className=cls) for name, cls in names])
     summary = (
         f"{found.n_prompts} positive and {found.n_prompts} negative prompts. Discrete codes (O'Neill & Bui 2024) "
         f"{found.discrete_seconds:.2f} s, activation patching {found.patching_seconds:.2f} s; agreement Pearson "
-        f"{found.pearson:.3f}, Spearman {found.spearman:.3f}."
+        f"{found.pearson:.3f}, Spearman {found.spearman:.3f}. p vs chance: how often swapping the labels of "
+        "positive/negative pairs scores a head as high (a large p: its codes follow the prompts, not the task)."
     )
     return c.card_element(
         f"Head circuit: {path.stem} ({found.model})",

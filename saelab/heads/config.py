@@ -38,6 +38,7 @@ class HeadCircuitConfig(StrictModel):
     normalise: bool = False
     threshold: float = Field(default=0.5, gt=0, le=1)
     seed: int = 0
+    permutations: int = Field(default=1000, ge=0)
 
     def discrete(self) -> DiscreteConfig:
         """The method's settings."""

@@ -13,6 +13,10 @@ negative ones (optionally over all the codes it takes). Heads with at least `thr
 circuit. The unit norms are kept by normalising the weights in the forward pass, where the reference projects the
 gradient and renormalises.
 
+Beyond the paper, each head's score gets a p-value against chance (`chance_p_values`): a permutation test that swaps
+the labels of positive/negative pairs. A head takes positive-only codes by chance when its codes follow the prompt
+(which names, which tokens) more than the task; a small p-value says its codes follow the contrast.
+
 The baseline patches each head's `hook_z` from the negative prompt into the positive one (all heads in one batched
 pass) and records how much the task metric drops; `head_circuit` reports both rankings, their runtimes and their
 agreement (Pearson and Spearman correlation of the scores with the drops).
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -59,13 +63,16 @@ class DiscreteConfig:
     threshold: float = 0.5
     """Heads scoring at least this fraction of the top score make the circuit."""
     seed: int = 0
-    """Seeds the SAE's initialisation and the draw of its training prompts."""
+    """Seeds the SAE's initialisation and the draw of its training prompts (and of `permutations`)."""
+    permutations: int = 1000
+    """Label swaps of the permutation test (`chance_p_values`) that gives each head's score a p-value against
+    chance; 0 skips it."""
 
     def __post_init__(self) -> None:
-        if self.n_codes < 2 or self.steps < 1 or self.train_prompts < 1:
+        if self.n_codes < 2 or self.steps < 1 or self.train_prompts < 1 or self.permutations < 0:
             raise HeadsError(
-                f"n_codes must be >= 2, steps and train_prompts >= 1 (got {self.n_codes}, {self.steps}, "
-                f"{self.train_prompts})"
+                f"n_codes must be >= 2, steps and train_prompts >= 1 and permutations >= 0 (got {self.n_codes}, "
+                f"{self.steps}, {self.train_prompts}, {self.permutations})"
             )
         if not 0 < self.threshold <= 1:
             raise HeadsError(f"threshold is a fraction of the top score in (0, 1], not {self.threshold}")
@@ -138,30 +145,75 @@ def train_codes(x: Tensor, config: DiscreteConfig) -> Tensor:
         return encode(x).argmax(-1)
 
 
+def _presence(codes: Tensor, n_codes: int) -> Tensor:
+    """Whether each head takes each code: `codes [..., n, heads]` -> `[..., heads, n_codes]` booleans."""
+    taken = torch.zeros(*codes.shape[:-2], codes.shape[-1], n_codes, dtype=torch.bool)
+    return taken.scatter_(-1, codes.transpose(-1, -2), True)
+
+
 def positive_only(codes: Tensor, n_positive: int, *, normalise: bool = False) -> Tensor:
-    """Each head's count of codes taken on the positive prompts (the first `n_positive` rows of `codes` [n, heads])
-    and never on the negative ones, or that count over all the codes it takes (`normalise`): the paper's
-    `unique_to_positives_and_negatives`."""
-    scores = []
-    for head in range(codes.shape[1]):
-        positive = set(codes[:n_positive, head].tolist())
-        negative = set(codes[n_positive:, head].tolist())
-        only = len(positive - negative)
-        scores.append(only / len(positive | negative) if normalise else float(only))
-    return torch.tensor(scores)
+    """Each head's count of codes taken on the positive prompts (the first `n_positive` rows of `codes`
+    `[..., n, heads]`) and never on the negative ones, or that count over all the codes it takes (`normalise`): the
+    paper's `unique_to_positives_and_negatives`, `[..., heads]`."""
+    n_codes = int(codes.max()) + 1
+    positive = _presence(codes[..., :n_positive, :], n_codes)
+    negative = _presence(codes[..., n_positive:, :], n_codes)
+    only = (positive & ~negative).sum(-1).float()
+    return only / (positive | negative).sum(-1) if normalise else only
+
+
+def chance_p_values(
+    codes: Tensor, n_positive: int, *, permutations: int = 1000, normalise: bool = False, seed: int = 0
+) -> Tensor:
+    """For each head, how often its `positive_only` score is matched by chance: a permutation test of the null
+    hypothesis that a head's code on a positive prompt and on its negative are exchangeable. Each permutation swaps
+    the labels of every (positive, negative) pair with probability 1/2 (the rows of `codes` `[2 n, heads]` are the
+    positive prompts, then their negatives in the same order); the p-value is `(1 + #{permuted score >= score}) /
+    (1 + permutations)`, `[heads]`. This test is saelab's, not the paper's: a head whose positive-only codes are
+    no more than chance takes many codes, but not because of the task."""
+    if codes.shape[0] != 2 * n_positive:
+        raise HeadsError(f"codes of {n_positive} positive prompts need {2 * n_positive} rows, not {codes.shape[0]}")
+    score = positive_only(codes, n_positive, normalise=normalise)
+    pairs = codes.view(2, n_positive, codes.shape[1])
+    g = torch.Generator().manual_seed(seed)
+    reached = torch.zeros_like(score)
+    for start in range(0, permutations, 100):  # chunks bound the memory at [100, 2 n, heads] codes
+        swap = torch.rand(min(100, permutations - start), n_positive, 1, generator=g) < 0.5
+        positive = torch.where(swap, pairs[1], pairs[0])
+        negative = torch.where(swap, pairs[0], pairs[1])
+        permuted = positive_only(torch.cat([positive, negative], 1), n_positive, normalise=normalise)
+        reached += (permuted >= score).sum(0)
+    return (1 + reached) / (1 + permutations)
+
+
+class DiscreteScores(NamedTuple):
+    """The discrete-code score of every head and its p-value against chance, both `[n_layers * n_heads]`."""
+
+    scores: Tensor
+    """Positive-only codes of each head (`positive_only`)."""
+    p_values: Tensor
+    """`chance_p_values` of the scores (empty when `DiscreteConfig.permutations` is 0)."""
 
 
 def discrete_scores(
     model: HookedTransformer, positive: Tensor, negative: Tensor, config: DiscreteConfig | None = None
-) -> Tensor:
-    """The discrete-code score of every head `[n_layers * n_heads]` (layer-major) from positive and negative prompts
-    of the same length (`HeadsError` naming both lengths otherwise)."""
+) -> DiscreteScores:
+    """The discrete-code score of every head (layer-major) from positive and negative prompts of the same length
+    (`HeadsError` naming both lengths otherwise), with their p-values against chance."""
     config = config or DiscreteConfig()
     check_lengths(positive, negative)
     x = head_outputs(model, torch.cat([positive, negative]).to(model.cfg.device), config.position)
     with torch.random.fork_rng():
         codes = train_codes(x, config)
-    return positive_only(codes, len(positive), normalise=config.normalise)
+    scores = positive_only(codes, len(positive), normalise=config.normalise)
+    p_values = (
+        chance_p_values(
+            codes, len(positive), permutations=config.permutations, normalise=config.normalise, seed=config.seed
+        )
+        if config.permutations
+        else torch.zeros(0)
+    )
+    return DiscreteScores(scores, p_values)
 
 
 def patching_effects(model: HookedTransformer, task: Task) -> Tensor:
@@ -218,6 +270,9 @@ class HeadCircuit(JsonResult):
     """Spearman rank correlation of the same (nan when either is constant)."""
     n_prompts: int
     """Positive prompts (and as many negative ones)."""
+    p_values: list[float] = field(default_factory=list)
+    """Each head's p-value against chance (`chance_p_values`): how often swapping positive and negative labels
+    scores as high (empty when not computed, or in a result from before saelab measured it)."""
     config: dict[str, Any] = field(default_factory=dict)
     """The `DiscreteConfig` (and, from `saelab heads CONFIG`, the whole config) that made it."""
 
@@ -247,7 +302,7 @@ def head_circuit(model: HookedTransformer, task: Task, config: DiscreteConfig | 
     if task.patch is None:
         raise HeadsError("the discrete-code method needs negative prompts: give every prompt a `patch` text")
     start = time.perf_counter()
-    scores = discrete_scores(model, task.tokens, task.patch, config)
+    scores, p_values = discrete_scores(model, task.tokens, task.patch, config)
     discrete_seconds = time.perf_counter() - start
     start = time.perf_counter()
     effects = patching_effects(model, task)
@@ -270,6 +325,7 @@ def head_circuit(model: HookedTransformer, task: Task, config: DiscreteConfig | 
         pearson=pearson,
         spearman=spearman,
         n_prompts=len(task.tokens),
+        p_values=p_values.tolist(),
         config=asdict(config),
     )
 

@@ -16,6 +16,7 @@ from saelab.errors import HeadsError
 from saelab.heads.discrete import (
     DiscreteConfig,
     HeadCircuit,
+    chance_p_values,
     contrast_task,
     discrete_scores,
     head_circuit,
@@ -41,6 +42,23 @@ def test_positive_only_counts_the_codes_a_head_takes_on_positive_prompts_alone()
     assert positive_only(codes, 3, normalise=True).tolist() == pytest.approx([2 / 4, 0.0, 0.0])
 
 
+def test_the_chance_p_value_is_small_only_for_a_head_whose_codes_follow_the_contrast():
+    """Head 0 takes one of 4 codes on positive prompts and another 4 on their negatives: only 1 of 2^16 label swaps
+    (none) scores its 4 as high, so p is 1 / 1001. Head 1 takes its code from the prompt, the same on a positive
+    prompt and its negative: every swap scores the same, p = 1. Head 2 takes a prompt-specific code on every row, so
+    all 16 positive codes are positive-only whatever the labels: p = 1 again, although it scores highest."""
+    n = 16
+    prompt = torch.arange(n)
+    positive = torch.stack([prompt % 4, prompt % 3, prompt], 1)
+    negative = torch.stack([4 + prompt % 4, prompt % 3, n + prompt], 1)
+    codes = torch.cat([positive, negative])
+    assert positive_only(codes, n).tolist() == [4.0, 0.0, 16.0]
+    p = chance_p_values(codes, n, permutations=1000, seed=0)
+    assert p[0] == pytest.approx(1 / 1001) and p[1:].tolist() == [1.0, 1.0], p
+    with pytest.raises(HeadsError, match="need 32 rows"):
+        chance_p_values(codes[:-1], n)
+
+
 def test_on_the_induction_model_both_heads_are_found_in_under_10_s_next_to_patching(model, tmp_path):
     """The induction model's two heads (previous-token L0H0, induction L1H0) both take positive-only codes and both
     matter to patching; the method's time is asserted, the patching baseline's recorded beside it."""
@@ -58,7 +76,7 @@ def test_silent_heads_rank_below_the_previous_token_and_induction_heads(two_head
     """`two_heads` adds a head per layer that writes nothing (`W_O = 0`): they never leave their one code, so the
     previous-token and induction heads rank first."""
     task = induction_task(two_heads, n=16, length=10, seed=3)
-    scores = discrete_scores(two_heads, task.tokens, task.patch, DiscreteConfig())  # pyright: ignore[reportArgumentType]
+    scores, _ = discrete_scores(two_heads, task.tokens, task.patch, DiscreteConfig())  # pyright: ignore[reportArgumentType]
     labels = ["L0H0", "L0H1", "L1H0", "L1H1"]
     ranked = [labels[i] for i in scores.argsort(descending=True, stable=True).tolist()]
     assert set(ranked[:2]) == {"L0H0", "L1H0"} and scores[[1, 3]].tolist() == [0.0, 0.0], scores
@@ -91,6 +109,8 @@ def test_the_cli_writes_the_head_circuit_of_a_config_into_the_run(ioi_dir, tmp_p
     assert found.n_prompts == 12 and len(found.heads) == 6 and found.config["steps"] == 100
     assert f"Pearson {found.pearson:.3f}" in done.output and found.patching_ranking()[0] in ("L0H0", "L1H0")
     assert "patching (" in done.output and "discrete codes (" in done.output
+    assert len(found.p_values) == 6 and all(1 / 1001 <= p <= 1 for p in found.p_values)
+    assert f"L0H0 {found.p_values[0]:.3f}" in done.output
     config["prompts"][0]["patch"] += "x"
     path.write_text(yaml.safe_dump(config))
     refused = runner.invoke(app, ["heads", str(path)])

@@ -133,16 +133,15 @@ def test_the_dfa_card_says_why_an_analysis_has_no_dfa_panels(induction_run, entr
 
 @pytest.mark.browser
 def test_the_heads_page_shows_a_head_circuit_with_runtimes_and_agreement(driver, server, model, induction_run):
-    """A head circuit written into the run (`saelab heads CONFIG`'s result) shows as a ranking table with both
-    methods' runtimes and their agreement."""
+    """A head circuit written into the run (`saelab heads CONFIG`'s result) shows as a ranking table (scores, their
+    p-values against chance, patching drops) with both methods' runtimes and their agreement."""
     found = head_circuit(model, induction_task(model, n=8, length=10, seed=3), DiscreteConfig(steps=50))
     found.save(RunDir(induction_run).heads("induction_heads"))
     visit(driver, f"{server}/heads", "#heads-page")
     (card,) = driver.find_elements(By.CSS_SELECTOR, "[data-testid=head-circuit]")
     rows = card.find_elements(By.CSS_SELECTOR, "tbody tr")
     assert [r.find_elements(By.TAG_NAME, "td")[0].text for r in rows] == found.ranking()
-    assert (
-        rows[0].find_elements(By.TAG_NAME, "td")[2].text
-        == f"{found.effects[found.heads.index(found.ranking()[0])]:.3f}"
-    )
+    top = found.heads.index(found.ranking()[0])
+    cells = [td.text for td in rows[0].find_elements(By.TAG_NAME, "td")]
+    assert cells[2:4] == [f"{found.p_values[top]:.3f}", f"{found.effects[top]:.3f}"], cells
     assert f"Pearson {found.pearson:.3f}" in card.text and f"patching {found.patching_seconds:.2f} s" in card.text
