@@ -23,7 +23,8 @@ from saelab.toys.synthetic import decoder_config
 torch.set_num_threads(1)
 os.environ["OMP_NUM_THREADS"] = "1"
 
-LONGEST_FIRST = ("tests/test_notebooks.py",)  # minutes in one file: started first, the other worker takes the rest
+# minutes in each file (notebook 06, about 3; the other notebooks, about 4): started first, one on each worker
+LONGEST_FIRST = ("tests/test_notebook_transcoders.py", "tests/test_notebooks.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

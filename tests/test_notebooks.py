@@ -1,35 +1,13 @@
-"""Every notebook runs end to end (with small sizes), so the documentation cannot rot."""
+"""Every notebook runs end to end (with small sizes), so the documentation cannot rot; 06, the longest (about three
+minutes), runs from `test_notebook_transcoders.py`."""
 
-from pathlib import Path
-
-import nbformat
 import pytest
-from nbclient import NotebookClient
 
-NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
-SMALL = {
-    "SAELAB_NB_TOKENS": "20000",
-    "SAELAB_NB_TRAIN_TOKENS": "60000",
-    # 06's model diff: enough tokens to reach the fine-tuned documents (asyncio's, from about 30k tokens in)
-    "SAELAB_NB_DIFF_TOKENS": "50000",
-    "SAELAB_NB_DIFF_TRAIN_TOKENS": "100000",
-    "SAELAB_NB_FINETUNE_STEPS": "40",
-    # 08's induction model: trained until 90% of the repeated half is right (the check every 100 steps finds about
-    # 96%), half the steps of the default 98%
-    "SAELAB_NB_ACCURACY": "0.9",
-}
-# The kernel computes on one thread (torch's OpenMP and numba's pool, whose start would reset OpenMP's count): the
-# other pytest worker holds the second core, and two threads each on two busy cores wait on each other, ten times
-# slower on these small models (measured: 04_circuits' induction model 755 s on two threads, 83 s on one).
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
+from tests.notebooks import NOTEBOOKS, run_notebook
+
+REST = [p for p in NOTEBOOKS if not p.name.startswith("06_")]
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+@pytest.mark.parametrize("path", REST, ids=[p.name for p in REST])
 def test_notebook_runs(path, tmp_path, monkeypatch):
-    for key, value in {**SMALL, **ONE_THREAD, "SAELAB_NB_RUN": str(tmp_path / "run")}.items():
-        monkeypatch.setenv(key, value)
-    nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
-    assert not errors
-    assert any(c.get("outputs") for c in nb.cells if c.cell_type == "code")
+    run_notebook(path, tmp_path, monkeypatch)
