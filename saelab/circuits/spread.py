@@ -61,13 +61,12 @@ def at_size(spread: Spread, n: int) -> int:
     return spread["n"].index(n)
 
 
-def check_held_out(task: Task, held_out: Task, *, per_position: bool, transfers: str = "aggregation 'sum'") -> None:
-    """`CircuitError` when nodes keyed by position cannot carry over to `held_out` (another sequence length);
-    `transfers` names the option whose nodes are not keyed by position."""
+def check_held_out(task: Task, held_out: Task, *, per_position: bool) -> None:
+    """`CircuitError` when nodes keyed by position cannot carry over to `held_out` (another sequence length)."""
     if per_position and held_out.tokens.shape[1] != task.tokens.shape[1]:
         raise CircuitError(
             f"the held-out examples have {held_out.tokens.shape[1]} positions and the circuit's {task.tokens.shape[1]}; "
-            f"nodes are kept by position, so give held-out examples of the same length (or {transfers})"
+            "nodes are kept by position, so give held-out examples of the same length (or aggregation 'sum')"
         )
 
 
