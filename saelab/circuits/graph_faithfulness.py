@@ -132,14 +132,23 @@ def _measure(
     model: Any, saes: dict[str, SAE], task: Task, masks: dict[str, Tensor], cfg: GraphCheckConfig
 ) -> tuple[Spread, int]:
     """The spread of the circuit `masks` on `task` with the nodes that never fire there left out, and their number."""
-    live = fires(clean_states(model, saes, task.tokens))
+    clean = clean_states(model, saes, task.tokens)
+    live = fires(clean)
     if cfg.granularity == "feature":
         live = {h: v.any(0, keepdim=True) for h, v in live.items()}
     counted = {h: m & live[h] for h, m in masks.items()}
     silent = sum(int((m & ~live[h]).sum()) for h, m in masks.items())
     n = sum(int(m.sum()) for m in counted.values())
     spread = spread_curve(
-        model, saes, task, keeps=[counted], sizes=[n], resamples=cfg.resamples, seed=cfg.seed, ablation="zero"
+        model,
+        saes,
+        task,
+        keeps=[counted],
+        sizes=[n],
+        resamples=cfg.resamples,
+        seed=cfg.seed,
+        ablation="zero",
+        states=clean,
     )
     return spread, silent
 

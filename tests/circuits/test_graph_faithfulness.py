@@ -8,8 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+import saelab.circuits.faithfulness as faithfulness_module
+import saelab.circuits.graph_faithfulness as graph_faithfulness_module
 from saelab.circuits.attribution_graph import attribute, node_influence
 from saelab.circuits.graph_faithfulness import GraphCheckConfig, check_held_out_lengths, graph_faithfulness
+from saelab.circuits.splice import clean_states
 from saelab.errors import CircuitError
 from saelab.toys.attribution import B, C, mlp_graph_prompts, mlp_graph_toy
 
@@ -101,3 +104,18 @@ def test_the_held_out_lengths_check_names_the_lengths_and_the_fix():
         CircuitError, match=r"14 tokens long and the graph's prompt 10.*same length.*\(or --granularity feature,"
     ):
         check_held_out_lengths(10, [14], "position", fix="--granularity feature")
+
+
+def test_the_clean_states_are_computed_once_per_set_of_prompts(toy_graph, monkeypatch):
+    toy, graph = toy_graph
+    calls: list[int] = []
+
+    def counted(model, saes, tokens):
+        calls.append(len(tokens))
+        return clean_states(model, saes, tokens)
+
+    monkeypatch.setattr(graph_faithfulness_module, "clean_states", counted)
+    monkeypatch.setattr(faithfulness_module, "clean_states", counted)
+    same = mlp_graph_prompts(32, n_pos=10, a_pos=3, seed=1)
+    graph_faithfulness(toy.model, toy.transcoders, graph, same)
+    assert calls == [1, 32]  # the graph's prompt, then the held-out prompts: one forward pass each
