@@ -77,13 +77,15 @@ def ablated_metrics(
     keeps: Sequence[dict[str, Tensor]],
     chunk: int = 16,
     ablation: Ablation = "mean",
+    states: dict[str, Nodes] | None = None,
 ) -> Tensor:
     """Each example's metric `[len(keeps), batch]` with the nodes of `keeps[k]` (per hook point a mask
     `[pos, d_sae + 1]`, or `[1, d_sae + 1]` for every position) running normally and every other node set to its
     mean over the examples (per position; `ablation` "mean") or to zero ("zero": a latent off, an error node
-    removed)."""
+    removed). `states`: the clean states of `task.tokens` (`clean_states`) when the caller has them already, so the
+    model is not run for them again."""
     hooks = check_saes(model, saes)
-    clean = clean_states(model, saes, task.tokens)
+    clean = clean_states(model, saes, task.tokens) if states is None else states
     means = {h: s.mean() if ablation == "mean" else _zero(s) for h, s in clean.items()}
     batch = len(task.tokens)
     rows: list[Tensor] = []

@@ -23,7 +23,7 @@ reported. The figures over each set come with a percentile-bootstrap 95% interva
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -33,7 +33,7 @@ from torch import Tensor
 from saelab.circuits.attribution_graph import AttributionGraph, by_layer
 from saelab.circuits.groups import fires
 from saelab.circuits.splice import clean_states
-from saelab.circuits.spread import RESAMPLES, Spread, check_held_out, spread_curve
+from saelab.circuits.spread import RESAMPLES, Spread, spread_curve
 from saelab.circuits.tasks import Task, token_metric
 from saelab.dictionaries import SAE
 from saelab.errors import CircuitError
@@ -80,6 +80,26 @@ class GraphFaithfulness(NamedTuple):
     """Circuit nodes that never fire on any held-out prompt, not counted (0 without held-out prompts)."""
 
 
+def check_held_out_lengths(
+    n_pos: int, lengths: Collection[int], granularity: Granularity, *, fix: str = "granularity 'feature'"
+) -> None:
+    """`CircuitError` when held-out prompts of these token `lengths` cannot be measured against a graph of `n_pos`
+    positions: when they differ from one another, or, with nodes kept by position (`granularity` "position"), from
+    `n_pos`; `fix` names the option that keeps nodes at every position, as the caller spells it."""
+    found = sorted(set(lengths))
+    if len(found) > 1:
+        raise CircuitError(
+            f"the held-out prompts have {len(found)} lengths ({', '.join(map(str, found))} tokens); "
+            "give prompts of one length"
+        )
+    if granularity == "position" and found and found[0] != n_pos:
+        raise CircuitError(
+            f"the held-out prompts are {found[0]} tokens long and the graph's prompt {n_pos}; nodes are kept by "
+            f"position, so give held-out prompts of the same length (or {fix}, which keeps each (layer, latent) at "
+            "every position)"
+        )
+
+
 def graph_masks(
     graph: AttributionGraph, keep: Tensor, d_sae: Mapping[int, int], granularity: Granularity
 ) -> dict[int, Tensor]:
@@ -112,14 +132,23 @@ def _measure(
     model: Any, saes: dict[str, SAE], task: Task, masks: dict[str, Tensor], cfg: GraphCheckConfig
 ) -> tuple[Spread, int]:
     """The spread of the circuit `masks` on `task` with the nodes that never fire there left out, and their number."""
-    live = fires(clean_states(model, saes, task.tokens))
+    clean = clean_states(model, saes, task.tokens)
+    live = fires(clean)
     if cfg.granularity == "feature":
         live = {h: v.any(0, keepdim=True) for h, v in live.items()}
     counted = {h: m & live[h] for h, m in masks.items()}
     silent = sum(int((m & ~live[h]).sum()) for h, m in masks.items())
     n = sum(int(m.sum()) for m in counted.values())
     spread = spread_curve(
-        model, saes, task, keeps=[counted], sizes=[n], resamples=cfg.resamples, seed=cfg.seed, ablation="zero"
+        model,
+        saes,
+        task,
+        keeps=[counted],
+        sizes=[n],
+        resamples=cfg.resamples,
+        seed=cfg.seed,
+        ablation="zero",
+        states=clean,
     )
     return spread, silent
 
@@ -138,12 +167,14 @@ def graph_faithfulness(
     `[n_nodes]`) in the replacement model of `model` with `transcoders` (the ones the graph was built with), on the
     graph's prompt and on the `held_out` prompts (`[batch, pos]` token ids of the same task, BOS first as the graph's
     prompt), every node outside the circuit zero-ablated. `CircuitError` for held-out prompts of another length when
-    nodes are kept by position."""
+    nodes are kept by position (`check_held_out_lengths`)."""
     cfg = cfg or GraphCheckConfig()
     tcs = by_layer(transcoders)
     keep = graph.node_mask if keep is None else keep
     if keep.shape != (graph.n_nodes,) or keep.dtype != torch.bool:
         raise CircuitError(f"keep must be a bool mask over the graph's {graph.n_nodes} nodes, got {tuple(keep.shape)}")
+    if held_out is not None:
+        check_held_out_lengths(graph.n_pos, [held_out.shape[-1]], cfg.granularity)
     saes = {f"blocks.{layer}.hook_mlp_out": tc for layer, tc in tcs.items()}
     d_sae = {layer: tc.cfg.d_sae for layer, tc in tcs.items()}
     masks = {f"blocks.{layer}.hook_mlp_out": m for layer, m in graph_masks(graph, keep, d_sae, cfg.granularity).items()}
@@ -153,11 +184,5 @@ def graph_faithfulness(
     other, held_silent = None, 0
     if held_out is not None:
         held = _task(held_out.reshape(-1, held_out.shape[-1]).cpu(), target, cfg.distractor)
-        check_held_out(
-            found,
-            held,
-            per_position=cfg.granularity == "position",
-            transfers="granularity 'feature', which keeps each (layer, latent) at every position",
-        )
         other, held_silent = _measure(model, saes, held, masks, cfg)
     return GraphFaithfulness(cfg.granularity, target, cfg.distractor, found_on, other, found_silent, held_silent)

@@ -16,8 +16,14 @@ import torch
 from torch import Tensor
 
 from saelab.circuits.attribution_graph import AttributionGraph, GraphConfig, attribute, graph_scores, node_influence
-from saelab.circuits.graph_faithfulness import GraphCheckConfig, GraphFaithfulness, graph_faithfulness
-from saelab.errors import CircuitError, MissingError, RunError
+from saelab.circuits.graph_faithfulness import (
+    Granularity,
+    GraphCheckConfig,
+    GraphFaithfulness,
+    check_held_out_lengths,
+    graph_faithfulness,
+)
+from saelab.errors import MissingError, RunError
 from saelab.run import RunDir
 
 
@@ -139,23 +145,14 @@ def run_transcoders(run: RunDir, n_layers: int, variant: str | None) -> dict[int
     return found
 
 
-def held_out_tokens(lm: Any, prompts: Sequence[str], n_pos: int, *, by_position: bool) -> Tensor | None:
+def held_out_tokens(lm: Any, prompts: Sequence[str], n_pos: int, *, granularity: Granularity) -> Tensor | None:
     """The held-out prompts as token ids `[n, pos]` (BOS prepended; `None` for none); `CircuitError` naming the
-    lengths when they differ from one another, or, `by_position`, from the graph's `n_pos`."""
+    lengths when they differ from one another, or, with nodes kept by position, from the graph's `n_pos`
+    (`check_held_out_lengths`, naming the CLI's `--granularity feature`)."""
     if not prompts:
         return None
     rows = [lm.to_tokens(text)[0].cpu() for text in prompts]
-    lengths = sorted({len(r) for r in rows})
-    if len(lengths) > 1:
-        raise CircuitError(
-            f"the held-out prompts tokenize to {len(lengths)} lengths ({', '.join(map(str, lengths))} tokens); "
-            "give prompts of one length"
-        )
-    if by_position and lengths[0] != n_pos:
-        raise CircuitError(
-            f"the held-out prompts are {lengths[0]} tokens long and the graph's prompt {n_pos}; nodes are kept by "
-            "position, so give prompts of the prompt's length (or --granularity feature)"
-        )
+    check_held_out_lengths(n_pos, [len(r) for r in rows], granularity, fix="--granularity feature")
     return torch.stack(rows)
 
 
@@ -188,7 +185,7 @@ def graph_run(
     tcs = {layer: SAE.load(f, device="cpu").eval() for layer, f in folders.items()}
     tokens = lm.to_tokens(prompt)[0].cpu()
     check = check or GraphCheckConfig()
-    others = held_out_tokens(lm, held_out, len(tokens), by_position=check.granularity == "position")
+    others = held_out_tokens(lm, held_out, len(tokens), granularity=check.granularity)
     graph = attribute(lm, tcs, tokens, cfg)
     out = graph_file(graph, name=name, prompt=prompt, token_strs=[str(t) for t in lm.to_str_tokens(tokens)])
     out.faithfulness = graph_faithfulness(lm, tcs, graph, others, cfg=check)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from saelab.circuits.faithfulness import Ablation, ablated_metrics, check_scale
-from saelab.circuits.splice import check_saes, spliced_output
+from saelab.circuits.splice import Nodes, check_saes, spliced_output
 from saelab.circuits.tasks import Task
 from saelab.dictionaries import SAE
 from saelab.errors import CircuitError
@@ -61,13 +61,12 @@ def at_size(spread: Spread, n: int) -> int:
     return spread["n"].index(n)
 
 
-def check_held_out(task: Task, held_out: Task, *, per_position: bool, transfers: str = "aggregation 'sum'") -> None:
-    """`CircuitError` when nodes keyed by position cannot carry over to `held_out` (another sequence length);
-    `transfers` names the option whose nodes are not keyed by position."""
+def check_held_out(task: Task, held_out: Task, *, per_position: bool) -> None:
+    """`CircuitError` when nodes keyed by position cannot carry over to `held_out` (another sequence length)."""
     if per_position and held_out.tokens.shape[1] != task.tokens.shape[1]:
         raise CircuitError(
             f"the held-out examples have {held_out.tokens.shape[1]} positions and the circuit's {task.tokens.shape[1]}; "
-            f"nodes are kept by position, so give held-out examples of the same length (or {transfers})"
+            "nodes are kept by position, so give held-out examples of the same length (or aggregation 'sum')"
         )
 
 
@@ -113,12 +112,13 @@ def spread_curve(
     seed: int = 0,
     chunk: int = 16,
     ablation: Ablation = "mean",
+    states: dict[str, Nodes] | None = None,
 ) -> Spread:
     """Faithfulness and completeness on `task`'s examples of the circuits `keeps` (one node mask per hook point,
     `[pos, d_sae + 1]` or `[1, d_sae + 1]`, for each size in `sizes`), with bootstrap intervals (`resamples`
     resamples of the examples, from `seed`) and per-example ranges. Nodes outside a circuit are set to their mean
     over these examples (the means of the set being measured), as in `faithfulness_curve`, or to zero (`ablation`
-    "zero")."""
+    "zero"). `states`: the clean states of `task.tokens` (`clean_states`) when the caller has them already."""
     if len(keeps) != len(sizes):
         raise CircuitError(f"{len(keeps)} circuits for {len(sizes)} sizes; give one node mask per size")
     hooks = check_saes(model, saes)
@@ -126,7 +126,7 @@ def spread_curve(
     shapes = {h: tuple(keeps[0][h].shape) if keeps else (1, saes[h].cfg.d_sae + 1) for h in hooks}
     nothing = {h: torch.zeros(shapes[h], dtype=torch.bool, device=device) for h in hooks}
     runs = [nothing, *keeps, *[{h: ~k[h] for h in hooks} for k in keeps]]
-    m = ablated_metrics(model, saes, task, keeps=runs, chunk=chunk, ablation=ablation).float().cpu()
+    m = ablated_metrics(model, saes, task, keeps=runs, chunk=chunk, ablation=ablation, states=states).float().cpu()
     empty, circuits, without = m[0], m[1 : 1 + len(keeps)], m[1 + len(keeps) :]
     full = task.metric(spliced_output(model, task.tokens, {})).float().cpu()
     check_scale(float(full.mean()), float(empty.mean()))

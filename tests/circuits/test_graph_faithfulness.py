@@ -8,8 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+import saelab.circuits.faithfulness as faithfulness_module
+import saelab.circuits.graph_faithfulness as graph_faithfulness_module
 from saelab.circuits.attribution_graph import attribute, node_influence
-from saelab.circuits.graph_faithfulness import GraphCheckConfig, graph_faithfulness
+from saelab.circuits.graph_faithfulness import GraphCheckConfig, check_held_out_lengths, graph_faithfulness
+from saelab.circuits.splice import clean_states
 from saelab.errors import CircuitError
 from saelab.toys.attribution import B, C, mlp_graph_prompts, mlp_graph_toy
 
@@ -83,7 +86,36 @@ def test_a_logit_difference_and_held_out_prompts_of_another_length(toy_graph):
     assert 0 < full < b_logit
     assert diff.found_on["faithfulness"][0] == pytest.approx(b_logit / full, rel=TOLERANCE)
     longer = mlp_graph_prompts(4, n_pos=12, a_pos=3)
-    with pytest.raises(CircuitError, match=r"12 positions and the circuit's 10.*same length.*granularity 'feature'"):
+    with pytest.raises(
+        CircuitError, match=r"12 tokens long and the graph's prompt 10.*same length.*granularity 'feature'"
+    ):
         graph_faithfulness(toy.model, toy.transcoders, graph, longer)
     with pytest.raises(CircuitError, match="bool mask over the graph's"):
         graph_faithfulness(toy.model, toy.transcoders, graph, keep=torch.ones(3, dtype=torch.bool))
+
+
+def test_the_held_out_lengths_check_names_the_lengths_and_the_fix():
+    check_held_out_lengths(10, [10, 10], "position")
+    check_held_out_lengths(10, [14], "feature")  # every position: any one length
+    check_held_out_lengths(10, [], "position")  # no held-out prompts
+    with pytest.raises(CircuitError, match=r"2 lengths \(4, 8 tokens\); give prompts of one length"):
+        check_held_out_lengths(10, [8, 4, 8], "feature")
+    with pytest.raises(
+        CircuitError, match=r"14 tokens long and the graph's prompt 10.*same length.*\(or --granularity feature,"
+    ):
+        check_held_out_lengths(10, [14], "position", fix="--granularity feature")
+
+
+def test_the_clean_states_are_computed_once_per_set_of_prompts(toy_graph, monkeypatch):
+    toy, graph = toy_graph
+    calls: list[int] = []
+
+    def counted(model, saes, tokens):
+        calls.append(len(tokens))
+        return clean_states(model, saes, tokens)
+
+    monkeypatch.setattr(graph_faithfulness_module, "clean_states", counted)
+    monkeypatch.setattr(faithfulness_module, "clean_states", counted)
+    same = mlp_graph_prompts(32, n_pos=10, a_pos=3, seed=1)
+    graph_faithfulness(toy.model, toy.transcoders, graph, same)
+    assert calls == [1, 32]  # the graph's prompt, then the held-out prompts: one forward pass each

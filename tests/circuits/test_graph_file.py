@@ -66,6 +66,7 @@ def test_held_out_prompts_of_other_lengths_are_refused_before_the_graph_is_built
     args = ["graph", str(graph_run_dir), "--prompt", "CDADCEC", "--name", "bad"]
     result = CliRunner().invoke(app, [*args, "--held-out", "CEAECD"])
     assert result.exit_code == 2 and "7 tokens long and the graph's prompt 8" in result.output
+    assert "same length (or --granularity feature," in result.output
     result = CliRunner().invoke(app, [*args, "--held-out", "CEAECDC", "--held-out", "CEA", "--granularity", "feature"])
     assert result.exit_code == 2 and "2 lengths (4, 8 tokens)" in result.output
     result = CliRunner().invoke(app, [*args, "--held-out", "CEAECDC", "--granularity", "layer"])
