@@ -43,8 +43,8 @@ def test_positive_only_counts_the_codes_a_head_takes_on_positive_prompts_alone()
 
 
 def test_the_chance_p_value_is_small_only_for_a_head_whose_codes_follow_the_contrast():
-    """Head 0 takes one of 4 codes on positive prompts and another 4 on their negatives: only 1 of 2^16 label swaps
-    (none) scores its 4 as high, so p is 1 / 1001. Head 1 takes its code from the prompt, the same on a positive
+    """Head 0 takes one of 4 codes on positive prompts and another 4 on their negatives: a label swap scores its 4 as
+    high only when each group of 4 prompts sharing a code is swapped alike, 1 in 4,096 swaps, so p is near 1 / 1001. Head 1 takes its code from the prompt, the same on a positive
     prompt and its negative: every swap scores the same, p = 1. Head 2 takes a prompt-specific code on every row, so
     all 16 positive codes are positive-only whatever the labels: p = 1 again, although it scores highest."""
     n = 16
@@ -54,7 +54,7 @@ def test_the_chance_p_value_is_small_only_for_a_head_whose_codes_follow_the_cont
     codes = torch.cat([positive, negative])
     assert positive_only(codes, n).tolist() == [4.0, 0.0, 16.0]
     p = chance_p_values(codes, n, permutations=1000, seed=0)
-    assert p[0] == pytest.approx(1 / 1001) and p[1:].tolist() == [1.0, 1.0], p
+    assert p[0] <= 3 / 1001 and p[1:].tolist() == [1.0, 1.0], p
     with pytest.raises(HeadsError, match="need 32 rows"):
         chance_p_values(codes[:-1], n)
 
